@@ -1,0 +1,212 @@
+package smolvm
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/smolvm-go/smolvm/internal/image"
+)
+
+// Defaults and limits for Config.
+const (
+	DefaultImage      = "debian"
+	DefaultMemoryMiB  = 512
+	DefaultCPUs       = 1
+	MinMemoryMiB      = 128
+	MaxMemoryMiB      = 16384
+	MaxCPUs           = 32
+	DefaultBackend    = "qemu"
+	defaultBootTimout = 90 * time.Second
+)
+
+// Status is the lifecycle state of a VM.
+type Status string
+
+const (
+	StatusCreated Status = "created"
+	StatusRunning Status = "running"
+	StatusPaused  Status = "paused"
+	StatusStopped Status = "stopped"
+	StatusError   Status = "error"
+)
+
+// PortForward exposes GuestPort (TCP) on HostAddr:HostPort of the host.
+type PortForward struct {
+	HostAddr  string `json:"host_addr,omitempty"`
+	HostPort  int    `json:"host_port"`
+	GuestPort int    `json:"guest_port"`
+}
+
+// Config describes a VM. The zero value is a working VM: the default image,
+// 512 MiB, 1 vCPU, user-mode networking on.
+type Config struct {
+	// Name is the VM id: 1–64 characters of lowercase letters, digits, '-'
+	// and '_', starting and ending with a letter or digit. Empty: generated.
+	Name string `json:"name,omitempty"`
+	// Image is the guest image ("debian", "busybox"); empty means DefaultImage.
+	Image string `json:"image,omitempty"`
+	// MemoryMiB is guest RAM (128–16384); 0 means DefaultMemoryMiB.
+	MemoryMiB int `json:"memory_mib,omitempty"`
+	// CPUs is the vCPU count (1–32); 0 means DefaultCPUs.
+	CPUs int `json:"cpus,omitempty"`
+	// NoNetwork turns guest networking off (it is on by default: NAT that
+	// reaches the host and the outside, nothing reaches the guest unless a
+	// port is exposed).
+	NoNetwork bool `json:"no_network,omitempty"`
+	// Backend is "qemu" (default), "firecracker" or "auto".
+	Backend string `json:"backend,omitempty"`
+	// Accel is "auto" (default: KVM when usable, else TCG), "kvm" or "tcg".
+	Accel string `json:"accel,omitempty"`
+	// Env is set in the guest for every command (persisted in the guest).
+	Env map[string]string `json:"env,omitempty"`
+	// PortForwards are exposed when the VM starts.
+	PortForwards []PortForward `json:"port_forwards,omitempty"`
+	// BootTimeout bounds Start; 0 means 90 s (software emulation is slow).
+	BootTimeout time.Duration `json:"boot_timeout,omitempty"`
+}
+
+// Options configure a Manager (and the package-level helpers).
+type Options struct {
+	// DataDir holds state, VM disks and snapshots. Default: $SMOLVM_DATA_DIR,
+	// else $XDG_STATE_HOME/smolvm, else ~/.local/state/smolvm.
+	DataDir string
+	// ImageDir is the image cache. Default: $SMOLVM_IMAGE_DIR, else the
+	// user's cache dir /smolvm/images.
+	ImageDir string
+	// RunDir holds unix sockets (short paths). Default: $SMOLVM_RUN_DIR, else
+	// /tmp/smolvm-<uid>.
+	RunDir string
+	// Logger receives progress and notices; nil means a text logger on
+	// stderr at level Info.
+	Logger *slog.Logger
+}
+
+func (o Options) withDefaults() Options {
+	if o.DataDir == "" {
+		o.DataDir = DefaultDataDir()
+	}
+	if o.ImageDir == "" {
+		o.ImageDir = image.DefaultDir()
+	}
+	if o.RunDir == "" {
+		o.RunDir = os.Getenv("SMOLVM_RUN_DIR")
+		if o.RunDir == "" {
+			o.RunDir = filepath.Join(os.TempDir(), fmt.Sprintf("smolvm-%d", os.Getuid()))
+		}
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	}
+	return o
+}
+
+// DefaultDataDir is where state lives when Options.DataDir is empty.
+func DefaultDataDir() string {
+	if d := os.Getenv("SMOLVM_DATA_DIR"); d != "" {
+		return d
+	}
+	if d := os.Getenv("XDG_STATE_HOME"); d != "" {
+		return filepath.Join(d, "smolvm")
+	}
+	home, err := os.UserHomeDir()
+	if err != nil {
+		return filepath.Join(os.TempDir(), "smolvm-state")
+	}
+	return filepath.Join(home, ".local", "state", "smolvm")
+}
+
+func (c Config) withDefaults() Config {
+	if c.Image == "" {
+		c.Image = DefaultImage
+	}
+	if c.MemoryMiB == 0 {
+		c.MemoryMiB = DefaultMemoryMiB
+	}
+	if c.CPUs == 0 {
+		c.CPUs = DefaultCPUs
+	}
+	if c.Backend == "" {
+		c.Backend = DefaultBackend
+	}
+	if c.Accel == "" {
+		c.Accel = "auto"
+	}
+	if c.BootTimeout == 0 {
+		c.BootTimeout = defaultBootTimout
+	}
+	return c
+}
+
+// validate checks a defaulted config.
+func (c Config) validate() error {
+	if c.Name != "" {
+		if err := ValidateID(c.Name); err != nil {
+			return err
+		}
+	}
+	bad := func(msg, fix string) error { return newErr("create", ErrInvalidConfig, fix, msg) }
+	if c.MemoryMiB < MinMemoryMiB || c.MemoryMiB > MaxMemoryMiB {
+		return bad(fmt.Sprintf("memory %d MiB is out of range: it must be between %d and %d MiB", c.MemoryMiB, MinMemoryMiB, MaxMemoryMiB),
+			fmt.Sprintf("use --memory %d", DefaultMemoryMiB))
+	}
+	if c.CPUs < 1 || c.CPUs > MaxCPUs {
+		return bad(fmt.Sprintf("cpus %d is out of range: it must be between 1 and %d", c.CPUs, MaxCPUs), "use --cpus 1")
+	}
+	switch c.Backend {
+	case "qemu", "firecracker", "auto":
+	default:
+		return bad(fmt.Sprintf("unknown backend %q: use qemu, firecracker or auto", c.Backend), "use --backend qemu")
+	}
+	switch c.Accel {
+	case "auto", "kvm", "tcg":
+	default:
+		return bad(fmt.Sprintf("unknown accelerator %q: use auto, kvm or tcg", c.Accel), "use --accel auto")
+	}
+	for k := range c.Env {
+		if k == "" || strings.ContainsAny(k, "=\x00") {
+			return bad(fmt.Sprintf("invalid environment variable name %q", k), "")
+		}
+	}
+	for _, pf := range c.PortForwards {
+		if err := pf.validate(); err != nil {
+			return err
+		}
+	}
+	if c.NoNetwork && len(c.PortForwards) > 0 {
+		return bad("port forwards need networking, but the VM has networking off", "drop --no-network")
+	}
+	return nil
+}
+
+func (pf PortForward) validate() error {
+	if pf.HostPort < 1 || pf.HostPort > 65535 || pf.GuestPort < 1 || pf.GuestPort > 65535 {
+		return newErr("port", ErrInvalidConfig, "", fmt.Sprintf("port forward %d:%d: ports must be between 1 and 65535", pf.HostPort, pf.GuestPort))
+	}
+	return nil
+}
+
+// ValidateID checks a VM or snapshot id: 1–64 characters of lowercase
+// letters, digits, '-' and '_', starting and ending with a letter or digit.
+// Such an id can never name a path outside its directory.
+func ValidateID(id string) error {
+	ok := len(id) >= 1 && len(id) <= 64
+	for i := 0; ok && i < len(id); i++ {
+		c := id[i]
+		alnum := (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9')
+		if !alnum && c != '-' && c != '_' {
+			ok = false
+		}
+		if (i == 0 || i == len(id)-1) && !alnum {
+			ok = false
+		}
+	}
+	if !ok {
+		return newErr("validate", ErrInvalidID, "",
+			fmt.Sprintf("invalid id %q: ids must be 1-64 characters of lowercase letters, digits, '-' and '_', starting and ending with a letter or digit", id))
+	}
+	return nil
+}

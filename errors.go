@@ -1,0 +1,95 @@
+package smolvm
+
+import (
+	"errors"
+	"strings"
+)
+
+// Sentinel errors. Every error the SDK returns for these conditions wraps the
+// sentinel, so callers test with errors.Is.
+var (
+	ErrVMNotFound          = errors.New("vm not found")
+	ErrVMExists            = errors.New("vm already exists")
+	ErrVMNotRunning        = errors.New("vm is not running")
+	ErrInvalidID           = errors.New("invalid id")
+	ErrInvalidConfig       = errors.New("invalid configuration")
+	ErrImageNotBuilt       = errors.New("image not built")
+	ErrUnsupported         = errors.New("not supported")
+	ErrBoot                = errors.New("vm failed to boot")
+	ErrSnapshotExists      = errors.New("snapshot already exists")
+	ErrSnapshotNotFound    = errors.New("snapshot not found")
+	ErrSnapshotInUse       = errors.New("snapshot in use")
+	ErrSnapshotRestored    = errors.New("snapshot already restored")
+	ErrSnapshotCorrupt     = errors.New("snapshot artifact corrupt")
+	ErrBackingImageMissing = errors.New("backing image missing")
+)
+
+// Error is the SDK's error type. Message says what went wrong; Fix, when
+// set, is the command (or action) that fixes it. It wraps a sentinel (or the
+// underlying cause) for errors.Is/As.
+type Error struct {
+	Op      string // operation, e.g. "start", "snapshot"
+	Message string
+	Fix     string
+	Err     error
+}
+
+func (e *Error) Error() string {
+	var b strings.Builder
+	b.WriteString(e.Message)
+	if e.Fix != "" {
+		b.WriteString(" (fix: ")
+		b.WriteString(e.Fix)
+		b.WriteString(")")
+	}
+	return b.String()
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// Code is a stable, machine-readable name for the error (used by the CLI's
+// JSON output), derived from the wrapped sentinel.
+func (e *Error) Code() string { return ErrorCode(e) }
+
+// ErrorCode maps an error to a stable code string ("vm_not_found", ...).
+func ErrorCode(err error) string {
+	for _, c := range errorCodes {
+		if errors.Is(err, c.err) {
+			return c.code
+		}
+	}
+	return "error"
+}
+
+var errorCodes = []struct {
+	err  error
+	code string
+}{
+	{ErrVMNotFound, "vm_not_found"},
+	{ErrVMExists, "vm_exists"},
+	{ErrVMNotRunning, "vm_not_running"},
+	{ErrInvalidID, "invalid_id"},
+	{ErrInvalidConfig, "invalid_config"},
+	{ErrImageNotBuilt, "image_not_built"},
+	{ErrUnsupported, "unsupported"},
+	{ErrBoot, "boot_failed"},
+	{ErrSnapshotExists, "snapshot_exists"},
+	{ErrSnapshotNotFound, "snapshot_not_found"},
+	{ErrSnapshotInUse, "snapshot_in_use"},
+	{ErrSnapshotRestored, "snapshot_already_restored"},
+	{ErrSnapshotCorrupt, "snapshot_corrupt"},
+	{ErrBackingImageMissing, "backing_image_missing"},
+}
+
+// Fix returns the recovery command carried by err, if any.
+func Fix(err error) string {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Fix
+	}
+	return ""
+}
+
+func newErr(op string, sentinel error, fix, msg string) *Error {
+	return &Error{Op: op, Message: msg, Fix: fix, Err: sentinel}
+}

@@ -1,0 +1,353 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// writeSlice is how long one write waits before the agent checks whether
+// the host is still there.
+const writeSlice = 250 * time.Millisecond
+
+// VirtioPort is a virtio-serial port (/dev/vportNpM) opened by the agent.
+//
+// While no host is connected the kernel makes read return 0 (EOF) and poll
+// report POLLHUP at once, and writes block. VirtioPort turns that into the
+// Port contract: EOF on Read, a short sleep in WaitHost, and WriteMsg drops
+// messages when the host is away rather than blocking.
+type VirtioPort struct {
+	f    *os.File
+	path string
+
+	wmu   sync.Mutex
+	dirty bool // a message was cut short: start the next one on a new line
+
+	idle time.Duration // current WaitHost sleep
+}
+
+// FindVirtioPort returns the /dev path of the virtio-serial port with the
+// given name, found through /sys/class/virtio-ports/*/name (there is no
+// udev to create /dev/virtio-ports/NAME).
+func FindVirtioPort(name string) (string, error) {
+	names, _ := filepath.Glob("/sys/class/virtio-ports/*/name")
+	for _, n := range names {
+		b, err := os.ReadFile(n)
+		if err != nil {
+			continue
+		}
+		if strings.TrimSpace(string(b)) == name {
+			return "/dev/" + filepath.Base(filepath.Dir(n)), nil
+		}
+	}
+	return "", fmt.Errorf("virtio-serial port %q: %w", name, os.ErrNotExist)
+}
+
+// OpenVirtioPort opens the port device at path.
+func OpenVirtioPort(path string) (*VirtioPort, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		return nil, err
+	}
+	return &VirtioPort{f: f, path: path}, nil
+}
+
+// Read implements Port: io.EOF means the host is not connected.
+func (p *VirtioPort) Read(b []byte) (int, error) {
+	n, err := p.f.Read(b)
+	if n > 0 {
+		p.idle = 0
+	}
+	if err != nil && !errors.Is(err, io.EOF) {
+		// Anything else (the port was unplugged...) is treated like a
+		// disconnect too: the caller waits and retries.
+		return n, fmt.Errorf("%s: %w (%w)", p.path, io.EOF, err)
+	}
+	return n, err
+}
+
+// WaitHost sleep-polls: POLLHUP is permanent while nobody is connected, so
+// there is nothing to block on.
+func (p *VirtioPort) WaitHost(ctx context.Context) {
+	p.idle = min(max(2*p.idle, 2*time.Millisecond), 10*time.Millisecond)
+	t := time.NewTimer(p.idle)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-ctx.Done():
+	}
+}
+
+// hostConnected reports whether the host side is open (no POLLHUP).
+func (p *VirtioPort) hostConnected() bool {
+	rc, err := p.f.SyscallConn()
+	if err != nil {
+		return true
+	}
+	connected := true
+	_ = rc.Control(func(fd uintptr) {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+		if n, err := unix.Poll(fds, 0); err == nil && n > 0 && fds[0].Revents&unix.POLLHUP != 0 {
+			connected = false
+		}
+	})
+	return connected
+}
+
+// WriteMsg writes one message. It waits as long as it takes while a host
+// is connected (replies to a connected host are never dropped) and drops
+// the message once the host is gone.
+func (p *VirtioPort) WriteMsg(b []byte) error {
+	p.wmu.Lock()
+	defer p.wmu.Unlock()
+	if !p.hostConnected() {
+		return errHostAway
+	}
+	if p.dirty {
+		b = append([]byte{'\n'}, b...)
+	}
+	for len(b) > 0 {
+		if err := p.f.SetWriteDeadline(time.Now().Add(writeSlice)); err != nil && !errors.Is(err, os.ErrNoDeadline) {
+			return err
+		}
+		n, err := p.f.Write(b)
+		b = b[n:]
+		if n > 0 {
+			p.dirty = len(b) > 0
+		}
+		if err == nil {
+			continue
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) && p.hostConnected() {
+			continue
+		}
+		if len(b) > 0 && n == 0 && !errors.Is(err, os.ErrDeadlineExceeded) {
+			return err
+		}
+		return errHostAway
+	}
+	p.dirty = false
+	return nil
+}
+
+// Close closes the port.
+func (p *VirtioPort) Close() error { return p.f.Close() }
+
+var errHostAway = errors.New("host not connected: message dropped")
+
+// ChardevPort emulates on a unix socket what QEMU's virtio-serial chardev
+// gives the guest: one long-lived port, to which one host connection at a
+// time is attached (a new connection replaces the previous one). Reads
+// return io.EOF while no host is attached; messages written then are
+// dropped. It lets the host-side protocol be exercised without a VM.
+type ChardevPort struct {
+	ln net.Listener
+
+	wmu sync.Mutex // serializes writers, like the single virtio queue
+
+	mu      sync.Mutex
+	cur     net.Conn
+	changed chan struct{} // closed and replaced whenever cur changes
+	closed  bool
+}
+
+// ListenChardev listens on the unix socket path (removing a stale socket).
+func ListenChardev(path string) (*ChardevPort, error) {
+	if st, err := os.Lstat(path); err == nil && st.Mode()&os.ModeSocket != 0 {
+		os.Remove(path)
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	return NewChardevPort(ln), nil
+}
+
+// NewChardevPort serves a port on ln (which it takes over).
+func NewChardevPort(ln net.Listener) *ChardevPort {
+	p := &ChardevPort{ln: ln, changed: make(chan struct{})}
+	go p.acceptLoop()
+	return p
+}
+
+// Addr is the listening address.
+func (p *ChardevPort) Addr() net.Addr { return p.ln.Addr() }
+
+func (p *ChardevPort) acceptLoop() {
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			c.Close()
+			return
+		}
+		if p.cur != nil {
+			p.cur.Close()
+		}
+		p.cur = c
+		close(p.changed)
+		p.changed = make(chan struct{})
+		p.mu.Unlock()
+	}
+}
+
+func (p *ChardevPort) current() (net.Conn, chan struct{}) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.cur, p.changed
+}
+
+func (p *ChardevPort) detach(c net.Conn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cur == c {
+		c.Close()
+		p.cur = nil
+		close(p.changed)
+		p.changed = make(chan struct{})
+	}
+}
+
+// Read implements Port.
+func (p *ChardevPort) Read(b []byte) (int, error) {
+	c, _ := p.current()
+	if c == nil {
+		return 0, io.EOF
+	}
+	n, err := c.Read(b)
+	if err != nil {
+		p.detach(c)
+		if n > 0 {
+			return n, nil
+		}
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+// WaitHost blocks until a host connection is attached (or 100 ms passed).
+func (p *ChardevPort) WaitHost(ctx context.Context) {
+	c, changed := p.current()
+	if c != nil {
+		return
+	}
+	t := time.NewTimer(100 * time.Millisecond)
+	defer t.Stop()
+	select {
+	case <-changed:
+	case <-t.C:
+	case <-ctx.Done():
+	}
+}
+
+// WriteMsg implements Port.
+func (p *ChardevPort) WriteMsg(b []byte) error {
+	p.wmu.Lock()
+	defer p.wmu.Unlock()
+	c, _ := p.current()
+	if c == nil {
+		return errHostAway
+	}
+	_, err := c.Write(b)
+	if err != nil {
+		return errHostAway
+	}
+	return nil
+}
+
+// Close stops listening and drops the current connection.
+func (p *ChardevPort) Close() error {
+	p.mu.Lock()
+	p.closed = true
+	if p.cur != nil {
+		p.cur.Close()
+		p.cur = nil
+	}
+	p.mu.Unlock()
+	return p.ln.Close()
+}
+
+// vsock
+
+type vsockAddr struct{ cid, port uint32 }
+
+func (a vsockAddr) Network() string { return "vsock" }
+func (a vsockAddr) String() string  { return fmt.Sprintf("vsock:%d:%d", a.cid, a.port) }
+
+type vsockListener struct {
+	f    *os.File
+	addr vsockAddr
+}
+
+// ListenVsock listens on AF_VSOCK port (any CID).
+func ListenVsock(port uint32) (net.Listener, error) {
+	fd, err := unix.Socket(unix.AF_VSOCK, unix.SOCK_STREAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+	if err != nil {
+		return nil, fmt.Errorf("vsock socket: %w", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrVM{CID: unix.VMADDR_CID_ANY, Port: port}); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("vsock bind port %d: %w", port, err)
+	}
+	if err := unix.Listen(fd, 16); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("vsock listen: %w", err)
+	}
+	return &vsockListener{f: os.NewFile(uintptr(fd), "vsock-listener"), addr: vsockAddr{unix.VMADDR_CID_ANY, port}}, nil
+}
+
+func (l *vsockListener) Accept() (net.Conn, error) {
+	rc, err := l.f.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var nfd int
+	var sa unix.Sockaddr
+	var aerr error
+	err = rc.Read(func(fd uintptr) bool {
+		nfd, sa, aerr = unix.Accept4(int(fd), unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK)
+		return aerr != unix.EAGAIN
+	})
+	if err != nil {
+		if errors.Is(err, os.ErrClosed) {
+			return nil, net.ErrClosed
+		}
+		return nil, err
+	}
+	if aerr != nil {
+		return nil, aerr
+	}
+	remote := vsockAddr{}
+	if vm, ok := sa.(*unix.SockaddrVM); ok {
+		remote = vsockAddr{vm.CID, vm.Port}
+	}
+	return &vsockConn{File: os.NewFile(uintptr(nfd), "vsock"), local: l.addr, remote: remote}, nil
+}
+
+func (l *vsockListener) Close() error   { return l.f.Close() }
+func (l *vsockListener) Addr() net.Addr { return l.addr }
+
+type vsockConn struct {
+	*os.File
+	local, remote vsockAddr
+}
+
+func (c *vsockConn) LocalAddr() net.Addr  { return c.local }
+func (c *vsockConn) RemoteAddr() net.Addr { return c.remote }

@@ -1,0 +1,569 @@
+package agentclient
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/smolvm-go/smolvm/internal/agentproto"
+)
+
+// Dialer opens a new connection to the guest agent's stream.
+type Dialer func(ctx context.Context) (net.Conn, error)
+
+// ErrDisconnected is wrapped by the errors of calls that failed because the
+// connection to the agent was lost or closed.
+var ErrDisconnected = errors.New("agent connection lost")
+
+// ErrClosed is returned by calls on a closed Client. It wraps
+// ErrDisconnected.
+var ErrClosed = fmt.Errorf("%w: client closed", ErrDisconnected)
+
+// VersionError reports an agent speaking another protocol version.
+type VersionError struct {
+	Agent        int    // the agent's protocol version
+	AgentVersion string // the agent's build version
+}
+
+func (e *VersionError) Error() string {
+	return fmt.Sprintf("agentclient: agent %s speaks protocol %d, want %d", e.AgentVersion, e.Agent, agentproto.ProtocolVersion)
+}
+
+// helloInterval is how often Connect repeats hello until it is answered.
+const helloInterval = 75 * time.Millisecond
+
+// dialRetry is the pause between failed dials.
+const dialRetry = 20 * time.Millisecond
+
+// Client is a connection to one guest agent. It is safe for concurrent use.
+type Client struct {
+	conn  net.Conn
+	hello agentproto.Hello
+
+	nextMu sync.Mutex
+	next   uint64
+
+	wq chan []byte // messages for the writer goroutine
+
+	mu      sync.Mutex
+	pending map[uint64]*call
+	nonces  map[string]bool // hello nonces of this connect, until synced
+	synced  chan struct{}   // closed when a hello reply matched
+	err     error           // why the connection is gone
+
+	dropped atomic.Uint64 // replies for no pending call
+
+	closed    chan struct{} // closed when the connection is gone
+	closeOnce sync.Once
+	done      chan struct{} // reader and writer finished
+}
+
+// call is one request waiting for its reply (or replies, for exec).
+type call struct {
+	ch      chan inbound
+	abandon chan struct{} // closed when the caller stopped waiting
+}
+
+type inbound struct {
+	hdr  agentproto.Header
+	line []byte
+}
+
+// Connect dials the agent, retrying dial errors until ctx ends, and resyncs
+// the stream. On success the Client owns the connection.
+func Connect(ctx context.Context, dial Dialer) (*Client, error) {
+	var lastErr error
+	for {
+		conn, err := dial(ctx)
+		if err == nil {
+			c, err := newClient(ctx, conn)
+			if err == nil {
+				return c, nil
+			}
+			var ve *VersionError
+			if ctx.Err() != nil || errors.As(err, &ve) {
+				return nil, err
+			}
+			// The stream failed during resync (the VMM dropped us, for
+			// instance): dial again.
+			lastErr = err
+		} else {
+			lastErr = err
+		}
+		t := time.NewTimer(dialRetry)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			if lastErr != nil {
+				return nil, fmt.Errorf("agentclient: connect: %w (last error: %v)", ctx.Err(), lastErr)
+			}
+			return nil, fmt.Errorf("agentclient: connect: %w", ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
+func randUint64() uint64 {
+	var b [8]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic(err) // crypto/rand does not fail on Linux
+	}
+	return binary.LittleEndian.Uint64(b[:])
+}
+
+func newClient(ctx context.Context, conn net.Conn) (*Client, error) {
+	c := &Client{
+		conn:    conn,
+		next:    randUint64(),
+		wq:      make(chan []byte, 64),
+		pending: map[uint64]*call{},
+		nonces:  map[string]bool{},
+		synced:  make(chan struct{}),
+		closed:  make(chan struct{}),
+		done:    make(chan struct{}),
+	}
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); c.readLoop() }()
+	go func() { defer wg.Done(); c.writeLoop() }()
+	go func() { wg.Wait(); close(c.done) }()
+
+	if err := c.resync(ctx); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// resync terminates any partial line in the guest, then sends hellos until
+// one is answered.
+func (c *Client) resync(ctx context.Context) error {
+	if err := c.enqueue(ctx, []byte("\n")); err != nil {
+		return err
+	}
+	prefix := make([]byte, 12)
+	rand.Read(prefix)
+	base := base64.RawURLEncoding.EncodeToString(prefix)
+	t := time.NewTicker(helloInterval)
+	defer t.Stop()
+	for i := 0; ; i++ {
+		nonce := fmt.Sprintf("%s-%d", base, i)
+		c.mu.Lock()
+		c.nonces[nonce] = true
+		c.mu.Unlock()
+		msg, err := agentproto.Marshal(c.newID(), agentproto.TypeHello,
+			agentproto.HelloRequest{Nonce: nonce, ProtocolVersion: agentproto.ProtocolVersion})
+		if err != nil {
+			return err
+		}
+		// Do not block on a stalled stream: hellos are repeated anyway.
+		select {
+		case c.wq <- msg:
+		default:
+		}
+		select {
+		case <-c.synced:
+			c.mu.Lock()
+			c.nonces = nil
+			c.mu.Unlock()
+			if c.hello.ProtocolVersion != agentproto.ProtocolVersion {
+				return &VersionError{Agent: c.hello.ProtocolVersion, AgentVersion: c.hello.AgentVersion}
+			}
+			return nil
+		case <-c.closed:
+			return fmt.Errorf("agentclient: resync: %w", c.connErr())
+		case <-ctx.Done():
+			return fmt.Errorf("agentclient: resync: no hello reply: %w", ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
+func (c *Client) newID() uint64 {
+	c.nextMu.Lock()
+	defer c.nextMu.Unlock()
+	c.next++
+	if c.next == 0 {
+		c.next++
+	}
+	return c.next
+}
+
+// Hello returns the agent's answer to the hello that synced this Client.
+func (c *Client) Hello() agentproto.Hello { return c.hello }
+
+func (c *Client) readLoop() {
+	lr := agentproto.NewLineReader(c.conn, agentproto.MaxMessageSize)
+	for {
+		line, err := lr.ReadLine()
+		if err != nil {
+			var tl *agentproto.TooLongError
+			if errors.As(err, &tl) {
+				continue
+			}
+			c.fail(err)
+			return
+		}
+		h, err := agentproto.DecodeHeader(line)
+		if err != nil {
+			continue // garbage: a partial line from before a snapshot...
+		}
+		if h.Type == agentproto.TypeHello {
+			c.onHello(line)
+			continue
+		}
+		c.mu.Lock()
+		cl := c.pending[h.ID]
+		c.mu.Unlock()
+		if cl == nil {
+			c.dropped.Add(1)
+			continue // stale: its caller is gone, or it predates this Client
+		}
+		msg := inbound{hdr: h, line: append([]byte(nil), line...)}
+		select {
+		case cl.ch <- msg:
+		case <-cl.abandon:
+		case <-c.closed:
+			return
+		}
+	}
+}
+
+func (c *Client) onHello(line []byte) {
+	var h agentproto.Hello
+	if agentproto.DecodePayload(line, &h) != nil {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.nonces == nil || !c.nonces[h.Nonce] {
+		return
+	}
+	select {
+	case <-c.synced:
+	default:
+		c.hello = h
+		close(c.synced)
+	}
+}
+
+func (c *Client) writeLoop() {
+	for {
+		select {
+		case b := <-c.wq:
+			if _, err := c.conn.Write(b); err != nil {
+				c.fail(err)
+				return
+			}
+		case <-c.closed:
+			return
+		}
+	}
+}
+
+// fail marks the connection gone.
+func (c *Client) fail(err error) {
+	c.closeOnce.Do(func() {
+		c.mu.Lock()
+		if errors.Is(err, net.ErrClosed) && c.err == nil {
+			err = ErrClosed
+		}
+		if !errors.Is(err, ErrDisconnected) {
+			err = fmt.Errorf("%w: %v", ErrDisconnected, err)
+		}
+		c.err = err
+		c.mu.Unlock()
+		close(c.closed)
+		c.conn.Close()
+	})
+}
+
+func (c *Client) connErr() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err == nil {
+		return ErrDisconnected
+	}
+	return c.err
+}
+
+// Close closes the connection. Pending calls fail with ErrClosed. It is
+// idempotent.
+func (c *Client) Close() error {
+	c.fail(ErrClosed)
+	<-c.done
+	return nil
+}
+
+// Done is closed when the connection is gone; Err then says why.
+func (c *Client) Done() <-chan struct{} { return c.closed }
+
+// Err returns nil while connected, else why the connection is gone.
+func (c *Client) Err() error {
+	select {
+	case <-c.closed:
+		return c.connErr()
+	default:
+		return nil
+	}
+}
+
+func (c *Client) enqueue(ctx context.Context, b []byte) error {
+	select {
+	case <-c.closed:
+		return c.connErr()
+	default:
+	}
+	select {
+	case c.wq <- b:
+		return nil
+	case <-c.closed:
+		return c.connErr()
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// start registers a call and sends its request.
+func (c *Client) start(ctx context.Context, typ string, payload any, buf int) (uint64, *call, error) {
+	id := c.newID()
+	msg, err := agentproto.Marshal(id, typ, payload)
+	if err != nil {
+		return 0, nil, err
+	}
+	cl := &call{ch: make(chan inbound, buf), abandon: make(chan struct{})}
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return 0, nil, c.connErr()
+	}
+	c.pending[id] = cl
+	c.mu.Unlock()
+	if err := c.enqueue(ctx, msg); err != nil {
+		c.finish(id, cl)
+		return 0, nil, err
+	}
+	return id, cl, nil
+}
+
+func (c *Client) finish(id uint64, cl *call) {
+	c.mu.Lock()
+	delete(c.pending, id)
+	c.mu.Unlock()
+	close(cl.abandon)
+}
+
+// next waits for the next reply of a call.
+func (c *Client) wait(ctx context.Context, cl *call) (inbound, error) {
+	select {
+	case m := <-cl.ch:
+		return m, nil
+	default:
+	}
+	select {
+	case m := <-cl.ch:
+		return m, nil
+	case <-c.closed:
+		return inbound{}, c.connErr()
+	case <-ctx.Done():
+		return inbound{}, ctx.Err()
+	}
+}
+
+// roundTrip sends a request and decodes the single reply of type want into
+// out (which may be nil).
+func (c *Client) roundTrip(ctx context.Context, typ string, payload any, want string, out any) error {
+	id, cl, err := c.start(ctx, typ, payload, 1)
+	if err != nil {
+		return fmt.Errorf("agentclient: %s: %w", typ, err)
+	}
+	defer c.finish(id, cl)
+	m, err := c.wait(ctx, cl)
+	if err != nil {
+		return fmt.Errorf("agentclient: %s: %w", typ, err)
+	}
+	return decodeReply(typ, m, want, out)
+}
+
+func decodeReply(typ string, m inbound, want string, out any) error {
+	switch m.hdr.Type {
+	case want:
+		if out == nil {
+			return nil
+		}
+		return agentproto.DecodePayload(m.line, out)
+	case agentproto.TypeError:
+		e := &agentproto.Error{}
+		if err := agentproto.DecodePayload(m.line, e); err != nil {
+			return err
+		}
+		return e
+	default:
+		return fmt.Errorf("agentclient: %s: unexpected reply %q", typ, m.hdr.Type)
+	}
+}
+
+// Ping measures a round trip that does not fork in the guest.
+func (c *Client) Ping(ctx context.Context) (time.Duration, error) {
+	start := time.Now()
+	err := c.roundTrip(ctx, agentproto.TypePing, nil, agentproto.TypePong, nil)
+	return time.Since(start), err
+}
+
+// Info describes the guest.
+func (c *Client) Info(ctx context.Context) (agentproto.Info, error) {
+	var inf agentproto.Info
+	err := c.roundTrip(ctx, agentproto.TypeInfo, nil, agentproto.TypeInfo, &inf)
+	return inf, err
+}
+
+// Exec runs a process in the guest. Output is written to stdout and stderr
+// (either may be nil) as it arrives. A non-zero exit status is not an
+// error. When ctx ends first, the guest is asked to kill the process group
+// and Exec returns ctx's error. A failing writer does not stop the
+// process; its first error is returned with the result.
+func (c *Client) Exec(ctx context.Context, req agentproto.ExecRequest, stdout, stderr io.Writer) (agentproto.ExecResult, error) {
+	id, cl, err := c.start(ctx, agentproto.TypeExec, req, 256)
+	if err != nil {
+		return agentproto.ExecResult{}, fmt.Errorf("agentclient: exec: %w", err)
+	}
+	defer c.finish(id, cl)
+	var werr error
+	for {
+		m, err := c.wait(ctx, cl)
+		if err != nil {
+			if ctx.Err() != nil {
+				c.sendCancel(id)
+			}
+			return agentproto.ExecResult{}, fmt.Errorf("agentclient: exec: %w", err)
+		}
+		switch m.hdr.Type {
+		case agentproto.TypeOutput:
+			var o agentproto.Output
+			if err := agentproto.DecodePayload(m.line, &o); err != nil {
+				return agentproto.ExecResult{}, err
+			}
+			w := stdout
+			if o.Stream == agentproto.StreamStderr {
+				w = stderr
+			}
+			if w != nil && werr == nil {
+				if _, err := w.Write(o.Data); err != nil {
+					werr = fmt.Errorf("agentclient: exec: writing %s: %w", o.Stream, err)
+				}
+			}
+		default:
+			var res agentproto.ExecResult
+			if err := decodeReply("exec", m, agentproto.TypeExit, &res); err != nil {
+				return agentproto.ExecResult{}, err
+			}
+			return res, werr
+		}
+	}
+}
+
+// sendCancel asks the guest to stop request id, without waiting long.
+func (c *Client) sendCancel(id uint64) {
+	msg, err := agentproto.Marshal(id, agentproto.TypeCancel, nil)
+	if err != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_ = c.enqueue(ctx, msg)
+}
+
+// WriteFile writes a file in the guest atomically, creating missing parent
+// directories. mode's permission bits (and setuid/setgid/sticky) are
+// applied; 0 means 0644.
+func (c *Client) WriteFile(ctx context.Context, path string, data []byte, mode fs.FileMode) error {
+	if len(data) > agentproto.MaxFileSize {
+		return fmt.Errorf("agentclient: write_file %s: %d bytes: %w (max %d)", path, len(data), agentproto.ErrTooLarge, agentproto.MaxFileSize)
+	}
+	return c.roundTrip(ctx, agentproto.TypeWriteFile, agentproto.WriteFileRequest{
+		Path: path, Data: data, Mode: agentproto.FileModeToUnix(mode), Mkdirs: true,
+	}, agentproto.TypeOK, nil)
+}
+
+// ReadFile reads a whole file from the guest.
+func (c *Client) ReadFile(ctx context.Context, path string) ([]byte, fs.FileMode, error) {
+	var fd agentproto.FileData
+	if err := c.roundTrip(ctx, agentproto.TypeReadFile, agentproto.ReadFileRequest{Path: path}, agentproto.TypeFile, &fd); err != nil {
+		return nil, 0, err
+	}
+	if fd.Data == nil {
+		fd.Data = []byte{}
+	}
+	return fd.Data, agentproto.UnixToFileMode(fd.Mode), nil
+}
+
+// SetEnv changes the guest's persisted environment (seen by every later
+// Exec and by login shells): unset names are removed, then set is applied.
+func (c *Client) SetEnv(ctx context.Context, set map[string]string, unset []string) error {
+	return c.roundTrip(ctx, agentproto.TypeSetEnv, agentproto.SetEnvRequest{Set: set, Unset: unset}, agentproto.TypeOK, nil)
+}
+
+// GetEnv returns the guest's persisted environment.
+func (c *Client) GetEnv(ctx context.Context) (map[string]string, error) {
+	var e agentproto.EnvData
+	if err := c.roundTrip(ctx, agentproto.TypeGetEnv, nil, agentproto.TypeEnv, &e); err != nil {
+		return nil, err
+	}
+	if e.Env == nil {
+		e.Env = map[string]string{}
+	}
+	return e.Env, nil
+}
+
+// Sync flushes the guest's filesystems.
+func (c *Client) Sync(ctx context.Context) error {
+	return c.roundTrip(ctx, agentproto.TypeSync, nil, agentproto.TypeOK, nil)
+}
+
+// SetTime sets the guest's wall clock (after boot and after every restore).
+func (c *Client) SetTime(ctx context.Context, t time.Time) error {
+	return c.roundTrip(ctx, agentproto.TypeSetTime, agentproto.SetTimeRequest{UnixNanos: t.UnixNano()}, agentproto.TypeOK, nil)
+}
+
+// SetIdentity gives the guest a new hostname (empty keeps it) and mixes
+// seed into its random pool (used for clones).
+func (c *Client) SetIdentity(ctx context.Context, hostname string, seed []byte) error {
+	return c.roundTrip(ctx, agentproto.TypeSetIdentity, agentproto.SetIdentityRequest{Hostname: hostname, Seed: seed}, agentproto.TypeOK, nil)
+}
+
+// Shutdown syncs the guest's disks and powers it off. A connection lost
+// once the request was sent counts as success.
+func (c *Client) Shutdown(ctx context.Context) error {
+	return c.shutdown(ctx, false)
+}
+
+// Reboot syncs and reboots the guest (Firecracker treats a guest reboot as
+// the end of the VM).
+func (c *Client) Reboot(ctx context.Context) error {
+	return c.shutdown(ctx, true)
+}
+
+func (c *Client) shutdown(ctx context.Context, reboot bool) error {
+	id, cl, err := c.start(ctx, agentproto.TypeShutdown, agentproto.ShutdownRequest{Reboot: reboot}, 1)
+	if err != nil {
+		return fmt.Errorf("agentclient: shutdown: %w", err)
+	}
+	defer c.finish(id, cl)
+	m, err := c.wait(ctx, cl)
+	if err != nil {
+		if errors.Is(err, ErrDisconnected) && !errors.Is(err, ErrClosed) {
+			return nil
+		}
+		return fmt.Errorf("agentclient: shutdown: %w", err)
+	}
+	return decodeReply("shutdown", m, agentproto.TypeOK, nil)
+}

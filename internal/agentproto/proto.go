@@ -1,0 +1,422 @@
+package agentproto
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"strconv"
+)
+
+// ProtocolVersion is the version of this protocol. It is carried by hello in
+// both directions; it changes only on incompatible changes.
+const ProtocolVersion = 1
+
+// MaxMessageSize bounds one encoded message (one line, newline included).
+// Longer lines are rejected by both sides.
+const MaxMessageSize = 128 << 20
+
+// MaxFileSize bounds the data of one write_file or read_file. Base64 inflates
+// data by 4/3, and the rest of the message must fit too.
+const MaxFileSize = 64 << 20
+
+// MaxOutputChunk bounds the data of one output message.
+const MaxOutputChunk = 32 << 10
+
+// DefaultPortName is the virtio-serial port name the agent serves on.
+const DefaultPortName = "org.smolvm.agent"
+
+// DefaultVsockPort is the AF_VSOCK port the agent listens on when there is no
+// virtio-serial port (Firecracker).
+const DefaultVsockPort = 1024
+
+// ReadyLine is printed on the guest console once the agent serves.
+const ReadyLine = "SMOLVM-AGENT READY"
+
+// Message types. Requests travel host → guest, replies guest → host.
+const (
+	TypeHello       = "hello" // request and reply
+	TypePing        = "ping"
+	TypePong        = "pong"
+	TypeInfo        = "info" // request and reply
+	TypeExec        = "exec"
+	TypeOutput      = "output"
+	TypeExit        = "exit"
+	TypeCancel      = "cancel"
+	TypeWriteFile   = "write_file"
+	TypeReadFile    = "read_file"
+	TypeFile        = "file"
+	TypeSetEnv      = "set_env"
+	TypeGetEnv      = "get_env"
+	TypeEnv         = "env"
+	TypeSync        = "sync"
+	TypeSetTime     = "set_time"
+	TypeSetIdentity = "set_identity"
+	TypeShutdown    = "shutdown"
+	TypeOK          = "ok"
+	TypeError       = "error"
+)
+
+// Header is the part common to every message.
+type Header struct {
+	ID   uint64 `json:"id"`
+	Type string `json:"type"`
+}
+
+// HelloRequest starts a session. The guest echoes Nonce.
+type HelloRequest struct {
+	Nonce           string `json:"nonce"`
+	ProtocolVersion int    `json:"protocol_version"`
+}
+
+// Hello is the guest's answer to HelloRequest.
+type Hello struct {
+	Nonce           string `json:"nonce"`
+	ProtocolVersion int    `json:"protocol_version"`
+	AgentVersion    string `json:"agent_version"`
+	BootID          string `json:"boot_id,omitempty"`
+}
+
+// Info describes the guest.
+type Info struct {
+	AgentVersion    string `json:"agent_version"`
+	ProtocolVersion int    `json:"protocol_version"`
+	UptimeMS        int64  `json:"uptime_ms"` // since kernel boot (CLOCK_BOOTTIME)
+	Hostname        string `json:"hostname"`
+	KernelRelease   string `json:"kernel_release"`
+	BootID          string `json:"boot_id"`
+	Arch            string `json:"arch"`
+	PID             int    `json:"pid"`    // the agent's pid (1 when it is init)
+	System          bool   `json:"system"` // the agent manages the system (clock, hostname, power)
+}
+
+// ExecRequest runs a process. Exactly one of Argv and Shell is set; Shell runs
+// through /bin/sh -c. Env is merged over the agent's defaults and the
+// persisted environment. Cwd defaults to $HOME when it exists, else "/".
+// The process gets its own process group; on timeout or cancel the whole
+// group is killed with SIGKILL.
+type ExecRequest struct {
+	Argv      []string          `json:"argv,omitempty"`
+	Shell     string            `json:"shell,omitempty"`
+	Env       map[string]string `json:"env,omitempty"`
+	Cwd       string            `json:"cwd,omitempty"`
+	Stdin     []byte            `json:"stdin,omitempty"`
+	TimeoutMS int64             `json:"timeout_ms,omitempty"` // 0 = none
+}
+
+// Stream names in Output.
+const (
+	StreamStdout = "stdout"
+	StreamStderr = "stderr"
+)
+
+// Output is a chunk of a running process's output.
+type Output struct {
+	Stream string `json:"stream"`
+	Data   []byte `json:"data"`
+}
+
+// ExecResult ends an exec. A non-zero ExitCode is a normal result. When the
+// process was killed by a signal, ExitCode is 128+signal and Signal names it.
+// When the process could not be started, ExitCode is 127 (126 when it is not
+// executable) and Error says why.
+type ExecResult struct {
+	ExitCode   int    `json:"exit_code"`
+	Signal     string `json:"signal,omitempty"`
+	TimedOut   bool   `json:"timed_out,omitempty"`
+	Canceled   bool   `json:"canceled,omitempty"`
+	DurationMS int64  `json:"duration_ms"`
+	Error      string `json:"error,omitempty"`
+}
+
+// WriteFileRequest writes a file atomically (temp file in the same directory,
+// fsync, chmod, rename, fsync of the directory). Mode is the Unix permission
+// bits (including setuid/setgid/sticky); 0 means 0644.
+type WriteFileRequest struct {
+	Path   string `json:"path"`
+	Data   []byte `json:"data"`
+	Mode   uint32 `json:"mode,omitempty"`
+	Mkdirs bool   `json:"mkdirs,omitempty"`
+}
+
+// ReadFileRequest reads a whole file.
+type ReadFileRequest struct {
+	Path string `json:"path"`
+}
+
+// FileData answers ReadFileRequest. Mode holds Unix permission bits.
+type FileData struct {
+	Data []byte `json:"data"`
+	Mode uint32 `json:"mode"`
+}
+
+// SetEnvRequest changes the persisted environment given to every exec:
+// first Unset names are removed, then Set is applied.
+type SetEnvRequest struct {
+	Set   map[string]string `json:"set,omitempty"`
+	Unset []string          `json:"unset,omitempty"`
+}
+
+// EnvData answers get_env with the persisted environment.
+type EnvData struct {
+	Env map[string]string `json:"env"`
+}
+
+// SetTimeRequest sets the guest wall clock.
+type SetTimeRequest struct {
+	UnixNanos int64 `json:"unix_nanos"`
+}
+
+// SetIdentityRequest gives a guest a new identity (used for clones): a
+// hostname (empty keeps the current one) and entropy mixed into the kernel's
+// random pool.
+type SetIdentityRequest struct {
+	Hostname string `json:"hostname,omitempty"`
+	Seed     []byte `json:"seed,omitempty"`
+}
+
+// ShutdownRequest powers the guest off (or reboots it) after syncing disks.
+type ShutdownRequest struct {
+	Reboot bool `json:"reboot,omitempty"`
+}
+
+// Error codes.
+const (
+	CodeInvalid     = "invalid"      // malformed or contradictory request
+	CodeUnknownType = "unknown_type" // the agent does not know this request type
+	CodeNotFound    = "not_found"
+	CodePermission  = "permission"
+	CodeExists      = "exists"
+	CodeIsDir       = "is_dir"
+	CodeTooLarge    = "too_large"
+	CodeUnsupported = "unsupported"
+	CodeIO          = "io"
+	CodeInternal    = "internal"
+)
+
+// Error is a failure reported by the guest agent. It is both the payload of
+// an "error" message and a Go error.
+type Error struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+func (e *Error) Error() string {
+	if e.Code == "" {
+		return "agent: " + e.Message
+	}
+	return fmt.Sprintf("agent: %s (%s)", e.Message, e.Code)
+}
+
+// ErrTooLarge is returned (wrapped) for messages over MaxMessageSize.
+var ErrTooLarge = errors.New("message exceeds maximum size")
+
+// Marshal encodes one message: the header followed by the fields of payload
+// (a struct, or nil for none), terminated by a newline.
+func Marshal(id uint64, typ string, payload any) ([]byte, error) {
+	var buf bytes.Buffer
+	buf.Grow(64)
+	buf.WriteString(`{"id":`)
+	buf.WriteString(strconv.FormatUint(id, 10))
+	buf.WriteString(`,"type":`)
+	t, err := json.Marshal(typ)
+	if err != nil {
+		return nil, err
+	}
+	buf.Write(t)
+	if payload != nil {
+		p, err := json.Marshal(payload)
+		if err != nil {
+			return nil, fmt.Errorf("agentproto: encode %s: %w", typ, err)
+		}
+		if len(p) < 2 || p[0] != '{' || p[len(p)-1] != '}' {
+			return nil, fmt.Errorf("agentproto: payload of %s is not an object", typ)
+		}
+		if len(p) > 2 {
+			buf.WriteByte(',')
+			buf.Write(p[1 : len(p)-1])
+		}
+	}
+	buf.WriteString("}\n")
+	if buf.Len() > MaxMessageSize {
+		return nil, fmt.Errorf("agentproto: %s message of %d bytes: %w (%d)", typ, buf.Len(), ErrTooLarge, MaxMessageSize)
+	}
+	return buf.Bytes(), nil
+}
+
+// DecodeHeader decodes the header of one line.
+func DecodeHeader(line []byte) (Header, error) {
+	var h Header
+	if err := json.Unmarshal(line, &h); err != nil {
+		return h, fmt.Errorf("agentproto: bad message: %w", err)
+	}
+	if h.Type == "" {
+		return h, errors.New("agentproto: message without type")
+	}
+	return h, nil
+}
+
+// DecodePayload decodes the payload fields of a line into v.
+func DecodePayload(line []byte, v any) error {
+	if err := json.Unmarshal(line, v); err != nil {
+		return fmt.Errorf("agentproto: bad payload: %w", err)
+	}
+	return nil
+}
+
+// PeekID extracts the id from the start of a message written by Marshal
+// (`{"id":N,`), for answering a message too large to decode.
+func PeekID(prefix []byte) (uint64, bool) {
+	const p = `{"id":`
+	if !bytes.HasPrefix(prefix, []byte(p)) {
+		return 0, false
+	}
+	rest := prefix[len(p):]
+	end := 0
+	for end < len(rest) && end < 20 && rest[end] >= '0' && rest[end] <= '9' {
+		end++
+	}
+	if end == 0 || end >= len(rest) || rest[end] != ',' {
+		return 0, false
+	}
+	id, err := strconv.ParseUint(string(rest[:end]), 10, 64)
+	return id, err == nil
+}
+
+// LineReader reads newline-terminated messages, bounding their size.
+// It is not safe for concurrent use.
+type LineReader struct {
+	r    io.Reader
+	max  int
+	buf  []byte // buffered bytes: buf[start:end]
+	s, e int
+	// skipping is set while discarding the rest of an over-long line.
+	skipping bool
+	// prefix of the over-long line, kept for PeekID.
+	tooLongPrefix []byte
+}
+
+// NewLineReader returns a LineReader with the given maximum line size
+// (MaxMessageSize when max <= 0).
+func NewLineReader(r io.Reader, max int) *LineReader {
+	if max <= 0 {
+		max = MaxMessageSize
+	}
+	return &LineReader{r: r, max: max, buf: make([]byte, 64<<10)}
+}
+
+// TooLongError reports a line over the size limit. The rest of the line has
+// been discarded; Prefix holds its first bytes.
+type TooLongError struct {
+	Prefix []byte
+}
+
+func (e *TooLongError) Error() string { return "agentproto: " + ErrTooLarge.Error() }
+
+// Unwrap makes errors.Is(err, ErrTooLarge) true.
+func (e *TooLongError) Unwrap() error { return ErrTooLarge }
+
+// Reset discards any buffered partial line (after the peer went away).
+func (lr *LineReader) Reset() {
+	lr.s, lr.e = 0, 0
+	lr.skipping = false
+	lr.tooLongPrefix = nil
+}
+
+// ReadLine returns the next line without its newline. The slice is valid
+// until the next call. Empty lines are skipped. On an over-long line it
+// returns a *TooLongError once the whole line has been skipped. Errors from
+// the underlying reader are returned as is; a partial line read before an
+// error stays buffered until Reset (or until the rest arrives).
+func (lr *LineReader) ReadLine() ([]byte, error) {
+	if lr.s == lr.e && len(lr.buf) > 1<<20 {
+		// Drop the memory of a past large message.
+		lr.buf = make([]byte, 64<<10)
+		lr.s, lr.e = 0, 0
+	}
+	for {
+		// Look for a newline in the buffered bytes.
+		if i := bytes.IndexByte(lr.buf[lr.s:lr.e], '\n'); i >= 0 {
+			line := lr.buf[lr.s : lr.s+i]
+			lr.s += i + 1
+			if lr.skipping {
+				lr.skipping = false
+				err := &TooLongError{Prefix: lr.tooLongPrefix}
+				lr.tooLongPrefix = nil
+				return nil, err
+			}
+			if i+1 > lr.max {
+				return nil, &TooLongError{Prefix: append([]byte(nil), line[:min(64, len(line))]...)}
+			}
+			if len(line) > 0 && line[len(line)-1] == '\r' {
+				line = line[:len(line)-1]
+			}
+			if len(bytes.TrimSpace(line)) == 0 {
+				continue
+			}
+			return line, nil
+		}
+		if lr.skipping {
+			lr.s, lr.e = 0, 0
+		} else if lr.e-lr.s >= lr.max {
+			lr.skipping = true
+			lr.tooLongPrefix = append([]byte(nil), lr.buf[lr.s:lr.s+min(64, lr.e-lr.s)]...)
+			lr.s, lr.e = 0, 0
+		}
+		// Make room.
+		if lr.s > 0 {
+			n := copy(lr.buf, lr.buf[lr.s:lr.e])
+			lr.s, lr.e = 0, n
+		}
+		if lr.e == len(lr.buf) {
+			nb := make([]byte, min(2*len(lr.buf), lr.max+1))
+			if len(nb) <= len(lr.buf) {
+				nb = make([]byte, 2*len(lr.buf))
+			}
+			copy(nb, lr.buf[:lr.e])
+			lr.buf = nb
+		}
+		n, err := lr.r.Read(lr.buf[lr.e:])
+		lr.e += n
+		if err != nil {
+			if n > 0 && bytes.IndexByte(lr.buf[lr.e-n:lr.e], '\n') >= 0 {
+				// Deliver complete lines first; the error comes back on the
+				// next read of the underlying reader.
+				continue
+			}
+			return nil, err
+		}
+	}
+}
+
+// FileModeToUnix converts permission bits of an fs.FileMode to Unix mode bits.
+func FileModeToUnix(m fs.FileMode) uint32 {
+	u := uint32(m.Perm())
+	if m&fs.ModeSetuid != 0 {
+		u |= 0o4000
+	}
+	if m&fs.ModeSetgid != 0 {
+		u |= 0o2000
+	}
+	if m&fs.ModeSticky != 0 {
+		u |= 0o1000
+	}
+	return u
+}
+
+// UnixToFileMode converts Unix permission bits to an fs.FileMode.
+func UnixToFileMode(u uint32) fs.FileMode {
+	m := fs.FileMode(u & 0o777)
+	if u&0o4000 != 0 {
+		m |= fs.ModeSetuid
+	}
+	if u&0o2000 != 0 {
+		m |= fs.ModeSetgid
+	}
+	if u&0o1000 != 0 {
+		m |= fs.ModeSticky
+	}
+	return m
+}

@@ -1,0 +1,147 @@
+package agentproto
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"io/fs"
+	"strings"
+	"testing"
+	"testing/iotest"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func TestMarshalRoundTrip(t *testing.T) {
+	req := ExecRequest{Argv: []string{"sh", "-c", "echo \"hi\"\n"}, Env: map[string]string{"A": "line1\nline2"}, Stdin: []byte{0, '\n', 255}, TimeoutMS: 5}
+	b, err := Marshal(18446744073709551615, TypeExec, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Count(b, []byte("\n")) != 1 || b[len(b)-1] != '\n' {
+		t.Fatalf("not one line: %q", b)
+	}
+	if !bytes.HasPrefix(b, []byte(`{"id":18446744073709551615,"type":"exec","argv":`)) {
+		t.Errorf("layout: %s", b)
+	}
+	h, err := DecodeHeader(b)
+	if err != nil || h != (Header{ID: 18446744073709551615, Type: TypeExec}) {
+		t.Fatalf("header %+v %v", h, err)
+	}
+	var got ExecRequest
+	if err := DecodePayload(b, &got); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(req, got); diff != "" {
+		t.Errorf("(-want +got):\n%s", diff)
+	}
+	// Empty payloads.
+	for _, p := range []any{nil, struct{}{}, ShutdownRequest{}} {
+		b, err := Marshal(1, TypePing, p)
+		if err != nil || string(b) != `{"id":1,"type":"ping"}`+"\n" {
+			t.Errorf("%T: %q %v", p, b, err)
+		}
+	}
+	if _, err := Marshal(1, TypePing, []int{1}); err == nil {
+		t.Error("non-object payload accepted")
+	}
+	if _, err := Marshal(1, TypeWriteFile, WriteFileRequest{Data: make([]byte, MaxMessageSize)}); !errors.Is(err, ErrTooLarge) {
+		t.Errorf("oversized: %v", err)
+	}
+	// The error payload is a Go error.
+	var e error = &Error{Code: CodeNotFound, Message: "x: no such file"}
+	if e.Error() != "agent: x: no such file (not_found)" {
+		t.Errorf("%q", e.Error())
+	}
+}
+
+func TestPeekID(t *testing.T) {
+	for in, want := range map[string]uint64{
+		`{"id":42,"type":"x"`:                   42,
+		`{"id":18446744073709551615,"type":"x"`: 18446744073709551615,
+	} {
+		if id, ok := PeekID([]byte(in)); !ok || id != want {
+			t.Errorf("%s: %d %v", in, id, ok)
+		}
+	}
+	for _, in := range []string{``, `{"id":`, `{"id":12`, `{"type":"x","id":1}`, `{"id":-1,`, `{"id":99999999999999999999,`} {
+		if _, ok := PeekID([]byte(in)); ok {
+			t.Errorf("%q accepted", in)
+		}
+	}
+}
+
+func readAll(lr *LineReader) ([]string, error) {
+	var out []string
+	for {
+		l, err := lr.ReadLine()
+		if err != nil {
+			var tl *TooLongError
+			if errors.As(err, &tl) {
+				out = append(out, "TOOLONG:"+string(tl.Prefix[:min(8, len(tl.Prefix))]))
+				continue
+			}
+			return out, err
+		}
+		out = append(out, string(l))
+	}
+}
+
+func TestLineReader(t *testing.T) {
+	long := strings.Repeat("x", 100)
+	in := "a\n\n  \nb\r\n" + `{"id":7,` + long + "\nc\n" + "partial"
+	for name, r := range map[string]io.Reader{
+		"whole":   strings.NewReader(in),
+		"onebyte": iotest.OneByteReader(strings.NewReader(in)),
+		"dataerr": iotest.DataErrReader(strings.NewReader(in)),
+	} {
+		lr := NewLineReader(r, 50)
+		got, err := readAll(lr)
+		if err != io.EOF {
+			t.Errorf("%s: err %v", name, err)
+		}
+		if diff := cmp.Diff([]string{"a", "b", `TOOLONG:{"id":7,`, "c"}, got); diff != "" {
+			t.Errorf("%s (-want +got):\n%s", name, diff)
+		}
+	}
+	// A partial line survives an error unless Reset.
+	pr, pw := io.Pipe()
+	lr := NewLineReader(pr, 0)
+	go func() {
+		pw.Write([]byte("hel"))
+		pw.CloseWithError(io.ErrUnexpectedEOF)
+	}()
+	if _, err := lr.ReadLine(); err != io.ErrUnexpectedEOF {
+		t.Fatal(err)
+	}
+	lr.r = strings.NewReader("lo\n")
+	if l, err := lr.ReadLine(); err != nil || string(l) != "hello" {
+		t.Errorf("kept partial: %q %v", l, err)
+	}
+	lr.r = strings.NewReader("garbage")
+	lr.ReadLine()
+	lr.Reset()
+	lr.r = strings.NewReader("fresh\n")
+	if l, err := lr.ReadLine(); err != nil || string(l) != "fresh" {
+		t.Errorf("after reset: %q %v", l, err)
+	}
+}
+
+func TestFileModes(t *testing.T) {
+	for u, m := range map[uint32]fs.FileMode{
+		0o644:  0o644,
+		0o4755: 0o755 | fs.ModeSetuid,
+		0o2750: 0o750 | fs.ModeSetgid,
+		0o1777: 0o777 | fs.ModeSticky,
+	} {
+		if got := UnixToFileMode(u); got != m {
+			t.Errorf("UnixToFileMode(%o) = %v, want %v", u, got, m)
+		}
+		if got := FileModeToUnix(m); got != u {
+			t.Errorf("FileModeToUnix(%v) = %o, want %o", m, got, u)
+		}
+	}
+	if got := FileModeToUnix(fs.ModeDir | 0o755); got != 0o755 {
+		t.Errorf("dir bit leaked: %o", got)
+	}
+}

@@ -1,0 +1,144 @@
+package firecracker
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+)
+
+// Disk copy methods, as recorded in snapshot metadata.
+const (
+	copyReflink = "reflink" // FICLONE: blocks shared copy-on-write
+	copySparse  = "sparse"  // data extents copied, holes and zero blocks skipped
+)
+
+// copyDisk replaces dst with a copy of src: a FICLONE reflink when the
+// filesystem supports it (btrfs, XFS), else a sparse copy. The copy is
+// written to a temporary file, fsynced and renamed into place.
+func copyDisk(ctx context.Context, src, dst string) (method string, err error) {
+	in, err := os.Open(src)
+	if err != nil {
+		return "", err
+	}
+	defer in.Close()
+	st, err := in.Stat()
+	if err != nil {
+		return "", err
+	}
+	if !st.Mode().IsRegular() {
+		return "", fmt.Errorf("%s is not a regular file", src)
+	}
+	dir := filepath.Dir(dst)
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(dst)+".tmp*")
+	if err != nil {
+		return "", err
+	}
+	defer func() {
+		if err != nil {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	method = copyReflink
+	if cerr := unix.IoctlFileClone(int(tmp.Fd()), int(in.Fd())); cerr != nil {
+		method = copySparse
+		if err = sparseCopy(ctx, in, tmp, st.Size()); err != nil {
+			return "", fmt.Errorf("copy %s: %w", src, err)
+		}
+	}
+	if err = tmp.Chmod(0o644); err != nil {
+		return "", err
+	}
+	if err = tmp.Sync(); err != nil {
+		return "", err
+	}
+	if err = tmp.Close(); err != nil {
+		return "", err
+	}
+	if err = os.Rename(tmp.Name(), dst); err != nil {
+		return "", err
+	}
+	return method, syncDir(dir)
+}
+
+// sparseCopy copies the data extents of in (found with SEEK_DATA /
+// SEEK_HOLE) into out, which ends up size bytes long; holes stay holes and
+// all-zero blocks inside extents are not written either.
+func sparseCopy(ctx context.Context, in, out *os.File, size int64) error {
+	if err := out.Truncate(size); err != nil {
+		return err
+	}
+	fd := int(in.Fd())
+	buf := make([]byte, 1<<20)
+	var zero [64 << 10]byte
+	for off := int64(0); off < size; {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break // only a hole remains
+		}
+		end := size
+		if err != nil { // no SEEK_DATA here: treat the rest as data
+			data = off
+		} else if hole, herr := unix.Seek(fd, data, unix.SEEK_HOLE); herr == nil {
+			end = min(hole, size)
+		}
+		for pos := data; pos < end; {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			n, err := in.ReadAt(buf[:min(int64(len(buf)), end-pos)], pos)
+			if n == 0 && err != nil {
+				return err
+			}
+			chunk := buf[:n]
+			for len(chunk) > 0 {
+				k := min(len(chunk), len(zero))
+				if !bytes.Equal(chunk[:k], zero[:k]) {
+					if _, err := out.WriteAt(chunk[:k], pos); err != nil {
+						return err
+					}
+				}
+				chunk = chunk[k:]
+				pos += int64(k)
+			}
+		}
+		off = end
+	}
+	return nil
+}
+
+// syncFiles fsyncs each file.
+func syncFiles(paths ...string) error {
+	for _, p := range paths {
+		f, err := os.Open(p)
+		if err != nil {
+			return err
+		}
+		err = f.Sync()
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("fsync %s: %w", p, err)
+		}
+	}
+	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil && !errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("fsync %s: %w", dir, err)
+	}
+	return nil
+}

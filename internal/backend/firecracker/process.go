@@ -1,0 +1,276 @@
+package firecracker
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/fcapi"
+)
+
+// proc is a firecracker process this process started.
+type proc struct {
+	pid    int
+	exited chan struct{} // closed once the process is reaped
+	state  *os.ProcessState
+}
+
+func (p *proc) machine(spec backend.Spec) backend.Machine {
+	return backend.Machine{Spec: spec, Backend: Name, PID: p.pid, Accel: backend.AccelKVM}
+}
+
+// kill ends the process at once and waits (bounded) for the reaper.
+func (p *proc) kill() {
+	_ = syscall.Kill(p.pid, syscall.SIGKILL)
+	select {
+	case <-p.exited:
+	case <-time.After(5 * time.Second):
+	}
+}
+
+// fail ends a launch that went wrong: it kills the process, removes what
+// the launch created, and returns err as a *backend.VMMError with the log
+// tail. A transport error from a VMM that died mid-request is reported as
+// the VMM exiting.
+func (p *proc) fail(op string, err error, spec backend.Spec) error {
+	var fe *fcapi.Error
+	if !errors.As(err, &fe) {
+		select {
+		case <-p.exited:
+			err = &backend.VMMError{Op: op, Message: fmt.Sprintf("firecracker exited (%v) during the request: %v", p.state, err), Log: logTail(spec.Dir)}
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	err = vmmError(op, err, spec.Dir)
+	p.kill()
+	cleanup(spec)
+	return err
+}
+
+// launch starts `firecracker --api-sock RUNDIR/fc.sock --id ID` detached
+// (own session, stdin /dev/null, output appended to DIR/firecracker.log,
+// working directory RUNDIR), writes the pid file, links RUNDIR/rootfs to
+// spec.Disk, and returns once the API answers. On error nothing is left.
+func (b *Backend) launch(ctx context.Context, spec backend.Spec) (*proc, error) {
+	for _, d := range []string{spec.Dir, spec.RunDir} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, fmt.Errorf("firecracker: %w", err)
+		}
+	}
+	// Never take over a RunDir whose VMM still answers.
+	if c, err := net.DialTimeout("unix", apiSock(spec), 200*time.Millisecond); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("firecracker: %s is in use by a running VMM", apiSock(spec))
+	}
+	// Firecracker refuses to start on an existing API socket; a stale vsock
+	// socket would make the vsock device fail.
+	cleanup(spec)
+	disk, err := filepath.Abs(spec.Disk)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Symlink(disk, driveLink(spec)); err != nil {
+		return nil, fmt.Errorf("firecracker: drive link: %w", err)
+	}
+	logf, err := os.OpenFile(filepath.Join(spec.Dir, logName), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		cleanup(spec)
+		return nil, fmt.Errorf("firecracker: %w", err)
+	}
+	fmt.Fprintf(logf, "smolvm: %s starting %s for %s\n", time.Now().UTC().Format(time.RFC3339), b.bin, spec.ID)
+
+	cmd := exec.Command(b.bin, "--api-sock", apiSock(spec), "--id", instanceID(spec.ID))
+	cmd.Dir = spec.RunDir
+	cmd.Stdout = logf
+	cmd.Stderr = logf
+	// A new session: the VM outlives the caller and its terminal signals.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	err = cmd.Start()
+	logf.Close()
+	if err != nil {
+		cleanup(spec)
+		return nil, fmt.Errorf("firecracker: start %s: %w", b.bin, err)
+	}
+	p := &proc{pid: cmd.Process.Pid, exited: make(chan struct{})}
+	// Reap the child when it exits so it never lingers as a zombie in this
+	// process; a process that outlives us is reparented as usual.
+	go func() {
+		_ = cmd.Wait()
+		p.state = cmd.ProcessState
+		close(p.exited)
+	}()
+	if err := os.WriteFile(filepath.Join(spec.Dir, pidName), []byte(strconv.Itoa(p.pid)+"\n"), 0o644); err != nil {
+		p.kill()
+		cleanup(spec)
+		return nil, fmt.Errorf("firecracker: pid file: %w", err)
+	}
+	if err := waitAPI(ctx, p, spec); err != nil {
+		p.kill()
+		cleanup(spec)
+		return nil, err
+	}
+	return p, nil
+}
+
+// waitAPI polls GET /version until the API answers, the process exits or
+// ctx ends.
+func waitAPI(ctx context.Context, p *proc, spec backend.Spec) error {
+	c := fcapi.New(apiSock(spec))
+	defer c.Close()
+	wait := 2 * time.Millisecond
+	for {
+		actx, cancel := context.WithTimeout(ctx, time.Second)
+		_, err := c.Version(actx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-p.exited:
+			return &backend.VMMError{Op: "start", Message: fmt.Sprintf("firecracker exited before its API came up (%v)", p.state), Log: logTail(spec.Dir)}
+		case <-ctx.Done():
+			return &backend.VMMError{Op: "start", Message: fmt.Sprintf("firecracker API did not come up: %v (last error: %v)", ctx.Err(), err), Log: logTail(spec.Dir)}
+		case <-time.After(wait):
+		}
+		wait = min(wait*2, 50*time.Millisecond)
+	}
+}
+
+// instanceID maps a VM id to what firecracker --id accepts: 1-64
+// characters, alphanumeric or '-'.
+func instanceID(id string) string {
+	var sb strings.Builder
+	for _, r := range id {
+		if sb.Len() == 64 {
+			break
+		}
+		if r < 128 && (r == '-' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') {
+			sb.WriteRune(r)
+		} else {
+			sb.WriteByte('-')
+		}
+	}
+	if sb.Len() == 0 {
+		return "smolvm"
+	}
+	return sb.String()
+}
+
+// alive reports whether m's firecracker process still runs. It checks the
+// command line so that a recycled pid is not mistaken for the VMM, and
+// treats a zombie as gone.
+func alive(m backend.Machine) bool {
+	if m.PID <= 0 {
+		return false
+	}
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", m.PID))
+	if err != nil {
+		return false
+	}
+	// Field 3 follows the parenthesised comm, which may contain spaces.
+	if i := bytes.LastIndexByte(stat, ')'); i < 0 || i+2 >= len(stat) || stat[i+2] == 'Z' || stat[i+2] == 'X' {
+		return false
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", m.PID))
+	if err != nil {
+		return false
+	}
+	return bytes.Contains(cmdline, []byte("\x00--api-sock\x00"+apiSock(m.Spec)+"\x00"))
+}
+
+// terminate sends SIGTERM, then SIGKILL after a grace period, and waits
+// until the process is gone.
+func terminate(ctx context.Context, m backend.Machine) error {
+	_ = syscall.Kill(m.PID, syscall.SIGTERM)
+	grace, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	if waitGone(grace, m) {
+		return nil
+	}
+	if err := syscall.Kill(m.PID, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return err
+	}
+	if waitGone(ctx, m) {
+		return nil
+	}
+	return fmt.Errorf("firecracker pid %d still running after SIGKILL: %w", m.PID, ctx.Err())
+}
+
+func waitGone(ctx context.Context, m backend.Machine) bool {
+	wait := time.Millisecond
+	for alive(m) {
+		select {
+		case <-ctx.Done():
+			return !alive(m)
+		case <-time.After(wait):
+		}
+		wait = min(wait*2, 20*time.Millisecond)
+	}
+	// The process is dead or dying (its cmdline empties before it becomes
+	// a zombie); give it and its reaper (the goroutine of the process that
+	// launched it, or init) a moment so that the pid is really gone when
+	// Stop returns. Bounded, in case the pid is already recycled.
+	reap, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	for pidExists(m.PID) {
+		select {
+		case <-reap.Done():
+			return true
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+	return true
+}
+
+func pidExists(pid int) bool {
+	_, err := os.Stat(fmt.Sprintf("/proc/%d", pid))
+	return err == nil
+}
+
+// cleanup removes what a VM leaves in RunDir and Dir: sockets (including
+// guest-initiated vsock sockets RUNDIR/vsock.sock_PORT), the drive link,
+// the pid file, and its TAP.
+func cleanup(spec backend.Spec) {
+	if spec.RunDir != "" {
+		_ = os.Remove(apiSock(spec))
+		_ = os.Remove(vsockSock(spec))
+		_ = os.Remove(driveLink(spec))
+		if extra, _ := filepath.Glob(vsockSock(spec) + "_*"); len(extra) > 0 {
+			for _, f := range extra {
+				_ = os.Remove(f)
+			}
+		}
+	}
+	if spec.Dir != "" {
+		_ = os.Remove(filepath.Join(spec.Dir, pidName))
+	}
+	if spec.Network {
+		removeTAP(spec)
+	}
+}
+
+// logTail returns the end of DIR/firecracker.log for error reports.
+func logTail(dir string) string {
+	f, err := os.Open(filepath.Join(dir, logName))
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	const n = 4096
+	if st, err := f.Stat(); err == nil && st.Size() > n {
+		_, _ = f.Seek(-n, io.SeekEnd)
+	}
+	b, _ := io.ReadAll(f)
+	return strings.TrimSpace(string(b))
+}

@@ -1,0 +1,167 @@
+package qemu
+
+import (
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/smolvm-go/smolvm/internal/backend"
+)
+
+// Machine types.
+const (
+	MachineMicrovm = "microvm"
+	MachineQ35     = "q35"
+)
+
+// Fixed names inside Spec.RunDir and Spec.Dir.
+const (
+	qmpSocketName   = "qmp.sock"
+	agentSocketName = "agent.sock"
+	consoleLogName  = "console.log"
+	qemuLogName     = "qemu.log"
+	pidFileName     = "qemu.pid"
+
+	// AgentPortName is the virtio-serial port the guest agent serves on.
+	AgentPortName = "org.smolvm.agent"
+	netdevID      = "net0"
+)
+
+// launch is everything about one QEMU invocation that is not in the Spec.
+// Restores must rebuild the exact same device configuration as the VM that
+// was snapshotted, so all of it is derived from here deterministically.
+type launch struct {
+	Machine string // MachineMicrovm or MachineQ35
+	Accel   backend.Accel
+	CPU     string // -cpu model
+	TSCkHz  int    // >0: add tsc_early_khz= to the kernel command line
+
+	MemoryFile     string // memory-backend-file mem-path
+	MemoryShared   bool   // share=on (writes land in the file)
+	MemoryReadonly bool   // open the file read-only (private restore of a snapshot image)
+
+	Disk       string // attached writable disk ("" = none)
+	DiskFormat string // qcow2 or raw
+
+	Incoming    bool // -incoming defer
+	StartPaused bool // -S
+}
+
+func qmpSocket(runDir string) string   { return filepath.Join(runDir, qmpSocketName) }
+func agentSocket(runDir string) string { return filepath.Join(runDir, agentSocketName) }
+func consoleLog(dir string) string     { return filepath.Join(dir, consoleLogName) }
+func qemuLog(dir string) string        { return filepath.Join(dir, qemuLogName) }
+func pidFile(dir string) string        { return filepath.Join(dir, pidFileName) }
+
+// optVal escapes a value for QEMU's comma-separated option syntax.
+func optVal(s string) string { return strings.ReplaceAll(s, ",", ",,") }
+
+// kernelCmdline is the command line the backend passes: its own settings
+// first, then the caller's KernelArgs.
+func kernelCmdline(spec backend.Spec, l launch) string {
+	parts := []string{"console=ttyS0", "reboot=t", "panic=-1"}
+	if l.TSCkHz > 0 {
+		parts = append(parts, "tsc_early_khz="+strconv.Itoa(l.TSCkHz))
+	}
+	if a := strings.TrimSpace(spec.KernelArgs); a != "" {
+		parts = append(parts, a)
+	}
+	return strings.Join(parts, " ")
+}
+
+// buildArgs returns QEMU's argv (without the binary). The device set and
+// order depend only on (spec, l) so that a restore reproduces them.
+func buildArgs(spec backend.Spec, l launch) []string {
+	dev := func(base string) string {
+		if l.Machine == MachineQ35 {
+			return base + "-pci"
+		}
+		return base + "-device"
+	}
+	machine := l.Machine
+	if machine == "" {
+		machine = MachineMicrovm
+	}
+	args := []string{
+		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		"-machine", machine + ",memory-backend=mem0",
+		"-accel", string(l.Accel),
+		"-cpu", l.CPU,
+		"-m", fmt.Sprintf("%dM", spec.MemoryMiB),
+		"-smp", strconv.Itoa(max(spec.CPUs, 1)),
+	}
+	mem := fmt.Sprintf("memory-backend-file,id=mem0,size=%dM,mem-path=%s", spec.MemoryMiB, optVal(l.MemoryFile))
+	if l.MemoryShared {
+		mem += ",share=on"
+	} else {
+		mem += ",share=off"
+	}
+	if l.MemoryReadonly {
+		// Open the image read-only but map it writable and private (CoW):
+		// the snapshot file can never be modified or truncated.
+		mem += ",readonly=on,rom=off"
+	}
+	args = append(args, "-object", mem)
+
+	args = append(args, "-kernel", spec.Kernel)
+	if spec.Initrd != "" {
+		args = append(args, "-initrd", spec.Initrd)
+	}
+	args = append(args, "-append", kernelCmdline(spec, l))
+
+	// Console and control channels.
+	args = append(args,
+		"-chardev", "file,id=console,append=on,path="+optVal(consoleLog(spec.Dir)),
+		"-serial", "chardev:console",
+		"-chardev", "socket,id=qmp,server=on,wait=off,path="+optVal(qmpSocket(spec.RunDir)),
+		"-mon", "chardev=qmp,mode=control",
+		"-pidfile", pidFile(spec.Dir),
+	)
+
+	// Devices, in a fixed order (restores depend on it).
+	args = append(args,
+		"-device", dev("virtio-serial")+",id=vser0",
+		"-chardev", "socket,id=agent,server=on,wait=off,path="+optVal(agentSocket(spec.RunDir)),
+		"-device", "virtserialport,bus=vser0.0,chardev=agent,name="+AgentPortName,
+	)
+	if l.Disk != "" {
+		format := l.DiskFormat
+		if format == "" {
+			format = "qcow2"
+		}
+		args = append(args,
+			"-blockdev", fmt.Sprintf("driver=%s,node-name=disk0,file.driver=file,file.filename=%s", format, optVal(l.Disk)),
+			"-device", dev("virtio-blk")+",drive=disk0",
+		)
+	}
+	if spec.Network {
+		nd := "user,id=" + netdevID
+		for _, pf := range spec.PortForwards {
+			nd += ",hostfwd=" + hostfwd(pf)
+		}
+		nic := dev("virtio-net") + ",netdev=" + netdevID
+		if spec.MAC != "" {
+			nic += ",mac=" + spec.MAC
+		}
+		args = append(args, "-netdev", nd, "-device", nic)
+	}
+	args = append(args, "-device", dev("virtio-rng"))
+
+	if l.Incoming {
+		args = append(args, "-incoming", "defer")
+	}
+	if l.StartPaused {
+		args = append(args, "-S")
+	}
+	return args
+}
+
+// hostfwd renders a forward in QEMU's hostfwd syntax: tcp:ADDR:HOST-:GUEST.
+func hostfwd(pf backend.PortForward) string {
+	addr := pf.HostAddr
+	if addr == "" {
+		addr = "127.0.0.1"
+	}
+	return fmt.Sprintf("tcp:%s:%d-:%d", addr, pf.HostPort, pf.GuestPort)
+}

@@ -1,0 +1,141 @@
+package qemu
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"syscall"
+)
+
+// lseek whence values for sparse files (linux).
+const (
+	seekData = 3 // SEEK_DATA
+	seekHole = 4 // SEEK_HOLE
+)
+
+const sparseBlock = 4096
+
+// sparseCopy copies src to a new file dst (created or truncated), leaving
+// holes where src has holes and where a 4 KiB block is all zeros. dst gets
+// src's exact size and is fsynced. It returns the bytes of data written.
+func sparseCopy(dst, src string) (int64, error) {
+	in, err := os.Open(src)
+	if err != nil {
+		return 0, err
+	}
+	defer in.Close()
+	st, err := in.Stat()
+	if err != nil {
+		return 0, err
+	}
+	size := st.Size()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
+	if err != nil {
+		return 0, err
+	}
+	written, err := copySparseData(out, in, size)
+	if err == nil {
+		err = out.Truncate(size)
+	}
+	if err == nil {
+		err = out.Sync()
+	}
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(dst)
+		return 0, fmt.Errorf("sparse copy %s -> %s: %w", src, dst, err)
+	}
+	return written, nil
+}
+
+func copySparseData(out, in *os.File, size int64) (int64, error) {
+	const chunk = 1 << 20
+	buf := make([]byte, chunk)
+	zero := make([]byte, sparseBlock)
+	var written int64
+	for off := int64(0); off < size; {
+		// Next data extent [dataStart, holeStart).
+		dataStart, err := in.Seek(off, seekData)
+		switch {
+		case errors.Is(err, syscall.ENXIO):
+			return written, nil // only a hole remains
+		case errors.Is(err, syscall.EINVAL) || errors.Is(err, syscall.EOPNOTSUPP):
+			dataStart = off // no SEEK_DATA: treat everything as data
+		case err != nil:
+			return written, err
+		}
+		holeStart, err := in.Seek(dataStart, seekHole)
+		if err != nil || holeStart > size {
+			holeStart = size
+		}
+		for pos := dataStart; pos < holeStart; {
+			n := min(int64(chunk), holeStart-pos)
+			m, err := in.ReadAt(buf[:n], pos)
+			if int64(m) < n {
+				if err == nil || errors.Is(err, io.EOF) {
+					err = io.ErrUnexpectedEOF
+				}
+				return written, err
+			}
+			// Write runs of non-zero 4 KiB blocks; zero blocks stay holes.
+			runStart := int64(-1)
+			flush := func(end int64) error {
+				if runStart < 0 {
+					return nil
+				}
+				if _, err := out.WriteAt(buf[runStart:end], pos+runStart); err != nil {
+					return err
+				}
+				written += end - runStart
+				runStart = -1
+				return nil
+			}
+			for i := int64(0); i < n; i += sparseBlock {
+				end := min(i+sparseBlock, n)
+				if bytes.Equal(buf[i:end], zero[:end-i]) {
+					if err := flush(i); err != nil {
+						return written, err
+					}
+				} else if runStart < 0 {
+					runStart = i
+				}
+			}
+			if err := flush(n); err != nil {
+				return written, err
+			}
+			pos += n
+		}
+		off = holeStart
+	}
+	return written, nil
+}
+
+// syncFile fsyncs one file.
+func syncFile(path string) error {
+	f, err := os.OpenFile(path, os.O_RDONLY, 0)
+	if err != nil {
+		return err
+	}
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// syncDir fsyncs a directory (its entries).
+func syncDir(dir string) error { return syncFile(filepath.Clean(dir)) }
+
+// allocatedBytes is the space a file uses on disk.
+func allocatedBytes(path string) int64 {
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		return 0
+	}
+	return st.Blocks * 512
+}

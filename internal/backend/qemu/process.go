@@ -1,0 +1,304 @@
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/qmp"
+)
+
+// maxSocketPath is the usable length of sun_path (108 bytes with the NUL).
+const maxSocketPath = 107
+
+// launch starts QEMU with (spec, l) and waits until QMP answers
+// query-status. On any failure the process is killed and its files removed.
+func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (backend.Machine, error) {
+	if err := validateSpec(spec); err != nil {
+		return backend.Machine{}, err
+	}
+	bin, err := b.qemuBinary()
+	if err != nil {
+		return backend.Machine{}, err
+	}
+	for _, d := range []string{spec.Dir, spec.RunDir} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return backend.Machine{}, fmt.Errorf("qemu: start: %w", err)
+		}
+	}
+	// Leftovers of an earlier run of this VM.
+	removeQuiet(qmpSocket(spec.RunDir), agentSocket(spec.RunDir), pidFile(spec.Dir))
+	if l.MemoryShared {
+		removeQuiet(l.MemoryFile) // a fresh boot or a stream restore starts from zeroed RAM
+	}
+
+	m := backend.Machine{
+		Spec:         spec,
+		Backend:      b.Name(),
+		Accel:        l.Accel,
+		MemoryFile:   l.MemoryFile,
+		MemoryShared: l.MemoryShared,
+	}
+	args := buildArgs(spec, l)
+	logf, err := os.OpenFile(qemuLog(spec.Dir), os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
+	if err != nil {
+		return backend.Machine{}, fmt.Errorf("qemu: start: %w", err)
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Dir = spec.Dir
+	cmd.Stdin = nil // /dev/null
+	cmd.Stdout = logf
+	cmd.Stderr = logf
+	// Own session: no controlling terminal, not signalled with our process
+	// group, and it outlives us (no Pdeathsig).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	b.log.Debug("starting qemu", "id", spec.ID, "argv", strings.Join(append([]string{bin}, args...), " "))
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return backend.Machine{}, fmt.Errorf("qemu: start %s: %w", bin, err)
+	}
+	logf.Close()
+	m.PID = cmd.Process.Pid
+	exited := make(chan struct{})
+	go func() { // reap: we are the parent
+		cmd.Wait()
+		close(exited)
+	}()
+
+	fail := func(op string, err error) (backend.Machine, error) {
+		cmd.Process.Kill()
+		select {
+		case <-exited:
+		case <-time.After(5 * time.Second):
+		}
+		b.cleanup(m)
+		var ve *backend.VMMError
+		if errors.As(err, &ve) {
+			if ve.Log == "" {
+				ve.Log = logTail(qemuLog(spec.Dir))
+			}
+			return backend.Machine{}, ve
+		}
+		return backend.Machine{}, &backend.VMMError{Op: op, Message: err.Error(), Log: logTail(qemuLog(spec.Dir))}
+	}
+
+	dctx, cancel := withTimeout(ctx, backend.DefaultTimeout)
+	defer cancel()
+	go func() {
+		select {
+		case <-exited:
+			cancel()
+		case <-dctx.Done():
+		}
+	}()
+	c, err := qmp.Dial(dctx, qmpSocket(spec.RunDir))
+	if err != nil {
+		select {
+		case <-exited:
+			return fail("start", fmt.Errorf("qemu exited during start (%s)", cmd.ProcessState))
+		default:
+		}
+		return fail("start", err)
+	}
+	defer c.Close()
+	var st qmpStatus
+	if err := execQMP(dctx, c, "query-status", nil, &st); err != nil {
+		return fail("start", err)
+	}
+	b.log.Debug("qemu up", "id", spec.ID, "pid", m.PID, "status", st.Status, "elapsed", time.Since(start))
+	return m, nil
+}
+
+func validateSpec(spec backend.Spec) error {
+	switch {
+	case spec.Dir == "":
+		return errors.New("qemu: spec.Dir is empty")
+	case spec.RunDir == "":
+		return errors.New("qemu: spec.RunDir is empty")
+	case len(agentSocket(spec.RunDir)) > maxSocketPath || len(qmpSocket(spec.RunDir)) > maxSocketPath:
+		return fmt.Errorf("qemu: RunDir %q is too long for unix sockets (keep it under ~90 bytes)", spec.RunDir)
+	case spec.Kernel == "":
+		return errors.New("qemu: spec.Kernel is empty")
+	case spec.MemoryMiB <= 0:
+		return fmt.Errorf("qemu: invalid memory size %d MiB", spec.MemoryMiB)
+	}
+	for _, p := range []string{spec.Kernel, spec.Initrd} {
+		if p == "" {
+			continue
+		}
+		if _, err := os.Stat(p); err != nil {
+			return fmt.Errorf("qemu: %w", err)
+		}
+	}
+	if spec.Disk != "" {
+		if _, err := os.Stat(spec.Disk); err != nil {
+			return fmt.Errorf("qemu: disk: %w (Prepare creates it)", err)
+		}
+	}
+	return nil
+}
+
+// processAlive reports whether m.PID is a live QEMU for this VM: its
+// cmdline must name the VM's QMP socket (guards against PID reuse; a zombie
+// has an empty cmdline and counts as gone).
+func processAlive(m backend.Machine) bool {
+	if m.PID <= 0 || m.RunDir == "" {
+		return false
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(m.PID) + "/cmdline")
+	if err != nil || len(b) == 0 {
+		return false
+	}
+	want := []byte("path=" + optVal(qmpSocket(m.RunDir)))
+	for arg := range bytes.SplitSeq(b, []byte{0}) {
+		if bytes.HasSuffix(arg, want) || bytes.Contains(arg, append(append([]byte{}, want...), ',')) {
+			return true
+		}
+	}
+	return false
+}
+
+// processCmdline returns the argv of a live VM process.
+func processCmdline(m backend.Machine) ([]string, bool) {
+	if !processAlive(m) {
+		return nil, false
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(m.PID) + "/cmdline")
+	if err != nil {
+		return nil, false
+	}
+	return strings.Split(strings.TrimSuffix(string(b), "\x00"), "\x00"), true
+}
+
+// watchProcess calls onExit when m's process disappears before ctx ends.
+func watchProcess(ctx context.Context, m backend.Machine, onExit func()) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	go func() {
+		t := time.NewTicker(20 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				if !processAlive(m) {
+					onExit()
+					return
+				}
+			}
+		}
+	}()
+	return cancel
+}
+
+// waitGone polls until the process is gone or d passes.
+func waitGone(ctx context.Context, m backend.Machine, d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for {
+		if !processAlive(m) {
+			return true
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Stop asks QEMU to quit, waits for the process to exit (SIGKILL after
+// Options.StopTimeout), and removes the sockets and the shared RAM file. It
+// succeeds when the VM is already gone.
+func (b *Backend) Stop(ctx context.Context, m backend.Machine) error {
+	if processAlive(m) {
+		graceful := b.opts.StopTimeout
+		qctx, cancel := context.WithTimeout(ctx, min(graceful, 2*time.Second))
+		if c, err := qmp.Dial(qctx, qmpSocket(m.RunDir)); err == nil {
+			err := c.Execute(qctx, "quit", nil, nil)
+			c.Close()
+			if err != nil && !errors.Is(err, qmp.ErrClosed) {
+				b.log.Debug("quit failed", "id", m.ID, "err", err)
+			}
+		}
+		cancel()
+		if !waitGone(ctx, m, graceful) {
+			b.log.Debug("qemu did not quit; killing", "id", m.ID, "pid", m.PID)
+			if processAlive(m) {
+				syscall.Kill(m.PID, syscall.SIGKILL)
+			}
+			// SIGKILL is prompt; do not let a spent ctx cut this short.
+			if !waitGone(context.Background(), m, 10*time.Second) {
+				return fmt.Errorf("qemu: pid %d did not exit after SIGKILL", m.PID)
+			}
+		}
+	}
+	b.cleanup(m)
+	return nil
+}
+
+// cleanup removes what a stopped VM leaves behind: sockets, pid file and its
+// own shared RAM file (never a snapshot image it mapped privately).
+func (b *Backend) cleanup(m backend.Machine) {
+	if m.RunDir != "" {
+		removeQuiet(qmpSocket(m.RunDir), agentSocket(m.RunDir))
+	}
+	if m.Dir != "" {
+		removeQuiet(pidFile(m.Dir))
+	}
+	if m.MemoryShared && m.MemoryFile != "" {
+		removeQuiet(m.MemoryFile)
+		if d := filepath.Dir(m.MemoryFile); strings.HasPrefix(filepath.Base(d), "smolvm-") {
+			os.Remove(d) // only if empty
+		}
+	}
+}
+
+func removeQuiet(paths ...string) {
+	for _, p := range paths {
+		if p != "" {
+			os.Remove(p)
+		}
+	}
+}
+
+// logTail returns the last lines of a log file (at most ~4 KiB).
+func logTail(path string) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	const max = 4096
+	st, err := f.Stat()
+	if err != nil {
+		return ""
+	}
+	off := st.Size() - max
+	if off < 0 {
+		off = 0
+	}
+	buf := make([]byte, st.Size()-off)
+	n, _ := f.ReadAt(buf, off)
+	s := string(buf[:n])
+	if off > 0 {
+		if i := strings.IndexByte(s, '\n'); i >= 0 {
+			s = s[i+1:]
+		}
+	}
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > 20 {
+		lines = lines[len(lines)-20:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+func trimSpace(s string) string { return strings.TrimSpace(s) }

@@ -1,0 +1,245 @@
+package qemu
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/smolvm-go/smolvm/internal/backend"
+)
+
+// Restore starts a new QEMU from a snapshot. Memory snapshots are loaded
+// with an incoming "file:" migration into a VM with the snapshotted device
+// configuration; "raw" memory is mapped privately (copy-on-write) from the
+// snapshot's memory image. Disk snapshots cold-boot. The new VM writes to a
+// fresh qcow2 overlay (req.Spec.Disk, default Dir/disk.qcow2) whose backing
+// file is the snapshot's disk: snapshot files are never modified.
+func (b *Backend) Restore(ctx context.Context, req backend.RestoreRequest) (backend.Machine, error) {
+	spec := req.Spec
+	kind := req.Kind
+	switch kind {
+	case backend.SnapshotFull, backend.SnapshotDiff, backend.SnapshotDisk:
+	default:
+		return backend.Machine{}, fmt.Errorf("qemu: restore kind %q: %w", kind, backend.ErrUnsupported)
+	}
+	snapDir, err := filepath.Abs(req.SnapshotDir)
+	if err != nil {
+		return backend.Machine{}, err
+	}
+	arts := map[string]string{}
+	for _, a := range req.Result.Artifacts {
+		arts[a.Role] = filepath.Join(snapDir, a.Name)
+	}
+	for role, p := range arts {
+		if _, err := os.Stat(p); err != nil {
+			return backend.Machine{}, fmt.Errorf("qemu: restore: snapshot %s file missing: %w", role, err)
+		}
+	}
+	var cfg *snapshotConfig
+	if p := arts[RoleConfig]; p != "" {
+		cfg, err = readSnapshotConfig(p)
+		if err != nil {
+			return backend.Machine{}, err
+		}
+	}
+	format := req.Result.MemoryFormat
+	if kind != backend.SnapshotDisk {
+		if arts["state"] == "" {
+			return backend.Machine{}, fmt.Errorf("qemu: restore: snapshot has no state artifact (%s)", StateFile)
+		}
+		switch format {
+		case MemoryRaw:
+			if arts["memory"] == "" {
+				return backend.Machine{}, fmt.Errorf("qemu: restore: snapshot has no memory artifact (%s)", MemoryFile)
+			}
+			st, err := os.Stat(arts["memory"])
+			if err != nil {
+				return backend.Machine{}, fmt.Errorf("qemu: restore: %w", err)
+			}
+			if want := int64(spec.MemoryMiB) << 20; st.Size() != want {
+				return backend.Machine{}, fmt.Errorf("qemu: restore: memory image is %d MiB but the spec asks for %d MiB; restore with the snapshot's memory size",
+					st.Size()>>20, spec.MemoryMiB)
+			}
+		case MemoryStream:
+		default:
+			return backend.Machine{}, fmt.Errorf("qemu: restore: unknown memory format %q", format)
+		}
+	}
+	if cfg != nil {
+		if cfg.MemoryMiB != spec.MemoryMiB && kind != backend.SnapshotDisk {
+			return backend.Machine{}, fmt.Errorf("qemu: restore: snapshot has %d MiB of memory but the spec asks for %d MiB", cfg.MemoryMiB, spec.MemoryMiB)
+		}
+		if kind != backend.SnapshotDisk && (cfg.CPUs != max(spec.CPUs, 1) || cfg.Network != spec.Network) {
+			return backend.Machine{}, fmt.Errorf("qemu: restore: the spec must match the snapshot (cpus %d, network %v); got cpus %d, network %v",
+				cfg.CPUs, cfg.Network, max(spec.CPUs, 1), spec.Network)
+		}
+	}
+
+	// Pre-flight the disk's backing chain: QEMU would only exit with
+	// "Could not open backing file".
+	snapDisk := arts["disk"]
+	if snapDisk != "" {
+		if err := b.checkBacking(ctx, snapDisk, req.Result.BaseImage); err != nil {
+			return backend.Machine{}, err
+		}
+	} else if cfg != nil && cfg.HasDisk {
+		return backend.Machine{}, fmt.Errorf("qemu: restore: snapshot has no disk artifact but the VM had a disk")
+	}
+
+	// New writable overlay over the snapshot's disk.
+	if err := os.MkdirAll(spec.Dir, 0o755); err != nil {
+		return backend.Machine{}, fmt.Errorf("qemu: restore: %w", err)
+	}
+	createdDisk := ""
+	if snapDisk != "" {
+		if spec.Disk == "" {
+			spec.Disk = filepath.Join(spec.Dir, DiskFile)
+		}
+		if _, err := os.Lstat(spec.Disk); err == nil {
+			return backend.Machine{}, fmt.Errorf("qemu: restore: disk %s: %w", spec.Disk, fs.ErrExist)
+		}
+		if err := b.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", snapDisk, spec.Disk); err != nil {
+			return backend.Machine{}, fmt.Errorf("qemu: restore: %w", err)
+		}
+		createdDisk = spec.Disk
+		spec.DiskFormat = "qcow2"
+	} else {
+		spec.Disk, spec.DiskFormat = "", ""
+	}
+	fail := func(err error) (backend.Machine, error) {
+		if createdDisk != "" {
+			os.Remove(createdDisk)
+		}
+		return backend.Machine{}, err
+	}
+
+	l, err := b.freshLaunch(spec)
+	if err != nil {
+		return fail(err)
+	}
+	if cfg != nil && kind != backend.SnapshotDisk {
+		// Reproduce the snapshotted machine (device layout, CPU model).
+		if cfg.Machine != "" {
+			l.Machine = cfg.Machine
+			if l.Machine != MachineMicrovm {
+				l.TSCkHz = 0
+			}
+		}
+		if cfg.CPU != "" && cfg.Accel == l.Accel {
+			l.CPU = cfg.CPU
+		}
+	}
+	if kind == backend.SnapshotDisk {
+		l.StartPaused = !req.Resume
+		m, err := b.launch(ctx, spec, l)
+		if err != nil {
+			return fail(err)
+		}
+		return m, nil
+	}
+
+	ignoreShared, mappedRAM := false, true
+	if cfg != nil {
+		ignoreShared, mappedRAM = cfg.IgnoreShared, cfg.MappedRAM
+	}
+	if format == MemoryRaw {
+		// Map the snapshot's RAM image privately: constant-time, CoW, the
+		// file stays untouched (and is not ours to delete on Stop).
+		if d := filepath.Dir(l.MemoryFile); filepath.Base(d) != "" && l.MemoryShared {
+			os.Remove(d) // the per-VM RAM dir freshLaunch made is not needed
+		}
+		l.MemoryFile = arts["memory"]
+		l.MemoryShared = false
+		l.MemoryReadonly = true
+		ignoreShared = true
+	}
+	l.Incoming, l.StartPaused = true, true
+	t0 := time.Now()
+	m, err := b.launch(ctx, spec, l)
+	if err != nil {
+		return fail(err)
+	}
+	abort := func(err error) (backend.Machine, error) {
+		var ve *backend.VMMError
+		if errors.As(err, &ve) && ve.Log == "" {
+			ve.Log = logTail(qemuLog(spec.Dir))
+		}
+		kctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		b.Stop(kctx, m)
+		cancel()
+		return fail(err)
+	}
+	c, err := b.dialQMP(ctx, m)
+	if err != nil {
+		return abort(err)
+	}
+	defer c.Close()
+	if err := setMigrationCaps(ctx, c, ignoreShared, mappedRAM); err != nil {
+		return abort(err)
+	}
+	if err := execQMP(ctx, c, "migrate-incoming", map[string]any{
+		"channels":      fileChannel(arts["state"]),
+		"exit-on-error": false,
+	}, nil); err != nil {
+		return abort(err)
+	}
+	if err := waitMigration(ctx, c, m, "migrate-incoming"); err != nil {
+		return abort(err)
+	}
+	tLoad := time.Since(t0)
+	if req.Resume {
+		if err := execQMP(ctx, c, "cont", nil, nil); err != nil {
+			return abort(err)
+		}
+	}
+	b.log.Debug("restored", "id", spec.ID, "format", format, "load", tLoad, "total", time.Since(t0))
+	return m, nil
+}
+
+func readSnapshotConfig(path string) (*snapshotConfig, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: restore: %w", err)
+	}
+	var cfg snapshotConfig
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		return nil, fmt.Errorf("qemu: restore: %s: %w", path, err)
+	}
+	return &cfg, nil
+}
+
+// checkBacking verifies every backing file below disk exists, and that the
+// recorded base image exists. A missing one yields ErrBackingMissing naming
+// the path.
+func (b *Backend) checkBacking(ctx context.Context, disk, baseImage string) error {
+	missing := func(path, of string) error {
+		return fmt.Errorf("qemu: restore: %s needs backing image %s, which is missing: %w; "+
+			"restore it to that path, or take a full snapshot (self-contained) next time", of, path, backend.ErrBackingMissing)
+	}
+	if baseImage != "" {
+		if _, err := os.Stat(baseImage); err != nil {
+			return missing(baseImage, disk)
+		}
+	}
+	cur := disk
+	for range 16 { // chains here are at most a few deep
+		ii, err := b.info(ctx, cur)
+		if err != nil {
+			return fmt.Errorf("qemu: restore: %w", err)
+		}
+		bp := ii.backingPath()
+		if bp == "" {
+			return nil
+		}
+		if _, err := os.Stat(bp); err != nil {
+			return missing(bp, cur)
+		}
+		cur = bp
+	}
+	return nil
+}

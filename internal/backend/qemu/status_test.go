@@ -1,0 +1,138 @@
+package qemu
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/smolvm-go/smolvm/internal/backend"
+)
+
+// fakeVMM is a process whose cmdline names the VM's QMP socket (what
+// processAlive checks) plus a fake QMP server on that socket.
+func fakeVMM(t *testing.T, status string) (backend.Machine, *exec.Cmd) {
+	t.Helper()
+	dir, err := os.MkdirTemp("/tmp", "smvf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sock := qmpSocket(dir)
+	cmd := exec.Command("/bin/sh", "-c", "sleep 60", "socket,id=qmp,path="+sock)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer conn.Close()
+				fmt.Fprintln(conn, `{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}`)
+				r := bufio.NewReader(conn)
+				for {
+					line, err := r.ReadBytes('\n')
+					if err != nil {
+						return
+					}
+					var req struct {
+						Execute string          `json:"execute"`
+						ID      json.RawMessage `json:"id"`
+					}
+					json.Unmarshal(line, &req)
+					switch req.Execute {
+					case "query-status":
+						fmt.Fprintf(conn, `{"return": {"status": %q, "running": false}, "id": %s}`+"\n", status, req.ID)
+					case "cont":
+						fmt.Fprintf(conn, `{"error": {"class": "GenericError", "desc": "Resetting the Virtual Machine is required"}, "id": %s}`+"\n", req.ID)
+					default:
+						fmt.Fprintf(conn, `{"return": {}, "id": %s}`+"\n", req.ID)
+					}
+				}
+			}()
+		}
+	}()
+	m := backend.Machine{Spec: backend.Spec{ID: "f", Dir: dir, RunDir: dir}, PID: cmd.Process.Pid}
+	return m, cmd
+}
+
+// A VM stuck in internal-error (as after a KVM emulation failure) reports
+// StatusError; once its process dies, StatusStopped; never a hang.
+func TestStatusInternalErrorAndDeadProcess(t *testing.T) {
+	m, cmd := fakeVMM(t, "internal-error")
+	b := New(Options{StopTimeout: 300 * time.Millisecond})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if !processAlive(m) {
+		t.Fatal("fake VMM not recognised as alive")
+	}
+	st, err := b.Status(ctx, m)
+	if err != nil || st != backend.StatusError {
+		t.Fatalf("status = %s, %v; want error", st, err)
+	}
+	err = b.Resume(ctx, m)
+	if err == nil {
+		t.Fatal("resume of an internal-error VM succeeded")
+	}
+	t.Logf("resume: %v", err)
+
+	// A pid whose cmdline does not name our socket is not ours.
+	other := m
+	other.RunDir = "/tmp/someone-else"
+	if processAlive(other) {
+		t.Fatal("pid reuse guard failed")
+	}
+
+	cmd.Process.Signal(syscall.SIGKILL)
+	cmd.Wait()
+	start := time.Now()
+	st, err = b.Status(ctx, m)
+	if err != nil || st != backend.StatusStopped || time.Since(start) > time.Second {
+		t.Fatalf("status after death = %s, %v after %v; want stopped at once", st, err, time.Since(start))
+	}
+	if err := b.Pause(ctx, m); err == nil {
+		t.Fatal("pause of a dead VM succeeded")
+	}
+	if err := b.Stop(ctx, m); err != nil {
+		t.Fatalf("stop of a dead VM: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(m.RunDir, qmpSocketName)); err == nil {
+		t.Error("stop left the QMP socket")
+	}
+}
+
+// Stop kills a VMM that ignores quit.
+func TestStopKillsUnresponsive(t *testing.T) {
+	m, cmd := fakeVMM(t, "running")
+	b := New(Options{StopTimeout: 200 * time.Millisecond})
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	if err := b.Stop(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-done:
+	case <-time.After(2 * time.Second):
+		t.Fatal("process still alive after Stop")
+	}
+	t.Logf("stop took %v", time.Since(start))
+}

@@ -1,0 +1,9 @@
+package cli
+
+import "github.com/spf13/cobra"
+
+func (a *app) benchCmd() *cobra.Command {
+	c := &cobra.Command{Use: "bench", Short: "Measure boot, command round trip, snapshots and restores on this host"}
+	// subcommands: bench_*.go
+	return c
+}

@@ -1,0 +1,169 @@
+package image
+
+import (
+	"bytes"
+	"compress/bzip2"
+	"compress/gzip"
+	"debug/elf"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+)
+
+// compression formats a bzImage payload can use, by magic.
+var payloadMagics = []struct {
+	name  string
+	magic []byte
+}{
+	{"gzip", []byte{0x1f, 0x8b, 0x08}},
+	{"xz", []byte{0xfd, '7', 'z', 'X', 'Z', 0x00}},
+	{"zstd", []byte{0x28, 0xb5, 0x2f, 0xfd}},
+	{"bzip2", []byte("BZh")},
+	{"lzma", []byte{0x5d, 0x00, 0x00}},
+	{"lz4", []byte{0x02, 0x21, 0x4c, 0x18}},
+}
+
+// ExtractVmlinux writes the uncompressed ELF kernel contained in the bzImage
+// at src to dst. It uses the payload_offset/payload_length fields of the
+// x86 boot header when present and otherwise scans for a compression magic.
+// gzip and bzip2 are decoded in Go; xz, lzma, zstd and lz4 through the
+// host's xz, zstd or lz4 tools.
+func ExtractVmlinux(src, dst string) error {
+	data, err := os.ReadFile(src)
+	if err != nil {
+		return err
+	}
+	if bytes.HasPrefix(data, []byte("\x7fELF")) {
+		return writeVmlinux(dst, data)
+	}
+	var tried []string
+	if p, ok := bzImagePayload(data); ok {
+		for _, m := range payloadMagics {
+			if bytes.HasPrefix(p, m.magic) {
+				out, err := decompressPayload(m.name, p)
+				if err == nil && isELF(out) {
+					return writeVmlinux(dst, out)
+				}
+				tried = append(tried, fmt.Sprintf("header payload (%s): %v", m.name, err))
+			}
+		}
+	}
+	// Fallback: scan for each magic, like scripts/extract-vmlinux.
+	for _, m := range payloadMagics {
+		for off, attempts := 0, 0; attempts < 32; attempts++ {
+			i := bytes.Index(data[off:], m.magic)
+			if i < 0 {
+				break
+			}
+			pos := off + i
+			out, err := decompressPayload(m.name, data[pos:])
+			if err == nil && isELF(out) {
+				return writeVmlinux(dst, out)
+			}
+			off = pos + 1
+			if len(tried) < 8 {
+				tried = append(tried, fmt.Sprintf("%s at %d: %v", m.name, pos, err))
+			}
+		}
+	}
+	return fmt.Errorf("extract vmlinux from %s: no compressed ELF kernel found (%v)", src, tried)
+}
+
+// bzImagePayload returns the compressed kernel of an x86 bzImage using the
+// setup header (boot protocol >= 2.08).
+func bzImagePayload(data []byte) ([]byte, bool) {
+	if len(data) < 0x250 || string(data[0x202:0x206]) != "HdrS" {
+		return nil, false
+	}
+	if binary.LittleEndian.Uint16(data[0x206:]) < 0x0208 {
+		return nil, false
+	}
+	setupSects := int(data[0x1f1])
+	if setupSects == 0 {
+		setupSects = 4
+	}
+	pm := (setupSects + 1) * 512
+	off := pm + int(binary.LittleEndian.Uint32(data[0x248:]))
+	n := int(binary.LittleEndian.Uint32(data[0x24c:]))
+	if off < 0 || n <= 0 || off+n > len(data) {
+		return nil, false
+	}
+	return data[off : off+n], true
+}
+
+func isELF(b []byte) bool {
+	if !bytes.HasPrefix(b, []byte("\x7fELF")) {
+		return false
+	}
+	_, err := elf.NewFile(bytes.NewReader(b))
+	return err == nil
+}
+
+func decompressPayload(format string, p []byte) ([]byte, error) {
+	switch format {
+	case "gzip":
+		zr, err := gzip.NewReader(bytes.NewReader(p))
+		if err != nil {
+			return nil, err
+		}
+		zr.Multistream(false)
+		out, err := io.ReadAll(zr)
+		if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) {
+			return nil, err
+		}
+		return out, nil
+	case "bzip2":
+		return io.ReadAll(bzip2.NewReader(bytes.NewReader(p)))
+	case "xz":
+		return externalDecompress(p, "xz", "-dc", "--single-stream")
+	case "lzma":
+		return externalDecompress(p, "xz", "--format=lzma", "-dc")
+	case "zstd":
+		return externalDecompress(p, "zstd", "-dcq")
+	case "lz4":
+		return externalDecompress(p, "lz4", "-dcq")
+	}
+	return nil, fmt.Errorf("unknown format %s", format)
+}
+
+// externalDecompress pipes p through a host tool. Trailing data after the
+// stream makes these tools complain; the output is still used when it is
+// a complete ELF image.
+func externalDecompress(p []byte, tool string, args ...string) ([]byte, error) {
+	path, err := exec.LookPath(tool)
+	if err != nil {
+		return nil, fmt.Errorf("%s not installed", tool)
+	}
+	cmd := exec.Command(path, args...)
+	cmd.Stdin = bytes.NewReader(p)
+	var out, stderr bytes.Buffer
+	cmd.Stdout = &out
+	cmd.Stderr = &stderr
+	runErr := cmd.Run()
+	if isELF(out.Bytes()) {
+		return out.Bytes(), nil
+	}
+	if runErr != nil {
+		return nil, fmt.Errorf("%s: %v: %s", tool, runErr, bytes.TrimSpace(stderr.Bytes()))
+	}
+	return out.Bytes(), nil
+}
+
+func writeVmlinux(dst string, b []byte) error {
+	f, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}

@@ -1,0 +1,346 @@
+package qmp
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// fakeServer speaks enough QMP for unit tests. handler gets each request and
+// returns the raw lines to send back (may be none).
+type fakeServer struct {
+	path string
+	ln   net.Listener
+}
+
+func shortDir(t *testing.T) string {
+	t.Helper()
+	d, err := os.MkdirTemp("/tmp", "qmpt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+func startFake(t *testing.T, handler func(w func(string), req map[string]any)) *fakeServer {
+	t.Helper()
+	path := filepath.Join(shortDir(t), "qmp.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer conn.Close()
+				var wmu sync.Mutex
+				w := func(s string) {
+					wmu.Lock()
+					defer wmu.Unlock()
+					conn.Write([]byte(s + "\r\n"))
+				}
+				w(`{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "fake"}, "capabilities": []}}`)
+				r := bufio.NewReader(conn)
+				for {
+					line, err := r.ReadBytes('\n')
+					if err != nil {
+						return
+					}
+					var req map[string]any
+					if json.Unmarshal(line, &req) != nil {
+						continue
+					}
+					if req["execute"] == "qmp_capabilities" {
+						id, _ := json.Marshal(req["id"])
+						w(fmt.Sprintf(`{"return": {}, "id": %s}`, id))
+						continue
+					}
+					handler(w, req)
+				}
+			}()
+		}
+	}()
+	return &fakeServer{path: path, ln: ln}
+}
+
+func TestExecuteAndErrors(t *testing.T) {
+	srv := startFake(t, func(w func(string), req map[string]any) {
+		id, _ := json.Marshal(req["id"])
+		switch req["execute"] {
+		case "query-status":
+			w(`{"event": "RESUME", "data": {}, "timestamp": {"seconds": 1, "microseconds": 2}}`)
+			w(fmt.Sprintf(`{"return": {"status": "running", "running": true}, "id": %s}`, id))
+		case "bad":
+			w(fmt.Sprintf(`{"error": {"class": "CommandNotFound", "desc": "The command bad has not been found"}, "id": %s}`, id))
+		case "slow":
+			// never answers
+		}
+	})
+	events := make(chan Event, 4)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, srv.path, WithEventChannel(events))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if v := c.Version(); v.Major != 10 || v.Package != "fake" {
+		t.Fatalf("version %+v", v)
+	}
+	var st struct {
+		Status  string `json:"status"`
+		Running bool   `json:"running"`
+	}
+	if err := c.Execute(ctx, "query-status", nil, &st); err != nil || st.Status != "running" || !st.Running {
+		t.Fatalf("query-status: %v %+v", err, st)
+	}
+	select {
+	case ev := <-events:
+		if ev.Event != "RESUME" || ev.Timestamp.Unix() != 1 {
+			t.Fatalf("event %+v", ev)
+		}
+	case <-time.After(time.Second):
+		t.Fatal("no event")
+	}
+	err = c.Execute(ctx, "bad", nil, nil)
+	var qe *Error
+	if !errors.As(err, &qe) || qe.Class != "CommandNotFound" {
+		t.Fatalf("want *Error CommandNotFound, got %v", err)
+	}
+	sctx, scancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer scancel()
+	start := time.Now()
+	err = c.Execute(sctx, "slow", nil, nil)
+	if !errors.Is(err, context.DeadlineExceeded) || time.Since(start) > 2*time.Second {
+		t.Fatalf("slow: %v after %v", err, time.Since(start))
+	}
+	// Still usable after a timed-out call.
+	if err := c.Execute(ctx, "query-status", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	c.Close() // idempotent
+	if err := c.Execute(ctx, "query-status", nil, nil); !errors.Is(err, ErrClosed) {
+		t.Fatalf("after close: %v", err)
+	}
+}
+
+func TestConcurrentOutOfOrder(t *testing.T) {
+	// Replies come back in reverse order of requests to exercise id matching.
+	var mu sync.Mutex
+	var held []string
+	srv := startFake(t, func(w func(string), req map[string]any) {
+		id, _ := json.Marshal(req["id"])
+		args, _ := req["arguments"].(map[string]any)
+		mu.Lock()
+		held = append(held, fmt.Sprintf(`{"return": {"n": %v}, "id": %s}`, args["n"], id))
+		if len(held) == 8 {
+			for i := len(held) - 1; i >= 0; i-- {
+				w(held[i])
+			}
+			held = nil
+		}
+		mu.Unlock()
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, srv.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var wg sync.WaitGroup
+	for i := range 8 {
+		wg.Go(func() {
+			var r struct{ N int }
+			if err := c.Execute(ctx, "echo", map[string]int{"n": i}, &r); err != nil || r.N != i {
+				t.Errorf("call %d: %v %d", i, err, r.N)
+			}
+		})
+	}
+	wg.Wait()
+}
+
+func TestDialRetriesUntilSocketAppears(t *testing.T) {
+	path := filepath.Join(shortDir(t), "late.sock")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	go func() {
+		time.Sleep(150 * time.Millisecond)
+		ln, err := net.Listen("unix", path)
+		if err != nil {
+			return
+		}
+		t.Cleanup(func() { ln.Close() })
+		conn, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		conn.Write([]byte(`{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}` + "\n"))
+		r := bufio.NewReader(conn)
+		line, _ := r.ReadBytes('\n')
+		var req map[string]any
+		json.Unmarshal(line, &req)
+		id, _ := json.Marshal(req["id"])
+		conn.Write([]byte(fmt.Sprintf(`{"return": {}, "id": %s}`+"\n", id)))
+		time.Sleep(time.Second)
+	}()
+	c, err := Dial(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+
+	// Nobody ever listens: Dial ends with the context.
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel2()
+	if _, err := Dial(ctx2, filepath.Join(shortDir(t), "never.sock")); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("want deadline exceeded, got %v", err)
+	}
+}
+
+func TestGreetingTimeout(t *testing.T) {
+	// A socket that accepts but never greets (QEMU busy with another client).
+	path := filepath.Join(shortDir(t), "mute.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			time.Sleep(2 * time.Second)
+			c.Close()
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if _, err := Dial(ctx, path); !errors.Is(err, context.DeadlineExceeded) || time.Since(start) > time.Second {
+		t.Fatalf("want deadline exceeded quickly, got %v after %v", err, time.Since(start))
+	}
+}
+
+func TestServerHangupFailsPending(t *testing.T) {
+	// A raw listener so we control the hangup.
+	path := filepath.Join(shortDir(t), "hup.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		conn, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		conn.Write([]byte(`{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}` + "\n"))
+		r := bufio.NewReader(conn)
+		line, _ := r.ReadBytes('\n')
+		var req map[string]any
+		json.Unmarshal(line, &req)
+		id, _ := json.Marshal(req["id"])
+		conn.Write([]byte(fmt.Sprintf(`{"return": {}, "id": %s}`+"\n", id)))
+		r.ReadBytes('\n') // the pending command
+		conn.Close()
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Execute(ctx, "stop", nil, nil); !errors.Is(err, ErrClosed) {
+		t.Fatalf("want ErrClosed, got %v", err)
+	}
+	select {
+	case <-c.Done():
+	case <-time.After(time.Second):
+		t.Fatal("Done not closed")
+	}
+	c.Close()
+}
+
+// TestRealQEMUSchema talks to a real QEMU (no guest: -M none) and reads the
+// ~200 KB query-qmp-schema reply, far over bufio.Scanner's 64 KiB default.
+func TestRealQEMUSchema(t *testing.T) {
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		t.Skip("qemu-system-x86_64 not installed")
+	}
+	dir := shortDir(t)
+	sock := filepath.Join(dir, "qmp.sock")
+	cmd := exec.Command(qemu, "-M", "none", "-nodefaults", "-display", "none",
+		"-qmp", "unix:"+sock+",server=on,wait=off")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var events []Event
+	var emu sync.Mutex
+	c, err := Dial(ctx, sock, WithEventHandler(func(e Event) {
+		emu.Lock()
+		events = append(events, e)
+		emu.Unlock()
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if c.Version().Major < 9 {
+		t.Logf("old QEMU %s", c.Version())
+	}
+	var schema []json.RawMessage
+	if err := c.Execute(ctx, "query-qmp-schema", nil, &schema); err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := json.Marshal(schema)
+	if len(raw) <= 64<<10 {
+		t.Fatalf("schema only %d bytes; expected > 64 KiB", len(raw))
+	}
+	t.Logf("query-qmp-schema: %d entries, %d bytes", len(schema), len(raw))
+
+	out, err := c.HumanMonitorCommand(ctx, "info version")
+	if err != nil || !strings.Contains(out, c.Version().String()) {
+		t.Fatalf("hmp: %q %v", out, err)
+	}
+	err = c.Execute(ctx, "no-such-command", nil, nil)
+	var qe *Error
+	if !errors.As(err, &qe) || qe.Class != "CommandNotFound" {
+		t.Fatalf("want CommandNotFound, got %v", err)
+	}
+	if err := c.Execute(ctx, "quit", nil, nil); err != nil && !errors.Is(err, ErrClosed) {
+		t.Fatal(err)
+	}
+	select {
+	case <-c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("connection not closed after quit")
+	}
+	emu.Lock()
+	defer emu.Unlock()
+	if len(events) == 0 || events[len(events)-1].Event != "SHUTDOWN" {
+		t.Fatalf("want SHUTDOWN event, got %+v", events)
+	}
+}

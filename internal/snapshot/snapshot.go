@@ -1,0 +1,315 @@
+package snapshot
+
+import (
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/smolvm-go/smolvm/internal/backend"
+)
+
+// FormatVersion is the manifest format this code writes and reads.
+const FormatVersion = 1
+
+// ManifestName is the manifest's file name inside a snapshot dir.
+const ManifestName = "manifest.json"
+
+// Artifact is one file of a snapshot with its digest.
+type Artifact struct {
+	Role   string `json:"role"` // memory, state, disk, config
+	Name   string `json:"name"`
+	Size   int64  `json:"size"`
+	SHA256 string `json:"sha256"` // sparse-aware digest, see Digest
+	// MtimeNS is the file's modification time when it was hashed. Verify
+	// re-hashes a file only when its size or mtime changed (restores stay
+	// fast for large memory images); a changed file is always re-hashed.
+	MtimeNS int64 `json:"mtime_ns"`
+}
+
+// Manifest describes a snapshot. It is written last, atomically.
+type Manifest struct {
+	FormatVersion int                    `json:"format_version"`
+	ID            string                 `json:"id"`
+	VMID          string                 `json:"vm_id"`
+	Backend       string                 `json:"backend"`
+	Type          backend.SnapshotKind   `json:"type"`
+	CreatedAt     time.Time              `json:"created_at"`
+	VMConfig      json.RawMessage        `json:"vm_config"` // the SDK's Config of the VM
+	Spec          backend.Spec           `json:"spec"`      // launch spec at snapshot time
+	Result        backend.SnapshotResult `json:"result"`    // what the backend wrote
+	Artifacts     []Artifact             `json:"artifacts"`
+	BaseImage     string                 `json:"base_image,omitempty"` // diff: the disk's backing file
+	SizeBytes     int64                  `json:"size_bytes"`           // allocated on disk
+}
+
+// Errors.
+var (
+	ErrCorrupt    = errors.New("snapshot artifact corrupt")
+	ErrNewer      = errors.New("snapshot format is newer than this smolvm")
+	ErrIncomplete = errors.New("snapshot incomplete")
+)
+
+// Digest is a sha256 over a file's data extents: holes are skipped (so it
+// costs what the file allocates, not its apparent size), and each extent is
+// bound to its offset. Two files with equal digests have equal contents
+// where they hold data and holes elsewhere.
+func Digest(path string) (string, int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", 0, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return "", 0, err
+	}
+	size := st.Size()
+	h := sha256.New()
+	var hdr [16]byte
+	buf := make([]byte, 1<<20)
+	off := int64(0)
+	for off < size {
+		data, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
+		if err != nil {
+			if errors.Is(err, unix.ENXIO) {
+				break // only a hole remains
+			}
+			data = off // filesystem without SEEK_DATA: treat all as data
+		}
+		hole, err := unix.Seek(int(f.Fd()), data, unix.SEEK_HOLE)
+		if err != nil {
+			hole = size
+		}
+		binary.BigEndian.PutUint64(hdr[:8], uint64(data))
+		binary.BigEndian.PutUint64(hdr[8:], uint64(hole-data))
+		h.Write(hdr[:])
+		if _, err := io.CopyBuffer(h, io.NewSectionReader(f, data, hole-data), buf); err != nil {
+			return "", 0, err
+		}
+		off = hole
+	}
+	binary.BigEndian.PutUint64(hdr[:8], uint64(size))
+	h.Write(hdr[:8])
+	return hex.EncodeToString(h.Sum(nil)), size, nil
+}
+
+// Describe hashes the files of result (plus extra names) in dir.
+func Describe(dir string, arts []backend.Artifact) ([]Artifact, int64, error) {
+	out := make([]Artifact, len(arts))
+	errs := make([]error, len(arts))
+	done := make(chan int, len(arts))
+	for i, a := range arts {
+		go func() {
+			defer func() { done <- i }()
+			p := filepath.Join(dir, a.Name)
+			sum, size, err := Digest(p)
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			st, err := os.Stat(p)
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			out[i] = Artifact{Role: a.Role, Name: a.Name, Size: size, SHA256: sum, MtimeNS: st.ModTime().UnixNano()}
+		}()
+	}
+	for range arts {
+		<-done
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, 0, err
+	}
+	alloc, err := Allocated(dir)
+	return out, alloc, err
+}
+
+// Allocated is the disk space the files under dir use.
+func Allocated(dir string) (int64, error) {
+	var total int64
+	err := filepath.Walk(dir, func(p string, info os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		if st, ok := info.Sys().(*unix.Stat_t); ok {
+			total += st.Blocks * 512
+		} else {
+			total += info.Size()
+		}
+		return nil
+	})
+	return total, err
+}
+
+// Verify checks every artifact of m in dir: present, same size, and the
+// same digest (re-hashed when the file's mtime or size changed since it was
+// hashed, or always when full is set).
+func Verify(dir string, m Manifest, full bool) error {
+	if m.FormatVersion > FormatVersion {
+		return fmt.Errorf("%w: snapshot %s has format %d, this smolvm reads up to %d", ErrNewer, m.ID, m.FormatVersion, FormatVersion)
+	}
+	for _, a := range m.Artifacts {
+		p := filepath.Join(dir, a.Name)
+		st, err := os.Stat(p)
+		if err != nil {
+			return fmt.Errorf("%w: %s: %v", ErrCorrupt, p, err)
+		}
+		if st.Size() != a.Size {
+			return fmt.Errorf("%w: %s is %d bytes, the manifest says %d", ErrCorrupt, p, st.Size(), a.Size)
+		}
+		if !full && st.ModTime().UnixNano() == a.MtimeNS && (a.Role == "memory" || a.Role == "disk") {
+			continue // unchanged since hashed and large: trust the stat (full re-hashes)
+		}
+		sum, _, err := Digest(p)
+		if err != nil {
+			return fmt.Errorf("%w: %s: %v", ErrCorrupt, p, err)
+		}
+		if sum != a.SHA256 {
+			return fmt.Errorf("%w: %s does not match its checksum (sha256 %s, manifest %s)", ErrCorrupt, p, sum[:12], a.SHA256[:12])
+		}
+	}
+	return nil
+}
+
+// WriteManifest writes dir/manifest.json atomically and fsyncs the dir.
+func WriteManifest(dir string, m Manifest) error {
+	data, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, ManifestName+".tmp")
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, ManifestName)); err != nil {
+		return err
+	}
+	return SyncDir(dir)
+}
+
+// ReadManifest reads dir/manifest.json.
+func ReadManifest(dir string) (Manifest, error) {
+	var m Manifest
+	data, err := os.ReadFile(filepath.Join(dir, ManifestName))
+	if err != nil {
+		return m, fmt.Errorf("%w: %v", ErrIncomplete, err)
+	}
+	if err := json.Unmarshal(data, &m); err != nil {
+		return m, fmt.Errorf("%w: manifest of %s: %v", ErrCorrupt, dir, err)
+	}
+	if m.FormatVersion > FormatVersion {
+		return m, fmt.Errorf("%w: format %d > %d", ErrNewer, m.FormatVersion, FormatVersion)
+	}
+	return m, nil
+}
+
+// SyncDir fsyncs a directory.
+func SyncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+func nonce() string {
+	var b [4]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// TempDir creates root/<id>.tmp-<nonce> for a snapshot being written.
+func TempDir(root, id string) (string, error) {
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return "", err
+	}
+	d := filepath.Join(root, id+".tmp-"+nonce())
+	return d, os.Mkdir(d, 0o700)
+}
+
+// Publish renames a complete temp dir to root/<id> and fsyncs root.
+func Publish(tmp, root, id string) (string, error) {
+	if err := SyncDir(tmp); err != nil {
+		return "", err
+	}
+	final := filepath.Join(root, id)
+	if err := os.Rename(tmp, final); err != nil {
+		return "", err
+	}
+	return final, SyncDir(root)
+}
+
+// Remove deletes a snapshot dir: first renamed out of the way (so it is
+// never seen half-deleted), then removed.
+func Remove(root, id string) error {
+	final := filepath.Join(root, id)
+	trash := filepath.Join(root, ".trash-"+id+"-"+nonce())
+	if err := os.Rename(final, trash); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	SyncDir(root)
+	return os.RemoveAll(trash)
+}
+
+// Cleanup removes leftovers under root: temp dirs whose id is not being
+// written by a live process (busy reports whether an id is still being
+// created), trash dirs, and complete dirs that known does not list.
+// It returns how many entries it removed.
+func Cleanup(root string, busy func(id string) bool, known func(id string) bool) (int, error) {
+	ents, err := os.ReadDir(root)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, e := range ents {
+		name := e.Name()
+		var id string
+		switch {
+		case strings.HasPrefix(name, ".trash-"):
+		case strings.Contains(name, ".tmp-"):
+			id = name[:strings.Index(name, ".tmp-")]
+			if busy(id) {
+				continue
+			}
+		default:
+			if known(name) || busy(name) {
+				continue
+			}
+		}
+		if err := os.RemoveAll(filepath.Join(root, name)); err == nil {
+			n++
+		}
+	}
+	return n, nil
+}

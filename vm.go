@@ -1,0 +1,807 @@
+package smolvm
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/smolvm-go/smolvm/internal/agentclient"
+	"github.com/smolvm-go/smolvm/internal/agentproto"
+	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/backend/qemu"
+	"github.com/smolvm-go/smolvm/internal/store"
+)
+
+// VM is a handle on one sandbox. Close releases the handle; the VM keeps
+// running until Stop or Delete. A VM is safe for concurrent use.
+type VM struct {
+	m           *Manager
+	ownsManager bool
+	id          string
+
+	mu     sync.Mutex
+	client *agentclient.Client
+}
+
+// Info describes a VM.
+type Info struct {
+	ID           string        `json:"id"`
+	Status       Status        `json:"status"`
+	Image        string        `json:"image"`
+	Backend      string        `json:"backend"`
+	Accel        string        `json:"accel,omitempty"`
+	MemoryMiB    int           `json:"memory_mib"`
+	CPUs         int           `json:"cpus"`
+	Network      bool          `json:"network"`
+	PortForwards []PortForward `json:"port_forwards,omitempty"`
+	PID          int           `json:"pid,omitempty"`
+	CreatedAt    time.Time     `json:"created_at"`
+	RestoredFrom string        `json:"restored_from,omitempty"`
+	LastError    string        `json:"last_error,omitempty"`
+	Dir          string        `json:"dir"`
+	ConsoleLog   string        `json:"console_log"`
+}
+
+// ID returns the VM id.
+func (vm *VM) ID() string { return vm.id }
+
+// Manager returns the manager the VM belongs to.
+func (vm *VM) Manager() *Manager { return vm.m }
+
+// New creates a VM (record, per-VM disk overlay) without starting it.
+func (m *Manager) New(ctx context.Context, cfg Config) (*VM, error) {
+	cfg = cfg.withDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Name == "" {
+		id, err := m.uniqueName(ctx)
+		if err != nil {
+			return nil, err
+		}
+		cfg.Name = id
+	}
+	id := cfg.Name
+	unlock, err := store.LockVM(ctx, m.opts.DataDir, id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if _, err := m.store.GetVM(ctx, id); err == nil {
+		return nil, newErr("create", ErrVMExists, fmt.Sprintf("smolvm sandbox delete %s, or choose another --name", id),
+			fmt.Sprintf("vm %q already exists", id))
+	}
+	img, err := m.openImage(cfg.Image)
+	if err != nil {
+		return nil, err
+	}
+	b, err := m.backend(cfg.Backend)
+	if err != nil {
+		return nil, err
+	}
+	spec := m.specFor(id, cfg, img.Kernel, img.Initrd, img.Rootfs, img.KernelArgs)
+	if b.Name() == "firecracker" {
+		if img.Vmlinux == "" {
+			return nil, newErr("create", ErrImageNotBuilt, "smolvm image build "+cfg.Image+" --kernel minimal",
+				fmt.Sprintf("image %q has no uncompressed vmlinux kernel, which Firecracker needs", cfg.Image))
+		}
+		spec.Kernel = img.Vmlinux
+		spec.DiskFormat = "raw"
+		spec.Disk = filepath.Join(spec.Dir, "disk.ext4")
+	}
+	rawCfg, _ := json.Marshal(cfg)
+	rec := store.VM{ID: id, Backend: b.Name(), Status: store.VMCreated, Config: rawCfg,
+		Machine: backend.Machine{Spec: spec, Backend: b.Name()}}
+	if err := m.store.CreateVM(ctx, rec); err != nil {
+		if errors.Is(err, store.ErrExists) {
+			return nil, newErr("create", ErrVMExists, "smolvm sandbox delete "+id, fmt.Sprintf("vm %q already exists", id))
+		}
+		return nil, err
+	}
+	fail := func(err error) (*VM, error) {
+		removeAll(spec.Dir, spec.RunDir)
+		m.store.DeleteVM(context.WithoutCancel(ctx), id)
+		return nil, err
+	}
+	if err := os.MkdirAll(spec.Dir, 0o700); err != nil {
+		return fail(err)
+	}
+	if err := b.Prepare(ctx, spec); err != nil {
+		return fail(&Error{Op: "create", Message: fmt.Sprintf("preparing the disk of %s: %v", id, err), Err: err})
+	}
+	return &VM{m: m, id: id}, nil
+}
+
+func (m *Manager) specFor(id string, cfg Config, kernel, initrd, rootfs, imgArgs string) backend.Spec {
+	args := []string{"quiet", "smol.root=/dev/vda", "smol.hostname=" + hostnameFor(id)}
+	if imgArgs != "" {
+		args = append(args, imgArgs)
+	}
+	if !cfg.NoNetwork {
+		args = append(args, "smol.net=1")
+	}
+	pfs := make([]backend.PortForward, 0, len(cfg.PortForwards))
+	for _, pf := range cfg.PortForwards {
+		pfs = append(pfs, backend.PortForward(pf))
+	}
+	dir := m.vmDir(id)
+	return backend.Spec{
+		ID: id, Dir: dir, RunDir: m.runDir(id),
+		Kernel: kernel, Initrd: initrd, BaseDisk: rootfs,
+		Disk: filepath.Join(dir, "disk.qcow2"), DiskFormat: "qcow2",
+		MemoryMiB: cfg.MemoryMiB, CPUs: cfg.CPUs, Accel: backend.Accel(cfg.Accel),
+		Network: !cfg.NoNetwork, MAC: macFor(id), PortForwards: pfs,
+		KernelArgs: strings.Join(args, " "),
+	}
+}
+
+// hostnameFor keeps a hostname within the kernel's 64-byte limit.
+func hostnameFor(id string) string {
+	if len(id) > 63 {
+		return strings.TrimRight(id[:63], "-_")
+	}
+	return id
+}
+
+// Open returns a handle on an existing VM.
+func (m *Manager) Open(ctx context.Context, id string) (*VM, error) {
+	if err := ValidateID(id); err != nil {
+		return nil, err
+	}
+	if _, err := m.record(ctx, id); err != nil {
+		return nil, err
+	}
+	return &VM{m: m, id: id}, nil
+}
+
+// record loads the VM's row and reconciles its status with the VMM.
+func (m *Manager) record(ctx context.Context, id string) (store.VM, error) {
+	rec, err := m.store.GetVM(ctx, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return rec, newErr("open", ErrVMNotFound, "smolvm sandbox list --all", fmt.Sprintf("vm %q not found", id))
+	}
+	if err != nil {
+		return rec, err
+	}
+	if rec.Status != store.VMRunning && rec.Status != store.VMPaused {
+		return rec, nil
+	}
+	b, err := m.backend(rec.Backend)
+	if err != nil {
+		return rec, err
+	}
+	st, err := b.Status(ctx, rec.Machine)
+	if err != nil {
+		return rec, nil // cannot tell; keep the record
+	}
+	var want store.VMStatus
+	switch st {
+	case backend.StatusRunning:
+		want = store.VMRunning
+	case backend.StatusPaused:
+		want = store.VMPaused
+	case backend.StatusStopped:
+		want, rec.LastError = store.VMStopped, "the VM process exited"
+		rec.PID = 0
+	default:
+		want, rec.LastError = store.VMError, "the VMM reports an unrecoverable guest error; see smolvm sandbox logs "+id
+	}
+	if want != rec.Status {
+		rec.Status = want
+		if err := m.store.UpdateVM(ctx, rec); err != nil {
+			return rec, err
+		}
+	}
+	return rec, nil
+}
+
+func (m *Manager) info(rec store.VM) Info {
+	var cfg Config
+	json.Unmarshal(rec.Config, &cfg)
+	pfs := make([]PortForward, 0, len(rec.Machine.PortForwards))
+	for _, pf := range rec.Machine.PortForwards {
+		pfs = append(pfs, PortForward(pf))
+	}
+	return Info{
+		ID: rec.ID, Status: Status(rec.Status), Image: cfg.Image, Backend: rec.Backend,
+		Accel: string(rec.Machine.Accel), MemoryMiB: rec.Machine.MemoryMiB, CPUs: rec.Machine.CPUs,
+		Network: rec.Machine.Network, PortForwards: pfs, PID: rec.PID, CreatedAt: rec.CreatedAt,
+		RestoredFrom: rec.RestoredFrom, LastError: rec.LastError, Dir: rec.Machine.Dir,
+		ConsoleLog: filepath.Join(rec.Machine.Dir, "console.log"),
+	}
+}
+
+// List returns every VM in the data directory, oldest first.
+func (m *Manager) List(ctx context.Context) ([]Info, error) {
+	recs, err := m.store.ListVMs(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Info, 0, len(recs))
+	for _, r := range recs {
+		rec, err := m.record(ctx, r.ID)
+		if err != nil {
+			continue // deleted meanwhile
+		}
+		out = append(out, m.info(rec))
+	}
+	return out, nil
+}
+
+// Info returns the VM's current description.
+func (vm *VM) Info(ctx context.Context) (Info, error) {
+	rec, err := vm.m.record(ctx, vm.id)
+	if err != nil {
+		return Info{}, err
+	}
+	return vm.m.info(rec), nil
+}
+
+// Status returns the VM's state, reconciled with the VMM process.
+func (vm *VM) Status(ctx context.Context) (Status, error) {
+	rec, err := vm.m.record(ctx, vm.id)
+	return Status(rec.Status), err
+}
+
+// lock serializes operations on this VM across processes.
+func (vm *VM) lock(ctx context.Context) (func(), store.VM, backend.Backend, error) {
+	unlock, err := store.LockVM(ctx, vm.m.opts.DataDir, vm.id)
+	if err != nil {
+		return nil, store.VM{}, nil, err
+	}
+	rec, err := vm.m.record(ctx, vm.id)
+	if err != nil {
+		unlock()
+		return nil, rec, nil, err
+	}
+	b, err := vm.m.backend(rec.Backend)
+	if err != nil {
+		unlock()
+		return nil, rec, nil, err
+	}
+	return unlock, rec, b, nil
+}
+
+// Start boots the VM (or resumes it when paused) and returns once its agent
+// answers. Starting a running VM does nothing.
+func (vm *VM) Start(ctx context.Context) error {
+	unlock, rec, b, err := vm.lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	switch rec.Status {
+	case store.VMRunning:
+		return nil
+	case store.VMPaused:
+		return vm.resumeLocked(ctx, rec, b)
+	}
+	var cfg Config
+	json.Unmarshal(rec.Config, &cfg)
+	cfg = cfg.withDefaults()
+	// A VM in "error" may still have a VMM process (e.g. KVM internal-error).
+	b.Stop(ctx, rec.Machine)
+	vm.closeClient()
+	m, err := b.Start(ctx, rec.Machine.Spec)
+	if err != nil {
+		return vm.bootFailed(ctx, rec, b, err)
+	}
+	if m.Accel != rec.Machine.Spec.Accel && rec.Machine.Spec.Accel == backend.AccelAuto && m.Accel == backend.AccelTCG {
+		vm.m.noticeAccel()
+	}
+	rec.Machine, rec.PID, rec.Status, rec.LastError = m, m.PID, store.VMRunning, ""
+	if err := vm.m.store.UpdateVM(ctx, rec); err != nil {
+		b.Stop(context.WithoutCancel(ctx), m)
+		return err
+	}
+	bootCtx, cancel := context.WithTimeout(ctx, cfg.BootTimeout)
+	defer cancel()
+	c, err := vm.m.connectAgent(bootCtx, b, m)
+	if err != nil {
+		return vm.bootFailed(ctx, rec, b, err)
+	}
+	vm.setClient(c)
+	if err := vm.afterBoot(ctx, c, cfg.Env); err != nil {
+		return vm.bootFailed(ctx, rec, b, err)
+	}
+	return nil
+}
+
+func (m *Manager) noticeAccel() {
+	_, notice, _ := qemu.ProbeAccel(backend.AccelAuto)
+	if notice == "" {
+		notice = "notice: KVM is not usable here — using TCG software emulation (slower)"
+	}
+	m.notice(notice)
+}
+
+// afterBoot sets the guest clock and the configured environment.
+func (vm *VM) afterBoot(ctx context.Context, c *agentclient.Client, env map[string]string) error {
+	cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	if err := c.SetTime(cctx, time.Now()); err != nil {
+		return fmt.Errorf("setting the guest clock: %w", err)
+	}
+	if len(env) > 0 {
+		if err := c.SetEnv(cctx, env, nil); err != nil {
+			return fmt.Errorf("setting the guest environment: %w", err)
+		}
+	}
+	return nil
+}
+
+// bootFailed stops whatever runs, records the error and explains it.
+func (vm *VM) bootFailed(ctx context.Context, rec store.VM, b backend.Backend, cause error) error {
+	ctx = context.WithoutCancel(ctx)
+	vm.closeClient()
+	b.Stop(ctx, rec.Machine)
+	rec.Status, rec.PID, rec.LastError = store.VMError, 0, cause.Error()
+	vm.m.store.UpdateVM(ctx, rec)
+	msg := fmt.Sprintf("vm %s failed to boot: %v", vm.id, cause)
+	if tail := logTail(filepath.Join(rec.Machine.Dir, "console.log"), 15); tail != "" {
+		msg += "\n--- guest console (last lines) ---\n" + tail
+	}
+	var ve *backend.VMMError
+	if errors.As(cause, &ve) && ve.Log != "" && strings.Contains(msg, ve.Log) == false {
+		msg += "\n--- vmm log ---\n" + ve.Log
+	}
+	return &Error{Op: "start", Message: msg, Fix: "smolvm doctor; then smolvm sandbox logs " + vm.id, Err: errors.Join(ErrBoot, cause)}
+}
+
+// connectAgent dials the guest agent and resyncs, failing fast when the VMM
+// process dies or reports an error while we wait.
+func (m *Manager) connectAgent(ctx context.Context, b backend.Backend, mach backend.Machine) (*agentclient.Client, error) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		t := time.NewTicker(200 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				st, err := b.Status(ctx, mach)
+				if err == nil && (st == backend.StatusStopped || st == backend.StatusError) {
+					cancel(fmt.Errorf("the VM stopped while waiting for its agent (VMM status: %s)", st))
+					return
+				}
+			}
+		}
+	}()
+	c, err := agentclient.Connect(ctx, func(ctx context.Context) (net.Conn, error) { return b.DialAgent(ctx, mach) })
+	if err != nil {
+		if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.Canceled) && !errors.Is(cause, context.DeadlineExceeded) {
+			return nil, cause
+		}
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("the guest agent did not answer in time: %w", err)
+		}
+		return nil, err
+	}
+	return c, nil
+}
+
+func (vm *VM) setClient(c *agentclient.Client) {
+	vm.mu.Lock()
+	old := vm.client
+	vm.client = c
+	vm.mu.Unlock()
+	if old != nil {
+		old.Close()
+	}
+}
+
+func (vm *VM) closeClient() {
+	vm.setClient(nil)
+}
+
+// agent returns a connected agent client, connecting when needed. The VM
+// must be running.
+func (vm *VM) agent(ctx context.Context, op string) (*agentclient.Client, error) {
+	rec, err := vm.m.record(ctx, vm.id)
+	if err != nil {
+		return nil, err
+	}
+	if rec.Status != store.VMRunning {
+		return nil, vm.notRunning(op, rec)
+	}
+	vm.mu.Lock()
+	c := vm.client
+	vm.mu.Unlock()
+	if c != nil && clientAlive(c) {
+		return c, nil
+	}
+	b, err := vm.m.backend(rec.Backend)
+	if err != nil {
+		return nil, err
+	}
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	c, err = vm.m.connectAgent(cctx, b, rec.Machine)
+	if err != nil {
+		return nil, &Error{Op: op, Message: fmt.Sprintf("cannot reach the agent of vm %s: %v", vm.id, err),
+			Fix: "smolvm sandbox logs " + vm.id, Err: err}
+	}
+	vm.setClient(c)
+	return c, nil
+}
+
+func (vm *VM) notRunning(op string, rec store.VM) error {
+	fix := "smolvm sandbox start " + vm.id
+	if rec.Status == store.VMPaused {
+		fix = "smolvm sandbox resume " + vm.id
+	}
+	msg := fmt.Sprintf("cannot %s: vm %s is %s, not running", op, vm.id, rec.Status)
+	if rec.LastError != "" {
+		msg += " (" + rec.LastError + ")"
+	}
+	return newErr(op, ErrVMNotRunning, fix, msg)
+}
+
+// Pause freezes the VM's vCPUs. Memory stays allocated.
+func (vm *VM) Pause(ctx context.Context) error {
+	unlock, rec, b, err := vm.lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if rec.Status == store.VMPaused {
+		return nil
+	}
+	if rec.Status != store.VMRunning {
+		return vm.notRunning("pause", rec)
+	}
+	if !b.Capabilities().Pause {
+		return newErr("pause", ErrUnsupported, "", b.Name()+" cannot pause VMs")
+	}
+	if err := b.Pause(ctx, rec.Machine); err != nil {
+		return err
+	}
+	rec.Status = store.VMPaused
+	return vm.m.store.UpdateVM(ctx, rec)
+}
+
+// Resume continues a paused VM.
+func (vm *VM) Resume(ctx context.Context) error {
+	unlock, rec, b, err := vm.lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	switch rec.Status {
+	case store.VMRunning:
+		return nil
+	case store.VMPaused:
+		return vm.resumeLocked(ctx, rec, b)
+	}
+	return newErr("resume", ErrVMNotRunning, "smolvm sandbox start "+vm.id,
+		fmt.Sprintf("cannot resume vm %s: it is %s, not paused", vm.id, rec.Status))
+}
+
+func (vm *VM) resumeLocked(ctx context.Context, rec store.VM, b backend.Backend) error {
+	if err := b.Resume(ctx, rec.Machine); err != nil {
+		return err
+	}
+	rec.Status = store.VMRunning
+	return vm.m.store.UpdateVM(ctx, rec)
+}
+
+// Stop shuts the VM down (its disk is kept; Start boots it again).
+func (vm *VM) Stop(ctx context.Context) error {
+	unlock, rec, b, err := vm.lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	return vm.stopLocked(ctx, rec, b)
+}
+
+func (vm *VM) stopLocked(ctx context.Context, rec store.VM, b backend.Backend) error {
+	if rec.Status == store.VMRunning {
+		// Flush the guest's page cache so the disk is consistent.
+		vm.mu.Lock()
+		c := vm.client
+		vm.mu.Unlock()
+		if c != nil && clientAlive(c) {
+			sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			c.Sync(sctx)
+			cancel()
+		}
+	}
+	vm.closeClient()
+	if err := b.Stop(ctx, rec.Machine); err != nil {
+		return err
+	}
+	if rec.Status == store.VMCreated {
+		return nil
+	}
+	rec.Status, rec.PID = store.VMStopped, 0
+	return vm.m.store.UpdateVM(ctx, rec)
+}
+
+// Delete stops the VM and removes everything it owns.
+func (vm *VM) Delete(ctx context.Context) error {
+	unlock, rec, b, err := vm.lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	vm.closeClient()
+	if err := b.Stop(ctx, rec.Machine); err != nil {
+		return fmt.Errorf("delete %s: stopping: %w", vm.id, err)
+	}
+	removeAll(rec.Machine.Dir, rec.Machine.RunDir)
+	return vm.m.store.DeleteVM(ctx, vm.id)
+}
+
+// Close releases the handle (agent connection). The VM keeps running.
+func (vm *VM) Close() error {
+	vm.closeClient()
+	if vm.ownsManager {
+		vm.ownsManager = false
+		return vm.m.Close()
+	}
+	return nil
+}
+
+// Result is the outcome of a command. A non-zero exit code is a result, not
+// an error.
+type Result struct {
+	ExitCode int           `json:"exit_code"`
+	Stdout   string        `json:"stdout"`
+	Stderr   string        `json:"stderr"`
+	TimedOut bool          `json:"timed_out,omitempty"`
+	Duration time.Duration `json:"duration_ns"`
+}
+
+// OK reports whether the command exited with status 0.
+func (r *Result) OK() bool { return r.ExitCode == 0 && !r.TimedOut }
+
+// Output is stdout with surrounding white space trimmed.
+func (r *Result) Output() string { return strings.TrimSpace(r.Stdout) }
+
+// RunOption customizes Run.
+type RunOption func(*runOpts)
+
+type runOpts struct {
+	timeout        time.Duration
+	env            map[string]string
+	dir            string
+	stdin          []byte
+	stdout, stderr io.Writer
+}
+
+// WithTimeout kills the command (its whole process group) after d.
+func WithTimeout(d time.Duration) RunOption { return func(o *runOpts) { o.timeout = d } }
+
+// WithEnv adds environment variables for this command.
+func WithEnv(env map[string]string) RunOption { return func(o *runOpts) { o.env = env } }
+
+// WithWorkdir runs the command in dir.
+func WithWorkdir(dir string) RunOption { return func(o *runOpts) { o.dir = dir } }
+
+// WithStdin feeds data to the command's standard input.
+func WithStdin(data []byte) RunOption { return func(o *runOpts) { o.stdin = data } }
+
+// WithStdout streams standard output to w while the command runs (it is
+// also returned in Result.Stdout).
+func WithStdout(w io.Writer) RunOption { return func(o *runOpts) { o.stdout = w } }
+
+// WithStderr streams standard error to w while the command runs.
+func WithStderr(w io.Writer) RunOption { return func(o *runOpts) { o.stderr = w } }
+
+// Run runs a shell command line (/bin/sh -c) in the guest.
+func (vm *VM) Run(ctx context.Context, command string, opts ...RunOption) (*Result, error) {
+	return vm.exec(ctx, agentproto.ExecRequest{Shell: command}, opts)
+}
+
+// RunArgs runs argv directly (no shell) in the guest.
+func (vm *VM) RunArgs(ctx context.Context, argv []string, opts ...RunOption) (*Result, error) {
+	if len(argv) == 0 {
+		return nil, newErr("run", ErrInvalidConfig, "", "empty command")
+	}
+	return vm.exec(ctx, agentproto.ExecRequest{Argv: argv}, opts)
+}
+
+func (vm *VM) exec(ctx context.Context, req agentproto.ExecRequest, opts []RunOption) (*Result, error) {
+	var o runOpts
+	for _, f := range opts {
+		f(&o)
+	}
+	c, err := vm.agent(ctx, "run commands")
+	if err != nil {
+		return nil, err
+	}
+	req.Env, req.Cwd, req.Stdin = o.env, o.dir, o.stdin
+	if o.timeout > 0 {
+		req.TimeoutMS = o.timeout.Milliseconds()
+	}
+	var stdout, stderr bytes.Buffer
+	var wout, werr io.Writer = &stdout, &stderr
+	if o.stdout != nil {
+		wout = io.MultiWriter(&stdout, o.stdout)
+	}
+	if o.stderr != nil {
+		werr = io.MultiWriter(&stderr, o.stderr)
+	}
+	start := time.Now()
+	res, err := c.Exec(ctx, req, wout, werr)
+	if err != nil {
+		return nil, &Error{Op: "run", Message: fmt.Sprintf("run in vm %s: %v", vm.id, err), Err: err}
+	}
+	out := &Result{ExitCode: res.ExitCode, Stdout: stdout.String(), Stderr: stderr.String(),
+		TimedOut: res.TimedOut, Duration: time.Since(start)}
+	if res.Error != "" && out.Stderr == "" {
+		out.Stderr = res.Error + "\n"
+	}
+	return out, nil
+}
+
+// UploadFile copies a host file into the guest (atomically; the mode is kept).
+func (vm *VM) UploadFile(ctx context.Context, localPath, guestPath string) error {
+	if !strings.HasPrefix(guestPath, "/") {
+		return newErr("upload", ErrInvalidConfig, "", fmt.Sprintf("guest path %q must be absolute", guestPath))
+	}
+	st, err := os.Stat(localPath)
+	if err != nil {
+		return err
+	}
+	data, err := os.ReadFile(localPath)
+	if err != nil {
+		return err
+	}
+	if strings.HasSuffix(guestPath, "/") {
+		guestPath += filepath.Base(localPath)
+	}
+	c, err := vm.agent(ctx, "upload files")
+	if err != nil {
+		return err
+	}
+	return c.WriteFile(ctx, guestPath, data, st.Mode().Perm())
+}
+
+// WriteFile writes data to a guest file (atomically).
+func (vm *VM) WriteFile(ctx context.Context, guestPath string, data []byte, mode fs.FileMode) error {
+	c, err := vm.agent(ctx, "write files")
+	if err != nil {
+		return err
+	}
+	return c.WriteFile(ctx, guestPath, data, mode)
+}
+
+// ReadFile reads a guest file.
+func (vm *VM) ReadFile(ctx context.Context, guestPath string) ([]byte, error) {
+	c, err := vm.agent(ctx, "read files")
+	if err != nil {
+		return nil, err
+	}
+	data, _, err := c.ReadFile(ctx, guestPath)
+	return data, err
+}
+
+// DownloadFile copies a guest file to the host (atomically; the mode is kept).
+func (vm *VM) DownloadFile(ctx context.Context, guestPath, localPath string) error {
+	c, err := vm.agent(ctx, "download files")
+	if err != nil {
+		return err
+	}
+	data, mode, err := c.ReadFile(ctx, guestPath)
+	if err != nil {
+		return err
+	}
+	if st, err := os.Stat(localPath); err == nil && st.IsDir() {
+		localPath = filepath.Join(localPath, filepath.Base(guestPath))
+	}
+	return writeFileAtomic(localPath, data, mode.Perm())
+}
+
+// SetEnv sets environment variables for every later command (persisted in
+// the guest, so they survive restarts and snapshots).
+func (vm *VM) SetEnv(ctx context.Context, env map[string]string) error {
+	c, err := vm.agent(ctx, "set environment variables")
+	if err != nil {
+		return err
+	}
+	return c.SetEnv(ctx, env, nil)
+}
+
+// ExposePort forwards hostPort on 127.0.0.1 to guestPort (TCP) now and on
+// every later start.
+func (vm *VM) ExposePort(ctx context.Context, hostPort, guestPort int) error {
+	pf := PortForward{HostAddr: "127.0.0.1", HostPort: hostPort, GuestPort: guestPort}
+	if err := pf.validate(); err != nil {
+		return err
+	}
+	unlock, rec, b, err := vm.lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if !rec.Machine.Network {
+		return newErr("port expose", ErrUnsupported, "recreate the vm without --no-network", fmt.Sprintf("vm %s has networking off", vm.id))
+	}
+	if rec.Status == store.VMRunning || rec.Status == store.VMPaused {
+		if err := b.ExposePort(ctx, rec.Machine, backend.PortForward(pf)); err != nil {
+			return err
+		}
+	}
+	rec.Machine.PortForwards = append(rec.Machine.PortForwards, backend.PortForward(pf))
+	return vm.m.store.UpdateVM(ctx, rec)
+}
+
+// Logs returns the guest console log.
+func (vm *VM) Logs(ctx context.Context) ([]byte, error) {
+	rec, err := vm.m.record(ctx, vm.id)
+	if err != nil {
+		return nil, err
+	}
+	return os.ReadFile(filepath.Join(rec.Machine.Dir, "console.log"))
+}
+
+func logTail(path string, n int) string {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+func writeFileAtomic(path string, data []byte, perm fs.FileMode) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Chmod(perm); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(f.Name(), path); err != nil {
+		return err
+	}
+	if d, err := os.Open(dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	return nil
+}
+
+func clientAlive(c *agentclient.Client) bool {
+	select {
+	case <-c.Done():
+		return false
+	default:
+		return true
+	}
+}
