@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -114,6 +115,7 @@ func RunInit() {
 		}
 	}()
 	ignoreSignals()
+	limitMemory()
 	cfg, err := initSystem()
 	if err != nil {
 		initLogf("FATAL: %v", err)
@@ -124,6 +126,19 @@ func RunInit() {
 		err := serveHost(context.Background(), srv, cfg.Port)
 		initLogf("serve: %v; retrying", err)
 		time.Sleep(time.Second)
+	}
+}
+
+// limitMemory makes the Go GC keep the agent small in a small VM: a soft
+// limit of a quarter of RAM (a large file transfer may exceed it briefly).
+func limitMemory() {
+	var si unix.Sysinfo_t
+	if unix.Sysinfo(&si) != nil {
+		return
+	}
+	total := uint64(si.Totalram) * uint64(si.Unit)
+	if total > 0 {
+		debug.SetMemoryLimit(int64(total / 4))
 	}
 }
 

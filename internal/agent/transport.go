@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -19,20 +20,39 @@ import (
 // the host is still there.
 const writeSlice = 250 * time.Millisecond
 
+// hupGrace is how long a write waits for a host that seems gone while the
+// reader has not seen it leave.
+const hupGrace = 300 * time.Millisecond
+
 // VirtioPort is a virtio-serial port (/dev/vportNpM) opened by the agent.
 //
 // While no host is connected the kernel makes read return 0 (EOF) and poll
-// report POLLHUP at once, and writes block. VirtioPort turns that into the
-// Port contract: EOF on Read, a short sleep in WaitHost, and WriteMsg drops
-// messages when the host is away rather than blocking.
+// report POLLHUP at once, and writes would block. VirtioPort turns that
+// into the Port contract: EOF on Read, a short sleep in WaitHost, and
+// WriteMsg drops messages while the host is away rather than blocking.
+//
+// The descriptor is non-blocking and driven with poll(2) directly rather
+// than through the Go netpoller: one request costs fewer thread wake-ups,
+// which matters in a single-vCPU (and often emulated) guest.
 type VirtioPort struct {
-	f    *os.File
+	fd   int
 	path string
+	wake [2]int // pipe: Close writes to it to end a blocked poll
+
+	// use is read-held by Read and WriteMsg while they use the
+	// descriptors; Close takes it to close them.
+	use       sync.RWMutex
+	closeOnce sync.Once
+	closed    atomic.Bool
+
+	// away is set when a read saw EOF (no host) and cleared by data from
+	// the host; while set, messages are dropped without a syscall.
+	away atomic.Bool
 
 	wmu   sync.Mutex
 	dirty bool // a message was cut short: start the next one on a new line
 
-	idle time.Duration // current WaitHost sleep
+	idle time.Duration // current WaitHost sleep (reader goroutine only)
 }
 
 // FindVirtioPort returns the /dev path of the virtio-serial port with the
@@ -54,25 +74,69 @@ func FindVirtioPort(name string) (string, error) {
 
 // OpenVirtioPort opens the port device at path.
 func OpenVirtioPort(path string) (*VirtioPort, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|unix.O_NOCTTY, 0)
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_NOCTTY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	p := &VirtioPort{fd: fd, path: path}
+	if err := unix.Pipe2(p.wake[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
+		unix.Close(fd)
 		return nil, err
 	}
-	return &VirtioPort{f: f, path: path}, nil
+	return p, nil
+}
+
+// poll waits for events on the port (timeout in ms, -1 = none). It returns
+// net.ErrClosed once Close was called.
+func (p *VirtioPort) poll(events int16, timeout int) (int16, error) {
+	for {
+		if p.closed.Load() {
+			return 0, net.ErrClosed
+		}
+		fds := []unix.PollFd{{Fd: int32(p.fd), Events: events}, {Fd: int32(p.wake[0]), Events: unix.POLLIN}}
+		_, err := unix.Poll(fds, timeout)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return 0, err
+		}
+		if fds[1].Revents != 0 || p.closed.Load() {
+			return 0, net.ErrClosed
+		}
+		return fds[0].Revents, nil
+	}
 }
 
 // Read implements Port: io.EOF means the host is not connected.
 func (p *VirtioPort) Read(b []byte) (int, error) {
-	n, err := p.f.Read(b)
-	if n > 0 {
-		p.idle = 0
+	p.use.RLock()
+	defer p.use.RUnlock()
+	if p.closed.Load() {
+		return 0, net.ErrClosed
 	}
-	if err != nil && !errors.Is(err, io.EOF) {
-		// Anything else (the port was unplugged...) is treated like a
-		// disconnect too: the caller waits and retries.
-		return n, fmt.Errorf("%s: %w (%w)", p.path, io.EOF, err)
+	for {
+		n, err := unix.Read(p.fd, b)
+		switch {
+		case n > 0:
+			p.away.Store(false)
+			p.idle = 0
+			return n, nil
+		case err == nil: // 0 bytes: nobody on the host side
+			p.away.Store(true)
+			return 0, io.EOF
+		case err == unix.EINTR:
+		case err == unix.EAGAIN:
+			if _, err := p.poll(unix.POLLIN, -1); err != nil {
+				return 0, err
+			}
+		default:
+			// The port was unplugged or similar: handled like a
+			// disconnect, the caller waits and retries.
+			p.away.Store(true)
+			return 0, fmt.Errorf("%s: %w (%w)", p.path, io.EOF, err)
+		}
 	}
-	return n, err
 }
 
 // WaitHost sleep-polls: POLLHUP is permanent while nobody is connected, so
@@ -87,60 +151,75 @@ func (p *VirtioPort) WaitHost(ctx context.Context) {
 	}
 }
 
-// hostConnected reports whether the host side is open (no POLLHUP).
-func (p *VirtioPort) hostConnected() bool {
-	rc, err := p.f.SyscallConn()
-	if err != nil {
-		return true
-	}
-	connected := true
-	_ = rc.Control(func(fd uintptr) {
-		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
-		if n, err := unix.Poll(fds, 0); err == nil && n > 0 && fds[0].Revents&unix.POLLHUP != 0 {
-			connected = false
-		}
-	})
-	return connected
-}
-
 // WriteMsg writes one message. It waits as long as it takes while a host
 // is connected (replies to a connected host are never dropped) and drops
 // the message once the host is gone.
 func (p *VirtioPort) WriteMsg(b []byte) error {
 	p.wmu.Lock()
 	defer p.wmu.Unlock()
-	if !p.hostConnected() {
+	p.use.RLock()
+	defer p.use.RUnlock()
+	if p.closed.Load() {
+		return net.ErrClosed
+	}
+	if p.away.Load() {
 		return errHostAway
 	}
 	if p.dirty {
 		b = append([]byte{'\n'}, b...)
 	}
+	var hupSince time.Time
 	for len(b) > 0 {
-		if err := p.f.SetWriteDeadline(time.Now().Add(writeSlice)); err != nil && !errors.Is(err, os.ErrNoDeadline) {
-			return err
-		}
-		n, err := p.f.Write(b)
-		b = b[n:]
+		n, err := unix.Write(p.fd, b)
 		if n > 0 {
+			b = b[n:]
 			p.dirty = len(b) > 0
-		}
-		if err == nil {
+			hupSince = time.Time{}
 			continue
 		}
-		if errors.Is(err, os.ErrDeadlineExceeded) && p.hostConnected() {
-			continue
-		}
-		if len(b) > 0 && n == 0 && !errors.Is(err, os.ErrDeadlineExceeded) {
+		switch err {
+		case unix.EINTR:
+		case unix.EAGAIN:
+			rev, err := p.poll(unix.POLLOUT, int(writeSlice/time.Millisecond))
+			if err != nil {
+				return err
+			}
+			if rev&unix.POLLHUP != 0 && rev&unix.POLLOUT == 0 {
+				// No host. Right after a host connects, its data can
+				// reach us before the kernel has processed the port-open
+				// event: wait a little unless the reader saw the host go.
+				if hupSince.IsZero() {
+					hupSince = time.Now()
+				}
+				if p.away.Load() || time.Since(hupSince) > hupGrace {
+					return errHostAway
+				}
+				time.Sleep(time.Millisecond)
+			}
+		default:
+			if err == nil {
+				err = io.ErrShortWrite
+			}
 			return err
 		}
-		return errHostAway
 	}
 	p.dirty = false
 	return nil
 }
 
-// Close closes the port.
-func (p *VirtioPort) Close() error { return p.f.Close() }
+// Close closes the port, ending a blocked Read or WriteMsg.
+func (p *VirtioPort) Close() error {
+	p.closeOnce.Do(func() {
+		p.closed.Store(true)
+		unix.Write(p.wake[1], []byte{1})
+		p.use.Lock() // wait for Read and WriteMsg to leave
+		unix.Close(p.fd)
+		unix.Close(p.wake[0])
+		unix.Close(p.wake[1])
+		p.use.Unlock()
+	})
+	return nil
+}
 
 var errHostAway = errors.New("host not connected: message dropped")
 
@@ -292,8 +371,9 @@ func (a vsockAddr) Network() string { return "vsock" }
 func (a vsockAddr) String() string  { return fmt.Sprintf("vsock:%d:%d", a.cid, a.port) }
 
 type vsockListener struct {
-	f    *os.File
-	addr vsockAddr
+	f      *os.File
+	addr   vsockAddr
+	closed atomic.Bool
 }
 
 // ListenVsock listens on AF_VSOCK port (any CID).
@@ -326,7 +406,7 @@ func (l *vsockListener) Accept() (net.Conn, error) {
 		return aerr != unix.EAGAIN
 	})
 	if err != nil {
-		if errors.Is(err, os.ErrClosed) {
+		if l.closed.Load() || errors.Is(err, os.ErrClosed) {
 			return nil, net.ErrClosed
 		}
 		return nil, err
@@ -341,7 +421,11 @@ func (l *vsockListener) Accept() (net.Conn, error) {
 	return &vsockConn{File: os.NewFile(uintptr(nfd), "vsock"), local: l.addr, remote: remote}, nil
 }
 
-func (l *vsockListener) Close() error   { return l.f.Close() }
+func (l *vsockListener) Close() error {
+	l.closed.Store(true)
+	return l.f.Close()
+}
+
 func (l *vsockListener) Addr() net.Addr { return l.addr }
 
 type vsockConn struct {

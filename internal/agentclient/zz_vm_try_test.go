@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -59,14 +60,31 @@ func TestVMTry(t *testing.T) {
 	}
 	t.Logf("connected after %v: %+v", time.Since(start), c.Hello())
 	var rtts []time.Duration
-	for range 20 {
+	for range 200 {
 		d, err := c.Ping(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
 		rtts = append(rtts, d)
 	}
-	t.Logf("ping rtts %v", rtts)
+	slices.Sort(rtts)
+	t.Logf("ping rtts min %v med %v p90 %v max %v", rtts[0], rtts[100], rtts[180], rtts[199])
+	var ex []time.Duration
+	var gd []int64
+	for range 30 {
+		t0 := time.Now()
+		r, _ := c.Exec(ctx, agentproto.ExecRequest{Argv: []string{"true"}}, nil, nil)
+		ex = append(ex, time.Since(t0))
+		gd = append(gd, r.DurationMS)
+	}
+	t.Logf("guest durations %v", gd)
+	{
+		var out bytes.Buffer
+		c.Exec(ctx, agentproto.ExecRequest{Shell: "i=0; time while [ $i -lt 20 ]; do /bin/true; i=$((i+1)); done"}, &out, &out)
+		t.Logf("20x fork/exec from sh in guest: %s", out.String())
+	}
+	slices.Sort(ex)
+	t.Logf("exec true min %v med %v max %v", ex[0], ex[15], ex[29])
 	inf, err := c.Info(ctx)
 	t.Logf("info %+v %v", inf, err)
 	for _, sh := range []string{"cat /etc/marker; hostname; mount; ip addr; ip route; cat /etc/resolv.conf; ls -la /dev/pts /dev/shm; ps", "echo $PATH $HOME $LANG; pwd", "sleep 100 & sleep 100"} {
@@ -74,6 +92,24 @@ func TestVMTry(t *testing.T) {
 		t0 := time.Now()
 		res, err := c.Exec(ctx, agentproto.ExecRequest{Shell: sh, TimeoutMS: 1000}, &out, &eb)
 		t.Logf("exec %q (%v): %+v %v\n%s%s", sh, time.Since(t0), res, err, out.String(), eb.String())
+	}
+	{
+		for _, size := range []int{256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20} {
+			big := make([]byte, size)
+			for i := range big {
+				big[i] = byte(i * 7)
+			}
+			t0 := time.Now()
+			err := c.WriteFile(ctx, "/tmp/big", big, 0o644)
+			t1 := time.Now()
+			got, _, err2 := c.ReadFile(ctx, "/tmp/big")
+			t.Logf("%d write %v (%v) read %v (%v) equal=%v", size, t1.Sub(t0), err, time.Since(t1), err2, bytes.Equal(got, big))
+		}
+		var out bytes.Buffer
+		c.Exec(ctx, agentproto.ExecRequest{Shell: "grep -E 'VmRSS|VmHWM' /proc/1/status; free"}, &out, &out)
+		t.Logf("%s", out.String())
+		d, err := c.Ping(ctx)
+		t.Logf("ping after %v %v", d, err)
 	}
 	if err := c.WriteFile(ctx, "/root/x/y.txt", []byte("data"), 0o600); err != nil {
 		t.Error(err)

@@ -246,8 +246,13 @@ func Marshal(id uint64, typ string, payload any) ([]byte, error) {
 	return buf.Bytes(), nil
 }
 
-// DecodeHeader decodes the header of one line.
+// DecodeHeader decodes the header of one line. Lines written by Marshal
+// are recognised from their first bytes, without scanning the (possibly
+// large) rest; anything else is decoded as JSON.
 func DecodeHeader(line []byte) (Header, error) {
+	if h, ok := fastHeader(line); ok {
+		return h, nil
+	}
 	var h Header
 	if err := json.Unmarshal(line, &h); err != nil {
 		return h, fmt.Errorf("agentproto: bad message: %w", err)
@@ -256,6 +261,31 @@ func DecodeHeader(line []byte) (Header, error) {
 		return h, errors.New("agentproto: message without type")
 	}
 	return h, nil
+}
+
+// fastHeader parses the `{"id":N,"type":"T"` prefix Marshal writes.
+func fastHeader(line []byte) (Header, bool) {
+	id, ok := PeekID(line)
+	if !ok {
+		return Header{}, false
+	}
+	rest := line[bytes.IndexByte(line, ',')+1:]
+	const tp = `"type":"`
+	if !bytes.HasPrefix(rest, []byte(tp)) {
+		return Header{}, false
+	}
+	rest = rest[len(tp):]
+	end := 0
+	for end < len(rest) && (rest[end] >= 'a' && rest[end] <= 'z' || rest[end] == '_') {
+		end++
+	}
+	if end == 0 || end+1 >= len(rest) || rest[end] != '"' || (rest[end+1] != ',' && rest[end+1] != '}') {
+		return Header{}, false
+	}
+	if rest[len(rest)-1] != '}' {
+		return Header{}, false
+	}
+	return Header{ID: id, Type: string(rest[:end])}, true
 }
 
 // DecodePayload decodes the payload fields of a line into v.
@@ -290,8 +320,9 @@ func PeekID(prefix []byte) (uint64, bool) {
 type LineReader struct {
 	r    io.Reader
 	max  int
-	buf  []byte // buffered bytes: buf[start:end]
+	buf  []byte // buffered bytes: buf[s:e]
 	s, e int
+	scan int // buf[s:s+scan] holds no newline
 	// skipping is set while discarding the rest of an over-long line.
 	skipping bool
 	// prefix of the over-long line, kept for PeekID.
@@ -320,7 +351,7 @@ func (e *TooLongError) Unwrap() error { return ErrTooLarge }
 
 // Reset discards any buffered partial line (after the peer went away).
 func (lr *LineReader) Reset() {
-	lr.s, lr.e = 0, 0
+	lr.s, lr.e, lr.scan = 0, 0, 0
 	lr.skipping = false
 	lr.tooLongPrefix = nil
 }
@@ -334,13 +365,15 @@ func (lr *LineReader) ReadLine() ([]byte, error) {
 	if lr.s == lr.e && len(lr.buf) > 1<<20 {
 		// Drop the memory of a past large message.
 		lr.buf = make([]byte, 64<<10)
-		lr.s, lr.e = 0, 0
+		lr.s, lr.e, lr.scan = 0, 0, 0
 	}
 	for {
-		// Look for a newline in the buffered bytes.
-		if i := bytes.IndexByte(lr.buf[lr.s:lr.e], '\n'); i >= 0 {
+		// Look for a newline in the bytes not scanned yet.
+		if j := bytes.IndexByte(lr.buf[lr.s+lr.scan:lr.e], '\n'); j >= 0 {
+			i := lr.scan + j
 			line := lr.buf[lr.s : lr.s+i]
 			lr.s += i + 1
+			lr.scan = 0
 			if lr.skipping {
 				lr.skipping = false
 				err := &TooLongError{Prefix: lr.tooLongPrefix}
@@ -358,12 +391,13 @@ func (lr *LineReader) ReadLine() ([]byte, error) {
 			}
 			return line, nil
 		}
+		lr.scan = lr.e - lr.s
 		if lr.skipping {
-			lr.s, lr.e = 0, 0
+			lr.s, lr.e, lr.scan = 0, 0, 0
 		} else if lr.e-lr.s >= lr.max {
 			lr.skipping = true
 			lr.tooLongPrefix = append([]byte(nil), lr.buf[lr.s:lr.s+min(64, lr.e-lr.s)]...)
-			lr.s, lr.e = 0, 0
+			lr.s, lr.e, lr.scan = 0, 0, 0
 		}
 		// Make room.
 		if lr.s > 0 {

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 	"testing/iotest"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 )
@@ -143,5 +144,59 @@ func TestFileModes(t *testing.T) {
 	}
 	if got := FileModeToUnix(fs.ModeDir | 0o755); got != 0o755 {
 		t.Errorf("dir bit leaked: %o", got)
+	}
+}
+
+func TestDecodeHeaderFastAndSlow(t *testing.T) {
+	for in, want := range map[string]Header{
+		`{"id":7,"type":"exec","shell":"x"}`: {7, "exec"},
+		`{"id":7,"type":"ping"}`:             {7, "ping"},
+		`{"type":"ping","id":9}`:             {9, "ping"},
+		`{ "id": 3, "type": "set_env" }`:     {3, "set_env"},
+		`{"id":7,"type":"pi\u006eg"}`:        {7, "ping"},
+		`{"id":7,"type":"write_file","data":` + `"` + strings.Repeat("A", 1000) + `"}`: {7, "write_file"},
+	} {
+		h, err := DecodeHeader([]byte(in))
+		if err != nil || h != want {
+			t.Errorf("%.40s: %+v %v, want %+v", in, h, err, want)
+		}
+	}
+	for _, in := range []string{`{"id":7,"type":"ping"`, `{"id":7}`, `not json`, `{"id":7,"type":""}`} {
+		if h, err := DecodeHeader([]byte(in)); err == nil {
+			t.Errorf("%s accepted: %+v", in, h)
+		}
+	}
+}
+
+// chunkReader yields one n-byte line of 'x' in small chunks.
+type chunkReader struct{ left, chunk int }
+
+func (r *chunkReader) Read(p []byte) (int, error) {
+	if r.left == 0 {
+		return 0, io.EOF
+	}
+	n := min(len(p), r.chunk, r.left)
+	for i := range n {
+		p[i] = 'x'
+	}
+	r.left -= n
+	if r.left == 0 {
+		p[n-1] = '\n'
+	}
+	return n, nil
+}
+
+// A large line arriving in small reads (virtio-serial gives 4 KiB at a
+// time) must cost linear time: the reader must not rescan what it has.
+func TestLineReaderLargeLineLinear(t *testing.T) {
+	const size = 64 << 20
+	start := time.Now()
+	lr := NewLineReader(&chunkReader{left: size, chunk: 4096}, 0)
+	line, err := lr.ReadLine()
+	if err != nil || len(line) != size-1 {
+		t.Fatalf("%d %v", len(line), err)
+	}
+	if el := time.Since(start); el > 5*time.Second {
+		t.Errorf("took %v: quadratic?", el)
 	}
 }

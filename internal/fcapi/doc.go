@@ -1,5 +1,6 @@
-// Package fcapi is a small client for the Firecracker HTTP API (v1.16, the
-// swagger definition kept in testdata/firecracker-api.yaml) spoken over the
+// Package fcapi is a small client for the Firecracker HTTP API (the v1.16
+// contract; testdata/firecracker-api.yaml is a copy of the swagger file we
+// were given, whose info.version reads 1.17.0-dev) spoken over the
 // API unix socket, plus the host side of the Firecracker vsock handshake
 // ("CONNECT <port>\n" / "OK <hostport>\n").
 //

@@ -184,6 +184,9 @@ func Build(ctx context.Context, o BuildOptions) (Image, error) {
 	if len(agent) == 0 {
 		return Image{}, fmt.Errorf("image build: agent %s is empty", o.AgentPath)
 	}
+	if isELF(agent) && !isStaticELF(o.AgentPath) {
+		return Image{}, fmt.Errorf("image build: agent %s is dynamically linked; build it with CGO_ENABLED=0", o.AgentPath)
+	}
 	agentSum := sha256Hex(agent)
 	dir, err := absDir(o.Dir)
 	if err != nil {
@@ -289,14 +292,15 @@ func sameBinding(a, b Manifest) bool {
 func (b *builder) cleanTmp() error {
 	t := filepath.Join(b.dir, "tmp")
 	ents, err := os.ReadDir(t)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
+	stale, _ := filepath.Glob(filepath.Join(shmDir, b.stagePrefix()+"*"))
 	for _, e := range ents {
-		if err := removeAllSafe(filepath.Join(t, e.Name())); err != nil {
+		stale = append(stale, filepath.Join(t, e.Name()))
+	}
+	for _, d := range stale {
+		if err := removeAllSafe(d); err != nil {
 			return fmt.Errorf("clean staging dir: %w", err)
 		}
 	}

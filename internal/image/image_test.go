@@ -382,6 +382,29 @@ func TestBuildBusybox(t *testing.T) {
 		t.Errorf("new initramfs has init %q", data["init"])
 	}
 
+	// Asking for a vmlinux adds it to the cached kernel, nothing else changes.
+	vopts := opts
+	vopts.Vmlinux = true
+	imgV, err := Build(ctx, vopts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if imgV.Vmlinux == "" || imgV.Initrd != img3.Initrd || imgV.Rootfs != img3.Rootfs {
+		t.Errorf("vmlinux build: vmlinux %q initrd %s rootfs %s", imgV.Vmlinux, imgV.Initrd, imgV.Rootfs)
+	}
+	if err := Verify(imgV); err != nil {
+		t.Errorf("Verify with vmlinux: %v", err)
+	}
+	if !isStaticELF(imgV.Vmlinux) {
+		t.Errorf("%s is not an ELF executable", imgV.Vmlinux)
+	}
+	img3 = imgV
+
+	// A dynamically linked agent is refused.
+	if _, err := Build(ctx, BuildOptions{Dir: dir, Name: Busybox, AgentPath: "/bin/ls", DownloadDir: sharedDownloads()}); err == nil || !strings.Contains(err.Error(), "CGO_ENABLED=0") {
+		t.Errorf("dynamic agent: %v", err)
+	}
+
 	// Open, List.
 	opened, err := Open(dir, Busybox)
 	if err != nil {
@@ -544,5 +567,45 @@ func TestBuildDefaultImages(t *testing.T) {
 		}
 		t.Logf("%s: built in %v: kernel %s, initrd %s (%d bytes), rootfs %s (%d bytes apparent)", name,
 			time.Since(start).Round(time.Millisecond), img.Kernel, img.Initrd, img.Manifest.Initrd.Size, img.Rootfs, img.RootfsSize)
+	}
+}
+
+// TestConfigureMinimalKernel runs the configuration step of the minimal
+// kernel (tinyconfig + fragment + olddefconfig) on linux-source-6.1. It
+// needs the package installed and SMOLVM_TEST_KERNEL_CONFIG=1 (extracting
+// the source takes about 20 s).
+func TestConfigureMinimalKernel(t *testing.T) {
+	if os.Getenv("SMOLVM_TEST_KERNEL_CONFIG") != "1" {
+		t.Skip("set SMOLVM_TEST_KERNEL_CONFIG=1 to configure the minimal kernel")
+	}
+	if _, err := os.Stat(linuxSourceTarXZ); err != nil {
+		t.Skipf("%s missing (apt-get install %s)", linuxSourceTarXZ, linuxSourcePkg)
+	}
+	needTools(t, "make", "gcc", "flex", "bison", "tar")
+	ctx := context.Background()
+	b := &builder{log: testLogger(t)}
+	// SMOLVM_TEST_KERNEL_SRC: an already extracted tree (its .config is rewritten).
+	src := os.Getenv("SMOLVM_TEST_KERNEL_SRC")
+	if src == "" {
+		var err error
+		if src, err = extractLinuxSource(ctx, b, t.TempDir()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := ConfigureMinimalKernel(ctx, src, b.log, nil); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := os.ReadFile(filepath.Join(src, ".config"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := parseConfig(string(cfg))
+	for _, k := range []string{"CONFIG_KERNEL_GZIP", "CONFIG_UNWINDER_FRAME_POINTER", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES", "CONFIG_VIRTIO_BLK", "CONFIG_EXT4_FS", "CONFIG_PVH", "CONFIG_VIRTIO_VSOCKETS"} {
+		if got[k] != "y" {
+			t.Errorf("%s = %q, want y", k, got[k])
+		}
+	}
+	if got["CONFIG_MODULES"] != "n" {
+		t.Errorf("CONFIG_MODULES = %q, want n", got["CONFIG_MODULES"])
 	}
 }

@@ -238,11 +238,34 @@ func parseConfig(s string) map[string]string {
 	return m
 }
 
+// kconfigChoices are the choice groups the fragment selects a member of.
+// Selecting one member must unset the others, or olddefconfig keeps the
+// member tinyconfig picked.
+var kconfigChoices = [][]string{
+	{"CONFIG_KERNEL_GZIP", "CONFIG_KERNEL_BZIP2", "CONFIG_KERNEL_LZMA", "CONFIG_KERNEL_XZ", "CONFIG_KERNEL_LZO", "CONFIG_KERNEL_LZ4", "CONFIG_KERNEL_ZSTD"},
+	{"CONFIG_UNWINDER_ORC", "CONFIG_UNWINDER_FRAME_POINTER", "CONFIG_UNWINDER_GUESS"},
+}
+
 // mergeConfig overrides (or appends) the fragment's symbols in a .config.
 func mergeConfig(cfg string, frag [][2]string) string {
 	want := map[string]string{}
 	for _, kv := range frag {
 		want[kv[0]] = kv[1]
+	}
+	for _, group := range kconfigChoices {
+		for _, sym := range group {
+			if want[sym] != "y" {
+				continue
+			}
+			for _, other := range group {
+				if other != sym {
+					if _, set := want[other]; !set {
+						want[other] = "n"
+						frag = append(frag, [2]string{other, "n"})
+					}
+				}
+			}
+		}
 	}
 	render := func(k, v string) string {
 		if v == "n" {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -42,6 +43,9 @@ type rootfsPlan struct {
 	size     int64
 	key      string
 	stage    func(ctx context.Context, dir string) error
+	// tmpfsStage stages the tree in /dev/shm when it has room: dpkg
+	// fsyncs every file it unpacks, which is slow on a real disk.
+	tmpfsStage bool
 }
 
 // planRootfs resolves the recipe and content key for an image name.
@@ -69,6 +73,7 @@ func (b *builder) planRootfs(ctx context.Context) (rootfsPlan, error) {
 			size:     debianRootfsSize,
 		}
 		p.stage = b.stageDebian
+		p.tmpfsStage = true
 		p.key = rootfsKey(p)
 		return p, nil
 	}
@@ -126,6 +131,12 @@ func (b *builder) ensureRootfs(ctx context.Context, p rootfsPlan, prev *Manifest
 	}
 	defer removeAllSafe(work)
 	stage := filepath.Join(work, "stage")
+	if p.tmpfsStage {
+		if s, ok := b.tmpfsStageDir(); ok {
+			stage = s
+			defer removeAllSafe(stage)
+		}
+	}
 	out := filepath.Join(work, "out")
 	for _, d := range []string{stage, out} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
@@ -176,6 +187,39 @@ func (b *builder) ensureRootfs(ctx context.Context, p rootfsPlan, prev *Manifest
 	b.log.Info("rootfs cached", "name", p.name, "path", rm.Rootfs.Path, "content_bytes", content, "elapsed", time.Since(start).Round(time.Millisecond))
 	return rm, nil
 }
+
+const shmDir = "/dev/shm"
+
+// stagePrefix names tmpfs staging dirs of this cache dir, so that cleanTmp
+// (under this cache's lock) only removes its own leftovers.
+func (b *builder) stagePrefix() string {
+	return "smolvm-stage-" + sha256Hex([]byte(b.dir))[:8] + "-"
+}
+
+// tmpfsStageDir makes a staging dir on /dev/shm when that is a tmpfs
+// mounted without nodev and noexec, with at least 2 GiB free.
+func (b *builder) tmpfsStageDir() (string, bool) {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(shmDir, &st); err != nil || st.Type != tmpfsMagic {
+		return "", false
+	}
+	// debootstrap needs device nodes and executables in its target.
+	const stNoDev, stNoExec = 0x4, 0x8
+	if st.Flags&(stNoDev|stNoExec) != 0 {
+		return "", false
+	}
+	if free := int64(st.Bavail) * int64(st.Bsize); free < 2<<30 {
+		return "", false
+	}
+	d, err := os.MkdirTemp(shmDir, b.stagePrefix())
+	if err != nil {
+		return "", false
+	}
+	b.log.Debug("staging on tmpfs", "dir", d)
+	return d, true
+}
+
+const tmpfsMagic = 0x01021994
 
 // pathComponent returns the i-th slash-separated component of p.
 func pathComponent(p string, i int) string {

@@ -207,7 +207,7 @@ func newClient(ctx context.Context, conn net.Conn, cfg config) (*Client, error) 
 	go c.readLoop(r)
 	if err := c.Execute(ctx, "qmp_capabilities", nil, nil); err != nil {
 		c.Close()
-		return nil, fmt.Errorf("qmp: qmp_capabilities: %w", err)
+		return nil, err
 	}
 	return c, nil
 }

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -143,7 +144,7 @@ func Allocated(dir string) (int64, error) {
 		if err != nil {
 			return err
 		}
-		if st, ok := info.Sys().(*unix.Stat_t); ok {
+		if st, ok := info.Sys().(*syscall.Stat_t); ok {
 			total += st.Blocks * 512
 		} else {
 			total += info.Size()

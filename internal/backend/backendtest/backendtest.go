@@ -243,7 +243,7 @@ func (s *suite) testExposePort(t *testing.T, m backend.Machine, c *agentclient.C
 if command -v busybox >/dev/null && busybox --list 2>/dev/null | grep -qx httpd; then
   busybox httpd -p 8080 -h /run/www
 else
-  cd /run/www && nohup python3 -m http.server 8080 >/dev/null 2>&1 &
+  cd /run/www && python3 -m http.server 8080 </dev/null >/dev/null 2>&1 &
 fi`, token))
 	port := freePort(t)
 	if err := s.b.ExposePort(ctxT(t, testutil.OpTimeout), m, backend.PortForward{HostPort: port, GuestPort: 8080}); err != nil {
@@ -293,7 +293,7 @@ func (s *suite) setState(t *testing.T, c *agentclient.Client, token string) {
 	script := fmt.Sprintf(`mkdir -p %[1]s && (grep -q ' %[1]s ' /proc/mounts || mount -t tmpfs smt %[1]s)
 echo %[2]s > %[1]s/marker
 if ! { [ -f %[1]s/pid ] && kill -0 "$(cat %[1]s/pid)" 2>/dev/null; }; then
-  nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > %[1]s/counter; sleep 0.1; done' >/dev/null 2>&1 &
+  sh -c 'i=0; while :; do i=$((i+1)); echo $i > %[1]s/counter; sleep 0.1; done' </dev/null >/dev/null 2>&1 &
   echo $! > %[1]s/pid
 fi`, memDir, token)
 	if s.base.BaseDisk != "" {
@@ -457,11 +457,31 @@ func (s *suite) resume(t *testing.T, m backend.Machine, c *agentclient.Client) {
 	}
 }
 
+// ensureRunning resumes the shared VM if an earlier failed subtest left it
+// paused.
+func (s *suite) ensureRunning(t *testing.T, m backend.Machine) {
+	t.Helper()
+	st, err := s.b.Status(ctxT(t, testutil.OpTimeout), m)
+	if err != nil {
+		t.Fatalf("status: %v", err)
+	}
+	switch st {
+	case backend.StatusRunning:
+	case backend.StatusPaused:
+		if err := s.b.Resume(ctxT(t, testutil.OpTimeout), m); err != nil {
+			t.Fatalf("resume: %v", err)
+		}
+	default:
+		t.Fatalf("shared VM is %s", st)
+	}
+}
+
 func (s *suite) testSnapshots(t *testing.T, mA backend.Machine, cA *agentclient.Client) {
 	t.Run("Full", func(t *testing.T) {
 		if !s.caps.MemorySnapshot {
 			t.Skip("backend does not declare capability MemorySnapshot")
 		}
+		s.ensureRunning(t, mA)
 		token := "full-" + randToken()
 		s.setState(t, cA, token)
 		sn := s.takeSnapshot(t, mA, backend.SnapshotFull)
@@ -497,6 +517,7 @@ func (s *suite) testSnapshots(t *testing.T, mA backend.Machine, cA *agentclient.
 		if !s.caps.MemorySnapshot {
 			t.Skip("backend does not declare capability MemorySnapshot")
 		}
+		s.ensureRunning(t, mA)
 		token := "diff-" + randToken()
 		s.setState(t, cA, token)
 		sn := s.takeSnapshot(t, mA, backend.SnapshotDiff)
@@ -518,6 +539,7 @@ func (s *suite) testSnapshots(t *testing.T, mA backend.Machine, cA *agentclient.
 		if s.base.BaseDisk == "" {
 			t.Skip("the base spec has no disk")
 		}
+		s.ensureRunning(t, mA)
 		token := "disk-" + randToken()
 		s.setState(t, cA, token)
 		if err := cA.Sync(ctxT(t, testutil.OpTimeout)); err != nil {

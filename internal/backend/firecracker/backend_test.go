@@ -304,6 +304,9 @@ func TestFakeDiskSnapshotColdBoots(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if res.MemoryFormat != "" {
+		t.Errorf("disk snapshot declares memory format %q", res.MemoryFormat)
+	}
 	b.Stop(ctxT(t), a)
 	spec := f.spec(t, "vm-e")
 	m, err := b.Restore(ctxT(t), backend.RestoreRequest{Spec: spec, SnapshotDir: snap, Kind: backend.SnapshotDisk, Result: res, Resume: false})
@@ -586,6 +589,64 @@ func TestFakeTAPNetwork(t *testing.T) {
 	for _, tap := range []string{tapA, tapB} {
 		if _, err := os.Stat("/sys/class/net/" + tap); err == nil {
 			t.Errorf("TAP %s left after Stop", tap)
+		}
+	}
+}
+
+// A VM without a disk (initramfs only) boots, snapshots and restores.
+func TestFakeNoDisk(t *testing.T) {
+	b := fakeBackend(t)
+	f := newFixture(t)
+	spec := f.spec(t, "vm-nodisk")
+	spec.BaseDisk, spec.Disk = "", ""
+	m, err := b.Start(ctxT(t), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Stop(context.Background(), m) })
+	if strings.Contains(bootArgs(spec), "smol.root") {
+		t.Errorf("boot args %q name a root disk", bootArgs(spec))
+	}
+	c, br := agentConn(t, b, m)
+	if got := ask(t, c, br, "DISK"); got != "no-disk" {
+		t.Errorf("disk-less VM has a disk: %q", got)
+	}
+	snap := filepath.Join(f.root, "snap-nodisk")
+	os.Mkdir(snap, 0o755)
+	res, err := b.Snapshot(ctxT(t), m, backend.SnapshotFull, snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range res.Artifacts {
+		if a.Role == "disk" {
+			t.Errorf("disk artifact for a disk-less VM: %+v", a)
+		}
+	}
+	rspec := f.spec(t, "vm-nodisk2")
+	rspec.BaseDisk, rspec.Disk = "", ""
+	r, err := b.Restore(ctxT(t), backend.RestoreRequest{Spec: rspec, SnapshotDir: snap, Kind: backend.SnapshotFull, Result: res, Resume: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Stop(context.Background(), r) })
+	c2, br2 := agentConn(t, b, r)
+	if got := ask(t, c2, br2, "MEM"); got != "guest-memory-of vm-nodisk" {
+		t.Errorf("restored memory %q", got)
+	}
+}
+
+func TestBootArgs(t *testing.T) {
+	for _, tc := range []struct {
+		spec backend.Spec
+		want string
+	}{
+		{backend.Spec{Disk: "/d", Initrd: "/i"}, BaseKernelArgs + " smol.root=/dev/vda"},
+		{backend.Spec{Disk: "/d", Initrd: "/i", KernelArgs: "quiet smol.root=/dev/vda"}, BaseKernelArgs + " quiet smol.root=/dev/vda"},
+		{backend.Spec{Initrd: "/i", KernelArgs: " init_on_free=1 "}, BaseKernelArgs + " init_on_free=1"},
+		{backend.Spec{Disk: "/d"}, BaseKernelArgs}, // no initramfs: Firecracker's root=/dev/vda
+	} {
+		if got := bootArgs(tc.spec); got != tc.want {
+			t.Errorf("bootArgs(%+v) = %q, want %q", tc.spec, got, tc.want)
 		}
 	}
 }

@@ -279,12 +279,14 @@ func (v *fakeVMM) load(l fcapi.SnapshotLoad) error {
 		return fmt.Errorf("memory file is %d bytes, want %d", fi.Size(), int64(st.MemMiB)<<20)
 	}
 	line, _ := bufio.NewReader(mf).ReadString('\n')
-	f, err := os.OpenFile(st.DrivePath, os.O_RDWR, 0) // the pinned path, relative to our cwd
-	if err != nil {
-		return err
+	if st.DrivePath != "" {
+		f, err := os.OpenFile(st.DrivePath, os.O_RDWR, 0) // the pinned path, relative to our cwd
+		if err != nil {
+			return err
+		}
+		v.drivePath, v.drive = st.DrivePath, f
 	}
 	v.configured = true
-	v.drivePath, v.drive = st.DrivePath, f
 	v.mc.MemSizeMiB = st.MemMiB
 	v.memory = strings.TrimSpace(line)
 	v.uds = st.UDSPath
@@ -348,6 +350,10 @@ func (v *fakeVMM) agent(c net.Conn) {
 		case "PING":
 			reply = "PONG"
 		case "DISK":
+			if v.drive == nil {
+				reply = "no-disk"
+				break
+			}
 			buf := make([]byte, 64)
 			n, _ := v.drive.ReadAt(buf, 0)
 			reply, _, _ = strings.Cut(string(buf[:n]), "\n")

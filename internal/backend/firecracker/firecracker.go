@@ -39,6 +39,7 @@ const (
 	vsockName     = "vsock.sock"
 	driveLinkName = "rootfs" // relative path_on_host, resolved in RunDir
 	logName       = "firecracker.log"
+	consoleName   = "console.log" // symlink to logName
 	pidName       = "firecracker.pid"
 
 	stateFile  = "vmstate"
@@ -161,8 +162,10 @@ func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Machine
 	if err := checkSpec(spec, true); err != nil {
 		return backend.Machine{}, err
 	}
-	if _, err := os.Stat(spec.Disk); err != nil {
-		return backend.Machine{}, fmt.Errorf("firecracker: start: disk %s: %w (Prepare creates it)", spec.Disk, err)
+	if spec.Disk != "" {
+		if _, err := os.Stat(spec.Disk); err != nil {
+			return backend.Machine{}, fmt.Errorf("firecracker: start: disk %s: %w (Prepare creates it)", spec.Disk, err)
+		}
 	}
 	for _, f := range []string{spec.Kernel, spec.Initrd} {
 		if f == "" {
@@ -187,20 +190,18 @@ func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Machine
 	c := fcapi.New(apiSock(spec))
 	defer c.Close()
 
-	args := BaseKernelArgs + " smol.root=/dev/vda"
-	if spec.KernelArgs != "" {
-		args += " " + spec.KernelArgs
-	}
-	if err := c.PutBootSource(ctx, fcapi.BootSource{KernelImagePath: kernel, InitrdPath: initrd, BootArgs: args}); err != nil {
+	if err := c.PutBootSource(ctx, fcapi.BootSource{KernelImagePath: kernel, InitrdPath: initrd, BootArgs: bootArgs(spec)}); err != nil {
 		return fail("boot-source", err)
 	}
 	if err := c.PutMachineConfig(ctx, fcapi.MachineConfig{VCPUCount: cmp.Or(spec.CPUs, 1), MemSizeMiB: cmp.Or(spec.MemoryMiB, 128)}); err != nil {
 		return fail("machine-config", err)
 	}
-	// Without an initramfs the disk itself must be the root device.
-	drive := fcapi.Drive{DriveID: DriveID, PathOnHost: driveLinkName, IsRootDevice: initrd == ""}
-	if err := c.PutDrive(ctx, drive); err != nil {
-		return fail("drives", err)
+	if spec.Disk != "" {
+		// Without an initramfs the disk itself must be the root device.
+		drive := fcapi.Drive{DriveID: DriveID, PathOnHost: driveLinkName, IsRootDevice: initrd == ""}
+		if err := c.PutDrive(ctx, drive); err != nil {
+			return fail("drives", err)
+		}
 	}
 	if spec.Network {
 		tap, err := setupTAP(ctx, spec)
@@ -220,6 +221,20 @@ func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Machine
 		return fail("start", err)
 	}
 	return m, nil
+}
+
+// bootArgs is the guest command line: BaseKernelArgs, smol.root=/dev/vda
+// when there is a disk (unless KernelArgs names a root already), then
+// KernelArgs.
+func bootArgs(spec backend.Spec) string {
+	args := []string{BaseKernelArgs}
+	if spec.Disk != "" && spec.Initrd != "" && !strings.Contains(" "+spec.KernelArgs, " smol.root=") {
+		args = append(args, "smol.root=/dev/vda")
+	}
+	if a := strings.TrimSpace(spec.KernelArgs); a != "" {
+		args = append(args, a)
+	}
+	return strings.Join(args, " ")
 }
 
 // DialAgent connects to the agent's vsock port through Firecracker's vsock
@@ -330,8 +345,8 @@ func checkSpec(spec backend.Spec, boot bool) error {
 	if spec.Accel == backend.AccelTCG {
 		return fmt.Errorf("firecracker: accel %q: %w (Firecracker needs KVM)", spec.Accel, backend.ErrUnsupported)
 	}
-	if spec.ID == "" || spec.Dir == "" || spec.RunDir == "" || spec.Disk == "" {
-		return errors.New("firecracker: spec needs ID, Dir, RunDir and Disk")
+	if spec.ID == "" || spec.Dir == "" || spec.RunDir == "" {
+		return errors.New("firecracker: spec needs ID, Dir and RunDir")
 	}
 	if boot && spec.Kernel == "" {
 		return errors.New("firecracker: spec needs Kernel (an uncompressed vmlinux)")

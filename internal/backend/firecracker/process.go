@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"os"
 	"os/exec"
@@ -49,7 +50,7 @@ func (p *proc) fail(op string, err error, spec backend.Spec) error {
 		select {
 		case <-p.exited:
 			err = &backend.VMMError{Op: op, Message: fmt.Sprintf("firecracker exited (%v) during the request: %v", p.state, err), Log: logTail(spec.Dir)}
-		case <-time.After(100 * time.Millisecond):
+		case <-time.After(time.Second):
 		}
 	}
 	err = vmmError(op, err, spec.Dir)
@@ -61,7 +62,7 @@ func (p *proc) fail(op string, err error, spec backend.Spec) error {
 // launch starts `firecracker --api-sock RUNDIR/fc.sock --id ID` detached
 // (own session, stdin /dev/null, output appended to DIR/firecracker.log,
 // working directory RUNDIR), writes the pid file, links RUNDIR/rootfs to
-// spec.Disk, and returns once the API answers. On error nothing is left.
+// spec.Disk (when there is a disk), and returns once the API answers. On error nothing is left.
 func (b *Backend) launch(ctx context.Context, spec backend.Spec) (*proc, error) {
 	for _, d := range []string{spec.Dir, spec.RunDir} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
@@ -76,12 +77,19 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec) (*proc, error) 
 	// Firecracker refuses to start on an existing API socket; a stale vsock
 	// socket would make the vsock device fail.
 	cleanup(spec)
-	disk, err := filepath.Abs(spec.Disk)
-	if err != nil {
-		return nil, err
+	if spec.Disk != "" {
+		disk, err := filepath.Abs(spec.Disk)
+		if err != nil {
+			return nil, err
+		}
+		if err := os.Symlink(disk, driveLink(spec)); err != nil {
+			return nil, fmt.Errorf("firecracker: drive link: %w", err)
+		}
 	}
-	if err := os.Symlink(disk, driveLink(spec)); err != nil {
-		return nil, fmt.Errorf("firecracker: drive link: %w", err)
+	// DIR/console.log is where tools look for a VM's serial console
+	// (QEMU writes it); here it is the VMM's combined output.
+	if _, err := os.Lstat(filepath.Join(spec.Dir, consoleName)); errors.Is(err, fs.ErrNotExist) {
+		_ = os.Symlink(logName, filepath.Join(spec.Dir, consoleName))
 	}
 	logf, err := os.OpenFile(filepath.Join(spec.Dir, logName), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {

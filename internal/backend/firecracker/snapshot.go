@@ -3,6 +3,7 @@ package firecracker
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -53,16 +54,19 @@ func (b *Backend) Snapshot(ctx context.Context, m backend.Machine, kind backend.
 	if err := c.CreateSnapshot(ctx, fcapi.SnapshotCreate{SnapshotType: fcapi.SnapshotFull, SnapshotPath: state, MemFilePath: mem}); err != nil {
 		return backend.SnapshotResult{}, vmmError("snapshot/create", err, m.Dir)
 	}
-	// After snapshot/create the block device's writes are in the host
-	// filesystem, and the paused guest makes no new ones.
-	method, err := copyDisk(ctx, m.Disk, disk)
-	if err != nil {
-		return backend.SnapshotResult{}, fmt.Errorf("firecracker: snapshot: disk: %w", err)
+	meta := snapshotMeta{Kind: kind, CPUs: m.CPUs, MemoryMiB: m.MemoryMiB, CreatedAt: time.Now().UTC()}
+	arts := []backend.Artifact{{Role: "state", Name: stateFile}, {Role: "memory", Name: memoryFile}}
+	if m.Disk != "" {
+		// After snapshot/create the block device's writes are in the host
+		// filesystem, and the paused guest makes no new ones.
+		method, err := copyDisk(ctx, m.Disk, disk)
+		if err != nil {
+			return backend.SnapshotResult{}, fmt.Errorf("firecracker: snapshot: disk: %w", err)
+		}
+		meta.DiskCopy, meta.DrivePath = method, driveLinkName
+		arts = append(arts, backend.Artifact{Role: "disk", Name: diskFile})
 	}
-	meta := snapshotMeta{
-		Kind: kind, DiskCopy: method, DrivePath: driveLinkName,
-		CPUs: m.CPUs, MemoryMiB: m.MemoryMiB, CreatedAt: time.Now().UTC(),
-	}
+	arts = append(arts, backend.Artifact{Role: "meta", Name: metaFile})
 	if m.Network && tapExists(m.Spec) {
 		meta.NetworkIface = IfaceID
 	}
@@ -79,15 +83,14 @@ func (b *Backend) Snapshot(ctx context.Context, m backend.Machine, kind backend.
 	if err := syncDir(dir); err != nil {
 		return backend.SnapshotResult{}, fmt.Errorf("firecracker: snapshot: %w", err)
 	}
-	return backend.SnapshotResult{
-		Artifacts: []backend.Artifact{
-			{Role: "state", Name: stateFile},
-			{Role: "memory", Name: memoryFile},
-			{Role: "disk", Name: diskFile},
-			{Role: "meta", Name: metaFile},
-		},
-		MemoryFormat: "raw",
-	}, nil
+	res := backend.SnapshotResult{Artifacts: arts, MemoryFormat: "raw"}
+	if kind == backend.SnapshotDisk {
+		// The state and memory files are kept (as the seed does on
+		// Firecracker) but Restore cold-boots the disk and never reads
+		// them, so the result declares no memory.
+		res.MemoryFormat = ""
+	}
+	return res, nil
 }
 
 // Restore implements backend.Backend. The snapshot's disk is copied to
@@ -129,9 +132,22 @@ func (b *Backend) Restore(ctx context.Context, req backend.RestoreRequest) (back
 		}
 		return p, nil
 	}
-	diskArt, err := art("disk", diskFile)
-	if err != nil {
-		return backend.Machine{}, err
+	hasRole := func(role string) bool {
+		for _, a := range req.Result.Artifacts {
+			if a.Role == role {
+				return true
+			}
+		}
+		return false
+	}
+	var diskArt string
+	switch {
+	case spec.Disk != "":
+		if diskArt, err = art("disk", diskFile); err != nil {
+			return backend.Machine{}, err
+		}
+	case hasRole("disk"):
+		return backend.Machine{}, errors.New("firecracker: restore: the snapshot has a disk but the spec has no Disk to restore it to")
 	}
 	var meta snapshotMeta
 	if mb, err := os.ReadFile(filepath.Join(snapDir, metaFile)); err == nil {
@@ -156,11 +172,18 @@ func (b *Backend) Restore(ctx context.Context, req backend.RestoreRequest) (back
 
 	tctx, cancel := withDefaultTimeout(ctx, b.snapTTL)
 	defer cancel()
-	if err := os.MkdirAll(filepath.Dir(spec.Disk), 0o755); err != nil {
-		return backend.Machine{}, fmt.Errorf("firecracker: restore: %w", err)
+	if diskArt != "" {
+		if err := os.MkdirAll(filepath.Dir(spec.Disk), 0o755); err != nil {
+			return backend.Machine{}, fmt.Errorf("firecracker: restore: %w", err)
+		}
+		if _, err := copyDisk(tctx, diskArt, spec.Disk); err != nil {
+			return backend.Machine{}, fmt.Errorf("firecracker: restore: disk: %w", err)
+		}
 	}
-	if _, err := copyDisk(tctx, diskArt, spec.Disk); err != nil {
-		return backend.Machine{}, fmt.Errorf("firecracker: restore: disk: %w", err)
+	removeDisk := func() {
+		if diskArt != "" {
+			_ = os.Remove(spec.Disk)
+		}
 	}
 
 	// On failure the disk copy made above goes too: the new machine never
@@ -168,13 +191,13 @@ func (b *Backend) Restore(ctx context.Context, req backend.RestoreRequest) (back
 	if req.Kind == backend.SnapshotDisk {
 		m, err := b.Start(ctx, spec)
 		if err != nil {
-			_ = os.Remove(spec.Disk)
+			removeDisk()
 			return backend.Machine{}, err
 		}
 		if !req.Resume {
 			if err := b.Pause(ctx, m); err != nil {
 				_ = b.Stop(context.Background(), m)
-				_ = os.Remove(spec.Disk)
+				removeDisk()
 				return backend.Machine{}, err
 			}
 		}
@@ -192,7 +215,7 @@ func (b *Backend) Restore(ctx context.Context, req backend.RestoreRequest) (back
 
 	p, err := b.launch(tctx, spec)
 	if err != nil {
-		_ = os.Remove(spec.Disk)
+		removeDisk()
 		return backend.Machine{}, err
 	}
 	m := p.machine(spec)
@@ -200,7 +223,7 @@ func (b *Backend) Restore(ctx context.Context, req backend.RestoreRequest) (back
 	m.MemoryShared = false
 	fail := func(op string, err error) (backend.Machine, error) {
 		err = p.fail(op, err, spec)
-		_ = os.Remove(spec.Disk)
+		removeDisk()
 		return backend.Machine{}, err
 	}
 	load := fcapi.SnapshotLoad{

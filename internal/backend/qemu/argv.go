@@ -84,7 +84,7 @@ func buildArgs(spec backend.Spec, l launch) []string {
 		machine = MachineMicrovm
 	}
 	args := []string{
-		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		"-nodefaults", "-no-user-config", "-nographic",
 		"-machine", machine + ",memory-backend=mem0",
 		"-accel", string(l.Accel),
 		"-cpu", l.CPU,

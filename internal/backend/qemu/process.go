@@ -38,6 +38,9 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 	// Leftovers of an earlier run of this VM.
 	removeQuiet(qmpSocket(spec.RunDir), agentSocket(spec.RunDir), pidFile(spec.Dir))
 	if l.MemoryShared {
+		if l.MemoryFile, err = prepareMemoryFile(l.MemoryFile, spec.RunDir); err != nil {
+			return backend.Machine{}, err
+		}
 		removeQuiet(l.MemoryFile) // a fresh boot or a stream restore starts from zeroed RAM
 	}
 
@@ -101,18 +104,29 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 		case <-dctx.Done():
 		}
 	}()
-	c, err := qmp.Dial(dctx, qmpSocket(spec.RunDir))
-	if err != nil {
+	// exitedErr reports a QEMU that died during start (it closes QMP first
+	// and is reaped a moment later).
+	exitedErr := func() error {
 		select {
 		case <-exited:
-			return fail("start", fmt.Errorf("qemu exited during start (%s)", cmd.ProcessState))
-		default:
+		case <-time.After(time.Second):
+			return nil
+		}
+		return fmt.Errorf("qemu exited during start (%s)", cmd.ProcessState)
+	}
+	c, err := qmp.Dial(dctx, qmpSocket(spec.RunDir))
+	if err != nil {
+		if e := exitedErr(); e != nil {
+			err = e
 		}
 		return fail("start", err)
 	}
 	defer c.Close()
 	var st qmpStatus
 	if err := execQMP(dctx, c, "query-status", nil, &st); err != nil {
+		if e := exitedErr(); e != nil {
+			err = e
+		}
 		return fail("start", err)
 	}
 	b.log.Debug("qemu up", "id", spec.ID, "pid", m.PID, "status", st.Status, "elapsed", time.Since(start))

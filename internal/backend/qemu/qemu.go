@@ -212,22 +212,28 @@ func cpuModel(a backend.Accel) string {
 	return "max"
 }
 
-// memoryFile picks the shared RAM file for a VM: MemoryDir/smolvm-<hash>/ram,
-// or RunDir/ram when MemoryDir is unusable.
+// memoryFile names the shared RAM file for a VM:
+// MemoryDir/smolvm-<hash of ID and Dir>/ram. launch creates the directory
+// (falling back to RunDir when MemoryDir is unusable).
 func (b *Backend) memoryFile(spec backend.Spec) (string, error) {
 	key := spec.ID + "\x00" + spec.Dir
 	if abs, err := filepath.Abs(spec.Dir); err == nil {
 		key = spec.ID + "\x00" + abs
 	}
 	sum := sha256.Sum256([]byte(key))
-	dir := filepath.Join(b.opts.MemoryDir, "smolvm-"+hex.EncodeToString(sum[:8]))
-	if err := os.MkdirAll(dir, 0o700); err == nil {
-		return filepath.Join(dir, "ram"), nil
+	return filepath.Join(b.opts.MemoryDir, "smolvm-"+hex.EncodeToString(sum[:8]), "ram"), nil
+}
+
+// prepareMemoryFile creates the RAM file's directory, or moves the file
+// into RunDir when that fails. It returns the path to use.
+func prepareMemoryFile(path, runDir string) (string, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err == nil {
+		return path, nil
 	}
-	if spec.RunDir == "" {
+	if runDir == "" {
 		return "", errors.New("qemu: no usable directory for the guest RAM file")
 	}
-	return filepath.Join(spec.RunDir, "ram"), nil
+	return filepath.Join(runDir, "ram"), nil
 }
 
 // DialAgent connects to the agent's virtio-serial socket.

@@ -150,9 +150,6 @@ func (b *Backend) Restore(ctx context.Context, req backend.RestoreRequest) (back
 	if format == MemoryRaw {
 		// Map the snapshot's RAM image privately: constant-time, CoW, the
 		// file stays untouched (and is not ours to delete on Stop).
-		if d := filepath.Dir(l.MemoryFile); filepath.Base(d) != "" && l.MemoryShared {
-			os.Remove(d) // the per-VM RAM dir freshLaunch made is not needed
-		}
 		l.MemoryFile = arts["memory"]
 		l.MemoryShared = false
 		l.MemoryReadonly = true

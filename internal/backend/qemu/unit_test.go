@@ -44,7 +44,7 @@ func TestBuildArgsMicrovmTCG(t *testing.T) {
 	args := buildArgs(spec, l)
 	joined := strings.Join(args, " ")
 	for _, want := range []string{
-		"-nodefaults -no-user-config -nographic -no-reboot",
+		"-nodefaults -no-user-config -nographic",
 		"-machine microvm,memory-backend=mem0",
 		"-accel tcg", "-cpu max", "-m 512M", "-smp 2",
 		"-object memory-backend-file,id=mem0,size=512M,mem-path=/dev/shm/smolvm-x/ram,share=on",

@@ -1,0 +1,36 @@
+package qemu
+
+import (
+	"context"
+	"fmt"
+	"os"
+
+	"github.com/smolvm-go/smolvm/internal/backend"
+)
+
+// Detach makes a stopped machine's disk self-contained: the qcow2 overlay is
+// flattened with its whole backing chain (e.g. a snapshot's disk it was
+// restored onto), so that chain can be deleted without losing data.
+func (b *Backend) Detach(ctx context.Context, m backend.Machine) error {
+	if processAlive(m) {
+		return fmt.Errorf("qemu: detach %s: %w (stop it first)", m.ID, backend.ErrUnsupported)
+	}
+	if _, err := os.Stat(m.Disk); err != nil {
+		return err
+	}
+	tmp := m.Disk + ".detach.tmp"
+	os.Remove(tmp)
+	if err := b.qemuImg(ctx, "convert", "-O", "qcow2", m.Disk, tmp); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	if err := syncFile(tmp); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	if err := os.Rename(tmp, m.Disk); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return syncDir(m.Dir)
+}

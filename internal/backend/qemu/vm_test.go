@@ -1,0 +1,247 @@
+package qemu
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/testutil"
+)
+
+func ctxFor(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// TestQEMUMemoryMapping checks the QEMU-specific memory handling on a real
+// VM: shared RAM file under /dev/shm, sparse raw snapshots (twice in a row
+// from the paused state), private CoW restores that never touch the
+// snapshot, RAM-in-stream snapshots of restored VMs (even before they ever
+// ran), and cleanup of the RAM file.
+func TestQEMUMemoryMapping(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots VMs")
+	}
+	testutil.RequireQEMU(t)
+	img := testutil.Image(t, "busybox")
+	b := New(Options{Logger: testLogger()})
+	root := testutil.ShortDir(t)
+	spec := testutil.SpecIn(root, img, "src", testutil.SpecOptions{})
+	m := testutil.Boot(t, b, spec)
+
+	if !m.MemoryShared || !strings.HasPrefix(m.MemoryFile, "/dev/shm/smolvm-") {
+		t.Fatalf("memory file %q shared=%v", m.MemoryFile, m.MemoryShared)
+	}
+	argv, ok := processCmdline(m)
+	if !ok {
+		t.Fatal("process not found")
+	}
+	joined := strings.Join(argv, " ")
+	if !strings.Contains(joined, "tsc_early_khz=") || !strings.Contains(joined, "-accel tcg") {
+		t.Errorf("argv lacks TCG settings: %s", joined)
+	}
+	c := testutil.Agent(t, b, m)
+	testutil.Run(t, c, "echo state-1 > /run/marker")
+
+	if err := b.ExposePort(ctxFor(t, time.Minute), m, backend.PortForward{HostPort: 1, GuestPort: 1}); !errors.Is(err, backend.ErrUnsupported) {
+		t.Errorf("expose port without network: %v, want ErrUnsupported", err)
+	}
+
+	// Two snapshots in a row: the second starts from "postmigrate".
+	var snaps []string
+	var results []backend.SnapshotResult
+	for i := range 2 {
+		dir := filepath.Join(root, "snap"+string(rune('a'+i)))
+		os.Mkdir(dir, 0o755)
+		t0 := time.Now()
+		res, err := b.Snapshot(ctxFor(t, time.Minute), m, backend.SnapshotFull, dir)
+		if err != nil {
+			t.Fatalf("snapshot %d: %v", i, err)
+		}
+		t.Logf("snapshot %d: %v", i, time.Since(t0))
+		if res.MemoryFormat != MemoryRaw {
+			t.Fatalf("memory format %q, want raw", res.MemoryFormat)
+		}
+		mem := filepath.Join(dir, MemoryFile)
+		st, _ := os.Stat(mem)
+		if st.Size() != int64(spec.MemoryMiB)<<20 || allocatedBytes(mem) >= st.Size()/2 {
+			t.Errorf("memory.raw: size %d, allocated %d; want full size, sparse", st.Size(), allocatedBytes(mem))
+		}
+		snaps, results = append(snaps, dir), append(results, res)
+	}
+	before := fileSum(t, filepath.Join(snaps[0], MemoryFile))
+
+	// Restore paused; the restored VM maps the snapshot privately.
+	rspec := testutil.SpecIn(root, img, "r1", testutil.SpecOptions{})
+	t0 := time.Now()
+	r, err := b.Restore(ctxFor(t, time.Minute), backend.RestoreRequest{Spec: rspec, SnapshotDir: snaps[0], Kind: backend.SnapshotFull, Result: results[0]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("restore (paused): %v", time.Since(t0))
+	testutil.StopOnCleanup(t, b, r)
+	if r.MemoryShared || r.MemoryFile != filepath.Join(snaps[0], MemoryFile) {
+		t.Errorf("restored memory %q shared=%v; want private map of the snapshot", r.MemoryFile, r.MemoryShared)
+	}
+	if st, _ := b.Status(ctxFor(t, time.Minute), r); st != backend.StatusPaused {
+		t.Errorf("restored status %s, want paused", st)
+	}
+	// Snapshot a restored VM that never ran: RAM goes into the stream.
+	sdir := filepath.Join(root, "snapr")
+	os.Mkdir(sdir, 0o755)
+	res, err := b.Snapshot(ctxFor(t, time.Minute), r, backend.SnapshotFull, sdir)
+	if err != nil {
+		t.Fatalf("snapshot of a restored VM: %v", err)
+	}
+	if res.MemoryFormat != MemoryStream {
+		t.Errorf("memory format %q, want stream", res.MemoryFormat)
+	}
+	if err := b.Resume(ctxFor(t, time.Minute), r); err != nil {
+		t.Fatal(err)
+	}
+	rc := testutil.Agent(t, b, r)
+	if out := testutil.Run(t, rc, "cat /run/marker; echo changed > /run/marker"); strings.TrimSpace(out) != "state-1" {
+		t.Errorf("restored marker %q", out)
+	}
+	// Writes went to the private mapping, not the snapshot.
+	if err := b.Stop(ctxFor(t, time.Minute), r); err != nil {
+		t.Fatal(err)
+	}
+	if fileSum(t, filepath.Join(snaps[0], MemoryFile)) != before {
+		t.Error("snapshot memory image modified by the restored VM")
+	}
+
+	// Restore the stream snapshot: RAM is loaded into a fresh shared file.
+	r2spec := testutil.SpecIn(root, img, "r2", testutil.SpecOptions{})
+	r2, err := b.Restore(ctxFor(t, time.Minute), backend.RestoreRequest{Spec: r2spec, SnapshotDir: sdir, Kind: backend.SnapshotFull, Result: res, Resume: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.StopOnCleanup(t, b, r2)
+	if !r2.MemoryShared || !strings.HasPrefix(r2.MemoryFile, "/dev/shm/") {
+		t.Errorf("stream restore memory %q shared=%v", r2.MemoryFile, r2.MemoryShared)
+	}
+	r2c := testutil.Agent(t, b, r2)
+	if out := testutil.Run(t, r2c, "cat /run/marker"); strings.TrimSpace(out) != "state-1" {
+		t.Errorf("stream-restored marker %q", out)
+	}
+	// A mismatched memory size is refused before QEMU starts.
+	bad := testutil.SpecIn(root, img, "bad", testutil.SpecOptions{MemoryMiB: 512})
+	if _, err := b.Restore(ctxFor(t, time.Minute), backend.RestoreRequest{Spec: bad, SnapshotDir: snaps[1], Kind: backend.SnapshotFull, Result: results[1]}); err == nil || !strings.Contains(err.Error(), "MiB") {
+		t.Errorf("restore with another memory size: %v", err)
+	}
+
+	for _, mm := range []backend.Machine{r2, m} {
+		if err := b.Stop(ctxFor(t, time.Minute), mm); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(mm.MemoryFile); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("RAM file %s left after stop", mm.MemoryFile)
+		}
+		if _, err := os.Stat(filepath.Dir(mm.MemoryFile)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("RAM dir of %s left after stop", mm.ID)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(snaps[0], MemoryFile)); err != nil {
+		t.Errorf("stop removed the snapshot's memory image: %v", err)
+	}
+}
+
+// TestQEMUKilledProcess: a VMM that dies under us reads as stopped at once
+// and Stop still cleans up.
+func TestQEMUKilledProcess(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots VMs")
+	}
+	testutil.RequireQEMU(t)
+	img := testutil.Image(t, "busybox")
+	b := New(Options{})
+	spec := testutil.Spec(t, img, "k", testutil.SpecOptions{})
+	m := testutil.Boot(t, b, spec)
+	if st, err := b.Status(ctxFor(t, time.Minute), m); err != nil || st != backend.StatusRunning {
+		t.Fatalf("status %s %v", st, err)
+	}
+	syscall.Kill(m.PID, syscall.SIGKILL)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		st, err := b.Status(ctxFor(t, time.Minute), m)
+		if err == nil && st == backend.StatusStopped {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("status after SIGKILL: %s %v", st, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err := b.Resume(ctxFor(t, time.Minute), m); !errors.Is(err, backend.ErrNotRunning) {
+		t.Errorf("resume of a dead VM: %v", err)
+	}
+	if _, err := b.Snapshot(ctxFor(t, time.Minute), m, backend.SnapshotFull, t.TempDir()); !errors.Is(err, backend.ErrNotRunning) {
+		t.Errorf("snapshot of a dead VM: %v", err)
+	}
+	if err := b.Stop(ctxFor(t, time.Minute), m); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{qmpSocket(m.RunDir), agentSocket(m.RunDir), m.MemoryFile} {
+		if _, err := os.Stat(p); err == nil {
+			t.Errorf("%s left behind", p)
+		}
+	}
+}
+
+// TestQEMUQ35 boots the q35 fallback machine (PCI devices), snapshots it
+// and restores it: the restore must reproduce the q35 device layout.
+func TestQEMUQ35(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots VMs")
+	}
+	testutil.RequireQEMU(t)
+	img := testutil.Image(t, "busybox")
+	b := New(Options{Machine: MachineQ35, Logger: testLogger()})
+	root := testutil.ShortDir(t)
+	spec := testutil.SpecIn(root, img, "q", testutil.SpecOptions{Network: true})
+	m := testutil.Boot(t, b, spec)
+	c := testutil.Agent(t, b, m)
+	testutil.Run(t, c, "echo q35 > /run/marker && grep -q ' / ext4' /proc/mounts && ip addr show eth0 | grep -q 10.0.2.15")
+	dir := filepath.Join(root, "snap")
+	os.Mkdir(dir, 0o755)
+	res, err := b.Snapshot(ctxFor(t, time.Minute), m, backend.SnapshotFull, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Stop(ctxFor(t, time.Minute), m); err != nil {
+		t.Fatal(err)
+	}
+	// Restore through a microvm-configured backend: the snapshot's recorded
+	// machine type wins.
+	b2 := New(Options{Logger: testLogger()})
+	rspec := testutil.SpecIn(root, img, "q2", testutil.SpecOptions{Network: true})
+	r, err := b2.Restore(ctxFor(t, time.Minute), backend.RestoreRequest{Spec: rspec, SnapshotDir: dir, Kind: backend.SnapshotFull, Result: res, Resume: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.StopOnCleanup(t, b2, r)
+	rc := testutil.Agent(t, b2, r)
+	if out := testutil.Run(t, rc, "cat /run/marker"); strings.TrimSpace(out) != "q35" {
+		t.Errorf("marker %q", out)
+	}
+}
+
+func fileSum(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}

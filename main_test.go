@@ -1,0 +1,194 @@
+package smolvm_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/smolvm-go/smolvm"
+	"github.com/smolvm-go/smolvm/internal/image"
+)
+
+// The tests in this package boot real VMs (QEMU; TCG where KVM is not
+// usable). They need scripts/setup to have run (QEMU, the images).
+
+var (
+	testImageDir string
+	testRoot     string // data + run dirs of this test binary
+)
+
+func TestMain(m *testing.M) {
+	if os.Getenv("SMOLVM_TEST_CHILD") != "" {
+		os.Exit(m.Run())
+	}
+	root, err := os.MkdirTemp("/tmp", "smvt")
+	if err != nil {
+		panic(err)
+	}
+	testRoot = root
+	testImageDir = image.DefaultDir()
+	if err := ensureImages(); err != nil {
+		fmt.Fprintf(os.Stderr, "test setup: %v\nrun scripts/setup first\n", err)
+		os.Exit(1)
+	}
+	// Package-level helpers (smolvm.New, Open, FromSnapshot) and the
+	// examples read these.
+	os.Setenv("SMOLVM_DATA_DIR", filepath.Join(root, "default"))
+	os.Setenv("SMOLVM_RUN_DIR", filepath.Join(root, "run"))
+	code := m.Run()
+	if shared.vm != nil {
+		shared.vm.Delete(context.Background())
+		shared.m.Close()
+	}
+	cleanupAll(filepath.Join(root, "default"))
+	os.RemoveAll(root)
+	os.Exit(code)
+}
+
+// ensureImages builds the guest agent from this source tree and makes sure
+// the busybox and debian images carry it (a no-op when the cache is current).
+func ensureImages() error {
+	ctx := context.Background()
+	wd, _ := os.Getwd()
+	agent := filepath.Join(testRoot, "smolvm-agent")
+	if err := image.BuildAgent(ctx, wd, agent); err != nil {
+		return err
+	}
+	for _, name := range []string{"busybox", "debian"} {
+		if _, err := image.Build(ctx, image.BuildOptions{Dir: testImageDir, Name: name, AgentPath: agent}); err != nil {
+			return fmt.Errorf("image %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// cleanupAll deletes every VM left in a data dir (tests that fail midway).
+func cleanupAll(dataDir string) {
+	ctx := context.Background()
+	m, err := smolvm.NewManager(ctx, smolvm.Options{DataDir: dataDir, ImageDir: testImageDir, Logger: quietLogger()})
+	if err != nil {
+		return
+	}
+	defer m.Close()
+	infos, _ := m.List(ctx)
+	for _, i := range infos {
+		if vm, err := m.Open(ctx, i.ID); err == nil {
+			vm.Delete(ctx)
+			vm.Close()
+		}
+	}
+}
+
+func quietLogger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+// newManager returns a manager on a fresh data dir, closed (and its VMs
+// deleted) when the test ends.
+func newManager(t testing.TB) *smolvm.Manager {
+	t.Helper()
+	dir, err := os.MkdirTemp(testRoot, "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := smolvm.NewManager(context.Background(), smolvm.Options{DataDir: dir, ImageDir: testImageDir,
+		RunDir: filepath.Join(testRoot, "run"), Logger: quietLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx := context.Background()
+		infos, _ := m.List(ctx)
+		for _, i := range infos {
+			if vm, err := m.Open(ctx, i.ID); err == nil {
+				vm.Delete(ctx)
+				vm.Close()
+			}
+		}
+		m.Close()
+	})
+	return m
+}
+
+func testCtx(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// boot creates and starts a VM.
+func boot(t testing.TB, m *smolvm.Manager, cfg smolvm.Config) *smolvm.VM {
+	t.Helper()
+	ctx := testCtx(t)
+	vm, err := m.New(ctx, cfg)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	t.Cleanup(func() { vm.Close() })
+	if err := vm.Start(ctx); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	return vm
+}
+
+// shared is one running busybox VM that read-mostly tests share (each boot
+// costs seconds under TCG).
+var shared struct {
+	once sync.Once
+	m    *smolvm.Manager
+	vm   *smolvm.VM
+	err  error
+}
+
+func sharedVM(t *testing.T) *smolvm.VM {
+	t.Helper()
+	shared.once.Do(func() {
+		ctx := context.Background()
+		dir := filepath.Join(testRoot, "shared")
+		shared.m, shared.err = smolvm.NewManager(ctx, smolvm.Options{DataDir: dir, ImageDir: testImageDir,
+			RunDir: filepath.Join(testRoot, "run"), Logger: quietLogger()})
+		if shared.err != nil {
+			return
+		}
+		shared.vm, shared.err = shared.m.New(ctx, smolvm.Config{Name: "shared", Image: "busybox", Env: map[string]string{"FROM_CONFIG": "cfg"}})
+		if shared.err == nil {
+			shared.err = shared.vm.Start(ctx)
+		}
+	})
+	if shared.err != nil {
+		t.Fatalf("shared vm: %v", shared.err)
+	}
+	return shared.vm
+}
+
+func run(t testing.TB, vm *smolvm.VM, cmd string, opts ...smolvm.RunOption) *smolvm.Result {
+	t.Helper()
+	res, err := vm.Run(testCtx(t), cmd, opts...)
+	if err != nil {
+		t.Fatalf("Run(%q): %v", cmd, err)
+	}
+	return res
+}
+
+func mustOK(t testing.TB, vm *smolvm.VM, cmd string) string {
+	t.Helper()
+	res := run(t, vm, cmd)
+	if !res.OK() {
+		t.Fatalf("Run(%q): exit %d\nstdout: %s\nstderr: %s", cmd, res.ExitCode, res.Stdout, res.Stderr)
+	}
+	return res.Output()
+}
+
+// qemuProcessesUnder lists QEMU pids whose command line mentions dir.
+func qemuProcessesUnder(dir string) []string {
+	out, _ := exec.Command("pgrep", "-f", "qemu-system.*"+dir).Output()
+	return strings.Fields(string(out))
+}

@@ -1,0 +1,356 @@
+package smolvm_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/smolvm-go/smolvm"
+	"github.com/smolvm-go/smolvm/internal/image"
+)
+
+// startWorkload leaves memory-only state in the guest: a file in tmpfs and a
+// background counter process, plus a file on disk.
+func startWorkload(t *testing.T, vm *smolvm.VM) {
+	t.Helper()
+	mustOK(t, vm, "echo in-memory > /tmp/marker; echo on-disk > /root/disk-marker; sync; "+
+		"(while true; do echo tick >> /tmp/ticks; sleep 0.2; done) >/dev/null 2>&1 & echo $! > /tmp/counter.pid")
+}
+
+// checkWorkload reports what survived: tmpfs marker, counter process, disk file.
+func checkWorkload(t *testing.T, vm *smolvm.VM) (tmpfs, process, disk bool) {
+	t.Helper()
+	res := run(t, vm, "cat /tmp/marker 2>/dev/null")
+	tmpfs = res.Output() == "in-memory"
+	res = run(t, vm, "kill -0 $(cat /tmp/counter.pid 2>/dev/null) 2>/dev/null && echo alive")
+	if res.Output() == "alive" {
+		// and it is still counting
+		a := run(t, vm, "wc -l < /tmp/ticks").Output()
+		time.Sleep(700 * time.Millisecond)
+		b := run(t, vm, "wc -l < /tmp/ticks").Output()
+		ai, _ := strconv.Atoi(a)
+		bi, _ := strconv.Atoi(b)
+		process = bi > ai
+	}
+	disk = run(t, vm, "cat /root/disk-marker 2>/dev/null").Output() == "on-disk"
+	return
+}
+
+func TestSnapshotTypesPreserveState(t *testing.T) {
+	m := newManager(t)
+	for _, typ := range []smolvm.SnapshotType{smolvm.SnapshotFull, smolvm.SnapshotDiff, smolvm.SnapshotDisk} {
+		t.Run(string(typ), func(t *testing.T) {
+			ctx := testCtx(t)
+			vm := boot(t, m, smolvm.Config{Name: "src-" + string(typ), Image: "busybox", NoNetwork: true})
+			startWorkload(t, vm)
+			snap, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "s-" + string(typ), Type: typ})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st, _ := vm.Status(ctx); st != smolvm.StatusPaused {
+				t.Errorf("source after snapshot: %s, want paused", st)
+			}
+			if snap.Type != typ || snap.VMID != vm.ID() || snap.SizeBytes <= 0 || snap.Artifacts.Disk == "" {
+				t.Errorf("info: %+v", snap)
+			}
+			if (snap.Artifacts.Memory == "" && snap.Artifacts.State == "") != (typ == smolvm.SnapshotDisk) {
+				t.Errorf("memory artifacts for %s: %+v", typ, snap.Artifacts)
+			}
+			if typ == smolvm.SnapshotDiff && snap.ParentImage == "" {
+				t.Errorf("diff snapshot without parent image")
+			}
+			vm.Close()
+			restored, err := m.FromSnapshot(ctx, snap.ID, smolvm.RestoreOptions{Resume: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer restored.Close()
+			if restored.ID() != vm.ID() {
+				t.Errorf("restored id %s, want %s", restored.ID(), vm.ID())
+			}
+			tmpfs, proc, disk := checkWorkload(t, restored)
+			wantMem := typ != smolvm.SnapshotDisk
+			if tmpfs != wantMem || proc != wantMem || !disk {
+				t.Errorf("%s restore: tmpfs=%v process=%v disk=%v; want tmpfs=%v process=%v disk=true", typ, tmpfs, proc, disk, wantMem, wantMem)
+			}
+			// The guest clock is set from the host's.
+			guest, _ := strconv.ParseInt(mustOK(t, restored, "date +%s"), 10, 64)
+			if d := time.Now().Unix() - guest; d > 5 || d < -5 {
+				t.Errorf("guest clock off by %ds after restore", d)
+			}
+			if err := restored.Delete(ctx); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// TestCheckpointAndRetry is the seed page's "checkpoint and retry" example.
+func TestCheckpointAndRetry(t *testing.T) {
+	m := newManager(t)
+	ctx := testCtx(t)
+	vm := boot(t, m, smolvm.Config{Name: "agent-box", Image: "busybox", NoNetwork: true})
+	mustOK(t, vm, "mkdir -p /opt/app && echo 'print 42' > /opt/app/setup-done")
+	snap, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "before-experiment"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vm.Close()
+
+	vm, err = m.FromSnapshot(ctx, snap.ID, smolvm.RestoreOptions{Resume: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := vm.Status(ctx); st != smolvm.StatusRunning {
+		t.Errorf("restored with Resume: %s", st)
+	}
+	res := run(t, vm, "rm -rf /opt/app; exit 1") // the experiment fails and breaks things
+	if res.OK() {
+		t.Fatal("experiment should fail")
+	}
+	if err := vm.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := vm.Delete(ctx); err != nil {
+		t.Fatal(err)
+	}
+	vm.Close()
+
+	// Again without Force: refused.
+	if _, err := m.FromSnapshot(ctx, snap.ID, smolvm.RestoreOptions{Resume: true}); !errors.Is(err, smolvm.ErrSnapshotRestored) {
+		t.Fatalf("second restore without force: %v", err)
+	}
+	vm, err = m.FromSnapshot(ctx, snap.ID, smolvm.RestoreOptions{Resume: true, Force: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vm.Close()
+	if got := mustOK(t, vm, "cat /opt/app/setup-done"); got != "print 42" {
+		t.Errorf("after rollback: %q", got)
+	}
+	info, _ := m.GetSnapshot(ctx, snap.ID)
+	if !info.Restored || info.RestoredVMID != "agent-box" || info.RestoreCount != 2 {
+		t.Errorf("snapshot info after restores: %+v", info)
+	}
+
+	// Delete is refused while the restored VM runs, and allowed once it stops.
+	if err := m.DeleteSnapshot(ctx, snap.ID); !errors.Is(err, smolvm.ErrSnapshotInUse) {
+		t.Fatalf("delete while running: %v", err)
+	}
+	mustOK(t, vm, "echo after > /root/after-restore")
+	if err := vm.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.DeleteSnapshot(ctx, snap.ID); err != nil {
+		t.Fatalf("delete after stop: %v", err)
+	}
+	if _, err := os.Stat(info.Dir); !os.IsNotExist(err) {
+		t.Errorf("snapshot dir left: %v", err)
+	}
+	if _, err := m.GetSnapshot(ctx, snap.ID); !errors.Is(err, smolvm.ErrSnapshotNotFound) {
+		t.Errorf("get after delete: %v", err)
+	}
+	// The stopped VM that came from it keeps its data and boots.
+	if err := vm.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustOK(t, vm, "cat /root/after-restore /opt/app/setup-done"); got != "after\nprint 42" {
+		t.Errorf("vm restored from a deleted snapshot: %q", got)
+	}
+}
+
+func TestSnapshotRules(t *testing.T) {
+	m := newManager(t)
+	ctx := testCtx(t)
+	vm := boot(t, m, smolvm.Config{Name: "rules", Image: "busybox", NoNetwork: true})
+
+	for _, id := range []string{"../x", "A", "a/b", strings.Repeat("a", 65), "-a", ".", ""} {
+		if id == "" {
+			continue
+		}
+		_, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: id})
+		if !errors.Is(err, smolvm.ErrInvalidID) || !strings.Contains(err.Error(), "lowercase letters") {
+			t.Errorf("id %q: %v", id, err)
+		}
+	}
+	if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{Type: "memory"}); !errors.Is(err, smolvm.ErrInvalidConfig) {
+		t.Errorf("bad type: %v", err)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(m.DataDir(), "snapshots")); len(ents) != 0 {
+		t.Errorf("invalid snapshots wrote %v", ents)
+	}
+	// Generated id, string type, resume source.
+	s1, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{Type: "disk", ResumeSource: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(s1.ID, "snap-rules-") || len(s1.ID) > 64 {
+		t.Errorf("generated id %q", s1.ID)
+	}
+	if got := mustOK(t, vm, "echo still running"); got != "still running" {
+		t.Errorf("after ResumeSource: %q", got)
+	}
+	s2, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{Type: "disk", ResumeSource: true})
+	if err != nil || s2.ID == s1.ID {
+		t.Errorf("two generated ids in one second: %v %v", s2, err)
+	}
+	if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: s1.ID}); !errors.Is(err, smolvm.ErrSnapshotExists) {
+		t.Errorf("duplicate id: %v", err)
+	}
+	other := boot(t, m, smolvm.Config{Name: "other", Image: "busybox", NoNetwork: true})
+	if _, err := other.Snapshot(ctx, smolvm.SnapshotOptions{ID: "of-other", Type: smolvm.SnapshotDisk, ResumeSource: true}); err != nil {
+		t.Fatal(err)
+	}
+	list, _ := m.ListSnapshots(ctx, smolvm.SnapshotFilter{VMID: "rules"})
+	all, _ := m.ListSnapshots(ctx, smolvm.SnapshotFilter{})
+	if len(list) != 2 || len(all) != 3 {
+		t.Errorf("list by vm: %d, all: %d", len(list), len(all))
+	}
+	if _, err := m.FromSnapshot(ctx, "missing", smolvm.RestoreOptions{}); !errors.Is(err, smolvm.ErrSnapshotNotFound) {
+		t.Errorf("restore missing: %v", err)
+	}
+	if err := m.DeleteSnapshot(ctx, "missing"); !errors.Is(err, smolvm.ErrSnapshotNotFound) {
+		t.Errorf("delete missing: %v", err)
+	}
+	// A stopped VM cannot be snapshotted.
+	if err := other.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.Snapshot(ctx, smolvm.SnapshotOptions{}); !errors.Is(err, smolvm.ErrVMNotRunning) {
+		t.Errorf("snapshot of stopped vm: %v", err)
+	}
+	// A corrupted artifact is reported, not booted; the VM is left alone.
+	corrupt, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "to-corrupt", ResumeSource: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(corrupt.Artifacts.State, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt([]byte("garbage!"), 100)
+	f.Close()
+	if _, err := m.FromSnapshot(ctx, "to-corrupt", smolvm.RestoreOptions{Resume: true}); !errors.Is(err, smolvm.ErrSnapshotCorrupt) ||
+		!strings.Contains(err.Error(), corrupt.Artifacts.State) {
+		t.Errorf("corrupt restore: %v", err)
+	}
+	if st, _ := vm.Status(ctx); st != smolvm.StatusRunning {
+		t.Errorf("source vm after refused restore: %s", st)
+	}
+}
+
+func TestDiffSnapshotNeedsBaseImage(t *testing.T) {
+	// A private image cache, so renaming its base image disturbs no other test.
+	ctx := testCtx(t)
+	imgDir := filepath.Join(testRoot, "private-images")
+	agent := filepath.Join(testRoot, "smolvm-agent")
+	img, err := image.Build(ctx, image.BuildOptions{Dir: imgDir, Name: "busybox", AgentPath: agent,
+		DownloadDir: filepath.Join(testImageDir, "downloads")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := smolvm.NewManager(ctx, smolvm.Options{DataDir: t.TempDir(), ImageDir: imgDir, RunDir: filepath.Join(testRoot, "run"), Logger: quietLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cleanupAll(m.DataDir())
+	vm := boot(t, m, smolvm.Config{Name: "diffy", Image: "busybox", NoNetwork: true})
+	startWorkload(t, vm)
+	if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "d1", Type: smolvm.SnapshotDiff, ResumeSource: true}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "f1", Type: smolvm.SnapshotFull}); err != nil {
+		t.Fatal(err)
+	}
+	vm.Close()
+	if err := os.Rename(img.Rootfs, img.Rootfs+".away"); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Rename(img.Rootfs+".away", img.Rootfs)
+	_, err = m.FromSnapshot(ctx, "d1", smolvm.RestoreOptions{Resume: true})
+	if !errors.Is(err, smolvm.ErrBackingImageMissing) || !strings.Contains(err.Error(), img.Rootfs) ||
+		!strings.Contains(smolvm.Fix(err), "full") {
+		t.Fatalf("diff restore without base: %v (fix %q)", err, smolvm.Fix(err))
+	}
+	restored, err := m.FromSnapshot(ctx, "f1", smolvm.RestoreOptions{Resume: true})
+	if err != nil {
+		t.Fatalf("full restore without base: %v", err)
+	}
+	defer restored.Close()
+	if tmpfs, proc, disk := checkWorkload(t, restored); !tmpfs || !proc || !disk {
+		t.Errorf("full restore: tmpfs=%v process=%v disk=%v", tmpfs, proc, disk)
+	}
+}
+
+// TestSnapshotCreateKilled kills a CLI snapshot create at several points:
+// nothing half-written is ever listed, and the next create cleans up.
+func TestSnapshotCreateKilled(t *testing.T) {
+	m := newManager(t)
+	ctx := testCtx(t)
+	vm := boot(t, m, smolvm.Config{Name: "killme", Image: "busybox", NoNetwork: true, MemoryMiB: 256})
+	vm.Close()
+	cli := buildCLI(t)
+	for i, delay := range []time.Duration{50 * time.Millisecond, 150 * time.Millisecond, 300 * time.Millisecond} {
+		id := "killed-" + strconv.Itoa(i)
+		cmd := exec.Command(cli, "--data-dir", m.DataDir(), "--image-dir", testImageDir, "sandbox", "snapshot", "create", "killme", "--snapshot-id", id, "--resume-source")
+		cmd.Env = append(os.Environ(), "SMOLVM_RUN_DIR="+filepath.Join(testRoot, "run"))
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(delay)
+		cmd.Process.Signal(syscall.SIGKILL)
+		cmd.Wait()
+		snaps, _ := m.ListSnapshots(ctx, smolvm.SnapshotFilter{})
+		for _, s := range snaps {
+			// Either it completed before the kill (then it is whole) or it is not listed.
+			if err := m.VerifySnapshot(ctx, s.ID); err != nil {
+				t.Errorf("listed snapshot %s is not whole: %v", s.ID, err)
+			}
+		}
+	}
+	vm, err := m.Open(ctx, "killme")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vm.Close()
+	if st, _ := vm.Status(ctx); st == smolvm.StatusPaused {
+		vm.Resume(ctx)
+	}
+	if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "after-kills", Type: smolvm.SnapshotDisk, ResumeSource: true}); err != nil {
+		t.Fatal(err)
+	}
+	snaps, _ := m.ListSnapshots(ctx, smolvm.SnapshotFilter{})
+	ents, _ := os.ReadDir(filepath.Join(m.DataDir(), "snapshots"))
+	if len(ents) != len(snaps) {
+		var names []string
+		for _, e := range ents {
+			names = append(names, e.Name())
+		}
+		t.Errorf("snapshot dir holds %v but %d snapshots are listed", names, len(snaps))
+	}
+}
+
+var cliPath string
+
+func buildCLI(t *testing.T) string {
+	t.Helper()
+	if cliPath != "" {
+		return cliPath
+	}
+	p := filepath.Join(testRoot, "smolvm")
+	out, err := exec.Command("go", "build", "-o", p, "./cmd/smolvm").CombinedOutput()
+	if err != nil {
+		t.Fatalf("build cli: %v\n%s", err, out)
+	}
+	cliPath = p
+	return p
+}
+
+var _ = context.Background

@@ -1,0 +1,335 @@
+package smolvm_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/smolvm-go/smolvm"
+)
+
+func TestRunExitCodesAndStreams(t *testing.T) {
+	vm := sharedVM(t)
+	res := run(t, vm, "echo out; echo err >&2; exit 7")
+	got := []any{res.ExitCode, res.Stdout, res.Stderr, res.OK()}
+	if diff := cmp.Diff([]any{7, "out\n", "err\n", false}, got); diff != "" {
+		t.Errorf("result (-want +got):\n%s", diff)
+	}
+	res = run(t, vm, "echo '  6*7=42  '")
+	if !res.OK() || res.Output() != "6*7=42" {
+		t.Errorf("OK=%v Output=%q", res.OK(), res.Output())
+	}
+	// argv form, no shell: the '$HOME' stays literal.
+	ares, err := vm.RunArgs(testCtx(t), []string{"echo", "$HOME", "a b"})
+	if err != nil || ares.Stdout != "$HOME a b\n" {
+		t.Errorf("RunArgs = %q, %v", ares.Stdout, err)
+	}
+	// A missing program is a result (127), not an error.
+	ares, err = vm.RunArgs(testCtx(t), []string{"/no/such/program"})
+	if err != nil || ares.ExitCode != 127 {
+		t.Errorf("missing program: %+v, %v", ares, err)
+	}
+}
+
+func TestRunOptions(t *testing.T) {
+	vm := sharedVM(t)
+	ctx := testCtx(t)
+	res, err := vm.Run(ctx, "cat; pwd; echo $ONE", smolvm.WithStdin([]byte("in\n")), smolvm.WithWorkdir("/tmp"),
+		smolvm.WithEnv(map[string]string{"ONE": "1"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Stdout != "in\n/tmp\n1\n" {
+		t.Errorf("stdout = %q", res.Stdout)
+	}
+	var streamed bytes.Buffer
+	res, err = vm.Run(ctx, "for i in 1 2 3; do echo line$i; sleep 0.1; done", smolvm.WithStdout(&streamed))
+	if err != nil || streamed.String() != "line1\nline2\nline3\n" || res.Stdout != streamed.String() {
+		t.Errorf("streamed %q, result %q, err %v", streamed.String(), res.Stdout, err)
+	}
+}
+
+func TestRunTimeoutKillsProcessGroup(t *testing.T) {
+	vm := sharedVM(t)
+	res := run(t, vm, "sleep 300 & sleep 300; echo never", smolvm.WithTimeout(time.Second))
+	if !res.TimedOut || res.OK() || strings.Contains(res.Stdout, "never") {
+		t.Fatalf("timeout result: %+v", res)
+	}
+	// The background sleep of the group must be gone too.
+	out := mustOK(t, vm, "ps -o args 2>/dev/null | grep -c '^sleep 300' || true")
+	if out != "0" {
+		t.Errorf("%s sleep 300 processes survive the timeout", out)
+	}
+}
+
+func TestEnv(t *testing.T) {
+	vm := sharedVM(t)
+	ctx := testCtx(t)
+	if got := mustOK(t, vm, "echo $FROM_CONFIG"); got != "cfg" {
+		t.Errorf("Config.Env: got %q", got)
+	}
+	if err := vm.SetEnv(ctx, map[string]string{"SET_LATER": "x y"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustOK(t, vm, `echo "$SET_LATER|$FROM_CONFIG"`); got != "x y|cfg" {
+		t.Errorf("SetEnv: got %q", got)
+	}
+}
+
+func TestFiles(t *testing.T) {
+	vm := sharedVM(t)
+	ctx := testCtx(t)
+	dir := t.TempDir()
+	src := filepath.Join(dir, "script.sh")
+	data := append([]byte("#!/bin/sh\necho from-host\n"), bytes.Repeat([]byte{0, 1, 2, 255}, 100000)...)
+	if err := os.WriteFile(src, data, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if err := vm.UploadFile(ctx, src, "/root/up/"); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustOK(t, vm, "stat -c %a /root/up/script.sh; head -n2 /root/up/script.sh | sh"); got != "750\nfrom-host" {
+		t.Errorf("uploaded file: %q", got)
+	}
+	dst := filepath.Join(dir, "back")
+	if err := vm.DownloadFile(ctx, "/root/up/script.sh", dst); err != nil {
+		t.Fatal(err)
+	}
+	back, _ := os.ReadFile(dst)
+	st, _ := os.Stat(dst)
+	if !bytes.Equal(back, data) || st.Mode().Perm() != 0o750 {
+		t.Errorf("round trip: %d bytes (want %d), mode %v", len(back), len(data), st.Mode().Perm())
+	}
+	if err := vm.UploadFile(ctx, src, "relative/path"); !errors.Is(err, smolvm.ErrInvalidConfig) {
+		t.Errorf("relative guest path: %v", err)
+	}
+	if err := vm.DownloadFile(ctx, "/no/such/file", dst); err == nil {
+		t.Error("download of a missing file succeeded")
+	}
+}
+
+func TestPauseResume(t *testing.T) {
+	vm := sharedVM(t)
+	ctx := testCtx(t)
+	if err := vm.Pause(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := vm.Status(ctx); st != smolvm.StatusPaused {
+		t.Errorf("status %s, want paused", st)
+	}
+	_, err := vm.Run(ctx, "true")
+	if !errors.Is(err, smolvm.ErrVMNotRunning) || !strings.Contains(smolvm.Fix(err), "resume") {
+		t.Errorf("Run while paused: %v (fix %q)", err, smolvm.Fix(err))
+	}
+	if err := vm.Resume(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mustOK(t, vm, "true")
+}
+
+// TestReopenFromAnotherProcess runs a command through smolvm.Open in a child
+// process while this process holds its own handle.
+func TestReopenFromAnotherProcess(t *testing.T) {
+	if os.Getenv("SMOLVM_TEST_CHILD") == "reopen" {
+		ctx := context.Background()
+		m, err := smolvm.NewManager(ctx, smolvm.Options{DataDir: os.Getenv("CHILD_DATA_DIR"), Logger: quietLogger()})
+		if err != nil {
+			fmt.Println("ERR", err)
+			return
+		}
+		vm, err := m.Open(ctx, "shared")
+		if err != nil {
+			fmt.Println("ERR", err)
+			return
+		}
+		res, err := vm.Run(ctx, "cat /root/from-parent")
+		fmt.Printf("CHILD %q %v\n", res.Output(), err)
+		vm.Close()
+		return
+	}
+	vm := sharedVM(t)
+	mustOK(t, vm, "echo hello-child > /root/from-parent")
+	cmd := exec.Command(os.Args[0], "-test.run=^TestReopenFromAnotherProcess$")
+	cmd.Env = append(os.Environ(), "SMOLVM_TEST_CHILD=reopen", "CHILD_DATA_DIR="+filepath.Join(testRoot, "shared"))
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), `CHILD "hello-child" <nil>`) {
+		t.Fatalf("child: %v\n%s", err, out)
+	}
+	mustOK(t, vm, "true") // our own handle still works
+}
+
+func TestGuestEgress(t *testing.T) {
+	vm := sharedVM(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "hello guest %s", r.URL.Path)
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+	port := ln.Addr().(*net.TCPAddr).Port
+	// 10.0.2.2 is the host as seen from QEMU's user-mode network.
+	got := mustOK(t, vm, fmt.Sprintf("wget -q -O - http://10.0.2.2:%d/ping", port))
+	if got != "hello guest /ping" {
+		t.Errorf("guest fetched %q", got)
+	}
+}
+
+func TestPortExpose(t *testing.T) {
+	vm := sharedVM(t)
+	ctx := testCtx(t)
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	hostPort := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	if err := vm.ExposePort(ctx, hostPort, 8080); err != nil {
+		t.Fatal(err)
+	}
+	run(t, vm, "(echo -e 'HTTP/1.0 200 OK\\r\\n\\r\\nfrom-guest' | nc -l -p 8080 >/dev/null 2>&1 &) ; sleep 0.3")
+	var body []byte
+	for i := 0; i < 50; i++ {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", hostPort))
+		if err == nil {
+			buf := new(bytes.Buffer)
+			buf.ReadFrom(resp.Body)
+			resp.Body.Close()
+			body = buf.Bytes()
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !strings.Contains(string(body), "from-guest") {
+		t.Errorf("host got %q through the exposed port", body)
+	}
+}
+
+func TestPython3OnDebian(t *testing.T) {
+	m := newManager(t)
+	vm := boot(t, m, smolvm.Config{}) // the zero value: debian, 512 MiB, 1 vCPU, network on
+	info, err := vm.Info(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Image != "debian" || info.MemoryMiB != 512 || info.CPUs != 1 || !info.Network {
+		t.Errorf("defaults: %+v", info)
+	}
+	if got := mustOK(t, vm, "python3 -c 'print(6*7)'"); got != "42" {
+		t.Errorf("python3: %q", got)
+	}
+	if got := mustOK(t, vm, "test -f /etc/apt/sources.list && command -v apt-get"); got != "/usr/bin/apt-get" {
+		t.Errorf("apt: %q", got)
+	}
+}
+
+func TestLifecycleStopStartDelete(t *testing.T) {
+	m := newManager(t)
+	ctx := testCtx(t)
+	vm := boot(t, m, smolvm.Config{Name: "life", Image: "busybox", NoNetwork: true})
+	mustOK(t, vm, "echo persisted > /root/keep")
+	if err := vm.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := vm.Status(ctx); st != smolvm.StatusStopped {
+		t.Errorf("after Stop: %s", st)
+	}
+	if _, err := vm.Run(ctx, "true"); !errors.Is(err, smolvm.ErrVMNotRunning) || !strings.Contains(smolvm.Fix(err), "smolvm sandbox start life") {
+		t.Errorf("Run on a stopped VM: %v", err)
+	}
+	if err := vm.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustOK(t, vm, "cat /root/keep"); got != "persisted" {
+		t.Errorf("disk after restart: %q", got)
+	}
+	info, _ := vm.Info(ctx)
+	if err := vm.Delete(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Open(ctx, "life"); !errors.Is(err, smolvm.ErrVMNotFound) {
+		t.Errorf("Open after Delete: %v", err)
+	}
+	if _, err := os.Stat(info.Dir); !os.IsNotExist(err) {
+		t.Errorf("vm dir left behind: %v", err)
+	}
+	if p := qemuProcessesUnder(info.ID); len(p) > 0 {
+		// Match on the data dir to avoid other tests' VMs.
+		if p := qemuProcessesUnder(m.DataDir()); len(p) > 0 {
+			t.Errorf("qemu processes left: %v", p)
+		}
+	}
+}
+
+func TestBadInput(t *testing.T) {
+	m := newManager(t)
+	ctx := testCtx(t)
+	cases := []struct {
+		name string
+		cfg  smolvm.Config
+		want error
+	}{
+		{"uppercase id", smolvm.Config{Name: "A"}, smolvm.ErrInvalidID},
+		{"path id", smolvm.Config{Name: "../x"}, smolvm.ErrInvalidID},
+		{"slash id", smolvm.Config{Name: "a/b"}, smolvm.ErrInvalidID},
+		{"long id", smolvm.Config{Name: strings.Repeat("a", 65)}, smolvm.ErrInvalidID},
+		{"unknown image", smolvm.Config{Image: "nope"}, smolvm.ErrInvalidConfig},
+		{"memory low", smolvm.Config{MemoryMiB: 64}, smolvm.ErrInvalidConfig},
+		{"memory high", smolvm.Config{MemoryMiB: 1 << 20}, smolvm.ErrInvalidConfig},
+		{"cpus", smolvm.Config{CPUs: 99}, smolvm.ErrInvalidConfig},
+		{"backend", smolvm.Config{Backend: "vbox"}, smolvm.ErrInvalidConfig},
+	}
+	for _, c := range cases {
+		_, err := m.New(ctx, c.cfg)
+		if !errors.Is(err, c.want) {
+			t.Errorf("%s: got %v, want %v", c.name, err, c.want)
+		}
+	}
+	// An image that is not built: the error names the command that builds it.
+	empty, err := smolvm.NewManager(ctx, smolvm.Options{DataDir: t.TempDir(), ImageDir: t.TempDir(), Logger: quietLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer empty.Close()
+	_, err = empty.New(ctx, smolvm.Config{Name: "x"})
+	if !errors.Is(err, smolvm.ErrImageNotBuilt) || smolvm.Fix(err) != "smolvm image build debian" {
+		t.Errorf("image not built: %v (fix %q)", err, smolvm.Fix(err))
+	}
+	// Nothing was left behind by any of these.
+	for _, mm := range []*smolvm.Manager{m, empty} {
+		infos, _ := mm.List(ctx)
+		if len(infos) != 0 {
+			t.Errorf("records left: %+v", infos)
+		}
+		ents, _ := os.ReadDir(filepath.Join(mm.DataDir(), "vms"))
+		if len(ents) != 0 {
+			t.Errorf("files left in %s: %v", mm.DataDir(), ents)
+		}
+	}
+	// Duplicate names.
+	vm, err := m.New(ctx, smolvm.Config{Name: "dup", Image: "busybox"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vm.Close()
+	if _, err := m.New(ctx, smolvm.Config{Name: "dup", Image: "busybox"}); !errors.Is(err, smolvm.ErrVMExists) {
+		t.Errorf("duplicate: %v", err)
+	}
+	if _, err := m.Open(ctx, "missing"); !errors.Is(err, smolvm.ErrVMNotFound) {
+		t.Errorf("open missing: %v", err)
+	}
+	// Exec on a created (never started) VM.
+	if _, err := vm.Run(ctx, "true"); !errors.Is(err, smolvm.ErrVMNotRunning) {
+		t.Errorf("run on created vm: %v", err)
+	}
+}
