@@ -15,6 +15,7 @@ import (
 
 	"github.com/smolvm-go/smolvm"
 	"github.com/smolvm-go/smolvm/internal/image"
+	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
 // The tests in this package boot real VMs (QEMU; TCG where KVM is not
@@ -56,19 +57,12 @@ func TestMain(m *testing.M) {
 // ensureImages builds the guest agent from this source tree and makes sure
 // the busybox and debian images carry it (a no-op when the cache is current).
 func ensureImages() error {
-	ctx := context.Background()
-	wd, _ := os.Getwd()
-	agent := filepath.Join(testRoot, "smolvm-agent")
-	if err := image.BuildAgent(ctx, wd, agent); err != nil {
-		return err
-	}
-	for _, name := range []string{"busybox", "debian"} {
-		if _, err := image.Build(ctx, image.BuildOptions{Dir: testImageDir, Name: name, AgentPath: agent}); err != nil {
-			return fmt.Errorf("image %s: %w", name, err)
-		}
-	}
-	return nil
+	agent, err := testutil.EnsureImages(context.Background())
+	testAgent = agent
+	return err
 }
+
+var testAgent string
 
 // cleanupAll deletes every VM left in a data dir (tests that fail midway).
 func cleanupAll(dataDir string) {

@@ -250,8 +250,7 @@ func TestDiffSnapshotNeedsBaseImage(t *testing.T) {
 	// A private image cache, so renaming its base image disturbs no other test.
 	ctx := testCtx(t)
 	imgDir := filepath.Join(testRoot, "private-images")
-	agent := filepath.Join(testRoot, "smolvm-agent")
-	img, err := image.Build(ctx, image.BuildOptions{Dir: imgDir, Name: "busybox", AgentPath: agent,
+	img, err := image.Build(ctx, image.BuildOptions{Dir: imgDir, Name: "busybox", AgentPath: testAgent,
 		DownloadDir: filepath.Join(testImageDir, "downloads")})
 	if err != nil {
 		t.Fatal(err)

@@ -361,6 +361,20 @@ func serveHost(ctx context.Context, srv *Server, name string) error {
 		if err != nil {
 			return err
 		}
+		// Extra ports NAME.1, NAME.2, ... let several host processes hold
+		// a connection each (a QEMU socket chardev takes one client).
+		for k := 1; k < agentproto.MaxPorts; k++ {
+			xpath, err := FindVirtioPort(fmt.Sprintf("%s.%d", name, k))
+			if err != nil {
+				break
+			}
+			xp, err := OpenVirtioPort(xpath)
+			if err != nil {
+				fmt.Fprintf(console, "smolvm-agent: %v\n", err)
+				continue
+			}
+			go srv.ServePort(ctx, xp)
+		}
 		fmt.Fprintln(console, agentproto.ReadyLine)
 		return srv.ServePort(ctx, p)
 	}

@@ -33,7 +33,7 @@ func Main(args []string) int {
 	}
 	if len(args) == 0 {
 		fmt.Fprint(os.Stderr, usage)
-		serveFlags(io.Discard).PrintDefaults()
+		serveFlags(os.Stderr).PrintDefaults()
 		return 2
 	}
 	switch args[0] {

@@ -141,6 +141,9 @@ func (s *Server) ServePort(ctx context.Context, p Port) error {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
+			if errors.Is(err, net.ErrClosed) {
+				return err
+			}
 			if !errors.Is(err, io.EOF) {
 				s.logf("read: %v", err)
 			}

@@ -306,7 +306,12 @@ func (p *ChardevPort) detach(c net.Conn) {
 
 // Read implements Port.
 func (p *ChardevPort) Read(b []byte) (int, error) {
-	c, _ := p.current()
+	p.mu.Lock()
+	c, closed := p.cur, p.closed
+	p.mu.Unlock()
+	if closed {
+		return 0, net.ErrClosed
+	}
 	if c == nil {
 		return 0, io.EOF
 	}

@@ -1,8 +1,11 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"net"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 )
@@ -29,5 +32,31 @@ func TestVsockListenerClose(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("Close did not end Accept")
+	}
+}
+
+func TestServePortEndsOnClose(t *testing.T) {
+	dir, err := os.MkdirTemp("", "sp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	p, err := ListenChardev(filepath.Join(dir, "s"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := NewServer(Options{EnvFile: filepath.Join(dir, "env"), Logf: t.Logf})
+	defer srv.Close()
+	done := make(chan error, 1)
+	go func() { done <- srv.ServePort(context.Background(), p) }()
+	time.Sleep(20 * time.Millisecond)
+	p.Close()
+	select {
+	case err := <-done:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Errorf("ServePort: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("ServePort kept running on a closed port")
 	}
 }

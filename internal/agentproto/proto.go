@@ -28,6 +28,12 @@ const MaxOutputChunk = 32 << 10
 // DefaultPortName is the virtio-serial port name the agent serves on.
 const DefaultPortName = "org.smolvm.agent"
 
+// MaxPorts bounds how many virtio-serial ports the agent serves: the port
+// DefaultPortName plus DefaultPortName.1 ... DefaultPortName.(MaxPorts-1),
+// one per concurrent host connection (QEMU's socket chardev accepts one
+// client at a time).
+const MaxPorts = 8
+
 // DefaultVsockPort is the AF_VSOCK port the agent listens on when there is no
 // virtio-serial port (Firecracker).
 const DefaultVsockPort = 1024
@@ -210,6 +216,9 @@ func (e *Error) Error() string {
 	return fmt.Sprintf("agent: %s (%s)", e.Message, e.Code)
 }
 
+// marshalLimit is MaxMessageSize; tests lower it.
+var marshalLimit = MaxMessageSize
+
 // ErrTooLarge is returned (wrapped) for messages over MaxMessageSize.
 var ErrTooLarge = errors.New("message exceeds maximum size")
 
@@ -240,8 +249,8 @@ func Marshal(id uint64, typ string, payload any) ([]byte, error) {
 		}
 	}
 	buf.WriteString("}\n")
-	if buf.Len() > MaxMessageSize {
-		return nil, fmt.Errorf("agentproto: %s message of %d bytes: %w (%d)", typ, buf.Len(), ErrTooLarge, MaxMessageSize)
+	if buf.Len() > marshalLimit {
+		return nil, fmt.Errorf("agentproto: %s message of %d bytes: %w (%d)", typ, buf.Len(), ErrTooLarge, marshalLimit)
 	}
 	return buf.Bytes(), nil
 }

@@ -35,7 +35,7 @@ func (b *builder) stageDebian(ctx context.Context, dir string) error {
 		err = uerr
 	}
 	if err != nil {
-		return fmt.Errorf("debootstrap: %w", err)
+		return err
 	}
 	b.step("rootfs: configuring and trimming the debian tree", 0.86)
 	return finishDebian(dir, mirror)

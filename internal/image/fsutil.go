@@ -2,6 +2,7 @@ package image
 
 import (
 	"bufio"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -14,6 +15,7 @@ import (
 	"sort"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // sha256File returns the hex sha256 and the size of the file at path.
@@ -179,7 +181,9 @@ func copyFile(src, dst string, perm os.FileMode) error {
 // fileLock is an exclusive flock on a file.
 type fileLock struct{ f *os.File }
 
-func lockFile(path string) (*fileLock, error) {
+// lockFile takes an exclusive flock on path, waiting until it is free or
+// ctx ends. onWait (optional) is called once if the lock is busy.
+func lockFile(ctx context.Context, path string, onWait func()) (*fileLock, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, err
 	}
@@ -187,17 +191,27 @@ func lockFile(path string) (*fileLock, error) {
 	if err != nil {
 		return nil, err
 	}
+	waited := false
 	for {
-		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX)
-		if !errors.Is(err, syscall.EINTR) {
-			break
+		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return &fileLock{f: f}, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", path, err)
+		}
+		if !waited && onWait != nil {
+			onWait()
+		}
+		waited = true
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("waiting for lock %s: %w", path, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
 		}
 	}
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	return &fileLock{f: f}, nil
 }
 
 func (l *fileLock) Unlock() {

@@ -200,7 +200,9 @@ func Build(ctx context.Context, o BuildOptions) (Image, error) {
 	}
 	b := &builder{o: o, dir: dir, log: o.Logger.With("image", o.Name)}
 
-	lock, err := lockFile(filepath.Join(dir, ".lock"))
+	lock, err := lockFile(ctx, filepath.Join(dir, ".lock"), func() {
+		b.step("waiting for another build in "+dir, 0)
+	})
 	if err != nil {
 		return Image{}, err
 	}
@@ -416,7 +418,7 @@ func Remove(dir, name string) error {
 	if _, err := os.Stat(filepath.Join(dir, "images", name, manifestName)); errors.Is(err, fs.ErrNotExist) {
 		return notBuilt(name, dir, "is not built")
 	}
-	lock, err := lockFile(filepath.Join(dir, ".lock"))
+	lock, err := lockFile(context.Background(), filepath.Join(dir, ".lock"), nil)
 	if err != nil {
 		return err
 	}

@@ -29,8 +29,8 @@ var payloadMagics = []struct {
 // ExtractVmlinux writes the uncompressed ELF kernel contained in the bzImage
 // at src to dst. It uses the payload_offset/payload_length fields of the
 // x86 boot header when present and otherwise scans for a compression magic.
-// gzip and bzip2 are decoded in Go; xz, lzma, zstd and lz4 through the
-// host's xz, zstd or lz4 tools.
+// gzip, bzip2 and lz4 (the Debian cloud kernel's format) are decoded in
+// Go; xz, lzma and zstd through the host's xz or zstd tools.
 func ExtractVmlinux(src, dst string) error {
 	data, err := os.ReadFile(src)
 	if err != nil {
@@ -124,7 +124,7 @@ func decompressPayload(format string, p []byte) ([]byte, error) {
 	case "zstd":
 		return externalDecompress(p, "zstd", "-dcq")
 	case "lz4":
-		return externalDecompress(p, "lz4", "-dcq")
+		return decompressLZ4Legacy(p)
 	}
 	return nil, fmt.Errorf("unknown format %s", format)
 }
@@ -166,4 +166,96 @@ func writeVmlinux(dst string, b []byte) error {
 		return err
 	}
 	return f.Close()
+}
+
+// lz4LegacyMagic starts an LZ4 "legacy" stream, the format kbuild uses.
+const lz4LegacyMagic = 0x184c2102
+
+// decompressLZ4Legacy decodes an LZ4 legacy stream: the magic, then blocks
+// each preceded by its compressed size (uint32 LE), each decoding
+// independently. Data that cannot be a block (such as the uncompressed
+// size kbuild appends) ends the stream.
+func decompressLZ4Legacy(p []byte) ([]byte, error) {
+	if len(p) < 4 || binary.LittleEndian.Uint32(p) != lz4LegacyMagic {
+		return nil, errors.New("lz4: no legacy magic")
+	}
+	p = p[4:]
+	out := make([]byte, 0, 64<<20)
+	for len(p) >= 4 {
+		n := binary.LittleEndian.Uint32(p)
+		if n == lz4LegacyMagic { // concatenated stream
+			p = p[4:]
+			continue
+		}
+		if n == 0 || uint64(n) > uint64(len(p)-4) {
+			break
+		}
+		var err error
+		out, err = lz4Block(out, p[4:4+n])
+		if err != nil {
+			return nil, err
+		}
+		p = p[4+n:]
+	}
+	if len(out) == 0 {
+		return nil, errors.New("lz4: empty stream")
+	}
+	return out, nil
+}
+
+// lz4Block appends the decoding of one LZ4 block to dst.
+func lz4Block(dst, src []byte) ([]byte, error) {
+	corrupt := errors.New("lz4: corrupt block")
+	// readLen extends a 4-bit length with 255-continued bytes.
+	readLen := func(n int, i *int) (int, bool) {
+		if n != 15 {
+			return n, true
+		}
+		for {
+			if *i >= len(src) {
+				return 0, false
+			}
+			b := src[*i]
+			*i++
+			n += int(b)
+			if b != 255 {
+				return n, true
+			}
+		}
+	}
+	for i := 0; i < len(src); {
+		token := src[i]
+		i++
+		lit, ok := readLen(int(token>>4), &i)
+		if !ok || lit > len(src)-i {
+			return nil, corrupt
+		}
+		dst = append(dst, src[i:i+lit]...)
+		i += lit
+		if i == len(src) {
+			break // the last sequence has literals only
+		}
+		if i+2 > len(src) {
+			return nil, corrupt
+		}
+		off := int(src[i]) | int(src[i+1])<<8
+		i += 2
+		ml, ok := readLen(int(token&15), &i)
+		if !ok {
+			return nil, corrupt
+		}
+		ml += 4
+		if off == 0 || off > len(dst) {
+			return nil, corrupt
+		}
+		start := len(dst) - off
+		if off >= ml {
+			dst = append(dst, dst[start:start+ml]...)
+		} else {
+			for k := 0; k < ml; k++ { // overlapping copy repeats the pattern
+				dst = append(dst, dst[start+k])
+			}
+		}
+	}
+	return dst, nil
 }

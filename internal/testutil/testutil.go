@@ -265,7 +265,7 @@ var wd struct {
 	sync.Mutex
 	file    string
 	started bool
-	tracked map[int]string // pid -> RunDir
+	tracked map[int]backend.Machine
 }
 
 // Track registers m's VMM with the watchdog, a small detached shell that
@@ -283,9 +283,9 @@ func Track(m backend.Machine) {
 		}
 	}
 	if wd.tracked == nil {
-		wd.tracked = map[int]string{}
+		wd.tracked = map[int]backend.Machine{}
 	}
-	wd.tracked[m.PID] = m.RunDir
+	wd.tracked[m.PID] = m
 	writeTrackedLocked()
 }
 
@@ -302,8 +302,12 @@ func writeTrackedLocked() {
 		return
 	}
 	var sb strings.Builder
-	for pid, dir := range wd.tracked {
-		fmt.Fprintf(&sb, "%d %s\n", pid, dir)
+	for pid, m := range wd.tracked {
+		mem := "-"
+		if m.MemoryShared && m.MemoryFile != "" {
+			mem = m.MemoryFile
+		}
+		fmt.Fprintf(&sb, "%d\t%s\t%s\n", pid, m.RunDir, mem)
 	}
 	tmp := wd.file + ".tmp"
 	if os.WriteFile(tmp, []byte(sb.String()), 0o600) == nil {
@@ -312,14 +316,17 @@ func writeTrackedLocked() {
 }
 
 // The watchdog polls our pid; when we are gone it kills each tracked pid
-// whose cmdline still names its RunDir (guards against pid reuse).
+// whose cmdline still names its RunDir (guards against pid reuse) and
+// removes the VM's shared RAM file.
 const watchdogScript = `
 parent=$1; list=$2
-while kill -0 "$parent" 2>/dev/null; do sleep 1; done
+while kill -0 "$parent" 2>/dev/null; do sleep 0.5; done
 if [ -f "$list" ]; then
-  while read -r pid dir; do
+  tab=$(printf '\t')
+  while IFS="$tab" read -r pid dir mem; do
     [ -n "$pid" ] || continue
     if tr '\0' ' ' < /proc/$pid/cmdline 2>/dev/null | grep -qF -- "$dir"; then kill -9 "$pid" 2>/dev/null; fi
+    case "$mem" in /dev/shm/smolvm-*/*) rm -f "$mem"; rmdir "${mem%/*}" 2>/dev/null;; esac
   done < "$list"
 fi
 rm -f "$list" "$list.tmp"

@@ -35,6 +35,14 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 			return backend.Machine{}, fmt.Errorf("qemu: start: %w", err)
 		}
 	}
+	// Refuse to start over a live VMM of the same VM (its sockets would be
+	// removed under it).
+	if b, err := os.ReadFile(pidFile(spec.Dir)); err == nil {
+		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil &&
+			processAlive(backend.Machine{Spec: spec, PID: pid}) {
+			return backend.Machine{}, fmt.Errorf("qemu: start %s: already running (pid %d)", spec.ID, pid)
+		}
+	}
 	// Leftovers of an earlier run of this VM.
 	removeQuiet(qmpSocket(spec.RunDir), agentSocket(spec.RunDir), pidFile(spec.Dir))
 	if l.MemoryShared {

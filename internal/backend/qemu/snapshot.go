@@ -207,31 +207,32 @@ func (b *Backend) Snapshot(ctx context.Context, m backend.Machine, kind backend.
 		res.Artifacts = append(res.Artifacts, backend.Artifact{Role: "state", Name: StateFile})
 		tMig := time.Since(t0)
 		if shared {
-			n, err := sparseCopy(filepath.Join(dir, MemoryFile), m.MemoryFile)
-			if err != nil {
+			// Copy RAM while the disk is being written (both only read
+			// files of the stopped VM).
+			memDone := make(chan error, 1)
+			go func() {
+				n, err := sparseCopy(filepath.Join(dir, MemoryFile), m.MemoryFile)
+				b.log.Debug("snapshot memory", "id", m.ID, "migrate", tMig, "copied", n, "total", time.Since(t0))
+				memDone <- err
+			}()
+			diskErr := b.snapshotDisk(ctx, m, kind, dir, &res)
+			if err := <-memDone; err != nil {
 				return res, fmt.Errorf("qemu: snapshot memory: %w", err)
+			}
+			if diskErr != nil {
+				return res, diskErr
 			}
 			res.MemoryFormat = MemoryRaw
 			res.Artifacts = append(res.Artifacts, backend.Artifact{Role: "memory", Name: MemoryFile})
-			b.log.Debug("snapshot memory", "id", m.ID, "migrate", tMig, "copied", n, "total", time.Since(t0))
 		} else {
 			res.MemoryFormat = MemoryStream
-		}
-		cfg.MemoryFormat = res.MemoryFormat
-	}
-
-	if m.Disk != "" {
-		dst := filepath.Join(dir, DiskFile)
-		if kind == backend.SnapshotDiff {
-			base, err := b.diffDisk(ctx, m, dst)
-			if err != nil {
+			if err := b.snapshotDisk(ctx, m, kind, dir, &res); err != nil {
 				return res, err
 			}
-			res.BaseImage = base
-		} else if err := b.flattenDisk(ctx, m, dst); err != nil {
-			return res, err
 		}
-		res.Artifacts = append(res.Artifacts, backend.Artifact{Role: "disk", Name: DiskFile})
+		cfg.MemoryFormat = res.MemoryFormat
+	} else if err := b.snapshotDisk(ctx, m, kind, dir, &res); err != nil {
+		return res, err
 	}
 
 	cb, _ := json.MarshalIndent(cfg, "", "  ")
@@ -248,6 +249,26 @@ func (b *Backend) Snapshot(ctx context.Context, m backend.Machine, kind backend.
 	}
 	b.log.Debug("snapshot done", "id", m.ID, "kind", kind, "elapsed", time.Since(t0))
 	return res, nil
+}
+
+// snapshotDisk writes the disk artifact (if the VM has a disk) and records
+// it in res.
+func (b *Backend) snapshotDisk(ctx context.Context, m backend.Machine, kind backend.SnapshotKind, dir string, res *backend.SnapshotResult) error {
+	if m.Disk == "" {
+		return nil
+	}
+	dst := filepath.Join(dir, DiskFile)
+	if kind == backend.SnapshotDiff {
+		base, err := b.diffDisk(ctx, m, dst)
+		if err != nil {
+			return err
+		}
+		res.BaseImage = base
+	} else if err := b.flattenDisk(ctx, m, dst); err != nil {
+		return err
+	}
+	res.Artifacts = append(res.Artifacts, backend.Artifact{Role: "disk", Name: DiskFile})
+	return nil
 }
 
 // flattenDisk writes a self-contained qcow2 of the VM's disk (whole backing

@@ -134,6 +134,37 @@ func TestQEMUMemoryMapping(t *testing.T) {
 	if out := testutil.Run(t, r2c, "cat /run/marker"); strings.TrimSpace(out) != "state-1" {
 		t.Errorf("stream-restored marker %q", out)
 	}
+	// A diff snapshot of a restored VM (chain: overlay -> snapshot disk ->
+	// nothing) is rebased onto the base image and restores.
+	testutil.Run(t, r2c, "echo r2-disk > /var/r2-marker && sync")
+	ddir := filepath.Join(root, "snapd")
+	os.Mkdir(ddir, 0o755)
+	dres, err := b.Snapshot(ctxFor(t, time.Minute), r2, backend.SnapshotDiff, ddir)
+	if err != nil {
+		t.Fatalf("diff snapshot of a restored VM: %v", err)
+	}
+	ii, err := b.info(ctxFor(t, time.Minute), filepath.Join(ddir, DiskFile))
+	if err != nil || ii.backingPath() != img.Rootfs || dres.BaseImage != img.Rootfs {
+		t.Fatalf("diff disk backing %q (base image %q), want %s: %v", ii.backingPath(), dres.BaseImage, img.Rootfs, err)
+	}
+	r3spec := testutil.SpecIn(root, img, "r3", testutil.SpecOptions{})
+	r3, err := b.Restore(ctxFor(t, time.Minute), backend.RestoreRequest{Spec: r3spec, SnapshotDir: ddir, Kind: backend.SnapshotDiff, Result: dres, Resume: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.StopOnCleanup(t, b, r3)
+	r3c := testutil.Agent(t, b, r3)
+	if out := testutil.Run(t, r3c, "cat /run/marker /var/r2-marker"); strings.Join(strings.Fields(out), " ") != "state-1 r2-disk" {
+		t.Errorf("diff restore of a restored VM: %q", out)
+	}
+	r3c.Close()
+	if err := b.Stop(ctxFor(t, time.Minute), r3); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Resume(ctxFor(t, time.Minute), r2); err != nil {
+		t.Fatal(err)
+	}
+
 	// A mismatched memory size is refused before QEMU starts.
 	bad := testutil.SpecIn(root, img, "bad", testutil.SpecOptions{MemoryMiB: 512})
 	if _, err := b.Restore(ctxFor(t, time.Minute), backend.RestoreRequest{Spec: bad, SnapshotDir: snaps[1], Kind: backend.SnapshotFull, Result: results[1]}); err == nil || !strings.Contains(err.Error(), "MiB") {

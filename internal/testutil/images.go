@@ -1,0 +1,54 @@
+package testutil
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+
+	"github.com/smolvm-go/smolvm/internal/image"
+)
+
+var ensure struct {
+	once  sync.Once
+	agent string
+	err   error
+}
+
+// ModuleRoot is the root of this source tree.
+func ModuleRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
+}
+
+// EnsureImages builds the guest agent from this source tree and makes sure
+// the named images (default busybox and debian) in ImageDir carry it: a
+// no-op (about a second) when the cache is current, an initramfs rebuild
+// when the agent changed. Images missing entirely are built (the debian
+// image takes a minute or two; scripts/setup normally did it). It returns
+// the agent binary's path, valid for the life of the test process.
+func EnsureImages(ctx context.Context, names ...string) (string, error) {
+	if len(names) == 0 {
+		names = []string{image.Busybox, image.Debian}
+	}
+	ensure.once.Do(func() {
+		dir, err := os.MkdirTemp("", "smolvm-agent-")
+		if err != nil {
+			ensure.err = err
+			return
+		}
+		ensure.agent = filepath.Join(dir, "smolvm-agent")
+		ensure.err = image.BuildAgent(ctx, ModuleRoot(), ensure.agent)
+	})
+	if ensure.err != nil {
+		return "", fmt.Errorf("building the guest agent: %w", ensure.err)
+	}
+	for _, n := range names {
+		if _, err := image.Build(ctx, image.BuildOptions{Dir: ImageDir(), Name: n, AgentPath: ensure.agent}); err != nil {
+			return "", fmt.Errorf("image %s: %w (run scripts/setup)", n, err)
+		}
+	}
+	return ensure.agent, nil
+}
