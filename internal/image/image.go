@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -497,4 +499,20 @@ func Verify(img Image) error {
 		}
 	}
 	return nil
+}
+
+// ProgressTo returns a BuildOptions.Progress function that writes one line
+// per new step to w, such as "[ 42%] rootfs: debootstrap: Unpacking bash...".
+func ProgressTo(w io.Writer) func(step string, frac float64) {
+	var mu sync.Mutex
+	last := ""
+	return func(step string, frac float64) {
+		mu.Lock()
+		defer mu.Unlock()
+		if step == last {
+			return
+		}
+		last = step
+		fmt.Fprintf(w, "[%3.0f%%] %s\n", frac*100, step)
+	}
 }

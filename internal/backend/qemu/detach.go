@@ -34,3 +34,7 @@ func (b *Backend) Detach(ctx context.Context, m backend.Machine) error {
 	}
 	return syncDir(m.Dir)
 }
+
+// HostTSCkHz is the host TSC frequency in kHz the backend passes to microvm
+// guests under TCG as tsc_early_khz (0 when unknown).
+func HostTSCkHz() int { return hostTSCkHz(defaultHost.CPUInfo) }

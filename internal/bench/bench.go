@@ -1,0 +1,349 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/smolvm-go/smolvm"
+	"github.com/smolvm-go/smolvm/internal/agentclient"
+	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/backend/qemu"
+	"github.com/smolvm-go/smolvm/internal/image"
+)
+
+// Options configure a run.
+type Options struct {
+	Manager   *smolvm.Manager
+	Image     string // default busybox
+	Rounds    int    // default 5
+	MemoryMiB int    // default 512
+	Progress  io.Writer
+}
+
+func (o *Options) defaults() {
+	if o.Image == "" {
+		o.Image = "busybox"
+	}
+	if o.Rounds <= 0 {
+		o.Rounds = 5
+	}
+	if o.MemoryMiB == 0 {
+		o.MemoryMiB = 512
+	}
+	if o.Progress == nil {
+		o.Progress = io.Discard
+	}
+}
+
+// Figure is one measured quantity with its samples.
+type Figure struct {
+	Name    string    `json:"name"`
+	Unit    string    `json:"unit"`
+	Samples []float64 `json:"samples"`
+	Median  float64   `json:"median"`
+}
+
+func newFigure(name, unit string, s []float64) Figure {
+	return Figure{Name: name, Unit: unit, Samples: s, Median: median(s)}
+}
+
+// Ratio compares ours against a baseline.
+type Ratio struct {
+	Name     string  `json:"name"`
+	Ours     Figure  `json:"ours"`
+	Baseline Figure  `json:"baseline"`
+	Ratio    float64 `json:"ratio"` // ours.Median / baseline.Median
+	Goal     float64 `json:"goal,omitempty"`
+}
+
+func newRatio(name string, ours, base Figure, goal float64) Ratio {
+	r := Ratio{Name: name, Ours: ours, Baseline: base, Goal: goal}
+	if base.Median > 0 {
+		r.Ratio = ours.Median / base.Median
+	}
+	return r
+}
+
+// Report is the result of a run.
+type Report struct {
+	Host    Host     `json:"host"`
+	Ratios  []Ratio  `json:"ratios,omitempty"`
+	Figures []Figure `json:"figures,omitempty"`
+}
+
+// Host describes where the figures come from.
+type Host struct {
+	Accel  string `json:"accel"`
+	QEMU   string `json:"qemu"`
+	CPU    string `json:"cpu"`
+	Cores  int    `json:"cores"`
+	Kernel string `json:"guest_kernel"`
+	Image  string `json:"image"`
+	Date   string `json:"date"`
+}
+
+func median(s []float64) float64 {
+	if len(s) == 0 {
+		return 0
+	}
+	c := slices.Clone(s)
+	slices.Sort(c)
+	if len(c)%2 == 1 {
+		return c[len(c)/2]
+	}
+	return (c[len(c)/2-1] + c[len(c)/2]) / 2
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func hostInfo(o Options, img image.Image) Host {
+	h := Host{Image: o.Image, Kernel: img.Manifest.KernelRelease, Date: time.Now().UTC().Format(time.RFC3339)}
+	a, _, _ := qemu.ProbeAccel(backend.AccelAuto)
+	h.Accel = string(a)
+	if out, err := exec.Command("qemu-system-x86_64", "--version").Output(); err == nil {
+		h.QEMU = strings.SplitN(string(out), "\n", 2)[0]
+	}
+	if data, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(data), "\n") {
+			if strings.HasPrefix(l, "model name") {
+				h.CPU = strings.TrimSpace(strings.SplitN(l, ":", 2)[1])
+			}
+			if strings.HasPrefix(l, "processor") {
+				h.Cores++
+			}
+		}
+	}
+	return h
+}
+
+// Boot measures cold boot, command round trip and idle memory.
+func Boot(ctx context.Context, o Options) (Report, error) {
+	o.defaults()
+	m := o.Manager
+	img, err := image.Open(m.ImageDir(), o.Image)
+	if err != nil {
+		return Report{}, err
+	}
+	rep := Report{Host: hostInfo(o, img)}
+	var ours, bare []float64
+	for i := 0; i < o.Rounds; i++ {
+		d, err := oursBoot(ctx, m, o, i)
+		if err != nil {
+			return rep, fmt.Errorf("smolvm boot: %w", err)
+		}
+		ours = append(ours, ms(d))
+		b, err := bareBoot(ctx, img, o, i)
+		if err != nil {
+			return rep, fmt.Errorf("bare qemu boot: %w", err)
+		}
+		bare = append(bare, ms(b))
+		fmt.Fprintf(o.Progress, "round %d: smolvm New+Start+Run %.0f ms, bare qemu to agent-ready %.0f ms\n", i+1, ms(d), ms(b))
+	}
+	rep.Ratios = append(rep.Ratios, newRatio("cold boot -> first command (ms)",
+		newFigure("smolvm New+Start+Run(true)", "ms", ours), newFigure("bare qemu, same kernel/initramfs/disk, to agent-ready", "ms", bare), 1.10))
+
+	// Round trips and memory on one VM.
+	vm, err := m.New(ctx, smolvm.Config{Name: "bench-rtt", Image: o.Image, MemoryMiB: o.MemoryMiB, NoNetwork: true})
+	if err != nil {
+		return rep, err
+	}
+	defer func() { vm.Delete(context.WithoutCancel(ctx)); vm.Close() }()
+	if err := vm.Start(ctx); err != nil {
+		return rep, err
+	}
+	info, _ := vm.Info(ctx)
+	raw, err := rawChannel(ctx, m, info)
+	if err != nil {
+		return rep, fmt.Errorf("raw channel: %w", err)
+	}
+	defer raw.Close()
+	const n = 50
+	var runT, rawT, pingT []float64
+	for i := 0; i < n; i++ {
+		t0 := time.Now()
+		if _, err := vm.Run(ctx, "true"); err != nil {
+			return rep, err
+		}
+		runT = append(runT, ms(time.Since(t0)))
+		d, err := raw.exec(i)
+		if err != nil {
+			return rep, err
+		}
+		rawT = append(rawT, ms(d))
+		d, err = raw.ping(i)
+		if err != nil {
+			return rep, err
+		}
+		pingT = append(pingT, ms(d))
+	}
+	rep.Ratios = append(rep.Ratios, newRatio("command round trip (ms)",
+		newFigure("smolvm Run(\"true\")", "ms", runT), newFigure("raw exec request line on the same virtio-serial channel", "ms", rawT), 1.5))
+	rep.Figures = append(rep.Figures, newFigure("raw ping round trip on the channel (no fork)", "ms", pingT))
+	time.Sleep(2 * time.Second)
+	if pss, err := pssKiB(info.PID); err == nil {
+		rep.Figures = append(rep.Figures, newFigure(fmt.Sprintf("host memory (PSS) of one idle %d MiB VM", o.MemoryMiB), "MiB", []float64{float64(pss) / 1024}))
+	}
+	return rep, nil
+}
+
+func oursBoot(ctx context.Context, m *smolvm.Manager, o Options, i int) (time.Duration, error) {
+	id := fmt.Sprintf("bench-boot-%d", i)
+	t0 := time.Now()
+	vm, err := m.New(ctx, smolvm.Config{Name: id, Image: o.Image, MemoryMiB: o.MemoryMiB, NoNetwork: true})
+	if err != nil {
+		return 0, err
+	}
+	defer func() { vm.Delete(context.WithoutCancel(ctx)); vm.Close() }()
+	if err := vm.Start(ctx); err != nil {
+		return 0, err
+	}
+	res, err := vm.Run(ctx, "true")
+	if err != nil {
+		return 0, err
+	}
+	d := time.Since(t0)
+	if !res.OK() {
+		return 0, fmt.Errorf("true exited %d", res.ExitCode)
+	}
+	return d, nil
+}
+
+// bareBoot starts QEMU by hand with the same kernel, initramfs, disk
+// (a fresh overlay), machine, accelerator and memory, and the agent's
+// channel, and waits until the agent answers its handshake.
+func bareBoot(ctx context.Context, img image.Image, o Options, i int) (time.Duration, error) {
+	dir, err := os.MkdirTemp("/tmp", "smvbare")
+	if err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(dir)
+	accel, _, _ := qemu.ProbeAccel(backend.AccelAuto)
+	cpu := "max"
+	if accel == backend.AccelKVM {
+		cpu = "host"
+	}
+	append := "console=ttyS0 reboot=t panic=-1 quiet smol.root=/dev/vda " + img.KernelArgs
+	if accel == backend.AccelTCG {
+		if khz := qemu.HostTSCkHz(); khz > 0 {
+			append += " tsc_early_khz=" + strconv.Itoa(khz)
+		}
+	}
+	sock := filepath.Join(dir, "a.sock")
+	t0 := time.Now()
+	disk := filepath.Join(dir, "disk.qcow2")
+	if out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", img.Rootfs, disk).CombinedOutput(); err != nil {
+		return 0, fmt.Errorf("qemu-img: %v: %s", err, out)
+	}
+	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-nographic",
+		"-M", "microvm", "-accel", string(accel), "-cpu", cpu, "-m", fmt.Sprintf("%dM", o.MemoryMiB),
+		"-kernel", img.Kernel, "-initrd", img.Initrd, "-append", append,
+		"-serial", "file:"+filepath.Join(dir, "console.log"),
+		"-device", "virtio-serial-device,id=vser0",
+		"-chardev", "socket,id=agent,server=on,wait=off,path="+sock,
+		"-device", "virtserialport,bus=vser0.0,chardev=agent,name=org.smolvm.agent",
+		"-blockdev", "driver=qcow2,node-name=disk0,file.driver=file,file.filename="+disk,
+		"-device", "virtio-blk-device,drive=disk0")
+	if err := cmd.Start(); err != nil {
+		return 0, err
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	c, err := agentclient.Connect(cctx, func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", sock)
+	})
+	if err != nil {
+		return 0, err
+	}
+	d := time.Since(t0)
+	c.Close()
+	return d, nil
+}
+
+// rawConn speaks the agent's line protocol by hand (no client library) on
+// a channel port of its own.
+type rawConn struct {
+	c net.Conn
+	r *bufio.Reader
+}
+
+func rawChannel(ctx context.Context, m *smolvm.Manager, info smolvm.Info) (*rawConn, error) {
+	b := qemu.New(qemu.Options{})
+	rec := backend.Machine{Spec: backend.Spec{ID: info.ID, RunDir: m.RunDirFor(info.ID), Dir: info.Dir}, PID: info.PID}
+	c, err := b.DialAgent(ctx, rec)
+	if err != nil {
+		return nil, err
+	}
+	rc := &rawConn{c: c, r: bufio.NewReader(c)}
+	// Resync: a newline, then hello until answered.
+	c.Write([]byte("\n"))
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		c.Write([]byte(`{"id":1,"type":"hello","nonce":"bench","protocol_version":1}` + "\n"))
+		c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		line, err := rc.r.ReadString('\n')
+		if err == nil && strings.Contains(line, `"bench"`) {
+			c.SetReadDeadline(time.Time{})
+			return rc, nil
+		}
+	}
+	c.Close()
+	return nil, fmt.Errorf("no hello reply on the raw channel")
+}
+
+func (rc *rawConn) Close() error { return rc.c.Close() }
+
+func (rc *rawConn) roundTrip(line string, until string) (time.Duration, error) {
+	t0 := time.Now()
+	if _, err := rc.c.Write([]byte(line + "\n")); err != nil {
+		return 0, err
+	}
+	rc.c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	for {
+		l, err := rc.r.ReadString('\n')
+		if err != nil {
+			return 0, err
+		}
+		var h struct {
+			Type string `json:"type"`
+		}
+		if json.Unmarshal([]byte(l), &h) == nil && h.Type == until {
+			return time.Since(t0), nil
+		}
+	}
+}
+
+func (rc *rawConn) exec(i int) (time.Duration, error) {
+	return rc.roundTrip(fmt.Sprintf(`{"id":%d,"type":"exec","shell":"true"}`, 1000+i), "exit")
+}
+
+func (rc *rawConn) ping(i int) (time.Duration, error) {
+	return rc.roundTrip(fmt.Sprintf(`{"id":%d,"type":"ping"}`, 100000+i), "pong")
+}
+
+// pssKiB reads a process's proportional set size.
+func pssKiB(pid int) (int64, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, l := range strings.Split(string(data), "\n") {
+		if strings.HasPrefix(l, "Pss:") {
+			f := strings.Fields(l)
+			return strconv.ParseInt(f[1], 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("no Pss in smaps_rollup")
+}
