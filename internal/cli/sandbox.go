@@ -214,9 +214,7 @@ func (a *app) execCmd() *cobra.Command {
 					if !a.json {
 						fmt.Fprintf(a.stderr, "smolvm: command timed out after %s (process group killed)\n", timeout)
 					}
-					if code == 0 {
-						code = 124
-					}
+					code = 124 // like timeout(1)
 				}
 				return exitError{code}
 			})

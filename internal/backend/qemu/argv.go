@@ -50,6 +50,27 @@ type launch struct {
 
 func qmpSocket(runDir string) string   { return filepath.Join(runDir, qmpSocketName) }
 func agentSocket(runDir string) string { return filepath.Join(runDir, agentSocketName) }
+
+// AgentPorts is how many agent channels a VM has: QEMU's socket chardev
+// serves one client at a time, so each concurrent host connection (another
+// process, a second handle) takes a port of its own.
+const AgentPorts = 4
+
+// agentPortSocket is the socket of agent port k (0 is agent.sock).
+func agentPortSocket(runDir string, k int) string {
+	if k == 0 {
+		return agentSocket(runDir)
+	}
+	return filepath.Join(runDir, fmt.Sprintf("agent.%d.sock", k))
+}
+
+// agentPortName is the guest-visible name of agent port k.
+func agentPortName(k int) string {
+	if k == 0 {
+		return AgentPortName
+	}
+	return fmt.Sprintf("%s.%d", AgentPortName, k)
+}
 func consoleLog(dir string) string     { return filepath.Join(dir, consoleLogName) }
 func qemuLog(dir string) string        { return filepath.Join(dir, qemuLogName) }
 func pidFile(dir string) string        { return filepath.Join(dir, pidFileName) }
@@ -122,9 +143,17 @@ func buildArgs(spec backend.Spec, l launch) []string {
 	// Devices, in a fixed order (restores depend on it).
 	args = append(args,
 		"-device", dev("virtio-serial")+",id=vser0",
-		"-chardev", "socket,id=agent,server=on,wait=off,path="+optVal(agentSocket(spec.RunDir)),
-		"-device", "virtserialport,bus=vser0.0,chardev=agent,name="+AgentPortName,
 	)
+	for k := 0; k < AgentPorts; k++ {
+		id := "agent"
+		if k > 0 {
+			id = fmt.Sprintf("agent%d", k)
+		}
+		args = append(args,
+			"-chardev", "socket,id="+id+",server=on,wait=off,path="+optVal(agentPortSocket(spec.RunDir, k)),
+			"-device", "virtserialport,bus=vser0.0,chardev="+id+",name="+agentPortName(k),
+		)
+	}
 	if l.Disk != "" {
 		format := l.DiskFormat
 		if format == "" {

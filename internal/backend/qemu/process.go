@@ -174,6 +174,7 @@ func validateSpec(spec backend.Spec) error {
 // cmdline must name the VM's QMP socket (guards against PID reuse; a zombie
 // has an empty cmdline and counts as gone).
 func processAlive(m backend.Machine) bool {
+	m = withPID(m)
 	if m.PID <= 0 || m.RunDir == "" {
 		return false
 	}
@@ -188,6 +189,21 @@ func processAlive(m backend.Machine) bool {
 		}
 	}
 	return false
+}
+
+// withPID fills in m.PID from the pid file QEMU writes at start when the
+// record lacks it (the process that launched QEMU died before saving it),
+// so such a VM can still be found, stopped and cleaned up.
+func withPID(m backend.Machine) backend.Machine {
+	if m.PID > 0 || m.Dir == "" {
+		return m
+	}
+	if b, err := os.ReadFile(pidFile(m.Dir)); err == nil {
+		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+			m.PID = pid
+		}
+	}
+	return m
 }
 
 // processCmdline returns the argv of a live VM process.
@@ -241,6 +257,7 @@ func waitGone(ctx context.Context, m backend.Machine, d time.Duration) bool {
 // Options.StopTimeout), and removes the sockets and the shared RAM file. It
 // succeeds when the VM is already gone.
 func (b *Backend) Stop(ctx context.Context, m backend.Machine) error {
+	m = withPID(m)
 	if processAlive(m) {
 		graceful := b.opts.StopTimeout
 		qctx, cancel := context.WithTimeout(ctx, min(graceful, 2*time.Second))
@@ -271,10 +288,20 @@ func (b *Backend) Stop(ctx context.Context, m backend.Machine) error {
 // own shared RAM file (never a snapshot image it mapped privately).
 func (b *Backend) cleanup(m backend.Machine) {
 	if m.RunDir != "" {
-		removeQuiet(qmpSocket(m.RunDir), agentSocket(m.RunDir))
+		removeQuiet(qmpSocket(m.RunDir))
+		for k := 0; k < AgentPorts; k++ {
+			removeQuiet(agentPortSocket(m.RunDir, k), filepath.Join(m.RunDir, fmt.Sprintf("agent.%d.lock", k)))
+		}
 	}
 	if m.Dir != "" {
 		removeQuiet(pidFile(m.Dir))
+	}
+	if m.MemoryFile == "" && m.ID != "" && m.Dir != "" {
+		// Launched by a process that died before recording the machine:
+		// the shared RAM file is at its derived path.
+		if p, err := b.memoryFile(m.Spec); err == nil {
+			m.MemoryFile, m.MemoryShared = p, true
+		}
 	}
 	if m.MemoryShared && m.MemoryFile != "" {
 		removeQuiet(m.MemoryFile)

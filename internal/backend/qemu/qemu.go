@@ -15,6 +15,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/qmp"
 )
@@ -236,17 +238,72 @@ func prepareMemoryFile(path, runDir string) (string, error) {
 	return filepath.Join(runDir, "ram"), nil
 }
 
-// DialAgent connects to the agent's virtio-serial socket.
+// DialAgent connects to a free agent channel. Each of the AgentPorts
+// virtio-serial ports is taken with an exclusive flock on RUNDIR/agent.K.lock
+// for as long as the connection is open (released by Close, or by the
+// kernel when the process dies), so several processes and handles can talk
+// to one VM at once. It waits while every port is busy.
 func (b *Backend) DialAgent(ctx context.Context, m backend.Machine) (net.Conn, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "unix", agentSocket(m.RunDir))
-	if err != nil {
-		if !processAlive(m) {
-			return nil, fmt.Errorf("qemu: dial agent: %w", backend.ErrNotRunning)
+	for {
+		for k := 0; k < AgentPorts; k++ {
+			lock, err := tryLock(filepath.Join(m.RunDir, fmt.Sprintf("agent.%d.lock", k)))
+			if err != nil {
+				if errors.Is(err, errBusy) {
+					continue
+				}
+				if !processAlive(m) {
+					return nil, fmt.Errorf("qemu: dial agent: %w", backend.ErrNotRunning)
+				}
+				return nil, fmt.Errorf("qemu: dial agent: %w", err)
+			}
+			var d net.Dialer
+			c, err := d.DialContext(ctx, "unix", agentPortSocket(m.RunDir, k))
+			if err != nil {
+				lock.Close()
+				if !processAlive(m) {
+					return nil, fmt.Errorf("qemu: dial agent: %w", backend.ErrNotRunning)
+				}
+				return nil, fmt.Errorf("qemu: dial agent: %w", err)
+			}
+			return &lockedConn{Conn: c, lock: lock}, nil
 		}
-		return nil, fmt.Errorf("qemu: dial agent: %w", err)
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("qemu: dial agent: all %d agent channels are in use by other connections: %w", AgentPorts, ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
 	}
-	return c, nil
+}
+
+var errBusy = errors.New("busy")
+
+// tryLock takes an exclusive flock on path without blocking.
+func tryLock(path string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, errBusy
+		}
+		return nil, err
+	}
+	return f, nil
+}
+
+// lockedConn releases its agent port's lock when closed.
+type lockedConn struct {
+	net.Conn
+	lock *os.File
+	once sync.Once
+}
+
+func (c *lockedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(func() { c.lock.Close() })
+	return err
 }
 
 // withTimeout bounds ctx by backend.DefaultTimeout when it has no deadline.
