@@ -71,9 +71,9 @@ func agentPortName(k int) string {
 	}
 	return fmt.Sprintf("%s.%d", AgentPortName, k)
 }
-func consoleLog(dir string) string     { return filepath.Join(dir, consoleLogName) }
-func qemuLog(dir string) string        { return filepath.Join(dir, qemuLogName) }
-func pidFile(dir string) string        { return filepath.Join(dir, pidFileName) }
+func consoleLog(dir string) string { return filepath.Join(dir, consoleLogName) }
+func qemuLog(dir string) string    { return filepath.Join(dir, qemuLogName) }
+func pidFile(dir string) string    { return filepath.Join(dir, pidFileName) }
 
 // optVal escapes a value for QEMU's comma-separated option syntax.
 func optVal(s string) string { return strings.ReplaceAll(s, ",", ",,") }
