@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"runtime"
 	"syscall"
@@ -71,6 +72,52 @@ func (s *Server) setIdentity(req agentproto.SetIdentityRequest) error {
 		if err := addEntropy(req.Seed); err != nil {
 			return fmt.Errorf("set_identity: seed: %w", err)
 		}
+		// Clones of one snapshot share the CRNG state: reseed it now from
+		// the (now different) input pool rather than at the next interval.
+		reseedCRNG()
+	}
+	if req.MAC != "" {
+		if err := setMAC("eth0", req.MAC); err != nil {
+			return fmt.Errorf("set_identity: mac: %w", err)
+		}
+	}
+	return nil
+}
+
+func reseedCRNG() {
+	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	if conn, err := f.SyscallConn(); err == nil {
+		conn.Control(func(fd uintptr) {
+			unix.Syscall(unix.SYS_IOCTL, fd, unix.RNDRESEEDCRNG, 0)
+		})
+	}
+}
+
+// setMAC sets an interface's hardware address (SIOCSIFHWADDR).
+func setMAC(ifname, mac string) error {
+	hw, err := net.ParseMAC(mac)
+	if err != nil || len(hw) != 6 {
+		return invalid("invalid mac %q", mac)
+	}
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	// struct ifreq { char name[16]; struct sockaddr hwaddr; } (+ padding)
+	var ifr [40]byte
+	copy(ifr[:15], ifname)
+	*(*uint16)(unsafe.Pointer(&ifr[16])) = unix.ARPHRD_ETHER
+	copy(ifr[18:24], hw)
+	if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.SIOCSIFHWADDR, uintptr(unsafe.Pointer(&ifr[0]))); e != 0 {
+		if e == unix.ENODEV {
+			return nil // no network device: nothing to rename
+		}
+		return e
 	}
 	return nil
 }

@@ -540,6 +540,12 @@ func (c *Client) SetIdentity(ctx context.Context, hostname string, seed []byte) 
 	return c.roundTrip(ctx, agentproto.TypeSetIdentity, agentproto.SetIdentityRequest{Hostname: hostname, Seed: seed}, agentproto.TypeOK, nil)
 }
 
+// SetIdentityRequest sends a full identity change (hostname, entropy seed
+// and the MAC address of eth0); used when a snapshot is forked into clones.
+func (c *Client) SetIdentityRequest(ctx context.Context, req agentproto.SetIdentityRequest) error {
+	return c.roundTrip(ctx, agentproto.TypeSetIdentity, req, agentproto.TypeOK, nil)
+}
+
 // Shutdown syncs the guest's disks and powers it off. A connection lost
 // once the request was sent counts as success.
 func (c *Client) Shutdown(ctx context.Context) error {

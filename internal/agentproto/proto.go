@@ -181,6 +181,9 @@ type SetTimeRequest struct {
 type SetIdentityRequest struct {
 	Hostname string `json:"hostname,omitempty"`
 	Seed     []byte `json:"seed,omitempty"`
+	// MAC, when set, becomes eth0's hardware address (a clone's new
+	// identity on the network).
+	MAC string `json:"mac,omitempty"`
 }
 
 // ShutdownRequest powers the guest off (or reboots it) after syncing disks.

@@ -44,12 +44,16 @@ func (a *app) snapshotCmd() *cobra.Command {
 	create.Flags().BoolVar(&resumeSource, "resume-source", false, "resume the sandbox after the snapshot")
 
 	var resume, force bool
+	var clones int
 	restore := &cobra.Command{
 		Use:               "restore ID",
 		Short:             "Recreate a snapshot's sandbox with the saved state (paused unless --resume)",
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: a.completeSnapshots,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if clones > 0 {
+				return a.fork(cmd, args[0], clones, resume)
+			}
 			return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
 				start := time.Now()
 				vm, err := m.FromSnapshot(ctx, args[0], smolvm.RestoreOptions{Resume: resume, Force: force})
@@ -70,6 +74,7 @@ func (a *app) snapshotCmd() *cobra.Command {
 	}
 	restore.Flags().BoolVar(&resume, "resume", false, "run the restored sandbox")
 	restore.Flags().BoolVar(&force, "force", false, "restore a snapshot that was restored before")
+	restore.Flags().IntVar(&clones, "clones", 0, "fork the snapshot into N new sandboxes (new ids and identities) instead")
 
 	var vmID string
 	list := &cobra.Command{
@@ -164,4 +169,25 @@ func humanBytes(n int64) string {
 		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
 	}
 	return fmt.Sprintf("%d B", n)
+}
+
+func (a *app) fork(cmd *cobra.Command, id string, n int, resume bool) error {
+	return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
+		start := time.Now()
+		vms, err := m.Fork(ctx, id, n, smolvm.ForkOptions{Resume: resume})
+		infos := []smolvm.Info{}
+		for _, vm := range vms {
+			if info, ierr := vm.Info(ctx); ierr == nil {
+				infos = append(infos, info)
+			}
+			vm.Close()
+		}
+		a.print(infos, func(w io.Writer) {
+			for _, i := range infos {
+				fmt.Fprintf(w, "%s %s\n", i.ID, i.Status)
+			}
+			fmt.Fprintf(w, "forked %d of %d clones of %s in %.2fs\n", len(infos), n, id, time.Since(start).Seconds())
+		})
+		return err
+	})
 }

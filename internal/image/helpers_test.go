@@ -174,10 +174,14 @@ func readInitramfs(t *testing.T, path string) ([]cpio.Record, map[string][]byte)
 		t.Fatal(err)
 	}
 	defer f.Close()
+	if st, err := f.Stat(); err != nil || st.Size()%4096 != 0 {
+		t.Errorf("initramfs %s is not padded to 4 KiB (size %d): QEMU may place it over the ACPI tables", path, st.Size())
+	}
 	zr, err := gzip.NewReader(f)
 	if err != nil {
 		t.Fatal(err)
 	}
+	zr.Multistream(false) // zero padding follows the gzip member
 	raw, err := io.ReadAll(zr)
 	if err != nil {
 		t.Fatal(err)

@@ -16,7 +16,7 @@ import (
 )
 
 // initrdRecipe changes whenever the initramfs layout changes.
-const initrdRecipe = "initramfs/1"
+const initrdRecipe = "initramfs/2" // 2: padded to 4 KiB
 
 // InitrdModule is one kernel module to put in the initramfs.
 type InitrdModule struct {
@@ -63,7 +63,16 @@ func initramfsRecords(agent []byte, mods []InitrdModule) []cpio.Record {
 // agent as /init, a minimal /dev, the mount points the agent uses, and the
 // modules under /lib/modules with /lib/modules/load.order. The output is a
 // pure function of its inputs. It returns the number of records written.
+//
+// The archive is padded with zeros to a multiple of 4 KiB (the kernel skips
+// zero padding after an archive). QEMU places the initrd at the top of low
+// memory, 4 KiB aligned, and on the microvm machine its firmware keeps the
+// ACPI tables in the last page there: an initrd whose size ends within a
+// page could overwrite them (seen as a corrupt DSDT and a hang at "ACPI:
+// Core revision" for some RAM sizes, e.g. 2048 MiB).
 func WriteInitramfs(w io.Writer, agent []byte, mods []InitrdModule) (int, error) {
+	cw0 := &countingWriter{w: w}
+	w = cw0
 	zw, err := gzip.NewWriterLevel(w, gzip.BestSpeed)
 	if err != nil {
 		return 0, err
@@ -85,7 +94,23 @@ func WriteInitramfs(w io.Writer, agent []byte, mods []InitrdModule) (int, error)
 	if err := zw.Close(); err != nil {
 		return 0, err
 	}
+	if pad := (4096 - cw0.n%4096) % 4096; pad > 0 {
+		if _, err := w.Write(make([]byte, pad)); err != nil {
+			return 0, err
+		}
+	}
 	return len(recs), nil
+}
+
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
 }
 
 // initrdKey is the content key of an initramfs: its recipe, the agent

@@ -91,6 +91,13 @@ func (b *builder) ensureMinimalKernel(ctx context.Context, prev *Manifest) (kern
 	if err := runCmd(ctx, b.log, cmdSpec{Dir: src, OnLine: kb.line}, "make", "-j"+jobs, "bzImage", "vmlinux"); err != nil {
 		return kernelManifest{}, err
 	}
+	return b.publishMinimalKernel(ctx, src, srcVer, work)
+}
+
+// publishMinimalKernel caches the bzImage, vmlinux and .config of the built
+// kernel tree src (from linux-source version srcVer) under kernels/.
+func (b *builder) publishMinimalKernel(ctx context.Context, src, srcVer, work string) (kernelManifest, error) {
+	key := minimalInputKey()
 	release, err := outputCmd(ctx, b.log, "make", "-s", "-C", src, "kernelrelease")
 	if err != nil {
 		return kernelManifest{}, err

@@ -1,0 +1,279 @@
+package smolvm
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/smolvm-go/smolvm/internal/agentproto"
+	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/store"
+)
+
+// MaxClones bounds one Fork.
+const MaxClones = 64
+
+// ForkOptions configure Fork.
+type ForkOptions struct {
+	// Resume leaves the clones running; otherwise each is paused once its
+	// new identity is set.
+	Resume bool
+	// Prefix starts the clones' ids ("<prefix>-clone-<k>-<random>"); the
+	// default is the snapshot's VM id.
+	Prefix string
+}
+
+// ForkError reports the clones that failed; the others keep running.
+type ForkError struct {
+	Failed map[string]error // clone id -> why
+}
+
+func (e *ForkError) Error() string {
+	parts := make([]string, 0, len(e.Failed))
+	for id, err := range e.Failed {
+		parts = append(parts, fmt.Sprintf("%s: %v", id, err))
+	}
+	return fmt.Sprintf("%d clone(s) failed and were removed: %s", len(e.Failed), strings.Join(parts, "; "))
+}
+
+// Fork restores one snapshot into n new VMs with new ids, in parallel. The
+// clones map the snapshot's memory privately, so they share its unchanged
+// pages; each gets its own disk overlay and a fresh identity: hostname (its
+// id), MAC address, reseeded guest random state, clock set from the host.
+// Clones count as restores of the snapshot for DeleteSnapshot (it is refused
+// while any runs) but not for the restore-once rule.
+//
+// A clone that fails is removed and reported in a *ForkError; the VMs that
+// started are returned with it.
+func (m *Manager) Fork(ctx context.Context, snapshotID string, n int, opts ForkOptions) ([]*VM, error) {
+	if err := ValidateID(snapshotID); err != nil {
+		return nil, err
+	}
+	if n < 1 || n > MaxClones {
+		return nil, newErr("fork", ErrInvalidConfig, "use --clones between 1 and "+strconv.Itoa(MaxClones),
+			fmt.Sprintf("cannot fork %d clones: the number must be between 1 and %d", n, MaxClones))
+	}
+	if opts.Prefix != "" {
+		if err := ValidateID(opts.Prefix); err != nil {
+			return nil, err
+		}
+	}
+	unlock, err := store.LockSnapshot(ctx, m.opts.DataDir, snapshotID)
+	if err != nil {
+		return nil, err
+	}
+	s, err := m.store.GetSnapshot(ctx, snapshotID)
+	if errors.Is(err, store.ErrNotFound) {
+		unlock()
+		return nil, newErr("fork", ErrSnapshotNotFound, "smolvm sandbox snapshot list", fmt.Sprintf("snapshot %q not found", snapshotID))
+	}
+	if err != nil {
+		unlock()
+		return nil, err
+	}
+	if s.Type == backend.SnapshotKind(SnapshotDisk) {
+		unlock()
+		return nil, newErr("fork", ErrUnsupported,
+			fmt.Sprintf("restore it once (smolvm sandbox snapshot restore %s) or create VMs from its disk; fork full or diff snapshots", snapshotID),
+			fmt.Sprintf("snapshot %s is a disk snapshot: it has no memory to share, so clones would each cold-boot from the disk", snapshotID))
+	}
+	man, err := m.loadSnapshot(snapshotID, false)
+	unlock() // registering the clones below keeps the snapshot from being deleted
+	if err != nil {
+		return nil, err
+	}
+	if avail, ok := memAvailableMiB(); ok && int64(n*man.Spec.MemoryMiB) > avail {
+		return nil, newErr("fork", ErrInvalidConfig, "fork fewer clones, or free host memory",
+			fmt.Sprintf("not enough memory for %d clones of a %d MiB guest: they may need up to %d MiB and the host has %d MiB available",
+				n, man.Spec.MemoryMiB, n*man.Spec.MemoryMiB, avail))
+	}
+	b, err := m.backend(man.Backend)
+	if err != nil {
+		return nil, err
+	}
+	prefix := opts.Prefix
+	if prefix == "" {
+		prefix = man.VMID
+	}
+	// Register every clone first (so none can be lost, and the snapshot
+	// cannot be deleted under them), then start them in parallel.
+	ids := make([]string, n)
+	for k := range ids {
+		id, err := m.cloneID(ctx, prefix, k+1)
+		if err != nil {
+			m.dropClones(ctx, b, ids[:k])
+			return nil, err
+		}
+		spec := m.cloneSpec(man.Spec, id)
+		rec := store.VM{ID: id, Backend: b.Name(), Status: store.VMCreated, Config: man.VMConfig,
+			Machine: backend.Machine{Spec: spec, Backend: b.Name()}, RestoredFrom: snapshotID}
+		if err := m.store.CreateVM(ctx, rec); err != nil {
+			m.dropClones(ctx, b, ids[:k])
+			return nil, err
+		}
+		ids[k] = id
+	}
+	vms := make([]*VM, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for k, id := range ids {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			vms[k], errs[k] = m.startClone(ctx, b, man.Result, filepath.Join(m.snapRoot(), snapshotID), man.Type, id, opts.Resume)
+		}()
+	}
+	wg.Wait()
+	var out []*VM
+	fe := &ForkError{Failed: map[string]error{}}
+	for k, id := range ids {
+		if errs[k] != nil {
+			m.dropClones(context.WithoutCancel(ctx), b, []string{id})
+			fe.Failed[id] = errs[k]
+			continue
+		}
+		out = append(out, vms[k])
+	}
+	if len(fe.Failed) > 0 {
+		if len(out) == 0 {
+			return nil, &Error{Op: "fork", Message: fe.Error(), Fix: "smolvm doctor", Err: fe}
+		}
+		return out, &Error{Op: "fork", Message: fe.Error(), Err: fe}
+	}
+	return out, nil
+}
+
+// Fork restores a snapshot into n clones with the default Options.
+func Fork(ctx context.Context, snapshotID string, n int, opts ForkOptions) ([]*VM, error) {
+	m, err := NewManager(ctx, Options{})
+	if err != nil {
+		return nil, err
+	}
+	vms, err := m.Fork(ctx, snapshotID, n, opts)
+	if len(vms) == 0 {
+		m.Close()
+		return nil, err
+	}
+	vms[0].ownsManager = true // closing the first handle closes the manager
+	return vms, err
+}
+
+func (m *Manager) cloneID(ctx context.Context, prefix string, k int) (string, error) {
+	for range 16 {
+		var b [3]byte
+		rand.Read(b[:])
+		suffix := fmt.Sprintf("-clone-%d-%s", k, hex.EncodeToString(b[:]))
+		p := prefix
+		if len(p)+len(suffix) > 64 {
+			p = strings.TrimRight(p[:64-len(suffix)], "-_")
+		}
+		id := p + suffix
+		if _, err := m.store.GetVM(ctx, id); errors.Is(err, store.ErrNotFound) {
+			return id, nil
+		}
+	}
+	return "", errors.New("fork: could not generate a unique clone id")
+}
+
+// cloneSpec gives a snapshot's launch spec a new identity and its own files.
+func (m *Manager) cloneSpec(spec backend.Spec, id string) backend.Spec {
+	spec.ID = id
+	spec.Dir, spec.RunDir = m.vmDir(id), m.runDir(id)
+	spec.Disk = filepath.Join(spec.Dir, filepath.Base(spec.Disk))
+	spec.MAC = macFor(id)
+	spec.PortForwards = nil // the source's host ports are taken
+	args := strings.Fields(spec.KernelArgs)
+	for i, a := range args {
+		if strings.HasPrefix(a, "smol.hostname=") {
+			args[i] = "smol.hostname=" + hostnameFor(id)
+		}
+	}
+	spec.KernelArgs = strings.Join(args, " ")
+	return spec
+}
+
+func (m *Manager) startClone(ctx context.Context, b backend.Backend, res backend.SnapshotResult, snapDir string,
+	kind backend.SnapshotKind, id string, resume bool) (*VM, error) {
+	rec, err := m.store.GetVM(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(rec.Machine.Dir, 0o700); err != nil {
+		return nil, err
+	}
+	mach, err := b.Restore(ctx, backend.RestoreRequest{Spec: rec.Machine.Spec, SnapshotDir: snapDir, Kind: kind, Result: res, Resume: true})
+	if err != nil {
+		return nil, err
+	}
+	rec.Machine, rec.PID, rec.Status = mach, mach.PID, store.VMRunning
+	if err := m.store.UpdateVM(ctx, rec); err != nil {
+		return nil, err
+	}
+	vm := &VM{m: m, id: id}
+	cctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	c, err := m.connectAgent(cctx, b, mach)
+	if err != nil {
+		return nil, fmt.Errorf("agent: %w", err)
+	}
+	vm.setClient(c)
+	seed := make([]byte, 64)
+	rand.Read(seed)
+	if err := c.SetTime(cctx, time.Now()); err != nil {
+		return nil, err
+	}
+	if err := c.SetIdentityRequest(cctx, agentproto.SetIdentityRequest{Hostname: hostnameFor(id), Seed: seed, MAC: mach.MAC}); err != nil {
+		return nil, fmt.Errorf("setting the clone's identity: %w", err)
+	}
+	if !resume {
+		if err := b.Pause(ctx, mach); err != nil {
+			return nil, err
+		}
+		rec.Status = store.VMPaused
+		if err := m.store.UpdateVM(ctx, rec); err != nil {
+			return nil, err
+		}
+	}
+	return vm, nil
+}
+
+// dropClones stops and removes clones that could not start.
+func (m *Manager) dropClones(ctx context.Context, b backend.Backend, ids []string) {
+	for _, id := range ids {
+		if id == "" {
+			continue
+		}
+		if rec, err := m.store.GetVM(ctx, id); err == nil {
+			b.Stop(ctx, rec.Machine)
+			removeAll(rec.Machine.Dir, rec.Machine.RunDir)
+		}
+		m.store.DeleteVM(ctx, id)
+	}
+}
+
+// memAvailableMiB reads MemAvailable from /proc/meminfo.
+func memAvailableMiB() (int64, bool) {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return 0, false
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fs := strings.Fields(sc.Text())
+		if len(fs) >= 2 && fs[0] == "MemAvailable:" {
+			kb, err := strconv.ParseInt(fs[1], 10, 64)
+			return kb / 1024, err == nil
+		}
+	}
+	return 0, false
+}

@@ -1,0 +1,131 @@
+package smolvm_test
+
+import (
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/smolvm-go/smolvm"
+)
+
+func fileSum(t *testing.T, path string) string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	io.Copy(h, f)
+	return fmt.Sprintf("%x", h.Sum(nil))
+}
+
+func TestForkClones(t *testing.T) {
+	m := newManager(t)
+	ctx := testCtx(t)
+	vm := boot(t, m, smolvm.Config{Name: "parent", Image: "busybox"})
+	mustOK(t, vm, "echo prepared > /root/prepared; echo in-ram > /tmp/ram")
+	snap, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "forkme"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sums := map[string]string{}
+	for _, p := range []string{snap.Artifacts.Memory, snap.Artifacts.State, snap.Artifacts.Disk} {
+		sums[p] = fileSum(t, p)
+	}
+
+	clones, err := m.Fork(ctx, "forkme", 3, smolvm.ForkOptions{Resume: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(clones) != 3 {
+		t.Fatalf("%d clones", len(clones))
+	}
+	seen := map[string]map[string]bool{"hostname": {}, "mac": {}, "random": {}, "id": {}}
+	for i, c := range clones {
+		defer c.Close()
+		if !strings.HasPrefix(c.ID(), "parent-clone-") {
+			t.Errorf("clone id %q", c.ID())
+		}
+		out := mustOK(t, c, "hostname; cat /sys/class/net/eth0/address; head -c16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; cat /root/prepared /tmp/ram")
+		lines := strings.Split(out, "\n")
+		if len(lines) != 5 || lines[3] != "prepared" || lines[4] != "in-ram" {
+			t.Fatalf("clone %d: %q", i, out)
+		}
+		for k, v := range map[string]string{"hostname": lines[0], "mac": lines[1], "random": lines[2], "id": c.ID()} {
+			if seen[k][v] {
+				t.Errorf("clone %d repeats %s %q", i, k, v)
+			}
+			seen[k][v] = true
+		}
+		if lines[0] != c.ID() {
+			t.Errorf("clone hostname %q, want its id %q", lines[0], c.ID())
+		}
+	}
+	// A file written in one clone is absent in the others.
+	mustOK(t, clones[0], "echo mine > /root/only-in-0")
+	for _, c := range clones[1:] {
+		if res := run(t, c, "test -e /root/only-in-0"); res.OK() {
+			t.Errorf("clone %s sees clone 0's file", c.ID())
+		}
+	}
+	// The snapshot's files are byte-identical after the clones ran.
+	for p, sum := range sums {
+		if got := fileSum(t, p); got != sum {
+			t.Errorf("%s changed while clones ran", p)
+		}
+	}
+	// Clones count for the delete rule, not for restore-once.
+	if err := m.DeleteSnapshot(ctx, "forkme"); !errors.Is(err, smolvm.ErrSnapshotInUse) {
+		t.Errorf("delete while clones run: %v", err)
+	}
+	if info, _ := m.GetSnapshot(ctx, "forkme"); info.Restored {
+		t.Errorf("fork marked the snapshot restored")
+	}
+	// Bad input fails before anything starts.
+	before, _ := m.List(ctx)
+	if _, err := m.Fork(ctx, "forkme", 0, smolvm.ForkOptions{}); !errors.Is(err, smolvm.ErrInvalidConfig) {
+		t.Errorf("n=0: %v", err)
+	}
+	if _, err := m.Fork(ctx, "forkme", 65, smolvm.ForkOptions{}); !errors.Is(err, smolvm.ErrInvalidConfig) {
+		t.Errorf("n=65: %v", err)
+	}
+	if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "diskonly", Type: smolvm.SnapshotDisk}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Fork(ctx, "diskonly", 2, smolvm.ForkOptions{}); !errors.Is(err, smolvm.ErrUnsupported) || !strings.Contains(err.Error(), "no memory to share") {
+		t.Errorf("fork of a disk snapshot: %v", err)
+	}
+	if after, _ := m.List(ctx); len(after) != len(before) {
+		t.Errorf("refused forks left VMs: %d -> %d", len(before), len(after))
+	}
+}
+
+// Restore time must not depend on guest RAM: both a small and a large guest
+// restore and answer (the figures are in smolvm bench suite).
+func TestRestoreLargeAndSmallGuest(t *testing.T) {
+	m := newManager(t)
+	ctx := testCtx(t)
+	for _, mem := range []int{256, 2048} {
+		name := fmt.Sprintf("mem%d", mem)
+		vm := boot(t, m, smolvm.Config{Name: name, Image: "busybox", MemoryMiB: mem, NoNetwork: true})
+		mustOK(t, vm, "echo x > /tmp/x")
+		if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: name}); err != nil {
+			t.Fatal(err)
+		}
+		vm.Close()
+		r, err := m.FromSnapshot(ctx, name, smolvm.RestoreOptions{Resume: true})
+		if err != nil {
+			t.Fatalf("%d MiB: %v", mem, err)
+		}
+		if got := mustOK(t, r, "cat /tmp/x; grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2"); !strings.HasPrefix(got, "x\n") {
+			t.Errorf("%d MiB restore: %q", mem, got)
+		}
+		r.Delete(ctx)
+		r.Close()
+	}
+}

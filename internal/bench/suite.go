@@ -1,0 +1,801 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/smolvm-go/smolvm"
+	"github.com/smolvm-go/smolvm/internal/agentclient"
+	"github.com/smolvm-go/smolvm/internal/agentproto"
+	"github.com/smolvm-go/smolvm/internal/backend/qemu"
+	"github.com/smolvm-go/smolvm/internal/image"
+	"github.com/smolvm-go/smolvm/internal/qmp"
+	"github.com/smolvm-go/smolvm/internal/snapshot"
+)
+
+// SuiteOptions configure Suite.
+type SuiteOptions struct {
+	Options
+	Clones      int      // clones per fork (default 10)
+	CloneRounds int      // rounds of the clone rows (default Rounds)
+	TouchMiB    int      // memory the guest fills before the snapshot-create row (default 200)
+	SmallMiB    int      // restore-vs-RAM-size row: the small guest (default 256)
+	BigMiB      int      // and the big one (default 2048)
+	Settle      float64  // seconds to wait before reading idle memory (default 2)
+	Only        []string // run only these groups (SuiteGroups); empty: all
+}
+
+// SuiteGroups are the units Suite runs, in order; each yields one or two
+// rows.
+var SuiteGroups = []string{"restore", "ram", "create", "clones", "boot"}
+
+func (o *SuiteOptions) defaults() {
+	o.Options.defaults()
+	if o.Clones <= 0 {
+		o.Clones = 10
+	}
+	if o.CloneRounds <= 0 {
+		o.CloneRounds = o.Rounds
+	}
+	if o.TouchMiB <= 0 {
+		o.TouchMiB = 200
+	}
+	if o.SmallMiB <= 0 {
+		o.SmallMiB = 256
+	}
+	if o.BigMiB <= 0 {
+		o.BigMiB = 2048
+	}
+	if o.Settle <= 0 {
+		o.Settle = 2
+	}
+}
+
+// Row is one line of the suite: ours against a baseline, the ratio of the
+// medians and the goal (met when Ratio <= Goal).
+type Row struct {
+	Key      string     `json:"key"`
+	Name     string     `json:"name"`
+	Unit     string     `json:"unit"`
+	Ours     Figure     `json:"ours"`
+	Baseline Figure     `json:"baseline"`
+	Ratio    float64    `json:"ratio"` // Ours.Median / Baseline.Median
+	Goal     float64    `json:"goal"`
+	Met      bool       `json:"met"`
+	Note     string     `json:"note,omitempty"`
+	Error    string     `json:"error,omitempty"` // the row could not be measured (completely)
+	Load     [3]float64 `json:"load_avg_at_start"`
+	Seconds  float64    `json:"wall_seconds"`
+}
+
+func newRow(key, name, unit string, ours, base Figure, goal float64, note string) Row {
+	r := Row{Key: key, Name: name, Unit: unit, Ours: ours, Baseline: base, Goal: goal, Note: note}
+	if base.Median > 0 && len(ours.Samples) > 0 {
+		r.Ratio = ours.Median / base.Median
+		r.Met = r.Ratio <= goal
+	}
+	return r
+}
+
+// SuiteReport is the result of Suite.
+type SuiteReport struct {
+	Host        Host       `json:"host"`
+	Rounds      int        `json:"rounds"`
+	Clones      int        `json:"clones"`
+	CloneRounds int        `json:"clone_rounds"`
+	MemoryMiB   int        `json:"memory_mib"`
+	LoadStart   [3]float64 `json:"load_avg_start"`
+	LoadEnd     [3]float64 `json:"load_avg_end"`
+	Rows        []Row      `json:"rows"`
+	Extras      []Figure   `json:"extras,omitempty"` // informational, no goal
+	Notes       []string   `json:"notes,omitempty"`
+	Seconds     float64    `json:"wall_seconds"`
+}
+
+// Suite runs the benchmark suite of issue 4: every pair in one run, ours
+// and the baseline alternating (the order flips every round), medians and
+// ratios against goals. A group that fails is recorded in its rows' Error
+// and the others still run; the returned error joins the failures. Every
+// VM and snapshot it creates is deleted again.
+func Suite(ctx context.Context, o SuiteOptions) (SuiteReport, error) {
+	o.defaults()
+	img, err := image.Open(o.Manager.ImageDir(), o.Image)
+	if err != nil {
+		return SuiteReport{}, err
+	}
+	s := &suite{o: o, m: o.Manager, img: img, qb: qemu.New(qemu.Options{}), tag: randTag()}
+	rep := SuiteReport{Host: hostInfo(o.Options, img), Rounds: o.Rounds, Clones: o.Clones, CloneRounds: o.CloneRounds,
+		MemoryMiB: o.MemoryMiB, LoadStart: loadAvg()}
+	if o.CloneRounds != o.Rounds {
+		rep.Notes = append(rep.Notes, fmt.Sprintf("the clone rows ran %d rounds, the others %d", o.CloneRounds, o.Rounds))
+	}
+	t0 := time.Now()
+	var errs []error
+	groups := map[string]func(context.Context) ([]Row, error){
+		"restore": s.restoreGroup, "ram": s.ramGroup, "create": s.createGroup, "clones": s.clonesGroup, "boot": s.bootGroup,
+	}
+	for _, g := range SuiteGroups {
+		if len(o.Only) > 0 && !slices.Contains(o.Only, g) {
+			continue
+		}
+		if ctx.Err() != nil {
+			errs = append(errs, ctx.Err())
+			break
+		}
+		load := loadAvg()
+		gt := time.Now()
+		fmt.Fprintf(o.Progress, "== %s (load average %.2f %.2f %.2f)\n", g, load[0], load[1], load[2])
+		rows, err := groups[g](ctx)
+		if err != nil {
+			err = fmt.Errorf("%s: %w", g, err)
+			errs = append(errs, err)
+			fmt.Fprintf(o.Progress, "   failed: %v\n", err)
+			for i := range rows {
+				rows[i].Error = err.Error()
+			}
+		}
+		for i := range rows {
+			rows[i].Load = load
+			rows[i].Seconds = time.Since(gt).Seconds()
+		}
+		rep.Rows = append(rep.Rows, rows...)
+	}
+	rep.Extras = s.extras
+	rep.Seconds = time.Since(t0).Seconds()
+	rep.LoadEnd = loadAvg()
+	return rep, errors.Join(errs...)
+}
+
+type suite struct {
+	o   SuiteOptions
+	m   *smolvm.Manager
+	img image.Image
+	qb  *qemu.Backend
+	tag string // keeps names unique across concurrent runs on one data dir
+
+	extras []Figure // informational figures (no goal)
+}
+
+func (s *suite) progress(format string, args ...any) {
+	fmt.Fprintf(s.o.Progress, "   "+format+"\n", args...)
+}
+
+func (s *suite) name(parts ...string) string {
+	return "bsuite-" + s.tag + "-" + strings.Join(parts, "-")
+}
+
+// alternate runs a and b in round i: a first in even rounds, b first in odd
+// ones, so neither side always runs on a warmer (or busier) host.
+func alternate(i int, a, b func() error) error {
+	first, second := a, b
+	if i%2 == 1 {
+		first, second = b, a
+	}
+	if err := first(); err != nil {
+		return err
+	}
+	return second()
+}
+
+func del(ctx context.Context, vm *smolvm.VM) {
+	if vm == nil {
+		return
+	}
+	vm.Delete(context.WithoutCancel(ctx))
+	vm.Close()
+}
+
+func delAll(ctx context.Context, vms []*smolvm.VM) {
+	var wg sync.WaitGroup
+	for _, vm := range vms {
+		wg.Go(func() { del(ctx, vm) })
+	}
+	wg.Wait()
+}
+
+// boot creates and starts a VM and checks that it answers.
+func (s *suite) boot(ctx context.Context, name string, memMiB int) (*smolvm.VM, error) {
+	vm, err := s.m.New(ctx, smolvm.Config{Name: name, Image: s.o.Image, MemoryMiB: memMiB, NoNetwork: true})
+	if err != nil {
+		return nil, err
+	}
+	if err := vm.Start(ctx); err != nil {
+		del(ctx, vm)
+		return nil, err
+	}
+	if err := runOK(ctx, vm, "true"); err != nil {
+		del(ctx, vm)
+		return nil, err
+	}
+	return vm, nil
+}
+
+func runOK(ctx context.Context, vm *smolvm.VM, cmd string) error {
+	res, err := vm.Run(ctx, cmd, smolvm.WithTimeout(5*time.Minute))
+	if err != nil {
+		return err
+	}
+	if !res.OK() {
+		return fmt.Errorf("%q exited %d: %s", cmd, res.ExitCode, strings.TrimSpace(res.Stderr))
+	}
+	return nil
+}
+
+// sourceSnapshot boots an idle VM, takes a full snapshot of it and deletes
+// the VM (so restores do not have to stop it). The caller deletes the
+// snapshot.
+func (s *suite) sourceSnapshot(ctx context.Context, name string, memMiB int) (string, error) {
+	vm, err := s.boot(ctx, name, memMiB)
+	if err != nil {
+		return "", err
+	}
+	defer del(ctx, vm)
+	id := name + "-snap"
+	if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: id, Type: smolvm.SnapshotFull}); err != nil {
+		return "", err
+	}
+	return id, nil
+}
+
+func (s *suite) deleteSnapshot(ctx context.Context, id string) {
+	if err := s.m.DeleteSnapshot(context.WithoutCancel(ctx), id); err != nil {
+		s.progress("warning: deleting snapshot %s: %v", id, err)
+	}
+}
+
+// restoreTimes are the phases of one restore.
+type restoreTimes struct {
+	ready time.Duration // agent answered (ours: FromSnapshot returned; bare: handshake)
+	first time.Duration // first command's result
+}
+
+// oursRestore is the SDK's restore to the first command result. The
+// restored VM is returned running; the caller deletes it.
+func (s *suite) oursRestore(ctx context.Context, snapID string) (restoreTimes, *smolvm.VM, error) {
+	var rt restoreTimes
+	t0 := time.Now()
+	vm, err := s.m.FromSnapshot(ctx, snapID, smolvm.RestoreOptions{Resume: true, Force: true})
+	if err != nil {
+		return rt, nil, err
+	}
+	rt.ready = time.Since(t0)
+	if err := runOK(ctx, vm, "true"); err != nil {
+		del(ctx, vm)
+		return rt, nil, err
+	}
+	rt.first = time.Since(t0)
+	return rt, vm, nil
+}
+
+// bareRestore restores the same snapshot with bare QEMU, driven by hand:
+// a qcow2 overlay over the snapshot's disk, qemu-system-x86_64 with the
+// argv the backend's restore uses, QMP migrate-incoming and cont, then the
+// agent handshake (ready); then, informational, one exec of "true" through
+// the agent (first).
+func (s *suite) bareRestore(ctx context.Context, snapID string) (restoreTimes, error) {
+	var rt restoreTimes
+	info, err := s.m.GetSnapshot(ctx, snapID)
+	if err != nil {
+		return rt, err
+	}
+	man, err := snapshot.ReadManifest(info.Dir)
+	if err != nil {
+		return rt, err
+	}
+	dir, err := os.MkdirTemp("", "smvbr")
+	if err != nil {
+		return rt, err
+	}
+	defer os.RemoveAll(dir)
+	spec := man.Spec
+	spec.ID, spec.Dir, spec.RunDir = "bare", dir, dir
+	spec.Disk = filepath.Join(dir, "disk.qcow2")
+
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	t0 := time.Now()
+	if info.Artifacts.Disk != "" {
+		if out, err := exec.CommandContext(cctx, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", info.Artifacts.Disk, spec.Disk).CombinedOutput(); err != nil {
+			return rt, fmt.Errorf("qemu-img: %v: %s", err, out)
+		}
+	}
+	inv, err := s.qb.RestoreArgv(spec, info.Dir, man.Result)
+	if err != nil {
+		return rt, err
+	}
+	logf, err := os.Create(filepath.Join(dir, "qemu.log"))
+	if err != nil {
+		return rt, err
+	}
+	defer logf.Close()
+	cmd := exec.Command("qemu-system-x86_64", inv.Args...)
+	cmd.Dir, cmd.Stdout, cmd.Stderr = dir, logf, logf
+	if err := cmd.Start(); err != nil {
+		return rt, err
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	withLog := func(err error) error {
+		if b, _ := os.ReadFile(filepath.Join(dir, "qemu.log")); len(b) > 0 {
+			return fmt.Errorf("%w (qemu: %s)", err, strings.TrimSpace(string(b)))
+		}
+		return err
+	}
+	c, err := qmp.Dial(cctx, inv.QMPSocket)
+	if err != nil {
+		return rt, withLog(err)
+	}
+	defer c.Close()
+	caps := []map[string]any{
+		{"capability": "x-ignore-shared", "state": inv.IgnoreShared},
+		{"capability": "mapped-ram", "state": inv.MappedRAM},
+	}
+	if err := c.Execute(cctx, "migrate-set-capabilities", map[string]any{"capabilities": caps}, nil); err != nil {
+		return rt, withLog(err)
+	}
+	channels := []map[string]any{{"channel-type": "main",
+		"addr": map[string]any{"transport": "file", "filename": inv.StateFile, "offset": 0}}}
+	if err := c.Execute(cctx, "migrate-incoming", map[string]any{"channels": channels, "exit-on-error": false}, nil); err != nil {
+		return rt, withLog(err)
+	}
+	if err := pollUntil(cctx, func() (bool, error) {
+		var st struct {
+			Status    string `json:"status"`
+			ErrorDesc string `json:"error-desc"`
+		}
+		if err := c.Execute(cctx, "query-migrate", nil, &st); err != nil {
+			return false, err
+		}
+		switch st.Status {
+		case "completed":
+			return true, nil
+		case "failed", "cancelled":
+			return false, fmt.Errorf("migrate-incoming %s: %s", st.Status, st.ErrorDesc)
+		}
+		return false, nil
+	}); err != nil {
+		return rt, withLog(err)
+	}
+	if err := c.Execute(cctx, "cont", nil, nil); err != nil {
+		return rt, withLog(err)
+	}
+	ac, err := agentclient.Connect(cctx, func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", inv.AgentSocket)
+	})
+	if err != nil {
+		return rt, withLog(err)
+	}
+	defer ac.Close()
+	rt.ready = time.Since(t0)
+	res, err := ac.Exec(cctx, agentproto.ExecRequest{Shell: "true"}, io.Discard, io.Discard)
+	if err != nil {
+		return rt, err
+	}
+	if res.ExitCode != 0 {
+		return rt, fmt.Errorf("true exited %d", res.ExitCode)
+	}
+	rt.first = time.Since(t0)
+	return rt, nil
+}
+
+// pollUntil calls f every few milliseconds (2 ms, backing off to 20 ms)
+// until it reports done or fails.
+func pollUntil(ctx context.Context, f func() (bool, error)) error {
+	delay := 2 * time.Millisecond
+	for {
+		done, err := f()
+		if err != nil || done {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(delay):
+		}
+		delay = min(delay*2, 20*time.Millisecond)
+	}
+}
+
+// restoreGroup: restore -> first command against bare QEMU restoring the
+// same state.
+func (s *suite) restoreGroup(ctx context.Context) ([]Row, error) {
+	var ours, bare, oursReady, bareFirst []float64
+	defer func() {
+		s.extras = append(s.extras,
+			newFigure("restore: smolvm FromSnapshot(Resume) alone (agent answered, clock set; no command yet)", "ms", oursReady),
+			newFigure("restore: bare QEMU to the result of one exec of true through the agent", "ms", bareFirst))
+	}()
+	row := func() []Row {
+		return []Row{newRow("restore", "restore -> first command (full snapshot)", "ms",
+			newFigure("smolvm FromSnapshot(Resume)+Run(true)", "ms", ours),
+			newFigure("bare QEMU: same argv, migrate-incoming, cont, agent handshake", "ms", bare), 1.15,
+			fmt.Sprintf("%d MiB idle guest; the baseline creates the same disk overlay but sends no command and does not set the guest clock", s.o.MemoryMiB))}
+	}
+	snapID, err := s.sourceSnapshot(ctx, s.name("restore"), s.o.MemoryMiB)
+	if err != nil {
+		return row(), err
+	}
+	defer s.deleteSnapshot(ctx, snapID)
+	for i := 0; i < s.o.Rounds; i++ {
+		var o, b restoreTimes
+		err := alternate(i, func() error {
+			rt, vm, err := s.oursRestore(ctx, snapID)
+			del(ctx, vm)
+			o = rt
+			return err
+		}, func() error {
+			rt, err := s.bareRestore(ctx, snapID)
+			b = rt
+			return err
+		})
+		if err != nil {
+			return row(), err
+		}
+		ours, bare = append(ours, ms(o.first)), append(bare, ms(b.ready))
+		oursReady, bareFirst = append(oursReady, ms(o.ready)), append(bareFirst, ms(b.first))
+		s.progress("round %d: smolvm %.0f ms (restored at %.0f), bare qemu %.0f ms (first exec at %.0f)",
+			i+1, ms(o.first), ms(o.ready), ms(b.ready), ms(b.first))
+	}
+	return row(), nil
+}
+
+// ramGroup: restore -> first command of a big guest against a small one.
+func (s *suite) ramGroup(ctx context.Context) ([]Row, error) {
+	var big, small []float64
+	row := func() []Row {
+		return []Row{newRow("restore-ram", fmt.Sprintf("restore -> first command, %d MiB guest vs %d MiB guest", s.o.BigMiB, s.o.SmallMiB), "ms",
+			newFigure(fmt.Sprintf("%d MiB guest", s.o.BigMiB), "ms", big),
+			newFigure(fmt.Sprintf("%d MiB guest", s.o.SmallMiB), "ms", small), 1.2,
+			"both: FromSnapshot(Resume)+Run(true) of a full snapshot of an idle guest")}
+	}
+	bigID, err := s.sourceSnapshot(ctx, s.name("big"), s.o.BigMiB)
+	if err != nil {
+		return row(), err
+	}
+	defer s.deleteSnapshot(ctx, bigID)
+	smallID, err := s.sourceSnapshot(ctx, s.name("small"), s.o.SmallMiB)
+	if err != nil {
+		return row(), err
+	}
+	defer s.deleteSnapshot(ctx, smallID)
+	restore := func(id string, out *time.Duration) func() error {
+		return func() error {
+			rt, vm, err := s.oursRestore(ctx, id)
+			del(ctx, vm)
+			*out = rt.first
+			return err
+		}
+	}
+	for i := 0; i < s.o.Rounds; i++ {
+		var b, sm time.Duration
+		if err := alternate(i, restore(bigID, &b), restore(smallID, &sm)); err != nil {
+			return row(), err
+		}
+		big, small = append(big, ms(b)), append(small, ms(sm))
+		s.progress("round %d: %d MiB %.0f ms, %d MiB %.0f ms", i+1, s.o.BigMiB, ms(b), s.o.SmallMiB, ms(sm))
+	}
+	return row(), nil
+}
+
+// createGroup: full snapshot create against QMP snapshot-save on the same
+// VM, and the snapshot's size against the memory the guest uses.
+func (s *suite) createGroup(ctx context.Context) ([]Row, error) {
+	var ours, save, size, touched []float64
+	rows := func() []Row {
+		return []Row{
+			newRow("snapshot-create", fmt.Sprintf("full snapshot create, %d MiB guest, %d MiB touched", s.o.MemoryMiB, s.o.TouchMiB), "ms",
+				newFigure("smolvm VM.Snapshot(full, ResumeSource)", "ms", ours),
+				newFigure("QMP snapshot-save job into the VM's qcow2 overlay", "ms", save), 0.3,
+				"same VM, alternating; ours = stop, device-state migration, sparse RAM copy, disk flatten, digests, fsync, commit; "+
+					"the baseline's internal snapshot is deleted after each round (not timed) so every save starts from the same overlay"),
+			newRow("snapshot-size", "snapshot size on disk vs memory the guest uses", "MiB",
+				newFigure("SnapshotInfo.SizeBytes (allocated)", "MiB", size),
+				newFigure("guest MemTotal-MemFree before the snapshot", "MiB", touched), 1.10,
+				"goal: size <= touched + 10%; the size includes the flattened disk, the device state and the manifest"),
+		}
+	}
+	vm, err := s.boot(ctx, s.name("create"), s.o.MemoryMiB)
+	if err != nil {
+		return rows(), err
+	}
+	defer del(ctx, vm)
+	t := time.Now()
+	if err := runOK(ctx, vm, fmt.Sprintf("head -c %d /dev/urandom > /tmp/blob", s.o.TouchMiB<<20)); err != nil {
+		return rows(), err
+	}
+	s.progress("guest wrote %d MiB of random data to tmpfs in %.1f s", s.o.TouchMiB, time.Since(t).Seconds())
+	info, err := vm.Info(ctx)
+	if err != nil {
+		return rows(), err
+	}
+	qmpPath, err := qmpSocketOf(info.PID)
+	if err != nil {
+		return rows(), err
+	}
+	for i := 0; i < s.o.Rounds; i++ {
+		used, err := guestUsedMiB(ctx, vm)
+		if err != nil {
+			return rows(), err
+		}
+		var o, b time.Duration
+		var sz int64
+		err = alternate(i, func() error {
+			id := s.name("create", strconv.Itoa(i))
+			t0 := time.Now()
+			snap, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: id, Type: smolvm.SnapshotFull, ResumeSource: true})
+			if err != nil {
+				return err
+			}
+			o, sz = time.Since(t0), snap.SizeBytes
+			s.deleteSnapshot(ctx, id)
+			return nil
+		}, func() error {
+			d, err := qmpSnapshotSave(ctx, qmpPath, fmt.Sprintf("bsuite%d", i))
+			b = d
+			return err
+		})
+		if err != nil {
+			return rows(), err
+		}
+		ours, save = append(ours, ms(o)), append(save, ms(b))
+		size, touched = append(size, float64(sz)/(1<<20)), append(touched, used)
+		s.progress("round %d: smolvm %.0f ms (%.1f MiB), snapshot-save %.0f ms; guest uses %.1f MiB", i+1, ms(o), float64(sz)/(1<<20), ms(b), used)
+	}
+	return rows(), nil
+}
+
+// guestUsedMiB is MemTotal-MemFree from the guest's /proc/meminfo.
+func guestUsedMiB(ctx context.Context, vm *smolvm.VM) (float64, error) {
+	res, err := vm.Run(ctx, "cat /proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	kib := map[string]float64{}
+	for _, l := range strings.Split(res.Stdout, "\n") {
+		f := strings.Fields(l)
+		if len(f) >= 2 {
+			v, err := strconv.ParseFloat(f[1], 64)
+			if err == nil {
+				kib[strings.TrimSuffix(f[0], ":")] = v
+			}
+		}
+	}
+	if kib["MemTotal"] == 0 {
+		return 0, fmt.Errorf("no MemTotal in the guest's /proc/meminfo")
+	}
+	return (kib["MemTotal"] - kib["MemFree"]) / 1024, nil
+}
+
+// qmpSocketOf finds the QMP socket of a running QEMU in its command line
+// (-chardev socket,id=qmp,...,path=P).
+func qmpSocketOf(pid int) (string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return "", err
+	}
+	for _, a := range strings.Split(string(b), "\x00") {
+		if !strings.HasPrefix(a, "socket,") || !strings.Contains(a, ",id=qmp,") {
+			continue
+		}
+		if _, p, ok := strings.Cut(a, ",path="); ok {
+			p, _, _ = strings.Cut(p, ",")
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("no QMP socket in the command line of pid %d", pid)
+}
+
+// qmpSnapshotSave is the internal-snapshot mechanism: a snapshot-save job
+// writing the VM state and the disk snapshot into the qcow2 node "disk0",
+// timed from the command until the job concluded. The snapshot is deleted
+// again afterwards (not timed).
+func qmpSnapshotSave(ctx context.Context, sock, tag string) (time.Duration, error) {
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer cancel()
+	c, err := qmp.Dial(cctx, sock)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	// A snapshot of ours left x-ignore-shared on: with it, the shared guest
+	// RAM would be skipped.
+	caps := []map[string]any{{"capability": "x-ignore-shared", "state": false}, {"capability": "mapped-ram", "state": false}}
+	if err := c.Execute(cctx, "migrate-set-capabilities", map[string]any{"capabilities": caps}, nil); err != nil {
+		return 0, err
+	}
+	t0 := time.Now()
+	if err := c.Execute(cctx, "snapshot-save", map[string]any{"job-id": "save-" + tag, "tag": tag,
+		"vmstate": "disk0", "devices": []string{"disk0"}}, nil); err != nil {
+		return 0, err
+	}
+	if err := waitJob(cctx, c, "save-"+tag); err != nil {
+		return 0, err
+	}
+	d := time.Since(t0)
+	if err := c.Execute(cctx, "snapshot-delete", map[string]any{"job-id": "del-" + tag, "tag": tag,
+		"devices": []string{"disk0"}}, nil); err != nil {
+		return d, fmt.Errorf("deleting the internal snapshot: %w", err)
+	}
+	if err := waitJob(cctx, c, "del-"+tag); err != nil {
+		return d, fmt.Errorf("deleting the internal snapshot: %w", err)
+	}
+	return d, nil
+}
+
+// waitJob polls query-jobs until job id concluded, then dismisses it.
+func waitJob(ctx context.Context, c *qmp.Client, id string) error {
+	var jobErr string
+	err := pollUntil(ctx, func() (bool, error) {
+		var jobs []struct {
+			ID     string `json:"id"`
+			Status string `json:"status"`
+			Error  string `json:"error"`
+		}
+		if err := c.Execute(ctx, "query-jobs", nil, &jobs); err != nil {
+			return false, err
+		}
+		for _, j := range jobs {
+			if j.ID == id {
+				jobErr = j.Error
+				return j.Status == "concluded", nil
+			}
+		}
+		return false, fmt.Errorf("job %s disappeared", id)
+	})
+	if err != nil {
+		return err
+	}
+	c.Execute(ctx, "job-dismiss", map[string]any{"id": id}, nil)
+	if jobErr != "" {
+		return fmt.Errorf("job %s: %s", id, jobErr)
+	}
+	return nil
+}
+
+// clonesGroup: N clones answering against one restore, and their host
+// memory against one idle restored VM.
+func (s *suite) clonesGroup(ctx context.Context) ([]Row, error) {
+	n := s.o.Clones
+	var forkT, oneT, forkMem, oneMem []float64
+	rows := func() []Row {
+		return []Row{
+			newRow("clones", fmt.Sprintf("%d clones -> all answer a command", n), "ms",
+				newFigure(fmt.Sprintf("smolvm Fork(%d, Resume) + Run(true) on every clone at once", n), "ms", forkT),
+				newFigure("one FromSnapshot(Resume)+Run(true)", "ms", oneT), 2,
+				fmt.Sprintf("%d MiB idle guest; %d rounds", s.o.MemoryMiB, s.o.CloneRounds)),
+			newRow("clones-memory", fmt.Sprintf("host memory (PSS) of %d idle clones", n), "MiB",
+				newFigure(fmt.Sprintf("sum of Pss of %d clones' QEMU processes", n), "MiB", forkMem),
+				newFigure("Pss of one idle restored VM's QEMU", "MiB", oneMem), 1.5,
+				fmt.Sprintf("read from /proc/PID/smaps_rollup %.0f s after the last command", s.o.Settle)),
+		}
+	}
+	snapID, err := s.sourceSnapshot(ctx, s.name("fork"), s.o.MemoryMiB)
+	if err != nil {
+		return rows(), err
+	}
+	defer s.deleteSnapshot(ctx, snapID)
+	settle := time.Duration(s.o.Settle * float64(time.Second))
+	for i := 0; i < s.o.CloneRounds; i++ {
+		var fd, od time.Duration
+		var fm, om float64
+		err := alternate(i, func() error {
+			t0 := time.Now()
+			vms, err := s.m.Fork(ctx, snapID, n, smolvm.ForkOptions{Resume: true, Prefix: s.name("f" + strconv.Itoa(i))})
+			defer delAll(ctx, vms)
+			if err != nil {
+				return err
+			}
+			if len(vms) != n {
+				return fmt.Errorf("fork returned %d clones, want %d", len(vms), n)
+			}
+			errs := make([]error, n)
+			var wg sync.WaitGroup
+			for k, vm := range vms {
+				wg.Go(func() { errs[k] = runOK(ctx, vm, "true") })
+			}
+			wg.Wait()
+			fd = time.Since(t0)
+			if err := errors.Join(errs...); err != nil {
+				return err
+			}
+			time.Sleep(settle)
+			fm, err = pssSum(ctx, vms)
+			return err
+		}, func() error {
+			rt, vm, err := s.oursRestore(ctx, snapID)
+			defer del(ctx, vm)
+			if err != nil {
+				return err
+			}
+			od = rt.first
+			time.Sleep(settle)
+			om, err = pssSum(ctx, []*smolvm.VM{vm})
+			return err
+		})
+		if err != nil {
+			return rows(), err
+		}
+		forkT, oneT = append(forkT, ms(fd)), append(oneT, ms(od))
+		forkMem, oneMem = append(forkMem, fm), append(oneMem, om)
+		s.progress("round %d: %d clones answering %.0f ms (%.1f MiB PSS), one restore %.0f ms (%.1f MiB PSS)", i+1, n, ms(fd), fm, ms(od), om)
+	}
+	return rows(), nil
+}
+
+// pssSum is the summed Pss (MiB) of the VMs' QEMU processes.
+func pssSum(ctx context.Context, vms []*smolvm.VM) (float64, error) {
+	var total int64
+	for _, vm := range vms {
+		info, err := vm.Info(ctx)
+		if err != nil {
+			return 0, err
+		}
+		if info.PID <= 0 {
+			return 0, fmt.Errorf("vm %s has no process", vm.ID())
+		}
+		kib, err := pssKiB(info.PID)
+		if err != nil {
+			return 0, err
+		}
+		total += kib
+	}
+	return float64(total) / 1024, nil
+}
+
+// bootGroup: cold boot -> first command against bare QEMU to agent-ready.
+func (s *suite) bootGroup(ctx context.Context) ([]Row, error) {
+	var ours, bare []float64
+	row := func() []Row {
+		return []Row{newRow("cold-boot", "cold boot -> first command", "ms",
+			newFigure("smolvm New+Start+Run(true)", "ms", ours),
+			newFigure("bare QEMU, same kernel/initramfs/disk, to agent handshake", "ms", bare), 1.10,
+			fmt.Sprintf("%d MiB guest", s.o.MemoryMiB))}
+	}
+	o := s.o.Options
+	for i := 0; i < s.o.Rounds; i++ {
+		var od, bd time.Duration
+		err := alternate(i, func() error {
+			d, err := oursBoot(ctx, s.m, o, i)
+			od = d
+			return err
+		}, func() error {
+			d, err := bareBoot(ctx, s.img, o, i)
+			bd = d
+			return err
+		})
+		if err != nil {
+			return row(), err
+		}
+		ours, bare = append(ours, ms(od)), append(bare, ms(bd))
+		s.progress("round %d: smolvm %.0f ms, bare qemu %.0f ms", i+1, ms(od), ms(bd))
+	}
+	return row(), nil
+}
+
+func loadAvg() [3]float64 {
+	var l [3]float64
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return l
+	}
+	f := strings.Fields(string(b))
+	for i := 0; i < 3 && i < len(f); i++ {
+		l[i], _ = strconv.ParseFloat(f[i], 64)
+	}
+	return l
+}
+
+func randTag() string {
+	return strconv.FormatInt(time.Now().UnixNano()%(36*36*36*36), 36)
+}
