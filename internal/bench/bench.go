@@ -233,10 +233,10 @@ func bareBoot(ctx context.Context, img image.Image, o Options, i int) (time.Dura
 	if accel == backend.AccelKVM {
 		cpu = "host"
 	}
-	append := "console=ttyS0 reboot=t panic=-1 quiet smol.root=/dev/vda " + img.KernelArgs
+	cmdline := "console=ttyS0 reboot=t panic=-1 quiet smol.root=/dev/vda " + img.KernelArgs
 	if accel == backend.AccelTCG {
 		if khz := qemu.HostTSCkHz(); khz > 0 {
-			append += " tsc_early_khz=" + strconv.Itoa(khz)
+			cmdline += " tsc_early_khz=" + strconv.Itoa(khz)
 		}
 	}
 	sock := filepath.Join(dir, "a.sock")
@@ -245,15 +245,19 @@ func bareBoot(ctx context.Context, img image.Image, o Options, i int) (time.Dura
 	if out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", img.Rootfs, disk).CombinedOutput(); err != nil {
 		return 0, fmt.Errorf("qemu-img: %v: %s", err, out)
 	}
-	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-nographic",
+	var fw []string
+	if p := qemu.MicrovmFirmware(); p != "" {
+		fw = []string{"-bios", p} // the firmware the backend uses
+	}
+	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", append(fw, "-nodefaults", "-no-user-config", "-nographic",
 		"-M", "microvm", "-accel", string(accel), "-cpu", cpu, "-m", fmt.Sprintf("%dM", o.MemoryMiB),
-		"-kernel", img.Kernel, "-initrd", img.Initrd, "-append", append,
+		"-kernel", img.Kernel, "-initrd", img.Initrd, "-append", cmdline,
 		"-serial", "file:"+filepath.Join(dir, "console.log"),
 		"-device", "virtio-serial-device,id=vser0",
 		"-chardev", "socket,id=agent,server=on,wait=off,path="+sock,
 		"-device", "virtserialport,bus=vser0.0,chardev=agent,name=org.smolvm.agent",
 		"-blockdev", "driver=qcow2,node-name=disk0,file.driver=file,file.filename="+disk,
-		"-device", "virtio-blk-device,drive=disk0")
+		"-device", "virtio-blk-device,drive=disk0")...)
 	if err := cmd.Start(); err != nil {
 		return 0, err
 	}

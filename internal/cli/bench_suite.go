@@ -75,6 +75,8 @@ not be measured; goals that are missed are reported, not failed.`,
 	f.IntVar(&o.MemoryMiB, "memory", 512, "guest memory in MiB (restore, snapshot create, clone and boot rows)")
 	f.IntVar(&o.Clones, "clones", 10, "clones per fork")
 	f.IntVar(&o.CloneRounds, "clone-rounds", 0, "rounds of the clone rows (default: --rounds)")
+	f.IntVar(&o.SmallMiB, "small-memory", 256, "restore-vs-RAM-size row: the small guest (MiB)")
+	f.IntVar(&o.BigMiB, "big-memory", 2048, "restore-vs-RAM-size row: the big guest (MiB)")
 	f.IntVar(&o.TouchMiB, "touch", 200, "MiB of random data the guest writes to tmpfs before the snapshot-create row")
 	f.StringSliceVar(&only, "only", nil, "run only these groups: "+strings.Join(bench.SuiteGroups, ","))
 	f.StringVar(&jsonFile, "json", "", "write the report with every raw sample as JSON to this file")
