@@ -667,7 +667,14 @@ func waitJob(ctx context.Context, c *qmp.Client, id string) error {
 // memory against one idle restored VM.
 func (s *suite) clonesGroup(ctx context.Context) ([]Row, error) {
 	n := s.o.Clones
-	var forkT, oneT, forkMem, oneMem []float64
+	var forkT, oneT, forkMem, oneMem, forkAnon, forkFile, oneAnon, oneFile []float64
+	defer func() {
+		s.extras = append(s.extras,
+			newFigure(fmt.Sprintf("clones-memory: Pss_Anon of %d clones (QEMU heap, TCG code cache, guest pages copied on write)", n), "MiB", forkAnon),
+			newFigure(fmt.Sprintf("clones-memory: Pss_File of %d clones (the shared memory image, QEMU binary and libraries)", n), "MiB", forkFile),
+			newFigure("clones-memory: Pss_Anon of one restored VM", "MiB", oneAnon),
+			newFigure("clones-memory: Pss_File of one restored VM", "MiB", oneFile))
+	}()
 	rows := func() []Row {
 		return []Row{
 			newRow("clones", fmt.Sprintf("%d clones -> all answer a command", n), "ms",
@@ -688,7 +695,7 @@ func (s *suite) clonesGroup(ctx context.Context) ([]Row, error) {
 	settle := time.Duration(s.o.Settle * float64(time.Second))
 	for i := 0; i < s.o.CloneRounds; i++ {
 		var fd, od time.Duration
-		var fm, om float64
+		var fm, om pss
 		err := alternate(i, func() error {
 			t0 := time.Now()
 			vms, err := s.m.Fork(ctx, snapID, n, smolvm.ForkOptions{Resume: true, Prefix: s.name("f" + strconv.Itoa(i))})
@@ -727,30 +734,69 @@ func (s *suite) clonesGroup(ctx context.Context) ([]Row, error) {
 			return rows(), err
 		}
 		forkT, oneT = append(forkT, ms(fd)), append(oneT, ms(od))
-		forkMem, oneMem = append(forkMem, fm), append(oneMem, om)
-		s.progress("round %d: %d clones answering %.0f ms (%.1f MiB PSS), one restore %.0f ms (%.1f MiB PSS)", i+1, n, ms(fd), fm, ms(od), om)
+		forkMem, oneMem = append(forkMem, fm.total), append(oneMem, om.total)
+		forkAnon, forkFile = append(forkAnon, fm.anon), append(forkFile, fm.file)
+		oneAnon, oneFile = append(oneAnon, om.anon), append(oneFile, om.file)
+		s.progress("round %d: %d clones answering %.0f ms (%.1f MiB PSS), one restore %.0f ms (%.1f MiB PSS)", i+1, n, ms(fd), fm.total, ms(od), om.total)
 	}
 	return rows(), nil
 }
 
-// pssSum is the summed Pss (MiB) of the VMs' QEMU processes.
-func pssSum(ctx context.Context, vms []*smolvm.VM) (float64, error) {
-	var total int64
+// pss is a process's proportional set size (MiB), split like smaps_rollup.
+type pss struct{ total, anon, file float64 }
+
+func (p *pss) add(q pss) { p.total, p.anon, p.file = p.total+q.total, p.anon+q.anon, p.file+q.file }
+
+// pssSum sums the Pss of the VMs' QEMU processes.
+func pssSum(ctx context.Context, vms []*smolvm.VM) (pss, error) {
+	var sum pss
 	for _, vm := range vms {
 		info, err := vm.Info(ctx)
 		if err != nil {
-			return 0, err
+			return sum, err
 		}
 		if info.PID <= 0 {
-			return 0, fmt.Errorf("vm %s has no process", vm.ID())
+			return sum, fmt.Errorf("vm %s has no process", vm.ID())
 		}
-		kib, err := pssKiB(info.PID)
+		p, err := readPss(info.PID)
 		if err != nil {
-			return 0, err
+			return sum, err
 		}
-		total += kib
+		sum.add(p)
 	}
-	return float64(total) / 1024, nil
+	return sum, nil
+}
+
+// readPss reads Pss, Pss_Anon and Pss_File from /proc/PID/smaps_rollup.
+func readPss(pid int) (pss, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	if err != nil {
+		return pss{}, err
+	}
+	var p pss
+	found := false
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 2 {
+			continue
+		}
+		kib, err := strconv.ParseFloat(f[1], 64)
+		if err != nil {
+			continue
+		}
+		switch f[0] {
+		case "Pss:":
+			p.total, found = kib/1024, true
+		case "Pss_Anon:":
+			p.anon = kib / 1024
+		case "Pss_File:":
+			p.file = kib / 1024
+		}
+	}
+	if !found {
+		return p, fmt.Errorf("no Pss in /proc/%d/smaps_rollup", pid)
+	}
+	return p, nil
 }
 
 // bootGroup: cold boot -> first command against bare QEMU to agent-ready.

@@ -169,6 +169,28 @@ func TestSnapshotCLI(t *testing.T) {
 	if env.OK || env.Error.Code != "snapshot_already_restored" || !strings.Contains(env.Error.Recovery, "--force") {
 		t.Errorf("second restore: %+v", env)
 	}
+	cli(t, "sandbox", "exec", "snapcli", "--", "echo v3 > /tmp/mem")
+	if env := smolvmJSON(t, "sandbox", "snapshot", "restore", "cp1", "--resume", "--force"); !env.OK {
+		t.Fatalf("forced restore: %+v", env)
+	}
+	if out, _, _ := cli(t, "sandbox", "exec", "snapcli", "--", "cat /tmp/mem"); out != "v1\n" {
+		t.Errorf("after forced restore: %q", out)
+	}
+	env = smolvmJSON(t, "sandbox", "snapshot", "restore", "cp1", "--clones", "2", "--resume")
+	var clones []struct{ ID, Status string }
+	json.Unmarshal(env.Data, &clones)
+	if !env.OK || len(clones) != 2 {
+		t.Fatalf("fork: %+v %s", env, env.Data)
+	}
+	for _, c := range clones {
+		if out, _, _ := cli(t, "sandbox", "exec", c.ID, "--", "hostname; cat /tmp/mem"); out != c.ID+"\nv1\n" {
+			t.Errorf("clone %s: %q", c.ID, out)
+		}
+		cli(t, "sandbox", "delete", c.ID)
+	}
+	if env := smolvmJSON(t, "sandbox", "snapshot", "restore", "cp1", "--clones", "0"); env.OK || env.Error.Code != "invalid_config" {
+		t.Errorf("--clones 0: %+v", env)
+	}
 	if env := smolvmJSON(t, "sandbox", "snapshot", "delete", "cp1"); env.OK || env.Error.Code != "snapshot_in_use" {
 		t.Errorf("delete in use: %+v", env)
 	}

@@ -51,7 +51,7 @@ func (a *app) snapshotCmd() *cobra.Command {
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: a.completeSnapshots,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if clones > 0 {
+			if cmd.Flags().Changed("clones") {
 				return a.fork(cmd, args[0], clones, resume)
 			}
 			return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {

@@ -1,0 +1,89 @@
+package bench
+
+import (
+	"bytes"
+	"encoding/xml"
+	"io"
+	"strings"
+	"testing"
+)
+
+func TestNewRowRatioAndGoal(t *testing.T) {
+	r := newRow("k", "n", "ms", newFigure("o", "ms", []float64{110, 100, 120}), newFigure("b", "ms", []float64{100, 90, 110}), 1.15, "")
+	if r.Ratio != 1.1 || !r.Met {
+		t.Fatalf("ratio %v met %v, want 1.1 true", r.Ratio, r.Met)
+	}
+	r = newRow("k", "n", "ms", newFigure("o", "ms", []float64{300}), newFigure("b", "ms", []float64{100}), 2, "")
+	if r.Met {
+		t.Fatal("3x met a 2x goal")
+	}
+	r = newRow("k", "n", "ms", newFigure("o", "ms", nil), newFigure("b", "ms", nil), 2, "")
+	if r.Ratio != 0 || r.Met {
+		t.Fatalf("no samples: ratio %v met %v", r.Ratio, r.Met)
+	}
+}
+
+func TestAlternateFlipsOrder(t *testing.T) {
+	var got []string
+	for i := 0; i < 3; i++ {
+		alternate(i, func() error { got = append(got, "a"); return nil }, func() error { got = append(got, "b"); return nil })
+	}
+	if s := strings.Join(got, ""); s != "abbaab" {
+		t.Fatalf("order %s, want abbaab", s)
+	}
+}
+
+func TestChartIsWellFormedSVG(t *testing.T) {
+	rep := SuiteReport{
+		Host:   Host{Accel: "tcg", CPU: `AMD "EPYC" <x> & co`, Cores: 2, QEMU: "QEMU 10", Image: "busybox", Date: "2026-11-28"},
+		Rounds: 5, CloneRounds: 5,
+		Rows: []Row{
+			newRow("restore", "restore -> first command", "ms", newFigure("ours", "ms", []float64{80, 90, 100}), newFigure("bare", "ms", []float64{70, 75, 90}), 1.15, "a note"),
+			newRow("size", "size", "MiB", newFigure("ours", "MiB", []float64{30}), newFigure("touched", "MiB", []float64{40}), 1.1, strings.Repeat("long note ", 40)),
+			{Key: "failed", Name: "not measured", Unit: "ms", Goal: 2, Error: "boom <here>"},
+		},
+	}
+	var buf bytes.Buffer
+	if err := WriteChart(&buf, rep); err != nil {
+		t.Fatal(err)
+	}
+	d := xml.NewDecoder(&buf)
+	texts := 0
+	for {
+		tok, err := d.Token()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("not well-formed: %v", err)
+		}
+		if se, ok := tok.(xml.StartElement); ok && se.Name.Local == "text" {
+			texts++
+		}
+	}
+	if texts < 10 {
+		t.Fatalf("only %d text elements", texts)
+	}
+}
+
+func TestChartMarksGoal(t *testing.T) {
+	rep := SuiteReport{Host: Host{Accel: "tcg"}, Rows: []Row{
+		newRow("a", "met row", "ms", newFigure("o", "ms", []float64{100}), newFigure("b", "ms", []float64{100}), 1.15, ""),
+		newRow("b", "missed row", "ms", newFigure("o", "ms", []float64{300}), newFigure("b", "ms", []float64{100}), 2, ""),
+	}}
+	var buf bytes.Buffer
+	WriteChart(&buf, rep)
+	s := buf.String()
+	for _, want := range []string{"1.00×  goal ≤ 1.15×  met", "3.00×  goal ≤ 2.00×  missed", "TCG", "stroke-dasharray"} {
+		if !strings.Contains(s, want) {
+			t.Errorf("chart lacks %q", want)
+		}
+	}
+}
+
+func TestWrap(t *testing.T) {
+	lines := wrap("aa bb cc dd", 5)
+	if strings.Join(lines, "|") != "aa bb|cc dd" {
+		t.Fatalf("wrap: %q", lines)
+	}
+}
