@@ -17,6 +17,7 @@ import (
 
 	"github.com/smolvm-go/smolvm/internal/agentclient"
 	"github.com/smolvm-go/smolvm/internal/agentproto"
+	"github.com/smolvm-go/smolvm/internal/atomicfile"
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/backend/qemu"
 	"github.com/smolvm-go/smolvm/internal/store"
@@ -707,7 +708,7 @@ func (vm *VM) DownloadFile(ctx context.Context, guestPath, localPath string) err
 	if st, err := os.Stat(localPath); err == nil && st.IsDir() {
 		localPath = filepath.Join(localPath, filepath.Base(guestPath))
 	}
-	return writeFileAtomic(localPath, data, mode.Perm())
+	return atomicfile.WriteFile(localPath, data, mode.Perm())
 }
 
 // SetEnv sets environment variables for every later command (persisted in
@@ -763,38 +764,6 @@ func logTail(path string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
-}
-
-func writeFileAtomic(path string, data []byte, perm fs.FileMode) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Chmod(perm); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return err
-	}
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
-	}
-	return nil
 }
 
 func clientAlive(c *agentclient.Client) bool {

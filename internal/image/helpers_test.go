@@ -210,11 +210,10 @@ func readInitramfs(t *testing.T, path string) ([]cpio.Record, map[string][]byte)
 }
 
 // hostTSCkHz returns the host CPU frequency in kHz from /proc/cpuinfo.
-func hostTSCkHz(t *testing.T) int {
-	t.Helper()
+func hostTSCkHz() (int, error) {
 	f, err := os.Open("/proc/cpuinfo")
 	if err != nil {
-		t.Fatal(err)
+		return 0, err
 	}
 	defer f.Close()
 	sc := bufio.NewScanner(f)
@@ -223,27 +222,43 @@ func hostTSCkHz(t *testing.T) int {
 		if ok && strings.TrimSpace(k) == "cpu MHz" {
 			mhz, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
 			if err == nil && mhz > 0 {
-				return int(mhz * 1000)
+				return int(mhz * 1000), nil
 			}
 		}
 	}
-	t.Fatal("no cpu MHz in /proc/cpuinfo")
-	return 0
+	return 0, errors.New("no cpu MHz in /proc/cpuinfo")
 }
 
-// bootUntilReady boots img on QEMU microvm (TCG) with the rootfs as a
-// snapshot=on virtio-blk disk and waits for the agent's READY line on the
-// serial console. QEMU is killed before returning. It returns the time to
-// READY and the console output.
+// bootUntilReady boots img on QEMU microvm (TCG) and fails the test unless
+// the agent's READY line appears on the console within timeout. It returns
+// the time to READY and the console output.
 func bootUntilReady(t *testing.T, img Image, timeout time.Duration) (time.Duration, string) {
 	t.Helper()
-	needTools(t, "qemu-system-x86_64")
-	run, err := os.MkdirTemp("", "smi-")
+	d, console, err := tryBoot(img, timeout)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return d, console
+}
+
+// tryBoot boots img on QEMU microvm (TCG) with the rootfs as a snapshot=on
+// virtio-blk disk and the agent's virtio-serial port, and waits for the
+// agent's READY line on the serial console. QEMU is killed before
+// returning. The error carries the console output.
+func tryBoot(img Image, timeout time.Duration) (time.Duration, string, error) {
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		return 0, "", err
+	}
+	khz, err := hostTSCkHz()
+	if err != nil {
+		return 0, "", err
+	}
+	run, err := os.MkdirTemp("", "smi-")
+	if err != nil {
+		return 0, "", err
+	}
 	defer os.RemoveAll(run)
-	appendArgs := fmt.Sprintf("console=ttyS0 panic=-1 tsc_early_khz=%d smol.root=/dev/vda %s", hostTSCkHz(t), img.KernelArgs)
+	appendArgs := fmt.Sprintf("console=ttyS0 panic=-1 tsc_early_khz=%d smol.root=/dev/vda %s", khz, img.KernelArgs)
 	args := []string{
 		"-M", "microvm", "-accel", "tcg", "-m", "256", "-smp", "1",
 		"-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
@@ -259,21 +274,16 @@ func bootUntilReady(t *testing.T, img Image, timeout time.Duration) (time.Durati
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	cmd.Stdin = nil
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		t.Fatal(err)
+		return 0, "", err
 	}
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+		return 0, "", err
 	}
-	defer func() {
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		cmd.Wait()
-	}()
 	var (
 		mu      sync.Mutex
 		console strings.Builder
@@ -298,18 +308,21 @@ func bootUntilReady(t *testing.T, img Image, timeout time.Duration) (time.Durati
 		}
 		close(ready)
 	}()
+	kill := func() {
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	}
 	select {
 	case d, ok := <-ready:
-		if ok {
-			return d, consoleText()
-		}
+		kill()
 		cmd.Wait()
-		t.Fatalf("QEMU exited before READY (stderr: %s)\nconsole:\n%s", stderr.String(), consoleText())
+		if ok {
+			return d, consoleText(), nil
+		}
+		return 0, consoleText(), fmt.Errorf("QEMU exited before READY (stderr: %s)\nconsole:\n%s", stderr.String(), consoleText())
 	case <-ctx.Done():
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		kill()
 		<-ready
 		cmd.Wait()
-		t.Fatalf("no READY within %v (stderr: %s)\nconsole:\n%s", timeout, stderr.String(), consoleText())
+		return 0, consoleText(), fmt.Errorf("no READY within %v (stderr: %s)\nconsole:\n%s", timeout, stderr.String(), consoleText())
 	}
-	return 0, ""
 }

@@ -133,7 +133,12 @@ func (b *builder) tempDir(prefix string) (string, error) {
 	if err := os.MkdirAll(t, 0o755); err != nil {
 		return "", err
 	}
-	return os.MkdirTemp(t, prefix+"-")
+	d, err := os.MkdirTemp(t, prefix+"-")
+	if err != nil {
+		return "", err
+	}
+	// Published pieces keep this mode: readable by everyone, like the files.
+	return d, os.Chmod(d, 0o755)
 }
 
 func absDir(dir string) (string, error) {

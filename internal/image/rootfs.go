@@ -142,6 +142,10 @@ func (b *builder) ensureRootfs(ctx context.Context, p rootfsPlan, prev *Manifest
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return rootfsManifest{}, err
 		}
+		// The stage dir becomes the root directory of the file system.
+		if err := os.Chmod(d, 0o755); err != nil {
+			return rootfsManifest{}, err
+		}
 	}
 	start := time.Now()
 	if err := p.stage(ctx, stage); err != nil {
