@@ -373,6 +373,8 @@ func (m *Manager) FromSnapshot(ctx context.Context, id string, opts RestoreOptio
 	if err := ValidateID(id); err != nil {
 		return nil, err
 	}
+	t0 := time.Now()
+	phase := func(name string) { m.log.Debug("restore", "snapshot", id, "phase", name, "elapsed", time.Since(t0)) }
 	unlockSnap, err := store.LockSnapshot(ctx, m.opts.DataDir, id)
 	if err != nil {
 		return nil, err
@@ -393,6 +395,7 @@ func (m *Manager) FromSnapshot(ctx context.Context, id string, opts RestoreOptio
 	if err != nil {
 		return nil, err
 	}
+	phase("verified")
 	b, err := m.backend(man.Backend)
 	if err != nil {
 		return nil, err
@@ -455,11 +458,13 @@ func (m *Manager) FromSnapshot(ctx context.Context, id string, opts RestoreOptio
 		return rollback(err)
 	}
 	kind := backend.SnapshotKind(man.Type)
+	phase("old vm replaced")
 	mach, err := b.Restore(ctx, backend.RestoreRequest{Spec: spec, SnapshotDir: filepath.Join(m.snapRoot(), id),
 		Kind: kind, Result: man.Result, Resume: opts.Resume})
 	if err != nil {
 		return rollback(err)
 	}
+	phase("vmm restored")
 	status := store.VMPaused
 	if opts.Resume {
 		status = store.VMRunning
@@ -487,10 +492,12 @@ func (m *Manager) FromSnapshot(ctx context.Context, id string, opts RestoreOptio
 		cctx, cancel := context.WithTimeout(ctx, timeout)
 		c, err := m.connectAgent(cctx, b, mach)
 		cancel()
+		phase("agent connected")
 		if err == nil {
 			vm.setClient(c)
 			err = vm.afterBoot(ctx, c, nil)
 		}
+		phase("clock set")
 		if err != nil {
 			b.Stop(context.WithoutCancel(ctx), mach)
 			return rollback(fmt.Errorf("the restored vm's agent did not answer: %w", err))

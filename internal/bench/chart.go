@@ -59,8 +59,8 @@ func WriteChart(w io.Writer, r SuiteReport) error {
 	y := chartTop + len(r.Rows)*chartRowH + 14
 	p(`<rect x="20" y="%d" width="14" height="10" fill="%s"/><text x="40" y="%d">ours (median)</text>`+"\n", y, colOurs, y+9)
 	p(`<rect x="150" y="%d" width="14" height="10" fill="%s"/><text x="170" y="%d">baseline (median)</text>`+"\n", y, colBase, y+9)
-	p(`<line x1="310" y1="%d" x2="310" y2="%d" stroke="#000" stroke-width="1.5"/><text x="318" y="%d">one sample</text>`+"\n", y-1, y+11, y+9)
-	p(`<line x1="420" y1="%d" x2="420" y2="%d" stroke="%s" stroke-width="2" stroke-dasharray="3,2"/><text x="428" y="%d">goal for ours (baseline median × goal)</text>`+"\n",
+	p(`<line x1="310" y1="%d" x2="310" y2="%d" stroke="#000" stroke-width="1.5"/><text x="318" y="%d">one sample (line: min to max)</text>`+"\n", y-1, y+11, y+9)
+	p(`<line x1="500" y1="%d" x2="500" y2="%d" stroke="%s" stroke-width="2" stroke-dasharray="3,2"/><text x="508" y="%d">goal for ours (baseline median × goal)</text>`+"\n",
 		y-2, y+12, colMissed, y+9)
 	p("</svg>\n")
 	return bw.Flush()
@@ -109,11 +109,18 @@ func chartRow(p func(string, ...any), row Row, y int) {
 		}
 		wd := scale(b.f.Median)
 		p(`<rect x="%d" y="%d" width="%.1f" height="%d" fill="%s"/>`+"\n", chartBarX, by, wd, chartBarH, b.fill)
+		// The spread: a whisker from the smallest to the largest sample.
+		lo, hi := float64(chartBarX)+scale(minOf(b.f.Samples)), float64(chartBarX)+scale(maxOf(b.f.Samples))
+		p(`<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" stroke-width="1"/>`+"\n", lo, by+chartBarH/2, hi, by+chartBarH/2, b.tick)
 		for _, s := range b.f.Samples {
 			x := float64(chartBarX) + scale(s)
 			p(`<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" stroke-width="1.5"/>`+"\n", x, by+2, x, by+chartBarH-2, b.tick)
 		}
-		p(`<text x="%.1f" y="%d">%s</text>`+"\n", float64(chartBarX)+max(wd, scale(maxOf(b.f.Samples)))+6, by+13,
+		end := max(wd, scale(maxOf(b.f.Samples)))
+		if k == 0 {
+			end = max(end, scale(row.Baseline.Median*row.Goal)) // keep clear of the goal mark
+		}
+		p(`<text x="%.1f" y="%d">%s</text>`+"\n", float64(chartBarX)+end+6, by+13,
 			esc(fmt.Sprintf("%s %s (n=%d)", num(b.f.Median), row.Unit, len(b.f.Samples))))
 	}
 	if g := row.Baseline.Median * row.Goal; g > 0 {
@@ -132,6 +139,17 @@ func chartRow(p func(string, ...any), row Row, y int) {
 	for k, l := range lines[:min(len(lines), 3)] {
 		p(`<text x="%d" y="%d" font-size="11" fill="%s">%s</text>`+"\n", chartBarX, y+24+2*(chartBarH+6)+12+k*13, colMuted, esc(clip(l, 150)))
 	}
+}
+
+func minOf(s []float64) float64 {
+	if len(s) == 0 {
+		return 0
+	}
+	m := s[0]
+	for _, v := range s {
+		m = min(m, v)
+	}
+	return m
 }
 
 func maxOf(s []float64) float64 {

@@ -667,9 +667,10 @@ func waitJob(ctx context.Context, c *qmp.Client, id string) error {
 // memory against one idle restored VM.
 func (s *suite) clonesGroup(ctx context.Context) ([]Row, error) {
 	n := s.o.Clones
-	var forkT, oneT, forkMem, oneMem, forkAnon, forkFile, oneAnon, oneFile []float64
+	var forkT, forkRet, oneT, forkMem, oneMem, forkAnon, forkFile, oneAnon, oneFile []float64
 	defer func() {
 		s.extras = append(s.extras,
+			newFigure(fmt.Sprintf("clones: Fork(%d, Resume) alone (every clone restored, agent answered, identity and clock set)", n), "ms", forkRet),
 			newFigure(fmt.Sprintf("clones-memory: Pss_Anon of %d clones (QEMU heap, TCG code cache, guest pages copied on write)", n), "MiB", forkAnon),
 			newFigure(fmt.Sprintf("clones-memory: Pss_File of %d clones (the shared memory image, QEMU binary and libraries)", n), "MiB", forkFile),
 			newFigure("clones-memory: Pss_Anon of one restored VM", "MiB", oneAnon),
@@ -694,7 +695,7 @@ func (s *suite) clonesGroup(ctx context.Context) ([]Row, error) {
 	defer s.deleteSnapshot(ctx, snapID)
 	settle := time.Duration(s.o.Settle * float64(time.Second))
 	for i := 0; i < s.o.CloneRounds; i++ {
-		var fd, od time.Duration
+		var fd, fr, od time.Duration
 		var fm, om pss
 		err := alternate(i, func() error {
 			t0 := time.Now()
@@ -703,6 +704,7 @@ func (s *suite) clonesGroup(ctx context.Context) ([]Row, error) {
 			if err != nil {
 				return err
 			}
+			fr = time.Since(t0)
 			if len(vms) != n {
 				return fmt.Errorf("fork returned %d clones, want %d", len(vms), n)
 			}
@@ -733,7 +735,7 @@ func (s *suite) clonesGroup(ctx context.Context) ([]Row, error) {
 		if err != nil {
 			return rows(), err
 		}
-		forkT, oneT = append(forkT, ms(fd)), append(oneT, ms(od))
+		forkT, forkRet, oneT = append(forkT, ms(fd)), append(forkRet, ms(fr)), append(oneT, ms(od))
 		forkMem, oneMem = append(forkMem, fm.total), append(oneMem, om.total)
 		forkAnon, forkFile = append(forkAnon, fm.anon), append(forkFile, fm.file)
 		oneAnon, oneFile = append(oneAnon, om.anon), append(oneFile, om.file)

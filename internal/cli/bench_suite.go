@@ -22,6 +22,7 @@ func (a *app) benchSuiteCmd() *cobra.Command {
 		o         bench.SuiteOptions
 		jsonFile  string
 		chartFile string
+		replay    string
 		only      []string
 	)
 	c := &cobra.Command{
@@ -50,6 +51,23 @@ not be measured; goals that are missed are reported, not failed.`,
 				}
 			}
 			o.Only = only
+			if replay != "" {
+				data, err := os.ReadFile(replay)
+				if err != nil {
+					return err
+				}
+				var rep bench.SuiteReport
+				if err := json.Unmarshal(data, &rep); err != nil {
+					return fmt.Errorf("%s: %w", replay, err)
+				}
+				if chartFile != "" {
+					if err := writeChart(chartFile, rep); err != nil {
+						return err
+					}
+				}
+				a.print(rep, func(w io.Writer) { printSuite(w, rep) })
+				return nil
+			}
 			return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
 				o.Manager, o.Progress = m, a.stderr
 				rep, runErr := bench.Suite(ctx, o)
@@ -81,6 +99,7 @@ not be measured; goals that are missed are reported, not failed.`,
 	f.StringSliceVar(&only, "only", nil, "run only these groups: "+strings.Join(bench.SuiteGroups, ","))
 	f.StringVar(&jsonFile, "json", "", "write the report with every raw sample as JSON to this file")
 	f.StringVar(&chartFile, "chart", "", "draw the report as an SVG chart into this file")
+	f.StringVar(&replay, "replay", "", "run nothing: print (and --chart) a report saved with --json")
 	return c
 }
 

@@ -24,7 +24,9 @@ type RestoreInvocation struct {
 // RunDir the caller picks and whose Disk is the writable qcow2 overlay over
 // the snapshot's disk, which the caller creates. It reproduces Restore's
 // launch configuration: the snapshotted machine and CPU model, and the
-// memory image mapped privately and read-only.
+// memory image mapped privately and read-only ("raw" memory). For a
+// "stream" snapshot the guest RAM is a fresh shared file whose directory
+// the caller must create (launch does that for Restore).
 func (b *Backend) RestoreArgv(spec backend.Spec, snapDir string, res backend.SnapshotResult) (RestoreInvocation, error) {
 	arts := map[string]string{}
 	for _, a := range res.Artifacts {
