@@ -31,7 +31,6 @@ type Manager struct {
 
 	mu       sync.Mutex
 	backends map[string]backend.Backend
-	notices  map[string]bool
 }
 
 // NewManager opens (creating if needed) the data directory in opts.
@@ -43,7 +42,7 @@ func NewManager(ctx context.Context, opts Options) (*Manager, error) {
 			Fix: "check permissions of the data dir or set SMOLVM_DATA_DIR", Err: err}
 	}
 	return &Manager{opts: opts, log: opts.Logger, store: st,
-		backends: map[string]backend.Backend{}, notices: map[string]bool{}}, nil
+		backends: map[string]backend.Backend{}}, nil
 }
 
 // Close releases the state database. VMs keep running.
@@ -100,16 +99,6 @@ func kvmUsable() bool {
 	return err == nil && a == backend.AccelKVM
 }
 
-// notice logs a one-line notice once per manager.
-func (m *Manager) notice(msg string) {
-	m.mu.Lock()
-	seen := m.notices[msg]
-	m.notices[msg] = true
-	m.mu.Unlock()
-	if !seen && msg != "" {
-		m.log.Warn(msg)
-	}
-}
 
 func (m *Manager) openImage(name string) (image.Image, error) {
 	img, err := image.Open(m.opts.ImageDir, name)

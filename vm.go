@@ -19,7 +19,6 @@ import (
 	"github.com/smolvm-go/smolvm/internal/agentproto"
 	"github.com/smolvm-go/smolvm/internal/atomicfile"
 	"github.com/smolvm-go/smolvm/internal/backend"
-	"github.com/smolvm-go/smolvm/internal/backend/qemu"
 	"github.com/smolvm-go/smolvm/internal/store"
 )
 
@@ -297,9 +296,6 @@ func (vm *VM) Start(ctx context.Context) error {
 	if err != nil {
 		return vm.bootFailed(ctx, rec, b, err)
 	}
-	if m.Accel != rec.Machine.Spec.Accel && rec.Machine.Spec.Accel == backend.AccelAuto && m.Accel == backend.AccelTCG {
-		vm.m.noticeAccel()
-	}
 	rec.Machine, rec.PID, rec.Status, rec.LastError = m, m.PID, store.VMRunning, ""
 	if err := vm.m.store.UpdateVM(ctx, rec); err != nil {
 		b.Stop(context.WithoutCancel(ctx), m)
@@ -318,13 +314,6 @@ func (vm *VM) Start(ctx context.Context) error {
 	return nil
 }
 
-func (m *Manager) noticeAccel() {
-	_, notice, _ := qemu.ProbeAccel(backend.AccelAuto)
-	if notice == "" {
-		notice = "notice: KVM is not usable here — using TCG software emulation (slower)"
-	}
-	m.notice(notice)
-}
 
 // afterBoot sets the guest clock and the configured environment.
 func (vm *VM) afterBoot(ctx context.Context, c *agentclient.Client, env map[string]string) error {
