@@ -99,7 +99,6 @@ func kvmUsable() bool {
 	return err == nil && a == backend.AccelKVM
 }
 
-
 func (m *Manager) openImage(name string) (image.Image, error) {
 	img, err := image.Open(m.opts.ImageDir, name)
 	if err != nil {

@@ -314,7 +314,6 @@ func (vm *VM) Start(ctx context.Context) error {
 	return nil
 }
 
-
 // afterBoot sets the guest clock and the configured environment.
 func (vm *VM) afterBoot(ctx context.Context, c *agentclient.Client, env map[string]string) error {
 	cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
