@@ -18,7 +18,7 @@ var GuestModules = []string{
 	"virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio",
 	"virtio_pci", "virtio_mmio", "virtio_blk", "failover", "net_failover",
 	"virtio_net", "virtio_console", "vsock", "vmw_vsock_virtio_transport_common",
-	"vmw_vsock_virtio_transport", "virtio-rng",
+	"vmw_vsock_virtio_transport", "virtio-rng", "virtio_balloon",
 }
 
 // Module is one kernel module of a closure.

@@ -182,6 +182,10 @@ func buildArgs(spec backend.Spec, l launch) []string {
 		args = append(args, "-netdev", nd, "-device", nic)
 	}
 	args = append(args, "-device", dev("virtio-rng"))
+	// Free page reporting: the guest hands memory it frees back to the host
+	// (QEMU punches it out of the RAM file), so an idle VM costs what it
+	// uses, not its RAM size (init_on_free=1 touches every page at boot).
+	args = append(args, "-device", dev("virtio-balloon")+",free-page-reporting=on")
 
 	if l.Incoming {
 		args = append(args, "-incoming", "defer")

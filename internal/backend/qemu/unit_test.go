@@ -81,7 +81,8 @@ func TestBuildArgsMicrovmTCG(t *testing.T) {
 		"virtserialport,bus=vser0.0,chardev=agent1,name=org.smolvm.agent.1",
 		"virtserialport,bus=vser0.0,chardev=agent2,name=org.smolvm.agent.2",
 		"virtserialport,bus=vser0.0,chardev=agent3,name=org.smolvm.agent.3",
-		"virtio-blk-device,drive=disk0", "virtio-net-device,netdev=net0,mac=52:54:00:aa:bb:cc", "virtio-rng-device"}
+		"virtio-blk-device,drive=disk0", "virtio-net-device,netdev=net0,mac=52:54:00:aa:bb:cc", "virtio-rng-device",
+		"virtio-balloon-device,free-page-reporting=on"}
 	if !slices.Equal(devs, want) {
 		t.Errorf("devices %q\nwant %q", devs, want)
 	}
