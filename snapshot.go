@@ -201,8 +201,25 @@ func (vm *VM) Snapshot(ctx context.Context, opts SnapshotOptions) (*SnapshotInfo
 	if tmp, err = snapshot.TempDir(m.snapRoot(), id); err != nil {
 		return fail(err)
 	}
-	if kind == SnapshotDisk && wasRunning {
+	if kind == SnapshotDisk {
 		// Flush the guest's page cache: the disk alone must be consistent.
+		// A paused guest runs for the moment of the sync.
+		if !wasRunning {
+			if err := b.Resume(ctx, rec.Machine); err != nil {
+				return fail(err)
+			}
+			rec.Status = store.VMRunning
+			m.store.UpdateVM(ctx, rec)
+			defer func() {
+				if rec.Status == store.VMRunning && !opts.ResumeSource {
+					bg := context.WithoutCancel(ctx)
+					if b.Pause(bg, rec.Machine) == nil {
+						rec.Status = store.VMPaused
+						m.store.UpdateVM(bg, rec)
+					}
+				}
+			}()
+		}
 		c, err := vm.agent(ctx, "snapshot")
 		if err != nil {
 			return fail(err)

@@ -226,6 +226,30 @@ func TestSnapshotRules(t *testing.T) {
 	if _, err := other.Snapshot(ctx, smolvm.SnapshotOptions{}); !errors.Is(err, smolvm.ErrVMNotRunning) {
 		t.Errorf("snapshot of stopped vm: %v", err)
 	}
+	// A disk snapshot of a paused VM still flushes the guest's page cache
+	// first, and leaves the VM paused.
+	other2 := boot(t, m, smolvm.Config{Name: "paused-disk", Image: "busybox", NoNetwork: true})
+	mustOK(t, other2, "echo unsynced > /root/late")
+	if err := other2.Pause(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other2.Snapshot(ctx, smolvm.SnapshotOptions{ID: "paused-disk-snap", Type: smolvm.SnapshotDisk}); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := other2.Status(ctx); st != smolvm.StatusPaused {
+		t.Errorf("after a disk snapshot of a paused vm: %s", st)
+	}
+	other2.Close()
+	r2, err := m.FromSnapshot(ctx, "paused-disk-snap", smolvm.RestoreOptions{Resume: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustOK(t, r2, "cat /root/late"); got != "unsynced" {
+		t.Errorf("disk restore lost a write made just before the snapshot: %q", got)
+	}
+	r2.Delete(ctx)
+	r2.Close()
+
 	// A corrupted artifact is reported, not booted; the VM is left alone.
 	corrupt, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "to-corrupt", ResumeSource: true})
 	if err != nil {

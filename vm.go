@@ -487,7 +487,18 @@ func (vm *VM) resumeLocked(ctx context.Context, rec store.VM, b backend.Backend)
 		return err
 	}
 	rec.Status = store.VMRunning
-	return vm.m.store.UpdateVM(ctx, rec)
+	if err := vm.m.store.UpdateVM(ctx, rec); err != nil {
+		return err
+	}
+	// The guest clock stood still while paused (or since the snapshot it
+	// was restored from): set it from the host's. Best effort: a guest that
+	// is still booting (a paused disk restore) sets its clock from the RTC.
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if c, err := vm.agent(cctx, "resume"); err == nil {
+		c.SetTime(cctx, time.Now())
+	}
+	return nil
 }
 
 // Stop shuts the VM down (its disk is kept; Start boots it again).

@@ -57,7 +57,7 @@ func snapshotRound(ctx context.Context, m *smolvm.Manager, o Options, t smolvm.S
 	}
 	if touchMiB > 0 {
 		var res *smolvm.Result
-		res, err = vm.Run(ctx, fmt.Sprintf("head -c %dM /dev/urandom > /tmp/blob", touchMiB))
+		res, err = vm.Run(ctx, fmt.Sprintf("head -c %d /dev/urandom > /tmp/blob", touchMiB<<20)) // busybox head takes bytes only
 		if err != nil {
 			return
 		}
