@@ -355,15 +355,21 @@ func (m *Manager) connectAgent(ctx context.Context, b backend.Backend, mach back
 	done := make(chan struct{})
 	defer close(done)
 	go func() {
-		t := time.NewTicker(200 * time.Millisecond)
+		// A dead process is seen within 100 ms (a cheap signal-0 check); a
+		// VMM that is alive but failed (e.g. KVM internal-error) within a
+		// second (a QMP query, kept rare: under TCG it costs guest CPU).
+		t := time.NewTicker(100 * time.Millisecond)
 		defer t.Stop()
-		for {
+		for i := 1; ; i++ {
 			select {
 			case <-done:
 				return
 			case <-ctx.Done():
 				return
 			case <-t.C:
+				if mach.PID > 0 && i%10 != 0 && processAlive(mach.PID) {
+					continue
+				}
 				st, err := b.Status(ctx, mach)
 				if err == nil && (st == backend.StatusStopped || st == backend.StatusError) {
 					cancel(fmt.Errorf("the VM stopped while waiting for its agent (VMM status: %s)", st))
