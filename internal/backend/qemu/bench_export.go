@@ -9,7 +9,8 @@ import (
 
 // RestoreInvocation is how Restore launches and loads QEMU for a memory
 // snapshot: the argv and the QMP steps, for a caller that drives the same
-// QEMU by hand (the benchmarks' bare-QEMU baseline). Restore does not use it.
+// QEMU by hand (the benchmarks' bare-QEMU baseline). It shares
+// applySnapshotLaunch with Restore.
 type RestoreInvocation struct {
 	Args         []string // argv without the binary (-incoming defer, -S)
 	QMPSocket    string
@@ -52,27 +53,11 @@ func (b *Backend) RestoreArgv(spec backend.Spec, snapDir string, res backend.Sna
 	if err != nil {
 		return RestoreInvocation{}, err
 	}
-	inv := RestoreInvocation{IgnoreShared: false, MappedRAM: true}
-	if cfg != nil {
-		if cfg.Machine != "" {
-			l.Machine = cfg.Machine
-			if l.Machine != MachineMicrovm {
-				l.TSCkHz = 0
-			}
-		}
-		if cfg.CPU != "" && cfg.Accel == l.Accel {
-			l.CPU = cfg.CPU
-		}
-		inv.IgnoreShared, inv.MappedRAM = cfg.IgnoreShared, cfg.MappedRAM
+	if res.MemoryFormat == MemoryRaw && arts["memory"] == "" {
+		return RestoreInvocation{}, fmt.Errorf("qemu: restore argv: snapshot has no memory artifact (%s)", MemoryFile)
 	}
-	if res.MemoryFormat == MemoryRaw {
-		if arts["memory"] == "" {
-			return RestoreInvocation{}, fmt.Errorf("qemu: restore argv: snapshot has no memory artifact (%s)", MemoryFile)
-		}
-		l.MemoryFile, l.MemoryShared, l.MemoryReadonly = arts["memory"], false, true
-		inv.IgnoreShared = true
-	}
-	l.Incoming, l.StartPaused = true, true
+	var inv RestoreInvocation
+	inv.IgnoreShared, inv.MappedRAM = applySnapshotLaunch(&l, cfg, res.MemoryFormat, arts["memory"])
 	inv.Args = buildArgs(spec, l)
 	inv.QMPSocket = qmpSocket(spec.RunDir)
 	inv.AgentSocket = agentSocket(spec.RunDir)

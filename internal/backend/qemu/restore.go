@@ -122,18 +122,6 @@ func (b *Backend) Restore(ctx context.Context, req backend.RestoreRequest) (back
 	if err != nil {
 		return fail(err)
 	}
-	if cfg != nil && kind != backend.SnapshotDisk {
-		// Reproduce the snapshotted machine (device layout, CPU model).
-		if cfg.Machine != "" {
-			l.Machine = cfg.Machine
-			if l.Machine != MachineMicrovm {
-				l.TSCkHz = 0
-			}
-		}
-		if cfg.CPU != "" && cfg.Accel == l.Accel {
-			l.CPU = cfg.CPU
-		}
-	}
 	if kind == backend.SnapshotDisk {
 		l.StartPaused = !req.Resume
 		m, err := b.launch(ctx, spec, l)
@@ -143,19 +131,7 @@ func (b *Backend) Restore(ctx context.Context, req backend.RestoreRequest) (back
 		return m, nil
 	}
 
-	ignoreShared, mappedRAM := false, true
-	if cfg != nil {
-		ignoreShared, mappedRAM = cfg.IgnoreShared, cfg.MappedRAM
-	}
-	if format == MemoryRaw {
-		// Map the snapshot's RAM image privately: constant-time, CoW, the
-		// file stays untouched (and is not ours to delete on Stop).
-		l.MemoryFile = arts["memory"]
-		l.MemoryShared = false
-		l.MemoryReadonly = true
-		ignoreShared = true
-	}
-	l.Incoming, l.StartPaused = true, true
+	ignoreShared, mappedRAM := applySnapshotLaunch(&l, cfg, format, arts["memory"])
 	t0 := time.Now()
 	m, err := b.launch(ctx, spec, l)
 	if err != nil {
@@ -239,4 +215,33 @@ func (b *Backend) checkBacking(ctx context.Context, disk, baseImage string) erro
 		cur = bp
 	}
 	return nil
+}
+
+// applySnapshotLaunch turns a fresh launch into the one that loads a memory
+// snapshot: the snapshotted machine type and CPU model (the device layout
+// must match), the RAM image mapped privately and read-only for "raw"
+// memory (constant time, copy-on-write: the file is never modified and not
+// ours to delete on Stop), -incoming defer and -S. It returns the migration
+// capabilities to set before migrate-incoming. Restore and RestoreArgv (the
+// benchmarks' bare-QEMU baseline) share it, so they launch the same QEMU.
+func applySnapshotLaunch(l *launch, cfg *snapshotConfig, format, memory string) (ignoreShared, mappedRAM bool) {
+	mappedRAM = true
+	if cfg != nil {
+		if cfg.Machine != "" {
+			l.Machine = cfg.Machine
+			if l.Machine != MachineMicrovm {
+				l.TSCkHz = 0
+			}
+		}
+		if cfg.CPU != "" && cfg.Accel == l.Accel {
+			l.CPU = cfg.CPU
+		}
+		ignoreShared, mappedRAM = cfg.IgnoreShared, cfg.MappedRAM
+	}
+	if format == MemoryRaw {
+		l.MemoryFile, l.MemoryShared, l.MemoryReadonly = memory, false, true
+		ignoreShared = true
+	}
+	l.Incoming, l.StartPaused = true, true
+	return ignoreShared, mappedRAM
 }
