@@ -1,0 +1,88 @@
+package smolvm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/backend/qemu"
+)
+
+// failingRestore is the real QEMU backend, except that its n-th Restore
+// fails: a fault injected behind our own interface, to test the error path.
+type failingRestore struct {
+	backend.Backend
+	n     int32
+	calls atomic.Int32
+}
+
+func (f *failingRestore) Restore(ctx context.Context, req backend.RestoreRequest) (backend.Machine, error) {
+	if f.calls.Add(1) == f.n {
+		return backend.Machine{}, fmt.Errorf("injected restore failure for %s", req.Spec.ID)
+	}
+	return f.Backend.Restore(ctx, req)
+}
+
+// TestForkRemovesFailedClone: a clone that fails to start is removed and
+// reported; the others keep running.
+func TestForkRemovesFailedClone(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	dir, err := os.MkdirTemp("/tmp", "smvfi")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	m, err := NewManager(ctx, Options{DataDir: filepath.Join(dir, "data"), RunDir: filepath.Join(dir, "run"),
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	fb := &failingRestore{Backend: qemu.New(qemu.Options{Logger: m.log}), n: 2}
+	m.backends["qemu"] = fb
+
+	vm, err := m.New(ctx, Config{Name: "src", Image: "busybox", NoNetwork: true, MemoryMiB: 256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vm.Delete(context.Background())
+	if err := vm.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vm.Snapshot(ctx, SnapshotOptions{ID: "s"}); err != nil {
+		t.Fatal(err)
+	}
+	clones, err := m.Fork(ctx, "s", 3, ForkOptions{Resume: true})
+	var fe *ForkError
+	if !errors.As(err, &fe) || len(fe.Failed) != 1 {
+		t.Fatalf("Fork error: %v", err)
+	}
+	if len(clones) != 2 {
+		t.Fatalf("%d clones started, want 2", len(clones))
+	}
+	for id := range fe.Failed {
+		if _, err := m.Open(ctx, id); !errors.Is(err, ErrVMNotFound) {
+			t.Errorf("failed clone %s still recorded: %v", id, err)
+		}
+		if _, err := os.Stat(m.vmDir(id)); !os.IsNotExist(err) {
+			t.Errorf("failed clone %s left its dir: %v", id, err)
+		}
+	}
+	for _, c := range clones {
+		res, err := c.Run(ctx, "hostname")
+		if err != nil || res.Output() != c.ID() {
+			t.Errorf("clone %s: %v %+v", c.ID(), err, res)
+		}
+		c.Delete(ctx)
+		c.Close()
+	}
+}
