@@ -71,23 +71,22 @@ func (m *Manager) Fork(ctx context.Context, snapshotID string, n int, opts ForkO
 	if err != nil {
 		return nil, err
 	}
+	// Held until every clone runs: a clone still starting is "created",
+	// which DeleteSnapshot would not count as a user of the snapshot.
+	defer unlock()
 	s, err := m.store.GetSnapshot(ctx, snapshotID)
 	if errors.Is(err, store.ErrNotFound) {
-		unlock()
 		return nil, newErr("fork", ErrSnapshotNotFound, "smolvm sandbox snapshot list", fmt.Sprintf("snapshot %q not found", snapshotID))
 	}
 	if err != nil {
-		unlock()
 		return nil, err
 	}
 	if s.Type == backend.SnapshotKind(SnapshotDisk) {
-		unlock()
 		return nil, newErr("fork", ErrUnsupported,
 			fmt.Sprintf("restore it once (smolvm sandbox snapshot restore %s) or create VMs from its disk; fork full or diff snapshots", snapshotID),
 			fmt.Sprintf("snapshot %s is a disk snapshot: it has no memory to share, so clones would each cold-boot from the disk", snapshotID))
 	}
 	man, err := m.loadSnapshot(snapshotID, false)
-	unlock() // registering the clones below keeps the snapshot from being deleted
 	if err != nil {
 		return nil, err
 	}

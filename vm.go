@@ -408,18 +408,32 @@ func (vm *VM) closeClient() {
 // agent returns a connected agent client, connecting when needed. The VM
 // must be running.
 func (vm *VM) agent(ctx context.Context, op string) (*agentclient.Client, error) {
+	// Hot path (every Run): with a live connection, the recorded status is
+	// enough (another process that pauses or stops the VM updates it, and a
+	// dead VMM closes the connection); reconciling with the VMM (a QMP round
+	// trip) is left for when we must connect.
+	vm.mu.Lock()
+	c := vm.client
+	vm.mu.Unlock()
+	if c != nil && clientAlive(c) {
+		rec, err := vm.m.store.GetVM(ctx, vm.id)
+		if errors.Is(err, store.ErrNotFound) {
+			return nil, newErr(op, ErrVMNotFound, "smolvm sandbox list --all", fmt.Sprintf("vm %q not found", vm.id))
+		}
+		if err != nil {
+			return nil, err
+		}
+		if rec.Status != store.VMRunning {
+			return nil, vm.notRunning(op, rec)
+		}
+		return c, nil
+	}
 	rec, err := vm.m.record(ctx, vm.id)
 	if err != nil {
 		return nil, err
 	}
 	if rec.Status != store.VMRunning {
 		return nil, vm.notRunning(op, rec)
-	}
-	vm.mu.Lock()
-	c := vm.client
-	vm.mu.Unlock()
-	if c != nil && clientAlive(c) {
-		return c, nil
 	}
 	b, err := vm.m.backend(rec.Backend)
 	if err != nil {

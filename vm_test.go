@@ -263,11 +263,9 @@ func TestLifecycleStopStartDelete(t *testing.T) {
 	if _, err := os.Stat(info.Dir); !os.IsNotExist(err) {
 		t.Errorf("vm dir left behind: %v", err)
 	}
-	if p := qemuProcessesUnder(info.ID); len(p) > 0 {
-		// Match on the data dir to avoid other tests' VMs.
-		if p := qemuProcessesUnder(m.DataDir()); len(p) > 0 {
-			t.Errorf("qemu processes left: %v", p)
-		}
+	// Every QEMU of this manager has its data dir on its command line.
+	if p := qemuProcessesUnder(m.DataDir()); len(p) > 0 {
+		t.Errorf("qemu processes left: %v", p)
 	}
 }
 
