@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/smolvm-go/smolvm"
 )
@@ -79,6 +80,27 @@ func TestForkClones(t *testing.T) {
 			t.Errorf("%s changed while clones ran", p)
 		}
 	}
+	// A clone has no kernel loaded (a restore leaves out -kernel, which would
+	// keep a copy in every QEMU): a guest reboot stops it, and Start boots
+	// it cold from its own disk.
+	rb := clones[2]
+	rb.Run(ctx, "reboot -f") // the agent goes away mid-request: an error is expected
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		st, err := rb.Status(ctx)
+		if err == nil && st == smolvm.StatusStopped {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("clone after a guest reboot: status %v, %v; want stopped", st, err)
+		}
+	}
+	if err := rb.Start(ctx); err != nil {
+		t.Fatalf("start after a guest reboot: %v", err)
+	}
+	if out := mustOK(t, rb, "cat /root/prepared; hostname"); out != "prepared\n"+rb.ID() {
+		t.Errorf("clone booted cold after its reboot: %q", out)
+	}
+
 	// Clones count for the delete rule, not for restore-once.
 	if err := m.DeleteSnapshot(ctx, "forkme"); !errors.Is(err, smolvm.ErrSnapshotInUse) {
 		t.Errorf("delete while clones run: %v", err)

@@ -386,6 +386,8 @@ func FromSnapshot(ctx context.Context, id string, opts RestoreOptions) (*VM, err
 // saved state. It is paused unless opts.Resume. An existing VM with that id
 // is stopped and replaced. A snapshot restores once unless opts.Force.
 // Every artifact is checked before anything is stopped or replaced.
+// The restored VM has no kernel loaded in its VMM (on QEMU): a reboot from
+// inside the guest stops it, and Start then boots it cold from its disk.
 func (m *Manager) FromSnapshot(ctx context.Context, id string, opts RestoreOptions) (*VM, error) {
 	if err := ValidateID(id); err != nil {
 		return nil, err

@@ -28,8 +28,16 @@ const hupGrace = 300 * time.Millisecond
 //
 // While no host is connected the kernel makes read return 0 (EOF) and poll
 // report POLLHUP at once, and writes would block. VirtioPort turns that
-// into the Port contract: EOF on Read, a short sleep in WaitHost, and
+// into the Port contract: EOF on Read, a blocking wait in WaitHost, and
 // WriteMsg drops messages while the host is away rather than blocking.
+//
+// WaitHost cannot use poll (POLLHUP is permanent while nobody is connected)
+// and must not sleep-poll: four ports polled every few milliseconds kept
+// an idle guest's vCPU busy (a quarter of a host core per idle VM under
+// TCG). It blocks in an edge-triggered epoll instead: the kernel's
+// virtio_console wakes the port's wait queue when the host opens the port
+// (VIRTIO_CONSOLE_PORT_OPEN) and when data arrives, and with EPOLLET each
+// such wake-up is reported once rather than the permanent POLLHUP.
 //
 // The descriptor is non-blocking and driven with poll(2) directly rather
 // than through the Go netpoller: one request costs fewer thread wake-ups,
@@ -52,8 +60,13 @@ type VirtioPort struct {
 	wmu   sync.Mutex
 	dirty bool // a message was cut short: start the next one on a new line
 
-	idle time.Duration // current WaitHost sleep (reader goroutine only)
+	ep int // epoll: the port edge-triggered, the wake pipe
 }
+
+// waitHostMax bounds one WaitHost, so a kernel that did not wake the port
+// on a host connect would cost at most this much latency, and ctx is
+// looked at again.
+const waitHostMax = 1000 // ms
 
 // FindVirtioPort returns the /dev path of the virtio-serial port with the
 // given name, found through /sys/class/virtio-ports/*/name (there is no
@@ -78,11 +91,27 @@ func OpenVirtioPort(path string) (*VirtioPort, error) {
 	if err != nil {
 		return nil, &os.PathError{Op: "open", Path: path, Err: err}
 	}
-	p := &VirtioPort{fd: fd, path: path}
+	p := &VirtioPort{fd: fd, path: path, ep: -1}
 	if err := unix.Pipe2(p.wake[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
 		unix.Close(fd)
 		return nil, err
 	}
+	ep, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err == nil {
+		err = errors.Join(
+			unix.EpollCtl(ep, unix.EPOLL_CTL_ADD, fd, &unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLET, Fd: int32(fd)}),
+			unix.EpollCtl(ep, unix.EPOLL_CTL_ADD, p.wake[0], &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(p.wake[0])}))
+		if err != nil {
+			unix.Close(ep)
+		}
+	}
+	if err != nil {
+		unix.Close(fd)
+		unix.Close(p.wake[0])
+		unix.Close(p.wake[1])
+		return nil, fmt.Errorf("%s: epoll: %w", path, err)
+	}
+	p.ep = ep
 	return p, nil
 }
 
@@ -120,7 +149,6 @@ func (p *VirtioPort) Read(b []byte) (int, error) {
 		switch {
 		case n > 0:
 			p.away.Store(false)
-			p.idle = 0
 			return n, nil
 		case err == nil: // 0 bytes: nobody on the host side
 			p.away.Store(true)
@@ -139,15 +167,22 @@ func (p *VirtioPort) Read(b []byte) (int, error) {
 	}
 }
 
-// WaitHost sleep-polls: POLLHUP is permanent while nobody is connected, so
-// there is nothing to block on.
+// WaitHost blocks until the port's state changes (a host connected, data
+// arrived), Close is called, or waitHostMax passed (the caller looks at its
+// ctx between waits). The port is registered edge-triggered since Open, so
+// a connect between the caller's EOF and this wait is not lost: it is
+// reported here at once.
 func (p *VirtioPort) WaitHost(ctx context.Context) {
-	p.idle = min(max(2*p.idle, 2*time.Millisecond), 10*time.Millisecond)
-	t := time.NewTimer(p.idle)
-	defer t.Stop()
-	select {
-	case <-t.C:
-	case <-ctx.Done():
+	p.use.RLock()
+	defer p.use.RUnlock()
+	if p.closed.Load() || ctx.Err() != nil {
+		return
+	}
+	var evs [2]unix.EpollEvent
+	for {
+		if _, err := unix.EpollWait(p.ep, evs[:], waitHostMax); err != unix.EINTR {
+			return
+		}
 	}
 }
 
@@ -213,6 +248,7 @@ func (p *VirtioPort) Close() error {
 		p.closed.Store(true)
 		unix.Write(p.wake[1], []byte{1})
 		p.use.Lock() // wait for Read and WriteMsg to leave
+		unix.Close(p.ep)
 		unix.Close(p.fd)
 		unix.Close(p.wake[0])
 		unix.Close(p.wake[1])

@@ -146,7 +146,9 @@ type Backend interface {
 	ExposePort(ctx context.Context, m Machine, pf PortForward) error
 
 	// Snapshot writes the snapshot's artifacts into dir (which exists and is
-	// empty). The VM is paused first and left paused. All files are fsynced.
+	// empty). The VM is paused first and left paused. Artifacts need not be
+	// fsynced: the caller makes every one durable (snapshot.Describe flushes
+	// them while it hashes them) before the snapshot is published.
 	Snapshot(ctx context.Context, m Machine, kind SnapshotKind, dir string) (SnapshotResult, error)
 	// Restore starts a new VMM process from a snapshot.
 	Restore(ctx context.Context, req RestoreRequest) (Machine, error)

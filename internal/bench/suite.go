@@ -114,8 +114,9 @@ func Suite(ctx context.Context, o SuiteOptions) (SuiteReport, error) {
 	if err != nil {
 		return SuiteReport{}, err
 	}
-	s := &suite{o: o, m: o.Manager, img: img, qb: qemu.New(qemu.Options{}), tag: randTag()}
-	rep := SuiteReport{Host: hostInfo(o.Options, img), Rounds: o.Rounds, Clones: o.Clones, CloneRounds: o.CloneRounds,
+	host := hostInfo(o.Options, img)
+	s := &suite{o: o, m: o.Manager, img: img, qb: qemu.New(qemu.Options{}), tag: randTag(), cores: max(host.Cores, 1)}
+	rep := SuiteReport{Host: host, Rounds: o.Rounds, Clones: o.Clones, CloneRounds: o.CloneRounds,
 		MemoryMiB: o.MemoryMiB, LoadStart: loadAvg()}
 	if o.CloneRounds != o.Rounds {
 		rep.Notes = append(rep.Notes, fmt.Sprintf("the clone rows ran %d rounds, the others %d", o.CloneRounds, o.Rounds))
@@ -158,11 +159,12 @@ func Suite(ctx context.Context, o SuiteOptions) (SuiteReport, error) {
 }
 
 type suite struct {
-	o   SuiteOptions
-	m   *smolvm.Manager
-	img image.Image
-	qb  *qemu.Backend
-	tag string // keeps names unique across concurrent runs on one data dir
+	o     SuiteOptions
+	m     *smolvm.Manager
+	img   image.Image
+	qb    *qemu.Backend
+	tag   string // keeps names unique across concurrent runs on one data dir
+	cores int    // host CPUs, for the clone row's CPU-time bound
 
 	extras []Figure // informational figures (no goal)
 }
@@ -668,9 +670,14 @@ func waitJob(ctx context.Context, c *qmp.Client, id string) error {
 func (s *suite) clonesGroup(ctx context.Context) ([]Row, error) {
 	n := s.o.Clones
 	var forkT, forkRet, oneT, forkMem, oneMem, forkAnon, forkFile, oneAnon, oneFile []float64
+	var oneCPU, forkCPU, bound []float64
 	defer func() {
 		s.extras = append(s.extras,
 			newFigure(fmt.Sprintf("clones: Fork(%d, Resume) alone (every clone restored, agent answered, identity and clock set)", n), "ms", forkRet),
+			newFigure("clones: CPU time (user+system) of one restore's QEMU up to its first result", "ms", oneCPU),
+			newFigure(fmt.Sprintf("clones: CPU time of the %d clones' QEMUs up to the last result (sum)", n), "ms", forkCPU),
+			newFigure(fmt.Sprintf("clones: least possible time for %d clones on %d cores at that CPU cost: max(one restore, %d x its CPU time / %d)",
+				n, s.cores, n, s.cores), "ms", bound),
 			newFigure(fmt.Sprintf("clones-memory: Pss_Anon of %d clones (QEMU heap, TCG code cache, guest pages copied on write)", n), "MiB", forkAnon),
 			newFigure(fmt.Sprintf("clones-memory: Pss_File of %d clones (the shared memory image, QEMU binary and libraries)", n), "MiB", forkFile),
 			newFigure("clones-memory: Pss_Anon of one restored VM", "MiB", oneAnon),
@@ -697,6 +704,7 @@ func (s *suite) clonesGroup(ctx context.Context) ([]Row, error) {
 	for i := 0; i < s.o.CloneRounds; i++ {
 		var fd, fr, od time.Duration
 		var fm, om pss
+		var fc, oc float64
 		err := alternate(i, func() error {
 			t0 := time.Now()
 			vms, err := s.m.Fork(ctx, snapID, n, smolvm.ForkOptions{Resume: true, Prefix: s.name("f" + strconv.Itoa(i))})
@@ -718,6 +726,13 @@ func (s *suite) clonesGroup(ctx context.Context) ([]Row, error) {
 			if err := errors.Join(errs...); err != nil {
 				return err
 			}
+			for _, vm := range vms {
+				c, err := vmCPU(ctx, vm)
+				if err != nil {
+					return err
+				}
+				fc += c
+			}
 			time.Sleep(settle)
 			fm, err = pssSum(ctx, vms)
 			return err
@@ -728,6 +743,9 @@ func (s *suite) clonesGroup(ctx context.Context) ([]Row, error) {
 				return err
 			}
 			od = rt.first
+			if oc, err = vmCPU(ctx, vm); err != nil {
+				return err
+			}
 			time.Sleep(settle)
 			om, err = pssSum(ctx, []*smolvm.VM{vm})
 			return err
@@ -739,9 +757,47 @@ func (s *suite) clonesGroup(ctx context.Context) ([]Row, error) {
 		forkMem, oneMem = append(forkMem, fm.total), append(oneMem, om.total)
 		forkAnon, forkFile = append(forkAnon, fm.anon), append(forkFile, fm.file)
 		oneAnon, oneFile = append(oneAnon, om.anon), append(oneFile, om.file)
+		oneCPU, forkCPU = append(oneCPU, oc), append(forkCPU, fc)
+		bound = append(bound, max(ms(od), float64(n)*oc/float64(s.cores)))
 		s.progress("round %d: %d clones answering %.0f ms (%.1f MiB PSS), one restore %.0f ms (%.1f MiB PSS)", i+1, n, ms(fd), fm.total, ms(od), om.total)
 	}
 	return rows(), nil
+}
+
+// vmCPU is the CPU time (user+system, ms) the VM's QEMU process has used.
+func vmCPU(ctx context.Context, vm *smolvm.VM) (float64, error) {
+	info, err := vm.Info(ctx)
+	if err != nil {
+		return 0, err
+	}
+	if info.PID <= 0 {
+		return 0, fmt.Errorf("vm %s has no process", vm.ID())
+	}
+	return procCPUms(info.PID)
+}
+
+// procCPUms reads utime+stime of a process from /proc/PID/stat, in ms
+// (USER_HZ is 100 on Linux: 10 ms resolution).
+func procCPUms(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) may hold spaces: fields count from ")".
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: malformed", pid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: malformed", pid)
+	}
+	ut, err1 := strconv.ParseFloat(f[11], 64) // field 14
+	st, err2 := strconv.ParseFloat(f[12], 64) // field 15
+	if err := errors.Join(err1, err2); err != nil {
+		return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+	}
+	return (ut + st) * 10, nil
 }
 
 // pss is a process's proportional set size (MiB), split like smaps_rollup.

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"encoding/xml"
 	"io"
+	"os"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestNewRowRatioAndGoal(t *testing.T) {
@@ -85,5 +87,23 @@ func TestWrap(t *testing.T) {
 	lines := wrap("aa bb cc dd", 5)
 	if strings.Join(lines, "|") != "aa bb|cc dd" {
 		t.Fatalf("wrap: %q", lines)
+	}
+}
+
+func TestProcCPUms(t *testing.T) {
+	// Burn a little CPU so the figure is positive at 10 ms resolution.
+	deadline := time.Now().Add(50 * time.Millisecond)
+	for x := 0; time.Now().Before(deadline); x++ {
+		_ = x * x
+	}
+	ms, err := procCPUms(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ms <= 0 || ms > 3_600_000 {
+		t.Fatalf("procCPUms(self) = %v ms, want a positive figure", ms)
+	}
+	if _, err := procCPUms(-1); err == nil {
+		t.Fatal("procCPUms(-1) succeeded")
 	}
 }

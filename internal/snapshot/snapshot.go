@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -106,36 +107,55 @@ func Digest(path string) (string, int64, error) {
 	return hex.EncodeToString(h.Sum(nil)), size, nil
 }
 
-// Describe hashes the files of result (plus extra names) in dir.
+// Describe hashes the files of arts in dir and makes each durable: every
+// file is fsynced while it is being hashed, so the disk flushes a large
+// memory image during the time its digest takes (backends leave artifacts
+// unsynced for this). It returns the artifacts and the dir's allocated size.
 func Describe(dir string, arts []backend.Artifact) ([]Artifact, int64, error) {
 	out := make([]Artifact, len(arts))
-	errs := make([]error, len(arts))
-	done := make(chan int, len(arts))
+	errs := make([]error, 2*len(arts))
+	var wg sync.WaitGroup
 	for i, a := range arts {
+		p := filepath.Join(dir, a.Name)
+		wg.Add(2)
 		go func() {
-			defer func() { done <- i }()
-			p := filepath.Join(dir, a.Name)
+			defer wg.Done()
+			errs[2*i] = syncFile(p)
+		}()
+		go func() {
+			defer wg.Done()
 			sum, size, err := Digest(p)
 			if err != nil {
-				errs[i] = err
+				errs[2*i+1] = err
 				return
 			}
 			st, err := os.Stat(p)
 			if err != nil {
-				errs[i] = err
+				errs[2*i+1] = err
 				return
 			}
 			out[i] = Artifact{Role: a.Role, Name: a.Name, Size: size, SHA256: sum, MtimeNS: st.ModTime().UnixNano()}
 		}()
 	}
-	for range arts {
-		<-done
-	}
+	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
 		return nil, 0, err
 	}
 	alloc, err := Allocated(dir)
 	return out, alloc, err
+}
+
+// syncFile fsyncs one file.
+func syncFile(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // Allocated is the disk space the files under dir use.

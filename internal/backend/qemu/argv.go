@@ -47,6 +47,13 @@ type launch struct {
 
 	Incoming    bool // -incoming defer
 	StartPaused bool // -S
+
+	// NoKernel leaves out -kernel, -initrd and -append: a restore loads a
+	// guest that has booted already, and QEMU would keep a copy of the
+	// kernel and initramfs in its own memory (fw_cfg) for every clone.
+	// With it, -no-reboot: a guest reboot has nothing to boot, so QEMU
+	// exits and the VM is stopped (Start then boots it cold).
+	NoKernel bool
 }
 
 func qmpSocket(runDir string) string   { return filepath.Join(runDir, qmpSocketName) }
@@ -131,11 +138,15 @@ func buildArgs(spec backend.Spec, l launch) []string {
 		}
 	}
 
-	args = append(args, "-kernel", spec.Kernel)
-	if spec.Initrd != "" {
-		args = append(args, "-initrd", spec.Initrd)
+	if l.NoKernel {
+		args = append(args, "-no-reboot")
+	} else {
+		args = append(args, "-kernel", spec.Kernel)
+		if spec.Initrd != "" {
+			args = append(args, "-initrd", spec.Initrd)
+		}
+		args = append(args, "-append", kernelCmdline(spec, l))
 	}
-	args = append(args, "-append", kernelCmdline(spec, l))
 
 	// Console and control channels.
 	args = append(args,

@@ -11,6 +11,13 @@
 // shared file (restored ones) migrate RAM into the state file instead
 // (mapped-ram format).
 //
+// A restore launches QEMU without -kernel/-initrd (the guest booted long
+// ago; QEMU would otherwise hold a copy of both in its own memory, 15 MiB
+// per clone) and with -no-reboot: a guest reboot in a restored VM ends its
+// QEMU, the VM shows as stopped, and Start boots it cold from its disk.
+// A snapshot's artifacts are written without fsync: the caller flushes them
+// while it hashes them (see backend.Backend.Snapshot).
+//
 // Every operation can be run by a different process than the one that
 // started the VM: all it needs is the persisted backend.Machine. The
 // Backend holds no process-wide state. PIDs are always checked against

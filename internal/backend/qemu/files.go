@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // lseek whence values for sparse files (linux).
@@ -22,6 +24,14 @@ const sparseBlock = 4096
 // holes where src has holes and where a 4 KiB block is all zeros. dst gets
 // src's exact size and is fsynced. It returns the bytes of data written.
 func sparseCopy(dst, src string) (int64, error) {
+	return copySparse(dst, src, true)
+}
+
+// copySparse is sparseCopy; with durable unset it only starts writeback of
+// what it wrote (sync_file_range) and leaves the final fsync to the caller,
+// who can overlap it with other work (snapshot.Describe hashes while it
+// flushes).
+func copySparse(dst, src string, durable bool) (int64, error) {
 	in, err := os.Open(src)
 	if err != nil {
 		return 0, err
@@ -40,7 +50,7 @@ func sparseCopy(dst, src string) (int64, error) {
 	if err == nil {
 		err = out.Truncate(size)
 	}
-	if err == nil {
+	if err == nil && durable {
 		err = out.Sync()
 	}
 	if cerr := out.Close(); err == nil {
@@ -53,10 +63,27 @@ func sparseCopy(dst, src string) (int64, error) {
 	return written, nil
 }
 
+// copyChunk is the unit copySparseData reads and hands to writeback.
+const copyChunk = 8 << 20
+
 func copySparseData(out, in *os.File, size int64) (int64, error) {
-	const chunk = 1 << 20
-	buf := make([]byte, chunk)
+	// Map the source when it can be (tmpfs RAM files, regular files): the
+	// data is written straight from the page cache, with no copy through a
+	// buffer, which halves the CPU time of a snapshot's RAM copy.
+	var mem []byte
+	if size > 0 && size == int64(int(size)) {
+		if b, err := unix.Mmap(int(in.Fd()), 0, int(size), unix.PROT_READ, unix.MAP_SHARED); err == nil {
+			mem = b
+			defer unix.Munmap(b)
+			unix.Madvise(b, unix.MADV_SEQUENTIAL)
+		}
+	}
+	var buf []byte
+	if mem == nil {
+		buf = make([]byte, copyChunk)
+	}
 	zero := make([]byte, sparseBlock)
+	fd := int(out.Fd())
 	var written int64
 	for off := int64(0); off < size; {
 		// Next data extent [dataStart, holeStart).
@@ -74,13 +101,19 @@ func copySparseData(out, in *os.File, size int64) (int64, error) {
 			holeStart = size
 		}
 		for pos := dataStart; pos < holeStart; {
-			n := min(int64(chunk), holeStart-pos)
-			m, err := in.ReadAt(buf[:n], pos)
-			if int64(m) < n {
-				if err == nil || errors.Is(err, io.EOF) {
-					err = io.ErrUnexpectedEOF
+			n := min(int64(copyChunk), holeStart-pos)
+			var data []byte
+			if mem != nil {
+				data = mem[pos : pos+n]
+			} else {
+				m, err := in.ReadAt(buf[:n], pos)
+				if int64(m) < n {
+					if err == nil || errors.Is(err, io.EOF) {
+						err = io.ErrUnexpectedEOF
+					}
+					return written, err
 				}
-				return written, err
+				data = buf[:n]
 			}
 			// Write runs of non-zero 4 KiB blocks; zero blocks stay holes.
 			runStart := int64(-1)
@@ -88,7 +121,7 @@ func copySparseData(out, in *os.File, size int64) (int64, error) {
 				if runStart < 0 {
 					return nil
 				}
-				if _, err := out.WriteAt(buf[runStart:end], pos+runStart); err != nil {
+				if _, err := out.WriteAt(data[runStart:end], pos+runStart); err != nil {
 					return err
 				}
 				written += end - runStart
@@ -97,7 +130,7 @@ func copySparseData(out, in *os.File, size int64) (int64, error) {
 			}
 			for i := int64(0); i < n; i += sparseBlock {
 				end := min(i+sparseBlock, n)
-				if bytes.Equal(buf[i:end], zero[:end-i]) {
+				if bytes.Equal(data[i:end], zero[:end-i]) {
 					if err := flush(i); err != nil {
 						return written, err
 					}
@@ -108,6 +141,10 @@ func copySparseData(out, in *os.File, size int64) (int64, error) {
 			if err := flush(n); err != nil {
 				return written, err
 			}
+			// Start writeback of this chunk now, so the disk works while
+			// the next chunk is copied and the final fsync has little left.
+			// Best effort: a filesystem that refuses it is flushed by fsync.
+			unix.SyncFileRange(fd, pos, n, unix.SYNC_FILE_RANGE_WRITE)
 			pos += n
 		}
 		off = holeStart

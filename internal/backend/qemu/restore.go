@@ -242,6 +242,6 @@ func applySnapshotLaunch(l *launch, cfg *snapshotConfig, format, memory string) 
 		l.MemoryFile, l.MemoryShared, l.MemoryReadonly = memory, false, true
 		ignoreShared = true
 	}
-	l.Incoming, l.StartPaused = true, true
+	l.Incoming, l.StartPaused, l.NoKernel = true, true, true
 	return ignoreShared, mappedRAM
 }

@@ -201,9 +201,6 @@ func (b *Backend) Snapshot(ctx context.Context, m backend.Machine, kind backend.
 			cancel()
 			return res, err
 		}
-		if err := syncFile(statePath); err != nil {
-			return res, fmt.Errorf("qemu: snapshot: %w", err)
-		}
 		res.Artifacts = append(res.Artifacts, backend.Artifact{Role: "state", Name: StateFile})
 		tMig := time.Since(t0)
 		if shared {
@@ -211,7 +208,9 @@ func (b *Backend) Snapshot(ctx context.Context, m backend.Machine, kind backend.
 			// files of the stopped VM).
 			memDone := make(chan error, 1)
 			go func() {
-				n, err := sparseCopy(filepath.Join(dir, MemoryFile), m.MemoryFile)
+				// Not fsynced here: the caller flushes every artifact
+				// while it hashes them (backend.Backend.Snapshot).
+				n, err := copySparse(filepath.Join(dir, MemoryFile), m.MemoryFile, false)
 				b.log.Debug("snapshot memory", "id", m.ID, "migrate", tMig, "copied", n, "total", time.Since(t0))
 				memDone <- err
 			}()
@@ -240,13 +239,11 @@ func (b *Backend) Snapshot(ctx context.Context, m backend.Machine, kind backend.
 	if err := os.WriteFile(cfgPath, append(cb, '\n'), 0o644); err != nil {
 		return res, fmt.Errorf("qemu: snapshot: %w", err)
 	}
-	if err := syncFile(cfgPath); err != nil {
-		return res, fmt.Errorf("qemu: snapshot: %w", err)
-	}
 	res.Artifacts = append(res.Artifacts, backend.Artifact{Role: RoleConfig, Name: ConfigFile})
-	if err := syncDir(dir); err != nil {
-		return res, fmt.Errorf("qemu: snapshot: %w", err)
-	}
+	// Nothing is fsynced here (see backend.Backend.Snapshot): on ext4 any
+	// fsync commits the journal, which waits for every file's new data, so
+	// one fsync here would flush the whole memory image before the caller
+	// could overlap that flush with hashing it.
 	b.log.Debug("snapshot done", "id", m.ID, "kind", kind, "elapsed", time.Since(t0))
 	return res, nil
 }
@@ -272,7 +269,7 @@ func (b *Backend) snapshotDisk(ctx context.Context, m backend.Machine, kind back
 }
 
 // flattenDisk writes a self-contained qcow2 of the VM's disk (whole backing
-// chain) to dst. The VM must be paused (its writes flushed).
+// chain) to dst, not fsynced. The VM must be paused (its writes flushed).
 func (b *Backend) flattenDisk(ctx context.Context, m backend.Machine, dst string) error {
 	format := m.DiskFormat
 	if format == "" {
@@ -281,10 +278,7 @@ func (b *Backend) flattenDisk(ctx context.Context, m backend.Machine, dst string
 	if err := b.qemuImg(ctx, "convert", "-U", "-f", format, "-O", "qcow2", m.Disk, dst); err != nil {
 		return fmt.Errorf("qemu: snapshot disk: %w", err)
 	}
-	if err := syncFile(dst); err != nil {
-		return fmt.Errorf("qemu: snapshot disk: %w", err)
-	}
-	return nil
+	return nil // fsynced by the caller, see Snapshot
 }
 
 // diffDisk writes the VM's overlay to dst as a qcow2 whose backing file is
@@ -307,7 +301,7 @@ func (b *Backend) diffDisk(ctx context.Context, m backend.Machine, dst string) (
 	if err != nil {
 		return "", fmt.Errorf("qemu: diff snapshot: %w", err)
 	}
-	if _, err := sparseCopy(dst, m.Disk); err != nil {
+	if _, err := copySparse(dst, m.Disk, false); err != nil { // fsynced by the caller
 		return "", fmt.Errorf("qemu: diff snapshot: %w", err)
 	}
 	if ii.backingPath() != base {
@@ -319,9 +313,6 @@ func (b *Backend) diffDisk(ctx context.Context, m backend.Machine, dst string) (
 		// Safe rebase: copies every cluster where the old chain differs from base.
 		if err := b.qemuImg(ctx, "rebase", "-U", "-f", "qcow2", "-b", base, "-F", bi.Format, dst); err != nil {
 			os.Remove(dst)
-			return "", fmt.Errorf("qemu: diff snapshot: %w", err)
-		}
-		if err := syncFile(dst); err != nil {
 			return "", fmt.Errorf("qemu: diff snapshot: %w", err)
 		}
 	}
