@@ -493,7 +493,11 @@ func (s *suite) ramGroup(ctx context.Context) ([]Row, error) {
 // createGroup: full snapshot create against QMP snapshot-save on the same
 // VM, and the snapshot's size against the memory the guest uses.
 func (s *suite) createGroup(ctx context.Context) ([]Row, error) {
-	var ours, save, size, touched []float64
+	var ours, save, size, touched, floor []float64
+	defer func() {
+		s.extras = append(s.extras, newFigure("snapshot-create: disk floor: writing as many bytes as the snapshot allocates into the data dir, then fsync "+
+			"(what any durable snapshot of this guest costs on this disk)", "ms", floor))
+	}()
 	rows := func() []Row {
 		return []Row{
 			newRow("snapshot-create", fmt.Sprintf("full snapshot create, %d MiB guest, %d MiB touched", s.o.MemoryMiB, s.o.TouchMiB), "ms",
@@ -550,11 +554,43 @@ func (s *suite) createGroup(ctx context.Context) ([]Row, error) {
 		if err != nil {
 			return rows(), err
 		}
-		ours, save = append(ours, ms(o)), append(save, ms(b))
+		f, err := diskFloor(s.m.DataDir(), sz)
+		if err != nil {
+			return rows(), err
+		}
+		ours, save, floor = append(ours, ms(o)), append(save, ms(b)), append(floor, ms(f))
 		size, touched = append(size, float64(sz)/(1<<20)), append(touched, used)
 		s.progress("round %d: smolvm %.0f ms (%.1f MiB), snapshot-save %.0f ms; guest uses %.1f MiB", i+1, ms(o), float64(sz)/(1<<20), ms(b), used)
 	}
 	return rows(), nil
+}
+
+// diskFloor times writing n bytes of non-zero data into a new file in dir
+// and fsyncing it: the least a durable snapshot of that size costs there.
+// The file is removed afterwards (not timed).
+func diskFloor(dir string, n int64) (time.Duration, error) {
+	buf := make([]byte, 8<<20)
+	for i := range buf {
+		buf[i] = byte(i*7 + 1)
+	}
+	f, err := os.CreateTemp(dir, ".bench-floor-*")
+	if err != nil {
+		return 0, err
+	}
+	defer os.Remove(f.Name())
+	defer f.Close()
+	t0 := time.Now()
+	for left := n; left > 0; {
+		k := min(left, int64(len(buf)))
+		if _, err := f.Write(buf[:k]); err != nil {
+			return 0, err
+		}
+		left -= k
+	}
+	if err := f.Sync(); err != nil {
+		return 0, err
+	}
+	return time.Since(t0), nil
 }
 
 // guestUsedMiB is MemTotal-MemFree from the guest's /proc/meminfo.
@@ -670,8 +706,9 @@ func waitJob(ctx context.Context, c *qmp.Client, id string) error {
 func (s *suite) clonesGroup(ctx context.Context) ([]Row, error) {
 	n := s.o.Clones
 	var forkT, forkRet, oneT, forkMem, oneMem, forkAnon, forkFile, oneAnon, oneFile []float64
-	var oneCPU, forkCPU, bound []float64
+	var oneCPU, forkCPU, bound, oneJIT []float64
 	defer func() {
+		s.extras = append(s.extras, newFigure("clones-memory: TCG translation cache of one restored VM (anonymous rwx memory; none under KVM)", "MiB", oneJIT))
 		s.extras = append(s.extras,
 			newFigure(fmt.Sprintf("clones: Fork(%d, Resume) alone (every clone restored, agent answered, identity and clock set)", n), "ms", forkRet),
 			newFigure("clones: CPU time (user+system) of one restore's QEMU up to its first result", "ms", oneCPU),
@@ -704,7 +741,7 @@ func (s *suite) clonesGroup(ctx context.Context) ([]Row, error) {
 	for i := 0; i < s.o.CloneRounds; i++ {
 		var fd, fr, od time.Duration
 		var fm, om pss
-		var fc, oc float64
+		var fc, oc, oj float64
 		err := alternate(i, func() error {
 			t0 := time.Now()
 			vms, err := s.m.Fork(ctx, snapID, n, smolvm.ForkOptions{Resume: true, Prefix: s.name("f" + strconv.Itoa(i))})
@@ -747,7 +784,14 @@ func (s *suite) clonesGroup(ctx context.Context) ([]Row, error) {
 				return err
 			}
 			time.Sleep(settle)
-			om, err = pssSum(ctx, []*smolvm.VM{vm})
+			if om, err = pssSum(ctx, []*smolvm.VM{vm}); err != nil {
+				return err
+			}
+			info, err := vm.Info(ctx)
+			if err != nil {
+				return err
+			}
+			oj, err = jitMiB(info.PID)
 			return err
 		})
 		if err != nil {
@@ -757,7 +801,7 @@ func (s *suite) clonesGroup(ctx context.Context) ([]Row, error) {
 		forkMem, oneMem = append(forkMem, fm.total), append(oneMem, om.total)
 		forkAnon, forkFile = append(forkAnon, fm.anon), append(forkFile, fm.file)
 		oneAnon, oneFile = append(oneAnon, om.anon), append(oneFile, om.file)
-		oneCPU, forkCPU = append(oneCPU, oc), append(forkCPU, fc)
+		oneCPU, forkCPU, oneJIT = append(oneCPU, oc), append(forkCPU, fc), append(oneJIT, oj)
 		bound = append(bound, max(ms(od), float64(n)*oc/float64(s.cores)))
 		s.progress("round %d: %d clones answering %.0f ms (%.1f MiB PSS), one restore %.0f ms (%.1f MiB PSS)", i+1, n, ms(fd), fm.total, ms(od), om.total)
 	}
@@ -798,6 +842,28 @@ func procCPUms(pid int) (float64, error) {
 		return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
 	}
 	return (ut + st) * 10, nil
+}
+
+// jitMiB is the anonymous memory in a process's writable+executable
+// mappings: QEMU's TCG code buffer (translated guest code), from smaps.
+func jitMiB(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		return 0, err
+	}
+	var kib float64
+	rwx := false
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		switch {
+		case len(f) >= 2 && strings.Contains(f[0], "-") && len(f[1]) == 4:
+			rwx = f[1][:3] == "rwx"
+		case rwx && len(f) >= 2 && f[0] == "Anonymous:":
+			v, _ := strconv.ParseFloat(f[1], 64)
+			kib += v
+		}
+	}
+	return kib / 1024, nil
 }
 
 // pss is a process's proportional set size (MiB), split like smaps_rollup.
@@ -859,30 +925,34 @@ func readPss(pid int) (pss, error) {
 
 // bootGroup: cold boot -> first command against bare QEMU to agent-ready.
 func (s *suite) bootGroup(ctx context.Context) ([]Row, error) {
-	var ours, bare []float64
+	var ours, bare, bareReady []float64
+	defer func() {
+		s.extras = append(s.extras, newFigure("cold-boot: bare QEMU to the agent handshake only (no command)", "ms", bareReady))
+	}()
 	row := func() []Row {
 		return []Row{newRow("cold-boot", "cold boot -> first command", "ms",
 			newFigure("smolvm New+Start+Run(true)", "ms", ours),
-			newFigure("bare QEMU, same kernel/initramfs/disk, to agent handshake", "ms", bare), 1.10,
-			fmt.Sprintf("%d MiB guest", s.o.MemoryMiB))}
+			newFigure(bareBootName, "ms", bare), 1.10,
+			fmt.Sprintf("%d MiB guest; both sides end with the result of the same command", s.o.MemoryMiB))}
 	}
 	o := s.o.Options
 	for i := 0; i < s.o.Rounds; i++ {
-		var od, bd time.Duration
+		var od time.Duration
+		var bt bootTimes
 		err := alternate(i, func() error {
 			d, err := oursBoot(ctx, s.m, o, i)
 			od = d
 			return err
 		}, func() error {
-			d, err := bareBoot(ctx, s.img, o, i)
-			bd = d
+			b, err := bareBoot(ctx, s.img, o, i)
+			bt = b
 			return err
 		})
 		if err != nil {
 			return row(), err
 		}
-		ours, bare = append(ours, ms(od)), append(bare, ms(bd))
-		s.progress("round %d: smolvm %.0f ms, bare qemu %.0f ms", i+1, ms(od), ms(bd))
+		ours, bare, bareReady = append(ours, ms(od)), append(bare, ms(bt.first)), append(bareReady, ms(bt.ready))
+		s.progress("round %d: smolvm %.0f ms, bare qemu %.0f ms (handshake %.0f ms)", i+1, ms(od), ms(bt.first), ms(bt.ready))
 	}
 	return row(), nil
 }

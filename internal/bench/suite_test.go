@@ -107,3 +107,18 @@ func TestProcCPUms(t *testing.T) {
 		t.Fatal("procCPUms(-1) succeeded")
 	}
 }
+
+func TestDiskFloorAndJIT(t *testing.T) {
+	dir := t.TempDir()
+	d, err := diskFloor(dir, 3<<20)
+	if err != nil || d <= 0 {
+		t.Fatalf("diskFloor = %v, %v", d, err)
+	}
+	if left, _ := os.ReadDir(dir); len(left) != 0 {
+		t.Errorf("diskFloor left %d files", len(left))
+	}
+	// A Go test binary has no writable+executable mappings.
+	if mib, err := jitMiB(os.Getpid()); err != nil || mib != 0 {
+		t.Errorf("jitMiB(self) = %v, %v", mib, err)
+	}
+}
