@@ -206,6 +206,16 @@ func Boot(ctx context.Context, o Options) (Report, error) {
 	if pss, err := pssKiB(info.PID); err == nil {
 		rep.Figures = append(rep.Figures, newFigure(fmt.Sprintf("host memory (PSS) of one idle %d MiB VM", o.MemoryMiB), "MiB", []float64{float64(pss) / 1024}))
 	}
+	// What an idle VM costs in CPU: its QEMU's CPU time over a quiet 5 s
+	// (an agent that polls shows up here).
+	const idle = 5 * time.Second
+	c0, err0 := procCPUms(info.PID)
+	time.Sleep(idle)
+	c1, err1 := procCPUms(info.PID)
+	if err0 == nil && err1 == nil {
+		rep.Figures = append(rep.Figures, newFigure("host CPU of one idle VM's QEMU over 5 s", "% of a core",
+			[]float64{100 * (c1 - c0) / float64(idle.Milliseconds())}))
+	}
 	return rep, nil
 }
 
