@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -66,10 +67,37 @@ func copySparse(dst, src string, durable bool) (int64, error) {
 // copyChunk is the unit copySparseData reads and hands to writeback.
 const copyChunk = 8 << 20
 
-func copySparseData(out, in *os.File, size int64) (int64, error) {
+func copySparseData(out, in *os.File, size int64) (written int64, err error) {
+	err = guardFault(func() error {
+		var err error
+		written, err = copySparseMapped(out, in, size)
+		return err
+	})
+	return written, err
+}
+
+// guardFault runs f, turning a memory fault in it (SIGBUS from a mapped
+// file that shrank) into an error instead of a crash of the process.
+func guardFault(f func() error) (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			if fe, ok := r.(interface{ Addr() uintptr }); ok {
+				err = fmt.Errorf("memory fault reading a mapped file (did it shrink?) at %#x: %v", fe.Addr(), r)
+				return
+			}
+			panic(r)
+		}
+	}()
+	return f()
+}
+
+func copySparseMapped(out, in *os.File, size int64) (int64, error) {
 	// Map the source when it can be (tmpfs RAM files, regular files): the
 	// data is written straight from the page cache, with no copy through a
-	// buffer, which halves the CPU time of a snapshot's RAM copy.
+	// buffer, which halves the CPU time of a snapshot's RAM copy. Should the
+	// file shrink under the mapping, the access faults: copySparseData
+	// runs this under guardFault.
 	var mem []byte
 	if size > 0 && size == int64(int(size)) {
 		if b, err := unix.Mmap(int(in.Fd()), 0, int(size), unix.PROT_READ, unix.MAP_SHARED); err == nil {

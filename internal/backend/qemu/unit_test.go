@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/smolvm-go/smolvm/internal/backend"
 )
 
@@ -309,4 +311,40 @@ func TestQEMUNotFound(t *testing.T) {
 	if !errors.Is(err, backend.ErrVMMNotFound) {
 		t.Fatalf("got %v, want ErrVMMNotFound", err)
 	}
+}
+
+// A mapped file that shrinks under a copy gives an error, not a crash.
+func TestGuardFaultTurnsSIGBUSIntoError(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "f")
+	if err := os.WriteFile(p, bytes.Repeat([]byte{1}, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	mem, err := unix.Mmap(int(f.Fd()), 0, 1<<20, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(mem)
+	if err := os.Truncate(p, 0); err != nil {
+		t.Fatal(err)
+	}
+	var sum byte
+	err = guardFault(func() error {
+		sum += mem[512<<10] // beyond the new end of file: SIGBUS
+		return nil
+	})
+	if err == nil || !strings.Contains(err.Error(), "memory fault") {
+		t.Fatalf("guardFault = %v, want a memory fault error", err)
+	}
+	// Other panics pass through.
+	defer func() {
+		if r := recover(); r != "boom" {
+			t.Errorf("recovered %v, want boom", r)
+		}
+	}()
+	guardFault(func() error { panic("boom") })
 }
