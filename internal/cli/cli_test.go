@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -33,6 +34,9 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	Main([]string{"--data-dir", dataDir, "sandbox", "delete", "--all"}, &bytes.Buffer{}, &bytes.Buffer{})
 	os.RemoveAll(root)
+	if built.bin != "" {
+		os.RemoveAll(filepath.Dir(built.bin))
+	}
 	os.Exit(code)
 }
 
@@ -148,6 +152,42 @@ func TestSnapshotCLI(t *testing.T) {
 	if env := smolvmJSON(t, "sandbox", "snapshot", "create", "snapcli", "--snapshot-id", "cp1"); env.OK || env.Error.Code != "snapshot_exists" {
 		t.Errorf("duplicate: %+v", env)
 	}
+	// Two processes create the same id at once: exactly one snapshot, the
+	// other process is told it exists, and nothing half-written is left.
+	bin := cliBinary(t)
+	results := make([]envelope, 2)
+	var wg sync.WaitGroup
+	for i := range results {
+		wg.Go(func() {
+			out, _ := exec.Command(bin, "--data-dir", dataDir, "--json", "sandbox", "snapshot", "create", "snapcli",
+				"--snapshot-id", "race1", "--resume-source").Output()
+			if err := json.Unmarshal(out, &results[i]); err != nil {
+				t.Errorf("process %d: %v: %q", i, err, out)
+			}
+		})
+	}
+	wg.Wait()
+	if ok0, ok1 := results[0].OK, results[1].OK; ok0 == ok1 {
+		t.Errorf("concurrent creates of one id: ok %v and %v, want exactly one: %+v %+v", ok0, ok1, results[0], results[1])
+	}
+	for _, r := range results {
+		if !r.OK && (r.Error == nil || r.Error.Code != "snapshot_exists") {
+			t.Errorf("the losing create: %+v", r)
+		}
+	}
+	if out, _, _ := cli(t, "sandbox", "snapshot", "list", "--vm-id", "snapcli"); strings.Count(out, "race1") != 1 {
+		t.Errorf("list after the race: %q", out)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(dataDir, "snapshots")); len(ents) > 0 {
+		for _, e := range ents {
+			if strings.Contains(e.Name(), ".tmp-") || strings.HasPrefix(e.Name(), ".trash-") {
+				t.Errorf("left in the snapshot dir: %s", e.Name())
+			}
+		}
+	}
+	if env := smolvmJSON(t, "sandbox", "snapshot", "delete", "race1"); !env.OK {
+		t.Errorf("delete race1: %+v", env)
+	}
 	if env := smolvmJSON(t, "sandbox", "snapshot", "create", "snapcli", "--snapshot-id", "Bad/Id"); env.OK || env.Error.Code != "invalid_id" || env.ExitCode != 2 {
 		t.Errorf("bad id: %+v", env)
 	}
@@ -246,11 +286,35 @@ func TestErrorsNameTheFix(t *testing.T) {
 // TestCreateKilled kills `smolvm sandbox create` with SIGKILL while it
 // boots: the VM must be visible in `list --all`, and `delete` must remove
 // it and its QEMU process.
-func TestCreateKilled(t *testing.T) {
-	bin := filepath.Join(t.TempDir(), "smolvm")
-	if out, err := exec.Command("go", "build", "-o", bin, "../../cmd/smolvm").CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
+var built struct {
+	once sync.Once
+	bin  string
+	err  error
+}
+
+// cliBinary builds cmd/smolvm once per test process, for tests that need
+// the CLI as separate processes.
+func cliBinary(t *testing.T) string {
+	t.Helper()
+	built.once.Do(func() {
+		dir, err := os.MkdirTemp("", "smolvm-cli-")
+		if err != nil {
+			built.err = err
+			return
+		}
+		built.bin = filepath.Join(dir, "smolvm")
+		if out, err := exec.Command("go", "build", "-o", built.bin, "../../cmd/smolvm").CombinedOutput(); err != nil {
+			built.err = fmt.Errorf("build: %v\n%s", err, out)
+		}
+	})
+	if built.err != nil {
+		t.Fatal(built.err)
 	}
+	return built.bin
+}
+
+func TestCreateKilled(t *testing.T) {
+	bin := cliBinary(t)
 	cmd := exec.Command(bin, "--data-dir", dataDir, "sandbox", "create", "--name", "killed", "--image", "busybox")
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
