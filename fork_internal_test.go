@@ -8,12 +8,14 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/backend/qemu"
+	"github.com/smolvm-go/smolvm/internal/snapshot"
 )
 
 // failingRestore is the real QEMU backend, except that its n-th Restore
@@ -85,4 +87,31 @@ func TestForkRemovesFailedClone(t *testing.T) {
 		c.Delete(ctx)
 		c.Close()
 	}
+
+	// Too little host memory (the available figure faked, the snapshot
+	// real): refused before anything starts, with the figures; enough for
+	// the start but not for every clone's whole RAM: allowed (overcommit).
+	before, _ := m.List(ctx)
+	m.memAvailable = func() (int64, bool) { return 100, true }
+	_, err = m.Fork(ctx, "s", 2, ForkOptions{})
+	if !errors.Is(err, ErrInvalidConfig) || !strings.Contains(err.Error(), "not enough memory for 2 clones") ||
+		!strings.Contains(err.Error(), "100 MiB available") {
+		t.Errorf("fork with 100 MiB available: %v", err)
+	}
+	if after, _ := m.List(ctx); len(after) != len(before) {
+		t.Errorf("refused fork left VMs: %d -> %d", len(before), len(after))
+	}
+	m.memAvailable = func() (int64, bool) { return 400, true } // < 2 x 256 MiB guests, > image + 2 x overhead
+	if err := m.checkForkMemory("s", mustManifest(t, m, "s").Result, 256, 2); err != nil {
+		t.Errorf("fork within the start-up need but over the worst case: %v", err)
+	}
+}
+
+func mustManifest(t *testing.T, m *Manager, id string) snapshot.Manifest {
+	t.Helper()
+	man, err := m.loadSnapshot(id, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return man
 }

@@ -31,6 +31,10 @@ type Manager struct {
 
 	mu       sync.Mutex
 	backends map[string]backend.Backend
+
+	// memAvailable reports the host's available memory in MiB (Fork's
+	// check); nil reads /proc/meminfo. Tests set it to reach the refusal.
+	memAvailable func() (int64, bool)
 }
 
 // NewManager opens (creating if needed) the data directory in opts.
