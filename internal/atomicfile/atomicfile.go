@@ -39,11 +39,17 @@ func WriteFile(path string, data []byte, perm os.FileMode) error {
 }
 
 // SyncDir fsyncs a directory (making renames in it durable).
-func SyncDir(dir string) error {
-	d, err := os.Open(dir)
+func SyncDir(dir string) error { return SyncFile(dir) }
+
+// SyncFile fsyncs a file (or directory) by path.
+func SyncFile(path string) error {
+	f, err := os.Open(path)
 	if err != nil {
 		return err
 	}
-	defer d.Close()
-	return d.Sync()
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }

@@ -304,15 +304,24 @@ func bareBoot(ctx context.Context, img image.Image, o Options, i int) (bootTimes
 	}
 	defer c.Close()
 	bt.ready = time.Since(t0)
-	res, err := c.Exec(cctx, agentproto.ExecRequest{Shell: "true"}, io.Discard, io.Discard)
-	if err != nil {
+	if err := execTrue(cctx, c); err != nil {
 		return bt, err
-	}
-	if res.ExitCode != 0 {
-		return bt, fmt.Errorf("true exited %d", res.ExitCode)
 	}
 	bt.first = time.Since(t0)
 	return bt, nil
+}
+
+// execTrue runs "true" through an agent client: the first command both
+// sides of the boot and restore rows end with.
+func execTrue(ctx context.Context, c *agentclient.Client) error {
+	res, err := c.Exec(ctx, agentproto.ExecRequest{Shell: "true"}, io.Discard, io.Discard)
+	if err != nil {
+		return err
+	}
+	if res.ExitCode != 0 {
+		return fmt.Errorf("true exited %d", res.ExitCode)
+	}
+	return nil
 }
 
 // rawConn speaks the agent's line protocol by hand (no client library) on

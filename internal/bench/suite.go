@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -17,7 +16,6 @@ import (
 
 	"github.com/smolvm-go/smolvm"
 	"github.com/smolvm-go/smolvm/internal/agentclient"
-	"github.com/smolvm-go/smolvm/internal/agentproto"
 	"github.com/smolvm-go/smolvm/internal/backend/qemu"
 	"github.com/smolvm-go/smolvm/internal/image"
 	"github.com/smolvm-go/smolvm/internal/qmp"
@@ -380,12 +378,8 @@ func (s *suite) bareRestore(ctx context.Context, snapID string) (restoreTimes, e
 	}
 	defer ac.Close()
 	rt.ready = time.Since(t0)
-	res, err := ac.Exec(cctx, agentproto.ExecRequest{Shell: "true"}, io.Discard, io.Discard)
-	if err != nil {
+	if err := execTrue(cctx, ac); err != nil {
 		return rt, err
-	}
-	if res.ExitCode != 0 {
-		return rt, fmt.Errorf("true exited %d", res.ExitCode)
 	}
 	rt.first = time.Since(t0)
 	return rt, nil

@@ -120,7 +120,7 @@ func Describe(dir string, arts []backend.Artifact) ([]Artifact, int64, error) {
 		wg.Add(2)
 		go func() {
 			defer wg.Done()
-			errs[2*i] = syncFile(p)
+			errs[2*i] = atomicfile.SyncFile(p)
 		}()
 		go func() {
 			defer wg.Done()
@@ -143,19 +143,6 @@ func Describe(dir string, arts []backend.Artifact) ([]Artifact, int64, error) {
 	}
 	alloc, err := Allocated(dir)
 	return out, alloc, err
-}
-
-// syncFile fsyncs one file.
-func syncFile(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	err = f.Sync()
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }
 
 // Allocated is the disk space the files under dir use.

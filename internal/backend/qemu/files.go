@@ -11,6 +11,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/smolvm-go/smolvm/internal/atomicfile"
 )
 
 // lseek whence values for sparse files (linux).
@@ -181,17 +183,7 @@ func copySparseMapped(out, in *os.File, size int64) (int64, error) {
 }
 
 // syncFile fsyncs one file.
-func syncFile(path string) error {
-	f, err := os.OpenFile(path, os.O_RDONLY, 0)
-	if err != nil {
-		return err
-	}
-	err = f.Sync()
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
+func syncFile(path string) error { return atomicfile.SyncFile(path) }
 
 // syncDir fsyncs a directory (its entries).
 func syncDir(dir string) error { return syncFile(filepath.Clean(dir)) }
