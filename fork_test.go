@@ -80,6 +80,35 @@ func TestForkClones(t *testing.T) {
 			t.Errorf("%s changed while clones ran", p)
 		}
 	}
+	// A snapshot of a clone (a restored VM, whose RAM is a private mapping)
+	// is a mappable memory image again: its own clones map it and share it.
+	mustOK(t, clones[0], "echo second > /tmp/ram2")
+	s2, err := clones[0].Snapshot(ctx, smolvm.SnapshotOptions{ID: "forkme2", ResumeSource: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s2.Artifacts.Memory == "" {
+		t.Errorf("snapshot of a clone has no memory image: %+v", s2.Artifacts)
+	}
+	grand, err := m.Fork(ctx, "forkme2", 2, smolvm.ForkOptions{Resume: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range grand {
+		if out := mustOK(t, g, "cat /tmp/ram2 /root/only-in-0 /root/prepared"); out != "second\nmine\nprepared" {
+			t.Errorf("clone of a clone's snapshot %s: %q", g.ID(), out)
+		}
+		info, err := g.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if maps, _ := os.ReadFile(fmt.Sprintf("/proc/%d/maps", info.PID)); !strings.Contains(string(maps), s2.Artifacts.Memory) {
+			t.Errorf("clone %s does not map %s", g.ID(), s2.Artifacts.Memory)
+		}
+		g.Delete(ctx)
+		g.Close()
+	}
+
 	// A clone has no kernel loaded (a restore leaves out -kernel, which would
 	// keep a copy in every QEMU): a guest reboot stops it, and Start boots
 	// it cold from its own disk.

@@ -498,8 +498,9 @@ func (s *suite) testSnapshots(t *testing.T, mA backend.Machine, cA *agentclient.
 		}
 		s.stopRestored(t, mB2, cB2, sn)
 
-		// A snapshot of a restored VM restores too (for QEMU: RAM in the
-		// migration stream, since the restored RAM is a private mapping).
+		// A snapshot of a restored VM restores too (for QEMU: taken through
+		// the migration stream and a helper VM, since the restored RAM is a
+		// private mapping).
 		token2 := "again-" + randToken()
 		s.setState(t, cB, token2)
 		sn2 := s.takeSnapshot(t, mB, backend.SnapshotFull)

@@ -54,6 +54,10 @@ type launch struct {
 	// With it, -no-reboot: a guest reboot has nothing to boot, so QEMU
 	// exits and the VM is stopped (Start then boots it cold).
 	NoKernel bool
+
+	// DieWithParent kills QEMU when the thread that launched it exits
+	// (Pdeathsig): for helper VMs that must not outlive their operation.
+	DieWithParent bool
 }
 
 func qmpSocket(runDir string) string   { return filepath.Join(runDir, qmpSocketName) }

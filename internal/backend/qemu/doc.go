@@ -8,8 +8,10 @@
 // goes through a "file:" migration with x-ignore-shared), and a restore maps
 // that image privately (copy-on-write): restore time does not depend on RAM
 // size and the snapshot files are never modified. VMs whose RAM is not a
-// shared file (restored ones) migrate RAM into the state file instead
-// (mapped-ram format).
+// shared file (restored ones) migrate RAM into the state file (mapped-ram
+// format); Snapshot then restores that, paused, into a short-lived helper
+// QEMU with a shared RAM file and snapshots the helper, so the result is a
+// raw, mappable image again (the stream form is kept if that step fails).
 //
 // A restore launches QEMU without -kernel/-initrd (the guest booted long
 // ago; QEMU would otherwise hold a copy of both in its own memory, 15 MiB

@@ -72,6 +72,9 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 	// Own session: no controlling terminal, not signalled with our process
 	// group, and it outlives us (no Pdeathsig).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if l.DieWithParent {
+		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	}
 	b.log.Debug("starting qemu", "id", spec.ID, "argv", strings.Join(append([]string{bin}, args...), " "))
 	start := time.Now()
 	if err := cmd.Start(); err != nil {

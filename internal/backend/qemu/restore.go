@@ -20,6 +20,12 @@ import (
 // fresh qcow2 overlay (req.Spec.Disk, default Dir/disk.qcow2) whose backing
 // file is the snapshot's disk: snapshot files are never modified.
 func (b *Backend) Restore(ctx context.Context, req backend.RestoreRequest) (backend.Machine, error) {
+	return b.restore(ctx, req, false)
+}
+
+// restore is Restore; dieWithParent launches a QEMU that is killed when
+// the launching thread exits (normalize's short-lived helper).
+func (b *Backend) restore(ctx context.Context, req backend.RestoreRequest, dieWithParent bool) (backend.Machine, error) {
 	spec := req.Spec
 	kind := req.Kind
 	switch kind {
@@ -132,6 +138,7 @@ func (b *Backend) Restore(ctx context.Context, req backend.RestoreRequest) (back
 	}
 
 	ignoreShared, mappedRAM := applySnapshotLaunch(&l, cfg, format, arts["memory"])
+	l.DieWithParent = dieWithParent
 	t0 := time.Now()
 	m, err := b.launch(ctx, spec, l)
 	if err != nil {

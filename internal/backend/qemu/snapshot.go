@@ -2,11 +2,14 @@ package qemu
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"time"
 
@@ -127,7 +130,24 @@ func waitMigration(ctx context.Context, c *qmp.Client, m backend.Machine, op str
 
 // Snapshot pauses the VM and writes kind's artifacts into dir (see the
 // package doc). The VM is left paused.
+//
+// A VM whose RAM is not a shared file (one restored from a snapshot maps it
+// privately) cannot leave RAM out of the migration, so its RAM is first
+// saved inside the stream; that snapshot is then restored, paused, into a
+// short-lived QEMU whose RAM is a shared file, and snapshotted again from
+// there as a raw, mappable image (see normalize). Snapshots of restored VMs
+// therefore restore and fork in constant time too, at the price of a
+// slower create. Should that step fail, the stream snapshot is kept.
 func (b *Backend) Snapshot(ctx context.Context, m backend.Machine, kind backend.SnapshotKind, dir string) (backend.SnapshotResult, error) {
+	res, err := b.snapshot(ctx, m, kind, dir)
+	if err != nil || res.MemoryFormat != MemoryStream {
+		return res, err
+	}
+	return b.normalize(ctx, m, kind, dir, res)
+}
+
+// snapshot is Snapshot without the normalization of stream snapshots.
+func (b *Backend) snapshot(ctx context.Context, m backend.Machine, kind backend.SnapshotKind, dir string) (backend.SnapshotResult, error) {
 	switch kind {
 	case backend.SnapshotFull, backend.SnapshotDiff, backend.SnapshotDisk:
 	default:
@@ -246,6 +266,104 @@ func (b *Backend) Snapshot(ctx context.Context, m backend.Machine, kind backend.
 	// could overlap that flush with hashing it.
 	b.log.Debug("snapshot done", "id", m.ID, "kind", kind, "elapsed", time.Since(t0))
 	return res, nil
+}
+
+// normalize turns the stream snapshot res in dir into a raw one: the stream
+// artifacts move to dir/.stream, a paused QEMU restores them into a shared
+// RAM file (its dir inside dir, its RunDir next to m's), and a snapshot of
+// that QEMU (which never runs) is written to dir. On failure the stream
+// snapshot is put back and returned, with the reason logged.
+func (b *Backend) normalize(ctx context.Context, m backend.Machine, kind backend.SnapshotKind, dir string, res backend.SnapshotResult) (backend.SnapshotResult, error) {
+	t0 := time.Now()
+	sdir := filepath.Join(dir, ".stream")
+	tdir := filepath.Join(dir, ".norm")
+	moved, err := moveArtifacts(res.Artifacts, dir, sdir)
+	if err != nil {
+		moveArtifacts(moved, sdir, dir)
+		os.RemoveAll(sdir)
+		return res, nil // the stream snapshot is intact in dir
+	}
+	keepStream := func(why error) (backend.SnapshotResult, error) {
+		b.log.Warn("snapshot of a restored VM kept in stream format (restores will read its RAM)", "id", m.ID, "err", why)
+		os.RemoveAll(tdir)
+		for _, a := range res.Artifacts {
+			os.Remove(filepath.Join(dir, a.Name)) // partial raw artifacts
+		}
+		if _, err := moveArtifacts(res.Artifacts, sdir, dir); err != nil {
+			return res, fmt.Errorf("qemu: snapshot: restoring the stream artifacts: %w", err)
+		}
+		os.RemoveAll(sdir)
+		return res, nil
+	}
+
+	spec := m.Spec
+	spec.ID = m.ID + "-norm"
+	spec.Dir = tdir
+	spec.RunDir = filepath.Join(filepath.Dir(m.RunDir), "norm-"+randHex(4)) // short: it holds sockets
+	spec.Disk, spec.DiskFormat = "", ""
+	spec.PortForwards = nil // the source still holds its host ports
+	defer os.RemoveAll(spec.RunDir)
+
+	// The helper QEMU dies with this thread (Pdeathsig) should the process
+	// be killed meanwhile; the thread is held until the QEMU is stopped.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	tm, err := b.restore(ctx, backend.RestoreRequest{Spec: spec, SnapshotDir: sdir, Kind: kind, Result: res}, true)
+	if err != nil {
+		return keepStream(err)
+	}
+	// Unlink the helper's RAM file now that QEMU has it mapped: should this
+	// process die from here on, the kernel frees it with the helper. The
+	// copy reads it through our own descriptor.
+	tmc := tm
+	if f, err := os.Open(tm.MemoryFile); err == nil {
+		defer f.Close()
+		os.Remove(tm.MemoryFile)
+		os.Remove(filepath.Dir(tm.MemoryFile)) // its smolvm-* dir, when empty
+		tmc.MemoryFile = fmt.Sprintf("/proc/self/fd/%d", f.Fd())
+	}
+	raw, err := b.snapshot(ctx, tmc, kind, dir)
+	if err == nil && raw.MemoryFormat != MemoryRaw {
+		err = fmt.Errorf("the helper VM gave memory format %q", raw.MemoryFormat)
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	stopErr := b.Stop(sctx, tm)
+	cancel()
+	if err != nil {
+		return keepStream(err)
+	}
+	if stopErr != nil {
+		b.log.Warn("stopping the snapshot helper VM", "id", spec.ID, "err", stopErr)
+	}
+	if kind == backend.SnapshotDiff {
+		raw.BaseImage = res.BaseImage
+	}
+	os.RemoveAll(sdir)
+	os.RemoveAll(tdir)
+	b.log.Debug("snapshot of a restored VM made mappable", "id", m.ID, "elapsed", time.Since(t0))
+	return raw, nil
+}
+
+// moveArtifacts renames the named files from one dir to another and
+// returns those it moved.
+func moveArtifacts(arts []backend.Artifact, from, to string) ([]backend.Artifact, error) {
+	if err := os.MkdirAll(to, 0o700); err != nil {
+		return nil, err
+	}
+	var moved []backend.Artifact
+	for _, a := range arts {
+		if err := os.Rename(filepath.Join(from, a.Name), filepath.Join(to, a.Name)); err != nil {
+			return moved, err
+		}
+		moved = append(moved, a)
+	}
+	return moved, nil
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
 }
 
 // snapshotDisk writes the disk artifact (if the VM has a disk) and records

@@ -95,15 +95,34 @@ func TestQEMUMemoryMapping(t *testing.T) {
 	if st, _ := b.Status(ctxFor(t, time.Minute), r); st != backend.StatusPaused {
 		t.Errorf("restored status %s, want paused", st)
 	}
-	// Snapshot a restored VM that never ran: RAM goes into the stream.
+	// Snapshot a restored VM that never ran. Its RAM is a private mapping,
+	// so it goes through the stream and a helper QEMU: the result is raw
+	// (mappable) again, and nothing of the helper is left.
 	sdir := filepath.Join(root, "snapr")
 	os.Mkdir(sdir, 0o755)
 	res, err := b.Snapshot(ctxFor(t, time.Minute), r, backend.SnapshotFull, sdir)
 	if err != nil {
 		t.Fatalf("snapshot of a restored VM: %v", err)
 	}
-	if res.MemoryFormat != MemoryStream {
-		t.Errorf("memory format %q, want stream", res.MemoryFormat)
+	if res.MemoryFormat != MemoryRaw {
+		t.Errorf("memory format %q, want raw", res.MemoryFormat)
+	}
+	if ents, _ := os.ReadDir(sdir); len(ents) != len(res.Artifacts) {
+		var names []string
+		for _, e := range ents {
+			names = append(names, e.Name())
+		}
+		t.Errorf("snapshot dir holds %v, want only the %d artifacts", names, len(res.Artifacts))
+	}
+	if p := testutil.ProcessesFor(sdir); len(p) > 0 {
+		t.Errorf("helper QEMU still running: %v", p)
+	}
+	// The stream path itself (what the helper restores from).
+	stdir := filepath.Join(root, "snaps")
+	os.Mkdir(stdir, 0o755)
+	sres, err := b.snapshot(ctxFor(t, time.Minute), r, backend.SnapshotFull, stdir)
+	if err != nil || sres.MemoryFormat != MemoryStream {
+		t.Fatalf("stream snapshot of a restored VM: %v, format %q", err, sres.MemoryFormat)
 	}
 	if err := b.Resume(ctxFor(t, time.Minute), r); err != nil {
 		t.Fatal(err)
@@ -120,9 +139,27 @@ func TestQEMUMemoryMapping(t *testing.T) {
 		t.Error("snapshot memory image modified by the restored VM")
 	}
 
+	// The normalized snapshot of the restored VM maps privately again.
+	rnspec := testutil.SpecIn(root, img, "rnorm", testutil.SpecOptions{})
+	rn, err := b.Restore(ctxFor(t, time.Minute), backend.RestoreRequest{Spec: rnspec, SnapshotDir: sdir, Kind: backend.SnapshotFull, Result: res, Resume: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rn.MemoryShared || rn.MemoryFile != filepath.Join(sdir, MemoryFile) {
+		t.Errorf("restore of the normalized snapshot: memory %q shared=%v; want a private map of it", rn.MemoryFile, rn.MemoryShared)
+	}
+	rnc := testutil.Agent(t, b, rn)
+	if out := testutil.Run(t, rnc, "cat /run/marker"); strings.TrimSpace(out) != "state-1" {
+		t.Errorf("normalized-restored marker %q", out)
+	}
+	rnc.Close()
+	if err := b.Stop(ctxFor(t, time.Minute), rn); err != nil {
+		t.Fatal(err)
+	}
+
 	// Restore the stream snapshot: RAM is loaded into a fresh shared file.
 	r2spec := testutil.SpecIn(root, img, "r2", testutil.SpecOptions{})
-	r2, err := b.Restore(ctxFor(t, time.Minute), backend.RestoreRequest{Spec: r2spec, SnapshotDir: sdir, Kind: backend.SnapshotFull, Result: res, Resume: true})
+	r2, err := b.Restore(ctxFor(t, time.Minute), backend.RestoreRequest{Spec: r2spec, SnapshotDir: stdir, Kind: backend.SnapshotFull, Result: sres, Resume: true})
 	if err != nil {
 		t.Fatal(err)
 	}
