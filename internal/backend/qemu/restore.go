@@ -20,12 +20,17 @@ import (
 // fresh qcow2 overlay (req.Spec.Disk, default Dir/disk.qcow2) whose backing
 // file is the snapshot's disk: snapshot files are never modified.
 func (b *Backend) Restore(ctx context.Context, req backend.RestoreRequest) (backend.Machine, error) {
-	return b.restore(ctx, req, false)
+	return b.restore(ctx, req, helperOpts{})
 }
 
-// restore is Restore; dieWithParent launches a QEMU that is killed when
-// the launching thread exits (normalize's short-lived helper).
-func (b *Backend) restore(ctx context.Context, req backend.RestoreRequest, dieWithParent bool) (backend.Machine, error) {
+// helperOpts adapt restore to normalize's short-lived helper VM.
+type helperOpts struct {
+	dieWithParent bool                  // QEMU is killed when the launching thread exits
+	launched      func(backend.Machine) // called once QEMU is up, before the state loads
+}
+
+// restore is Restore, with the helper's options.
+func (b *Backend) restore(ctx context.Context, req backend.RestoreRequest, h helperOpts) (backend.Machine, error) {
 	spec := req.Spec
 	kind := req.Kind
 	switch kind {
@@ -138,11 +143,14 @@ func (b *Backend) restore(ctx context.Context, req backend.RestoreRequest, dieWi
 	}
 
 	ignoreShared, mappedRAM := applySnapshotLaunch(&l, cfg, format, arts["memory"])
-	l.DieWithParent = dieWithParent
+	l.DieWithParent = h.dieWithParent
 	t0 := time.Now()
 	m, err := b.launch(ctx, spec, l)
 	if err != nil {
 		return fail(err)
+	}
+	if h.launched != nil {
+		h.launched(m)
 	}
 	abort := func(err error) (backend.Machine, error) {
 		var ve *backend.VMMError

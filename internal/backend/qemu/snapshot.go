@@ -10,7 +10,9 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
@@ -296,31 +298,47 @@ func (b *Backend) normalize(ctx context.Context, m backend.Machine, kind backend
 		return res, nil
 	}
 
+	base := filepath.Dir(m.RunDir)
+	sweepHelperRunDirs(base)
 	spec := m.Spec
 	spec.ID = m.ID + "-norm"
 	spec.Dir = tdir
-	spec.RunDir = filepath.Join(filepath.Dir(m.RunDir), "norm-"+randHex(4)) // short: it holds sockets
+	// Short (it holds sockets), and named after this process so that a
+	// later normalize can remove it should this process die.
+	spec.RunDir = filepath.Join(base, fmt.Sprintf("%s%d-%s", helperRunPrefix, os.Getpid(), randHex(4)))
 	spec.Disk, spec.DiskFormat = "", ""
 	spec.PortForwards = nil // the source still holds its host ports
 	defer os.RemoveAll(spec.RunDir)
 
 	// The helper QEMU dies with this thread (Pdeathsig) should the process
 	// be killed meanwhile; the thread is held until the QEMU is stopped.
+	// Its RAM file is unlinked as soon as QEMU has mapped it, so the kernel
+	// frees it with the helper whatever happens; the copy reads it through
+	// our own descriptor.
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	tm, err := b.restore(ctx, backend.RestoreRequest{Spec: spec, SnapshotDir: sdir, Kind: kind, Result: res}, true)
+	var ram *os.File
+	defer func() {
+		if ram != nil {
+			ram.Close()
+		}
+	}()
+	tm, err := b.restore(ctx, backend.RestoreRequest{Spec: spec, SnapshotDir: sdir, Kind: kind, Result: res}, helperOpts{
+		dieWithParent: true,
+		launched: func(hm backend.Machine) {
+			if f, err := os.Open(hm.MemoryFile); err == nil {
+				ram = f
+				os.Remove(hm.MemoryFile)
+				os.Remove(filepath.Dir(hm.MemoryFile)) // its smolvm-* dir, when empty
+			}
+		},
+	})
 	if err != nil {
 		return keepStream(err)
 	}
-	// Unlink the helper's RAM file now that QEMU has it mapped: should this
-	// process die from here on, the kernel frees it with the helper. The
-	// copy reads it through our own descriptor.
 	tmc := tm
-	if f, err := os.Open(tm.MemoryFile); err == nil {
-		defer f.Close()
-		os.Remove(tm.MemoryFile)
-		os.Remove(filepath.Dir(tm.MemoryFile)) // its smolvm-* dir, when empty
-		tmc.MemoryFile = fmt.Sprintf("/proc/self/fd/%d", f.Fd())
+	if ram != nil {
+		tmc.MemoryFile = fmt.Sprintf("/proc/self/fd/%d", ram.Fd())
 	}
 	raw, err := b.snapshot(ctx, tmc, kind, dir)
 	if err == nil && raw.MemoryFormat != MemoryRaw {
@@ -342,6 +360,30 @@ func (b *Backend) normalize(ctx context.Context, m backend.Machine, kind backend
 	os.RemoveAll(tdir)
 	b.log.Debug("snapshot of a restored VM made mappable", "id", m.ID, "elapsed", time.Since(t0))
 	return raw, nil
+}
+
+// helperRunPrefix starts the RunDir of normalize's helper VMs; the rest is
+// the creating process's pid and a nonce.
+const helperRunPrefix = "norm-"
+
+// sweepHelperRunDirs removes helper RunDirs under base whose creating
+// process is gone (its helper QEMU died with it).
+func sweepHelperRunDirs(base string) {
+	ents, _ := os.ReadDir(base)
+	for _, e := range ents {
+		rest, ok := strings.CutPrefix(e.Name(), helperRunPrefix)
+		if !ok {
+			continue
+		}
+		pidStr, _, _ := strings.Cut(rest, "-")
+		pid, err := strconv.Atoi(pidStr)
+		if err != nil || pid <= 0 {
+			continue
+		}
+		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+			os.RemoveAll(filepath.Join(base, e.Name()))
+		}
+	}
 }
 
 // moveArtifacts renames the named files from one dir to another and

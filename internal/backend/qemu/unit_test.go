@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -347,4 +348,32 @@ func TestGuardFaultTurnsSIGBUSIntoError(t *testing.T) {
 		}
 	}()
 	guardFault(func() error { panic("boom") })
+}
+
+// Helper RunDirs of dead processes are swept; others are kept.
+func TestSweepHelperRunDirs(t *testing.T) {
+	base := t.TempDir()
+	child := exec.Command("true")
+	if err := child.Run(); err != nil {
+		t.Fatal(err)
+	}
+	dead := child.Process.Pid // reaped: no such process now
+	names := map[string]bool{ // name -> kept
+		fmt.Sprintf("%s%d-aa", helperRunPrefix, os.Getpid()): true,
+		fmt.Sprintf("%s%d-bb", helperRunPrefix, dead):        false,
+		helperRunPrefix + "junk":                             true,
+		"0123456789ab":                                       true,
+	}
+	for n := range names {
+		if err := os.Mkdir(filepath.Join(base, n), 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sweepHelperRunDirs(base)
+	for n, kept := range names {
+		_, err := os.Stat(filepath.Join(base, n))
+		if got := err == nil; got != kept {
+			t.Errorf("%s: kept=%v, want %v", n, got, kept)
+		}
+	}
 }
