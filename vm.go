@@ -314,13 +314,24 @@ func (vm *VM) Start(ctx context.Context) error {
 	return nil
 }
 
-// afterBoot sets the guest clock and the configured environment.
+// afterBoot sets the guest clock and the configured environment. The clock
+// request is not waited for: the agent applies it before any later request
+// on this connection, so the first command already sees the host's time
+// and a round trip is saved; a failure is logged.
 func (vm *VM) afterBoot(ctx context.Context, c *agentclient.Client, env map[string]string) error {
 	cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
-	if err := c.SetTime(cctx, time.Now()); err != nil {
+	wait, err := c.SendSetTime(cctx, time.Now())
+	if err != nil {
 		return fmt.Errorf("setting the guest clock: %w", err)
 	}
+	go func() {
+		wctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := wait(wctx); err != nil && !errors.Is(err, agentclient.ErrDisconnected) {
+			vm.m.log.Warn("setting the guest clock", "vm", vm.id, "err", err)
+		}
+	}()
 	if len(env) > 0 {
 		if err := c.SetEnv(cctx, env, nil); err != nil {
 			return fmt.Errorf("setting the guest environment: %w", err)

@@ -364,9 +364,16 @@ func (ss *session) handle(line []byte) {
 	case agentproto.TypeSync:
 		reply(func() (string, any, error) { syscall.Sync(); return agentproto.TypeOK, nil, nil })
 	case agentproto.TypeSetTime:
+		// Inline, not in a goroutine: every request read after it on this
+		// session sees the new clock, so the host need not wait for the
+		// reply before sending its next request (agentclient.SendSetTime).
 		var req agentproto.SetTimeRequest
 		if decode(&req) {
-			reply(func() (string, any, error) { return agentproto.TypeOK, nil, s.setTime(time.Unix(0, req.UnixNanos)) })
+			if err := s.setTime(time.Unix(0, req.UnixNanos)); err != nil {
+				ss.sendError(id, err)
+			} else {
+				ss.send(id, agentproto.TypeOK, nil)
+			}
 		}
 	case agentproto.TypeSetIdentity:
 		var req agentproto.SetIdentityRequest

@@ -534,6 +534,26 @@ func (c *Client) SetTime(ctx context.Context, t time.Time) error {
 	return c.roundTrip(ctx, agentproto.TypeSetTime, agentproto.SetTimeRequest{UnixNanos: t.UnixNano()}, agentproto.TypeOK, nil)
 }
 
+// SendSetTime sends a set_time request and returns without waiting for its
+// reply; wait returns the result. The agent applies set_time before it
+// reads the next request of the session, so any request sent through c
+// after SendSetTime returns sees the new clock.
+func (c *Client) SendSetTime(ctx context.Context, t time.Time) (wait func(context.Context) error, err error) {
+	const typ = agentproto.TypeSetTime
+	id, cl, err := c.start(ctx, typ, agentproto.SetTimeRequest{UnixNanos: t.UnixNano()}, 1)
+	if err != nil {
+		return nil, fmt.Errorf("agentclient: %s: %w", typ, err)
+	}
+	return func(ctx context.Context) error {
+		defer c.finish(id, cl)
+		m, err := c.wait(ctx, cl)
+		if err != nil {
+			return fmt.Errorf("agentclient: %s: %w", typ, err)
+		}
+		return decodeReply(typ, m, agentproto.TypeOK, nil)
+	}, nil
+}
+
 // SetIdentity gives the guest a new hostname (empty keeps it) and mixes
 // seed into its random pool (used for clones).
 func (c *Client) SetIdentity(ctx context.Context, hostname string, seed []byte) error {

@@ -406,11 +406,13 @@ func pollUntil(ctx context.Context, f func() (bool, error)) error {
 // restoreGroup: restore -> first command against bare QEMU restoring the
 // same state.
 func (s *suite) restoreGroup(ctx context.Context) ([]Row, error) {
-	var ours, bare, oursReady, bareReady []float64
+	var ours, bare, oursReady, bareReady, chain, chainCreate []float64
 	defer func() {
 		s.extras = append(s.extras,
-			newFigure("restore: smolvm FromSnapshot(Resume) alone (agent answered, clock set; no command yet)", "ms", oursReady),
-			newFigure("restore: bare QEMU to the agent handshake only (no command)", "ms", bareReady))
+			newFigure("restore: smolvm FromSnapshot(Resume) alone (agent answered, clock request sent; no command yet)", "ms", oursReady),
+			newFigure("restore: bare QEMU to the agent handshake only (no command)", "ms", bareReady),
+			newFigure("restore: FromSnapshot(Resume)+Run(true) of a full snapshot taken of a restored VM (made mappable through a helper VM)", "ms", chain),
+			newFigure("restore: creating that snapshot of a restored VM", "ms", chainCreate))
 	}()
 	row := func() []Row {
 		return []Row{newRow("restore", "restore -> first command (full snapshot)", "ms",
@@ -442,6 +444,30 @@ func (s *suite) restoreGroup(ctx context.Context) ([]Row, error) {
 		oursReady, bareReady = append(oursReady, ms(o.ready)), append(bareReady, ms(b.ready))
 		s.progress("round %d: smolvm %.0f ms (restored at %.0f), bare qemu %.0f ms (handshake at %.0f)",
 			i+1, ms(o.first), ms(o.ready), ms(b.first), ms(b.ready))
+	}
+
+	// Informational: a snapshot of a restored VM restores the same way.
+	_, vm, err := s.oursRestore(ctx, snapID)
+	if err != nil {
+		return row(), err
+	}
+	chainID := s.name("restore", "chain")
+	t0 := time.Now()
+	_, err = vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: chainID, Type: smolvm.SnapshotFull})
+	chainCreate = append(chainCreate, ms(time.Since(t0)))
+	del(ctx, vm)
+	if err != nil {
+		return row(), err
+	}
+	defer s.deleteSnapshot(ctx, chainID)
+	for i := 0; i < s.o.Rounds; i++ {
+		rt, vm, err := s.oursRestore(ctx, chainID)
+		del(ctx, vm)
+		if err != nil {
+			return row(), err
+		}
+		chain = append(chain, ms(rt.first))
+		s.progress("snapshot of a restored VM, round %d: restore -> first command %.0f ms", i+1, ms(rt.first))
 	}
 	return row(), nil
 }
