@@ -291,6 +291,7 @@ func (b *Backend) normalize(ctx context.Context, m backend.Machine, kind backend
 		for _, a := range res.Artifacts {
 			os.Remove(filepath.Join(dir, a.Name)) // partial raw artifacts
 		}
+		os.Remove(filepath.Join(dir, MemoryFile)) // the one raw artifact the stream form lacks
 		if _, err := moveArtifacts(res.Artifacts, sdir, dir); err != nil {
 			return res, fmt.Errorf("qemu: snapshot: restoring the stream artifacts: %w", err)
 		}

@@ -124,6 +124,17 @@ func TestQEMUMemoryMapping(t *testing.T) {
 	if err != nil || sres.MemoryFormat != MemoryStream {
 		t.Fatalf("stream snapshot of a restored VM: %v, format %q", err, sres.MemoryFormat)
 	}
+	// When the helper cannot start (here: its RunDir cannot be created),
+	// the stream snapshot is kept intact and nothing else is left.
+	badM := r
+	badM.RunDir = "/proc/no-such-dir/vm"
+	kept, err := b.normalize(ctxFor(t, time.Minute), badM, backend.SnapshotFull, stdir, sres)
+	if err != nil || kept.MemoryFormat != MemoryStream {
+		t.Errorf("normalize with a failing helper: %v, format %q; want the stream snapshot back", err, kept.MemoryFormat)
+	}
+	if ents, _ := os.ReadDir(stdir); len(ents) != len(sres.Artifacts) {
+		t.Errorf("after a failed normalize the dir holds %d entries, want the %d stream artifacts", len(ents), len(sres.Artifacts))
+	}
 	if err := b.Resume(ctxFor(t, time.Minute), r); err != nil {
 		t.Fatal(err)
 	}
