@@ -229,16 +229,16 @@ func (m *Manager) startClone(ctx context.Context, b backend.Backend, res backend
 	vm.setClient(c)
 	seed := make([]byte, 64)
 	rand.Read(seed)
-	// Clock and identity are independent: both requests are in flight at
-	// once (the agent serves them concurrently), one round trip instead of
-	// two, which counts when many clones share few cores.
-	var timeErr error
-	var wg sync.WaitGroup
-	wg.Go(func() { timeErr = c.SetTime(cctx, time.Now()) })
+	// The clock request goes first without waiting (the agent applies it
+	// before it reads the next request), then the identity: one round trip
+	// for both, which counts when many clones share few cores.
+	waitTime, err := c.SendSetTime(cctx, time.Now())
+	if err != nil {
+		return nil, fmt.Errorf("setting the clone's clock: %w", err)
+	}
 	idErr := c.SetIdentityRequest(cctx, agentproto.SetIdentityRequest{Hostname: hostnameFor(id), Seed: seed, MAC: mach.MAC})
-	wg.Wait()
-	if timeErr != nil {
-		return nil, fmt.Errorf("setting the clone's clock: %w", timeErr)
+	if err := waitTime(cctx); err != nil {
+		return nil, fmt.Errorf("setting the clone's clock: %w", err)
 	}
 	if idErr != nil {
 		return nil, fmt.Errorf("setting the clone's identity: %w", idErr)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -30,6 +31,8 @@ func TestForkClones(t *testing.T) {
 	ctx := testCtx(t)
 	vm := boot(t, m, smolvm.Config{Name: "parent", Image: "busybox"})
 	mustOK(t, vm, "echo prepared > /root/prepared; echo in-ram > /tmp/ram")
+	// An hour behind: each clone must get the host's clock.
+	mustOK(t, vm, "date -s @$(( $(date +%s) - 3600 )) >/dev/null")
 	snap, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "forkme"})
 	if err != nil {
 		t.Fatal(err)
@@ -52,10 +55,13 @@ func TestForkClones(t *testing.T) {
 		if !strings.HasPrefix(c.ID(), "parent-clone-") {
 			t.Errorf("clone id %q", c.ID())
 		}
-		out := mustOK(t, c, "hostname; cat /sys/class/net/eth0/address; head -c16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; cat /root/prepared /tmp/ram")
+		out := mustOK(t, c, "hostname; cat /sys/class/net/eth0/address; head -c16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; cat /root/prepared /tmp/ram; date +%s")
 		lines := strings.Split(out, "\n")
-		if len(lines) != 5 || lines[3] != "prepared" || lines[4] != "in-ram" {
+		if len(lines) != 6 || lines[3] != "prepared" || lines[4] != "in-ram" {
 			t.Fatalf("clone %d: %q", i, out)
+		}
+		if guest, err := strconv.ParseInt(lines[5], 10, 64); err != nil || time.Now().Unix()-guest > 5 || guest-time.Now().Unix() > 5 {
+			t.Errorf("clone %d clock %q, want the host's (%d)", i, lines[5], time.Now().Unix())
 		}
 		for k, v := range map[string]string{"hostname": lines[0], "mac": lines[1], "random": lines[2], "id": c.ID()} {
 			if seen[k][v] {
