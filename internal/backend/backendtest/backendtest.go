@@ -287,13 +287,15 @@ const (
 )
 
 // setState writes token into guest memory (tmpfs) and, with a disk, onto
-// the disk (synced), and makes sure the background counter runs.
+// the disk (synced), and makes sure the background counter runs. The
+// counter is replaced by rename, so a reader never sees it truncated and
+// empty (which made checkMemState fail with "bad number" once).
 func (s *suite) setState(t *testing.T, c *agentclient.Client, token string) {
 	t.Helper()
 	script := fmt.Sprintf(`mkdir -p %[1]s && (grep -q ' %[1]s ' /proc/mounts || mount -t tmpfs smt %[1]s)
 echo %[2]s > %[1]s/marker
 if ! { [ -f %[1]s/pid ] && kill -0 "$(cat %[1]s/pid)" 2>/dev/null; }; then
-  sh -c 'i=0; while :; do i=$((i+1)); echo $i > %[1]s/counter; sleep 0.1; done' </dev/null >/dev/null 2>&1 &
+  sh -c 'i=0; while :; do i=$((i+1)); echo $i > %[1]s/counter.tmp && mv %[1]s/counter.tmp %[1]s/counter; sleep 0.1; done' </dev/null >/dev/null 2>&1 &
   echo $! > %[1]s/pid
 fi`, memDir, token)
 	if s.base.BaseDisk != "" {
