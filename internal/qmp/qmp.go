@@ -181,15 +181,27 @@ func newClient(ctx context.Context, conn net.Conn, cfg config) (*Client, error) 
 		conn.SetReadDeadline(dl)
 	}
 	stop := context.AfterFunc(ctx, func() { conn.SetReadDeadline(time.Unix(1, 0)) })
-	line, err := r.ReadBytes('\n')
-	stop()
-	if err != nil {
-		return nil, handshakeErr(ctx, "read greeting", err)
-	}
 	var m message
-	if err := json.Unmarshal(line, &m); err != nil || m.QMP == nil {
-		return nil, fmt.Errorf("qmp: unexpected greeting %q", truncate(line, 200))
+	for {
+		line, err := r.ReadBytes('\n')
+		if err != nil {
+			stop()
+			return nil, handshakeErr(ctx, "read greeting", err)
+		}
+		m = message{}
+		if err := json.Unmarshal(line, &m); err == nil && m.QMP == nil && m.Event != "" {
+			// QEMU can emit an event (RESUME as a cold-booted VM starts)
+			// to a client that connected before its monitor has sent
+			// the greeting; it comes first on the wire. Skip it.
+			continue
+		}
+		if err != nil || m.QMP == nil {
+			stop()
+			return nil, fmt.Errorf("qmp: unexpected greeting %q", truncate(line, 200))
+		}
+		break
 	}
+	stop()
 	var g greeting
 	_ = json.Unmarshal(m.QMP, &g)
 	conn.SetReadDeadline(time.Time{})

@@ -216,6 +216,54 @@ func TestDialRetriesUntilSocketAppears(t *testing.T) {
 	}
 }
 
+// An event that reaches the client before the greeting (QEMU emitting
+// RESUME while its monitor has not greeted the new client yet) is skipped;
+// anything else in place of the greeting is still an error.
+func TestEventBeforeGreeting(t *testing.T) {
+	serve := func(first string) string {
+		path := filepath.Join(shortDir(t), "q.sock")
+		ln, err := net.Listen("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		go func() {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer conn.Close()
+			conn.Write([]byte(first + "\r\n"))
+			conn.Write([]byte(`{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}` + "\r\n"))
+			r := bufio.NewReader(conn)
+			for {
+				line, err := r.ReadBytes('\n')
+				if err != nil {
+					return
+				}
+				var req map[string]any
+				json.Unmarshal(line, &req)
+				id, _ := json.Marshal(req["id"])
+				conn.Write([]byte(fmt.Sprintf(`{"return": {}, "id": %s}`+"\r\n", id)))
+			}
+		}()
+		return path
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, serve(`{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "RESUME"}`))
+	if err != nil {
+		t.Fatalf("event before the greeting: %v", err)
+	}
+	if v := c.Version(); v.Major != 10 {
+		t.Errorf("version after a skipped event: %+v", v)
+	}
+	c.Close()
+	if _, err := Dial(ctx, serve(`{"return": {}}`)); err == nil || !strings.Contains(err.Error(), "unexpected greeting") {
+		t.Errorf("a reply in place of the greeting: %v, want unexpected greeting", err)
+	}
+}
+
 func TestGreetingTimeout(t *testing.T) {
 	// A socket that accepts but never greets (QEMU busy with another client).
 	path := filepath.Join(shortDir(t), "mute.sock")
