@@ -347,8 +347,12 @@ func TestSnapshotCreateKilled(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer vm.Close()
+	// A create killed mid-migration leaves QEMU migrating without a client;
+	// Resume ends that migration, so it cannot stop the VM again later.
 	if st, _ := vm.Status(ctx); st == smolvm.StatusPaused {
-		vm.Resume(ctx)
+		if err := vm.Resume(ctx); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "after-kills", Type: smolvm.SnapshotDisk, ResumeSource: true}); err != nil {
 		t.Fatal(err)

@@ -454,8 +454,15 @@ func (vm *VM) agent(ctx context.Context, op string) (*agentclient.Client, error)
 	defer cancel()
 	c, err = vm.m.connectAgent(cctx, b, rec.Machine)
 	if err != nil {
-		return nil, &Error{Op: op, Message: fmt.Sprintf("cannot reach the agent of vm %s: %v", vm.id, err),
-			Fix: "smolvm sandbox logs " + vm.id, Err: err}
+		msg := fmt.Sprintf("cannot reach the agent of vm %s: %v", vm.id, err)
+		// Say so when the VM stopped running meanwhile (a guest that
+		// powered off, a VMM that paused it): that is why nobody answered.
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		if st, serr := b.Status(sctx, rec.Machine); serr == nil && st != backend.StatusRunning {
+			msg += fmt.Sprintf(" (the VM is now %s)", st)
+		}
+		cancel()
+		return nil, &Error{Op: op, Message: msg, Fix: "smolvm sandbox logs " + vm.id, Err: err}
 	}
 	vm.setClient(c)
 	return c, nil

@@ -125,6 +125,11 @@ type RestoreRequest struct {
 
 // Backend is a VMM driver. Every method that does I/O takes a context and
 // must honour its deadline. Implementations hold no process-wide state.
+//
+// Callers serialize the operations on one machine (the SDK holds the VM's
+// lock across processes). A backend may therefore treat work it finds in
+// flight on a machine, such as a migration that a killed process started,
+// as orphaned, and end it before it acts.
 type Backend interface {
 	Name() string
 	Capabilities() Capabilities

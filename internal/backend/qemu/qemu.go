@@ -410,6 +410,12 @@ func (b *Backend) simple(ctx context.Context, m backend.Machine, cmd string) err
 		return err
 	}
 	defer c.Close()
+	// A migration still running here was started by a snapshot whose
+	// process died: left alone, it would stop the VM again when it
+	// completes, moments after a cont.
+	if err := b.endOrphanedMigration(ctx, c, m); err != nil {
+		return err
+	}
 	if err := execQMP(ctx, c, cmd, nil, nil); err != nil {
 		if !processAlive(m) {
 			return fmt.Errorf("qemu: %s: %w", cmd, backend.ErrNotRunning)

@@ -130,6 +130,52 @@ func waitMigration(ctx context.Context, c *qmp.Client, m backend.Machine, op str
 	}
 }
 
+// migrationDone reports whether a query-migrate status is final (or no
+// migration ever ran).
+func migrationDone(status string) bool {
+	switch status {
+	case "", "none", "completed", "failed", "cancelled":
+		return true
+	}
+	return false
+}
+
+// endOrphanedMigration cancels a migration in flight and waits until it has
+// ended. Callers serialize operations on a machine (see backend.Backend),
+// so a migration found by one of them was started by a snapshot whose
+// process died (killed mid-create); its QEMU carries on writing into a
+// directory that will be swept, and stops the VM when it completes.
+func (b *Backend) endOrphanedMigration(ctx context.Context, c *qmp.Client, m backend.Machine) error {
+	var st migrateStatus
+	if err := execQMP(ctx, c, "query-migrate", nil, &st); err != nil {
+		return err
+	}
+	if migrationDone(st.Status) {
+		return nil
+	}
+	b.log.Warn("cancelling a migration left by an interrupted snapshot", "id", m.ID, "status", st.Status)
+	if err := execQMP(ctx, c, "migrate_cancel", nil, nil); err != nil {
+		return err
+	}
+	delay := time.Millisecond
+	for {
+		if err := execQMP(ctx, c, "query-migrate", nil, &st); err != nil {
+			return err
+		}
+		if migrationDone(st.Status) {
+			return nil
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return fmt.Errorf("qemu: waiting for an interrupted snapshot's migration to end (status %s): %w", st.Status, ctx.Err())
+		case <-t.C:
+		}
+		delay = min(delay*2, 20*time.Millisecond)
+	}
+}
+
 // Snapshot pauses the VM and writes kind's artifacts into dir (see the
 // package doc). The VM is left paused.
 //
@@ -175,6 +221,9 @@ func (b *Backend) snapshot(ctx context.Context, m backend.Machine, kind backend.
 	defer c.Close()
 	t0 := time.Now()
 	if err := execQMP(ctx, c, "stop", nil, nil); err != nil {
+		return backend.SnapshotResult{}, err
+	}
+	if err := b.endOrphanedMigration(ctx, c, m); err != nil {
 		return backend.SnapshotResult{}, err
 	}
 	var st qmpStatus

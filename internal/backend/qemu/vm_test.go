@@ -219,6 +219,28 @@ func TestQEMUMemoryMapping(t *testing.T) {
 		t.Errorf("restore with another memory size: %v", err)
 	}
 
+	// A migration left running by a snapshot whose process was killed
+	// (QEMU carries on without its client): Resume ends it, so that its
+	// completion does not stop the VM again right after the cont, and the
+	// next snapshot is not refused with "a migration is in progress".
+	orphanMigration(t, b, m, filepath.Join(root, "orphan1"))
+	if err := b.Resume(ctxFor(t, time.Minute), m); err != nil {
+		t.Fatalf("resume with an orphaned migration: %v", err)
+	}
+	if st := migrationStatus(t, b, m); !migrationDone(st) {
+		t.Errorf("after Resume the orphaned migration is %q, want it ended", st)
+	}
+	if st, _ := b.Status(ctxFor(t, time.Minute), m); st != backend.StatusRunning {
+		t.Errorf("after Resume the VM is %s, want running", st)
+	}
+	testutil.Run(t, c, "echo alive")
+	orphanMigration(t, b, m, filepath.Join(root, "orphan2"))
+	odir := filepath.Join(root, "snapo")
+	os.Mkdir(odir, 0o755)
+	if res, err := b.Snapshot(ctxFor(t, time.Minute), m, backend.SnapshotFull, odir); err != nil || res.MemoryFormat != MemoryRaw {
+		t.Errorf("snapshot with an orphaned migration: %v (format %q)", err, res.MemoryFormat)
+	}
+
 	for _, mm := range []backend.Machine{r2, m} {
 		if err := b.Stop(ctxFor(t, time.Minute), mm); err != nil {
 			t.Fatal(err)
@@ -233,6 +255,52 @@ func TestQEMUMemoryMapping(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(snaps[0], MemoryFile)); err != nil {
 		t.Errorf("stop removed the snapshot's memory image: %v", err)
 	}
+}
+
+// orphanMigration leaves m with a migration in flight whose QMP client is
+// gone, as a snapshot create that was killed mid-way does. RAM goes into
+// the stream at 1 MiB/s, so the migration runs for minutes.
+func orphanMigration(t *testing.T, b *Backend, m backend.Machine, path string) {
+	t.Helper()
+	ctx := ctxFor(t, time.Minute)
+	c, err := b.dialQMP(ctx, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	steps := []func() error{
+		func() error { return execQMP(ctx, c, "cont", nil, nil) }, // leaves postmigrate
+		func() error { return execQMP(ctx, c, "stop", nil, nil) },
+		func() error { return setMigrationCaps(ctx, c, false, false) },
+		func() error {
+			return execQMP(ctx, c, "migrate-set-parameters", map[string]any{"max-bandwidth": 1 << 20}, nil)
+		},
+		func() error { return execQMP(ctx, c, "migrate", map[string]any{"channels": fileChannel(path)}, nil) },
+	}
+	for _, step := range steps {
+		if err := step(); err != nil {
+			t.Fatalf("starting a migration: %v", err)
+		}
+	}
+	c.Close()
+	if st := migrationStatus(t, b, m); migrationDone(st) {
+		t.Fatalf("the migration is %q once its client left; the test needs it in flight", st)
+	}
+}
+
+func migrationStatus(t *testing.T, b *Backend, m backend.Machine) string {
+	t.Helper()
+	ctx := ctxFor(t, time.Minute)
+	c, err := b.dialQMP(ctx, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var st migrateStatus
+	if err := execQMP(ctx, c, "query-migrate", nil, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Status
 }
 
 // TestQEMUKilledProcess: a VMM that dies under us reads as stopped at once
