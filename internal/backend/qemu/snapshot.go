@@ -100,30 +100,39 @@ type migrateStatus struct {
 
 // waitMigration polls query-migrate until the migration completes or fails.
 func waitMigration(ctx context.Context, c *qmp.Client, m backend.Machine, op string) error {
+	st, err := pollMigration(ctx, c, m, op, func(s string) bool {
+		return s == "completed" || s == "failed" || s == "cancelled"
+	})
+	if err != nil || st.Status == "completed" {
+		return err
+	}
+	msg := st.ErrorDesc
+	if msg == "" {
+		msg = "migration " + st.Status
+	}
+	return &backend.VMMError{Op: op, Message: msg, Log: logTail(qemuLog(m.Dir))}
+}
+
+// pollMigration polls query-migrate until final(status) and returns that
+// status.
+func pollMigration(ctx context.Context, c *qmp.Client, m backend.Machine, op string, final func(string) bool) (migrateStatus, error) {
 	delay := 2 * time.Millisecond
 	for {
 		var st migrateStatus
 		if err := execQMP(ctx, c, "query-migrate", nil, &st); err != nil {
 			if !processAlive(m) {
-				return &backend.VMMError{Op: op, Message: "qemu exited during migration", Log: logTail(qemuLog(m.Dir))}
+				return st, &backend.VMMError{Op: op, Message: "qemu exited during migration", Log: logTail(qemuLog(m.Dir))}
 			}
-			return err
+			return st, err
 		}
-		switch st.Status {
-		case "completed":
-			return nil
-		case "failed", "cancelled":
-			msg := st.ErrorDesc
-			if msg == "" {
-				msg = "migration " + st.Status
-			}
-			return &backend.VMMError{Op: op, Message: msg, Log: logTail(qemuLog(m.Dir))}
+		if final(st.Status) {
+			return st, nil
 		}
 		t := time.NewTimer(delay)
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return fmt.Errorf("qemu: %s: %w", op, ctx.Err())
+			return st, fmt.Errorf("qemu: %s (migration %s): %w", op, st.Status, ctx.Err())
 		case <-t.C:
 		}
 		delay = min(delay*2, 10*time.Millisecond) // query-migrate is cheap; a restore waits on this
@@ -143,37 +152,20 @@ func migrationDone(status string) bool {
 // endOrphanedMigration cancels a migration in flight and waits until it has
 // ended. Callers serialize operations on a machine (see backend.Backend),
 // so a migration found by one of them was started by a snapshot whose
-// process died (killed mid-create); its QEMU carries on writing into a
-// directory that will be swept, and stops the VM when it completes.
+// process died (killed mid-create): QEMU carries on without its client,
+// writing into a directory that the next create sweeps, and stops the VM
+// when it completes.
 func (b *Backend) endOrphanedMigration(ctx context.Context, c *qmp.Client, m backend.Machine) error {
 	var st migrateStatus
-	if err := execQMP(ctx, c, "query-migrate", nil, &st); err != nil {
+	if err := execQMP(ctx, c, "query-migrate", nil, &st); err != nil || migrationDone(st.Status) {
 		return err
-	}
-	if migrationDone(st.Status) {
-		return nil
 	}
 	b.log.Warn("cancelling a migration left by an interrupted snapshot", "id", m.ID, "status", st.Status)
 	if err := execQMP(ctx, c, "migrate_cancel", nil, nil); err != nil {
 		return err
 	}
-	delay := time.Millisecond
-	for {
-		if err := execQMP(ctx, c, "query-migrate", nil, &st); err != nil {
-			return err
-		}
-		if migrationDone(st.Status) {
-			return nil
-		}
-		t := time.NewTimer(delay)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return fmt.Errorf("qemu: waiting for an interrupted snapshot's migration to end (status %s): %w", st.Status, ctx.Err())
-		case <-t.C:
-		}
-		delay = min(delay*2, 20*time.Millisecond)
-	}
+	_, err := pollMigration(ctx, c, m, "migrate_cancel", migrationDone)
+	return err
 }
 
 // Snapshot pauses the VM and writes kind's artifacts into dir (see the
