@@ -315,6 +315,9 @@ func (b *Backend) patchVM(ctx context.Context, m backend.Machine, op, state stri
 func (b *Backend) Stop(ctx context.Context, m backend.Machine) error {
 	ctx, cancel := withDefaultTimeout(ctx, backend.DefaultTimeout)
 	defer cancel()
+	if m.PID <= 0 {
+		m.PID = findFirecracker(m.Spec) // launched by a process that died before recording it
+	}
 	if alive(m) {
 		if err := terminate(ctx, m); err != nil {
 			return fmt.Errorf("firecracker: stop: %w", err)

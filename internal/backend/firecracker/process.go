@@ -182,7 +182,13 @@ func alive(m backend.Machine) bool {
 	if m.PID <= 0 {
 		return false
 	}
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", m.PID))
+	return isFirecrackerOf(m.PID, m.Spec)
+}
+
+// isFirecrackerOf reports whether pid is a live (not zombie) Firecracker
+// serving spec's API socket.
+func isFirecrackerOf(pid int, spec backend.Spec) bool {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return false
 	}
@@ -190,11 +196,24 @@ func alive(m backend.Machine) bool {
 	if i := bytes.LastIndexByte(stat, ')'); i < 0 || i+2 >= len(stat) || stat[i+2] == 'Z' || stat[i+2] == 'X' {
 		return false
 	}
-	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", m.PID))
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 	if err != nil {
 		return false
 	}
-	return bytes.Contains(cmdline, []byte("\x00--api-sock\x00"+apiSock(m.Spec)+"\x00"))
+	return bytes.Contains(cmdline, []byte("\x00--api-sock\x00"+apiSock(spec)+"\x00"))
+}
+
+// findFirecracker looks through /proc for the Firecracker serving spec's
+// API socket and returns its pid or 0: the VMM of a machine whose launcher
+// died before recording it.
+func findFirecracker(spec backend.Spec) int {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		if pid, err := strconv.Atoi(e.Name()); err == nil && pid != os.Getpid() && isFirecrackerOf(pid, spec) {
+			return pid
+		}
+	}
+	return 0
 }
 
 // terminate sends SIGTERM, then SIGKILL after a grace period, and waits

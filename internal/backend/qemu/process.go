@@ -181,17 +181,39 @@ func processAlive(m backend.Machine) bool {
 	if m.PID <= 0 || m.RunDir == "" {
 		return false
 	}
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(m.PID) + "/cmdline")
+	return isQEMUOf(m.PID, m.RunDir)
+}
+
+// isQEMUOf reports whether process pid's command line names the QMP socket
+// in runDir.
+func isQEMUOf(pid int, runDir string) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
 	if err != nil || len(b) == 0 {
 		return false
 	}
-	want := []byte("path=" + optVal(qmpSocket(m.RunDir)))
+	want := []byte("path=" + optVal(qmpSocket(runDir)))
 	for arg := range bytes.SplitSeq(b, []byte{0}) {
 		if bytes.HasSuffix(arg, want) || bytes.Contains(arg, append(append([]byte{}, want...), ',')) {
 			return true
 		}
 	}
 	return false
+}
+
+// findQEMU looks through /proc for the QEMU of the VM whose sockets are in
+// runDir, and returns its pid or 0. It finds a QEMU whose launcher died
+// before QEMU wrote its pid file.
+func findQEMU(runDir string) int {
+	if runDir == "" {
+		return 0
+	}
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		if pid, err := strconv.Atoi(e.Name()); err == nil && pid != os.Getpid() && isQEMUOf(pid, runDir) {
+			return pid
+		}
+	}
+	return 0
 }
 
 // withPID fills in m.PID from the pid file QEMU writes at start when the
@@ -261,6 +283,10 @@ func waitGone(ctx context.Context, m backend.Machine, d time.Duration) bool {
 // succeeds when the VM is already gone.
 func (b *Backend) Stop(ctx context.Context, m backend.Machine) error {
 	m = withPID(m)
+	if m.PID <= 0 {
+		// Launched by a process that died before QEMU wrote its pid file.
+		m.PID = findQEMU(m.RunDir)
+	}
 	if processAlive(m) {
 		graceful := b.opts.StopTimeout
 		qctx, cancel := context.WithTimeout(ctx, min(graceful, 2*time.Second))
