@@ -445,6 +445,9 @@ func (m *Manager) FromSnapshot(ctx context.Context, id string, opts RestoreOptio
 	// Stop the VM that has this id and move its files aside: they come
 	// back if the restore fails.
 	old, oldErr := m.store.GetVM(ctx, vmID)
+	if oldErr != nil && !errors.Is(oldErr, store.ErrNotFound) {
+		return nil, oldErr
+	}
 	aside := ""
 	if oldErr == nil {
 		ob, err := m.backend(old.Backend)
@@ -454,24 +457,45 @@ func (m *Manager) FromSnapshot(ctx context.Context, id string, opts RestoreOptio
 		if err := ob.Stop(ctx, old.Machine); err != nil {
 			return nil, fmt.Errorf("restore: stopping vm %s: %w", vmID, err)
 		}
+		removeReplaced(old.Machine.Dir) // what an interrupted restore left aside
 		if _, err := os.Stat(old.Machine.Dir); err == nil {
-			aside = old.Machine.Dir + ".replaced-" + fmt.Sprint(time.Now().UnixNano())
+			aside = old.Machine.Dir + replacedSuffix + fmt.Sprint(time.Now().UnixNano())
 			if err := os.Rename(old.Machine.Dir, aside); err != nil {
 				return nil, err
 			}
 		}
 		old.Status, old.PID = store.VMStopped, 0
-		m.store.UpdateVM(ctx, old)
+	}
+	// The record points at the new VMM's directory before that VMM starts:
+	// should this process die mid-restore, the VM is listed (stopped, with
+	// a last error saying so) and a new restore, Start or Delete stops the
+	// VMM, found through its directory, instead of it running on unseen.
+	pending := store.VM{ID: vmID, Backend: b.Name(), Status: store.VMStopped, Config: man.VMConfig,
+		Machine: backend.Machine{Spec: spec, Backend: b.Name()}, RestoredFrom: id,
+		LastError: "the restore of snapshot " + id + " into this VM was interrupted; restore it again or delete the VM"}
+	if oldErr == nil {
+		err = m.store.UpdateVM(ctx, pending)
+	} else {
+		err = m.store.CreateVM(ctx, pending)
+	}
+	if err != nil {
+		if aside != "" {
+			os.Rename(aside, old.Machine.Dir)
+			m.store.UpdateVM(context.WithoutCancel(ctx), old)
+		}
+		return nil, err
 	}
 	rollback := func(cause error) (*VM, error) {
 		bg := context.WithoutCancel(ctx)
 		os.RemoveAll(spec.Dir)
 		os.RemoveAll(spec.RunDir)
-		if aside != "" {
-			os.Rename(aside, old.Machine.Dir)
+		if oldErr == nil {
+			if aside != "" {
+				os.Rename(aside, old.Machine.Dir)
+			}
 			old.LastError = "restore of snapshot " + id + " failed: " + cause.Error()
 			m.store.UpdateVM(bg, old)
-		} else if oldErr != nil {
+		} else {
 			m.store.DeleteVM(bg, vmID)
 		}
 		var e *Error
@@ -500,14 +524,9 @@ func (m *Manager) FromSnapshot(ctx context.Context, id string, opts RestoreOptio
 	if opts.Resume {
 		status = store.VMRunning
 	}
-	rec := store.VM{ID: vmID, Backend: b.Name(), Status: status, Config: man.VMConfig, Machine: mach, PID: mach.PID, RestoredFrom: id}
-	if oldErr == nil {
-		rec.CreatedAt = old.CreatedAt
-		err = m.store.UpdateVM(ctx, rec)
-	} else {
-		err = m.store.CreateVM(ctx, rec)
-	}
-	if err != nil {
+	rec := pending
+	rec.Status, rec.Machine, rec.PID, rec.LastError = status, mach, mach.PID, ""
+	if err := m.store.UpdateVM(ctx, rec); err != nil {
 		b.Stop(context.WithoutCancel(ctx), mach)
 		return rollback(err)
 	}
@@ -542,6 +561,21 @@ func (m *Manager) FromSnapshot(ctx context.Context, id string, opts RestoreOptio
 		return nil, err
 	}
 	return vm, nil
+}
+
+// replacedSuffix names a VM directory that a restore moved aside (it comes
+// back should the restore fail).
+const replacedSuffix = ".replaced-"
+
+// removeReplaced removes the directories a restore of the VM in dir moved
+// aside and never put back or removed, because its process died. The
+// caller holds the VM's lock, so no restore of it is in flight.
+func removeReplaced(dir string) {
+	if dir == "" {
+		return
+	}
+	left, _ := filepath.Glob(dir + replacedSuffix + "*")
+	removeAll(left...)
 }
 
 // DeleteSnapshot removes a snapshot and every artifact of it, permanently.

@@ -3,6 +3,7 @@ package smolvm_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/smolvm-go/smolvm"
 	"github.com/smolvm-go/smolvm/internal/image"
+	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
 // startWorkload leaves memory-only state in the guest: a file in tmpfs and a
@@ -316,9 +318,13 @@ func TestDiffSnapshotNeedsBaseImage(t *testing.T) {
 	}
 }
 
-// TestSnapshotCreateKilled kills a CLI snapshot create at several points:
-// nothing half-written is ever listed, and the next create cleans up.
-func TestSnapshotCreateKilled(t *testing.T) {
+// TestSnapshotCreateAndRestoreKilled kills a CLI snapshot create at several
+// points: nothing half-written is ever listed, and the next create cleans
+// up. Then it kills CLI restores once their QEMU is up, into the existing
+// VM and into a deleted one: the VM stays listed, a second restore replaces
+// what the first left, and once the VM is deleted no QEMU and no file of it
+// is left.
+func TestSnapshotCreateAndRestoreKilled(t *testing.T) {
 	m := newManager(t)
 	ctx := testCtx(t)
 	vm := boot(t, m, smolvm.Config{Name: "killme", Image: "busybox", NoNetwork: true, MemoryMiB: 256})
@@ -365,6 +371,95 @@ func TestSnapshotCreateKilled(t *testing.T) {
 			names = append(names, e.Name())
 		}
 		t.Errorf("snapshot dir holds %v but %d snapshots are listed", names, len(snaps))
+	}
+
+	if _, err := vm.Run(ctx, "echo restored-state > /run/marker"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "for-restore", ResumeSource: true}); err != nil {
+		t.Fatal(err)
+	}
+	info, err := vm.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vmDir := info.Dir
+	leftovers := func() []string {
+		left, _ := filepath.Glob(vmDir + ".*")
+		return left
+	}
+	// killRestore runs a CLI restore and kills it once the restoring QEMU
+	// (the one with -incoming) is up.
+	killRestore := func() {
+		t.Helper()
+		cmd := exec.Command(cli, "--data-dir", m.DataDir(), "--image-dir", testImageDir, "sandbox", "snapshot", "restore", "for-restore", "--force")
+		cmd.Env = append(os.Environ(), "SMOLVM_RUN_DIR="+filepath.Join(testRoot, "run"))
+		var out strings.Builder
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		exited := make(chan struct{})
+		go func() { cmd.Wait(); close(exited) }()
+		defer func() { <-exited }()
+		defer cmd.Process.Signal(syscall.SIGKILL)
+		for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(2 * time.Millisecond) {
+			for _, pid := range testutil.ProcessesFor(vmDir) {
+				if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); strings.Contains(string(b), "\x00-incoming\x00") {
+					return
+				}
+			}
+			select {
+			case <-exited:
+				t.Fatalf("the restore ended before its QEMU was seen: %s", out.String())
+			default:
+			}
+		}
+		t.Fatal("the restoring QEMU did not appear")
+	}
+
+	// Into the existing VM: the second restore stops what the first left
+	// and removes the files it had moved aside.
+	vm.Close()
+	killRestore()
+	vm, err = m.FromSnapshot(ctx, "for-restore", smolvm.RestoreOptions{Resume: true, Force: true})
+	if err != nil {
+		t.Fatalf("restore after a killed restore: %v", err)
+	}
+	if r, err := vm.Run(ctx, "cat /run/marker"); err != nil || r.Output() != "restored-state" {
+		t.Errorf("restored marker %v, %v", r, err)
+	}
+	if p := testutil.ProcessesFor(vmDir); len(p) != 1 {
+		t.Errorf("%d QEMU processes for the VM after the second restore, want 1", len(p))
+	}
+	if l := leftovers(); len(l) > 0 {
+		t.Errorf("left next to the VM dir: %v", l)
+	}
+
+	// Into a deleted VM: the VM is listed, with the reason, and Delete
+	// stops its QEMU.
+	if err := vm.Delete(ctx); err != nil {
+		t.Fatal(err)
+	}
+	killRestore()
+	vm, err = m.Open(ctx, "killme")
+	if err != nil {
+		t.Fatalf("the VM of a killed restore is not listed: %v", err)
+	}
+	if info, _ := vm.Info(ctx); info.Status != smolvm.StatusStopped || !strings.Contains(info.LastError, "interrupted") {
+		t.Errorf("after a killed restore: status %s, last error %q", info.Status, info.LastError)
+	}
+	if err := vm.Delete(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if p := testutil.ProcessesFor(vmDir); len(p) > 0 {
+		t.Errorf("QEMU %v left running after Delete", p)
+	}
+	if _, err := os.Stat(vmDir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("VM dir left after Delete: %v", err)
+	}
+	if l := leftovers(); len(l) > 0 {
+		t.Errorf("left next to the VM dir: %v", l)
 	}
 }
 

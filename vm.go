@@ -584,6 +584,7 @@ func (vm *VM) Delete(ctx context.Context) error {
 		return fmt.Errorf("delete %s: stopping: %w", vm.id, err)
 	}
 	removeAll(rec.Machine.Dir, rec.Machine.RunDir)
+	removeReplaced(rec.Machine.Dir)
 	return vm.m.store.DeleteVM(ctx, vm.id)
 }
 
