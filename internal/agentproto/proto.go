@@ -2,6 +2,7 @@ package agentproto
 
 import (
 	"bytes"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -301,11 +302,119 @@ func fastHeader(line []byte) (Header, bool) {
 }
 
 // DecodePayload decodes the payload fields of a line into v.
+//
+// Payloads that carry bulk data (write_file, exec stdin, file, output)
+// have their base64 field decoded directly, and only the rest of the line
+// through encoding/json: its scanner steps through every byte of a value,
+// which cost an emulated guest 3 s for the 22 MB line of a 16 MiB
+// write_file. The result is the same as json.Unmarshal's.
 func DecodePayload(line []byte, v any) error {
+	var blob []byte
+	var dst *[]byte
+	if bc, ok := v.(blobCarrier); ok {
+		var key string
+		key, dst = bc.blobField()
+		if rest, val, ok := cutBlob(line, key); ok {
+			blob = make([]byte, base64.StdEncoding.DecodedLen(len(val)))
+			n, err := base64.StdEncoding.Decode(blob, val)
+			if err != nil {
+				return fmt.Errorf("agentproto: bad payload: %s: %w", key, err)
+			}
+			blob, line = blob[:n], rest
+		}
+	}
 	if err := json.Unmarshal(line, v); err != nil {
 		return fmt.Errorf("agentproto: bad payload: %w", err)
 	}
+	if blob != nil {
+		*dst = blob // after the rest: the member cut out was the last of its key
+	}
 	return nil
+}
+
+// blobCarrier is a payload with one []byte field that may be large.
+type blobCarrier interface {
+	// blobField returns the field's JSON key and the field.
+	blobField() (key string, dst *[]byte)
+}
+
+func (r *WriteFileRequest) blobField() (string, *[]byte) { return "data", &r.Data }
+func (r *ExecRequest) blobField() (string, *[]byte)      { return "stdin", &r.Stdin }
+func (f *FileData) blobField() (string, *[]byte)         { return "data", &f.Data }
+func (o *Output) blobField() (string, *[]byte)           { return "data", &o.Data }
+
+// cutBlob finds the string value of key in the top-level object of line,
+// written as `,"key":"...",` or `...}` right after another member's value,
+// with only base64 bytes in it (as Marshal writes it), and no member of
+// that key after it. It returns line without that member, and the value.
+// Then the rest is valid JSON exactly when line is. ok is false when the
+// line is not shaped so; encoding/json then decodes it all. Only the bytes
+// before and after the value are scanned one by one.
+func cutBlob(line []byte, key string) (rest, val []byte, ok bool) {
+	if len(line) == 0 || line[0] != '{' {
+		return nil, nil, false
+	}
+	pat := []byte(`,"` + key + `":"`)
+	depth, inStr, esc := 0, false, false
+	for i := 0; i < len(line); i++ {
+		c := line[i]
+		if inStr {
+			switch {
+			case esc:
+				esc = false
+			case c == '\\':
+				esc = true
+			case c == '"':
+				inStr = false
+			}
+			continue
+		}
+		switch c {
+		case '"':
+			inStr = true
+		case '{', '[':
+			depth++
+		case '}', ']':
+			depth--
+		case ',':
+			if depth != 1 || !bytes.HasPrefix(line[i:], pat) {
+				continue
+			}
+			// The member must follow a value (not "{" or a key) ...
+			if !bytes.ContainsAny(line[i-1:i], `"}]0123456789el`) {
+				return nil, nil, false
+			}
+			start := i + len(pat)
+			end := bytes.IndexByte(line[start:], '"')
+			if end < 0 {
+				return nil, nil, false
+			}
+			val, after := line[start:start+end], line[start+end+1:]
+			// ... hold base64 only (its decoder skips CR and LF, which a
+			// JSON string cannot hold raw) and be followed by a member or
+			// the end, and by no other member of that key.
+			if hasAnyByte(val, '\\', '\r', '\n') || len(after) == 0 || (after[0] != ',' && after[0] != '}') ||
+				bytes.Contains(after, []byte(`"`+key+`"`)) {
+				return nil, nil, false
+			}
+			rest = make([]byte, 0, i+len(after))
+			rest = append(rest, line[:i]...)
+			rest = append(rest, after...)
+			return rest, val, true
+		}
+	}
+	return nil, nil, false
+}
+
+// hasAnyByte reports whether b holds any of cs (IndexByte per byte: it is
+// vectorized, unlike a byte loop over a large b).
+func hasAnyByte(b []byte, cs ...byte) bool {
+	for _, c := range cs {
+		if bytes.IndexByte(b, c) >= 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // PeekID extracts the id from the start of a message written by Marshal

@@ -2,6 +2,7 @@ package agentproto
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"io"
 	"io/fs"
@@ -203,4 +204,102 @@ func TestLineReaderLargeLineLinear(t *testing.T) {
 	if el := time.Since(start); el > 3*time.Second {
 		t.Errorf("took %v: quadratic?", el)
 	}
+}
+
+// decodeBoth decodes line with DecodePayload and with encoding/json alone.
+func decodeBoth[T any](line []byte) (fast, slow T, fastErr, slowErr error) {
+	fastErr = DecodePayload(line, &fast)
+	slowErr = json.Unmarshal(line, &slow)
+	return
+}
+
+// TestDecodePayloadBlob: the direct decoding of bulk fields gives what
+// encoding/json gives, takes the fast path on what Marshal writes, and
+// leaves lines of any other shape to encoding/json.
+func TestDecodePayloadBlob(t *testing.T) {
+	data := make([]byte, 1<<20)
+	for i := range data {
+		data[i] = byte(i * 7)
+	}
+	mustMarshal := func(typ string, v any) []byte {
+		b, err := Marshal(9, typ, v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return bytes.TrimSuffix(b, []byte("\n"))
+	}
+	wf := []any{
+		WriteFileRequest{Path: "/tmp/x", Data: data, Mode: 0o755, Mkdirs: true},
+		WriteFileRequest{Path: `/tmp/,"data":"AAAA\` + "\n\"}", Data: []byte("hi")},
+		WriteFileRequest{Path: "/tmp/empty", Data: []byte{}},
+		WriteFileRequest{Path: "/tmp/nil"},
+	}
+	for _, v := range wf {
+		line := mustMarshal(TypeWriteFile, v)
+		if _, _, ok := cutBlob(line, "data"); !ok && v.(WriteFileRequest).Data != nil {
+			t.Errorf("Marshal's write_file line not taken on the fast path: %.80s", line)
+		}
+		fast, slow, fe, se := decodeBoth[WriteFileRequest](line)
+		if fe != nil || se != nil {
+			t.Fatalf("decode: %v / %v", fe, se)
+		}
+		if diff := cmp.Diff(slow, fast); diff != "" {
+			t.Errorf("write_file %.60s: fast path differs (-json +fast):\n%s", line, diff)
+		}
+	}
+	// An env key named like the blob field, in a nested object before it.
+	exec := mustMarshal(TypeExec, ExecRequest{Argv: []string{"cat"}, Env: map[string]string{"a": "1", "stdin": "not-it", "x": `,"stdin":"`}, Stdin: []byte("real stdin")})
+	fe, se, e1, e2 := decodeBoth[ExecRequest](exec)
+	if e1 != nil || e2 != nil || string(fe.Stdin) != "real stdin" {
+		t.Fatalf("exec: %q %v %v", fe.Stdin, e1, e2)
+	}
+	if diff := cmp.Diff(se, fe); diff != "" {
+		t.Errorf("exec: fast path differs:\n%s", diff)
+	}
+	// Shapes left to encoding/json, or errors on both paths.
+	for _, line := range []string{
+		`{"id":1,"type":"file","data":"aGk\/","mode":420}`, // escaped slash
+		`{"id":1,"type":"file","data":null,"mode":420}`,
+		`{"data":"aGk=","mode":420}`, // first member
+		`{"id":1,"type":"file","mode":420}`,
+		`{"id":1,"type":"file","data":"aGk=","data":"Ynll"}`, // repeated: the last wins
+		`{"id":1,"type":"file","x":{"a":[1,{"b":"}"}]},"data":"aGk=","mode":7}`,
+		`{"id":1,"type":"file","x":{"a":1,"data":"aGk="},"mode":7}`, // nested: not the field
+		`{"id":1,"type":"file","data":"a!k=","mode":420}`,           // not base64
+		`{"id":1,"type":"file","data":"aGk=","mode":}`,              // broken after the blob
+		`{"id":1,"type":"file","data":"aGk=`,                        // unterminated
+	} {
+		fast, slow, fe, se := decodeBoth[FileData]([]byte(line))
+		if (fe == nil) != (se == nil) {
+			t.Errorf("%s: fast err %v, json err %v", line, fe, se)
+			continue
+		}
+		if diff := cmp.Diff(slow, fast); fe == nil && diff != "" {
+			t.Errorf("%s: fast path differs (-json +fast):\n%s", line, diff)
+		}
+	}
+}
+
+// FuzzDecodePayload: on any line, DecodePayload succeeds exactly when
+// encoding/json does, with the same result.
+func FuzzDecodePayload(f *testing.F) {
+	for _, s := range []string{
+		`{"id":1,"type":"write_file","path":"/a","data":"aGk=","mode":420}`,
+		`{"id":1,"type":"write_file","path":"/a\\","data":"aGk=","mkdirs":true}`,
+		`{"id":1,"type":"write_file","path":"/a,\"data\":\"x","data":""}`,
+		`{"id":1,"type":"write_file","data":"aGk=","data":"aGk="}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, line []byte) {
+		fast, slow, fe, se := decodeBoth[WriteFileRequest](line)
+		if (fe == nil) != (se == nil) {
+			t.Fatalf("%q: fast err %v, json err %v", line, fe, se)
+		}
+		if fe == nil {
+			if diff := cmp.Diff(slow, fast); diff != "" {
+				t.Fatalf("%q: (-json +fast):\n%s", line, diff)
+			}
+		}
+	})
 }

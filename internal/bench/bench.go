@@ -2,8 +2,11 @@ package bench
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -216,7 +219,40 @@ func Boot(ctx context.Context, o Options) (Report, error) {
 		rep.Figures = append(rep.Figures, newFigure("host CPU of one idle VM's QEMU over 5 s", "% of a core",
 			[]float64{100 * (c1 - c0) / float64(idle.Milliseconds())}))
 	}
+	up, down, err := fileTransfer(ctx, vm, 16<<20, 3)
+	if err != nil {
+		return rep, fmt.Errorf("file transfer: %w", err)
+	}
+	rep.Figures = append(rep.Figures, newFigure("WriteFile of 16 MiB into the guest", "MB/s", up),
+		newFigure("ReadFile of 16 MiB from the guest", "MB/s", down))
 	return rep, nil
+}
+
+// fileTransfer writes size random bytes into the guest and reads them back,
+// rounds times, and returns both rates in MB/s.
+func fileTransfer(ctx context.Context, vm *smolvm.VM, size, rounds int) (up, down []float64, err error) {
+	data := make([]byte, size)
+	rand.Read(data)
+	const path = "/tmp/smolvm-bench-transfer"
+	defer vm.Run(context.WithoutCancel(ctx), "rm -f "+path)
+	rate := func(d time.Duration) float64 { return float64(size) / 1e6 / d.Seconds() }
+	for range rounds {
+		t0 := time.Now()
+		if err := vm.WriteFile(ctx, path, data, 0o644); err != nil {
+			return nil, nil, err
+		}
+		up = append(up, rate(time.Since(t0)))
+		t0 = time.Now()
+		got, err := vm.ReadFile(ctx, path)
+		if err != nil {
+			return nil, nil, err
+		}
+		down = append(down, rate(time.Since(t0)))
+		if !bytes.Equal(got, data) {
+			return nil, nil, errors.New("the file read back differs from the one written")
+		}
+	}
+	return up, down, nil
 }
 
 func oursBoot(ctx context.Context, m *smolvm.Manager, o Options, i int) (time.Duration, error) {

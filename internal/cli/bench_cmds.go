@@ -80,7 +80,7 @@ func (a *app) benchBootCmd() *cobra.Command {
 	var f benchFlags
 	c := &cobra.Command{
 		Use:   "boot",
-		Short: "Cold boot to first command vs bare QEMU; command round trip vs a raw request; idle VM memory",
+		Short: "Cold boot to first command vs bare QEMU; command round trip vs a raw request; idle VM memory and CPU; file transfer rates",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return a.runBench(cmd, &f, bench.Boot)
