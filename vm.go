@@ -691,18 +691,23 @@ func (vm *VM) exec(ctx context.Context, req agentproto.ExecRequest, opts []RunOp
 	return out, nil
 }
 
-// UploadFile copies a host file into the guest (atomically; the mode is kept).
+// UploadFile copies a host file into the guest (atomically; the mode is
+// kept). Any size works: large files stream in chunks.
 func (vm *VM) UploadFile(ctx context.Context, localPath, guestPath string) error {
 	if !strings.HasPrefix(guestPath, "/") {
 		return newErr("upload", ErrInvalidConfig, "", fmt.Sprintf("guest path %q must be absolute", guestPath))
 	}
-	st, err := os.Stat(localPath)
+	f, err := os.Open(localPath)
 	if err != nil {
 		return err
 	}
-	data, err := os.ReadFile(localPath)
+	defer f.Close()
+	st, err := f.Stat()
 	if err != nil {
 		return err
+	}
+	if !st.Mode().IsRegular() {
+		return newErr("upload", ErrInvalidConfig, "", fmt.Sprintf("%s is not a regular file", localPath))
 	}
 	if strings.HasSuffix(guestPath, "/") {
 		guestPath += filepath.Base(localPath)
@@ -711,7 +716,7 @@ func (vm *VM) UploadFile(ctx context.Context, localPath, guestPath string) error
 	if err != nil {
 		return err
 	}
-	return c.WriteFile(ctx, guestPath, data, st.Mode().Perm())
+	return c.WriteFileFrom(ctx, guestPath, f, st.Size(), st.Mode().Perm())
 }
 
 // WriteFile writes data to a guest file (atomically).
@@ -720,7 +725,7 @@ func (vm *VM) WriteFile(ctx context.Context, guestPath string, data []byte, mode
 	if err != nil {
 		return err
 	}
-	return c.WriteFile(ctx, guestPath, data, mode)
+	return c.WriteFileFrom(ctx, guestPath, bytes.NewReader(data), int64(len(data)), mode)
 }
 
 // ReadFile reads a guest file.
@@ -729,24 +734,27 @@ func (vm *VM) ReadFile(ctx context.Context, guestPath string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	data, _, err := c.ReadFile(ctx, guestPath)
-	return data, err
+	var buf bytes.Buffer
+	if _, _, err := c.ReadFileTo(ctx, guestPath, &buf); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
 }
 
-// DownloadFile copies a guest file to the host (atomically; the mode is kept).
+// DownloadFile copies a guest file to the host (atomically; the mode is
+// kept). Any size works: large files stream in chunks.
 func (vm *VM) DownloadFile(ctx context.Context, guestPath, localPath string) error {
 	c, err := vm.agent(ctx, "download files")
-	if err != nil {
-		return err
-	}
-	data, mode, err := c.ReadFile(ctx, guestPath)
 	if err != nil {
 		return err
 	}
 	if st, err := os.Stat(localPath); err == nil && st.IsDir() {
 		localPath = filepath.Join(localPath, filepath.Base(guestPath))
 	}
-	return atomicfile.WriteFile(localPath, data, mode.Perm())
+	return atomicfile.Write(localPath, func(w io.Writer) (os.FileMode, error) {
+		mode, _, err := c.ReadFileTo(ctx, guestPath, w)
+		return mode.Perm(), err
+	})
 }
 
 // SetEnv sets environment variables for every later command (persisted in

@@ -3,6 +3,9 @@ package smolvm_test
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -17,6 +20,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/smolvm-go/smolvm"
+	"github.com/smolvm-go/smolvm/internal/agentproto"
 )
 
 func TestRunExitCodesAndStreams(t *testing.T) {
@@ -136,6 +140,43 @@ func TestFiles(t *testing.T) {
 	if err := vm.DownloadFile(ctx, "/no/such/file", dst); err == nil {
 		t.Error("download of a missing file succeeded")
 	}
+}
+
+// TestLargeFiles moves a file larger than one agent message can carry
+// (agentproto.MaxFileSize) into a real guest and back: it travels in
+// chunks, arrives whole, and leaves no temporary file on either side.
+func TestLargeFiles(t *testing.T) {
+	vm := sharedVM(t)
+	ctx := testCtx(t)
+	dir := t.TempDir()
+	data := make([]byte, agentproto.MaxFileSize+3<<20+7)
+	rand.Read(data)
+	src := filepath.Join(dir, "big")
+	if err := os.WriteFile(src, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	if err := vm.UploadFile(ctx, src, "/tmp/big"); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("upload of %d MiB: %v", len(data)>>20, time.Since(t0))
+	sum := sha256.Sum256(data)
+	if got := mustOK(t, vm, "sha256sum /tmp/big | cut -d' ' -f1; stat -c %a /tmp/big; ls -a /tmp | grep -c smolvm || true"); got != hex.EncodeToString(sum[:])+"\n600\n0" {
+		t.Errorf("in the guest: %q", got)
+	}
+	t0 = time.Now()
+	dst := filepath.Join(dir, "back")
+	if err := vm.DownloadFile(ctx, "/tmp/big", dst); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("download: %v", time.Since(t0))
+	if back, _ := os.ReadFile(dst); !bytes.Equal(back, data) {
+		t.Errorf("downloaded %d bytes, not the %d uploaded", len(back), len(data))
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 2 {
+		t.Errorf("host dir holds %d entries, want big and back", len(ents))
+	}
+	mustOK(t, vm, "rm /tmp/big")
 }
 
 func TestPauseResume(t *testing.T) {

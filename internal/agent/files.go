@@ -26,11 +26,124 @@ func writeFile(req agentproto.WriteFileRequest) error {
 	if len(req.Data) > agentproto.MaxFileSize {
 		return fmt.Errorf("write_file: %d bytes: %w (max %d)", len(req.Data), agentproto.ErrTooLarge, agentproto.MaxFileSize)
 	}
-	mode := agentproto.UnixToFileMode(req.Mode)
-	if req.Mode == 0 {
-		mode = 0o644
+	return atomicWrite(req.Path, req.Data, fileMode(req.Mode), req.Mkdirs)
+}
+
+// fileMode is the mode of a written file: Unix bits u, 0644 for 0.
+func fileMode(u uint32) fs.FileMode {
+	if u == 0 {
+		return 0o644
 	}
-	return atomicWrite(req.Path, req.Data, mode, req.Mkdirs)
+	return agentproto.UnixToFileMode(u)
+}
+
+// writeChunk writes one chunk of a file sent in pieces (see
+// agentproto.ChunkSize) into the temporary file the host named.
+func writeChunk(req agentproto.WriteChunkRequest) error {
+	if !filepath.IsAbs(req.Path) {
+		return invalid("write_chunk: path must be absolute, got %q", req.Path)
+	}
+	if req.Offset < 0 || len(req.Data) > agentproto.MaxFileSize {
+		return invalid("write_chunk: offset %d, %d bytes", req.Offset, len(req.Data))
+	}
+	if req.Mkdirs {
+		if err := os.MkdirAll(filepath.Dir(req.Path), 0o755); err != nil {
+			return err
+		}
+	}
+	f, err := os.OpenFile(req.Path, os.O_WRONLY|os.O_CREATE, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteAt(req.Data, req.Offset)
+	return errors.Join(err, f.Close())
+}
+
+// commitFile turns a file written in chunks into its target, as
+// atomicWrite does for a file sent whole.
+func commitFile(req agentproto.CommitFileRequest) error {
+	if !filepath.IsAbs(req.Path) || !filepath.IsAbs(req.Temp) {
+		return invalid("commit_file: paths must be absolute, got %q and %q", req.Temp, req.Path)
+	}
+	dir := filepath.Dir(filepath.Clean(req.Path))
+	if filepath.Dir(filepath.Clean(req.Temp)) != dir {
+		return invalid("commit_file: %q is not in the directory of %q", req.Temp, req.Path)
+	}
+	if st, err := os.Stat(req.Path); err == nil && st.IsDir() {
+		return &fs.PathError{Op: "write", Path: req.Path, Err: syscall.EISDIR}
+	}
+	f, err := os.OpenFile(req.Temp, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if !st.Mode().IsRegular() || st.Size() != req.Size {
+		return invalid("commit_file: %s holds %d bytes, want %d", req.Temp, st.Size(), req.Size)
+	}
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	if err := f.Chmod(fileMode(req.Mode)); err != nil {
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(req.Temp, req.Path); err != nil {
+		return err
+	}
+	return syncDir(dir)
+}
+
+// removeFile removes a file (not a directory); a missing one is fine.
+func removeFile(req agentproto.RemoveFileRequest) error {
+	if !filepath.IsAbs(req.Path) {
+		return invalid("remove_file: path must be absolute, got %q", req.Path)
+	}
+	st, err := os.Lstat(req.Path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if st.IsDir() {
+		return &fs.PathError{Op: "remove", Path: req.Path, Err: syscall.EISDIR}
+	}
+	return os.Remove(req.Path)
+}
+
+// readChunk reads one range of a file read in pieces.
+func readChunk(req agentproto.ReadChunkRequest) (agentproto.Chunk, error) {
+	if !filepath.IsAbs(req.Path) {
+		return agentproto.Chunk{}, invalid("read_chunk: path must be absolute, got %q", req.Path)
+	}
+	if req.Offset < 0 || req.Length <= 0 || req.Length > agentproto.ChunkSize {
+		return agentproto.Chunk{}, invalid("read_chunk: offset %d, length %d (max %d)", req.Offset, req.Length, agentproto.ChunkSize)
+	}
+	f, err := os.Open(req.Path)
+	if err != nil {
+		return agentproto.Chunk{}, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return agentproto.Chunk{}, err
+	}
+	if st.IsDir() {
+		return agentproto.Chunk{}, &agentproto.Error{Code: agentproto.CodeIsDir, Message: req.Path + ": is a directory"}
+	}
+	buf := make([]byte, req.Length)
+	n, err := f.ReadAt(buf, req.Offset)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return agentproto.Chunk{}, err
+	}
+	return agentproto.Chunk{Data: buf[:n], Mode: agentproto.FileModeToUnix(st.Mode()), Size: st.Size(),
+		MtimeNS: st.ModTime().UnixNano()}, nil
 }
 
 func atomicWrite(path string, data []byte, mode fs.FileMode, mkdirs bool) error {

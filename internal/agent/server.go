@@ -346,6 +346,29 @@ func (ss *session) handle(line []byte) {
 		if decode(&req) {
 			reply(func() (string, any, error) { return agentproto.TypeOK, nil, writeFile(req) })
 		}
+	case agentproto.TypeWriteChunk:
+		var req agentproto.WriteChunkRequest
+		if decode(&req) {
+			reply(func() (string, any, error) { return agentproto.TypeOK, nil, writeChunk(req) })
+		}
+	case agentproto.TypeCommitFile:
+		var req agentproto.CommitFileRequest
+		if decode(&req) {
+			reply(func() (string, any, error) { return agentproto.TypeOK, nil, commitFile(req) })
+		}
+	case agentproto.TypeRemoveFile:
+		var req agentproto.RemoveFileRequest
+		if decode(&req) {
+			reply(func() (string, any, error) { return agentproto.TypeOK, nil, removeFile(req) })
+		}
+	case agentproto.TypeReadChunk:
+		var req agentproto.ReadChunkRequest
+		if decode(&req) {
+			reply(func() (string, any, error) {
+				ch, err := readChunk(req)
+				return agentproto.TypeChunk, ch, err
+			})
+		}
 	case agentproto.TypeReadFile:
 		var req agentproto.ReadFileRequest
 		if decode(&req) {

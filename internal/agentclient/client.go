@@ -10,6 +10,8 @@ import (
 	"io"
 	"io/fs"
 	"net"
+	pathpkg "path"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -492,6 +494,124 @@ func (c *Client) WriteFile(ctx context.Context, path string, data []byte, mode f
 	return c.roundTrip(ctx, agentproto.TypeWriteFile, agentproto.WriteFileRequest{
 		Path: path, Data: data, Mode: agentproto.FileModeToUnix(mode), Mkdirs: true,
 	}, agentproto.TypeOK, nil)
+}
+
+// WriteFileFrom writes the size bytes r yields to path in the guest,
+// atomically, creating missing parent directories (mode as in WriteFile).
+// Up to agentproto.ChunkSize bytes go in one write_file. Larger files go in
+// chunks into a temporary file next to path, which commit_file renames over
+// it; on failure the temporary file is removed. An agent that predates
+// chunks still takes files up to agentproto.MaxFileSize, in one message.
+func (c *Client) WriteFileFrom(ctx context.Context, path string, r io.Reader, size int64, mode fs.FileMode) error {
+	if size < 0 {
+		return fmt.Errorf("agentclient: write %s: negative size %d", path, size)
+	}
+	buf := make([]byte, min(size, agentproto.ChunkSize))
+	read := func(b []byte) error {
+		if _, err := io.ReadFull(r, b); err != nil {
+			return fmt.Errorf("agentclient: write %s: reading the source: %w", path, err)
+		}
+		return nil
+	}
+	if size <= agentproto.ChunkSize {
+		if err := read(buf); err != nil {
+			return err
+		}
+		return c.WriteFile(ctx, path, buf, mode)
+	}
+	dir, base := pathpkg.Split(pathpkg.Clean(path))
+	tmp := dir + "." + base + ".smolvm-" + strconv.FormatUint(randUint64(), 36)
+	var off int64
+	for off < size {
+		n := min(int64(len(buf)), size-off)
+		if err := read(buf[:n]); err != nil {
+			c.removeQuiet(ctx, tmp, off > 0)
+			return err
+		}
+		err := c.roundTrip(ctx, agentproto.TypeWriteChunk, agentproto.WriteChunkRequest{
+			Path: tmp, Offset: off, Data: buf[:n], Mkdirs: off == 0}, agentproto.TypeOK, nil)
+		if err != nil {
+			if off == 0 && isUnknownType(err) && size <= agentproto.MaxFileSize {
+				whole := make([]byte, size)
+				copy(whole, buf[:n])
+				if err := read(whole[n:]); err != nil {
+					return err
+				}
+				return c.WriteFile(ctx, path, whole, mode)
+			}
+			c.removeQuiet(ctx, tmp, !isUnknownType(err))
+			if isUnknownType(err) {
+				return fmt.Errorf("agentclient: write %s: %d bytes: %w (max %d for this guest agent; a newer agent, from a rebuilt image, takes any size)",
+					path, size, agentproto.ErrTooLarge, agentproto.MaxFileSize)
+			}
+			return err
+		}
+		off += n
+	}
+	err := c.roundTrip(ctx, agentproto.TypeCommitFile, agentproto.CommitFileRequest{
+		Temp: tmp, Path: path, Size: size, Mode: agentproto.FileModeToUnix(mode)}, agentproto.TypeOK, nil)
+	if err != nil {
+		c.removeQuiet(ctx, tmp, true)
+	}
+	return err
+}
+
+// removeQuiet removes a guest file, best effort, even when ctx is done.
+func (c *Client) removeQuiet(ctx context.Context, path string, exists bool) {
+	if !exists {
+		return
+	}
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	c.roundTrip(rctx, agentproto.TypeRemoveFile, agentproto.RemoveFileRequest{Path: path}, agentproto.TypeOK, nil)
+}
+
+// ErrFileChanged is returned (wrapped) when a guest file read in chunks
+// changed size or mtime between them.
+var ErrFileChanged = errors.New("the file changed while it was being read")
+
+// ReadFileTo writes the guest file path to w and returns its mode and size.
+// It reads agentproto.ChunkSize bytes per request, so any size works; a file
+// whose size or mtime changes between requests fails with ErrFileChanged.
+// An agent that predates chunks is read with one read_file (files up to
+// agentproto.MaxFileSize).
+func (c *Client) ReadFileTo(ctx context.Context, path string, w io.Writer) (fs.FileMode, int64, error) {
+	var first agentproto.Chunk
+	var off int64
+	for i := 0; ; i++ {
+		var ch agentproto.Chunk
+		err := c.roundTrip(ctx, agentproto.TypeReadChunk, agentproto.ReadChunkRequest{Path: path, Offset: off, Length: agentproto.ChunkSize},
+			agentproto.TypeChunk, &ch)
+		if err != nil {
+			if i == 0 && isUnknownType(err) {
+				data, mode, err := c.ReadFile(ctx, path)
+				if err != nil {
+					return 0, 0, err
+				}
+				_, err = w.Write(data)
+				return mode, int64(len(data)), err
+			}
+			return 0, off, err
+		}
+		if i == 0 {
+			first = ch
+		} else if ch.Size != first.Size || ch.MtimeNS != first.MtimeNS {
+			return 0, off, fmt.Errorf("agentclient: read %s: %w (size %d -> %d)", path, ErrFileChanged, first.Size, ch.Size)
+		}
+		if _, err := w.Write(ch.Data); err != nil {
+			return 0, off, err
+		}
+		off += int64(len(ch.Data))
+		if len(ch.Data) < agentproto.ChunkSize {
+			return agentproto.UnixToFileMode(first.Mode), off, nil
+		}
+	}
+}
+
+// isUnknownType reports whether the agent did not know the request type.
+func isUnknownType(err error) bool {
+	var pe *agentproto.Error
+	return errors.As(err, &pe) && pe.Code == agentproto.CodeUnknownType
 }
 
 // ReadFile reads a whole file from the guest.

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"os"
@@ -973,3 +974,190 @@ func b2i(b bool) int {
 	}
 	return 0
 }
+
+// TestFilesInChunks: files larger than one chunk (and than one message)
+// travel in chunks through a temporary file that nobody sees, and come back
+// whole; failures leave nothing behind.
+func TestFilesInChunks(t *testing.T) {
+	ta := startAgent(t, agent.Options{})
+	c := ta.connect(t)
+	ctx := ctxT(t, time.Minute)
+	dir := t.TempDir()
+	entries := func() []string {
+		ents, _ := os.ReadDir(dir)
+		var names []string
+		for _, e := range ents {
+			names = append(names, e.Name())
+		}
+		return names
+	}
+	for _, size := range []int{agentproto.ChunkSize, agentproto.ChunkSize + 1, 2*agentproto.ChunkSize + 12345} {
+		data := make([]byte, size)
+		for i := range data {
+			data[i] = byte(i*131 + i>>13)
+		}
+		p := filepath.Join(dir, "sub", "big")
+		if err := c.WriteFileFrom(ctx, p, bytes.NewReader(data), int64(size), 0o640); err != nil {
+			t.Fatalf("write %d bytes: %v", size, err)
+		}
+		got, err := os.ReadFile(p)
+		if err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("%d bytes written, %d on disk (%v)", size, len(got), err)
+		}
+		if st, _ := os.Stat(p); st.Mode().Perm() != 0o640 {
+			t.Errorf("mode %v, want 0640", st.Mode())
+		}
+		var back bytes.Buffer
+		mode, n, err := c.ReadFileTo(ctx, p, &back)
+		if err != nil || n != int64(size) || mode != 0o640 || !bytes.Equal(back.Bytes(), data) {
+			t.Fatalf("read back: %d bytes, mode %v, equal %v, err %v", n, mode, bytes.Equal(back.Bytes(), data), err)
+		}
+		if names, _ := os.ReadDir(filepath.Join(dir, "sub")); len(names) != 1 {
+			t.Errorf("after %d bytes the dir holds %d entries, want only the file", size, len(names))
+		}
+	}
+
+	// A source shorter than announced: no target, no temporary file.
+	short := io.LimitReader(bytes.NewReader(make([]byte, 3*agentproto.ChunkSize)), agentproto.ChunkSize+10)
+	if err := c.WriteFileFrom(ctx, filepath.Join(dir, "short"), short, 2*agentproto.ChunkSize, 0); err == nil {
+		t.Error("a short source was accepted")
+	}
+	if diff := gocmp.Diff([]string{"sub"}, entries()); diff != "" {
+		t.Errorf("after a failed write (-want +got):\n%s", diff)
+	}
+
+	// A file that changes between chunks is refused, not mixed.
+	p := filepath.Join(dir, "sub", "big")
+	first := true
+	_, _, err := c.ReadFileTo(ctx, p, writerFunc(func(b []byte) (int, error) {
+		if first {
+			first = false
+			f, err := os.OpenFile(p, os.O_APPEND|os.O_WRONLY, 0)
+			if err != nil {
+				return 0, err
+			}
+			f.Write([]byte("more"))
+			f.Close()
+		}
+		return len(b), nil
+	}))
+	if !errors.Is(err, ErrFileChanged) {
+		t.Errorf("read of a file that grew: %v, want ErrFileChanged", err)
+	}
+
+	// The requests check what they are given.
+	os.WriteFile(filepath.Join(dir, "tmp"), []byte("abc"), 0o600)
+	for _, tc := range []struct {
+		name string
+		typ  string
+		req  any
+		code string
+	}{
+		{"commit of a wrong size", agentproto.TypeCommitFile, agentproto.CommitFileRequest{Temp: filepath.Join(dir, "tmp"), Path: filepath.Join(dir, "x"), Size: 4}, agentproto.CodeInvalid},
+		{"commit across dirs", agentproto.TypeCommitFile, agentproto.CommitFileRequest{Temp: filepath.Join(dir, "tmp"), Path: filepath.Join(dir, "sub", "x"), Size: 3}, agentproto.CodeInvalid},
+		{"commit onto a dir", agentproto.TypeCommitFile, agentproto.CommitFileRequest{Temp: filepath.Join(dir, "tmp"), Path: filepath.Join(dir, "sub"), Size: 3}, agentproto.CodeIsDir},
+		{"relative chunk", agentproto.TypeWriteChunk, agentproto.WriteChunkRequest{Path: "rel", Data: []byte("x")}, agentproto.CodeInvalid},
+		{"negative offset", agentproto.TypeWriteChunk, agentproto.WriteChunkRequest{Path: filepath.Join(dir, "tmp"), Offset: -1}, agentproto.CodeInvalid},
+		{"remove a dir", agentproto.TypeRemoveFile, agentproto.RemoveFileRequest{Path: filepath.Join(dir, "sub")}, agentproto.CodeIsDir},
+		{"read too much", agentproto.TypeReadChunk, agentproto.ReadChunkRequest{Path: p, Length: agentproto.ChunkSize + 1}, agentproto.CodeInvalid},
+		{"read a dir", agentproto.TypeReadChunk, agentproto.ReadChunkRequest{Path: dir, Length: 1}, agentproto.CodeIsDir},
+		{"read a missing file", agentproto.TypeReadChunk, agentproto.ReadChunkRequest{Path: filepath.Join(dir, "nope"), Length: 1}, agentproto.CodeNotFound},
+	} {
+		err := c.roundTrip(ctx, tc.typ, tc.req, agentproto.TypeOK, nil)
+		var pe *agentproto.Error
+		if !errors.As(err, &pe) || pe.Code != tc.code {
+			t.Errorf("%s: %v, want code %s", tc.name, err, tc.code)
+		}
+	}
+	if err := c.roundTrip(ctx, agentproto.TypeRemoveFile, agentproto.RemoveFileRequest{Path: filepath.Join(dir, "nope")}, agentproto.TypeOK, nil); err != nil {
+		t.Errorf("remove of a missing file: %v", err)
+	}
+}
+
+// TestFilesWithAnOldAgent: an agent that predates chunks (it answers
+// unknown_type) still gets files up to MaxFileSize in one message, and a
+// larger one fails with ErrTooLarge and a hint.
+func TestFilesWithAnOldAgent(t *testing.T) {
+	g, dial := newScripted(t)
+	go func() {
+		h, line := g.next(t)
+		var hr agentproto.HelloRequest
+		agentproto.DecodePayload(line, &hr)
+		g.send(t, h.ID, agentproto.TypeHello, agentproto.Hello{Nonce: hr.Nonce, ProtocolVersion: agentproto.ProtocolVersion})
+	}()
+	c, err := Connect(ctxT(t, 10*time.Second), dial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := ctxT(t, time.Minute)
+	// next skips repeated hellos; old answers the new requests as an old
+	// agent does.
+	next := func() (agentproto.Header, []byte) {
+		for {
+			h, line := g.next(t)
+			switch h.Type {
+			case agentproto.TypeHello:
+				continue
+			case agentproto.TypeWriteChunk, agentproto.TypeReadChunk, agentproto.TypeCommitFile, agentproto.TypeRemoveFile:
+				g.send(t, h.ID, agentproto.TypeError, agentproto.Error{Code: agentproto.CodeUnknownType, Message: "unknown request type " + h.Type})
+				continue
+			}
+			return h, line
+		}
+	}
+	data := bytes.Repeat([]byte("0123456789abcdef"), (agentproto.ChunkSize+100)/16)
+	done := make(chan error, 1)
+	go func() { done <- c.WriteFileFrom(ctx, "/f", bytes.NewReader(data), int64(len(data)), 0o600) }()
+	h, line := next()
+	var wf agentproto.WriteFileRequest
+	if err := agentproto.DecodePayload(line, &wf); err != nil || h.Type != agentproto.TypeWriteFile || !bytes.Equal(wf.Data, data) || wf.Mode != 0o600 {
+		t.Fatalf("old agent got %s with %d bytes (%v), want write_file with all %d", h.Type, len(wf.Data), err, len(data))
+	}
+	g.send(t, h.ID, agentproto.TypeOK, nil)
+	if err := <-done; err != nil {
+		t.Fatalf("write through an old agent: %v", err)
+	}
+
+	type rd struct {
+		data []byte
+		mode fs.FileMode
+		err  error
+	}
+	res := make(chan rd, 1)
+	go func() {
+		var b bytes.Buffer
+		mode, _, err := c.ReadFileTo(ctx, "/f", &b)
+		res <- rd{b.Bytes(), mode, err}
+	}()
+	if h, _ = next(); h.Type != agentproto.TypeReadFile {
+		t.Fatalf("old agent got %s, want read_file", h.Type)
+	}
+	g.send(t, h.ID, agentproto.TypeFile, agentproto.FileData{Data: data, Mode: 0o600})
+	if r := <-res; r.err != nil || !bytes.Equal(r.data, data) || r.mode != 0o600 {
+		t.Fatalf("read through an old agent: %d bytes, mode %v, %v", len(r.data), r.mode, r.err)
+	}
+
+	// Over MaxFileSize: refused once the agent shows it is old.
+	go func() {
+		done <- c.WriteFileFrom(ctx, "/huge", io.LimitReader(zeros{}, agentproto.MaxFileSize+1), agentproto.MaxFileSize+1, 0)
+	}()
+	for {
+		h, _ := g.next(t)
+		if h.Type == agentproto.TypeHello {
+			continue
+		}
+		if h.Type != agentproto.TypeWriteChunk {
+			t.Fatalf("old agent got %s, want write_chunk", h.Type)
+		}
+		g.send(t, h.ID, agentproto.TypeError, agentproto.Error{Code: agentproto.CodeUnknownType, Message: "unknown request type " + h.Type})
+		break
+	}
+	if err := <-done; !errors.Is(err, agentproto.ErrTooLarge) || !strings.Contains(err.Error(), "newer agent") {
+		t.Errorf("huge write through an old agent: %v", err)
+	}
+}
+
+type zeros struct{}
+
+func (zeros) Read(b []byte) (int, error) { clear(b); return len(b), nil }

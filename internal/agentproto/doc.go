@@ -23,6 +23,10 @@
 //	cancel       -                → (nothing; the running exec ends with canceled=true)
 //	write_file   WriteFileRequest → ok
 //	read_file    ReadFileRequest  → file    FileData
+//	write_chunk  WriteChunkRequest → ok     (files over one message: see ChunkSize)
+//	commit_file  CommitFileRequest → ok
+//	remove_file  RemoveFileRequest → ok
+//	read_chunk   ReadChunkRequest → chunk   Chunk
 //	set_env      SetEnvRequest    → ok
 //	get_env      -                → env     EnvData
 //	sync         -                → ok

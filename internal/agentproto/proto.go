@@ -54,7 +54,12 @@ const (
 	TypeCancel      = "cancel"
 	TypeWriteFile   = "write_file"
 	TypeReadFile    = "read_file"
+	TypeWriteChunk  = "write_chunk"
+	TypeCommitFile  = "commit_file"
+	TypeRemoveFile  = "remove_file"
+	TypeReadChunk   = "read_chunk"
 	TypeFile        = "file"
+	TypeChunk       = "chunk"
 	TypeSetEnv      = "set_env"
 	TypeGetEnv      = "get_env"
 	TypeEnv         = "env"
@@ -157,6 +162,59 @@ type ReadFileRequest struct {
 type FileData struct {
 	Data []byte `json:"data"`
 	Mode uint32 `json:"mode"`
+}
+
+// Files larger than one message carries travel in chunks (the host picks
+// ChunkSize): write_chunk writes at an offset of a temporary file that
+// the host names next to the target, commit_file makes that file the
+// target atomically, remove_file drops it after a failure; read_chunk reads
+// a range and reports the file's size and mtime, so that the host can tell
+// a file that changed between chunks. Agents older than these requests
+// answer them with CodeUnknownType.
+
+// ChunkSize is the data size of one write_chunk or read_chunk.
+const ChunkSize = 8 << 20
+
+// WriteChunkRequest writes Data at Offset of the file Path (created with
+// mode 0600 when missing; its parent directories too with Mkdirs).
+type WriteChunkRequest struct {
+	Path   string `json:"path"`
+	Offset int64  `json:"offset"`
+	Data   []byte `json:"data"`
+	Mkdirs bool   `json:"mkdirs,omitempty"`
+}
+
+// CommitFileRequest checks that Temp holds Size bytes, fsyncs it, sets Mode
+// (as in WriteFileRequest), renames it to Path and fsyncs the directory.
+// Temp must be in Path's directory.
+type CommitFileRequest struct {
+	Temp string `json:"temp"`
+	Path string `json:"path"`
+	Size int64  `json:"size"`
+	Mode uint32 `json:"mode,omitempty"`
+}
+
+// RemoveFileRequest removes a file; a missing file is not an error.
+type RemoveFileRequest struct {
+	Path string `json:"path"`
+}
+
+// ReadChunkRequest reads up to Length bytes at Offset (Length at most
+// ChunkSize).
+type ReadChunkRequest struct {
+	Path   string `json:"path"`
+	Offset int64  `json:"offset"`
+	Length int    `json:"length"`
+}
+
+// Chunk answers ReadChunkRequest (reply type "chunk"): the bytes read, and
+// the file's mode, size and mtime when they were read. Fewer bytes than
+// asked mean the end of the file.
+type Chunk struct {
+	Data    []byte `json:"data"`
+	Mode    uint32 `json:"mode"`
+	Size    int64  `json:"size"`
+	MtimeNS int64  `json:"mtime_ns"`
 }
 
 // SetEnvRequest changes the persisted environment given to every exec:
@@ -338,10 +396,12 @@ type blobCarrier interface {
 	blobField() (key string, dst *[]byte)
 }
 
-func (r *WriteFileRequest) blobField() (string, *[]byte) { return "data", &r.Data }
-func (r *ExecRequest) blobField() (string, *[]byte)      { return "stdin", &r.Stdin }
-func (f *FileData) blobField() (string, *[]byte)         { return "data", &f.Data }
-func (o *Output) blobField() (string, *[]byte)           { return "data", &o.Data }
+func (r *WriteFileRequest) blobField() (string, *[]byte)  { return "data", &r.Data }
+func (r *ExecRequest) blobField() (string, *[]byte)       { return "stdin", &r.Stdin }
+func (f *FileData) blobField() (string, *[]byte)          { return "data", &f.Data }
+func (r *WriteChunkRequest) blobField() (string, *[]byte) { return "data", &r.Data }
+func (c *Chunk) blobField() (string, *[]byte)             { return "data", &c.Data }
+func (o *Output) blobField() (string, *[]byte)            { return "data", &o.Data }
 
 // cutBlob finds the string value of key in the top-level object of line,
 // written as `,"key":"...",` or `...}` right after another member's value,

@@ -4,12 +4,22 @@
 package atomicfile
 
 import (
+	"io"
 	"os"
 	"path/filepath"
 )
 
 // WriteFile atomically replaces path with data and mode perm.
 func WriteFile(path string, data []byte, perm os.FileMode) error {
+	return Write(path, func(w io.Writer) (os.FileMode, error) {
+		_, err := w.Write(data)
+		return perm, err
+	})
+}
+
+// Write atomically replaces path with what fill writes, and the mode fill
+// returns. Should fill fail, path is left as it was and nothing remains.
+func Write(path string, fill func(w io.Writer) (os.FileMode, error)) error {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
 	if err != nil {
@@ -17,7 +27,8 @@ func WriteFile(path string, data []byte, perm os.FileMode) error {
 	}
 	tmp := f.Name()
 	defer os.Remove(tmp) // no-op once renamed
-	if _, err := f.Write(data); err != nil {
+	perm, err := fill(f)
+	if err != nil {
 		f.Close()
 		return err
 	}
