@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/smolvm-go/smolvm/internal/agentproto"
 )
@@ -51,12 +52,42 @@ func writeChunk(req agentproto.WriteChunkRequest) error {
 			return err
 		}
 	}
+	if req.Offset == 0 {
+		removeStaleTemps(req.Path)
+	}
 	f, err := os.OpenFile(req.Path, os.O_WRONLY|os.O_CREATE, 0o600)
 	if err != nil {
 		return err
 	}
 	_, err = f.WriteAt(req.Data, req.Offset)
 	return errors.Join(err, f.Close())
+}
+
+// staleTemp is how long a temporary file of an upload may go unwritten
+// before another upload to the same target removes it: a live upload
+// writes a chunk every few seconds.
+const staleTemp = 2 * time.Minute
+
+// removeStaleTemps removes the temporary files that uploads to the same
+// target as temp left when their host died mid-way: they are named
+// ".<target>.smolvm-*" (as temp is) and have not been written for
+// staleTemp.
+func removeStaleTemps(temp string) {
+	dir, name := filepath.Split(temp)
+	i := strings.LastIndex(name, ".smolvm-")
+	if !strings.HasPrefix(name, ".") || i <= 0 {
+		return
+	}
+	prefix := name[:i+len(".smolvm-")]
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if e.Name() == name || !strings.HasPrefix(e.Name(), prefix) || !e.Type().IsRegular() {
+			continue
+		}
+		if info, err := e.Info(); err == nil && time.Since(info.ModTime()) > staleTemp {
+			os.Remove(filepath.Join(dir, e.Name()))
+		}
+	}
 }
 
 // commitFile turns a file written in chunks into its target, as

@@ -1017,6 +1017,25 @@ func TestFilesInChunks(t *testing.T) {
 		}
 	}
 
+	// The temporary files of uploads to the same target whose host died
+	// mid-way are removed once stale; one still being written is not.
+	stale, live := filepath.Join(dir, "sub", ".big.smolvm-stale"), filepath.Join(dir, "sub", ".big.smolvm-live")
+	os.WriteFile(stale, []byte("partial"), 0o600)
+	os.WriteFile(live, []byte("partial"), 0o600)
+	old := time.Now().Add(-time.Hour)
+	os.Chtimes(stale, old, old)
+	big := make([]byte, agentproto.ChunkSize+1)
+	if err := c.WriteFileFrom(ctx, filepath.Join(dir, "sub", "big"), bytes.NewReader(big), int64(len(big)), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(stale); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("stale temporary file: %v, want removed", err)
+	}
+	if _, err := os.Stat(live); err != nil {
+		t.Errorf("recent temporary file: %v, want kept", err)
+	}
+	os.Remove(live)
+
 	// A source shorter than announced: no target, no temporary file.
 	short := io.LimitReader(bytes.NewReader(make([]byte, 3*agentproto.ChunkSize)), agentproto.ChunkSize+10)
 	if err := c.WriteFileFrom(ctx, filepath.Join(dir, "short"), short, 2*agentproto.ChunkSize, 0); err == nil {
