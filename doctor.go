@@ -1,8 +1,15 @@
 package smolvm
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/smolvm-go/smolvm/internal/store"
 )
 
 // Check is one line of a health report.
@@ -30,6 +37,7 @@ func (m *Manager) Doctor(ctx context.Context) ([]Check, error) {
 	if counts[StatusError] > 0 {
 		out[len(out)-1].Fix = "smolvm sandbox list --all; smolvm sandbox delete NAME"
 	}
+	out = append(out, m.strayVMMs(ctx, infos)...)
 	cleaned, err := m.cleanupSnapshots(ctx)
 	if err != nil {
 		out = append(out, Check{Name: "snapshots", OK: false, Detail: err.Error()})
@@ -37,4 +45,62 @@ func (m *Manager) Doctor(ctx context.Context) ([]Check, error) {
 		out = append(out, Check{Name: "snapshots", OK: true, Detail: fmt.Sprintf("removed %d unfinished snapshot(s)", cleaned)})
 	}
 	return out, nil
+}
+
+// strayVMMs reports VMM processes of this data dir that no VM accounts for:
+// a process whose command line names a VM directory here, for a VM that has
+// no record or is recorded as neither running nor paused (what a process
+// killed while it launched a VMM could leave). A VM whose lock is held is
+// skipped: an operation on it is under way (a boot records "running" only
+// once the guest answers).
+func (m *Manager) strayVMMs(ctx context.Context, infos []Info) []Check {
+	status := map[string]Status{}
+	for _, i := range infos {
+		status[i.ID] = i.Status
+	}
+	vms := []byte(filepath.Join(m.opts.DataDir, "vms") + "/")
+	ents, _ := os.ReadDir("/proc")
+	var out []Check
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		comm, _ := os.ReadFile("/proc/" + e.Name() + "/comm")
+		if !bytes.HasPrefix(comm, []byte("qemu-system")) && !bytes.HasPrefix(comm, []byte("firecracker")) {
+			continue
+		}
+		cmdline, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		i := bytes.Index(cmdline, vms)
+		if err != nil || i < 0 {
+			continue
+		}
+		id := cmdline[i+len(vms):]
+		if j := bytes.IndexAny(id, "/,\x00"); j >= 0 {
+			id = id[:j]
+		}
+		st, known := status[string(id)]
+		if known && (st == StatusRunning || st == StatusPaused) {
+			continue
+		}
+		if store.ValidID(string(id)) == nil {
+			lctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+			unlock, err := store.LockVM(lctx, m.opts.DataDir, string(id))
+			cancel()
+			if err != nil {
+				continue // busy: an operation on it is under way
+			}
+			unlock()
+		}
+		c := Check{Name: "stray vmm", OK: false}
+		if known {
+			c.Detail = fmt.Sprintf("vm %s is %s, but its VMM (pid %d) still runs", id, st, pid)
+			c.Fix = "smolvm sandbox delete " + string(id) + " (or start it, or restore its snapshot again)"
+		} else {
+			c.Detail = fmt.Sprintf("pid %d runs a VMM for vm %s, which %s does not know", pid, id, m.opts.DataDir)
+			c.Fix = "kill " + strconv.Itoa(pid)
+		}
+		out = append(out, c)
+	}
+	return out
 }

@@ -449,8 +449,27 @@ func TestSnapshotCreateAndRestoreKilled(t *testing.T) {
 	if info, _ := vm.Info(ctx); info.Status != smolvm.StatusStopped || !strings.Contains(info.LastError, "interrupted") {
 		t.Errorf("after a killed restore: status %s, last error %q", info.Status, info.LastError)
 	}
+	strays := func() []smolvm.Check {
+		checks, err := m.Doctor(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []smolvm.Check
+		for _, c := range checks {
+			if c.Name == "stray vmm" {
+				out = append(out, c)
+			}
+		}
+		return out
+	}
+	if s := strays(); len(s) != 1 || !strings.Contains(s[0].Detail, "vm killme is stopped") || !strings.Contains(s[0].Fix, "smolvm sandbox delete killme") {
+		t.Errorf("doctor on the VMM a killed restore left: %+v", s)
+	}
 	if err := vm.Delete(ctx); err != nil {
 		t.Fatal(err)
+	}
+	if s := strays(); len(s) != 0 {
+		t.Errorf("doctor after Delete: %+v", s)
 	}
 	if p := testutil.ProcessesFor(vmDir); len(p) > 0 {
 		t.Errorf("QEMU %v left running after Delete", p)
