@@ -115,19 +115,7 @@ func commitFile(req agentproto.CommitFileRequest) error {
 	if !st.Mode().IsRegular() || st.Size() != req.Size {
 		return invalid("commit_file: %s holds %d bytes, want %d", req.Temp, st.Size(), req.Size)
 	}
-	if err := f.Sync(); err != nil {
-		return err
-	}
-	if err := f.Chmod(fileMode(req.Mode)); err != nil {
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(req.Temp, req.Path); err != nil {
-		return err
-	}
-	return syncDir(dir)
+	return install(f, req.Path, fileMode(req.Mode))
 }
 
 // removeFile removes a file (not a directory); a missing one is fine.
@@ -205,6 +193,17 @@ func atomicWrite(path string, data []byte, mode fs.FileMode, mkdirs bool) error 
 	if _, err := f.Write(data); err != nil {
 		return err
 	}
+	if err := install(f, path, mode); err != nil {
+		return err
+	}
+	ok = true
+	return nil
+}
+
+// install makes the written temporary file f durable with mode, renames
+// it to path (in the same directory) and makes the rename durable. f is
+// closed.
+func install(f *os.File, path string, mode fs.FileMode) error {
 	if err := f.Sync(); err != nil {
 		return err
 	}
@@ -214,11 +213,10 @@ func atomicWrite(path string, data []byte, mode fs.FileMode, mkdirs bool) error 
 	if err := f.Close(); err != nil {
 		return err
 	}
-	if err := os.Rename(tmp, path); err != nil {
+	if err := os.Rename(f.Name(), path); err != nil {
 		return err
 	}
-	ok = true
-	return syncDir(dir)
+	return syncDir(filepath.Dir(path))
 }
 
 func syncDir(dir string) error {
