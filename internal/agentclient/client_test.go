@@ -1036,6 +1036,20 @@ func TestFilesInChunks(t *testing.T) {
 	}
 	os.Remove(live)
 
+	// Files that report no size (procfs) are read whole, small or over
+	// one chunk.
+	for _, proc := range []string{"/proc/self/status", "/proc/kallsyms"} {
+		want, err := os.ReadFile(proc)
+		if err != nil {
+			t.Logf("%s: %v (not checked)", proc, err)
+			continue
+		}
+		var b bytes.Buffer
+		if _, n, err := c.ReadFileTo(ctx, proc, &b); err != nil || n == 0 || (proc == "/proc/kallsyms" && !bytes.Equal(b.Bytes(), want)) {
+			t.Errorf("%s: %d bytes (os.ReadFile: %d), %v", proc, n, len(want), err)
+		}
+	}
+
 	// A source shorter than announced: no target, no temporary file.
 	short := io.LimitReader(bytes.NewReader(make([]byte, 3*agentproto.ChunkSize)), agentproto.ChunkSize+10)
 	if err := c.WriteFileFrom(ctx, filepath.Join(dir, "short"), short, 2*agentproto.ChunkSize, 0); err == nil {
