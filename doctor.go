@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/smolvm-go/smolvm/internal/procfs"
 	"github.com/smolvm-go/smolvm/internal/store"
 )
 
@@ -59,18 +60,14 @@ func (m *Manager) strayVMMs(ctx context.Context, infos []Info) []Check {
 		status[i.ID] = i.Status
 	}
 	vms := []byte(filepath.Join(m.opts.DataDir, "vms") + "/")
-	ents, _ := os.ReadDir("/proc")
 	var out []Check
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		comm, _ := os.ReadFile("/proc/" + e.Name() + "/comm")
+	for _, pid := range procfs.Others() {
+		proc := "/proc/" + strconv.Itoa(pid)
+		comm, _ := os.ReadFile(proc + "/comm")
 		if !bytes.HasPrefix(comm, []byte("qemu-system")) && !bytes.HasPrefix(comm, []byte("firecracker")) {
 			continue
 		}
-		cmdline, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		cmdline, err := os.ReadFile(proc + "/cmdline")
 		i := bytes.Index(cmdline, vms)
 		if err != nil || i < 0 {
 			continue

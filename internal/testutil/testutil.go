@@ -18,6 +18,7 @@ import (
 	"github.com/smolvm-go/smolvm/internal/agentproto"
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/image"
+	"github.com/smolvm-go/smolvm/internal/procfs"
 )
 
 // Timeouts for VM tests under TCG on a small, possibly busy host.
@@ -220,14 +221,9 @@ func ConsoleTail(m backend.Machine, n int) string {
 // ProcessesFor lists live processes whose command line mentions dir (a
 // VM's RunDir): what must be gone after Stop or a failed Start.
 func ProcessesFor(dir string) []int {
-	ents, _ := os.ReadDir("/proc")
 	var pids []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		b, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+	for _, pid := range procfs.Others() {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
 		if err != nil || len(b) == 0 {
 			continue
 		}

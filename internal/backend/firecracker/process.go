@@ -18,6 +18,7 @@ import (
 
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/fcapi"
+	"github.com/smolvm-go/smolvm/internal/procfs"
 )
 
 // proc is a firecracker process this process started.
@@ -207,9 +208,8 @@ func isFirecrackerOf(pid int, spec backend.Spec) bool {
 // API socket and returns its pid or 0: the VMM of a machine whose launcher
 // died before recording it.
 func findFirecracker(spec backend.Spec) int {
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		if pid, err := strconv.Atoi(e.Name()); err == nil && pid != os.Getpid() && isFirecrackerOf(pid, spec) {
+	for _, pid := range procfs.Others() {
+		if isFirecrackerOf(pid, spec) {
 			return pid
 		}
 	}

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/procfs"
 	"github.com/smolvm-go/smolvm/internal/qmp"
 )
 
@@ -207,9 +208,8 @@ func findQEMU(runDir string) int {
 	if runDir == "" {
 		return 0
 	}
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		if pid, err := strconv.Atoi(e.Name()); err == nil && pid != os.Getpid() && isQEMUOf(pid, runDir) {
+	for _, pid := range procfs.Others() {
+		if isQEMUOf(pid, runDir) {
 			return pid
 		}
 	}

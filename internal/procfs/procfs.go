@@ -1,0 +1,21 @@
+// Package procfs lists processes through /proc, for finding the VMM of a
+// machine whose launcher died before recording its pid.
+package procfs
+
+import (
+	"os"
+	"strconv"
+)
+
+// Others returns the pids in /proc other than this process's.
+func Others() []int {
+	ents, _ := os.ReadDir("/proc")
+	self := os.Getpid()
+	pids := make([]int, 0, len(ents))
+	for _, e := range ents {
+		if pid, err := strconv.Atoi(e.Name()); err == nil && pid != self {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
