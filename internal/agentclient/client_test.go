@@ -730,6 +730,15 @@ func (g *scriptedGuest) next(t *testing.T) (agentproto.Header, []byte) {
 	return h, append([]byte(nil), line...)
 }
 
+// answerHello reads the next message, a hello, and answers it.
+func (g *scriptedGuest) answerHello(t *testing.T) {
+	t.Helper()
+	h, line := g.next(t)
+	var hr agentproto.HelloRequest
+	agentproto.DecodePayload(line, &hr)
+	g.send(t, h.ID, agentproto.TypeHello, agentproto.Hello{Nonce: hr.Nonce, ProtocolVersion: agentproto.ProtocolVersion})
+}
+
 func (g *scriptedGuest) write(t *testing.T, s string) {
 	t.Helper()
 	if _, err := g.conn.Write([]byte(s)); err != nil {
@@ -802,14 +811,7 @@ func TestResyncDiscardsGarbageAndWrongNonces(t *testing.T) {
 func TestStaleRepliesDropped(t *testing.T) {
 	g, dial := newScripted(t)
 	go func() {
-		// Answer hellos until the test takes over.
-		for {
-			h, line := g.next(t)
-			var hr agentproto.HelloRequest
-			agentproto.DecodePayload(line, &hr)
-			g.send(t, h.ID, agentproto.TypeHello, agentproto.Hello{Nonce: hr.Nonce, ProtocolVersion: agentproto.ProtocolVersion})
-			return
-		}
+		g.answerHello(t) // the first hello; the test takes over from there
 	}()
 	c, err := Connect(ctxT(t, 10*time.Second), dial)
 	if err != nil {
@@ -914,10 +916,7 @@ func TestResyncAfterPartialLineInGuest(t *testing.T) {
 func TestCallsHonourContext(t *testing.T) {
 	g, dial := newScripted(t)
 	go func() {
-		h, line := g.next(t)
-		var hr agentproto.HelloRequest
-		agentproto.DecodePayload(line, &hr)
-		g.send(t, h.ID, agentproto.TypeHello, agentproto.Hello{Nonce: hr.Nonce, ProtocolVersion: agentproto.ProtocolVersion})
+		g.answerHello(t)
 		for { // never answer anything else
 			if _, err := g.lr.ReadLine(); err != nil {
 				return
@@ -1113,10 +1112,7 @@ func TestFilesInChunks(t *testing.T) {
 func TestFilesWithAnOldAgent(t *testing.T) {
 	g, dial := newScripted(t)
 	go func() {
-		h, line := g.next(t)
-		var hr agentproto.HelloRequest
-		agentproto.DecodePayload(line, &hr)
-		g.send(t, h.ID, agentproto.TypeHello, agentproto.Hello{Nonce: hr.Nonce, ProtocolVersion: agentproto.ProtocolVersion})
+		g.answerHello(t)
 	}()
 	c, err := Connect(ctxT(t, 10*time.Second), dial)
 	if err != nil {
