@@ -884,14 +884,16 @@ func TestResyncAfterPartialLineInGuest(t *testing.T) {
 	if out != "ok\n" {
 		t.Errorf("exec = %q", out)
 	}
-	// Server side goes away: pending calls fail with ErrDisconnected.
+	// The stream breaks on the guest side while an exec runs: pending calls
+	// fail with ErrDisconnected. (Stopping the server instead would kill
+	// the exec, and its exit reply could win the race with the close.)
 	errc := make(chan error, 1)
 	go func() {
 		_, err := c.Exec(context.Background(), agentproto.ExecRequest{Shell: "sleep 5"}, nil, nil)
 		errc <- err
 	}()
 	time.Sleep(100 * time.Millisecond)
-	cancel()
+	guestConn.Close()
 	select {
 	case err := <-errc:
 		if !errors.Is(err, ErrDisconnected) || errors.Is(err, ErrClosed) {
