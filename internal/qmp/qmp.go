@@ -318,6 +318,10 @@ type request struct {
 // returned as *Error. The call gives up when ctx ends; a late reply is
 // discarded.
 func (c *Client) Execute(ctx context.Context, cmd string, args any, result any) error {
+	return c.execute(ctx, cmd, args, result, nil)
+}
+
+func (c *Client) execute(ctx context.Context, cmd string, args any, result any, oob []byte) error {
 	id := "smolvm-" + strconv.FormatUint(c.nextID.Add(1), 10)
 	b, err := json.Marshal(request{Execute: cmd, Arguments: args, ID: id})
 	if err != nil {
@@ -342,7 +346,7 @@ func (c *Client) Execute(ctx context.Context, cmd string, args any, result any) 
 		c.mu.Unlock()
 	}
 
-	if err := c.write(ctx, b); err != nil {
+	if err := c.write(ctx, b, oob); err != nil {
 		forget()
 		return fmt.Errorf("qmp: %s: %w", cmd, err)
 	}
@@ -370,7 +374,7 @@ func (c *Client) Execute(ctx context.Context, cmd string, args any, result any) 
 	}
 }
 
-func (c *Client) write(ctx context.Context, b []byte) error {
+func (c *Client) write(ctx context.Context, b, oob []byte) error {
 	c.writeMu.Lock()
 	defer c.writeMu.Unlock()
 	if err := ctx.Err(); err != nil {
@@ -379,7 +383,7 @@ func (c *Client) write(ctx context.Context, b []byte) error {
 	dl, _ := ctx.Deadline() // zero = none
 	c.conn.SetWriteDeadline(dl)
 	stop := context.AfterFunc(ctx, func() { c.conn.SetWriteDeadline(time.Unix(1, 0)) })
-	n, err := c.conn.Write(b)
+	n, err := c.writeMsg(b, oob)
 	stop()
 	if err != nil {
 		if n > 0 && n < len(b) {
