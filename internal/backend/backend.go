@@ -60,6 +60,12 @@ type Spec struct {
 	// KernelArgs are appended to the backend's own command line
 	// (console, root device, quiet, ...).
 	KernelArgs string `json:"kernel_args,omitempty"`
+
+	// RunAsUID and RunAsGID are the VM's own unprivileged identity: when
+	// both are set and the backend runs as root, the VMM drops to them
+	// (QEMU -run-with user=, the Firecracker jailer). 0 = no drop.
+	RunAsUID int `json:"run_as_uid,omitempty"`
+	RunAsGID int `json:"run_as_gid,omitempty"`
 }
 
 // Machine is a launched VM: its spec plus what the launch produced. It is

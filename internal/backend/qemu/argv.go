@@ -58,6 +58,11 @@ type launch struct {
 	// DieWithParent kills QEMU when the thread that launched it exits
 	// (Pdeathsig): for helper VMs that must not outlive their operation.
 	DieWithParent bool
+
+	// RunAsUID/RunAsGID > 0: QEMU drops to them after start-up, chrooted
+	// into Chroot (see confine.go).
+	RunAsUID, RunAsGID int
+	Chroot             string
 }
 
 func qmpSocket(runDir string) string   { return filepath.Join(runDir, qmpSocketName) }
@@ -208,7 +213,7 @@ func buildArgs(spec backend.Spec, l launch) []string {
 	if l.StartPaused {
 		args = append(args, "-S")
 	}
-	return args
+	return append(args, confineArgs(l)...)
 }
 
 // hostfwd renders a forward in QEMU's hostfwd syntax: tcp:ADDR:HOST-:GUEST.

@@ -60,6 +60,9 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 		MemoryFile:   l.MemoryFile,
 		MemoryShared: l.MemoryShared,
 	}
+	if err := confine(spec, &l); err != nil {
+		return backend.Machine{}, err
+	}
 	args := buildArgs(spec, l)
 	logf, err := os.OpenFile(qemuLog(spec.Dir), os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
 	if err != nil {
@@ -74,6 +77,8 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 	// group, and it outlives us (no Pdeathsig).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if l.DieWithParent {
+		// The kernel clears it when QEMU drops its uid (-run-with user=);
+		// sweepHelperRunDirs then kills an orphaned helper.
 		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 	}
 	b.log.Debug("starting qemu", "id", spec.ID, "argv", strings.Join(append([]string{bin}, args...), " "))
@@ -317,7 +322,7 @@ func (b *Backend) Stop(ctx context.Context, m backend.Machine) error {
 // own shared RAM file (never a snapshot image it mapped privately).
 func (b *Backend) cleanup(m backend.Machine) {
 	if m.RunDir != "" {
-		removeQuiet(qmpSocket(m.RunDir))
+		removeQuiet(qmpSocket(m.RunDir), filepath.Join(m.RunDir, chrootDirName))
 		for k := 0; k < AgentPorts; k++ {
 			removeQuiet(agentPortSocket(m.RunDir, k), filepath.Join(m.RunDir, fmt.Sprintf("agent.%d.lock", k)))
 		}

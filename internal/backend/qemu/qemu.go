@@ -153,7 +153,10 @@ func (b *Backend) Prepare(ctx context.Context, spec backend.Spec) error {
 	}
 	switch spec.DiskFormat {
 	case "", "qcow2":
-		return b.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, spec.Disk)
+		if err := b.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, spec.Disk); err != nil {
+			return err
+		}
+		return private(spec.Disk)
 	case "raw":
 		if _, err := sparseCopy(spec.Disk, base); err != nil {
 			return fmt.Errorf("qemu: prepare: %w", err)

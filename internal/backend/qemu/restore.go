@@ -118,6 +118,10 @@ func (b *Backend) restore(ctx context.Context, req backend.RestoreRequest, h hel
 			return backend.Machine{}, fmt.Errorf("qemu: restore: %w", err)
 		}
 		createdDisk = spec.Disk
+		if err := private(spec.Disk); err != nil {
+			os.Remove(spec.Disk)
+			return backend.Machine{}, err
+		}
 		spec.DiskFormat = "qcow2"
 	} else {
 		spec.Disk, spec.DiskFormat = "", ""
@@ -170,10 +174,23 @@ func (b *Backend) restore(ctx context.Context, req backend.RestoreRequest, h hel
 	if err := setMigrationCaps(ctx, c, ignoreShared, mappedRAM); err != nil {
 		return abort(err)
 	}
-	if err := execQMP(ctx, c, "migrate-incoming", map[string]any{
-		"channels":      fileChannel(arts["state"]),
+	// Opened by us and handed over: a QEMU that dropped its privileges
+	// cannot open the snapshot's path.
+	sf, err := os.Open(arts["state"])
+	if err != nil {
+		return abort(fmt.Errorf("qemu: restore: %w", err))
+	}
+	fdPath, release, err := passFile(ctx, c, sf, "restore-state")
+	sf.Close()
+	if err != nil {
+		return abort(err)
+	}
+	err = execQMP(ctx, c, "migrate-incoming", map[string]any{
+		"channels":      fileChannel(fdPath),
 		"exit-on-error": false,
-	}, nil); err != nil {
+	}, nil)
+	release()
+	if err != nil {
 		return abort(err)
 	}
 	if err := waitMigration(ctx, c, m, "migrate-incoming"); err != nil {

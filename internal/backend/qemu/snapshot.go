@@ -254,8 +254,20 @@ func (b *Backend) snapshot(ctx context.Context, m backend.Machine, kind backend.
 		if err := execQMP(ctx, c, "migrate-set-parameters", map[string]any{"max-bandwidth": maxBW}, nil); err != nil {
 			return res, err
 		}
-		statePath := filepath.Join(dir, StateFile)
-		if err := execQMP(ctx, c, "migrate", map[string]any{"channels": fileChannel(statePath)}, nil); err != nil {
+		// We create the state file (0600) and hand QEMU the descriptor:
+		// a QEMU that dropped its privileges cannot open paths.
+		sf, err := createPrivate(filepath.Join(dir, StateFile))
+		if err != nil {
+			return res, fmt.Errorf("qemu: snapshot: %w", err)
+		}
+		fdPath, release, err := passFile(ctx, c, sf, "snapshot-state")
+		sf.Close()
+		if err != nil {
+			return res, err
+		}
+		err = execQMP(ctx, c, "migrate", map[string]any{"channels": fileChannel(fdPath)}, nil)
+		release() // QEMU opened its own duplicate (or failed)
+		if err != nil {
 			return res, err
 		}
 		if err := waitMigration(ctx, c, m, "migrate"); err != nil {
@@ -299,7 +311,7 @@ func (b *Backend) snapshot(ctx context.Context, m backend.Machine, kind backend.
 
 	cb, _ := json.MarshalIndent(cfg, "", "  ")
 	cfgPath := filepath.Join(dir, ConfigFile)
-	if err := os.WriteFile(cfgPath, append(cb, '\n'), 0o644); err != nil {
+	if err := os.WriteFile(cfgPath, append(cb, '\n'), 0o600); err != nil {
 		return res, fmt.Errorf("qemu: snapshot: %w", err)
 	}
 	res.Artifacts = append(res.Artifacts, backend.Artifact{Role: RoleConfig, Name: ConfigFile})
@@ -423,6 +435,10 @@ func sweepHelperRunDirs(base string) {
 			continue
 		}
 		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+			// A helper that dropped its uid lost its Pdeathsig: kill it.
+			if qpid := findQEMU(filepath.Join(base, e.Name())); qpid > 0 {
+				syscall.Kill(qpid, syscall.SIGKILL)
+			}
 			os.RemoveAll(filepath.Join(base, e.Name()))
 		}
 	}
@@ -480,7 +496,7 @@ func (b *Backend) flattenDisk(ctx context.Context, m backend.Machine, dst string
 	if err := b.qemuImg(ctx, "convert", "-U", "-f", format, "-O", "qcow2", m.Disk, dst); err != nil {
 		return fmt.Errorf("qemu: snapshot disk: %w", err)
 	}
-	return nil // fsynced by the caller, see Snapshot
+	return private(dst) // fsynced by the caller, see Snapshot
 }
 
 // diffDisk writes the VM's overlay to dst as a qcow2 whose backing file is
