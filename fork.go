@@ -211,6 +211,9 @@ func (m *Manager) startClone(ctx context.Context, b backend.Backend, res backend
 	if err := os.MkdirAll(rec.Machine.Dir, 0o700); err != nil {
 		return nil, err
 	}
+	if err := m.runAs(ctx, &rec.Machine.Spec); err != nil {
+		return nil, err
+	}
 	mach, err := b.Restore(ctx, backend.RestoreRequest{Spec: rec.Machine.Spec, SnapshotDir: snapDir, Kind: kind, Result: res, Resume: true})
 	if err != nil {
 		return nil, err

@@ -514,6 +514,9 @@ func (m *Manager) FromSnapshot(ctx context.Context, id string, opts RestoreOptio
 	}
 	kind := backend.SnapshotKind(man.Type)
 	phase("old vm replaced")
+	if err := m.runAs(ctx, &spec); err != nil {
+		return rollback(err)
+	}
 	mach, err := b.Restore(ctx, backend.RestoreRequest{Spec: spec, SnapshotDir: filepath.Join(m.snapRoot(), id),
 		Kind: kind, Result: man.Result, Resume: opts.Resume})
 	if err != nil {

@@ -292,7 +292,11 @@ func (vm *VM) Start(ctx context.Context) error {
 	// A VM in "error" may still have a VMM process (e.g. KVM internal-error).
 	b.Stop(ctx, rec.Machine)
 	vm.closeClient()
-	m, err := b.Start(ctx, rec.Machine.Spec)
+	spec := rec.Machine.Spec
+	if err := vm.m.runAs(ctx, &spec); err != nil {
+		return err
+	}
+	m, err := b.Start(ctx, spec)
 	if err != nil {
 		return vm.bootFailed(ctx, rec, b, err)
 	}

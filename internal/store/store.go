@@ -158,6 +158,14 @@ CREATE TABLE snapshots (
 ) STRICT;
 CREATE INDEX snapshots_vm_id ON snapshots (vm_id, created_at);
 `,
+	// 2: the unprivileged uid each VM's VMM drops to when smolvm runs as
+	// root (see AssignUID); released with the VM.
+	`
+CREATE TABLE vm_uids (
+	uid   INTEGER PRIMARY KEY,
+	vm_id TEXT NOT NULL UNIQUE REFERENCES vms (id) ON DELETE CASCADE
+) STRICT;
+`,
 }
 
 func userVersion(ctx context.Context, q querier) (int, error) {
