@@ -1,13 +1,17 @@
 package smolvm
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"os/user"
 	"strconv"
+	"strings"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/cgroup"
 )
 
 // When smolvm runs as root, each VM's VMM drops to a uid of its own,
@@ -75,4 +79,48 @@ func (m *Manager) runAs(ctx context.Context, spec *backend.Spec) error {
 	}
 	spec.RunAsUID, spec.RunAsGID = uid, uid
 	return nil
+}
+
+// confinementChecks reports how VMMs are confined on this host: seccomp
+// (QEMU always runs under -sandbox, so a QEMU or kernel without it cannot
+// start VMs), the per-VM uid drop (root only) and per-VM cgroup limits.
+func confinementChecks(qemuPath string) []Check {
+	var out []Check
+	c := Check{Name: "seccomp", OK: true}
+	if b, err := os.ReadFile("/proc/sys/kernel/seccomp/actions_avail"); err != nil {
+		c.OK, c.Detail = false, "the kernel has no seccomp filters (CONFIG_SECCOMP_FILTER)"
+		c.Fix = "run on a kernel with seccomp filter support: QEMU is always started with -sandbox on"
+	} else if help, err := exec.Command(qemuPath, "-help").Output(); err != nil {
+		c.OK, c.Detail = false, "cannot run "+qemuPath+": "+err.Error()
+		c.Fix = "scripts/setup"
+	} else if !bytes.Contains(help, []byte("\n-sandbox")) {
+		c.OK, c.Detail = false, qemuPath+" was built without seccomp (-sandbox)"
+		c.Fix = "install a QEMU built with libseccomp (Debian's qemu-system-x86 is)"
+	} else {
+		c.Detail = "QEMU runs under -sandbox (obsolete, spawn, resourcecontrol denied; kernel actions: " + strings.TrimSpace(string(b)) + ")"
+	}
+	out = append(out, c)
+
+	c = Check{Name: "uid drop", OK: true}
+	if os.Geteuid() == 0 {
+		base, count, err := uidRange()
+		if err != nil {
+			c.OK, c.Detail = false, err.Error()
+		} else {
+			c.Detail = fmt.Sprintf("on: each VM's QEMU drops to its own uid (%d..%d), chrooted to an empty dir, elevateprivileges=allow (needed for the drop; no capabilities after it)",
+				base, base+count-1)
+		}
+	} else {
+		c.Detail = fmt.Sprintf("off: smolvm runs as uid %d (not root), so QEMU runs as that uid, elevateprivileges=deny", os.Geteuid())
+	}
+	out = append(out, c)
+
+	c = Check{Name: "cgroup limits", OK: true}
+	if s := cgroup.Detect(); s.OK {
+		c.Detail = "on: each VM's QEMU runs in its own cgroup under " + s.Parent + " (memory = RAM + overhead, cpu.max = vCPUs, pids.max)"
+	} else {
+		c.Detail = "off (VMs run without per-VM memory/cpu/pids limits): " + s.Reason
+		c.Fix = "optional: run on a cgroup v2 host with memory, cpu and pids delegated (or set " + cgroup.EnvParent + " to a delegated, empty cgroup)"
+	}
+	return append(out, c)
 }

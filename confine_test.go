@@ -95,3 +95,32 @@ func TestVMMConfinedAsRoot(t *testing.T) {
 		}
 	}
 }
+
+// TestDoctorReportsConfinement: doctor states seccomp, the uid drop (on as
+// root, off otherwise) and why per-VM cgroup limits are on or off.
+func TestDoctorReportsConfinement(t *testing.T) {
+	m := newManager(t)
+	checks, err := m.Doctor(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]smolvm.Check{}
+	for _, c := range checks {
+		got[c.Name] = c
+	}
+	if c := got["seccomp"]; !c.OK || !strings.Contains(c.Detail, "-sandbox") {
+		t.Errorf("seccomp check %+v", c)
+	}
+	wantDrop := "off:"
+	if os.Geteuid() == 0 {
+		wantDrop = "on:"
+	}
+	if c := got["uid drop"]; !c.OK || !strings.HasPrefix(c.Detail, wantDrop) {
+		t.Errorf("uid drop check %+v, want %q", c, wantDrop)
+	}
+	c, ok := got["cgroup limits"]
+	if !ok || !(strings.HasPrefix(c.Detail, "on:") || strings.HasPrefix(c.Detail, "off (") && c.Fix != "") {
+		t.Errorf("cgroup check %+v", c)
+	}
+	t.Logf("cgroup limits: %s", c.Detail)
+}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"time"
@@ -39,6 +40,9 @@ func (m *Manager) Doctor(ctx context.Context) ([]Check, error) {
 		out[len(out)-1].Fix = "smolvm sandbox list --all; smolvm sandbox delete NAME"
 	}
 	out = append(out, m.strayVMMs(ctx, infos)...)
+	if qp, err := exec.LookPath("qemu-system-x86_64"); err == nil {
+		out = append(out, confinementChecks(qp)...)
+	}
 	cleaned, err := m.cleanupSnapshots(ctx)
 	if err != nil {
 		out = append(out, Check{Name: "snapshots", OK: false, Detail: err.Error()})

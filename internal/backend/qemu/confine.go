@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/cgroup"
 	"github.com/smolvm-go/smolvm/internal/qmp"
 )
 
@@ -128,4 +129,63 @@ func private(path string) error {
 		return fmt.Errorf("qemu: %w", err)
 	}
 	return nil
+}
+
+// Per-VM cgroup limits (see package cgroup): memory is the guest's RAM
+// plus what QEMU needs besides it, and under TCG its translation cache
+// (up to 1 GiB by default); CPU time is capped at the VM's vCPUs; pids
+// bound QEMU's threads.
+const (
+	vmmOverheadMiB = 256
+	tcgCacheMiB    = 1024
+	vmmPids        = 512
+)
+
+// memoryLimit is the memory.max of a VM's group.
+func memoryLimit(memMiB int, accel backend.Accel) int64 {
+	mib := int64(memMiB) + vmmOverheadMiB
+	if accel == backend.AccelTCG {
+		mib += tcgCacheMiB
+	}
+	return mib << 20
+}
+
+// CgroupSupport reports whether VMs get per-VM cgroup limits here, and why
+// not (detected once per Backend).
+func (b *Backend) CgroupSupport() cgroup.Support {
+	b.cgOnce.Do(func() {
+		b.cg = cgroup.Detect()
+		if !b.cg.OK {
+			b.log.Debug("per-VM cgroup limits off", "reason", b.cg.Reason)
+		}
+	})
+	return b.cg
+}
+
+// placeInGroup creates spec's cgroup, when available, and makes attr start
+// the process inside it (CLONE_INTO_CGROUP). The returned func closes the
+// group's descriptor once the process has started.
+func (b *Backend) placeInGroup(spec backend.Spec, l launch, attr *syscall.SysProcAttr) (func(), error) {
+	s := b.CgroupSupport()
+	if !s.OK {
+		return func() {}, nil
+	}
+	g, err := s.Create(spec.ID, cgroup.Limits{MemoryBytes: memoryLimit(spec.MemoryMiB, l.Accel), CPUs: max(spec.CPUs, 1), Pids: vmmPids})
+	if err != nil {
+		return nil, fmt.Errorf("qemu: %w (set %s=off to run without per-VM limits)", err, cgroup.EnvParent)
+	}
+	f, err := g.Open()
+	if err != nil {
+		g.Remove()
+		return nil, fmt.Errorf("qemu: cgroup: %w", err)
+	}
+	attr.UseCgroupFD, attr.CgroupFD = true, int(f.Fd())
+	return func() { f.Close() }, nil
+}
+
+// removeGroup removes a stopped VM's cgroup (if any).
+func (b *Backend) removeGroup(id string) {
+	if s := b.CgroupSupport(); s.OK && id != "" {
+		os.Remove(filepath.Join(s.Parent, cgroup.GroupName(id)))
+	}
 }

@@ -168,3 +168,12 @@ func TestQEMUDropsPrivileges(t *testing.T) {
 		t.Fatalf("disk restore marker %q", out)
 	}
 }
+
+func TestMemoryLimit(t *testing.T) {
+	if got := memoryLimit(512, backend.AccelKVM); got != (512+vmmOverheadMiB)<<20 {
+		t.Errorf("kvm: %d", got)
+	}
+	if got := memoryLimit(512, backend.AccelTCG); got != (512+vmmOverheadMiB+tcgCacheMiB)<<20 {
+		t.Errorf("tcg: %d", got)
+	}
+}

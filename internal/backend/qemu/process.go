@@ -81,10 +81,17 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 		// sweepHelperRunDirs then kills an orphaned helper.
 		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 	}
+	closeGroup, err := b.placeInGroup(spec, l, cmd.SysProcAttr)
+	if err != nil {
+		logf.Close()
+		return backend.Machine{}, err
+	}
+	defer closeGroup()
 	b.log.Debug("starting qemu", "id", spec.ID, "argv", strings.Join(append([]string{bin}, args...), " "))
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
 		logf.Close()
+		b.removeGroup(spec.ID)
 		return backend.Machine{}, fmt.Errorf("qemu: start %s: %w", bin, err)
 	}
 	logf.Close()
@@ -330,6 +337,7 @@ func (b *Backend) cleanup(m backend.Machine) {
 	if m.Dir != "" {
 		removeQuiet(pidFile(m.Dir))
 	}
+	b.removeGroup(m.ID)
 	if m.MemoryFile == "" && m.ID != "" && m.Dir != "" {
 		// Launched by a process that died before recording the machine:
 		// the shared RAM file is at its derived path.

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/cgroup"
 	"github.com/smolvm-go/smolvm/internal/qmp"
 )
 
@@ -48,6 +49,9 @@ type Backend struct {
 	probeOnce   sync.Once
 	probedAccel backend.Accel
 	probeErr    error
+
+	cgOnce sync.Once
+	cg     cgroup.Support
 }
 
 var _ backend.Backend = (*Backend)(nil)
