@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"os/user"
+	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -114,6 +115,20 @@ func confinementChecks(qemuPath string) []Check {
 		c.Detail = fmt.Sprintf("off: smolvm runs as uid %d (not root), so QEMU runs as that uid, elevateprivileges=deny", os.Geteuid())
 	}
 	out = append(out, c)
+
+	if fc, err := exec.LookPath("firecracker"); err == nil {
+		c = Check{Name: "fc jailer", OK: true}
+		jl := filepath.Join(filepath.Dir(fc), "jailer")
+		if _, err := os.Stat(jl); err != nil {
+			c.Detail = "no jailer next to " + fc + ": Firecracker VMs run unjailed"
+			c.Fix = "install the jailer of the same Firecracker release next to it"
+		} else if os.Geteuid() != 0 {
+			c.Detail = jl + " found, but it needs root: Firecracker VMs run unjailed"
+		} else {
+			c.Detail = "on: Firecracker VMs start through " + jl + " (own uid, chroot; snapshots of jailed VMs are not supported yet)"
+		}
+		out = append(out, c)
+	}
 
 	c = Check{Name: "cgroup limits", OK: true}
 	if s := cgroup.Detect(); s.OK {

@@ -56,6 +56,10 @@ type Options struct {
 	// SnapshotTimeout bounds snapshot create/load and disk copies when the
 	// caller's context has no deadline (default 5 minutes).
 	SnapshotTimeout time.Duration
+	// Jailer is the jailer binary used, as root, for VMs with their own
+	// uid (see jailer.go): empty means "jailer" next to the firecracker
+	// binary when it is there, "off" never.
+	Jailer string
 }
 
 // Backend drives Firecracker. It holds only its options; every Machine is
@@ -63,6 +67,7 @@ type Options struct {
 type Backend struct {
 	bin     string
 	snapTTL time.Duration
+	jailer  string // "" = run unjailed
 }
 
 var _ backend.Backend = (*Backend)(nil)
@@ -85,7 +90,7 @@ func New(opts Options) (*Backend, error) {
 	if ttl <= 0 {
 		ttl = 5 * time.Minute
 	}
-	return &Backend{bin: bin, snapTTL: ttl}, nil
+	return &Backend{bin: bin, snapTTL: ttl, jailer: findJailer(opts.Jailer, bin)}, nil
 }
 
 // Binary is the resolved firecracker path.
@@ -178,6 +183,10 @@ func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Machine
 	kernel, initrd := spec.Kernel, spec.Initrd
 	ctx, cancel := withDefaultTimeout(ctx, backend.DefaultTimeout)
 	defer cancel()
+	vsockPath := vsockSock(spec)
+	if b.jailFor(spec) != nil { // launch stages these into the jail
+		kernel, initrd, vsockPath = jailPaths(spec)
+	}
 
 	p, err := b.launch(ctx, spec)
 	if err != nil {
@@ -214,7 +223,7 @@ func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Machine
 			}
 		}
 	}
-	if err := c.PutVsock(ctx, fcapi.Vsock{GuestCID: GuestCID, UDSPath: vsockSock(spec)}); err != nil {
+	if err := c.PutVsock(ctx, fcapi.Vsock{GuestCID: GuestCID, UDSPath: vsockPath}); err != nil {
 		return fail("vsock", err)
 	}
 	if err := c.StartInstance(ctx); err != nil {

@@ -87,6 +87,12 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec) (*proc, error) 
 			return nil, fmt.Errorf("firecracker: drive link: %w", err)
 		}
 	}
+	if j := b.jailFor(spec); j != nil {
+		if err := j.stage(spec); err != nil {
+			cleanup(spec)
+			return nil, err
+		}
+	}
 	// DIR/console.log is where tools look for a VM's serial console
 	// (QEMU writes it); here it is the VMM's combined output.
 	if _, err := os.Lstat(filepath.Join(spec.Dir, consoleName)); errors.Is(err, fs.ErrNotExist) {
@@ -100,6 +106,9 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec) (*proc, error) 
 	fmt.Fprintf(logf, "smolvm: %s starting %s for %s\n", time.Now().UTC().Format(time.RFC3339), b.bin, spec.ID)
 
 	cmd := exec.Command(b.bin, "--api-sock", apiSock(spec), "--id", instanceID(spec.ID))
+	if j := b.jailFor(spec); j != nil {
+		cmd = exec.Command(j.Jailer, j.Argv()...)
+	}
 	cmd.Dir = spec.RunDir
 	cmd.Stdout = logf
 	cmd.Stderr = logf
@@ -201,6 +210,9 @@ func isFirecrackerOf(pid int, spec backend.Spec) bool {
 	if err != nil {
 		return false
 	}
+	if spec.RunAsUID > 0 && isJailedFirecrackerOf(cmdline, procUID(pid), spec) {
+		return true
+	}
 	return bytes.Contains(cmdline, []byte("\x00--api-sock\x00"+apiSock(spec)+"\x00"))
 }
 
@@ -281,6 +293,7 @@ func cleanup(spec backend.Spec) {
 	}
 	if spec.Dir != "" {
 		_ = os.Remove(filepath.Join(spec.Dir, pidName))
+		_ = os.RemoveAll(filepath.Join(spec.Dir, jailDirName))
 	}
 	if spec.Network {
 		removeTAP(spec)

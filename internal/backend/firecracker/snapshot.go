@@ -38,6 +38,9 @@ func (b *Backend) Snapshot(ctx context.Context, m backend.Machine, kind backend.
 	if !alive(m) {
 		return backend.SnapshotResult{}, fmt.Errorf("firecracker: snapshot: %w", backend.ErrNotRunning)
 	}
+	if b.jailFor(m.Spec) != nil {
+		return backend.SnapshotResult{}, fmt.Errorf("firecracker: snapshot: %w", errJailedSnapshot)
+	}
 	dir, err := filepath.Abs(dir)
 	if err != nil {
 		return backend.SnapshotResult{}, err
@@ -114,6 +117,9 @@ func (b *Backend) Restore(ctx context.Context, req backend.RestoreRequest) (back
 	}
 	if err := checkSpec(spec, req.Kind == backend.SnapshotDisk); err != nil {
 		return backend.Machine{}, err
+	}
+	if b.jailFor(spec) != nil {
+		return backend.Machine{}, fmt.Errorf("firecracker: restore: %w", errJailedSnapshot)
 	}
 	snapDir, err := filepath.Abs(req.SnapshotDir)
 	if err != nil {
