@@ -44,7 +44,7 @@ func TestBuildArgsMicrovmTCG(t *testing.T) {
 	spec := testSpec()
 	l := launch{Machine: MachineMicrovm, Accel: backend.AccelTCG, CPU: "max", TSCkHz: 2445404,
 		MemoryFile: "/dev/shm/smolvm-x/ram", MemoryShared: true, Disk: spec.Disk, DiskFormat: "qcow2"}
-	args := buildArgs(spec, l)
+	args := mustArgs(t, spec, l)
 	joined := strings.Join(args, " ")
 	for _, want := range []string{
 		"-nodefaults -no-user-config -nographic",
@@ -98,7 +98,7 @@ func TestBuildArgsQ35RestoreNoDiskNoNet(t *testing.T) {
 	l := launch{Machine: MachineQ35, Accel: backend.AccelKVM, CPU: "host",
 		MemoryFile: "/snap/memory.raw", MemoryShared: false, MemoryReadonly: true,
 		Incoming: true, StartPaused: true}
-	args := buildArgs(spec, l)
+	args := mustArgs(t, spec, l)
 	joined := strings.Join(args, " ")
 	for _, want := range []string{
 		"-machine q35,memory-backend=mem0", "-accel kvm", "-cpu host",
@@ -118,7 +118,7 @@ func TestBuildArgsQ35RestoreNoDiskNoNet(t *testing.T) {
 
 func TestLaunchFromCmdline(t *testing.T) {
 	spec := testSpec()
-	args := buildArgs(spec, launch{Machine: MachineQ35, Accel: backend.AccelTCG, CPU: "max", MemoryFile: "/x", MemoryShared: true})
+	args := mustArgs(t, spec, launch{Machine: MachineQ35, Accel: backend.AccelTCG, CPU: "max", MemoryFile: "/x", MemoryShared: true})
 	m, a, c := launchFromCmdline(append([]string{"qemu-system-x86_64"}, args...))
 	if m != MachineQ35 || a != backend.AccelTCG || c != "max" {
 		t.Fatalf("got %s %s %s", m, a, c)
