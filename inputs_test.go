@@ -2,6 +2,7 @@ package smolvm_test
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -14,7 +15,9 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm"
+	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/procfs"
+	"github.com/smolvm-go/smolvm/internal/snapshot"
 )
 
 // The injection of issue 9: QEMU's guestfwd=...-cmd: runs a host command
@@ -138,5 +141,82 @@ func TestConfigPortForwardEndToEnd(t *testing.T) {
 	}
 	if !strings.Contains(string(body), "from-guest") {
 		t.Errorf("host got %q through the forwarded port", body)
+	}
+}
+
+// TestTamperedManifestRefused: the manifest on disk is data. One that
+// names a file outside the snapshot dir (with the digest of that file) or
+// that was edited into another valid manifest is refused with
+// ErrSnapshotCorrupt; the original restores.
+func TestTamperedManifestRefused(t *testing.T) {
+	m := newManager(t)
+	ctx := testCtx(t)
+	vm := boot(t, m, smolvm.Config{Name: "tamper", Image: "busybox", NoNetwork: true, MemoryMiB: 256})
+	if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "tampered", Type: smolvm.SnapshotDisk}); err != nil {
+		t.Fatal(err)
+	}
+	vm.Delete(ctx)
+	dir := filepath.Join(m.DataDir(), "snapshots", "tampered")
+	manPath := filepath.Join(dir, snapshot.ManifestName)
+	orig, err := os.ReadFile(manPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	man, err := snapshot.ParseManifest(orig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret := filepath.Join(m.DataDir(), "secret") // dir/../../secret
+	if err := os.WriteFile(secret, []byte("host secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sum, size, err := snapshot.Digest(secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	write := func(m snapshot.Manifest) {
+		t.Helper()
+		b, _ := json.Marshal(m)
+		if err := os.WriteFile(manPath, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	traversal := man
+	traversal.Artifacts = append([]snapshot.Artifact(nil), man.Artifacts...)
+	traversal.Result.Artifacts = append([]backend.Artifact(nil), man.Result.Artifacts...)
+	for i := range traversal.Artifacts {
+		if traversal.Artifacts[i].Role == "disk" {
+			traversal.Artifacts[i].Name, traversal.Artifacts[i].SHA256, traversal.Artifacts[i].Size = "../../secret", sum, size
+			traversal.Result.Artifacts[i].Name = "../../secret"
+		}
+	}
+	write(traversal)
+	_, err = m.FromSnapshot(ctx, "tampered", smolvm.RestoreOptions{})
+	if !errors.Is(err, smolvm.ErrSnapshotCorrupt) || !strings.Contains(err.Error(), "not a plain file name") {
+		t.Errorf("manifest naming ../../secret: %v", err)
+	}
+	edited := man
+	edited.Spec.MemoryMiB = 512 // valid, but not what was recorded
+	write(edited)
+	_, err = m.FromSnapshot(ctx, "tampered", smolvm.RestoreOptions{})
+	if !errors.Is(err, smolvm.ErrSnapshotCorrupt) || !strings.Contains(err.Error(), "differs from the copy in the database") {
+		t.Errorf("edited manifest: %v", err)
+	}
+	if err := m.VerifySnapshot(ctx, "tampered"); !errors.Is(err, smolvm.ErrSnapshotCorrupt) {
+		t.Errorf("verify of the edited manifest: %v", err)
+	}
+	if infos, _ := m.List(ctx); len(infos) != 0 {
+		t.Errorf("refused restores left VMs: %+v", infos)
+	}
+	if err := os.WriteFile(manPath, orig, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r, err := m.FromSnapshot(ctx, "tampered", smolvm.RestoreOptions{Resume: true})
+	if err != nil {
+		t.Fatalf("the original manifest: %v", err)
+	}
+	defer r.Close()
+	if got := mustOK(t, r, "echo restored"); got != "restored" {
+		t.Errorf("restored vm: %q", got)
 	}
 }
