@@ -253,7 +253,7 @@ func TestPrepareAndMissingBacking(t *testing.T) {
 	if err := b.Prepare(ctx, spec); err != nil {
 		t.Fatal(err)
 	}
-	ii, err := b.info(ctx, spec.Disk)
+	ii, err := b.info(ctx, spec.Disk, "qcow2")
 	if err != nil || ii.Format != "qcow2" || ii.backingPath() != base || ii.BackingFilenameFormat != "raw" {
 		t.Fatalf("overlay info %+v %v", ii, err)
 	}
