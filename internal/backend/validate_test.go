@@ -18,24 +18,26 @@ func TestSpecValidate(t *testing.T) {
 		t.Fatal(err)
 	}
 	for name, mod := range map[string]func(*Spec){
-		"mac injection":    func(s *Spec) { s.MAC = "52:54:00:12:34:56,romfile=/etc/shadow" },
-		"mac 20 bytes":     func(s *Spec) { s.MAC = "00:00:00:00:fe:80:00:00:00:00:00:00:02:00:5e:10:00:00:00:01" },
-		"mac multicast":    func(s *Spec) { s.MAC = "33:33:00:00:00:01" },
-		"hostfwd injected": func(s *Spec) { s.PortForwards[0].HostAddr = "127.0.0.1:2222-:22,guestfwd=tcp:10.0.2.100:80-cmd:touch pwned" },
-		"host name":        func(s *Spec) { s.PortForwards[0].HostAddr = "localhost" },
-		"port 0":           func(s *Spec) { s.PortForwards[0].HostPort = 0 },
-		"port 65536":       func(s *Spec) { s.PortForwards[0].GuestPort = 65536 },
-		"id":               func(s *Spec) { s.ID = "vm1,x" },
-		"empty id":         func(s *Spec) { s.ID = "" },
-		"relative kernel":  func(s *Spec) { s.Kernel = "bzImage" },
-		"unclean disk":     func(s *Spec) { s.Disk = "/data/vms/vm1/../vm2/disk.qcow2" },
-		"empty dir":        func(s *Spec) { s.Dir = "" },
-		"control in path":  func(s *Spec) { s.RunDir = "/tmp/a\x1b" },
-		"disk format":      func(s *Spec) { s.DiskFormat = "vmdk" },
-		"memory":           func(s *Spec) { s.MemoryMiB = 8 },
-		"cpus":             func(s *Spec) { s.CPUs = 256 },
-		"accel":            func(s *Spec) { s.Accel = "hvf" },
-		"kernel args":      func(s *Spec) { s.KernelArgs = "a\nb" },
+		"mac injection": func(s *Spec) { s.MAC = "52:54:00:12:34:56,romfile=/etc/shadow" },
+		"mac 20 bytes":  func(s *Spec) { s.MAC = "00:00:00:00:fe:80:00:00:00:00:00:00:02:00:5e:10:00:00:00:01" },
+		"mac multicast": func(s *Spec) { s.MAC = "33:33:00:00:00:01" },
+		"hostfwd injected": func(s *Spec) {
+			s.PortForwards[0].HostAddr = "127.0.0.1:2222-:22,guestfwd=tcp:10.0.2.100:80-cmd:touch pwned"
+		},
+		"host name":       func(s *Spec) { s.PortForwards[0].HostAddr = "localhost" },
+		"port 0":          func(s *Spec) { s.PortForwards[0].HostPort = 0 },
+		"port 65536":      func(s *Spec) { s.PortForwards[0].GuestPort = 65536 },
+		"id":              func(s *Spec) { s.ID = "vm1,x" },
+		"empty id":        func(s *Spec) { s.ID = "" },
+		"relative kernel": func(s *Spec) { s.Kernel = "bzImage" },
+		"unclean disk":    func(s *Spec) { s.Disk = "/data/vms/vm1/../vm2/disk.qcow2" },
+		"empty dir":       func(s *Spec) { s.Dir = "" },
+		"control in path": func(s *Spec) { s.RunDir = "/tmp/a\x1b" },
+		"disk format":     func(s *Spec) { s.DiskFormat = "vmdk" },
+		"memory":          func(s *Spec) { s.MemoryMiB = 8 },
+		"cpus":            func(s *Spec) { s.CPUs = 256 },
+		"accel":           func(s *Spec) { s.Accel = "hvf" },
+		"kernel args":     func(s *Spec) { s.KernelArgs = "a\nb" },
 	} {
 		s := validSpec()
 		mod(&s)

@@ -110,3 +110,13 @@ func TestEnvAndPortFlagsInVM(t *testing.T) {
 		t.Errorf("refused create left a sandbox: %q", out)
 	}
 }
+
+func TestHostPortString(t *testing.T) {
+	for want, pf := range map[string]smolvm.PortForward{
+		"127.0.0.1:80": {HostPort: 80}, "0.0.0.0:1": {HostAddr: "0.0.0.0", HostPort: 1}, "[::1]:8080": {HostAddr: "::1", HostPort: 8080},
+	} {
+		if got := hostPortString(pf); got != want {
+			t.Errorf("hostPortString(%+v) = %q, want %q", pf, got, want)
+		}
+	}
+}

@@ -1,9 +1,11 @@
 package cli
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"strconv"
@@ -136,6 +138,13 @@ func parsePort(s string) (smolvm.PortForward, error) {
 	return pf, nil
 }
 
+// hostPortString shows where a forward listens: ADDR:PORT, [ADDR]:PORT
+// for IPv6, 127.0.0.1 when the address is empty (the default).
+func hostPortString(pf smolvm.PortForward) string {
+	addr := cmp.Or(pf.HostAddr, "127.0.0.1")
+	return net.JoinHostPort(addr, strconv.Itoa(pf.HostPort))
+}
+
 // cut splits s around the byte at i (i < 0: not found).
 func cut(s string, i int) (before, after string, ok bool) {
 	if i < 0 {
@@ -234,7 +243,7 @@ func (a *app) infoCmd() *cobra.Command {
 						{"cpus", fmt.Sprint(info.CPUs)}, {"network", fmt.Sprint(info.Network)}, {"pid", fmt.Sprint(info.PID)},
 						{"created", info.CreatedAt.Local().Format(time.RFC3339)}, {"dir", info.Dir}}
 					for _, p := range info.PortForwards {
-						rows = append(rows, []string{"port", fmt.Sprintf("%s:%d -> %d", p.HostAddr, p.HostPort, p.GuestPort)})
+						rows = append(rows, []string{"port", fmt.Sprintf("%s -> %d", hostPortString(p), p.GuestPort)})
 					}
 					if info.RestoredFrom != "" {
 						rows = append(rows, []string{"restored from", info.RestoredFrom})
