@@ -292,16 +292,16 @@ func TestCheckArgvCatchesInjection(t *testing.T) {
 // has only the expected options and keys (see checkArgv).
 func FuzzBuildArgs(f *testing.F) {
 	s, l := testSpec(), testLaunch()
-	f.Add(s.ID, s.Dir, s.RunDir, s.Kernel, s.Disk, s.MAC, "127.0.0.1", 8022, 22, s.KernelArgs, l.CPU, l.Machine, l.MemoryFile, 512, 2, true)
-	f.Add("vm1", "/d,x", "/r,,y", "/k", "", "", injectionAddr, 2222, 22, "", "host,-arch-capabilities", "q35", "/m,", 128, 1, false)
-	f.Add("a", "/d", "/r", "/k", "/d/disk", "52:54:00:12:34:56,romfile=/etc/shadow", "0.0.0.0", 1, 65535, "x", "max", "microvm", "/m", 16, 0, true)
+	f.Add(s.ID, s.Dir, s.RunDir, s.Kernel, s.Disk, s.MAC, "127.0.0.1", 8022, 22, s.KernelArgs, l.CPU, l.Machine, l.MemoryFile, 512, 2, true, "qcow2", "tcg", "")
+	f.Add("vm1", "/d,x", "/r,,y", "/k", "", "", injectionAddr, 2222, 22, "", "host,-arch-capabilities", "q35", "/m,", 128, 1, false, "raw", "kvm", "1.2.3.4")
+	f.Add("a", "/d", "/r", "/k", "/d/disk", "52:54:00:12:34:56,romfile=/etc/shadow", "0.0.0.0", 1, 65535, "x", "max", "microvm", "/m", 16, 0, true, "qcow2,x=y", "tcg,x", "::1")
 	f.Fuzz(func(t *testing.T, id, dir, runDir, kernel, disk, mac, hostAddr string, hostPort, guestPort int,
-		kargs, cpu, machine, memFile string, mem, cpus int, readonly bool) {
-		spec := backend.Spec{ID: id, Dir: dir, RunDir: runDir, Kernel: kernel, Disk: disk, DiskFormat: "qcow2",
+		kargs, cpu, machine, memFile string, mem, cpus int, readonly bool, diskFormat, accel, hostAddr2 string) {
+		spec := backend.Spec{ID: id, Dir: dir, RunDir: runDir, Kernel: kernel, Disk: disk, DiskFormat: diskFormat,
 			MemoryMiB: mem, CPUs: cpus, Network: true, MAC: mac, KernelArgs: kargs,
-			PortForwards: []backend.PortForward{{HostAddr: hostAddr, HostPort: hostPort, GuestPort: guestPort}, {HostPort: 9000, GuestPort: 90}}}
-		l := launch{Machine: machine, Accel: backend.AccelTCG, CPU: cpu, MemoryFile: memFile, MemoryShared: !readonly,
-			MemoryReadonly: readonly, Disk: disk, DiskFormat: "qcow2"}
+			PortForwards: []backend.PortForward{{HostAddr: hostAddr, HostPort: hostPort, GuestPort: guestPort}, {HostAddr: hostAddr2, HostPort: 9000, GuestPort: 90}}}
+		l := launch{Machine: machine, Accel: backend.Accel(accel), CPU: cpu, MemoryFile: memFile, MemoryShared: !readonly,
+			MemoryReadonly: readonly, Disk: disk, DiskFormat: diskFormat}
 		args, err := buildArgs(spec, l)
 		if err != nil {
 			if args != nil {
