@@ -93,6 +93,17 @@ func TestHostileConfigRefusedBeforeAnything(t *testing.T) {
 	if pids := processesMentioning(filepath.Join(m.DataDir(), "vms")); len(pids) != 0 {
 		t.Errorf("processes for this data dir: %v", pids)
 	}
+	// Every interface is an explicit opt-in: written out, it is accepted.
+	vm, err := m.New(ctx, smolvm.Config{Name: "everywhere", Image: "busybox", PortForwards: pf("0.0.0.0")})
+	if err != nil {
+		t.Fatalf("explicit 0.0.0.0: %v", err)
+	}
+	defer vm.Close()
+	info, err := vm.Info(ctx)
+	if err != nil || len(info.PortForwards) != 1 || info.PortForwards[0].HostAddr != "0.0.0.0" {
+		t.Errorf("info: %+v %v", info.PortForwards, err)
+	}
+	vm.Delete(ctx)
 }
 
 // TestConfigPortForwardEndToEnd: a forward from Config (rendered into
