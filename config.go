@@ -8,6 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/smolvm-go/smolvm/internal/agentproto"
+	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/image"
 )
 
@@ -36,6 +38,12 @@ const (
 
 // PortForward exposes GuestPort (TCP) on HostAddr:HostPort of the host.
 type PortForward struct {
+	// HostAddr is the host IP address the port binds, as an IP literal
+	// ("127.0.0.1"); empty means 127.0.0.1, so only local processes reach
+	// the guest. Binding any other address is an explicit opt-in: the
+	// caller writes it ("0.0.0.0" exposes the port on every interface of
+	// the host, as CLI `-p 0.0.0.0:8080:80` does). Host names are refused.
+	// The QEMU backend (user networking) binds IPv4 addresses only.
 	HostAddr  string `json:"host_addr,omitempty"`
 	HostPort  int    `json:"host_port"`
 	GuestPort int    `json:"guest_port"`
@@ -166,10 +174,8 @@ func (c Config) validate() error {
 	default:
 		return bad(fmt.Sprintf("unknown accelerator %q: use auto, kvm or tcg", c.Accel), "use --accel auto")
 	}
-	for k := range c.Env {
-		if k == "" || strings.ContainsAny(k, "=\x00") {
-			return bad(fmt.Sprintf("invalid environment variable name %q", k), "")
-		}
+	if err := c.validateEnv(); err != nil {
+		return err
 	}
 	for _, pf := range c.PortForwards {
 		if err := pf.validate(); err != nil {
@@ -182,9 +188,33 @@ func (c Config) validate() error {
 	return nil
 }
 
+// validate checks the ports (1-65535) and that HostAddr is an IP literal
+// (empty means 127.0.0.1): the same rule the backends apply, so a value
+// that could reach QEMU's argv as anything but an address never passes.
 func (pf PortForward) validate() error {
 	if pf.HostPort < 1 || pf.HostPort > 65535 || pf.GuestPort < 1 || pf.GuestPort > 65535 {
 		return newErr("port", ErrInvalidConfig, "", fmt.Sprintf("port forward %d:%d: ports must be between 1 and 65535", pf.HostPort, pf.GuestPort))
+	}
+	if _, err := backend.PortForward(pf).Addr(); err != nil {
+		return newErr("port", ErrInvalidConfig, "write the host address as an IP address: 127.0.0.1 (the default, this host only) or 0.0.0.0 (every interface)",
+			fmt.Sprintf("port forward %d:%d: host address %q is not an IP address", pf.HostPort, pf.GuestPort, pf.HostAddr))
+	}
+	return nil
+}
+
+// validateEnv checks Env with the guest agent's own rule for persisted
+// variables (agentproto.ValidEnvName), so a name the agent would refuse
+// fails here and not at boot.
+func (c Config) validateEnv() error {
+	bad := func(msg, fix string) error { return newErr("create", ErrInvalidConfig, fix, msg) }
+	for k, v := range c.Env {
+		if !agentproto.ValidEnvName(k) {
+			return bad(fmt.Sprintf("invalid environment variable name %q: names are letters, digits and '_', not starting with a digit", k),
+				"rename the variable, e.g. -e MY_VAR=value")
+		}
+		if strings.IndexByte(v, 0) >= 0 {
+			return bad(fmt.Sprintf("the value of environment variable %s contains a NUL byte", k), "remove the NUL byte from the value")
+		}
 	}
 	return nil
 }
@@ -193,18 +223,7 @@ func (pf PortForward) validate() error {
 // letters, digits, '-' and '_', starting and ending with a letter or digit.
 // Such an id can never name a path outside its directory.
 func ValidateID(id string) error {
-	ok := len(id) >= 1 && len(id) <= 64
-	for i := 0; ok && i < len(id); i++ {
-		c := id[i]
-		alnum := (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9')
-		if !alnum && c != '-' && c != '_' {
-			ok = false
-		}
-		if (i == 0 || i == len(id)-1) && !alnum {
-			ok = false
-		}
-	}
-	if !ok {
+	if backend.ValidateID(id) != nil { // one rule for the SDK and the backends
 		return newErr("validate", ErrInvalidID, "",
 			fmt.Sprintf("invalid id %q: ids must be 1-64 characters of lowercase letters, digits, '-' and '_', starting and ending with a letter or digit", id))
 	}

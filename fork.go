@@ -90,7 +90,7 @@ func (m *Manager) Fork(ctx context.Context, snapshotID string, n int, opts ForkO
 			fmt.Sprintf("restore it once (smolvm sandbox snapshot restore %s) or create VMs from its disk; fork full or diff snapshots", snapshotID),
 			fmt.Sprintf("snapshot %s is a disk snapshot: it has no memory to share, so clones would each cold-boot from the disk", snapshotID))
 	}
-	man, err := m.loadSnapshot(snapshotID, false)
+	man, err := m.loadSnapshot(ctx, snapshotID, false)
 	if err != nil {
 		return nil, err
 	}

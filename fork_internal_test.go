@@ -109,7 +109,7 @@ func TestForkRemovesFailedClone(t *testing.T) {
 
 func mustManifest(t *testing.T, m *Manager, id string) snapshot.Manifest {
 	t.Helper()
-	man, err := m.loadSnapshot(id, false)
+	man, err := m.loadSnapshot(context.Background(), id, false)
 	if err != nil {
 		t.Fatal(err)
 	}

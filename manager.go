@@ -40,6 +40,15 @@ type Manager struct {
 // NewManager opens (creating if needed) the data directory in opts.
 func NewManager(ctx context.Context, opts Options) (*Manager, error) {
 	opts = opts.withDefaults()
+	// Absolute paths: they reach VMM arguments, which must be absolute
+	// and clean (backend.Spec.Validate).
+	for _, p := range []*string{&opts.DataDir, &opts.ImageDir, &opts.RunDir} {
+		a, err := filepath.Abs(*p)
+		if err != nil {
+			return nil, &Error{Op: "open", Message: fmt.Sprintf("cannot resolve %s: %v", *p, err), Fix: "use absolute paths in Options", Err: err}
+		}
+		*p = a
+	}
 	st, err := store.Open(ctx, opts.DataDir)
 	if err != nil {
 		return nil, &Error{Op: "open", Message: fmt.Sprintf("cannot open state in %s: %v", opts.DataDir, err),

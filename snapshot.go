@@ -352,20 +352,50 @@ func (m *Manager) VerifySnapshot(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
-	_, err = m.loadSnapshot(info.ID, true)
+	_, err = m.loadSnapshot(ctx, info.ID, true)
 	return err
 }
 
-// loadSnapshot reads and verifies a snapshot's manifest and artifacts.
-func (m *Manager) loadSnapshot(id string, full bool) (snapshot.Manifest, error) {
+// loadSnapshot reads, validates and verifies a snapshot's manifest and
+// artifacts. The manifest on disk is data, not trust: it must parse and
+// validate (snapshot.ParseManifest: plain known artifact names, well-formed
+// digests, supported format) and agree with the copy the database took
+// when the snapshot was committed, so an edited manifest (with digests to
+// match edited files) is refused.
+func (m *Manager) loadSnapshot(ctx context.Context, id string, full bool) (snapshot.Manifest, error) {
 	dir := filepath.Join(m.snapRoot(), id)
-	man, err := snapshot.ReadManifest(dir)
-	if err == nil {
-		err = snapshot.Verify(dir, man, full)
+	corrupt := func(err error) (snapshot.Manifest, error) {
+		return snapshot.Manifest{}, &Error{Op: "restore", Message: fmt.Sprintf("snapshot %s cannot be restored: %v", id, err),
+			Fix: "smolvm sandbox snapshot delete " + id + " and take a new snapshot", Err: errors.Join(ErrSnapshotCorrupt, err)}
+	}
+	row, err := m.store.GetSnapshot(ctx, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return snapshot.Manifest{}, newErr("restore", ErrSnapshotNotFound, "smolvm sandbox snapshot list", fmt.Sprintf("snapshot %q not found", id))
 	}
 	if err != nil {
-		return man, &Error{Op: "restore", Message: fmt.Sprintf("snapshot %s cannot be restored: %v", id, err),
-			Fix: "smolvm sandbox snapshot delete " + id + " and take a new snapshot", Err: errors.Join(ErrSnapshotCorrupt, err)}
+		return snapshot.Manifest{}, err
+	}
+	if len(row.Manifest) == 0 {
+		return corrupt(fmt.Errorf("%w: the database holds no manifest for it", snapshot.ErrCorrupt))
+	}
+	recorded, err := snapshot.ParseManifest(row.Manifest)
+	if err != nil {
+		return corrupt(fmt.Errorf("the database's copy of its manifest: %w", err))
+	}
+	if recorded.ID != row.ID || recorded.VMID != row.VMID || recorded.Backend != row.Backend || recorded.Type != row.Type {
+		return corrupt(fmt.Errorf("%w: the database's manifest (snapshot %s of vm %s, %s %s) does not match its row (snapshot %s of vm %s, %s %s)",
+			snapshot.ErrCorrupt, recorded.ID, recorded.VMID, recorded.Backend, recorded.Type, row.ID, row.VMID, row.Backend, row.Type))
+	}
+	man, err := snapshot.ReadManifest(dir)
+	if err != nil {
+		return corrupt(err)
+	}
+	if !snapshot.Same(man, recorded) {
+		return corrupt(fmt.Errorf("%w: %s differs from the copy in the database (it was changed after the snapshot was taken)",
+			snapshot.ErrCorrupt, filepath.Join(dir, snapshot.ManifestName)))
+	}
+	if err := snapshot.Verify(dir, man, full); err != nil {
+		return corrupt(err)
 	}
 	if man.Type == backend.SnapshotKind(SnapshotDiff) && man.BaseImage != "" {
 		if _, err := os.Stat(man.BaseImage); err != nil {
@@ -422,7 +452,7 @@ func (m *Manager) FromSnapshot(ctx context.Context, id string, opts RestoreOptio
 		return nil, newErr("restore", ErrSnapshotRestored, "smolvm sandbox snapshot restore "+id+" --force",
 			fmt.Sprintf("snapshot %s was already restored (into vm %s); a snapshot restores once unless forced", id, s.RestoredVMID))
 	}
-	man, err := m.loadSnapshot(id, false)
+	man, err := m.loadSnapshot(ctx, id, false)
 	if err != nil {
 		return nil, err
 	}

@@ -99,6 +99,9 @@ func (m *Manager) New(ctx context.Context, cfg Config) (*VM, error) {
 		spec.DiskFormat = "raw"
 		spec.Disk = filepath.Join(spec.Dir, "disk.ext4")
 	}
+	if err := checkSpec(b, spec); err != nil {
+		return nil, err
+	}
 	rawCfg, _ := json.Marshal(cfg)
 	rec := store.VM{ID: id, Backend: b.Name(), Status: store.VMCreated, Config: rawCfg,
 		Machine: backend.Machine{Spec: spec, Backend: b.Name()}}
@@ -120,6 +123,20 @@ func (m *Manager) New(ctx context.Context, cfg Config) (*VM, error) {
 		return fail(&Error{Op: "create", Message: fmt.Sprintf("preparing the disk of %s: %v", id, err), Err: err})
 	}
 	return &VM{m: m, id: id}, nil
+}
+
+// checkSpec validates a launch spec by type (and with what the backend
+// itself refuses) before anything is created for it: no file, no process.
+func checkSpec(b backend.Backend, spec backend.Spec) error {
+	err := spec.Validate()
+	if v, ok := b.(backend.SpecValidator); ok && err == nil {
+		err = v.ValidateSpec(spec)
+	}
+	if err != nil {
+		return &Error{Op: "create", Message: fmt.Sprintf("vm %s cannot be created: %v", spec.ID, err),
+			Fix: "fix the configuration (see the message)", Err: errors.Join(ErrInvalidConfig, err)}
+	}
+	return nil
 }
 
 func (m *Manager) specFor(id string, cfg Config, kernel, initrd, rootfs, imgArgs string) backend.Spec {
@@ -764,6 +781,9 @@ func (vm *VM) DownloadFile(ctx context.Context, guestPath, localPath string) err
 // SetEnv sets environment variables for every later command (persisted in
 // the guest, so they survive restarts and snapshots).
 func (vm *VM) SetEnv(ctx context.Context, env map[string]string) error {
+	if err := (Config{Env: env}).validateEnv(); err != nil {
+		return err
+	}
 	c, err := vm.agent(ctx, "set environment variables")
 	if err != nil {
 		return err

@@ -292,24 +292,9 @@ func loadEnvFile(path string) (map[string]string, error) {
 	return env, nil
 }
 
-func validEnvName(k string) bool {
-	if k == "" {
-		return false
-	}
-	for i, c := range k {
-		switch {
-		case c == '_', c >= 'A' && c <= 'Z', c >= 'a' && c <= 'z':
-		case c >= '0' && c <= '9' && i > 0:
-		default:
-			return false
-		}
-	}
-	return true
-}
-
 func (s *Server) setEnv(req agentproto.SetEnvRequest) error {
 	for k, v := range req.Set {
-		if !validEnvName(k) {
+		if !agentproto.ValidEnvName(k) {
 			return invalid("set_env: invalid variable name %q", k)
 		}
 		if strings.IndexByte(v, 0) >= 0 {

@@ -165,6 +165,13 @@ type Backend interface {
 	Restore(ctx context.Context, req RestoreRequest) (Machine, error)
 }
 
+// SpecValidator is implemented by backends that can check a Spec without
+// launching anything: what the backend itself would refuse (beyond
+// Spec.Validate). The SDK calls it when a VM is created.
+type SpecValidator interface {
+	ValidateSpec(spec Spec) error
+}
+
 // Sentinel errors. Backends wrap them with %w.
 var (
 	ErrUnsupported    = errors.New("not supported by this backend")

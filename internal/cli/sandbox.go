@@ -1,9 +1,12 @@
 package cli
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
+	"net"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -43,7 +46,7 @@ func (a *app) completeVMs(cmd *cobra.Command, args []string, _ string) ([]string
 
 func (a *app) createCmd() *cobra.Command {
 	var cfg smolvm.Config
-	var ports []string
+	var ports, envs []string
 	var bootTimeout time.Duration
 	c := &cobra.Command{
 		Use:   "create",
@@ -57,6 +60,11 @@ func (a *app) createCmd() *cobra.Command {
 				}
 				cfg.PortForwards = append(cfg.PortForwards, pf)
 			}
+			env, err := parseEnv(envs)
+			if err != nil {
+				return err
+			}
+			cfg.Env = env
 			cfg.BootTimeout = bootTimeout
 			return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
 				vm, err := m.New(ctx, cfg)
@@ -84,21 +92,94 @@ func (a *app) createCmd() *cobra.Command {
 	f.BoolVar(&cfg.NoNetwork, "no-network", false, "no guest networking")
 	f.StringVar(&cfg.Backend, "backend", "", "qemu (default), firecracker or auto")
 	f.StringVar(&cfg.Accel, "accel", "", "auto (default), kvm or tcg")
-	f.StringToStringVarP(&cfg.Env, "env", "e", nil, "environment variable KEY=VALUE for every command (repeatable)")
-	f.StringArrayVarP(&ports, "port", "p", nil, "expose HOST:GUEST tcp port (repeatable)")
+	f.StringArrayVarP(&envs, "env", "e", nil, "environment variable KEY=VALUE for every command (repeatable; the value is everything after the first '=', commas included)")
+	f.StringArrayVarP(&ports, "port", "p", nil, "expose a guest tcp port: HOST:GUEST binds 127.0.0.1:HOST; ADDR:HOST:GUEST binds ADDR (0.0.0.0: every interface, an explicit opt-in; IPv6 in brackets) (repeatable)")
 	f.DurationVar(&bootTimeout, "boot-timeout", 0, "give up booting after this long (default 90s)")
 	return c
 }
 
+// parsePort parses a -p value: HOST:GUEST (bound to 127.0.0.1) or
+// ADDR:HOST:GUEST with ADDR an IP address ("[::1]" for IPv6). Binding any
+// address other than loopback is the caller's explicit choice.
 func parsePort(s string) (smolvm.PortForward, error) {
-	h, g, ok := strings.Cut(s, ":")
-	hp, err1 := strconv.Atoi(h)
-	gp, err2 := strconv.Atoi(g)
-	if !ok || err1 != nil || err2 != nil {
-		return smolvm.PortForward{}, &smolvm.Error{Message: fmt.Sprintf("invalid port mapping %q: want HOST:GUEST, e.g. 8080:80", s),
-			Fix: "use -p 8080:80", Err: smolvm.ErrInvalidConfig}
+	bad := func(why string) (smolvm.PortForward, error) {
+		return smolvm.PortForward{}, &smolvm.Error{Message: fmt.Sprintf("invalid port mapping %q: %s", s, why),
+			Fix: "use -p 8080:80 (127.0.0.1:8080 on the host), or -p 0.0.0.0:8080:80 to expose it on every interface", Err: smolvm.ErrInvalidConfig}
 	}
-	return smolvm.PortForward{HostAddr: "127.0.0.1", HostPort: hp, GuestPort: gp}, nil
+	rest, guest, ok := cut(s, strings.LastIndexByte(s, ':'))
+	if !ok {
+		return bad("want HOST:GUEST or ADDR:HOST:GUEST")
+	}
+	addr, host, hasAddr := cut(rest, strings.LastIndexByte(rest, ':'))
+	if !hasAddr {
+		host = rest
+	}
+	hp, ok1 := portNumber(host)
+	gp, ok2 := portNumber(guest)
+	if !ok1 || !ok2 {
+		return bad("ports are numbers from 1 to 65535")
+	}
+	pf := smolvm.PortForward{HostAddr: "127.0.0.1", HostPort: hp, GuestPort: gp}
+	if hasAddr {
+		if strings.HasPrefix(addr, "[") && strings.HasSuffix(addr, "]") {
+			addr = addr[1 : len(addr)-1]
+			if a, err := netip.ParseAddr(addr); err != nil || !a.Is6() {
+				return bad("the address in brackets must be an IPv6 address")
+			}
+		} else if strings.Contains(addr, ":") {
+			return bad("write an IPv6 address in brackets, e.g. [::1]:8080:80")
+		}
+		a, err := netip.ParseAddr(addr)
+		if err != nil || a.Zone() != "" {
+			return bad(fmt.Sprintf("%q is not an IP address", addr))
+		}
+		pf.HostAddr = a.String()
+	}
+	return pf, nil
+}
+
+// hostPortString shows where a forward listens: ADDR:PORT, [ADDR]:PORT
+// for IPv6, 127.0.0.1 when the address is empty (the default).
+func hostPortString(pf smolvm.PortForward) string {
+	addr := cmp.Or(pf.HostAddr, "127.0.0.1")
+	return net.JoinHostPort(addr, strconv.Itoa(pf.HostPort))
+}
+
+// cut splits s around the byte at i (i < 0: not found).
+func cut(s string, i int) (before, after string, ok bool) {
+	if i < 0 {
+		return s, "", false
+	}
+	return s[:i], s[i+1:], true
+}
+
+// portNumber parses 1-65535 written in decimal digits only.
+func portNumber(s string) (int, bool) {
+	if s == "" || len(s) > 5 || strings.TrimLeft(s, "0123456789") != "" {
+		return 0, false
+	}
+	n, err := strconv.Atoi(s)
+	return n, err == nil && n >= 1 && n <= 65535
+}
+
+// parseEnv turns -e values into variables, each split at its first '=':
+// "A=hello,LD_PRELOAD=/x" sets A to "hello,LD_PRELOAD=/x" (pflag's
+// StringToString would split it at the comma into two variables). A
+// later value for the same name wins.
+func parseEnv(vals []string) (map[string]string, error) {
+	if len(vals) == 0 {
+		return nil, nil
+	}
+	env := make(map[string]string, len(vals))
+	for _, kv := range vals {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			return nil, &smolvm.Error{Message: fmt.Sprintf("invalid environment variable %q: want KEY=VALUE", kv),
+				Fix: "use -e KEY=VALUE", Err: smolvm.ErrInvalidConfig}
+		}
+		env[k] = v
+	}
+	return env, nil
 }
 
 func (a *app) listCmd() *cobra.Command {
@@ -162,7 +243,7 @@ func (a *app) infoCmd() *cobra.Command {
 						{"cpus", fmt.Sprint(info.CPUs)}, {"network", fmt.Sprint(info.Network)}, {"pid", fmt.Sprint(info.PID)},
 						{"created", info.CreatedAt.Local().Format(time.RFC3339)}, {"dir", info.Dir}}
 					for _, p := range info.PortForwards {
-						rows = append(rows, []string{"port", fmt.Sprintf("%s:%d -> %d", p.HostAddr, p.HostPort, p.GuestPort)})
+						rows = append(rows, []string{"port", fmt.Sprintf("%s -> %d", hostPortString(p), p.GuestPort)})
 					}
 					if info.RestoredFrom != "" {
 						rows = append(rows, []string{"restored from", info.RestoredFrom})
@@ -180,7 +261,7 @@ func (a *app) infoCmd() *cobra.Command {
 
 func (a *app) execCmd() *cobra.Command {
 	var timeout time.Duration
-	var env map[string]string
+	var envs []string
 	var workdir string
 	c := &cobra.Command{
 		Use:   "exec NAME -- CMD [ARGS...]",
@@ -190,6 +271,10 @@ func (a *app) execCmd() *cobra.Command {
 		Args:              cobra.MinimumNArgs(2),
 		ValidArgsFunction: a.completeVMs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			env, err := parseEnv(envs)
+			if err != nil {
+				return err
+			}
 			return a.withVM(cmd, args[0], func(ctx context.Context, vm *smolvm.VM) error {
 				opts := []smolvm.RunOption{smolvm.WithEnv(env), smolvm.WithWorkdir(workdir)}
 				if timeout > 0 {
@@ -222,7 +307,7 @@ func (a *app) execCmd() *cobra.Command {
 	}
 	f := c.Flags()
 	f.DurationVarP(&timeout, "timeout", "t", 0, "kill the command after this long (e.g. 30s; default none)")
-	f.StringToStringVarP(&env, "env", "e", nil, "environment variable KEY=VALUE (repeatable)")
+	f.StringArrayVarP(&envs, "env", "e", nil, "environment variable KEY=VALUE (repeatable; the value is everything after the first '=', commas included)")
 	f.StringVarP(&workdir, "workdir", "w", "", "working directory in the guest")
 	return c
 }
@@ -356,6 +441,10 @@ func (a *app) portCmd() *cobra.Command {
 			pf, err := parsePort(args[1])
 			if err != nil {
 				return err
+			}
+			if pf.HostAddr != "127.0.0.1" {
+				return &smolvm.Error{Message: fmt.Sprintf("port expose binds 127.0.0.1 only, not %s", pf.HostAddr),
+					Fix: "use HOST:GUEST here, or create the sandbox with -p " + args[1], Err: smolvm.ErrInvalidConfig}
 			}
 			return a.withVM(cmd, args[0], func(ctx context.Context, vm *smolvm.VM) error {
 				if err := vm.ExposePort(ctx, pf.HostPort, pf.GuestPort); err != nil {

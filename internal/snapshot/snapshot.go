@@ -165,15 +165,20 @@ func Allocated(dir string) (int64, error) {
 // Verify checks every artifact of m in dir: present, same size, and the
 // same digest (re-hashed when the file's mtime or size changed since it was
 // hashed, or always when full is set).
+// The manifest is validated first (Manifest.Validate): only plain file
+// names from the backend's known set are opened.
 func Verify(dir string, m Manifest, full bool) error {
-	if m.FormatVersion > FormatVersion {
-		return fmt.Errorf("%w: snapshot %s has format %d, this smolvm reads up to %d", ErrNewer, m.ID, m.FormatVersion, FormatVersion)
+	if err := m.Validate(); err != nil {
+		return err
 	}
 	for _, a := range m.Artifacts {
 		p := filepath.Join(dir, a.Name)
-		st, err := os.Stat(p)
+		st, err := os.Lstat(p) // a symlink is not an artifact
 		if err != nil {
 			return fmt.Errorf("%w: %s: %v", ErrCorrupt, p, err)
+		}
+		if !st.Mode().IsRegular() {
+			return fmt.Errorf("%w: %s is not a regular file", ErrCorrupt, p)
 		}
 		if st.Size() != a.Size {
 			return fmt.Errorf("%w: %s is %d bytes, the manifest says %d", ErrCorrupt, p, st.Size(), a.Size)
@@ -186,7 +191,7 @@ func Verify(dir string, m Manifest, full bool) error {
 			return fmt.Errorf("%w: %s: %v", ErrCorrupt, p, err)
 		}
 		if sum != a.SHA256 {
-			return fmt.Errorf("%w: %s does not match its checksum (sha256 %s, manifest %s)", ErrCorrupt, p, sum[:12], a.SHA256[:12])
+			return fmt.Errorf("%w: %s does not match its checksum (sha256 %s, manifest %s)", ErrCorrupt, p, sum[:12], a.SHA256[:12]) // both 64 digits: validated
 		}
 	}
 	return nil
@@ -201,18 +206,16 @@ func WriteManifest(dir string, m Manifest) error {
 	return atomicfile.WriteFile(filepath.Join(dir, ManifestName), data, 0o600)
 }
 
-// ReadManifest reads dir/manifest.json.
+// ReadManifest reads dir/manifest.json (at most MaxManifestSize bytes) and
+// validates it (ParseManifest).
 func ReadManifest(dir string) (Manifest, error) {
-	var m Manifest
-	data, err := os.ReadFile(filepath.Join(dir, ManifestName))
+	data, err := readBounded(filepath.Join(dir, ManifestName))
 	if err != nil {
-		return m, fmt.Errorf("%w: %v", ErrIncomplete, err)
+		return Manifest{}, fmt.Errorf("%w: %v", ErrIncomplete, err)
 	}
-	if err := json.Unmarshal(data, &m); err != nil {
-		return m, fmt.Errorf("%w: manifest of %s: %v", ErrCorrupt, dir, err)
-	}
-	if m.FormatVersion > FormatVersion {
-		return m, fmt.Errorf("%w: format %d > %d", ErrNewer, m.FormatVersion, FormatVersion)
+	m, err := ParseManifest(data)
+	if err != nil {
+		return Manifest{}, fmt.Errorf("%s: %w", dir, err)
 	}
 	return m, nil
 }

@@ -28,7 +28,7 @@ func TestDigestSparseAndVerify(t *testing.T) {
 	if alloc > 1<<20 {
 		t.Errorf("allocated %d bytes for a sparse file", alloc)
 	}
-	m := Manifest{FormatVersion: FormatVersion, ID: "x", Artifacts: arts}
+	m := testManifest("x", arts)
 	if err := Verify(dir, m, true); err != nil {
 		t.Fatal(err)
 	}
@@ -56,7 +56,7 @@ func TestPublishAndCleanup(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := WriteManifest(tmp, Manifest{FormatVersion: FormatVersion, ID: "a"}); err != nil {
+	if err := WriteManifest(tmp, testManifest("a", nil)); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := Publish(tmp, root, "a"); err != nil {

@@ -360,6 +360,13 @@ func checkSpec(spec backend.Spec, boot bool) error {
 	if spec.ID == "" || spec.Dir == "" || spec.RunDir == "" {
 		return errors.New("firecracker: spec needs ID, Dir and RunDir")
 	}
+	// Every field by type (the MAC, id and paths reach the API and argv;
+	// a spec may come back from the store or a snapshot manifest).
+	typed := spec
+	typed.MemoryMiB = cmp.Or(typed.MemoryMiB, 128) // Start's default
+	if err := typed.Validate(); err != nil {
+		return fmt.Errorf("firecracker: %w", err)
+	}
 	if boot && spec.Kernel == "" {
 		return errors.New("firecracker: spec needs Kernel (an uncompressed vmlinux)")
 	}

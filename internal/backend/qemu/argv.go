@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 
@@ -109,8 +110,13 @@ func kernelCmdline(spec backend.Spec, l launch) string {
 }
 
 // buildArgs returns QEMU's argv (without the binary). The device set and
-// order depend only on (spec, l) so that a restore reproduces them.
-func buildArgs(spec backend.Spec, l launch) []string {
+// order depend only on (spec, l) so that a restore reproduces them. It
+// validates both first (see checkArgs): every value placed in a QEMU option
+// string is then either a validated token or escaped with optVal.
+func buildArgs(spec backend.Spec, l launch) ([]string, error) {
+	if err := checkArgs(spec, l); err != nil {
+		return nil, err
+	}
 	dev := func(base string) string {
 		if l.Machine == MachineQ35 {
 			return base + "-pci"
@@ -193,11 +199,19 @@ func buildArgs(spec backend.Spec, l launch) []string {
 	if spec.Network {
 		nd := "user,id=" + netdevID
 		for _, pf := range spec.PortForwards {
-			nd += ",hostfwd=" + hostfwd(pf)
+			rule, err := hostfwd(pf)
+			if err != nil {
+				return nil, err
+			}
+			nd += ",hostfwd=" + rule
 		}
 		nic := dev("virtio-net") + ",netdev=" + netdevID
 		if spec.MAC != "" {
-			nic += ",mac=" + spec.MAC
+			mac, err := macOpt(spec.MAC)
+			if err != nil {
+				return nil, err
+			}
+			nic += ",mac=" + mac
 		}
 		args = append(args, "-netdev", nd, "-device", nic)
 	}
@@ -213,16 +227,82 @@ func buildArgs(spec backend.Spec, l launch) []string {
 	if l.StartPaused {
 		args = append(args, "-S")
 	}
-	return append(args, confineArgs(l)...)
+	return append(args, confineArgs(l)...), nil
 }
 
-// hostfwd renders a forward in QEMU's hostfwd syntax: tcp:ADDR:HOST-:GUEST.
-func hostfwd(pf backend.PortForward) string {
-	addr := pf.HostAddr
-	if addr == "" {
-		addr = "127.0.0.1"
+// hostfwd renders a forward in slirp's hostfwd syntax, tcp:ADDR:HOST-:GUEST,
+// from typed values only: the address is a parsed netip.Addr printed back
+// (digits and dots), the ports are integers in range. QEMU's user
+// networking binds IPv4 host addresses only (QEMU 10 refuses "[::1]" with
+// "Bad host address"), so an IPv6 address is refused here, before QEMU
+// starts, with an error that says what to use instead.
+func hostfwd(pf backend.PortForward) (string, error) {
+	if err := pf.Validate(); err != nil {
+		return "", fmt.Errorf("qemu: %w", err)
 	}
-	return fmt.Sprintf("tcp:%s:%d-:%d", addr, pf.HostPort, pf.GuestPort)
+	addr, _ := pf.Addr()
+	if !addr.Is4() {
+		return "", fmt.Errorf("qemu: port forward on %s: QEMU user networking binds IPv4 host addresses only; use 127.0.0.1 (or 0.0.0.0 to expose it on every interface): %w",
+			addr, backend.ErrUnsupported)
+	}
+	return fmt.Sprintf("tcp:%s:%d-:%d", addr, pf.HostPort, pf.GuestPort), nil
+}
+
+// macOpt renders a MAC for a -device option from its parsed bytes.
+func macOpt(s string) (string, error) {
+	hw, err := backend.ParseMAC(s)
+	if err != nil {
+		return "", fmt.Errorf("qemu: %w", err)
+	}
+	return hw.String(), nil
+}
+
+// cpuModelRE is a CPU model with optional +flag/-flag features, as
+// cpuModel writes ("host,-arch-capabilities"): no key=value, nothing that
+// could add a property.
+var cpuModelRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]*(,[+-][A-Za-z0-9][A-Za-z0-9_.-]*)*$`)
+
+// checkArgs validates what buildArgs places in QEMU's argv: the Spec (see
+// backend.Spec.Validate) and the launch, whose machine type and CPU model
+// may come from a snapshot's qemu.json.
+func checkArgs(spec backend.Spec, l launch) error {
+	if err := spec.Validate(); err != nil {
+		return fmt.Errorf("qemu: %w", err)
+	}
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("qemu: %w: %s", backend.ErrInvalidSpec, fmt.Sprintf(format, a...))
+	}
+	switch l.Machine {
+	case "", MachineMicrovm, MachineQ35:
+	default:
+		return bad("machine type %q: want %s or %s", l.Machine, MachineMicrovm, MachineQ35)
+	}
+	switch l.Accel {
+	case backend.AccelKVM, backend.AccelTCG:
+	default:
+		return bad("accelerator %q: want kvm or tcg", l.Accel)
+	}
+	if !cpuModelRE.MatchString(l.CPU) || len(l.CPU) > 256 {
+		return bad("cpu model %q: want a model name with optional +feature/-feature flags", l.CPU)
+	}
+	if l.TSCkHz < 0 {
+		return bad("tsc frequency %d kHz", l.TSCkHz)
+	}
+	if err := backend.ValidatePath("memory file", l.MemoryFile, true); err != nil {
+		return fmt.Errorf("qemu: %w", err)
+	}
+	if err := backend.ValidatePath("disk", l.Disk, false); err != nil {
+		return fmt.Errorf("qemu: %w", err)
+	}
+	switch l.DiskFormat {
+	case "", "qcow2", "raw":
+	default:
+		return bad("disk format %q: want qcow2 or raw", l.DiskFormat)
+	}
+	if !l.NoKernel && spec.Kernel == "" {
+		return bad("kernel is empty")
+	}
+	return nil
 }
 
 // MicrovmFirmware returns qboot's ROM when QEMU ships it. qboot only loads

@@ -58,7 +58,9 @@ func (b *Backend) RestoreArgv(spec backend.Spec, snapDir string, res backend.Sna
 	}
 	var inv RestoreInvocation
 	inv.IgnoreShared, inv.MappedRAM = applySnapshotLaunch(&l, cfg, res.MemoryFormat, arts["memory"])
-	inv.Args = buildArgs(spec, l)
+	if inv.Args, err = buildArgs(spec, l); err != nil {
+		return RestoreInvocation{}, err
+	}
 	inv.QMPSocket = qmpSocket(spec.RunDir)
 	inv.AgentSocket = agentSocket(spec.RunDir)
 	inv.StateFile = arts["state"]

@@ -15,15 +15,16 @@ import (
 
 func TestConfineArgs(t *testing.T) {
 	spec := testSpec()
-	args := buildArgs(spec, launch{Machine: MachineMicrovm, Accel: backend.AccelTCG, CPU: "max"})
+	l := testLaunch()
+	args := mustArgs(t, spec, l)
 	if got := argsAfter(args, "-sandbox"); !slices.Equal(got, []string{sandboxDeny}) {
 		t.Errorf("-sandbox = %q, want %q", got, sandboxDeny)
 	}
 	if slices.Contains(args, "-run-with") {
 		t.Errorf("-run-with without a uid: %q", args)
 	}
-	args = buildArgs(spec, launch{Machine: MachineMicrovm, Accel: backend.AccelTCG, CPU: "max",
-		RunAsUID: 1900000001, RunAsGID: 1900000001, Chroot: "/run/x,y/root"})
+	l.RunAsUID, l.RunAsGID, l.Chroot = 1900000001, 1900000001, "/run/x,y/root"
+	args = mustArgs(t, spec, l)
 	if got := argsAfter(args, "-sandbox"); !slices.Equal(got, []string{sandboxDrop}) {
 		t.Errorf("-sandbox = %q, want %q", got, sandboxDrop)
 	}

@@ -20,7 +20,12 @@ func (b *Backend) Detach(ctx context.Context, m backend.Machine) error {
 	}
 	tmp := m.Disk + ".detach.tmp"
 	os.Remove(tmp)
-	if err := b.qemuImg(ctx, "convert", "-O", "qcow2", m.Disk, tmp); err != nil {
+	format := diskFormat(m)
+	if err := checkImageFormat(format); err != nil {
+		return fmt.Errorf("qemu: detach %s: %w", m.ID, err)
+	}
+	// Explicit formats: the source is never probed (-f), the output is qcow2 (-O).
+	if err := b.qemuImg(ctx, "convert", "-f", format, "-O", "qcow2", m.Disk, tmp); err != nil {
 		os.Remove(tmp)
 		return err
 	}

@@ -63,7 +63,10 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 	if err := confine(spec, &l); err != nil {
 		return backend.Machine{}, err
 	}
-	args := buildArgs(spec, l)
+	args, err := buildArgs(spec, l)
+	if err != nil {
+		return backend.Machine{}, err
+	}
 	logf, err := os.OpenFile(qemuLog(spec.Dir), os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
 	if err != nil {
 		return backend.Machine{}, fmt.Errorf("qemu: start: %w", err)
@@ -157,18 +160,18 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 	return m, nil
 }
 
+// validateSpec checks a spec before anything is created for it: every
+// field by type (backend.Spec.Validate), what QEMU's user networking can
+// bind (see hostfwd), socket path lengths, and that the files exist.
 func validateSpec(spec backend.Spec) error {
+	if err := checkSpec(spec); err != nil {
+		return err
+	}
 	switch {
-	case spec.Dir == "":
-		return errors.New("qemu: spec.Dir is empty")
-	case spec.RunDir == "":
-		return errors.New("qemu: spec.RunDir is empty")
 	case len(agentSocket(spec.RunDir)) > maxSocketPath || len(qmpSocket(spec.RunDir)) > maxSocketPath:
 		return fmt.Errorf("qemu: RunDir %q is too long for unix sockets (keep it under ~90 bytes)", spec.RunDir)
 	case spec.Kernel == "":
 		return errors.New("qemu: spec.Kernel is empty")
-	case spec.MemoryMiB <= 0:
-		return fmt.Errorf("qemu: invalid memory size %d MiB", spec.MemoryMiB)
 	}
 	for _, p := range []string{spec.Kernel, spec.Initrd} {
 		if p == "" {
@@ -185,6 +188,25 @@ func validateSpec(spec backend.Spec) error {
 	}
 	return nil
 }
+
+// checkSpec is validateSpec without the file system: the fields by type,
+// and port forwards QEMU's user networking can bind.
+func checkSpec(spec backend.Spec) error {
+	if err := spec.Validate(); err != nil {
+		return fmt.Errorf("qemu: %w", err)
+	}
+	for _, pf := range spec.PortForwards {
+		if _, err := hostfwd(pf); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ValidateSpec implements backend.SpecValidator: the SDK calls it when it
+// creates a VM, so a spec QEMU would refuse (or that would inject options)
+// fails before any file or process exists.
+func (b *Backend) ValidateSpec(spec backend.Spec) error { return checkSpec(spec) }
 
 // processAlive reports whether m.PID is a live QEMU for this VM: its
 // cmdline must name the VM's QMP socket (guards against PID reuse; a zombie

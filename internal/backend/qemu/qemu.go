@@ -437,8 +437,9 @@ func (b *Backend) ExposePort(ctx context.Context, m backend.Machine, pf backend.
 	if !m.Network {
 		return fmt.Errorf("qemu: expose port: the VM has no network: %w", backend.ErrUnsupported)
 	}
-	if pf.HostPort <= 0 || pf.HostPort > 65535 || pf.GuestPort <= 0 || pf.GuestPort > 65535 {
-		return fmt.Errorf("qemu: expose port: invalid ports %d -> %d", pf.HostPort, pf.GuestPort)
+	rule, err := hostfwd(pf)
+	if err != nil {
+		return fmt.Errorf("qemu: expose port: %w", err)
 	}
 	c, err := b.dialQMP(ctx, m)
 	if err != nil {
@@ -447,7 +448,7 @@ func (b *Backend) ExposePort(ctx context.Context, m backend.Machine, pf backend.
 	defer c.Close()
 	var out string
 	err = execQMP(ctx, c, "human-monitor-command",
-		map[string]string{"command-line": "hostfwd_add " + netdevID + " " + hostfwd(pf)}, &out)
+		map[string]string{"command-line": "hostfwd_add " + netdevID + " " + rule}, &out)
 	if err != nil {
 		return err
 	}

@@ -8,6 +8,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+
+	"github.com/smolvm-go/smolvm/internal/backend"
 )
 
 // qemuImg runs qemu-img with args; errors carry its stderr.
@@ -64,9 +66,14 @@ func (ii imageInfo) backingPath() string {
 }
 
 // info reads one image's header (no backing chain: works when the backing
-// file is missing, and with -U while QEMU holds the image).
-func (b *Backend) info(ctx context.Context, path string) (imageInfo, error) {
-	out, err := b.qemuImgOutput(ctx, "info", "-U", "--output=json", path)
+// file is missing, and with -U while QEMU holds the image). The format is
+// always explicit: qemu-img never probes (a raw image whose guest wrote a
+// qcow2 header would otherwise be read as one, backing file and all).
+func (b *Backend) info(ctx context.Context, path, format string) (imageInfo, error) {
+	if err := checkImageFormat(format); err != nil {
+		return imageInfo{}, err
+	}
+	out, err := b.qemuImgOutput(ctx, "info", "-U", "-f", format, "--output=json", path)
 	if err != nil {
 		return imageInfo{}, err
 	}
@@ -78,4 +85,21 @@ func (b *Backend) info(ctx context.Context, path string) (imageInfo, error) {
 		ii.Filename = path
 	}
 	return ii, nil
+}
+
+// checkImageFormat accepts the image formats smolvm writes.
+func checkImageFormat(format string) error {
+	switch format {
+	case "qcow2", "raw":
+		return nil
+	}
+	return fmt.Errorf("qemu-img: image format %q: want qcow2 or raw", format)
+}
+
+// diskFormat is a machine's disk format (qcow2 when unset, as Prepare makes it).
+func diskFormat(m backend.Machine) string {
+	if m.DiskFormat == "" {
+		return "qcow2"
+	}
+	return m.DiskFormat
 }

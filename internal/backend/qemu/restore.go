@@ -231,9 +231,10 @@ func (b *Backend) checkBacking(ctx context.Context, disk, baseImage string) erro
 			return missing(baseImage, disk)
 		}
 	}
-	cur := disk
-	for range 16 { // chains here are at most a few deep
-		ii, err := b.info(ctx, cur)
+	// A snapshot's disk artifact is qcow2; chains here are at most a few deep.
+	cur, format := disk, "qcow2"
+	for range 16 {
+		ii, err := b.info(ctx, cur, format)
 		if err != nil {
 			return fmt.Errorf("qemu: restore: %w", err)
 		}
@@ -243,6 +244,12 @@ func (b *Backend) checkBacking(ctx context.Context, disk, baseImage string) erro
 		}
 		if _, err := os.Stat(bp); err != nil {
 			return missing(bp, cur)
+		}
+		// smolvm records every backing file's format (-F); one without is
+		// not ours, and probing it is what explicit formats avoid.
+		if format = ii.BackingFilenameFormat; checkImageFormat(format) != nil {
+			return fmt.Errorf("qemu: restore: %s has backing file %s of format %q: want qcow2 or raw recorded in the image; take a new snapshot",
+				cur, bp, format)
 		}
 		cur = bp
 	}

@@ -489,10 +489,7 @@ func (b *Backend) snapshotDisk(ctx context.Context, m backend.Machine, kind back
 // flattenDisk writes a self-contained qcow2 of the VM's disk (whole backing
 // chain) to dst, not fsynced. The VM must be paused (its writes flushed).
 func (b *Backend) flattenDisk(ctx context.Context, m backend.Machine, dst string) error {
-	format := m.DiskFormat
-	if format == "" {
-		format = "qcow2"
-	}
+	format := diskFormat(m)
 	if err := b.qemuImg(ctx, "convert", "-U", "-f", format, "-O", "qcow2", m.Disk, dst); err != nil {
 		return fmt.Errorf("qemu: snapshot disk: %w", err)
 	}
@@ -515,7 +512,7 @@ func (b *Backend) diffDisk(ctx context.Context, m backend.Machine, dst string) (
 	if _, err := os.Stat(base); err != nil {
 		return "", fmt.Errorf("qemu: diff snapshot: base image %s: %w", base, errors.Join(backend.ErrBackingMissing, err))
 	}
-	ii, err := b.info(ctx, m.Disk)
+	ii, err := b.info(ctx, m.Disk, diskFormat(m))
 	if err != nil {
 		return "", fmt.Errorf("qemu: diff snapshot: %w", err)
 	}
@@ -523,13 +520,10 @@ func (b *Backend) diffDisk(ctx context.Context, m backend.Machine, dst string) (
 		return "", fmt.Errorf("qemu: diff snapshot: %w", err)
 	}
 	if ii.backingPath() != base {
-		bi, err := b.info(ctx, base)
-		if err != nil {
-			os.Remove(dst)
-			return "", fmt.Errorf("qemu: diff snapshot: %w", err)
-		}
-		// Safe rebase: copies every cluster where the old chain differs from base.
-		if err := b.qemuImg(ctx, "rebase", "-U", "-f", "qcow2", "-b", base, "-F", bi.Format, dst); err != nil {
+		// The base is the raw root filesystem Prepare put under every
+		// overlay (-F raw there too). Safe rebase: copies every cluster
+		// where the old chain differs from base.
+		if err := b.qemuImg(ctx, "rebase", "-U", "-f", "qcow2", "-b", base, "-F", "raw", dst); err != nil {
 			os.Remove(dst)
 			return "", fmt.Errorf("qemu: diff snapshot: %w", err)
 		}

@@ -44,7 +44,7 @@ func TestBuildArgsMicrovmTCG(t *testing.T) {
 	spec := testSpec()
 	l := launch{Machine: MachineMicrovm, Accel: backend.AccelTCG, CPU: "max", TSCkHz: 2445404,
 		MemoryFile: "/dev/shm/smolvm-x/ram", MemoryShared: true, Disk: spec.Disk, DiskFormat: "qcow2"}
-	args := buildArgs(spec, l)
+	args := mustArgs(t, spec, l)
 	joined := strings.Join(args, " ")
 	for _, want := range []string{
 		"-nodefaults -no-user-config -nographic",
@@ -98,7 +98,7 @@ func TestBuildArgsQ35RestoreNoDiskNoNet(t *testing.T) {
 	l := launch{Machine: MachineQ35, Accel: backend.AccelKVM, CPU: "host",
 		MemoryFile: "/snap/memory.raw", MemoryShared: false, MemoryReadonly: true,
 		Incoming: true, StartPaused: true}
-	args := buildArgs(spec, l)
+	args := mustArgs(t, spec, l)
 	joined := strings.Join(args, " ")
 	for _, want := range []string{
 		"-machine q35,memory-backend=mem0", "-accel kvm", "-cpu host",
@@ -118,7 +118,7 @@ func TestBuildArgsQ35RestoreNoDiskNoNet(t *testing.T) {
 
 func TestLaunchFromCmdline(t *testing.T) {
 	spec := testSpec()
-	args := buildArgs(spec, launch{Machine: MachineQ35, Accel: backend.AccelTCG, CPU: "max", MemoryFile: "/x", MemoryShared: true})
+	args := mustArgs(t, spec, launch{Machine: MachineQ35, Accel: backend.AccelTCG, CPU: "max", MemoryFile: "/x", MemoryShared: true})
 	m, a, c := launchFromCmdline(append([]string{"qemu-system-x86_64"}, args...))
 	if m != MachineQ35 || a != backend.AccelTCG || c != "max" {
 		t.Fatalf("got %s %s %s", m, a, c)
@@ -253,7 +253,7 @@ func TestPrepareAndMissingBacking(t *testing.T) {
 	if err := b.Prepare(ctx, spec); err != nil {
 		t.Fatal(err)
 	}
-	ii, err := b.info(ctx, spec.Disk)
+	ii, err := b.info(ctx, spec.Disk, "qcow2")
 	if err != nil || ii.Format != "qcow2" || ii.backingPath() != base || ii.BackingFilenameFormat != "raw" {
 		t.Fatalf("overlay info %+v %v", ii, err)
 	}

@@ -191,7 +191,7 @@ func TestQEMUMemoryMapping(t *testing.T) {
 	if err != nil {
 		t.Fatalf("diff snapshot of a restored VM: %v", err)
 	}
-	ii, err := b.info(ctxFor(t, time.Minute), filepath.Join(ddir, DiskFile))
+	ii, err := b.info(ctxFor(t, time.Minute), filepath.Join(ddir, DiskFile), "qcow2")
 	if err != nil || ii.backingPath() != img.Rootfs || dres.BaseImage != img.Rootfs {
 		t.Fatalf("diff disk backing %q (base image %q), want %s: %v", ii.backingPath(), dres.BaseImage, img.Rootfs, err)
 	}
