@@ -15,9 +15,8 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 	"github.com/smolvm-go/smolvm/internal/qmp"
 )
 
@@ -246,9 +245,9 @@ func prepareMemoryFile(path, runDir string) (string, error) {
 func (b *Backend) DialAgent(ctx context.Context, m backend.Machine) (net.Conn, error) {
 	for {
 		for k := 0; k < AgentPorts; k++ {
-			lock, err := tryLock(filepath.Join(m.RunDir, fmt.Sprintf("agent.%d.lock", k)))
+			lock, err := fsutil.TryLock(filepath.Join(m.RunDir, fmt.Sprintf("agent.%d.lock", k)))
 			if err != nil {
-				if errors.Is(err, errBusy) {
+				if errors.Is(err, fsutil.ErrBusy) {
 					continue
 				}
 				if !processAlive(m) {
@@ -273,24 +272,6 @@ func (b *Backend) DialAgent(ctx context.Context, m backend.Machine) (net.Conn, e
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-}
-
-var errBusy = errors.New("busy")
-
-// tryLock takes an exclusive flock on path without blocking.
-func tryLock(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		return nil, err
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, errBusy
-		}
-		return nil, err
-	}
-	return f, nil
 }
 
 // lockedConn releases its agent port's lock when closed.
