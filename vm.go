@@ -19,6 +19,7 @@ import (
 	"github.com/smolvm-go/smolvm/internal/agentproto"
 	"github.com/smolvm-go/smolvm/internal/atomicfile"
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 	"github.com/smolvm-go/smolvm/internal/store"
 )
 
@@ -355,7 +356,11 @@ func (vm *VM) bootFailed(ctx context.Context, rec store.VM, b backend.Backend, c
 	if errors.As(cause, &ve) && ve.Log != "" && strings.Contains(msg, ve.Log) == false {
 		msg += "\n--- vmm log ---\n" + ve.Log
 	}
-	return &Error{Op: "start", Message: msg, Fix: "smolvm doctor; then smolvm sandbox logs " + vm.id, Err: errors.Join(ErrBoot, cause)}
+	fix := "smolvm doctor; then smolvm sandbox logs " + vm.id
+	if errors.Is(cause, ErrUnsafeDir) {
+		fix = "remove the directory named above (another user may have planted it), or set SMOLVM_RUN_DIR to a private directory"
+	}
+	return &Error{Op: "start", Message: msg, Fix: fix, Err: errors.Join(ErrBoot, cause)}
 }
 
 // connectAgent dials the guest agent and resyncs, failing fast when the VMM
@@ -741,8 +746,10 @@ func (vm *VM) ReadFile(ctx context.Context, guestPath string) ([]byte, error) {
 	return buf.Bytes(), nil
 }
 
-// DownloadFile copies a guest file to the host (atomically; the mode is
-// kept). Any size works: large files stream in chunks.
+// DownloadFile copies a guest file to the host (atomically). It gets the
+// guest file's permission bits masked by the process umask, never setuid,
+// setgid or sticky (a guest's 04777 becomes 0755 under umask 022). Any size
+// works: large files stream in chunks.
 func (vm *VM) DownloadFile(ctx context.Context, guestPath, localPath string) error {
 	c, err := vm.agent(ctx, "download files")
 	if err != nil {
@@ -753,7 +760,7 @@ func (vm *VM) DownloadFile(ctx context.Context, guestPath, localPath string) err
 	}
 	return atomicfile.Write(localPath, func(w io.Writer) (os.FileMode, error) {
 		mode, _, err := c.ReadFileTo(ctx, guestPath, w)
-		return mode.Perm(), err
+		return fsutil.HostMode(mode), err
 	})
 }
 

@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
@@ -69,6 +70,12 @@ func Open(ctx context.Context, dataDir string) (*Store, error) {
 	path, err := filepath.Abs(filepath.Join(dataDir, DBName))
 	if err != nil {
 		return nil, fmt.Errorf("store: %w", err)
+	}
+	// Private: SQLite would create the database 0644 (and its -wal and
+	// -shm files take the database's mode); the VMs' configs and
+	// environments are in it.
+	if f, err := os.OpenFile(path, os.O_CREATE|os.O_RDONLY|syscall.O_NOFOLLOW, 0o600); err == nil {
+		f.Close()
 	}
 	params := url.Values{
 		"_pragma": {

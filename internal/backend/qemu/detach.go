@@ -20,7 +20,17 @@ func (b *Backend) Detach(ctx context.Context, m backend.Machine) error {
 	}
 	tmp := m.Disk + ".detach.tmp"
 	os.Remove(tmp)
-	if err := b.qemuImg(ctx, "convert", "-O", "qcow2", m.Disk, tmp); err != nil {
+	format := m.DiskFormat
+	if format == "" {
+		format = "qcow2"
+	}
+	// -f: the format is ours to say, never probed from the (guest-written)
+	// image's content.
+	if err := b.qemuImg(ctx, "convert", "-f", format, "-O", "qcow2", m.Disk, tmp); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	if err := os.Chmod(tmp, 0o600); err != nil { // qemu-img creates it 0644
 		os.Remove(tmp)
 		return err
 	}

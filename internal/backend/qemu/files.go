@@ -45,7 +45,7 @@ func copySparse(dst, src string, durable bool) (int64, error) {
 		return 0, err
 	}
 	size := st.Size()
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
 	if err != nil {
 		return 0, err
 	}

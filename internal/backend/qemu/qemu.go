@@ -130,7 +130,7 @@ func lookBinary(override, name string) (string, error) {
 // It refuses to overwrite an existing disk.
 func (b *Backend) Prepare(ctx context.Context, spec backend.Spec) error {
 	if spec.Dir != "" {
-		if err := os.MkdirAll(spec.Dir, 0o755); err != nil {
+		if err := fsutil.PrivateDir(spec.Dir); err != nil {
 			return fmt.Errorf("qemu: prepare: %w", err)
 		}
 	}
@@ -152,7 +152,10 @@ func (b *Backend) Prepare(ctx context.Context, spec backend.Spec) error {
 	}
 	switch spec.DiskFormat {
 	case "", "qcow2":
-		return b.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, spec.Disk)
+		if err := b.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, spec.Disk); err != nil {
+			return err
+		}
+		return os.Chmod(spec.Disk, 0o600) // qemu-img creates it 0644
 	case "raw":
 		if _, err := sparseCopy(spec.Disk, base); err != nil {
 			return fmt.Errorf("qemu: prepare: %w", err)
@@ -225,11 +228,17 @@ func (b *Backend) memoryFile(spec backend.Spec) (string, error) {
 	return filepath.Join(b.opts.MemoryDir, "smolvm-"+hex.EncodeToString(sum[:8]), "ram"), nil
 }
 
-// prepareMemoryFile creates the RAM file's directory, or moves the file
-// into RunDir when that fails. It returns the path to use.
+// prepareMemoryFile creates the RAM file's directory (private: 0700, ours,
+// checked), or moves the file into RunDir when MemoryDir is unusable. A RAM
+// dir that exists but is not private (another user may have pre-created it
+// to read the guest's memory) is refused. It returns the path to use.
 func prepareMemoryFile(path, runDir string) (string, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err == nil {
+	err := fsutil.PrivateDir(filepath.Dir(path))
+	if err == nil {
 		return path, nil
+	}
+	if errors.Is(err, fsutil.ErrUnsafe) {
+		return "", fmt.Errorf("qemu: guest RAM dir: %w", err)
 	}
 	if runDir == "" {
 		return "", errors.New("qemu: no usable directory for the guest RAM file")
