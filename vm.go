@@ -165,8 +165,25 @@ func (m *Manager) Open(ctx context.Context, id string) (*VM, error) {
 	return &VM{m: m, id: id}, nil
 }
 
-// record loads the VM's row and reconciles its status with the VMM.
+// record loads the VM's row and reconciles its status with the VMM. The
+// caller need not hold the VM's lock: the reconciled status is written back
+// only if the row is unchanged since it was read (compare-and-set); when a
+// lock holder changed it meanwhile (a new machine, a new status), what the
+// VMM said may be about the old one, so it reads and asks again.
 func (m *Manager) record(ctx context.Context, id string) (store.VM, error) {
+	for attempt := 1; ; attempt++ {
+		rec, err := m.reconcile(ctx, id)
+		if errors.Is(err, store.ErrConflict) && attempt < 10 {
+			continue
+		}
+		if errors.Is(err, store.ErrConflict) {
+			return rec, nil // busy row: report what the VMM says, persist nothing
+		}
+		return rec, err
+	}
+}
+
+func (m *Manager) reconcile(ctx context.Context, id string) (store.VM, error) {
 	rec, err := m.store.GetVM(ctx, id)
 	if errors.Is(err, store.ErrNotFound) {
 		return rec, newErr("open", ErrVMNotFound, "smolvm sandbox list --all", fmt.Sprintf("vm %q not found", id))
@@ -199,7 +216,7 @@ func (m *Manager) record(ctx context.Context, id string) (store.VM, error) {
 	}
 	if want != rec.Status {
 		rec.Status = want
-		if err := m.store.UpdateVM(ctx, rec); err != nil {
+		if err := m.store.UpdateVMIfUnchanged(ctx, rec); err != nil {
 			return rec, err
 		}
 	}

@@ -21,6 +21,9 @@ var (
 	ErrNotFound     = errors.New("not found")
 	ErrExists       = errors.New("already exists")
 	ErrSchemaTooNew = errors.New("state database was written by a newer smolvm")
+	// ErrConflict is wrapped by UpdateVMIfUnchanged when the row changed
+	// since it was read.
+	ErrConflict = errors.New("changed by another writer")
 )
 
 // DBName is the database file inside the data dir.
