@@ -210,3 +210,41 @@ func listing(t *testing.T, dir string) string {
 	}
 	return b.String()
 }
+
+// TestDoctorReportsOpenRunDir: doctor flags a base run dir that a start
+// would refuse (here: ours but 0755, as older versions made it).
+func TestDoctorReportsOpenRunDir(t *testing.T) {
+	ctx := testCtx(t)
+	base := filepath.Join(t.TempDir(), "run")
+	m, err := smolvm.NewManager(ctx, smolvm.Options{DataDir: t.TempDir(), ImageDir: testImageDir, RunDir: base, Logger: quietLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	runCheck := func() smolvm.Check {
+		checks, err := m.Doctor(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range checks {
+			if c.Name == "run dir" {
+				return c
+			}
+		}
+		t.Fatalf("no run dir check in %+v", checks)
+		return smolvm.Check{}
+	}
+	if c := runCheck(); !c.OK {
+		t.Errorf("missing run dir: %+v", c)
+	}
+	if err := os.Mkdir(base, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if c := runCheck(); c.OK || !strings.Contains(c.Detail, base) || !strings.Contains(c.Fix, "rm -r "+base) {
+		t.Errorf("0755 run dir: %+v", c)
+	}
+	os.Chmod(base, 0o700)
+	if c := runCheck(); !c.OK {
+		t.Errorf("0700 run dir: %+v", c)
+	}
+}
