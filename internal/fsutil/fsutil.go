@@ -86,7 +86,7 @@ func checkPrivate(dir string, st fs.FileInfo) error {
 		return &UnsafeDirError{Path: dir, Reason: fmt.Sprintf("is owned by uid %d, not by us (uid %d)", sys.Uid, euid)}
 	}
 	if perm := st.Mode() & (fs.ModePerm | fs.ModeSetgid | fs.ModeSticky); perm&^0o700 != 0 {
-		return &UnsafeDirError{Path: dir, Reason: fmt.Sprintf("has mode %#o, open to other users", uint32(st.Mode().Perm()))}
+		return &UnsafeDirError{Path: dir, Reason: fmt.Sprintf("has mode %v, open to other users", st.Mode())}
 	}
 	return nil
 }

@@ -87,13 +87,13 @@ func TestPrivateDirRefuses(t *testing.T) {
 				return err
 			}
 			return os.Chmod(p, 0o777)
-		}, "mode 0777"},
+		}, "mode drwxrwxrwx"},
 		{"ours 0750", func(p string) error {
 			if err := os.Mkdir(p, 0o700); err != nil {
 				return err
 			}
 			return os.Chmod(p, 0o750)
-		}, "mode 0750"},
+		}, "mode drwxr-x---"},
 		{"ours sticky", func(p string) error {
 			if err := os.Mkdir(p, 0o700); err != nil {
 				return err
