@@ -248,3 +248,39 @@ func TestDoctorReportsOpenRunDir(t *testing.T) {
 		t.Errorf("0700 run dir: %+v", c)
 	}
 }
+
+// TestPlantedBaseRunDirRefused: the base run dir (/tmp/smolvm-<uid> by
+// default) pre-created by another user is refused too: whoever owns it
+// could swap the per-VM dirs inside.
+func TestPlantedBaseRunDirRefused(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test chowns a directory to another user: run it as root (the project's test setup does)")
+	}
+	ctx := testCtx(t)
+	base := filepath.Join(t.TempDir(), "run")
+	if err := os.Mkdir(base, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(base, 0o777)
+	if err := os.Chown(base, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	m, err := smolvm.NewManager(ctx, smolvm.Options{DataDir: t.TempDir(), ImageDir: testImageDir, RunDir: base, Logger: quietLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	vm, err := m.New(ctx, smolvm.Config{Image: "busybox"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vm.Delete(ctx)
+	err = vm.Start(ctx)
+	if !errors.Is(err, smolvm.ErrUnsafeDir) || !strings.Contains(err.Error(), base+":") || !strings.Contains(err.Error(), "uid 65534") {
+		t.Fatalf("Start under a base run dir owned by another user: %v", err)
+	}
+	t.Logf("refused: %v", err)
+	if ents, _ := os.ReadDir(base); len(ents) != 0 {
+		t.Errorf("created in the planted base: %v", ents)
+	}
+}
