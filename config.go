@@ -10,6 +10,7 @@ import (
 
 	"github.com/smolvm-go/smolvm/internal/agentproto"
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 	"github.com/smolvm-go/smolvm/internal/image"
 )
 
@@ -85,8 +86,11 @@ type Options struct {
 	// ImageDir is the image cache. Default: $SMOLVM_IMAGE_DIR, else the
 	// user's cache dir /smolvm/images.
 	ImageDir string
-	// RunDir holds unix sockets (short paths). Default: $SMOLVM_RUN_DIR, else
-	// /tmp/smolvm-<uid>.
+	// RunDir holds unix sockets (short paths), one private (0700) directory
+	// per VM; it must be a directory of ours with mode 0700 (created so when
+	// missing, refused otherwise). Default: $SMOLVM_RUN_DIR, else
+	// $XDG_RUNTIME_DIR/smolvm when XDG_RUNTIME_DIR is set, private and short
+	// enough for socket paths, else /tmp/smolvm-<uid>.
 	RunDir string
 	// Logger receives progress and notices; nil means a text logger on
 	// stderr at level Info.
@@ -103,13 +107,28 @@ func (o Options) withDefaults() Options {
 	if o.RunDir == "" {
 		o.RunDir = os.Getenv("SMOLVM_RUN_DIR")
 		if o.RunDir == "" {
-			o.RunDir = filepath.Join(os.TempDir(), fmt.Sprintf("smolvm-%d", os.Getuid()))
+			o.RunDir = defaultRunDir()
 		}
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	}
 	return o
+}
+
+// maxRunDir bounds a default run dir's length: RUNDIR/<12 hex>/agent.N.sock
+// must fit a unix socket path (108 bytes with the NUL).
+const maxRunDir = 80
+
+// defaultRunDir is $XDG_RUNTIME_DIR/smolvm when XDG_RUNTIME_DIR is an
+// absolute, private directory of ours (as the XDG spec requires) and short
+// enough, else /tmp/smolvm-<euid>.
+func defaultRunDir() string {
+	if x := os.Getenv("XDG_RUNTIME_DIR"); filepath.IsAbs(x) && len(x)+len("/smolvm") <= maxRunDir &&
+		fsutil.CheckPrivateDir(x) == nil {
+		return filepath.Join(x, "smolvm")
+	}
+	return filepath.Join(os.TempDir(), fmt.Sprintf("smolvm-%d", os.Geteuid()))
 }
 
 // DefaultDataDir is where state lives when Options.DataDir is empty.

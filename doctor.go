@@ -3,13 +3,16 @@ package smolvm
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"time"
 
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 	"github.com/smolvm-go/smolvm/internal/procfs"
 	"github.com/smolvm-go/smolvm/internal/store"
 )
@@ -43,6 +46,7 @@ func (m *Manager) Doctor(ctx context.Context) ([]Check, error) {
 	if qp, err := exec.LookPath("qemu-system-x86_64"); err == nil {
 		out = append(out, confinementChecks(qp)...)
 	}
+	out = append(out, runDirCheck(m.opts.RunDir))
 	cleaned, err := m.cleanupSnapshots(ctx)
 	if err != nil {
 		out = append(out, Check{Name: "snapshots", OK: false, Detail: err.Error()})
@@ -50,6 +54,20 @@ func (m *Manager) Doctor(ctx context.Context) ([]Check, error) {
 		out = append(out, Check{Name: "snapshots", OK: true, Detail: fmt.Sprintf("removed %d unfinished snapshot(s)", cleaned)})
 	}
 	return out, nil
+}
+
+// runDirCheck reports whether the base run dir is private (a VM start
+// refuses it otherwise, e.g. one left 0755 by an older smolvm).
+func runDirCheck(dir string) Check {
+	err := fsutil.CheckPrivateDir(dir)
+	switch {
+	case err == nil:
+		return Check{Name: "run dir", OK: true, Detail: dir + " is private (0700)"}
+	case errors.Is(err, fs.ErrNotExist):
+		return Check{Name: "run dir", OK: true, Detail: dir + " does not exist yet (created 0700 by the first start)"}
+	}
+	return Check{Name: "run dir", OK: false, Detail: err.Error(),
+		Fix: "stop the VMs using it, then rm -r " + dir + "; or set SMOLVM_RUN_DIR to a private directory"}
 }
 
 // strayVMMs reports VMM processes of this data dir that no VM accounts for:

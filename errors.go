@@ -3,6 +3,8 @@ package smolvm
 import (
 	"errors"
 	"strings"
+
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
 
 // Sentinel errors. Every error the SDK returns for these conditions wraps the
@@ -23,6 +25,12 @@ var (
 	ErrSnapshotCorrupt     = errors.New("snapshot artifact corrupt")
 	ErrBackingImageMissing = errors.New("backing image missing")
 )
+
+// ErrUnsafeDir is wrapped when a directory smolvm keeps guest data or
+// control sockets in (a run dir, a guest RAM dir) exists but is not private
+// (a symlink, another owner, group or other permission bits): it is refused,
+// never reused, as another local user may have planted it.
+var ErrUnsafeDir = fsutil.ErrUnsafe
 
 // Error is the SDK's error type. Message says what went wrong; Fix, when
 // set, is the command (or action) that fixes it. It wraps a sentinel (or the

@@ -204,6 +204,11 @@ func (m *Manager) cloneSpec(spec backend.Spec, id string) backend.Spec {
 
 func (m *Manager) startClone(ctx context.Context, b backend.Backend, res backend.SnapshotResult, snapDir string,
 	kind backend.SnapshotKind, id string, resume bool) (*VM, error) {
+	unlock, err := store.LockVM(ctx, m.opts.DataDir, id) // its row is written below
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	rec, err := m.store.GetVM(ctx, id)
 	if err != nil {
 		return nil, err

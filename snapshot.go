@@ -632,11 +632,20 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
+	// Each VM restored from it stays locked until its disk is detached and
+	// its row updated: one started meanwhile would run on a disk whose
+	// backing file is going away. (The snapshot's lock is taken first, as
+	// in FromSnapshot and Fork.)
 	var stopped []store.VM
 	for _, u := range users {
-		rec, err := m.record(ctx, u.ID)
+		unlockVM, err := store.LockVM(ctx, m.opts.DataDir, u.ID)
 		if err != nil {
-			continue
+			return err
+		}
+		defer unlockVM()
+		rec, err := m.record(ctx, u.ID)
+		if err != nil || rec.RestoredFrom != id {
+			continue // deleted, or restored from another snapshot, meanwhile
 		}
 		if rec.Status == store.VMRunning || rec.Status == store.VMPaused {
 			return newErr("snapshot delete", ErrSnapshotInUse, "smolvm sandbox stop "+u.ID,

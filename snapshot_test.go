@@ -15,6 +15,7 @@ import (
 
 	"github.com/smolvm-go/smolvm"
 	"github.com/smolvm-go/smolvm/internal/image"
+	"github.com/smolvm-go/smolvm/internal/store"
 	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
@@ -153,6 +154,25 @@ func TestCheckpointAndRetry(t *testing.T) {
 	mustOK(t, vm, "echo after > /root/after-restore")
 	if err := vm.Stop(ctx); err != nil {
 		t.Fatal(err)
+	}
+	// Delete waits for the lock of each VM it detaches: while another
+	// holder has it, nothing is detached or deleted.
+	unlockVM, err := store.LockVM(ctx, m.DataDir(), vm.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	lctx, cancel := context.WithTimeout(ctx, time.Second)
+	err = m.DeleteSnapshot(lctx, snap.ID)
+	cancel()
+	unlockVM()
+	if !errors.Is(err, store.ErrLocked) {
+		t.Fatalf("delete while another holder has the VM's lock: %v, want store.ErrLocked", err)
+	}
+	if i, err := vm.Info(ctx); err != nil || i.RestoredFrom != snap.ID {
+		t.Errorf("after the refused delete: restored from %q (%v), want %q", i.RestoredFrom, err, snap.ID)
+	}
+	if _, err := os.Stat(info.Dir); err != nil {
+		t.Errorf("snapshot dir after the refused delete: %v", err)
 	}
 	if err := m.DeleteSnapshot(ctx, snap.ID); err != nil {
 		t.Fatalf("delete after stop: %v", err)

@@ -19,6 +19,7 @@ import (
 	"github.com/smolvm-go/smolvm/internal/agentproto"
 	"github.com/smolvm-go/smolvm/internal/atomicfile"
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 	"github.com/smolvm-go/smolvm/internal/store"
 )
 
@@ -181,8 +182,25 @@ func (m *Manager) Open(ctx context.Context, id string) (*VM, error) {
 	return &VM{m: m, id: id}, nil
 }
 
-// record loads the VM's row and reconciles its status with the VMM.
+// record loads the VM's row and reconciles its status with the VMM. The
+// caller need not hold the VM's lock: the reconciled status is written back
+// only if the row is unchanged since it was read (compare-and-set); when a
+// lock holder changed it meanwhile (a new machine, a new status), what the
+// VMM said may be about the old one, so it reads and asks again.
 func (m *Manager) record(ctx context.Context, id string) (store.VM, error) {
+	for attempt := 1; ; attempt++ {
+		rec, err := m.reconcile(ctx, id)
+		if errors.Is(err, store.ErrConflict) && attempt < 10 {
+			continue
+		}
+		if errors.Is(err, store.ErrConflict) {
+			return rec, nil // busy row: report what the VMM says, persist nothing
+		}
+		return rec, err
+	}
+}
+
+func (m *Manager) reconcile(ctx context.Context, id string) (store.VM, error) {
 	rec, err := m.store.GetVM(ctx, id)
 	if errors.Is(err, store.ErrNotFound) {
 		return rec, newErr("open", ErrVMNotFound, "smolvm sandbox list --all", fmt.Sprintf("vm %q not found", id))
@@ -215,7 +233,7 @@ func (m *Manager) record(ctx context.Context, id string) (store.VM, error) {
 	}
 	if want != rec.Status {
 		rec.Status = want
-		if err := m.store.UpdateVM(ctx, rec); err != nil {
+		if err := m.store.UpdateVMIfUnchanged(ctx, rec); err != nil {
 			return rec, err
 		}
 	}
@@ -376,7 +394,11 @@ func (vm *VM) bootFailed(ctx context.Context, rec store.VM, b backend.Backend, c
 	if errors.As(cause, &ve) && ve.Log != "" && strings.Contains(msg, ve.Log) == false {
 		msg += "\n--- vmm log ---\n" + ve.Log
 	}
-	return &Error{Op: "start", Message: msg, Fix: "smolvm doctor; then smolvm sandbox logs " + vm.id, Err: errors.Join(ErrBoot, cause)}
+	fix := "smolvm doctor; then smolvm sandbox logs " + vm.id
+	if errors.Is(cause, ErrUnsafeDir) {
+		fix = "remove the directory named above (another user may have planted it), or set SMOLVM_RUN_DIR to a private directory"
+	}
+	return &Error{Op: "start", Message: msg, Fix: fix, Err: errors.Join(ErrBoot, cause)}
 }
 
 // connectAgent dials the guest agent and resyncs, failing fast when the VMM
@@ -762,8 +784,10 @@ func (vm *VM) ReadFile(ctx context.Context, guestPath string) ([]byte, error) {
 	return buf.Bytes(), nil
 }
 
-// DownloadFile copies a guest file to the host (atomically; the mode is
-// kept). Any size works: large files stream in chunks.
+// DownloadFile copies a guest file to the host (atomically). It gets the
+// guest file's permission bits masked by the process umask, never setuid,
+// setgid or sticky (a guest's 04777 becomes 0755 under umask 022). Any size
+// works: large files stream in chunks.
 func (vm *VM) DownloadFile(ctx context.Context, guestPath, localPath string) error {
 	c, err := vm.agent(ctx, "download files")
 	if err != nil {
@@ -774,7 +798,7 @@ func (vm *VM) DownloadFile(ctx context.Context, guestPath, localPath string) err
 	}
 	return atomicfile.Write(localPath, func(w io.Writer) (os.FileMode, error) {
 		mode, _, err := c.ReadFileTo(ctx, guestPath, w)
-		return mode.Perm(), err
+		return fsutil.HostMode(mode), err
 	})
 }
 

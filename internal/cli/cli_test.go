@@ -107,6 +107,18 @@ func TestSandboxCLI(t *testing.T) {
 	if b, _ := os.ReadFile(back); string(b) != "file-data" {
 		t.Errorf("downloaded %q", b)
 	}
+	// The guest's mode arrives masked by the umask, without setuid.
+	if _, e, c := cli(t, "sandbox", "exec", "cli1", "--", "cp /root/f.txt /root/suid && chmod 4777 /root/suid"); c != 0 {
+		t.Fatalf("chmod: %s", e)
+	}
+	old := syscall.Umask(0o022)
+	_, e, c := cli(t, "sandbox", "file", "download", "cli1", "/root/suid", back)
+	syscall.Umask(old)
+	if st, err := os.Stat(back); c != 0 || err != nil {
+		t.Errorf("download: %v %s", err, e)
+	} else if st.Mode() != 0o755 {
+		t.Errorf("download of a 4777 guest file under umask 022: mode %v, want -rwxr-xr-x", st.Mode())
+	}
 
 	for _, step := range [][]string{{"pause"}, {"resume"}, {"stop"}, {"start"}} {
 		if _, e, c := cli(t, append([]string{"sandbox"}, append(step, "cli1")...)...); c != 0 {

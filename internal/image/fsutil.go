@@ -15,7 +15,8 @@ import (
 	"sort"
 	"strings"
 	"syscall"
-	"time"
+
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
 
 // sha256File returns the hex sha256 and the size of the file at path.
@@ -178,8 +179,8 @@ func copyFile(src, dst string, perm os.FileMode) error {
 	return out.Close()
 }
 
-// fileLock is an exclusive flock on a file.
-type fileLock struct{ f *os.File }
+// fileLock is an exclusive flock on a file (fsutil.Lock).
+type fileLock struct{ unlock func() }
 
 // lockFile takes an exclusive flock on path, waiting until it is free or
 // ctx ends. onWait (optional) is called once if the lock is busy.
@@ -187,40 +188,17 @@ func lockFile(ctx context.Context, path string, onWait func()) (*fileLock, error
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, err
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	unlock, err := fsutil.Lock(ctx, path, onWait)
 	if err != nil {
 		return nil, err
 	}
-	waited := false
-	for {
-		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			return &fileLock{f: f}, nil
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", path, err)
-		}
-		if !waited && onWait != nil {
-			onWait()
-		}
-		waited = true
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("waiting for lock %s: %w", path, ctx.Err())
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
+	return &fileLock{unlock: unlock}, nil
 }
 
 func (l *fileLock) Unlock() {
-	if l == nil || l.f == nil {
-		return
+	if l != nil && l.unlock != nil {
+		l.unlock()
 	}
-	syscall.Flock(int(l.f.Fd()), syscall.LOCK_UN)
-	l.f.Close()
-	l.f = nil
 }
 
 // mountsUnder returns the mount points at or below dir (deepest first),

@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
@@ -20,6 +21,9 @@ var (
 	ErrNotFound     = errors.New("not found")
 	ErrExists       = errors.New("already exists")
 	ErrSchemaTooNew = errors.New("state database was written by a newer smolvm")
+	// ErrConflict is wrapped by UpdateVMIfUnchanged when the row changed
+	// since it was read.
+	ErrConflict = errors.New("changed by another writer")
 )
 
 // DBName is the database file inside the data dir.
@@ -69,6 +73,12 @@ func Open(ctx context.Context, dataDir string) (*Store, error) {
 	path, err := filepath.Abs(filepath.Join(dataDir, DBName))
 	if err != nil {
 		return nil, fmt.Errorf("store: %w", err)
+	}
+	// Private: SQLite would create the database 0644 (and its -wal and
+	// -shm files take the database's mode); the VMs' configs and
+	// environments are in it.
+	if f, err := os.OpenFile(path, os.O_CREATE|os.O_RDONLY|syscall.O_NOFOLLOW, 0o600); err == nil {
+		f.Close()
 	}
 	params := url.Values{
 		"_pragma": {

@@ -42,7 +42,8 @@ type VM struct {
 	PID     int             // VMM process id, 0 when none
 	// CreatedAt and UpdatedAt are kept with nanosecond precision and
 	// returned in UTC. CreateVM fills zero values with the current time;
-	// UpdateVM always sets UpdatedAt to the current time.
+	// UpdateVM always sets UpdatedAt to the current time, or one nanosecond
+	// past the previous UpdatedAt when the clock has not moved past it.
 	CreatedAt time.Time
 	UpdatedAt time.Time
 	// RestoredFrom is the id of the snapshot the VM was restored from,
@@ -166,24 +167,51 @@ func (o ops) listVMs(ctx context.Context, what, query string, args ...any) ([]VM
 }
 
 // UpdateVM replaces every field of the VM with v's id except CreatedAt,
-// and sets UpdatedAt to the current time. A missing VM gives an error
+// and sets UpdatedAt to the current time (always later than the row's
+// previous UpdatedAt, so it versions the row). A missing VM gives an error
 // wrapping ErrNotFound.
+//
+// The caller holds the VM's lock (LockVM) and read v under it: writers
+// that hold it exclude each other. A writer without the lock (a status
+// reconciliation) uses UpdateVMIfUnchanged instead, so it never writes
+// back a row that a lock holder changed meanwhile.
 func (o ops) UpdateVM(ctx context.Context, v VM) error {
+	return o.updateVM(ctx, v, false)
+}
+
+// UpdateVMIfUnchanged is UpdateVM as a compare-and-set: it writes v only
+// if the row's UpdatedAt still equals v.UpdatedAt (the version v was read
+// at), else it changes nothing and returns an error wrapping ErrConflict
+// (re-read the row and decide again).
+func (o ops) UpdateVMIfUnchanged(ctx context.Context, v VM) error {
+	return o.updateVM(ctx, v, true)
+}
+
+func (o ops) updateVM(ctx context.Context, v VM, cas bool) error {
+	seen := toNanos(v.UpdatedAt)
 	v.UpdatedAt = time.Now()
 	config, machine, err := checkVM(v)
 	if err != nil {
 		return fmt.Errorf("store: update %w", err)
 	}
-	res, err := o.q.ExecContext(ctx, `UPDATE vms SET backend = ?, status = ?, config = ?, machine = ?, pid = ?,
-		updated_at = ?, restored_from = ?, last_error = ? WHERE id = ?`,
-		v.Backend, string(v.Status), config, machine, v.PID,
-		toNanos(v.UpdatedAt), nullString(v.RestoredFrom), v.LastError, v.ID)
+	query := `UPDATE vms SET backend = ?, status = ?, config = ?, machine = ?, pid = ?,
+		updated_at = MAX(?, updated_at + 1), restored_from = ?, last_error = ? WHERE id = ?`
+	args := []any{v.Backend, string(v.Status), config, machine, v.PID,
+		toNanos(v.UpdatedAt), nullString(v.RestoredFrom), v.LastError, v.ID}
+	if cas {
+		query += ` AND updated_at = ?`
+		args = append(args, seen)
+	}
+	res, err := o.q.ExecContext(ctx, query, args...)
 	if err != nil {
 		return fmt.Errorf("store: update vm %q: %w", v.ID, err)
 	}
 	if n, err := rowsAffected(res); err != nil {
 		return err
 	} else if n == 0 {
+		if _, err := o.GetVM(ctx, v.ID); cas && err == nil {
+			return fmt.Errorf("store: update vm %q: %w since it was read", v.ID, ErrConflict)
+		}
 		return fmt.Errorf("vm %q %w", v.ID, ErrNotFound)
 	}
 	return nil

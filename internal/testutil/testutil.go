@@ -95,8 +95,8 @@ func SpecIn(root string, img image.Image, id string, o SpecOptions) backend.Spec
 	if s.BaseDisk != "" {
 		s.Disk = filepath.Join(s.Dir, "disk.qcow2")
 	}
-	os.MkdirAll(s.Dir, 0o755)
-	os.MkdirAll(s.RunDir, 0o755)
+	os.MkdirAll(s.Dir, 0o700)
+	os.MkdirAll(s.RunDir, 0o700)
 	return s
 }
 

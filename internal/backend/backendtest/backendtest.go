@@ -94,8 +94,8 @@ func (s *suite) spec(id string, network bool) backend.Spec {
 	if network && !strings.Contains(sp.KernelArgs, "smol.net=") {
 		sp.KernelArgs = strings.TrimSpace(sp.KernelArgs + " smol.net=1")
 	}
-	os.MkdirAll(sp.Dir, 0o755)
-	os.MkdirAll(sp.RunDir, 0o755)
+	os.MkdirAll(sp.Dir, 0o700)
+	os.MkdirAll(sp.RunDir, 0o700)
 	return sp
 }
 
@@ -108,8 +108,8 @@ func (s *suite) derived(src backend.Spec, id string) backend.Spec {
 	if sp.Disk != "" {
 		sp.Disk = filepath.Join(sp.Dir, filepath.Base(src.Disk))
 	}
-	os.MkdirAll(sp.Dir, 0o755)
-	os.MkdirAll(sp.RunDir, 0o755)
+	os.MkdirAll(sp.Dir, 0o700)
+	os.MkdirAll(sp.RunDir, 0o700)
 	return sp
 }
 

@@ -51,7 +51,7 @@ func copyDisk(ctx context.Context, src, dst string) (method string, err error) {
 			return "", fmt.Errorf("copy %s: %w", src, err)
 		}
 	}
-	if err = tmp.Chmod(0o644); err != nil {
+	if err = tmp.Chmod(0o600); err != nil {
 		return "", err
 	}
 	if err = tmp.Sync(); err != nil {

@@ -146,7 +146,7 @@ func (b *Backend) Prepare(ctx context.Context, spec backend.Spec) error {
 	if _, err := os.Stat(spec.BaseDisk); err != nil {
 		return fmt.Errorf("firecracker: prepare: %w: %v", backend.ErrBackingMissing, err)
 	}
-	if err := os.MkdirAll(filepath.Dir(spec.Disk), 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Dir(spec.Disk), 0o700); err != nil {
 		return fmt.Errorf("firecracker: prepare: %w", err)
 	}
 	ctx, cancel := withDefaultTimeout(ctx, b.snapTTL)

@@ -66,7 +66,7 @@ func (p *proc) fail(op string, err error, spec backend.Spec) error {
 // spec.Disk (when there is a disk), and returns once the API answers. On error nothing is left.
 func (b *Backend) launch(ctx context.Context, spec backend.Spec) (*proc, error) {
 	for _, d := range []string{spec.Dir, spec.RunDir} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
+		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("firecracker: %w", err)
 		}
 	}
@@ -98,7 +98,7 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec) (*proc, error) 
 	if _, err := os.Lstat(filepath.Join(spec.Dir, consoleName)); errors.Is(err, fs.ErrNotExist) {
 		_ = os.Symlink(logName, filepath.Join(spec.Dir, consoleName))
 	}
-	logf, err := os.OpenFile(filepath.Join(spec.Dir, logName), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	logf, err := os.OpenFile(filepath.Join(spec.Dir, logName), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		cleanup(spec)
 		return nil, fmt.Errorf("firecracker: %w", err)
@@ -128,7 +128,7 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec) (*proc, error) 
 		p.state = cmd.ProcessState
 		close(p.exited)
 	}()
-	if err := os.WriteFile(filepath.Join(spec.Dir, pidName), []byte(strconv.Itoa(p.pid)+"\n"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(spec.Dir, pidName), []byte(strconv.Itoa(p.pid)+"\n"), 0o600); err != nil {
 		p.kill()
 		cleanup(spec)
 		return nil, fmt.Errorf("firecracker: pid file: %w", err)

@@ -77,7 +77,7 @@ func (b *Backend) Snapshot(ctx context.Context, m backend.Machine, kind backend.
 		meta.FirecrackerVersion = v
 	}
 	mb, _ := json.MarshalIndent(meta, "", "  ")
-	if err := os.WriteFile(filepath.Join(dir, metaFile), append(mb, '\n'), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, metaFile), append(mb, '\n'), 0o600); err != nil {
 		return backend.SnapshotResult{}, fmt.Errorf("firecracker: snapshot: %w", err)
 	}
 	if err := syncFiles(state, mem, filepath.Join(dir, metaFile)); err != nil {
@@ -179,7 +179,7 @@ func (b *Backend) Restore(ctx context.Context, req backend.RestoreRequest) (back
 	tctx, cancel := withDefaultTimeout(ctx, b.snapTTL)
 	defer cancel()
 	if diskArt != "" {
-		if err := os.MkdirAll(filepath.Dir(spec.Disk), 0o755); err != nil {
+		if err := os.MkdirAll(filepath.Dir(spec.Disk), 0o700); err != nil {
 			return backend.Machine{}, fmt.Errorf("firecracker: restore: %w", err)
 		}
 		if _, err := copyDisk(tctx, diskArt, spec.Disk); err != nil {

@@ -76,7 +76,7 @@ func runIP(ctx context.Context, args ...string) error {
 
 // noteLog appends a "smolvm:" line to DIR/firecracker.log.
 func noteLog(dir, msg string) {
-	f, err := os.OpenFile(filepath.Join(dir, logName), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	f, err := os.OpenFile(filepath.Join(dir, logName), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return
 	}

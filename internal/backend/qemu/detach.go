@@ -29,6 +29,10 @@ func (b *Backend) Detach(ctx context.Context, m backend.Machine) error {
 		os.Remove(tmp)
 		return err
 	}
+	if err := private(tmp); err != nil { // qemu-img creates it 0644
+		os.Remove(tmp)
+		return err
+	}
 	if err := syncFile(tmp); err != nil {
 		os.Remove(tmp)
 		return err

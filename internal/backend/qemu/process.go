@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 	"github.com/smolvm-go/smolvm/internal/procfs"
 	"github.com/smolvm-go/smolvm/internal/qmp"
 )
@@ -31,8 +32,11 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 	if err != nil {
 		return backend.Machine{}, err
 	}
-	for _, d := range []string{spec.Dir, spec.RunDir} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
+	// Private (0700, ours, checked): the VM dir, the run dir and the run
+	// dir's parent (smolvm's base run dir, e.g. /tmp/smolvm-UID, which
+	// another local user could otherwise pre-create and plant sockets in).
+	for _, d := range []string{spec.Dir, filepath.Dir(spec.RunDir), spec.RunDir} {
+		if err := fsutil.PrivateDir(d); err != nil {
 			return backend.Machine{}, fmt.Errorf("qemu: start: %w", err)
 		}
 	}
@@ -51,6 +55,15 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 			return backend.Machine{}, err
 		}
 		removeQuiet(l.MemoryFile) // a fresh boot or a stream restore starts from zeroed RAM
+		// QEMU would create it 0644: made here, empty and 0600, QEMU
+		// opens it as found and sizes it.
+		if err := ensurePrivateFile(l.MemoryFile); err != nil {
+			return backend.Machine{}, fmt.Errorf("qemu: start: guest RAM file: %w", err)
+		}
+	}
+	// The console log: QEMU appends to it as found (else creates it 0644).
+	if err := ensurePrivateFile(consoleLog(spec.Dir)); err != nil {
+		return backend.Machine{}, fmt.Errorf("qemu: start: %w", err)
 	}
 
 	m := backend.Machine{
@@ -67,7 +80,10 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 	if err != nil {
 		return backend.Machine{}, err
 	}
-	logf, err := os.OpenFile(qemuLog(spec.Dir), os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
+	logf, err := os.OpenFile(qemuLog(spec.Dir), os.O_CREATE|os.O_TRUNC|os.O_WRONLY|syscall.O_NOFOLLOW, 0o600)
+	if err == nil {
+		err = logf.Chmod(0o600) // a log from an earlier run may be 0644
+	}
 	if err != nil {
 		return backend.Machine{}, fmt.Errorf("qemu: start: %w", err)
 	}
@@ -350,7 +366,9 @@ func (b *Backend) Stop(ctx context.Context, m backend.Machine) error {
 // cleanup removes what a stopped VM leaves behind: sockets, pid file and its
 // own shared RAM file (never a snapshot image it mapped privately).
 func (b *Backend) cleanup(m backend.Machine) {
-	if m.RunDir != "" {
+	// Nothing is removed through a run dir or RAM dir that is not ours
+	// (launch refused to start in it; it may point anywhere).
+	if m.RunDir != "" && fsutil.CheckPrivateDir(m.RunDir) == nil {
 		removeQuiet(qmpSocket(m.RunDir), filepath.Join(m.RunDir, chrootDirName))
 		for k := 0; k < AgentPorts; k++ {
 			removeQuiet(agentPortSocket(m.RunDir, k), filepath.Join(m.RunDir, fmt.Sprintf("agent.%d.lock", k)))
@@ -367,12 +385,29 @@ func (b *Backend) cleanup(m backend.Machine) {
 			m.MemoryFile, m.MemoryShared = p, true
 		}
 	}
-	if m.MemoryShared && m.MemoryFile != "" {
+	if m.MemoryShared && m.MemoryFile != "" && fsutil.CheckPrivateDir(filepath.Dir(m.MemoryFile)) == nil {
 		removeQuiet(m.MemoryFile)
 		if d := filepath.Dir(m.MemoryFile); strings.HasPrefix(filepath.Base(d), "smolvm-") {
 			os.Remove(d) // only if empty
 		}
 	}
+}
+
+// ensurePrivateFile makes path an existing regular file with mode 0600 (created
+// empty when missing; a file from an earlier run keeps its content), without
+// following a symlink at path.
+func ensurePrivateFile(path string) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0o600)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err != nil {
+		return err
+	} else if !st.Mode().IsRegular() {
+		return fmt.Errorf("%s is not a regular file (%v); remove it", path, st.Mode().Type())
+	}
+	return f.Chmod(0o600)
 }
 
 func removeQuiet(paths ...string) {

@@ -15,10 +15,9 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/cgroup"
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 	"github.com/smolvm-go/smolvm/internal/qmp"
 )
 
@@ -135,7 +134,7 @@ func lookBinary(override, name string) (string, error) {
 // It refuses to overwrite an existing disk.
 func (b *Backend) Prepare(ctx context.Context, spec backend.Spec) error {
 	if spec.Dir != "" {
-		if err := os.MkdirAll(spec.Dir, 0o755); err != nil {
+		if err := fsutil.PrivateDir(spec.Dir); err != nil {
 			return fmt.Errorf("qemu: prepare: %w", err)
 		}
 	}
@@ -233,11 +232,17 @@ func (b *Backend) memoryFile(spec backend.Spec) (string, error) {
 	return filepath.Join(b.opts.MemoryDir, "smolvm-"+hex.EncodeToString(sum[:8]), "ram"), nil
 }
 
-// prepareMemoryFile creates the RAM file's directory, or moves the file
-// into RunDir when that fails. It returns the path to use.
+// prepareMemoryFile creates the RAM file's directory (private: 0700, ours,
+// checked), or moves the file into RunDir when MemoryDir is unusable. A RAM
+// dir that exists but is not private (another user may have pre-created it
+// to read the guest's memory) is refused. It returns the path to use.
 func prepareMemoryFile(path, runDir string) (string, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err == nil {
+	err := fsutil.PrivateDir(filepath.Dir(path))
+	if err == nil {
 		return path, nil
+	}
+	if errors.Is(err, fsutil.ErrUnsafe) {
+		return "", fmt.Errorf("qemu: guest RAM dir: %w", err)
 	}
 	if runDir == "" {
 		return "", errors.New("qemu: no usable directory for the guest RAM file")
@@ -253,9 +258,9 @@ func prepareMemoryFile(path, runDir string) (string, error) {
 func (b *Backend) DialAgent(ctx context.Context, m backend.Machine) (net.Conn, error) {
 	for {
 		for k := 0; k < AgentPorts; k++ {
-			lock, err := tryLock(filepath.Join(m.RunDir, fmt.Sprintf("agent.%d.lock", k)))
+			lock, err := fsutil.TryLock(filepath.Join(m.RunDir, fmt.Sprintf("agent.%d.lock", k)))
 			if err != nil {
-				if errors.Is(err, errBusy) {
+				if errors.Is(err, fsutil.ErrBusy) {
 					continue
 				}
 				if !processAlive(m) {
@@ -280,24 +285,6 @@ func (b *Backend) DialAgent(ctx context.Context, m backend.Machine) (net.Conn, e
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-}
-
-var errBusy = errors.New("busy")
-
-// tryLock takes an exclusive flock on path without blocking.
-func tryLock(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		return nil, err
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, errBusy
-		}
-		return nil, err
-	}
-	return f, nil
 }
 
 // lockedConn releases its agent port's lock when closed.

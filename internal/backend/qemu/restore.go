@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
 
 // Restore starts a new QEMU from a snapshot. Memory snapshots are loaded
@@ -103,7 +104,7 @@ func (b *Backend) restore(ctx context.Context, req backend.RestoreRequest, h hel
 	}
 
 	// New writable overlay over the snapshot's disk.
-	if err := os.MkdirAll(spec.Dir, 0o755); err != nil {
+	if err := fsutil.PrivateDir(spec.Dir); err != nil {
 		return backend.Machine{}, fmt.Errorf("qemu: restore: %w", err)
 	}
 	createdDisk := ""
