@@ -183,7 +183,7 @@ func newClient(ctx context.Context, conn net.Conn, cfg config) (*Client, error) 
 	stop := context.AfterFunc(ctx, func() { conn.SetReadDeadline(time.Unix(1, 0)) })
 	var m message
 	for {
-		line, err := r.ReadBytes('\n')
+		line, err := readLine(r)
 		if err != nil {
 			stop()
 			return nil, handshakeErr(ctx, "read greeting", err)
@@ -241,12 +241,36 @@ func (c *Client) Version() Version { return c.version }
 // Done is closed when the connection ends (Close, or QEMU hung up).
 func (c *Client) Done() <-chan struct{} { return c.done }
 
+// MaxLine bounds one message from QEMU. The largest reply we ask for,
+// query-qmp-schema, is about 210 KB on QEMU 10; a QEMU taken over by its
+// guest is hostile, so a longer line ends the connection instead of
+// growing host memory without end.
+const MaxLine = 16 << 20
+
+// ErrLineTooLong is wrapped when QEMU sends a message over MaxLine.
+var ErrLineTooLong = errors.New("qmp: message from QEMU exceeds the size limit")
+
+// readLine reads one newline-terminated message of at most MaxLine bytes.
+func readLine(r *bufio.Reader) ([]byte, error) {
+	var line []byte
+	for {
+		frag, err := r.ReadSlice('\n')
+		if len(line)+len(frag) > MaxLine {
+			return nil, fmt.Errorf("%w (%d bytes)", ErrLineTooLong, MaxLine)
+		}
+		line = append(line, frag...)
+		if err != bufio.ErrBufferFull {
+			return line, err
+		}
+	}
+}
+
 func (c *Client) readLoop(r *bufio.Reader) {
 	var err error
 	for {
 		var line []byte
-		line, err = r.ReadBytes('\n')
-		if len(line) > 0 {
+		line, err = readLine(r)
+		if len(line) > 0 && err == nil {
 			c.dispatch(line)
 		}
 		if err != nil {
@@ -255,7 +279,7 @@ func (c *Client) readLoop(r *bufio.Reader) {
 	}
 	c.mu.Lock()
 	if c.err == nil {
-		c.err = fmt.Errorf("%w: %v", ErrClosed, err)
+		c.err = fmt.Errorf("%w: %w", ErrClosed, err)
 	}
 	pending := c.pending
 	c.pending = nil
