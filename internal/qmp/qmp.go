@@ -258,6 +258,11 @@ func readLine(r *bufio.Reader) ([]byte, error) {
 		if len(line)+len(frag) > MaxLine {
 			return nil, fmt.Errorf("%w (%d bytes)", ErrLineTooLong, MaxLine)
 		}
+		if cap(line)-len(line) < len(frag) { // grow by doubling, up to MaxLine
+			grown := make([]byte, len(line), min(max(2*cap(line), len(line)+len(frag)), MaxLine))
+			copy(grown, line)
+			line = grown
+		}
 		line = append(line, frag...)
 		if err != bufio.ErrBufferFull {
 			return line, err
