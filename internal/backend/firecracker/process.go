@@ -311,6 +311,6 @@ func logTail(dir string) string {
 	if st, err := f.Stat(); err == nil && st.Size() > n {
 		_, _ = f.Seek(-n, io.SeekEnd)
 	}
-	b, _ := io.ReadAll(f)
+	b, _ := io.ReadAll(io.LimitReader(f, n)) // the log may grow meanwhile
 	return strings.TrimSpace(string(b))
 }
