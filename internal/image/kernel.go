@@ -12,6 +12,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
 
 // Kernel flavors.
@@ -231,7 +233,7 @@ func (b *builder) ensureVmlinux(ctx context.Context, km kernelManifest) (kernelM
 	if err := ExtractVmlinux(filepath.Join(b.dir, filepath.FromSlash(km.Kernel.Path)), tmp); err != nil {
 		return km, err
 	}
-	if err := fsyncPath(tmp); err != nil {
+	if err := fsutil.SyncFile(tmp); err != nil {
 		return km, err
 	}
 	if err := os.Rename(tmp, filepath.Join(kdir, "vmlinux")); err != nil {
@@ -357,7 +359,7 @@ func (b *builder) downloadDeb(ctx context.Context, pkg, ver, wantSum string) (st
 			return "", fmt.Errorf("%s: sha256 %s, apt says %s", filepath.Base(got[0]), sum, wantSum)
 		}
 	}
-	if err := fsyncPath(got[0]); err != nil {
+	if err := fsutil.SyncFile(got[0]); err != nil {
 		return "", err
 	}
 	final := filepath.Join(dl, filepath.Base(got[0]))
@@ -367,5 +369,5 @@ func (b *builder) downloadDeb(ctx context.Context, pkg, ver, wantSum string) (st
 	if err := os.Chmod(final, 0o644); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return "", err
 	}
-	return final, fsyncPath(dl)
+	return final, fsutil.SyncDir(dl)
 }

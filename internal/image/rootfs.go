@@ -9,6 +9,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
 
 // Image names.
@@ -258,7 +260,7 @@ func makeExt4(ctx context.Context, b *builder, stage, img string, size int64) er
 	if err != nil {
 		return err
 	}
-	return fsyncPath(img)
+	return fsutil.SyncFile(img)
 }
 
 // isStaticELF reports whether path is an ELF executable without a program
