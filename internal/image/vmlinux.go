@@ -11,6 +11,9 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"slices"
+
+	"github.com/pierrec/lz4/v4"
 )
 
 // compression formats a bzImage payload can use, by magic.
@@ -171,10 +174,16 @@ func writeVmlinux(dst string, b []byte) error {
 // lz4LegacyMagic starts an LZ4 "legacy" stream, the format kbuild uses.
 const lz4LegacyMagic = 0x184c2102
 
+// lz4LegacyBlockMax is the most one legacy block decodes to (8 MiB, fixed
+// by the format).
+const lz4LegacyBlockMax = 8 << 20
+
 // decompressLZ4Legacy decodes an LZ4 legacy stream: the magic, then blocks
 // each preceded by its compressed size (uint32 LE), each decoding
-// independently. Data that cannot be a block (such as the uncompressed
-// size kbuild appends) ends the stream.
+// independently (lz4.UncompressBlock). Data that cannot be a block (such as
+// the uncompressed size kbuild appends) ends the stream. The framing is
+// read here rather than by lz4.Reader so that trailing bytes after the
+// stream inside a bzImage end it instead of failing it.
 func decompressLZ4Legacy(p []byte) ([]byte, error) {
 	if len(p) < 4 || binary.LittleEndian.Uint32(p) != lz4LegacyMagic {
 		return nil, errors.New("lz4: no legacy magic")
@@ -190,72 +199,16 @@ func decompressLZ4Legacy(p []byte) ([]byte, error) {
 		if n == 0 || uint64(n) > uint64(len(p)-4) {
 			break
 		}
-		var err error
-		out, err = lz4Block(out, p[4:4+n])
+		out = slices.Grow(out, lz4LegacyBlockMax)
+		k, err := lz4.UncompressBlock(p[4:4+n], out[len(out):len(out)+lz4LegacyBlockMax])
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("lz4: corrupt block: %w", err)
 		}
+		out = out[:len(out)+k]
 		p = p[4+n:]
 	}
 	if len(out) == 0 {
 		return nil, errors.New("lz4: empty stream")
 	}
 	return out, nil
-}
-
-// lz4Block appends the decoding of one LZ4 block to dst.
-func lz4Block(dst, src []byte) ([]byte, error) {
-	corrupt := errors.New("lz4: corrupt block")
-	// readLen extends a 4-bit length with 255-continued bytes.
-	readLen := func(n int, i *int) (int, bool) {
-		if n != 15 {
-			return n, true
-		}
-		for {
-			if *i >= len(src) {
-				return 0, false
-			}
-			b := src[*i]
-			*i++
-			n += int(b)
-			if b != 255 {
-				return n, true
-			}
-		}
-	}
-	for i := 0; i < len(src); {
-		token := src[i]
-		i++
-		lit, ok := readLen(int(token>>4), &i)
-		if !ok || lit > len(src)-i {
-			return nil, corrupt
-		}
-		dst = append(dst, src[i:i+lit]...)
-		i += lit
-		if i == len(src) {
-			break // the last sequence has literals only
-		}
-		if i+2 > len(src) {
-			return nil, corrupt
-		}
-		off := int(src[i]) | int(src[i+1])<<8
-		i += 2
-		ml, ok := readLen(int(token&15), &i)
-		if !ok {
-			return nil, corrupt
-		}
-		ml += 4
-		if off == 0 || off > len(dst) {
-			return nil, corrupt
-		}
-		start := len(dst) - off
-		if off >= ml {
-			dst = append(dst, dst[start:start+ml]...)
-		} else {
-			for k := 0; k < ml; k++ { // overlapping copy repeats the pattern
-				dst = append(dst, dst[start+k])
-			}
-		}
-	}
-	return dst, nil
 }
