@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/smolvm-go/smolvm/internal/qmp/qmptest"
 )
 
 // TestRealQEMUAddFD hands a file to a real QEMU with add-fd and checks that
@@ -20,7 +22,7 @@ func TestRealQEMUAddFD(t *testing.T) {
 	if err != nil {
 		t.Skip("qemu-system-x86_64 not installed")
 	}
-	dir := shortDir(t)
+	dir := qmptest.ShortDir(t)
 	sock := filepath.Join(dir, "qmp.sock")
 	cmd := exec.Command(qemu, "-M", "none", "-nodefaults", "-display", "none",
 		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
@@ -89,7 +91,7 @@ func TestExecuteWithFileNeedsUnixSocket(t *testing.T) {
 	a, b := net.Pipe()
 	defer b.Close()
 	go func() {
-		b.Write([]byte(`{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}` + "\n"))
+		b.Write([]byte(qmptest.Greeting + "\n"))
 		buf := make([]byte, 4096)
 		n, _ := b.Read(buf) // qmp_capabilities
 		_ = n
