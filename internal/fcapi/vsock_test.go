@@ -18,7 +18,7 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/fcapi"
-	"github.com/smolvm-go/smolvm/internal/fcapi/fctest"
+	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
 // vsockListener serves the handshake on a unix socket. reply decides, per
@@ -78,7 +78,7 @@ func roundTrip(t *testing.T, c net.Conn, msg string) {
 }
 
 func TestVsockHandshake(t *testing.T) {
-	sock := filepath.Join(fctest.ShortDir(t), "v.sock")
+	sock := filepath.Join(testutil.ShortDir(t), "v.sock")
 	vsockListener(t, sock, "1024", func(int) ([]byte, bool) { return []byte("OK 1073741824\n"), true })
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -96,7 +96,7 @@ func TestVsockHandshake(t *testing.T) {
 // The guest's first bytes arrive in the same read as the OK line: they must
 // come out of the returned conn, before anything read later.
 func TestVsockHandshakeKeepsBytesAfterOK(t *testing.T) {
-	sock := filepath.Join(fctest.ShortDir(t), "v.sock")
+	sock := filepath.Join(testutil.ShortDir(t), "v.sock")
 	vsockListener(t, sock, "1024", func(int) ([]byte, bool) { return []byte("OK 1234\nHELLO from guest\n"), true })
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -135,7 +135,7 @@ func TestVsockHandshakeKeepsBytesAfterOK(t *testing.T) {
 // Firecracker closes the host connection while nothing listens on the guest
 // port: Dial retries until the guest listener is up.
 func TestVsockRetriesUntilGuestListens(t *testing.T) {
-	sock := filepath.Join(fctest.ShortDir(t), "v.sock")
+	sock := filepath.Join(testutil.ShortDir(t), "v.sock")
 	count := vsockListener(t, sock, "52", func(n int) ([]byte, bool) {
 		if n < 3 {
 			return nil, false
@@ -157,7 +157,7 @@ func TestVsockRetriesUntilGuestListens(t *testing.T) {
 
 // The socket appears only after Firecracker starts the VM.
 func TestVsockRetriesUntilSocketExists(t *testing.T) {
-	sock := filepath.Join(fctest.ShortDir(t), "v.sock")
+	sock := filepath.Join(testutil.ShortDir(t), "v.sock")
 	go func() {
 		time.Sleep(150 * time.Millisecond)
 		vsockListener(t, sock, "1024", func(int) ([]byte, bool) { return []byte("OK 1\n"), true })
@@ -172,7 +172,7 @@ func TestVsockRetriesUntilSocketExists(t *testing.T) {
 }
 
 func TestVsockGivesUp(t *testing.T) {
-	sock := filepath.Join(fctest.ShortDir(t), "v.sock")
+	sock := filepath.Join(testutil.ShortDir(t), "v.sock")
 	vsockListener(t, sock, "1024", func(int) ([]byte, bool) { return nil, false })
 
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
@@ -192,7 +192,7 @@ func TestVsockGivesUp(t *testing.T) {
 
 func TestVsockBadReplies(t *testing.T) {
 	for _, reply := range []string{"ERR no\n", "OK\n", "OK abc\n", strings.Repeat("O", 100)} {
-		sock := filepath.Join(fctest.ShortDir(t), "v.sock")
+		sock := filepath.Join(testutil.ShortDir(t), "v.sock")
 		vsockListener(t, sock, "7", func(int) ([]byte, bool) { return []byte(reply), true })
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		_, err := fcapi.VsockDialer{Path: sock}.DialOnce(ctx, 7)
@@ -205,7 +205,7 @@ func TestVsockBadReplies(t *testing.T) {
 
 // A handshake that never answers is bounded by the per-attempt timeout.
 func TestVsockHandshakeTimeout(t *testing.T) {
-	sock := filepath.Join(fctest.ShortDir(t), "v.sock")
+	sock := filepath.Join(testutil.ShortDir(t), "v.sock")
 	block := make(chan struct{})
 	defer close(block)
 	vsockListener(t, sock, "7", func(int) ([]byte, bool) { <-block; return nil, false })

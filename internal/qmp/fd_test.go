@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/qmp/qmptest"
+	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
 // TestRealQEMUAddFD hands a file to a real QEMU with add-fd and checks that
@@ -22,7 +23,7 @@ func TestRealQEMUAddFD(t *testing.T) {
 	if err != nil {
 		t.Skip("qemu-system-x86_64 not installed")
 	}
-	dir := qmptest.ShortDir(t)
+	dir := testutil.ShortDir(t)
 	sock := filepath.Join(dir, "qmp.sock")
 	cmd := exec.Command(qemu, "-M", "none", "-nodefaults", "-display", "none",
 		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",

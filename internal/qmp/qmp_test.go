@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/qmp/qmptest"
+	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
 func TestExecuteAndErrors(t *testing.T) {
@@ -116,7 +117,7 @@ func TestConcurrentOutOfOrder(t *testing.T) {
 }
 
 func TestDialRetriesUntilSocketAppears(t *testing.T) {
-	path := filepath.Join(qmptest.ShortDir(t), "late.sock")
+	path := filepath.Join(testutil.ShortDir(t), "late.sock")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	go func() {
@@ -137,7 +138,7 @@ func TestDialRetriesUntilSocketAppears(t *testing.T) {
 	// Nobody ever listens: Dial ends with the context.
 	ctx2, cancel2 := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel2()
-	if _, err := Dial(ctx2, filepath.Join(qmptest.ShortDir(t), "never.sock")); !errors.Is(err, context.DeadlineExceeded) {
+	if _, err := Dial(ctx2, filepath.Join(testutil.ShortDir(t), "never.sock")); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("want deadline exceeded, got %v", err)
 	}
 }
@@ -147,7 +148,7 @@ func TestDialRetriesUntilSocketAppears(t *testing.T) {
 // anything else in place of the greeting is still an error.
 func TestEventBeforeGreeting(t *testing.T) {
 	serve := func(first string) string {
-		path := filepath.Join(qmptest.ShortDir(t), "q.sock")
+		path := filepath.Join(testutil.ShortDir(t), "q.sock")
 		ln, err := net.Listen("unix", path)
 		if err != nil {
 			t.Fatal(err)
@@ -158,20 +159,7 @@ func TestEventBeforeGreeting(t *testing.T) {
 			if err != nil {
 				return
 			}
-			defer conn.Close()
-			conn.Write([]byte(first + "\r\n"))
-			conn.Write([]byte(qmptest.Greeting + "\r\n"))
-			r := bufio.NewReader(conn)
-			for {
-				line, err := r.ReadBytes('\n')
-				if err != nil {
-					return
-				}
-				var req map[string]any
-				json.Unmarshal(line, &req)
-				id, _ := json.Marshal(req["id"])
-				conn.Write([]byte(fmt.Sprintf(`{"return": {}, "id": %s}`+"\r\n", id)))
-			}
+			qmptest.ServeConn(conn, nil, first)
 		}()
 		return path
 	}
@@ -192,7 +180,7 @@ func TestEventBeforeGreeting(t *testing.T) {
 
 func TestGreetingTimeout(t *testing.T) {
 	// A socket that accepts but never greets (QEMU busy with another client).
-	path := filepath.Join(qmptest.ShortDir(t), "mute.sock")
+	path := filepath.Join(testutil.ShortDir(t), "mute.sock")
 	ln, err := net.Listen("unix", path)
 	if err != nil {
 		t.Fatal(err)
@@ -215,7 +203,7 @@ func TestGreetingTimeout(t *testing.T) {
 
 func TestServerHangupFailsPending(t *testing.T) {
 	// A raw listener so we control the hangup.
-	path := filepath.Join(qmptest.ShortDir(t), "hup.sock")
+	path := filepath.Join(testutil.ShortDir(t), "hup.sock")
 	ln, err := net.Listen("unix", path)
 	if err != nil {
 		t.Fatal(err)
@@ -260,7 +248,7 @@ func TestRealQEMUSchema(t *testing.T) {
 	if err != nil {
 		t.Skip("qemu-system-x86_64 not installed")
 	}
-	dir := qmptest.ShortDir(t)
+	dir := testutil.ShortDir(t)
 	sock := filepath.Join(dir, "qmp.sock")
 	cmd := exec.Command(qemu, "-M", "none", "-nodefaults", "-display", "none",
 		"-qmp", "unix:"+sock+",server=on,wait=off")

@@ -5,30 +5,18 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"path/filepath"
 	"sync"
 	"testing"
-)
 
-// ShortDir returns a temporary directory with a path short enough for unix
-// sockets (t.TempDir embeds the test name and can exceed sun_path),
-// removed when the test ends.
-func ShortDir(t testing.TB) string {
-	t.Helper()
-	d, err := os.MkdirTemp("", "fcapi")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return d
-}
+	"github.com/smolvm-go/smolvm/internal/testutil"
+)
 
 // UnixServer serves h on a fresh unix socket until the test ends and
 // returns the socket's path.
 func UnixServer(t testing.TB, h http.Handler) string {
 	t.Helper()
-	sock := filepath.Join(ShortDir(t), "api.sock")
+	sock := filepath.Join(testutil.ShortDir(t), "api.sock")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)

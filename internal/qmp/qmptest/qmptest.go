@@ -10,10 +10,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
-	"os"
 	"path/filepath"
 	"sync"
 	"testing"
+
+	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
 // Greeting is the line the server sends first on every connection.
@@ -47,25 +48,12 @@ func ID(req map[string]any) string {
 	return string(id)
 }
 
-// ShortDir returns a temporary directory under /tmp with a path short
-// enough for unix sockets (t.TempDir embeds the test name and can exceed
-// sun_path), removed when the test ends.
-func ShortDir(t testing.TB) string {
-	t.Helper()
-	d, err := os.MkdirTemp("/tmp", "qmpt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return d
-}
-
-// Start listens on the unix socket path (a fresh one in a ShortDir when
-// path is "") and serves h there until the test ends. It returns the path.
+// Start listens on the unix socket path (a fresh one in a testutil.ShortDir
+// when path is "") and serves h there until the test ends. It returns the path.
 func Start(t testing.TB, path string, h Handler) string {
 	t.Helper()
 	if path == "" {
-		path = filepath.Join(ShortDir(t), "qmp.sock")
+		path = filepath.Join(testutil.ShortDir(t), "qmp.sock")
 	}
 	ln, err := net.Listen("unix", path)
 	if err != nil {
@@ -77,27 +65,33 @@ func Start(t testing.TB, path string, h Handler) string {
 }
 
 // Serve accepts connections on ln until it is closed and serves each with
-// h. A nil h answers every request with an empty return.
+// h (ServeConn).
 func Serve(ln net.Listener, h Handler) {
-	if h == nil {
-		h = func(write func(string), req map[string]any) { write(Return(req, "")) }
-	}
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			return
 		}
-		go serveConn(conn, h)
+		go ServeConn(conn, h)
 	}
 }
 
-func serveConn(conn net.Conn, h Handler) {
+// ServeConn serves one connection until the client hangs up, then closes
+// it. The lines of preamble go out before the greeting (QEMU can emit an
+// event there). A nil h answers every request with an empty return.
+func ServeConn(conn net.Conn, h Handler, preamble ...string) {
+	if h == nil {
+		h = func(write func(string), req map[string]any) { write(Return(req, "")) }
+	}
 	defer conn.Close()
 	var wmu sync.Mutex
 	write := func(s string) {
 		wmu.Lock()
 		defer wmu.Unlock()
 		conn.Write([]byte(s + "\r\n"))
+	}
+	for _, l := range preamble {
+		write(l)
 	}
 	write(Greeting)
 	r := bufio.NewReader(conn)
