@@ -112,26 +112,19 @@ func publishDir(tmp, final string) error {
 	return nil
 }
 
-// copyFile copies src to dst (created with perm), fsyncing dst.
+// copyFile replaces dst atomically (fsutil.Write: temp, fsync, rename,
+// dir fsync) with a copy of src, mode perm masked by the umask as if
+// created with it.
 func copyFile(src, dst string, perm os.FileMode) error {
 	in, err := os.Open(src)
 	if err != nil {
 		return err
 	}
 	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, perm)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	if err := out.Sync(); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
+	return fsutil.Write(dst, func(w io.Writer) (os.FileMode, error) {
+		_, err := io.Copy(w, in)
+		return fsutil.HostMode(perm), err
+	})
 }
 
 // fileLock is an exclusive flock on a file (fsutil.Lock).

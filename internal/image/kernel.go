@@ -228,15 +228,8 @@ func (b *builder) ensureVmlinux(ctx context.Context, km kernelManifest) (kernelM
 	}
 	b.step("kernel: extracting vmlinux", 0.5)
 	kdir := filepath.Join(b.dir, "kernels", km.ID)
-	tmp := filepath.Join(kdir, ".vmlinux.tmp")
-	defer os.Remove(tmp)
-	if err := ExtractVmlinux(filepath.Join(b.dir, filepath.FromSlash(km.Kernel.Path)), tmp); err != nil {
-		return km, err
-	}
-	if err := fsutil.SyncFile(tmp); err != nil {
-		return km, err
-	}
-	if err := os.Rename(tmp, filepath.Join(kdir, "vmlinux")); err != nil {
+	// ExtractVmlinux writes atomically: no half-written vmlinux is seen.
+	if err := ExtractVmlinux(filepath.Join(b.dir, filepath.FromSlash(km.Kernel.Path)), filepath.Join(kdir, "vmlinux")); err != nil {
 		return km, err
 	}
 	f, err := fileSumAs(kdir, "vmlinux", filepath.ToSlash(filepath.Join("kernels", km.ID, "vmlinux")))

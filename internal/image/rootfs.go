@@ -324,10 +324,7 @@ func (b *builder) staticBusybox(ctx context.Context) (string, string, error) {
 		if src == "" {
 			return "", "", fmt.Errorf("%s: no static busybox inside", deb)
 		}
-		if err := copyFile(src, dst+".tmp", 0o755); err != nil {
-			return "", "", err
-		}
-		if err := os.Rename(dst+".tmp", dst); err != nil {
+		if err := copyFile(src, dst, 0o755); err != nil {
 			return "", "", err
 		}
 	}

@@ -14,6 +14,8 @@ import (
 	"slices"
 
 	"github.com/pierrec/lz4/v4"
+
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
 
 // compression formats a bzImage payload can use, by magic.
@@ -30,8 +32,8 @@ var payloadMagics = []struct {
 }
 
 // ExtractVmlinux writes the uncompressed ELF kernel contained in the bzImage
-// at src to dst. It uses the payload_offset/payload_length fields of the
-// x86 boot header when present and otherwise scans for a compression magic.
+// at src to dst, atomically (fsutil.WriteFile). It uses the
+// payload_offset/payload_length fields of the x86 boot header when present and otherwise scans for a compression magic.
 // gzip, bzip2 and lz4 (the Debian cloud kernel's format) are decoded in
 // Go; xz, lzma and zstd through the host's xz or zstd tools.
 func ExtractVmlinux(src, dst string) error {
@@ -155,20 +157,10 @@ func externalDecompress(p []byte, tool string, args ...string) ([]byte, error) {
 	return out.Bytes(), nil
 }
 
+// writeVmlinux writes the kernel to dst atomically (fsutil.WriteFile),
+// mode 0644 masked by the umask.
 func writeVmlinux(dst string, b []byte) error {
-	f, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
+	return fsutil.WriteFile(dst, b, fsutil.HostMode(0o644))
 }
 
 // lz4LegacyMagic starts an LZ4 "legacy" stream, the format kbuild uses.
