@@ -241,21 +241,30 @@ func TestServerHangupFailsPending(t *testing.T) {
 	c.Close()
 }
 
-// TestRealQEMUSchema talks to a real QEMU (no guest: -M none) and reads the
-// ~200 KB query-qmp-schema reply, far over bufio.Scanner's 64 KiB default.
-func TestRealQEMUSchema(t *testing.T) {
+// startBareQEMU starts a real QEMU with no guest (-M none) and its QMP
+// socket in a fresh short dir, killed when the test ends; it skips when
+// QEMU is not installed.
+func startBareQEMU(t *testing.T, extra ...string) (dir, sock string, cmd *exec.Cmd) {
+	t.Helper()
 	qemu, err := exec.LookPath("qemu-system-x86_64")
 	if err != nil {
 		t.Skip("qemu-system-x86_64 not installed")
 	}
-	dir := testutil.ShortDir(t)
-	sock := filepath.Join(dir, "qmp.sock")
-	cmd := exec.Command(qemu, "-M", "none", "-nodefaults", "-display", "none",
-		"-qmp", "unix:"+sock+",server=on,wait=off")
+	dir = testutil.ShortDir(t)
+	sock = filepath.Join(dir, "qmp.sock")
+	args := append([]string{"-M", "none", "-nodefaults", "-display", "none"}, extra...)
+	cmd = exec.Command(qemu, append(args, "-qmp", "unix:"+sock+",server=on,wait=off")...)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return dir, sock, cmd
+}
+
+// TestRealQEMUSchema talks to a real QEMU (no guest: -M none) and reads the
+// ~200 KB query-qmp-schema reply, far over bufio.Scanner's 64 KiB default.
+func TestRealQEMUSchema(t *testing.T) {
+	_, sock, _ := startBareQEMU(t)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
