@@ -1,66 +1,18 @@
-// Package atomicfile writes files so that readers see either the old
-// content or the new, never a mix: a temp file in the same directory,
-// fsynced, renamed over the target, and the directory fsynced.
+// Package atomicfile is a forwarder to fsutil, kept only for the one call
+// in vm.go (edited on another branch while this one moved the helpers).
+//
+// Deprecated: use fsutil.Write / fsutil.WriteFile; delete this package
+// once vm.go calls fsutil.Write.
 package atomicfile
 
 import (
 	"io"
 	"os"
-	"path/filepath"
+
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
 
-// WriteFile atomically replaces path with data and mode perm.
-func WriteFile(path string, data []byte, perm os.FileMode) error {
-	return Write(path, func(w io.Writer) (os.FileMode, error) {
-		_, err := w.Write(data)
-		return perm, err
-	})
-}
-
-// Write atomically replaces path with what fill writes, and the mode fill
-// returns. Should fill fail, path is left as it was and nothing remains.
+// Write is fsutil.Write.
 func Write(path string, fill func(w io.Writer) (os.FileMode, error)) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp) // no-op once renamed
-	perm, err := fill(f)
-	if err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Chmod(perm); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	return SyncDir(dir)
-}
-
-// SyncDir fsyncs a directory (making renames in it durable).
-func SyncDir(dir string) error { return SyncFile(dir) }
-
-// SyncFile fsyncs a file (or directory) by path.
-func SyncFile(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	err = f.Sync()
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
+	return fsutil.Write(path, fill)
 }

@@ -1,165 +1,31 @@
-package fcapi
+package fcapi_test
 
 // PROTOCOL TEST — NOT A FIRECRACKER TEST.
 //
-// protoServer below is a stand-in written from the API documentation
+// fctest.Server is a stand-in written from the API documentation
 // (testdata/firecracker-api.yaml and the snapshot-support doc): 204 for
 // accepted PUT/PATCH, 400 with a fault_message for rejected ones, GET /
 // reporting the state machine "Not started" -> "Running" <-> "Paused", and
-// snapshot/load only on a fresh process. It checks that our client drives
+// snapshot/load only on a fresh process; the firecracker backend's fake VMM
+// runs the same one. These tests check that our client drives
 // the documented sequence with the documented bodies; it says nothing about
 // how a real Firecracker behaves. Real Firecracker runs only in the backend's
 // real test, which skips when no firecracker binary is on PATH.
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"net/http"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/smolvm-go/smolvm/internal/fcapi"
+	"github.com/smolvm-go/smolvm/internal/fcapi/fctest"
 )
 
-type protoServer struct {
-	mu         sync.Mutex
-	state      string
-	configured bool // something other than logger/metrics was configured
-	bootSource bool
-}
-
-func newProtoServer() *protoServer { return &protoServer{state: StateNotStarted} }
-
-func decodeStrict(r *http.Request, v any) error {
-	d := json.NewDecoder(r.Body)
-	d.DisallowUnknownFields()
-	return d.Decode(v)
-}
-
-func (s *protoServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	preBoot := func(v any) bool {
-		if s.state != StateNotStarted {
-			writeFault(w, 400, "The requested operation is not supported after starting the microVM.")
-			return false
-		}
-		if err := decodeStrict(r, v); err != nil {
-			writeFault(w, 400, "An error occurred when deserializing the json body of a request: "+err.Error())
-			return false
-		}
-		return true
-	}
-	key := r.Method + " " + r.URL.Path
-	switch {
-	case key == "GET /":
-		writeJSON(w, 200, InstanceInfo{AppName: "Firecracker", ID: "proto-vm", State: s.state, VMMVersion: "1.16.0"})
-	case key == "GET /version":
-		writeJSON(w, 200, FirecrackerVersion{FirecrackerVersion: "1.16.0"})
-	case key == "PUT /boot-source":
-		var b BootSource
-		if preBoot(&b) {
-			s.configured, s.bootSource = true, true
-			w.WriteHeader(204)
-		}
-	case key == "PUT /machine-config":
-		var m MachineConfig
-		if preBoot(&m) {
-			s.configured = true
-			w.WriteHeader(204)
-		}
-	case r.Method == "PUT" && strings.HasPrefix(r.URL.Path, "/drives/"):
-		var d Drive
-		if preBoot(&d) {
-			if d.DriveID != strings.TrimPrefix(r.URL.Path, "/drives/") {
-				writeFault(w, 400, "The id from the path does not match the id from the body!")
-				return
-			}
-			s.configured = true
-			w.WriteHeader(204)
-		}
-	case key == "PUT /vsock":
-		var v Vsock
-		if preBoot(&v) {
-			s.configured = true
-			w.WriteHeader(204)
-		}
-	case key == "PUT /actions":
-		var a InstanceActionInfo
-		if err := decodeStrict(r, &a); err != nil {
-			writeFault(w, 400, err.Error())
-			return
-		}
-		switch {
-		case a.ActionType != ActionInstanceStart:
-			writeFault(w, 400, "unsupported action in this protocol test")
-		case s.state != StateNotStarted:
-			writeFault(w, 400, "The requested operation is not supported after starting the microVM.")
-		case !s.bootSource:
-			writeFault(w, 400, "Cannot start microvm without kernel configuration.")
-		default:
-			s.state = StateRunning
-			w.WriteHeader(204)
-		}
-	case key == "PATCH /vm":
-		var v VM
-		if err := decodeStrict(r, &v); err != nil {
-			writeFault(w, 400, err.Error())
-			return
-		}
-		if s.state == StateNotStarted {
-			writeFault(w, 400, "The requested operation is not supported before starting the microVM.")
-			return
-		}
-		switch v.State {
-		case VMPaused:
-			s.state = StatePaused
-		case VMResumed:
-			s.state = StateRunning
-		default:
-			writeFault(w, 400, "unknown variant "+v.State)
-			return
-		}
-		w.WriteHeader(204)
-	case key == "PUT /snapshot/create":
-		var c SnapshotCreate
-		if err := decodeStrict(r, &c); err != nil {
-			writeFault(w, 400, err.Error())
-			return
-		}
-		if s.state != StatePaused {
-			writeFault(w, 400, "Cannot create snapshot: the microVM is not paused.")
-			return
-		}
-		w.WriteHeader(204)
-	case key == "PUT /snapshot/load":
-		var l SnapshotLoad
-		if err := decodeStrict(r, &l); err != nil {
-			writeFault(w, 400, err.Error())
-			return
-		}
-		if s.configured || s.state != StateNotStarted {
-			writeFault(w, 400, "Loading a microVM snapshot not allowed after configuring boot-specific resources.")
-			return
-		}
-		if l.MemBackend == nil {
-			writeFault(w, 400, "missing memory backend")
-			return
-		}
-		s.configured = true
-		s.state = StatePaused
-		if l.ResumeVM {
-			s.state = StateRunning
-		}
-		w.WriteHeader(204)
-	default:
-		writeFault(w, 400, "Invalid request method and/or path: "+key)
-	}
-}
-
-func wantState(t *testing.T, c *Client, want string) {
+func wantState(t *testing.T, c *fcapi.Client, want string) {
 	t.Helper()
 	info, err := c.InstanceInfo(context.Background())
 	if err != nil {
@@ -172,7 +38,7 @@ func wantState(t *testing.T, c *Client, want string) {
 
 func wantFault(t *testing.T, err error, op, contains string) {
 	t.Helper()
-	var fe *Error
+	var fe *fcapi.Error
 	if !errors.As(err, &fe) {
 		t.Fatalf("want *fcapi.Error for %s, got %v", op, err)
 	}
@@ -186,22 +52,22 @@ func wantFault(t *testing.T, err error, op, contains string) {
 // exact request sequence and bodies.
 func TestProtocolBootPauseSnapshotLoad(t *testing.T) {
 	ctx := context.Background()
-	rec := &recorder{next: newProtoServer()}
-	c := New(unixServer(t, rec))
+	rec := &fctest.Recorder{Next: fctest.New("proto-vm", "1.16.0")}
+	c := fcapi.New(fctest.UnixServer(t, rec))
 	defer c.Close()
 
 	if v, err := c.Version(ctx); err != nil || v != "1.16.0" {
 		t.Fatalf("version %q, %v", v, err)
 	}
-	wantState(t, c, StateNotStarted)
+	wantState(t, c, fcapi.StateNotStarted)
 	// Starting without a kernel is a 400 with a fault_message.
 	wantFault(t, c.StartInstance(ctx), "PUT /actions", "without kernel configuration")
 
 	steps := []error{
-		c.PutBootSource(ctx, BootSource{KernelImagePath: "/img/vmlinux", InitrdPath: "/img/initrd", BootArgs: "console=ttyS0 reboot=k panic=1 pci=off smol.root=/dev/vda"}),
-		c.PutMachineConfig(ctx, MachineConfig{VCPUCount: 1, MemSizeMiB: 256}),
-		c.PutDrive(ctx, Drive{DriveID: "rootfs", PathOnHost: "rootfs"}),
-		c.PutVsock(ctx, Vsock{GuestCID: 3, UDSPath: "/run/a/vsock.sock"}),
+		c.PutBootSource(ctx, fcapi.BootSource{KernelImagePath: "/img/vmlinux", InitrdPath: "/img/initrd", BootArgs: "console=ttyS0 reboot=k panic=1 pci=off smol.root=/dev/vda"}),
+		c.PutMachineConfig(ctx, fcapi.MachineConfig{VCPUCount: 1, MemSizeMiB: 256}),
+		c.PutDrive(ctx, fcapi.Drive{DriveID: "rootfs", PathOnHost: "rootfs"}),
+		c.PutVsock(ctx, fcapi.Vsock{GuestCID: 3, UDSPath: "/run/a/vsock.sock"}),
 		c.StartInstance(ctx),
 	}
 	for i, err := range steps {
@@ -209,40 +75,40 @@ func TestProtocolBootPauseSnapshotLoad(t *testing.T) {
 			t.Fatalf("boot step %d: %v", i, err)
 		}
 	}
-	wantState(t, c, StateRunning)
+	wantState(t, c, fcapi.StateRunning)
 	// Pre-boot-only calls are refused once started.
-	wantFault(t, c.PutMachineConfig(ctx, MachineConfig{VCPUCount: 2, MemSizeMiB: 256}), "PUT /machine-config", "after starting")
+	wantFault(t, c.PutMachineConfig(ctx, fcapi.MachineConfig{VCPUCount: 2, MemSizeMiB: 256}), "PUT /machine-config", "after starting")
 	// A snapshot needs a paused VM.
-	snap := SnapshotCreate{SnapshotType: SnapshotFull, SnapshotPath: "/snap/vmstate", MemFilePath: "/snap/memory"}
+	snap := fcapi.SnapshotCreate{SnapshotType: fcapi.SnapshotFull, SnapshotPath: "/snap/vmstate", MemFilePath: "/snap/memory"}
 	wantFault(t, c.CreateSnapshot(ctx, snap), "PUT /snapshot/create", "not paused")
 	if err := c.Pause(ctx); err != nil {
 		t.Fatal(err)
 	}
-	wantState(t, c, StatePaused)
+	wantState(t, c, fcapi.StatePaused)
 	if err := c.CreateSnapshot(ctx, snap); err != nil {
 		t.Fatal(err)
 	}
 	// Loading into an already configured process is refused.
-	load := SnapshotLoad{
+	load := fcapi.SnapshotLoad{
 		SnapshotPath:  "/snap/vmstate",
-		MemBackend:    &MemoryBackend{BackendType: MemBackendFile, BackendPath: "/snap/memory"},
+		MemBackend:    &fcapi.MemoryBackend{BackendType: fcapi.MemBackendFile, BackendPath: "/snap/memory"},
 		ResumeVM:      true,
-		VsockOverride: &VsockOverride{UDSPath: "/run/b/vsock.sock"},
+		VsockOverride: &fcapi.VsockOverride{UDSPath: "/run/b/vsock.sock"},
 	}
 	wantFault(t, c.LoadSnapshot(ctx, load), "PUT /snapshot/load", "not allowed after configuring")
 
 	// A fresh process loads it.
-	rec2 := &recorder{next: newProtoServer()}
-	c2 := New(unixServer(t, rec2))
+	rec2 := &fctest.Recorder{Next: fctest.New("proto-vm", "1.16.0")}
+	c2 := fcapi.New(fctest.UnixServer(t, rec2))
 	defer c2.Close()
-	wantState(t, c2, StateNotStarted)
+	wantState(t, c2, fcapi.StateNotStarted)
 	if err := c2.LoadSnapshot(ctx, load); err != nil {
 		t.Fatal(err)
 	}
-	wantState(t, c2, StateRunning)
+	wantState(t, c2, fcapi.StateRunning)
 
 	type exch struct{ req, body string }
-	check := func(name string, got []recorded, want []exch) {
+	check := func(name string, got []fctest.Recorded, want []exch) {
 		t.Helper()
 		if len(got) != len(want) {
 			var g []string
@@ -259,7 +125,7 @@ func TestProtocolBootPauseSnapshotLoad(t *testing.T) {
 	}
 	snapBody := `{"snapshot_type":"Full","snapshot_path":"/snap/vmstate","mem_file_path":"/snap/memory"}`
 	loadBody := `{"snapshot_path":"/snap/vmstate","mem_backend":{"backend_type":"File","backend_path":"/snap/memory"},"resume_vm":true,"vsock_override":{"uds_path":"/run/b/vsock.sock"}}`
-	check("first process", rec.all(), []exch{
+	check("first process", rec.All(), []exch{
 		{"GET /version", ""},
 		{"GET /", ""},
 		{"PUT /actions", `{"action_type":"InstanceStart"}`},
@@ -276,7 +142,7 @@ func TestProtocolBootPauseSnapshotLoad(t *testing.T) {
 		{"PUT /snapshot/create", snapBody},
 		{"PUT /snapshot/load", loadBody},
 	})
-	check("second process", rec2.all(), []exch{
+	check("second process", rec2.All(), []exch{
 		{"GET /", ""},
 		{"PUT /snapshot/load", loadBody},
 		{"GET /", ""},
@@ -285,10 +151,10 @@ func TestProtocolBootPauseSnapshotLoad(t *testing.T) {
 
 func TestProtocolErrorBodies(t *testing.T) {
 	ctx := context.Background()
-	sock := unixServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	sock := fctest.UnixServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case "/vm":
-			writeFault(w, 400, "Invalid request method and/or path.")
+			fctest.WriteFault(w, 400, "Invalid request method and/or path.")
 		case "/version":
 			w.WriteHeader(500)
 			w.Write([]byte("plain text crash"))
@@ -296,7 +162,7 @@ func TestProtocolErrorBodies(t *testing.T) {
 			w.WriteHeader(200) // 200 without a body
 		}
 	}))
-	c := New(sock)
+	c := fcapi.New(sock)
 	defer c.Close()
 	err := c.Pause(ctx)
 	wantFault(t, err, "PATCH /vm", "Invalid request method")
@@ -304,7 +170,7 @@ func TestProtocolErrorBodies(t *testing.T) {
 		t.Errorf("Error() = %q, want %q", err, want)
 	}
 	_, err = c.Version(ctx)
-	var fe *Error
+	var fe *fcapi.Error
 	if !errors.As(err, &fe) || fe.Status != 500 || fe.FaultMessage != "plain text crash" {
 		t.Errorf("non-JSON error body: %v", err)
 	}
@@ -316,13 +182,13 @@ func TestProtocolErrorBodies(t *testing.T) {
 func TestProtocolDeadlines(t *testing.T) {
 	release := make(chan struct{})
 	defer close(release)
-	sock := unixServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	sock := fctest.UnixServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		select {
 		case <-release:
 		case <-r.Context().Done():
 		}
 	}))
-	c := New(sock)
+	c := fcapi.New(sock)
 	defer c.Close()
 	c.Timeout = 100 * time.Millisecond // applies because ctx has no deadline
 	start := time.Now()
@@ -341,7 +207,7 @@ func TestProtocolDeadlines(t *testing.T) {
 		t.Fatalf("want DeadlineExceeded, got %v", err)
 	}
 	// No socket: the dial error is reachable.
-	c3 := New(sock + ".missing")
+	c3 := fcapi.New(sock + ".missing")
 	if err := c3.Pause(context.Background()); !errors.Is(err, syscall.ENOENT) {
 		t.Fatalf("want ENOENT, got %v", err)
 	}

@@ -1,4 +1,4 @@
-package fcapi
+package fcapi_test
 
 // Schema test: every request body the client can send is captured on the
 // wire and validated against the Firecracker swagger definition kept in
@@ -21,6 +21,9 @@ import (
 	"testing"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/smolvm-go/smolvm/internal/fcapi"
+	"github.com/smolvm-go/smolvm/internal/fcapi/fctest"
 )
 
 // swagger is the parsed API definition.
@@ -237,11 +240,11 @@ func schemaServer() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case r.Method == http.MethodGet && r.URL.Path == "/":
-			writeJSON(w, 200, map[string]string{"app_name": "Firecracker", "id": "vm-1", "state": "Running", "vmm_version": "1.16.0"})
+			fctest.WriteJSON(w, 200, map[string]string{"app_name": "Firecracker", "id": "vm-1", "state": "Running", "vmm_version": "1.16.0"})
 		case r.Method == http.MethodGet && r.URL.Path == "/version":
-			writeJSON(w, 200, map[string]string{"firecracker_version": "1.16.0"})
+			fctest.WriteJSON(w, 200, map[string]string{"firecracker_version": "1.16.0"})
 		case r.Method == http.MethodGet && r.URL.Path == "/machine-config":
-			writeJSON(w, 200, map[string]any{"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "track_dirty_pages": false, "huge_pages": "None"})
+			fctest.WriteJSON(w, 200, map[string]any{"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "track_dirty_pages": false, "huge_pages": "None"})
 		default:
 			w.WriteHeader(http.StatusNoContent)
 		}
@@ -250,13 +253,13 @@ func schemaServer() http.Handler {
 
 // sendEverything calls every client method once with realistic values.
 // allMethods below must list exactly what it sends.
-func sendEverything(t *testing.T, c *Client) {
+func sendEverything(t *testing.T, c *fcapi.Client) {
 	t.Helper()
 	ctx := context.Background()
 	burst := int64(1 << 20)
-	rl := &RateLimiter{
-		Bandwidth: &TokenBucket{Size: 10 << 20, OneTimeBurst: &burst, RefillTime: 100},
-		Ops:       &TokenBucket{Size: 1000, RefillTime: 1000},
+	rl := &fcapi.RateLimiter{
+		Bandwidth: &fcapi.TokenBucket{Size: 10 << 20, OneTimeBurst: &burst, RefillTime: 100},
+		Ops:       &fcapi.TokenBucket{Size: 1000, RefillTime: 1000},
 	}
 	must := func(what string, err error) {
 		t.Helper()
@@ -264,48 +267,48 @@ func sendEverything(t *testing.T, c *Client) {
 			t.Fatalf("%s: %v", what, err)
 		}
 	}
-	must("logger", c.PutLogger(ctx, Logger{LogPath: "/run/vm/fc.log", Level: LogInfo, ShowLevel: true, ShowLogOrigin: true, Module: "api_server::request"}))
-	must("metrics", c.PutMetrics(ctx, Metrics{MetricsPath: "/run/vm/metrics.fifo"}))
-	must("boot-source", c.PutBootSource(ctx, BootSource{
+	must("logger", c.PutLogger(ctx, fcapi.Logger{LogPath: "/run/vm/fc.log", Level: fcapi.LogInfo, ShowLevel: true, ShowLogOrigin: true, Module: "api_server::request"}))
+	must("metrics", c.PutMetrics(ctx, fcapi.Metrics{MetricsPath: "/run/vm/metrics.fifo"}))
+	must("boot-source", c.PutBootSource(ctx, fcapi.BootSource{
 		KernelImagePath: "/images/vmlinux",
 		InitrdPath:      "/images/initramfs.cpio",
 		BootArgs:        "console=ttyS0 reboot=k panic=1 pci=off smol.root=/dev/vda",
 	}))
-	must("machine-config", c.PutMachineConfig(ctx, MachineConfig{VCPUCount: 2, MemSizeMiB: 512, TrackDirtyPages: false, SMT: true, HugePages: HugePagesNone}))
-	must("drive", c.PutDrive(ctx, Drive{
+	must("machine-config", c.PutMachineConfig(ctx, fcapi.MachineConfig{VCPUCount: 2, MemSizeMiB: 512, TrackDirtyPages: false, SMT: true, HugePages: fcapi.HugePagesNone}))
+	must("drive", c.PutDrive(ctx, fcapi.Drive{
 		DriveID: "rootfs", PathOnHost: "rootfs", IsRootDevice: false, IsReadOnly: false,
-		PartUUID: "0eaa91a0-01", CacheType: CacheWriteback, IOEngine: IOEngineSync, RateLimiter: rl,
+		PartUUID: "0eaa91a0-01", CacheType: fcapi.CacheWriteback, IOEngine: fcapi.IOEngineSync, RateLimiter: rl,
 	}))
-	must("network", c.PutNetworkInterface(ctx, NetworkInterface{
+	must("network", c.PutNetworkInterface(ctx, fcapi.NetworkInterface{
 		IfaceID: "eth0", HostDevName: "fc-0123456789ab", GuestMAC: "06:00:ac:10:00:02", MTU: 1500,
-		RxRateLimiter: rl, TxRateLimiter: &RateLimiter{Bandwidth: &TokenBucket{Size: 1, RefillTime: 1}},
+		RxRateLimiter: rl, TxRateLimiter: &fcapi.RateLimiter{Bandwidth: &fcapi.TokenBucket{Size: 1, RefillTime: 1}},
 	}))
-	must("vsock", c.PutVsock(ctx, Vsock{GuestCID: 3, UDSPath: "/run/vm/vsock.sock"}))
+	must("vsock", c.PutVsock(ctx, fcapi.Vsock{GuestCID: 3, UDSPath: "/run/vm/vsock.sock"}))
 	must("start", c.StartInstance(ctx))
-	must("flush", c.Action(ctx, ActionFlushMetrics))
-	must("ctrl-alt-del", c.Action(ctx, ActionSendCtrlAltDel))
+	must("flush", c.Action(ctx, fcapi.ActionFlushMetrics))
+	must("ctrl-alt-del", c.Action(ctx, fcapi.ActionSendCtrlAltDel))
 	must("pause", c.Pause(ctx))
-	must("snapshot full", c.CreateSnapshot(ctx, SnapshotCreate{SnapshotType: SnapshotFull, SnapshotPath: "/snap/vmstate", MemFilePath: "/snap/memory"}))
-	must("snapshot diff", c.CreateSnapshot(ctx, SnapshotCreate{SnapshotType: SnapshotDiff, SnapshotPath: "/snap/vmstate", MemFilePath: "/snap/memory"}))
+	must("snapshot full", c.CreateSnapshot(ctx, fcapi.SnapshotCreate{SnapshotType: fcapi.SnapshotFull, SnapshotPath: "/snap/vmstate", MemFilePath: "/snap/memory"}))
+	must("snapshot diff", c.CreateSnapshot(ctx, fcapi.SnapshotCreate{SnapshotType: fcapi.SnapshotDiff, SnapshotPath: "/snap/vmstate", MemFilePath: "/snap/memory"}))
 	must("resume", c.Resume(ctx))
-	must("patch drive", c.PatchDrive(ctx, PartialDrive{DriveID: "rootfs", PathOnHost: "/vms/b/disk.raw", RateLimiter: rl}))
-	must("load", c.LoadSnapshot(ctx, SnapshotLoad{
+	must("patch drive", c.PatchDrive(ctx, fcapi.PartialDrive{DriveID: "rootfs", PathOnHost: "/vms/b/disk.raw", RateLimiter: rl}))
+	must("load", c.LoadSnapshot(ctx, fcapi.SnapshotLoad{
 		SnapshotPath:     "/snap/vmstate",
-		MemBackend:       &MemoryBackend{BackendType: MemBackendFile, BackendPath: "/snap/memory"},
+		MemBackend:       &fcapi.MemoryBackend{BackendType: fcapi.MemBackendFile, BackendPath: "/snap/memory"},
 		TrackDirtyPages:  true,
 		ResumeVM:         true,
-		NetworkOverrides: []NetworkOverride{{IfaceID: "eth0", HostDevName: "fc-ba9876543210"}},
-		VsockOverride:    &VsockOverride{UDSPath: "/run/vm2/vsock.sock"},
+		NetworkOverrides: []fcapi.NetworkOverride{{IfaceID: "eth0", HostDevName: "fc-ba9876543210"}},
+		VsockOverride:    &fcapi.VsockOverride{UDSPath: "/run/vm2/vsock.sock"},
 		ClockRealtime:    true,
-		HugePages:        HugePagesSnapshot,
+		HugePages:        fcapi.HugePagesSnapshot,
 	}))
-	must("load uffd minimal", c.LoadSnapshot(ctx, SnapshotLoad{
+	must("load uffd minimal", c.LoadSnapshot(ctx, fcapi.SnapshotLoad{
 		SnapshotPath: "/snap/vmstate",
-		MemBackend:   &MemoryBackend{BackendType: MemBackendUffd, BackendPath: "/run/uffd.sock"},
+		MemBackend:   &fcapi.MemoryBackend{BackendType: fcapi.MemBackendUffd, BackendPath: "/run/uffd.sock"},
 	}))
 	info, err := c.InstanceInfo(ctx)
 	must("instance info", err)
-	if info.State != StateRunning || info.ID != "vm-1" || info.AppName != "Firecracker" || info.VMMVersion != "1.16.0" {
+	if info.State != fcapi.StateRunning || info.ID != "vm-1" || info.AppName != "Firecracker" || info.VMMVersion != "1.16.0" {
 		t.Errorf("InstanceInfo decoded as %+v", info)
 	}
 	v, err := c.Version(ctx)
@@ -331,13 +334,13 @@ var allMethods = []string{
 
 func TestRequestBodiesMatchSchema(t *testing.T) {
 	sw := loadSwagger(t)
-	rec := &recorder{next: schemaServer()}
-	c := New(unixServer(t, rec))
+	rec := &fctest.Recorder{Next: schemaServer()}
+	c := fcapi.New(fctest.UnixServer(t, rec))
 	defer c.Close()
 	sendEverything(t, c)
 
 	seen := map[string]bool{}
-	for _, r := range rec.all() {
+	for _, r := range rec.All() {
 		tmpl, params, ok := sw.route(r.Path)
 		if !ok {
 			t.Errorf("%s: no such path in the API", r)
@@ -392,11 +395,11 @@ func TestResponseTypesMatchSchema(t *testing.T) {
 		def string
 		v   any
 	}{
-		{"InstanceInfo", InstanceInfo{AppName: "Firecracker", ID: "vm-1", State: StatePaused, VMMVersion: "1.16.0"}},
-		{"InstanceInfo", InstanceInfo{AppName: "Firecracker", ID: "vm-1", State: StateNotStarted, VMMVersion: "1.16.0"}},
-		{"FirecrackerVersion", FirecrackerVersion{FirecrackerVersion: "1.16.0"}},
-		{"MachineConfiguration", MachineConfig{VCPUCount: 1, MemSizeMiB: 128}},
-		{"Error", faultBody{FaultMessage: "boom"}},
+		{"InstanceInfo", fcapi.InstanceInfo{AppName: "Firecracker", ID: "vm-1", State: fcapi.StatePaused, VMMVersion: "1.16.0"}},
+		{"InstanceInfo", fcapi.InstanceInfo{AppName: "Firecracker", ID: "vm-1", State: fcapi.StateNotStarted, VMMVersion: "1.16.0"}},
+		{"FirecrackerVersion", fcapi.FirecrackerVersion{FirecrackerVersion: "1.16.0"}},
+		{"MachineConfiguration", fcapi.MachineConfig{VCPUCount: 1, MemSizeMiB: 128}},
+		{"Error", fcapi.FaultBody{FaultMessage: "boom"}},
 	} {
 		b, _ := json.Marshal(tc.v)
 		for _, e := range sw.validate(tc.def, map[string]any{"$ref": "#/definitions/" + tc.def}, decodeJSON(t, b)) {
@@ -439,10 +442,10 @@ func TestSchemaValidatorCatchesMistakes(t *testing.T) {
 		{"misspelled required tag leaves it missing", "BootSource", typoBootSource{KernelImagePath: "/k"}, `required field "kernel_image_path" missing`},
 		{"misspelled optional tag", "BootSource", typoOptional{KernelImagePath: "/k", BootArgs: "x"}, `unknown field "boot_arg"`},
 		{"misspelled nested tag", "SnapshotLoadParams", typoLoad{SnapshotPath: "/s", MemBackend: &typoBackend{"File", "/m"}}, `body.mem_backend: unknown field "backend_typ"`},
-		{"enum is case sensitive", "SnapshotCreateParams", SnapshotCreate{SnapshotType: "full", SnapshotPath: "/s", MemFilePath: "/m"}, `not in enum`},
+		{"enum is case sensitive", "SnapshotCreateParams", fcapi.SnapshotCreate{SnapshotType: "full", SnapshotPath: "/s", MemFilePath: "/m"}, `not in enum`},
 		{"wrong type", "MachineConfiguration", vcpuString{VCPUCount: "2", MemSizeMiB: 128}, `want integer`},
-		{"below minimum", "Vsock", Vsock{GuestCID: 2, UDSPath: "/v"}, `below minimum 3`},
-		{"above maximum", "MachineConfiguration", MachineConfig{VCPUCount: 33, MemSizeMiB: 128}, `above maximum 32`},
+		{"below minimum", "Vsock", fcapi.Vsock{GuestCID: 2, UDSPath: "/v"}, `below minimum 3`},
+		{"above maximum", "MachineConfiguration", fcapi.MachineConfig{VCPUCount: 33, MemSizeMiB: 128}, `above maximum 32`},
 		{"missing required nested", "SnapshotLoadParams", map[string]any{"snapshot_path": "/s", "mem_backend": map[string]any{"backend_type": "File"}}, `body.mem_backend: required field "backend_path" missing`},
 	}
 	for _, tc := range cases {
@@ -453,7 +456,7 @@ func TestSchemaValidatorCatchesMistakes(t *testing.T) {
 		}
 	}
 	// And the positive twin of the first case passes.
-	b, _ := json.Marshal(BootSource{KernelImagePath: "/k", BootArgs: "x"})
+	b, _ := json.Marshal(fcapi.BootSource{KernelImagePath: "/k", BootArgs: "x"})
 	if errs := sw.validate("body", map[string]any{"$ref": "#/definitions/BootSource"}, decodeJSON(t, b)); len(errs) != 0 {
 		t.Errorf("valid BootSource rejected: %v", errs)
 	}

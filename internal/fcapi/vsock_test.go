@@ -1,4 +1,4 @@
-package fcapi
+package fcapi_test
 
 // PROTOCOL TEST — NOT A FIRECRACKER TEST. The listeners here speak the
 // host-initiated vsock handshake as firecracker-vsock.md documents it:
@@ -16,6 +16,9 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/smolvm-go/smolvm/internal/fcapi"
+	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
 // vsockListener serves the handshake on a unix socket. reply decides, per
@@ -75,11 +78,11 @@ func roundTrip(t *testing.T, c net.Conn, msg string) {
 }
 
 func TestVsockHandshake(t *testing.T) {
-	sock := filepath.Join(shortDir(t), "v.sock")
+	sock := filepath.Join(testutil.ShortDir(t), "v.sock")
 	vsockListener(t, sock, "1024", func(int) ([]byte, bool) { return []byte("OK 1073741824\n"), true })
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := DialVsock(ctx, sock, 1024)
+	c, err := fcapi.DialVsock(ctx, sock, 1024)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,16 +96,16 @@ func TestVsockHandshake(t *testing.T) {
 // The guest's first bytes arrive in the same read as the OK line: they must
 // come out of the returned conn, before anything read later.
 func TestVsockHandshakeKeepsBytesAfterOK(t *testing.T) {
-	sock := filepath.Join(shortDir(t), "v.sock")
+	sock := filepath.Join(testutil.ShortDir(t), "v.sock")
 	vsockListener(t, sock, "1024", func(int) ([]byte, bool) { return []byte("OK 1234\nHELLO from guest\n"), true })
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := DialVsock(ctx, sock, 1024)
+	c, err := fcapi.DialVsock(ctx, sock, 1024)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if _, ok := c.(*vsockConn); !ok {
+	if !fcapi.IsVsockConn(c) {
 		t.Fatalf("bytes after the OK line were not kept: got %T", c)
 	}
 	c.SetDeadline(time.Now().Add(5 * time.Second))
@@ -132,7 +135,7 @@ func TestVsockHandshakeKeepsBytesAfterOK(t *testing.T) {
 // Firecracker closes the host connection while nothing listens on the guest
 // port: Dial retries until the guest listener is up.
 func TestVsockRetriesUntilGuestListens(t *testing.T) {
-	sock := filepath.Join(shortDir(t), "v.sock")
+	sock := filepath.Join(testutil.ShortDir(t), "v.sock")
 	count := vsockListener(t, sock, "52", func(n int) ([]byte, bool) {
 		if n < 3 {
 			return nil, false
@@ -141,7 +144,7 @@ func TestVsockRetriesUntilGuestListens(t *testing.T) {
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := DialVsock(ctx, sock, 52)
+	c, err := fcapi.DialVsock(ctx, sock, 52)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -154,14 +157,14 @@ func TestVsockRetriesUntilGuestListens(t *testing.T) {
 
 // The socket appears only after Firecracker starts the VM.
 func TestVsockRetriesUntilSocketExists(t *testing.T) {
-	sock := filepath.Join(shortDir(t), "v.sock")
+	sock := filepath.Join(testutil.ShortDir(t), "v.sock")
 	go func() {
 		time.Sleep(150 * time.Millisecond)
 		vsockListener(t, sock, "1024", func(int) ([]byte, bool) { return []byte("OK 1\n"), true })
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := DialVsock(ctx, sock, 1024)
+	c, err := fcapi.DialVsock(ctx, sock, 1024)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,19 +172,19 @@ func TestVsockRetriesUntilSocketExists(t *testing.T) {
 }
 
 func TestVsockGivesUp(t *testing.T) {
-	sock := filepath.Join(shortDir(t), "v.sock")
+	sock := filepath.Join(testutil.ShortDir(t), "v.sock")
 	vsockListener(t, sock, "1024", func(int) ([]byte, bool) { return nil, false })
 
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
-	_, err := DialVsock(ctx, sock, 1024)
+	_, err := fcapi.DialVsock(ctx, sock, 1024)
 	if !errors.Is(err, context.DeadlineExceeded) || !errors.Is(err, io.ErrUnexpectedEOF) {
 		t.Fatalf("want DeadlineExceeded wrapping the last EOF, got %v", err)
 	}
 
 	// Check stops the retries at once.
 	dead := errors.New("vmm exited")
-	d := VsockDialer{Path: sock, Check: func() error { return dead }}
+	d := fcapi.VsockDialer{Path: sock, Check: func() error { return dead }}
 	if _, err := d.Dial(context.Background(), 1024); !errors.Is(err, dead) {
 		t.Fatalf("want the Check error, got %v", err)
 	}
@@ -189,10 +192,10 @@ func TestVsockGivesUp(t *testing.T) {
 
 func TestVsockBadReplies(t *testing.T) {
 	for _, reply := range []string{"ERR no\n", "OK\n", "OK abc\n", strings.Repeat("O", 100)} {
-		sock := filepath.Join(shortDir(t), "v.sock")
+		sock := filepath.Join(testutil.ShortDir(t), "v.sock")
 		vsockListener(t, sock, "7", func(int) ([]byte, bool) { return []byte(reply), true })
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		_, err := VsockDialer{Path: sock}.DialOnce(ctx, 7)
+		_, err := fcapi.VsockDialer{Path: sock}.DialOnce(ctx, 7)
 		cancel()
 		if err == nil {
 			t.Errorf("reply %q accepted", reply)
@@ -202,12 +205,12 @@ func TestVsockBadReplies(t *testing.T) {
 
 // A handshake that never answers is bounded by the per-attempt timeout.
 func TestVsockHandshakeTimeout(t *testing.T) {
-	sock := filepath.Join(shortDir(t), "v.sock")
+	sock := filepath.Join(testutil.ShortDir(t), "v.sock")
 	block := make(chan struct{})
 	defer close(block)
 	vsockListener(t, sock, "7", func(int) ([]byte, bool) { <-block; return nil, false })
 	start := time.Now()
-	_, err := VsockDialer{Path: sock, HandshakeTimeout: 100 * time.Millisecond}.DialOnce(context.Background(), 7)
+	_, err := fcapi.VsockDialer{Path: sock, HandshakeTimeout: 100 * time.Millisecond}.DialOnce(context.Background(), 7)
 	if err == nil || time.Since(start) > 2*time.Second {
 		t.Fatalf("err %v after %v", err, time.Since(start))
 	}

@@ -1,8 +1,10 @@
 // Package fsutil holds the file-system checks smolvm relies on for its
 // private state: directories only we can enter (made with Mkdir 0700, then
 // checked with Lstat, never reused as found when another user could have
-// planted them), lock files opened without following symlinks, and the
-// process umask.
+// planted them), lock files opened without following symlinks (Lock,
+// TryLock, waiting under a context), the process umask, and durable writes:
+// WriteFile/Write/WriteFileFunc replace a file atomically (temp, fsync,
+// rename, dir fsync); SyncFile and SyncDir fsync by path.
 package fsutil
 
 import (

@@ -39,64 +39,16 @@ func sha256Hex(b []byte) string {
 	return hex.EncodeToString(s[:])
 }
 
-// fsyncPath opens path (file or directory) and fsyncs it.
-func fsyncPath(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", path, err)
-	}
-	return nil
-}
-
-// writeFileAtomic writes data to path through a temporary file in the same
-// directory: write, fsync, rename, fsync the directory.
-func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
-	}
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	ok := false
-	defer func() {
-		if !ok {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	if _, err := f.Write(data); err != nil {
-		return err
-	}
-	if err := f.Chmod(perm); err != nil {
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	ok = true
-	return fsyncPath(dir)
-}
-
 // writeJSONAtomic marshals v (indented) and writes it atomically.
 func writeJSONAtomic(path string, v any) error {
 	b, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(path, append(b, '\n'), 0o644)
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	return fsutil.WriteFile(path, append(b, '\n'), 0o644)
 }
 
 func readJSON(path string, v any) error {
@@ -116,8 +68,11 @@ func syncTree(root string) error {
 		if err != nil {
 			return err
 		}
-		if d.Type().IsRegular() || d.IsDir() {
-			return fsyncPath(p)
+		if d.IsDir() {
+			return fsutil.SyncDir(p)
+		}
+		if d.Type().IsRegular() {
+			return fsutil.SyncFile(p)
 		}
 		return nil
 	})
@@ -148,7 +103,7 @@ func publishDir(tmp, final string) error {
 		}
 		return err
 	}
-	if err := fsyncPath(parent); err != nil {
+	if err := fsutil.SyncDir(parent); err != nil {
 		return err
 	}
 	if old != "" {
@@ -157,26 +112,19 @@ func publishDir(tmp, final string) error {
 	return nil
 }
 
-// copyFile copies src to dst (created with perm), fsyncing dst.
+// copyFile replaces dst atomically (fsutil.Write: temp, fsync, rename,
+// dir fsync) with a copy of src, mode perm masked by the umask as if
+// created with it.
 func copyFile(src, dst string, perm os.FileMode) error {
 	in, err := os.Open(src)
 	if err != nil {
 		return err
 	}
 	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, perm)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	if err := out.Sync(); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
+	return fsutil.Write(dst, func(w io.Writer) (os.FileMode, error) {
+		_, err := io.Copy(w, in)
+		return fsutil.HostMode(perm), err
+	})
 }
 
 // fileLock is an exclusive flock on a file (fsutil.Lock).

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
 
 // Sentinel errors.
@@ -439,7 +441,7 @@ func Remove(dir, name string) error {
 		}
 		return err
 	}
-	if err := fsyncPath(filepath.Dir(imgDir)); err != nil {
+	if err := fsutil.SyncDir(filepath.Dir(imgDir)); err != nil {
 		return err
 	}
 	if err := os.RemoveAll(gone); err != nil {

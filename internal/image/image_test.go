@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"debug/elf"
+	"encoding/binary"
 	"errors"
 	"os"
 	"os/exec"
@@ -673,7 +674,7 @@ func TestConfigureMinimalKernel(t *testing.T) {
 	}
 }
 
-// TestLZ4Legacy checks the Go LZ4 decoder against the lz4 tool's legacy
+// TestLZ4Legacy checks decompressLZ4Legacy (pierrec/lz4 blocks) against the lz4 tool's legacy
 // format (the one kbuild uses).
 func TestLZ4Legacy(t *testing.T) {
 	needTools(t, "lz4")
@@ -704,4 +705,58 @@ func TestLZ4Legacy(t *testing.T) {
 	if _, err := decompressLZ4Legacy([]byte{2, 0x21, 0x4c, 0x18, 5, 0, 0, 0, 0xf0, 1, 2, 3, 4}); err == nil {
 		t.Error("corrupt block: no error")
 	}
+}
+
+// TestCachedDebianKernelLZ4 decompresses the real Debian kernel of the
+// image cache (an LZ4 legacy payload) with decompressLZ4Legacy: the output
+// is exactly as long as the uncompressed size kbuild appends to the
+// payload, and is an x86-64 ELF with the PVH entry note.
+func TestCachedDebianKernelLZ4(t *testing.T) {
+	img, err := Open("", Debian)
+	if errors.Is(err, ErrNotBuilt) {
+		t.Skipf("debian image not built in %s", DefaultDir())
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(img.Kernel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload, ok := bzImagePayload(data)
+	if !ok {
+		t.Fatalf("%s: no payload in the bzImage setup header", img.Kernel)
+	}
+	if !bytes.HasPrefix(payload, []byte{0x02, 0x21, 0x4c, 0x18}) {
+		t.Skipf("%s: payload is not LZ4 (starts % x)", img.Kernel, payload[:4])
+	}
+	out, err := decompressLZ4Legacy(payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := binary.LittleEndian.Uint32(payload[len(payload)-4:])
+	if uint32(len(out)) != want {
+		t.Errorf("decoded %d bytes, kbuild's trailer says %d", len(out), want)
+	}
+	f, err := elf.NewFile(bytes.NewReader(out))
+	if err != nil {
+		t.Fatalf("decoded kernel is not an ELF: %v", err)
+	}
+	if f.Machine != elf.EM_X86_64 || !hasELFNote(t, f, 18) {
+		t.Errorf("decoded kernel: machine %v, PVH note %v", f.Machine, hasELFNote(t, f, 18))
+	}
+}
+
+// FuzzLZ4Legacy: any input decodes or fails, never panics, and never
+// yields more than 8 MiB per block it read.
+func FuzzLZ4Legacy(f *testing.F) {
+	f.Add([]byte{2, 0x21, 0x4c, 0x18, 5, 0, 0, 0, 0xf0, 1, 2, 3, 4})
+	f.Add([]byte{2, 0x21, 0x4c, 0x18, 2, 0, 0, 0, 0x10, 'a', 4, 0, 0, 0})
+	f.Add([]byte{2, 0x21, 0x4c, 0x18, 6, 0, 0, 0, 0x1f, 'a', 1, 0, 0xff, 0x10})
+	f.Fuzz(func(t *testing.T, p []byte) {
+		out, err := decompressLZ4Legacy(p)
+		if err == nil && len(out) > (len(p)/5+1)*lz4LegacyBlockMax {
+			t.Fatalf("%d bytes from %d", len(out), len(p))
+		}
+	})
 }

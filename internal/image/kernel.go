@@ -12,6 +12,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
 
 // Kernel flavors.
@@ -226,15 +228,8 @@ func (b *builder) ensureVmlinux(ctx context.Context, km kernelManifest) (kernelM
 	}
 	b.step("kernel: extracting vmlinux", 0.5)
 	kdir := filepath.Join(b.dir, "kernels", km.ID)
-	tmp := filepath.Join(kdir, ".vmlinux.tmp")
-	defer os.Remove(tmp)
-	if err := ExtractVmlinux(filepath.Join(b.dir, filepath.FromSlash(km.Kernel.Path)), tmp); err != nil {
-		return km, err
-	}
-	if err := fsyncPath(tmp); err != nil {
-		return km, err
-	}
-	if err := os.Rename(tmp, filepath.Join(kdir, "vmlinux")); err != nil {
+	// ExtractVmlinux writes atomically: no half-written vmlinux is seen.
+	if err := ExtractVmlinux(filepath.Join(b.dir, filepath.FromSlash(km.Kernel.Path)), filepath.Join(kdir, "vmlinux")); err != nil {
 		return km, err
 	}
 	f, err := fileSumAs(kdir, "vmlinux", filepath.ToSlash(filepath.Join("kernels", km.ID, "vmlinux")))
@@ -357,7 +352,7 @@ func (b *builder) downloadDeb(ctx context.Context, pkg, ver, wantSum string) (st
 			return "", fmt.Errorf("%s: sha256 %s, apt says %s", filepath.Base(got[0]), sum, wantSum)
 		}
 	}
-	if err := fsyncPath(got[0]); err != nil {
+	if err := fsutil.SyncFile(got[0]); err != nil {
 		return "", err
 	}
 	final := filepath.Join(dl, filepath.Base(got[0]))
@@ -367,5 +362,5 @@ func (b *builder) downloadDeb(ctx context.Context, pkg, ver, wantSum string) (st
 	if err := os.Chmod(final, 0o644); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return "", err
 	}
-	return final, fsyncPath(dl)
+	return final, fsutil.SyncDir(dl)
 }

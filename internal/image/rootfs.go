@@ -9,6 +9,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
 
 // Image names.
@@ -258,7 +260,7 @@ func makeExt4(ctx context.Context, b *builder, stage, img string, size int64) er
 	if err != nil {
 		return err
 	}
-	return fsyncPath(img)
+	return fsutil.SyncFile(img)
 }
 
 // isStaticELF reports whether path is an ELF executable without a program
@@ -322,10 +324,7 @@ func (b *builder) staticBusybox(ctx context.Context) (string, string, error) {
 		if src == "" {
 			return "", "", fmt.Errorf("%s: no static busybox inside", deb)
 		}
-		if err := copyFile(src, dst+".tmp", 0o755); err != nil {
-			return "", "", err
-		}
-		if err := os.Rename(dst+".tmp", dst); err != nil {
+		if err := copyFile(src, dst, 0o755); err != nil {
 			return "", "", err
 		}
 	}

@@ -11,6 +11,11 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"slices"
+
+	"github.com/pierrec/lz4/v4"
+
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
 
 // compression formats a bzImage payload can use, by magic.
@@ -27,8 +32,8 @@ var payloadMagics = []struct {
 }
 
 // ExtractVmlinux writes the uncompressed ELF kernel contained in the bzImage
-// at src to dst. It uses the payload_offset/payload_length fields of the
-// x86 boot header when present and otherwise scans for a compression magic.
+// at src to dst, atomically (fsutil.WriteFile). It uses the
+// payload_offset/payload_length fields of the x86 boot header when present and otherwise scans for a compression magic.
 // gzip, bzip2 and lz4 (the Debian cloud kernel's format) are decoded in
 // Go; xz, lzma and zstd through the host's xz or zstd tools.
 func ExtractVmlinux(src, dst string) error {
@@ -152,29 +157,25 @@ func externalDecompress(p []byte, tool string, args ...string) ([]byte, error) {
 	return out.Bytes(), nil
 }
 
+// writeVmlinux writes the kernel to dst atomically (fsutil.WriteFile),
+// mode 0644 masked by the umask.
 func writeVmlinux(dst string, b []byte) error {
-	f, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
+	return fsutil.WriteFile(dst, b, fsutil.HostMode(0o644))
 }
 
 // lz4LegacyMagic starts an LZ4 "legacy" stream, the format kbuild uses.
 const lz4LegacyMagic = 0x184c2102
 
+// lz4LegacyBlockMax is the most one legacy block decodes to (8 MiB, fixed
+// by the format).
+const lz4LegacyBlockMax = 8 << 20
+
 // decompressLZ4Legacy decodes an LZ4 legacy stream: the magic, then blocks
 // each preceded by its compressed size (uint32 LE), each decoding
-// independently. Data that cannot be a block (such as the uncompressed
-// size kbuild appends) ends the stream.
+// independently (lz4.UncompressBlock). Data that cannot be a block (such as
+// the uncompressed size kbuild appends) ends the stream. The framing is
+// read here rather than by lz4.Reader so that trailing bytes after the
+// stream inside a bzImage end it instead of failing it.
 func decompressLZ4Legacy(p []byte) ([]byte, error) {
 	if len(p) < 4 || binary.LittleEndian.Uint32(p) != lz4LegacyMagic {
 		return nil, errors.New("lz4: no legacy magic")
@@ -190,72 +191,16 @@ func decompressLZ4Legacy(p []byte) ([]byte, error) {
 		if n == 0 || uint64(n) > uint64(len(p)-4) {
 			break
 		}
-		var err error
-		out, err = lz4Block(out, p[4:4+n])
+		out = slices.Grow(out, lz4LegacyBlockMax)
+		k, err := lz4.UncompressBlock(p[4:4+n], out[len(out):len(out)+lz4LegacyBlockMax])
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("lz4: corrupt block: %w", err)
 		}
+		out = out[:len(out)+k]
 		p = p[4+n:]
 	}
 	if len(out) == 0 {
 		return nil, errors.New("lz4: empty stream")
 	}
 	return out, nil
-}
-
-// lz4Block appends the decoding of one LZ4 block to dst.
-func lz4Block(dst, src []byte) ([]byte, error) {
-	corrupt := errors.New("lz4: corrupt block")
-	// readLen extends a 4-bit length with 255-continued bytes.
-	readLen := func(n int, i *int) (int, bool) {
-		if n != 15 {
-			return n, true
-		}
-		for {
-			if *i >= len(src) {
-				return 0, false
-			}
-			b := src[*i]
-			*i++
-			n += int(b)
-			if b != 255 {
-				return n, true
-			}
-		}
-	}
-	for i := 0; i < len(src); {
-		token := src[i]
-		i++
-		lit, ok := readLen(int(token>>4), &i)
-		if !ok || lit > len(src)-i {
-			return nil, corrupt
-		}
-		dst = append(dst, src[i:i+lit]...)
-		i += lit
-		if i == len(src) {
-			break // the last sequence has literals only
-		}
-		if i+2 > len(src) {
-			return nil, corrupt
-		}
-		off := int(src[i]) | int(src[i+1])<<8
-		i += 2
-		ml, ok := readLen(int(token&15), &i)
-		if !ok {
-			return nil, corrupt
-		}
-		ml += 4
-		if off == 0 || off > len(dst) {
-			return nil, corrupt
-		}
-		start := len(dst) - off
-		if off >= ml {
-			dst = append(dst, dst[start:start+ml]...)
-		} else {
-			for k := 0; k < ml; k++ { // overlapping copy repeats the pattern
-				dst = append(dst, dst[start+k])
-			}
-		}
-	}
-	return dst, nil
 }

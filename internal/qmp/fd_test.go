@@ -5,30 +5,19 @@ import (
 	"errors"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/smolvm-go/smolvm/internal/qmp/qmptest"
 )
 
 // TestRealQEMUAddFD hands a file to a real QEMU with add-fd and checks that
 // QEMU holds a descriptor of that very file (its /proc fd link), listed in
 // query-fdsets, and that remove-fd releases it.
 func TestRealQEMUAddFD(t *testing.T) {
-	qemu, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		t.Skip("qemu-system-x86_64 not installed")
-	}
-	dir := shortDir(t)
-	sock := filepath.Join(dir, "qmp.sock")
-	cmd := exec.Command(qemu, "-M", "none", "-nodefaults", "-display", "none",
-		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-		"-qmp", "unix:"+sock+",server=on,wait=off")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	dir, sock, cmd := startBareQEMU(t, "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	c, err := Dial(ctx, sock)
@@ -89,7 +78,7 @@ func TestExecuteWithFileNeedsUnixSocket(t *testing.T) {
 	a, b := net.Pipe()
 	defer b.Close()
 	go func() {
-		b.Write([]byte(`{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}` + "\n"))
+		b.Write([]byte(qmptest.Greeting + "\n"))
 		buf := make([]byte, 4096)
 		n, _ := b.Read(buf) // qmp_capabilities
 		_ = n

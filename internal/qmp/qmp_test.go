@@ -7,80 +7,19 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/smolvm-go/smolvm/internal/qmp/qmptest"
+	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
-// fakeServer speaks enough QMP for unit tests. handler gets each request and
-// returns the raw lines to send back (may be none).
-type fakeServer struct {
-	path string
-	ln   net.Listener
-}
-
-func shortDir(t *testing.T) string {
-	t.Helper()
-	d, err := os.MkdirTemp("/tmp", "qmpt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return d
-}
-
-func startFake(t *testing.T, handler func(w func(string), req map[string]any)) *fakeServer {
-	t.Helper()
-	path := filepath.Join(shortDir(t), "qmp.sock")
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer conn.Close()
-				var wmu sync.Mutex
-				w := func(s string) {
-					wmu.Lock()
-					defer wmu.Unlock()
-					conn.Write([]byte(s + "\r\n"))
-				}
-				w(`{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "fake"}, "capabilities": []}}`)
-				r := bufio.NewReader(conn)
-				for {
-					line, err := r.ReadBytes('\n')
-					if err != nil {
-						return
-					}
-					var req map[string]any
-					if json.Unmarshal(line, &req) != nil {
-						continue
-					}
-					if req["execute"] == "qmp_capabilities" {
-						id, _ := json.Marshal(req["id"])
-						w(fmt.Sprintf(`{"return": {}, "id": %s}`, id))
-						continue
-					}
-					handler(w, req)
-				}
-			}()
-		}
-	}()
-	return &fakeServer{path: path, ln: ln}
-}
-
 func TestExecuteAndErrors(t *testing.T) {
-	srv := startFake(t, func(w func(string), req map[string]any) {
+	srv := qmptest.Start(t, "", func(w func(string), req map[string]any) {
 		id, _ := json.Marshal(req["id"])
 		switch req["execute"] {
 		case "query-status":
@@ -95,7 +34,7 @@ func TestExecuteAndErrors(t *testing.T) {
 	events := make(chan Event, 4)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := Dial(ctx, srv.path, WithEventChannel(events))
+	c, err := Dial(ctx, srv, WithEventChannel(events))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -145,7 +84,7 @@ func TestConcurrentOutOfOrder(t *testing.T) {
 	// Replies come back in reverse order of requests to exercise id matching.
 	var mu sync.Mutex
 	var held []string
-	srv := startFake(t, func(w func(string), req map[string]any) {
+	srv := qmptest.Start(t, "", func(w func(string), req map[string]any) {
 		id, _ := json.Marshal(req["id"])
 		args, _ := req["arguments"].(map[string]any)
 		mu.Lock()
@@ -160,7 +99,7 @@ func TestConcurrentOutOfOrder(t *testing.T) {
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := Dial(ctx, srv.path)
+	c, err := Dial(ctx, srv)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,7 +117,7 @@ func TestConcurrentOutOfOrder(t *testing.T) {
 }
 
 func TestDialRetriesUntilSocketAppears(t *testing.T) {
-	path := filepath.Join(shortDir(t), "late.sock")
+	path := filepath.Join(testutil.ShortDir(t), "late.sock")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	go func() {
@@ -188,19 +127,7 @@ func TestDialRetriesUntilSocketAppears(t *testing.T) {
 			return
 		}
 		t.Cleanup(func() { ln.Close() })
-		conn, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer conn.Close()
-		conn.Write([]byte(`{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}` + "\n"))
-		r := bufio.NewReader(conn)
-		line, _ := r.ReadBytes('\n')
-		var req map[string]any
-		json.Unmarshal(line, &req)
-		id, _ := json.Marshal(req["id"])
-		conn.Write([]byte(fmt.Sprintf(`{"return": {}, "id": %s}`+"\n", id)))
-		time.Sleep(time.Second)
+		qmptest.Serve(ln, nil)
 	}()
 	c, err := Dial(ctx, path)
 	if err != nil {
@@ -211,7 +138,7 @@ func TestDialRetriesUntilSocketAppears(t *testing.T) {
 	// Nobody ever listens: Dial ends with the context.
 	ctx2, cancel2 := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel2()
-	if _, err := Dial(ctx2, filepath.Join(shortDir(t), "never.sock")); !errors.Is(err, context.DeadlineExceeded) {
+	if _, err := Dial(ctx2, filepath.Join(testutil.ShortDir(t), "never.sock")); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("want deadline exceeded, got %v", err)
 	}
 }
@@ -221,7 +148,7 @@ func TestDialRetriesUntilSocketAppears(t *testing.T) {
 // anything else in place of the greeting is still an error.
 func TestEventBeforeGreeting(t *testing.T) {
 	serve := func(first string) string {
-		path := filepath.Join(shortDir(t), "q.sock")
+		path := filepath.Join(testutil.ShortDir(t), "q.sock")
 		ln, err := net.Listen("unix", path)
 		if err != nil {
 			t.Fatal(err)
@@ -232,20 +159,7 @@ func TestEventBeforeGreeting(t *testing.T) {
 			if err != nil {
 				return
 			}
-			defer conn.Close()
-			conn.Write([]byte(first + "\r\n"))
-			conn.Write([]byte(`{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}` + "\r\n"))
-			r := bufio.NewReader(conn)
-			for {
-				line, err := r.ReadBytes('\n')
-				if err != nil {
-					return
-				}
-				var req map[string]any
-				json.Unmarshal(line, &req)
-				id, _ := json.Marshal(req["id"])
-				conn.Write([]byte(fmt.Sprintf(`{"return": {}, "id": %s}`+"\r\n", id)))
-			}
+			qmptest.ServeConn(conn, nil, first)
 		}()
 		return path
 	}
@@ -266,7 +180,7 @@ func TestEventBeforeGreeting(t *testing.T) {
 
 func TestGreetingTimeout(t *testing.T) {
 	// A socket that accepts but never greets (QEMU busy with another client).
-	path := filepath.Join(shortDir(t), "mute.sock")
+	path := filepath.Join(testutil.ShortDir(t), "mute.sock")
 	ln, err := net.Listen("unix", path)
 	if err != nil {
 		t.Fatal(err)
@@ -289,7 +203,7 @@ func TestGreetingTimeout(t *testing.T) {
 
 func TestServerHangupFailsPending(t *testing.T) {
 	// A raw listener so we control the hangup.
-	path := filepath.Join(shortDir(t), "hup.sock")
+	path := filepath.Join(testutil.ShortDir(t), "hup.sock")
 	ln, err := net.Listen("unix", path)
 	if err != nil {
 		t.Fatal(err)
@@ -300,7 +214,7 @@ func TestServerHangupFailsPending(t *testing.T) {
 		if err != nil {
 			return
 		}
-		conn.Write([]byte(`{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}` + "\n"))
+		conn.Write([]byte(qmptest.Greeting + "\n"))
 		r := bufio.NewReader(conn)
 		line, _ := r.ReadBytes('\n')
 		var req map[string]any
@@ -327,21 +241,30 @@ func TestServerHangupFailsPending(t *testing.T) {
 	c.Close()
 }
 
-// TestRealQEMUSchema talks to a real QEMU (no guest: -M none) and reads the
-// ~200 KB query-qmp-schema reply, far over bufio.Scanner's 64 KiB default.
-func TestRealQEMUSchema(t *testing.T) {
+// startBareQEMU starts a real QEMU with no guest (-M none) and its QMP
+// socket in a fresh short dir, killed when the test ends; it skips when
+// QEMU is not installed.
+func startBareQEMU(t *testing.T, extra ...string) (dir, sock string, cmd *exec.Cmd) {
+	t.Helper()
 	qemu, err := exec.LookPath("qemu-system-x86_64")
 	if err != nil {
 		t.Skip("qemu-system-x86_64 not installed")
 	}
-	dir := shortDir(t)
-	sock := filepath.Join(dir, "qmp.sock")
-	cmd := exec.Command(qemu, "-M", "none", "-nodefaults", "-display", "none",
-		"-qmp", "unix:"+sock+",server=on,wait=off")
+	dir = testutil.ShortDir(t)
+	sock = filepath.Join(dir, "qmp.sock")
+	args := append([]string{"-M", "none", "-nodefaults", "-display", "none"}, extra...)
+	cmd = exec.Command(qemu, append(args, "-qmp", "unix:"+sock+",server=on,wait=off")...)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return dir, sock, cmd
+}
+
+// TestRealQEMUSchema talks to a real QEMU (no guest: -M none) and reads the
+// ~200 KB query-qmp-schema reply, far over bufio.Scanner's 64 KiB default.
+func TestRealQEMUSchema(t *testing.T) {
+	_, sock, _ := startBareQEMU(t)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -18,8 +18,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/smolvm-go/smolvm/internal/atomicfile"
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
 
 // FormatVersion is the manifest format this code writes and reads.
@@ -120,7 +120,7 @@ func Describe(dir string, arts []backend.Artifact) ([]Artifact, int64, error) {
 		wg.Add(2)
 		go func() {
 			defer wg.Done()
-			errs[2*i] = atomicfile.SyncFile(p)
+			errs[2*i] = fsutil.SyncFile(p)
 		}()
 		go func() {
 			defer wg.Done()
@@ -203,7 +203,7 @@ func WriteManifest(dir string, m Manifest) error {
 	if err != nil {
 		return err
 	}
-	return atomicfile.WriteFile(filepath.Join(dir, ManifestName), data, 0o600)
+	return fsutil.WriteFile(filepath.Join(dir, ManifestName), data, 0o600)
 }
 
 // ReadManifest reads dir/manifest.json (at most MaxManifestSize bytes) and
@@ -219,9 +219,6 @@ func ReadManifest(dir string) (Manifest, error) {
 	}
 	return m, nil
 }
-
-// SyncDir fsyncs a directory.
-func SyncDir(dir string) error { return atomicfile.SyncDir(dir) }
 
 func nonce() string {
 	var b [4]byte
@@ -240,14 +237,14 @@ func TempDir(root, id string) (string, error) {
 
 // Publish renames a complete temp dir to root/<id> and fsyncs root.
 func Publish(tmp, root, id string) (string, error) {
-	if err := SyncDir(tmp); err != nil {
+	if err := fsutil.SyncDir(tmp); err != nil {
 		return "", err
 	}
 	final := filepath.Join(root, id)
 	if err := os.Rename(tmp, final); err != nil {
 		return "", err
 	}
-	return final, SyncDir(root)
+	return final, fsutil.SyncDir(root)
 }
 
 // Remove deletes a snapshot dir: first renamed out of the way (so it is
@@ -261,7 +258,7 @@ func Remove(root, id string) error {
 		}
 		return err
 	}
-	SyncDir(root)
+	fsutil.SyncDir(root)
 	return os.RemoveAll(trash)
 }
 

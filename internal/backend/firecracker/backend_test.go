@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
 func TestMain(m *testing.M) {
@@ -27,16 +28,6 @@ func TestMain(m *testing.M) {
 		os.Exit(runFakeFirecracker(os.Args[1:]))
 	}
 	os.Exit(m.Run())
-}
-
-func shortDir(t *testing.T) string {
-	t.Helper()
-	d, err := os.MkdirTemp("", "fcb")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return d
 }
 
 // fakeBackend returns a Backend whose binary is this test binary in fake mode.
@@ -93,7 +84,7 @@ func writeSparseImage(t *testing.T, path, first string) {
 func (f fixture) spec(t *testing.T, id string) backend.Spec {
 	dir := filepath.Join(f.root, "vms", id)
 	return backend.Spec{
-		ID: id, Dir: dir, RunDir: shortDir(t),
+		ID: id, Dir: dir, RunDir: testutil.ShortDir(t),
 		Kernel: f.kernel, Initrd: f.initrd, BaseDisk: f.base,
 		Disk: filepath.Join(dir, "disk.raw"), DiskFormat: "raw",
 		MemoryMiB: 64, CPUs: 1,

@@ -6,9 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
 
 // Disk copy methods, as recorded in snapshot metadata.
@@ -33,37 +34,20 @@ func copyDisk(ctx context.Context, src, dst string) (method string, err error) {
 	if !st.Mode().IsRegular() {
 		return "", fmt.Errorf("%s is not a regular file", src)
 	}
-	dir := filepath.Dir(dst)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(dst)+".tmp*")
+	err = fsutil.WriteFileFunc(dst, func(tmp *os.File) (os.FileMode, error) {
+		method = copyReflink
+		if cerr := unix.IoctlFileClone(int(tmp.Fd()), int(in.Fd())); cerr != nil {
+			method = copySparse
+			if err := sparseCopy(ctx, in, tmp, st.Size()); err != nil {
+				return 0, fmt.Errorf("copy %s: %w", src, err)
+			}
+		}
+		return 0o600, nil
+	})
 	if err != nil {
 		return "", err
 	}
-	defer func() {
-		if err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	method = copyReflink
-	if cerr := unix.IoctlFileClone(int(tmp.Fd()), int(in.Fd())); cerr != nil {
-		method = copySparse
-		if err = sparseCopy(ctx, in, tmp, st.Size()); err != nil {
-			return "", fmt.Errorf("copy %s: %w", src, err)
-		}
-	}
-	if err = tmp.Chmod(0o600); err != nil {
-		return "", err
-	}
-	if err = tmp.Sync(); err != nil {
-		return "", err
-	}
-	if err = tmp.Close(); err != nil {
-		return "", err
-	}
-	if err = os.Rename(tmp.Name(), dst); err != nil {
-		return "", err
-	}
-	return method, syncDir(dir)
+	return method, nil
 }
 
 // sparseCopy copies the data extents of in (found with SEEK_DATA /
@@ -111,34 +95,6 @@ func sparseCopy(ctx context.Context, in, out *os.File, size int64) error {
 			}
 		}
 		off = end
-	}
-	return nil
-}
-
-// syncFiles fsyncs each file.
-func syncFiles(paths ...string) error {
-	for _, p := range paths {
-		f, err := os.Open(p)
-		if err != nil {
-			return err
-		}
-		err = f.Sync()
-		f.Close()
-		if err != nil {
-			return fmt.Errorf("fsync %s: %w", p, err)
-		}
-	}
-	return nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil && !errors.Is(err, unix.EINVAL) {
-		return fmt.Errorf("fsync %s: %w", dir, err)
 	}
 	return nil
 }

@@ -3,7 +3,8 @@ package firecracker
 // FAKE VMM — NOT FIRECRACKER. When SMOLVM_FAKE_FIRECRACKER=1 the test binary
 // (re-executed by the backend as its "firecracker") becomes this small
 // stand-in, written from the documented API: it serves the API socket with
-// the documented status codes and state machine, opens drive paths relative
+// fctest.Server (the documented status codes and state machine, shared with
+// the fcapi protocol tests) and, through its hooks, opens drive paths relative
 // to its working directory as Firecracker does, writes "vmstate"/"memory"
 // files that pin the drive path, vsock socket and TAP name, honours
 // vsock_override/network_overrides on load, exits after a failed load, and
@@ -23,6 +24,7 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/fcapi"
+	"github.com/smolvm-go/smolvm/internal/fcapi/fctest"
 )
 
 const (
@@ -41,18 +43,14 @@ type fakeState struct {
 }
 
 type fakeVMM struct {
-	mu         sync.Mutex
-	id         string
-	state      string
-	configured bool
-	boot       *fcapi.BootSource
-	mc         fcapi.MachineConfig
-	drivePath  string
-	drive      *os.File
-	uds        string
-	tap        string
-	memory     string // first line of guest "memory": "fresh" or the loaded file's
-	vsockL     net.Listener
+	mu        sync.Mutex // guards the fields the vsock agent reads
+	id        string
+	drivePath string
+	drive     *os.File
+	uds       string
+	tap       string
+	memory    string // first line of guest "memory": "fresh" or the loaded file's
+	vsockL    net.Listener
 }
 
 func runFakeFirecracker(args []string) int {
@@ -80,185 +78,99 @@ func runFakeFirecracker(args []string) int {
 		return 1
 	}
 	fmt.Printf("fake firecracker %s: API on %s\n", id, sock)
-	v := &fakeVMM{id: id, state: fcapi.StateNotStarted, mc: fcapi.MachineConfig{VCPUCount: 1, MemSizeMiB: 128}}
+	v := &fakeVMM{id: id}
 	exit := make(chan int, 1)
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { v.serve(w, r, exit) })}
+	api := fctest.New(id, fakeVersion)
+	api.Hooks = v.hooks(exit)
+	srv := &http.Server{Handler: api}
 	go srv.Serve(l)
 	code := <-exit
 	srv.Close()
 	return code
 }
 
-func fakeFault(w http.ResponseWriter, msg string) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(400)
-	json.NewEncoder(w).Encode(map[string]string{"fault_message": msg})
-}
-
-func fakeDecode(r *http.Request, v any) error {
-	d := json.NewDecoder(r.Body)
-	d.DisallowUnknownFields()
-	return d.Decode(v)
-}
-
-func (v *fakeVMM) serve(w http.ResponseWriter, r *http.Request, exit chan<- int) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	key := r.Method + " " + r.URL.Path
-	preBoot := func(body any) bool {
-		if v.state != fcapi.StateNotStarted {
-			fakeFault(w, "The requested operation is not supported after starting the microVM.")
-			return false
-		}
-		if err := fakeDecode(r, body); err != nil {
-			fakeFault(w, "An error occurred when deserializing the json body of a request: "+err.Error())
-			return false
-		}
-		v.configured = true
-		return true
-	}
-	ok := func() { w.WriteHeader(204) }
-	switch {
-	case key == "GET /":
-		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(fcapi.InstanceInfo{AppName: "Firecracker", ID: v.id, State: v.state, VMMVersion: fakeVersion})
-	case key == "GET /version":
-		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(fcapi.FirecrackerVersion{FirecrackerVersion: fakeVersion})
-	case key == "PUT /boot-source":
-		var b fcapi.BootSource
-		if preBoot(&b) {
-			v.boot = &b
-			ok()
-		}
-	case key == "PUT /machine-config":
-		if preBoot(&v.mc) {
-			ok()
-		}
-	case r.Method == "PUT" && strings.HasPrefix(r.URL.Path, "/drives/"):
-		var d fcapi.Drive
-		if !preBoot(&d) {
-			return
-		}
-		f, err := os.OpenFile(d.PathOnHost, os.O_RDWR, 0) // relative to our cwd, like Firecracker
-		if err != nil {
-			fakeFault(w, "Unable to create the block device: "+err.Error())
-			return
-		}
-		v.drivePath, v.drive = d.PathOnHost, f
-		ok()
-	case r.Method == "PUT" && strings.HasPrefix(r.URL.Path, "/network-interfaces/"):
-		var n fcapi.NetworkInterface
-		if preBoot(&n) {
-			v.tap = n.HostDevName
-			ok()
-		}
-	case key == "PUT /vsock":
-		var vs fcapi.Vsock
-		if preBoot(&vs) {
-			v.uds = vs.UDSPath
-			ok()
-		}
-	case key == "PUT /actions":
-		var a fcapi.InstanceActionInfo
-		if err := fakeDecode(r, &a); err != nil {
-			fakeFault(w, err.Error())
-			return
-		}
-		if os.Getenv(fakeFaultEnv) == a.ActionType {
-			fakeFault(w, "fault injected by the test: "+a.ActionType)
-			return
-		}
-		if a.ActionType != fcapi.ActionInstanceStart || v.state != fcapi.StateNotStarted {
-			fakeFault(w, "The requested operation is not supported after starting the microVM.")
-			return
-		}
-		if v.boot == nil {
-			fakeFault(w, "Cannot start microvm without kernel configuration.")
-			return
-		}
-		for _, f := range []string{v.boot.KernelImagePath, v.boot.InitrdPath} {
-			if _, err := os.Stat(f); f != "" && err != nil {
-				fakeFault(w, "Cannot load kernel due to invalid memory configuration or invalid kernel image: "+err.Error())
-				return
+// hooks are the fake's side effects behind the shared API state machine.
+func (v *fakeVMM) hooks(exit chan<- int) fctest.Hooks {
+	return fctest.Hooks{
+		Drive: func(d fcapi.Drive) error {
+			f, err := os.OpenFile(d.PathOnHost, os.O_RDWR, 0) // relative to our cwd, like Firecracker
+			if err != nil {
+				return fmt.Errorf("Unable to create the block device: %v", err)
 			}
-		}
-		v.memory = "fresh"
-		if err := v.listenVsock(); err != nil {
-			fakeFault(w, err.Error())
-			return
-		}
-		v.state = fcapi.StateRunning
-		fmt.Println("SMOLVM-AGENT READY")
-		ok()
-	case key == "PATCH /vm":
-		var s fcapi.VM
-		if err := fakeDecode(r, &s); err != nil {
-			fakeFault(w, err.Error())
-			return
-		}
-		if v.state == fcapi.StateNotStarted {
-			fakeFault(w, "The requested operation is not supported before starting the microVM.")
-			return
-		}
-		if s.State == fcapi.VMPaused {
-			v.state = fcapi.StatePaused
-		} else {
-			v.state = fcapi.StateRunning
-		}
-		ok()
-	case key == "PUT /snapshot/create":
-		var c fcapi.SnapshotCreate
-		if err := fakeDecode(r, &c); err != nil {
-			fakeFault(w, err.Error())
-			return
-		}
-		if v.state != fcapi.StatePaused {
-			fakeFault(w, "Cannot create snapshot: the microVM is not paused.")
-			return
-		}
-		st, _ := json.Marshal(fakeState{ID: v.id, DrivePath: v.drivePath, UDSPath: v.uds, TAP: v.tap, MemMiB: v.mc.MemSizeMiB})
-		if err := os.WriteFile(c.SnapshotPath, st, 0o644); err != nil {
-			fakeFault(w, err.Error())
-			return
-		}
-		mem := v.memory
-		if mem == "fresh" {
-			mem = "guest-memory-of " + v.id
-		}
-		if err := os.WriteFile(c.MemFilePath, []byte(mem+"\n"), 0o644); err != nil {
-			fakeFault(w, err.Error())
-			return
-		}
-		os.Truncate(c.MemFilePath, int64(v.mc.MemSizeMiB)<<20)
-		ok()
-	case key == "PUT /snapshot/load":
-		var l fcapi.SnapshotLoad
-		if err := fakeDecode(r, &l); err != nil {
-			fakeFault(w, err.Error())
-			return
-		}
-		if v.configured || v.state != fcapi.StateNotStarted {
-			fakeFault(w, "Loading a microVM snapshot not allowed after configuring boot-specific resources.")
-			return
-		}
-		if os.Getenv(fakeFaultEnv) == "LoadCrash" {
-			os.Exit(3) // die without answering
-		}
-		if err := v.load(l); err != nil {
-			// Firecracker ends the process after a failed load.
-			fakeFault(w, "Load snapshot error: "+err.Error())
-			w.(http.Flusher).Flush()
-			go func() { time.Sleep(20 * time.Millisecond); exit <- 1 }()
-			return
-		}
-		ok()
-	default:
-		fakeFault(w, "Invalid request method and/or path: "+key)
+			v.mu.Lock()
+			v.drivePath, v.drive = d.PathOnHost, f
+			v.mu.Unlock()
+			return nil
+		},
+		NetworkInterface: func(n fcapi.NetworkInterface) error {
+			v.mu.Lock()
+			v.tap = n.HostDevName
+			v.mu.Unlock()
+			return nil
+		},
+		Vsock: func(vs fcapi.Vsock) error {
+			v.mu.Lock()
+			v.uds = vs.UDSPath
+			v.mu.Unlock()
+			return nil
+		},
+		Action: func(a fcapi.InstanceActionInfo) error {
+			if os.Getenv(fakeFaultEnv) == a.ActionType {
+				return fmt.Errorf("fault injected by the test: %s", a.ActionType)
+			}
+			return nil
+		},
+		Start: func(boot fcapi.BootSource) error {
+			for _, f := range []string{boot.KernelImagePath, boot.InitrdPath} {
+				if _, err := os.Stat(f); f != "" && err != nil {
+					return fmt.Errorf("Cannot load kernel due to invalid memory configuration or invalid kernel image: %v", err)
+				}
+			}
+			v.mu.Lock()
+			defer v.mu.Unlock()
+			v.memory = "fresh"
+			if err := v.listenVsock(); err != nil {
+				return err
+			}
+			fmt.Println("SMOLVM-AGENT READY")
+			return nil
+		},
+		SnapshotCreate: func(c fcapi.SnapshotCreate, mc fcapi.MachineConfig) error {
+			v.mu.Lock()
+			defer v.mu.Unlock()
+			st, _ := json.Marshal(fakeState{ID: v.id, DrivePath: v.drivePath, UDSPath: v.uds, TAP: v.tap, MemMiB: mc.MemSizeMiB})
+			if err := os.WriteFile(c.SnapshotPath, st, 0o644); err != nil {
+				return err
+			}
+			mem := v.memory
+			if mem == "fresh" {
+				mem = "guest-memory-of " + v.id
+			}
+			if err := os.WriteFile(c.MemFilePath, []byte(mem+"\n"), 0o644); err != nil {
+				return err
+			}
+			os.Truncate(c.MemFilePath, int64(mc.MemSizeMiB)<<20)
+			return nil
+		},
+		SnapshotLoad: func(l fcapi.SnapshotLoad, mc *fcapi.MachineConfig) error {
+			if os.Getenv(fakeFaultEnv) == "LoadCrash" {
+				os.Exit(3) // die without answering
+			}
+			v.mu.Lock()
+			defer v.mu.Unlock()
+			if err := v.load(l, mc); err != nil {
+				// Firecracker ends the process after a failed load (the
+				// fault is flushed first).
+				go func() { time.Sleep(20 * time.Millisecond); exit <- 1 }()
+				return fmt.Errorf("Load snapshot error: %v", err)
+			}
+			return nil
+		},
 	}
 }
 
-func (v *fakeVMM) load(l fcapi.SnapshotLoad) error {
+// load applies snapshot l; v.mu is held.
+func (v *fakeVMM) load(l fcapi.SnapshotLoad, mc *fcapi.MachineConfig) error {
 	data, err := os.ReadFile(l.SnapshotPath)
 	if err != nil {
 		return err
@@ -286,8 +198,7 @@ func (v *fakeVMM) load(l fcapi.SnapshotLoad) error {
 		}
 		v.drivePath, v.drive = st.DrivePath, f
 	}
-	v.configured = true
-	v.mc.MemSizeMiB = st.MemMiB
+	mc.MemSizeMiB = st.MemMiB
 	v.memory = strings.TrimSpace(line)
 	v.uds = st.UDSPath
 	if l.VsockOverride != nil {
@@ -299,10 +210,6 @@ func (v *fakeVMM) load(l fcapi.SnapshotLoad) error {
 	}
 	if err := v.listenVsock(); err != nil {
 		return err
-	}
-	v.state = fcapi.StatePaused
-	if l.ResumeVM {
-		v.state = fcapi.StateRunning
 	}
 	return nil
 }

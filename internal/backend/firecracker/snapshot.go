@@ -11,6 +11,7 @@ import (
 
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/fcapi"
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
 
 // snapshotMeta is DIR/firecracker.json: how a snapshot was taken.
@@ -80,10 +81,12 @@ func (b *Backend) Snapshot(ctx context.Context, m backend.Machine, kind backend.
 	if err := os.WriteFile(filepath.Join(dir, metaFile), append(mb, '\n'), 0o600); err != nil {
 		return backend.SnapshotResult{}, fmt.Errorf("firecracker: snapshot: %w", err)
 	}
-	if err := syncFiles(state, mem, filepath.Join(dir, metaFile)); err != nil {
-		return backend.SnapshotResult{}, fmt.Errorf("firecracker: snapshot: %w", err)
+	for _, p := range []string{state, mem, filepath.Join(dir, metaFile)} {
+		if err := fsutil.SyncFile(p); err != nil {
+			return backend.SnapshotResult{}, fmt.Errorf("firecracker: snapshot: %w", err)
+		}
 	}
-	if err := syncDir(dir); err != nil {
+	if err := fsutil.SyncDir(dir); err != nil {
 		return backend.SnapshotResult{}, fmt.Errorf("firecracker: snapshot: %w", err)
 	}
 	res := backend.SnapshotResult{Artifacts: arts, MemoryFormat: "raw"}

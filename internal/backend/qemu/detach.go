@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
 
 // Detach makes a stopped machine's disk self-contained: the qcow2 overlay is
@@ -33,7 +34,7 @@ func (b *Backend) Detach(ctx context.Context, m backend.Machine) error {
 		os.Remove(tmp)
 		return err
 	}
-	if err := syncFile(tmp); err != nil {
+	if err := fsutil.SyncFile(tmp); err != nil {
 		os.Remove(tmp)
 		return err
 	}
@@ -41,7 +42,7 @@ func (b *Backend) Detach(ctx context.Context, m backend.Machine) error {
 		os.Remove(tmp)
 		return err
 	}
-	return syncDir(m.Dir)
+	return fsutil.SyncDir(m.Dir)
 }
 
 // HostTSCkHz is the host TSC frequency in kHz the backend passes to microvm

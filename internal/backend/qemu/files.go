@@ -6,13 +6,10 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"runtime/debug"
 	"syscall"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/smolvm-go/smolvm/internal/atomicfile"
 )
 
 // lseek whence values for sparse files (linux).
@@ -181,12 +178,6 @@ func copySparseMapped(out, in *os.File, size int64) (int64, error) {
 	}
 	return written, nil
 }
-
-// syncFile fsyncs one file.
-func syncFile(path string) error { return atomicfile.SyncFile(path) }
-
-// syncDir fsyncs a directory (its entries).
-func syncDir(dir string) error { return syncFile(filepath.Clean(dir)) }
 
 // allocatedBytes is the space a file uses on disk.
 func allocatedBytes(path string) int64 {

@@ -1,11 +1,8 @@
 package qemu
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,10 +12,11 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/qmp/qmptest"
 )
 
 // fakeVMM is a process whose cmdline names the VM's QMP socket (what
-// processAlive checks) plus a fake QMP server on that socket.
+// processAlive checks) plus a fake QMP server (qmptest) on that socket.
 func fakeVMM(t *testing.T, status string) (backend.Machine, *exec.Cmd) {
 	t.Helper()
 	dir, err := os.MkdirTemp("/tmp", "smvf")
@@ -34,43 +32,16 @@ func fakeVMM(t *testing.T, status string) (backend.Machine, *exec.Cmd) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer conn.Close()
-				fmt.Fprintln(conn, `{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}`)
-				r := bufio.NewReader(conn)
-				for {
-					line, err := r.ReadBytes('\n')
-					if err != nil {
-						return
-					}
-					var req struct {
-						Execute string          `json:"execute"`
-						ID      json.RawMessage `json:"id"`
-					}
-					json.Unmarshal(line, &req)
-					switch req.Execute {
-					case "query-status":
-						fmt.Fprintf(conn, `{"return": {"status": %q, "running": false}, "id": %s}`+"\n", status, req.ID)
-					case "cont":
-						fmt.Fprintf(conn, `{"error": {"class": "GenericError", "desc": "Resetting the Virtual Machine is required"}, "id": %s}`+"\n", req.ID)
-					default:
-						fmt.Fprintf(conn, `{"return": {}, "id": %s}`+"\n", req.ID)
-					}
-				}
-			}()
+	qmptest.Start(t, sock, func(write func(string), req map[string]any) {
+		switch req["execute"] {
+		case "query-status":
+			write(qmptest.Return(req, fmt.Sprintf(`{"status": %q, "running": false}`, status)))
+		case "cont":
+			write(qmptest.Error(req, "GenericError", "Resetting the Virtual Machine is required"))
+		default:
+			write(qmptest.Return(req, ""))
 		}
-	}()
+	})
 	m := backend.Machine{Spec: backend.Spec{ID: "f", Dir: dir, RunDir: dir}, PID: cmd.Process.Pid}
 	return m, cmd
 }
