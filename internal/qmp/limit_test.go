@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
 // TestOversizedReplyEndsConnection: a QEMU that answers with a line longer
@@ -19,7 +21,7 @@ import (
 // server streams 256 MiB without a newline from one reused buffer, so what
 // the process allocates is the client's.
 func TestOversizedReplyEndsConnection(t *testing.T) {
-	path := filepath.Join(shortDir(t), "qmp.sock")
+	path := filepath.Join(testutil.ShortDir(t), "qmp.sock")
 	ln, err := net.Listen("unix", path)
 	if err != nil {
 		t.Fatal(err)
