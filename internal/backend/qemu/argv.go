@@ -58,6 +58,11 @@ type launch struct {
 	// DieWithParent kills QEMU when the thread that launched it exits
 	// (Pdeathsig): for helper VMs that must not outlive their operation.
 	DieWithParent bool
+
+	// NetFD is QEMU's fd of the socketpair to the network sidecar
+	// (-netdev stream); 0 with spec.Network is the legacy slirp netdev,
+	// used only by the throughput comparison in the tests.
+	NetFD int
 }
 
 func qmpSocket(runDir string) string   { return filepath.Join(runDir, qmpSocketName) }
@@ -186,9 +191,12 @@ func buildArgs(spec backend.Spec, l launch) []string {
 		)
 	}
 	if spec.Network {
-		nd := "user,id=" + netdevID
-		for _, pf := range spec.PortForwards {
-			nd += ",hostfwd=" + hostfwd(pf)
+		nd := netdevArg(l.NetFD)
+		if l.NetFD == 0 {
+			nd = "user,id=" + netdevID
+			for _, pf := range spec.PortForwards {
+				nd += ",hostfwd=" + hostfwd(pf)
+			}
 		}
 		nic := dev("virtio-net") + ",netdev=" + netdevID
 		if spec.MAC != "" {

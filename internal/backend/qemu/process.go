@@ -60,6 +60,17 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 		MemoryFile:   l.MemoryFile,
 		MemoryShared: l.MemoryShared,
 	}
+	var extra []*os.File // fds QEMU inherits (3, 4, ...)
+	var sidecar *netSidecar
+	if spec.Network && !b.slirp {
+		if sidecar, err = b.startNet(ctx, spec, l.DieWithParent); err != nil {
+			return backend.Machine{}, err
+		}
+		defer sidecar.qemuEnd.Close() // QEMU has its copy, or failed: the sidecar sees EOF and exits
+		l.NetFD = 3 + len(extra)
+		extra = append(extra, sidecar.qemuEnd)
+		m.NetPID = sidecar.pid
+	}
 	args := buildArgs(spec, l)
 	logf, err := os.OpenFile(qemuLog(spec.Dir), os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
 	if err != nil {
@@ -70,6 +81,7 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 	cmd.Stdin = nil // /dev/null
 	cmd.Stdout = logf
 	cmd.Stderr = logf
+	cmd.ExtraFiles = extra
 	// Own session: no controlling terminal, not signalled with our process
 	// group, and it outlives us (no Pdeathsig).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -309,6 +321,7 @@ func (b *Backend) Stop(ctx context.Context, m backend.Machine) error {
 			}
 		}
 	}
+	waitNetGone(m.NetPID)
 	b.cleanup(m)
 	return nil
 }
@@ -317,7 +330,7 @@ func (b *Backend) Stop(ctx context.Context, m backend.Machine) error {
 // own shared RAM file (never a snapshot image it mapped privately).
 func (b *Backend) cleanup(m backend.Machine) {
 	if m.RunDir != "" {
-		removeQuiet(qmpSocket(m.RunDir))
+		removeQuiet(qmpSocket(m.RunDir), netSocket(m.RunDir))
 		for k := 0; k < AgentPorts; k++ {
 			removeQuiet(agentPortSocket(m.RunDir, k), filepath.Join(m.RunDir, fmt.Sprintf("agent.%d.lock", k)))
 		}

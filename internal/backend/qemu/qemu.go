@@ -48,6 +48,10 @@ type Backend struct {
 	probeOnce   sync.Once
 	probedAccel backend.Accel
 	probeErr    error
+
+	// slirp launches QEMU's built-in slirp instead of the sidecar: no
+	// network policy. Only the tests' throughput comparison sets it.
+	slirp bool
 }
 
 var _ backend.Backend = (*Backend)(nil)
@@ -83,6 +87,7 @@ func (b *Backend) Capabilities() backend.Capabilities {
 		MappedRestore:  true,
 		PortForward:    true,
 		UserNetworking: true,
+		NetworkPolicy:  true,
 	}
 }
 
@@ -425,7 +430,8 @@ func (b *Backend) simple(ctx context.Context, m backend.Machine, cmd string) err
 	return nil
 }
 
-// ExposePort adds a host forward to a running VM (HMP hostfwd_add).
+// ExposePort adds a host forward to a running VM: the network sidecar
+// listens on it (HMP hostfwd_add for a VM running slirp).
 func (b *Backend) ExposePort(ctx context.Context, m backend.Machine, pf backend.PortForward) error {
 	if !m.Network {
 		return fmt.Errorf("qemu: expose port: the VM has no network: %w", backend.ErrUnsupported)
@@ -433,6 +439,14 @@ func (b *Backend) ExposePort(ctx context.Context, m backend.Machine, pf backend.
 	if pf.HostPort <= 0 || pf.HostPort > 65535 || pf.GuestPort <= 0 || pf.GuestPort > 65535 {
 		return fmt.Errorf("qemu: expose port: invalid ports %d -> %d", pf.HostPort, pf.GuestPort)
 	}
+	if _, err := os.Stat(netSocket(m.RunDir)); err == nil || !processAlive(m) {
+		if !processAlive(m) {
+			return fmt.Errorf("qemu: expose port: %w", backend.ErrNotRunning)
+		}
+		return exposeNet(ctx, m, pf)
+	}
+	// A VM started with slirp (before the sidecar, or by the tests'
+	// throughput comparison).
 	c, err := b.dialQMP(ctx, m)
 	if err != nil {
 		return err
