@@ -13,7 +13,9 @@
 //     "error: ..." on failure, then closed.
 //
 // It exits when QEMU closes its end of the stream. Started as root, it drops
-// to uid/gid 65534 (nobody) once its listeners exist.
+// to uid/gid 65534 (nobody) once its listeners exist; then it sets
+// no_new_privs and a seccomp filter that denies exec, ptrace, mount,
+// namespaces, module/BPF loading and the like.
 package main
 
 import (
@@ -117,8 +119,9 @@ func hostAddrs() []netip.Addr {
 	return out
 }
 
-// dropPrivileges: as root, become nobody (no supplementary groups) and
-// forbid regaining privileges; otherwise only the latter.
+// dropPrivileges: as root, become nobody (no supplementary groups); then
+// forbid regaining privileges and deny the syscalls the sidecar never
+// needs (seccomp, every thread).
 func dropPrivileges() error {
 	if os.Geteuid() == 0 {
 		if err := syscall.Setgroups(nil); err != nil {
@@ -131,5 +134,8 @@ func dropPrivileges() error {
 			return fmt.Errorf("setuid: %w", err)
 		}
 	}
-	return unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("no_new_privs: %w", err)
+	}
+	return installSeccomp()
 }

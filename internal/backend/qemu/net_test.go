@@ -165,15 +165,30 @@ func TestNetworkPolicyDefault(t *testing.T) {
 		t.Error("exposing the same host port twice succeeded")
 	}
 
-	// The sidecar goes with the VM.
+	// The sidecar runs unprivileged (when we are root) and goes with the
+	// VM by itself: kill QEMU outright and it sees the stream close.
 	if m.NetPID <= 0 || syscall.Kill(m.NetPID, 0) != nil {
 		t.Fatalf("sidecar pid %d not running", m.NetPID)
 	}
+	status, _ := os.ReadFile("/proc/" + strconv.Itoa(m.NetPID) + "/status")
+	if !strings.Contains(string(status), "NoNewPrivs:\t1") || !strings.Contains(string(status), "Seccomp:\t2") {
+		t.Errorf("sidecar without no_new_privs or seccomp:\n%s", status)
+	}
+	if os.Geteuid() == 0 && !strings.Contains(string(status), "Uid:\t65534\t65534\t65534\t65534") {
+		t.Errorf("sidecar of a root launcher kept its uid:\n%s", status)
+	}
+	syscall.Kill(m.PID, syscall.SIGKILL)
+	gone := false
+	for i := 0; i < 100 && !gone; i++ {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(m.NetPID) + "/cmdline")
+		gone = err != nil || !strings.Contains(string(b), "smolvm-net")
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !gone {
+		t.Errorf("sidecar %d still running 5 s after QEMU was killed", m.NetPID)
+	}
 	if err := b.Stop(ctxFor(t, time.Minute), m); err != nil {
 		t.Fatal(err)
-	}
-	if b, err := os.ReadFile("/proc/" + strconv.Itoa(m.NetPID) + "/cmdline"); err == nil && strings.Contains(string(b), "smolvm-net") {
-		t.Errorf("sidecar %d still running after Stop", m.NetPID)
 	}
 	if _, err := os.Stat(netSocket(m.RunDir)); err == nil {
 		t.Error("net.sock left behind")
