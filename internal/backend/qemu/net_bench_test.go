@@ -67,4 +67,3 @@ func loadavg() string {
 	}
 	return strings.Join(f[:3], " ")
 }
-
