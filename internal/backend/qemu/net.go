@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -63,14 +64,17 @@ func NetHelper() (string, error) {
 }
 
 // netSidecar is a started sidecar: qemuEnd goes to QEMU (and must be
-// closed by the caller once QEMU has it).
+// closed by the caller once QEMU has it); wait returns once the sidecar is
+// ready (its port forwards bound), or why it is not.
 type netSidecar struct {
 	qemuEnd *os.File
 	pid     int
+	wait    func(context.Context) error
 }
 
-// startNet starts the network sidecar for spec and waits until it is
-// ready (its port forwards are bound). The sidecar exits by itself when
+// startNet starts the network sidecar for spec. QEMU can start at once
+// (frames queue in the socketpair); the caller then waits for readiness,
+// in parallel with QEMU's own start. The sidecar exits by itself when
 // QEMU's end of the stream closes.
 func (b *Backend) startNet(ctx context.Context, spec backend.Spec, dieWithParent bool) (*netSidecar, error) {
 	helper, err := NetHelper()
@@ -129,9 +133,9 @@ func (b *Backend) startNet(ctx context.Context, spec backend.Spec, dieWithParent
 	if err != nil {
 		return nil, err
 	}
-	defer readyR.Close()
 	logf, err := os.OpenFile(filepath.Join(spec.Dir, netLogName), os.O_CREATE|os.O_TRUNC|os.O_WRONLY|unix.O_NOFOLLOW, 0o600)
 	if err != nil {
+		readyR.Close()
 		readyW.Close()
 		return nil, fmt.Errorf("qemu: network sidecar log: %w", err)
 	}
@@ -150,32 +154,37 @@ func (b *Backend) startNet(ctx context.Context, spec backend.Spec, dieWithParent
 	err = cmd.Start()
 	readyW.Close()
 	if err != nil {
+		readyR.Close()
 		return nil, fmt.Errorf("qemu: start network sidecar %s: %w", helper, err)
 	}
 	go cmd.Wait() // reap (stdin copy ends with it)
 
 	line := make(chan string, 1)
 	go func() {
-		s, _ := bufio.NewReader(readyR).ReadString('\n')
+		defer readyR.Close()
+		s, _ := bufio.NewReader(io.LimitReader(readyR, 4096)).ReadString('\n')
 		line <- strings.TrimSpace(s)
 	}()
-	wctx, cancel := context.WithTimeout(ctx, netReadyWait)
-	defer cancel()
-	select {
-	case s := <-line:
-		if s != "ok" {
+	ok = true
+	logPath := filepath.Join(spec.Dir, netLogName)
+	return &netSidecar{qemuEnd: qemuEnd, pid: cmd.Process.Pid, wait: func(ctx context.Context) error {
+		wctx, cancel := context.WithTimeout(ctx, netReadyWait)
+		defer cancel()
+		select {
+		case s := <-line:
+			if s == "ok" {
+				return nil
+			}
 			cmd.Process.Kill()
 			if s == "" {
-				s = "exited during start: " + logTail(filepath.Join(spec.Dir, netLogName))
+				s = "exited during start: " + logTail(logPath)
 			}
-			return nil, &backend.VMMError{Op: "network", Message: strings.TrimPrefix(s, "error: ")}
+			return &backend.VMMError{Op: "network", Message: strings.TrimPrefix(s, "error: ")}
+		case <-wctx.Done():
+			cmd.Process.Kill()
+			return &backend.VMMError{Op: "network", Message: "the network sidecar did not become ready in " + netReadyWait.String()}
 		}
-	case <-wctx.Done():
-		cmd.Process.Kill()
-		return nil, &backend.VMMError{Op: "network", Message: "the network sidecar did not become ready in " + netReadyWait.String()}
-	}
-	ok = true
-	return &netSidecar{qemuEnd: qemuEnd, pid: cmd.Process.Pid}, nil
+	}}, nil
 }
 
 // netdevArg is QEMU's -netdev for a sidecar connected on fd.

@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"net"
 	"net/http"
@@ -9,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/netpolicy"
 	"github.com/smolvm-go/smolvm/internal/testutil"
 )
@@ -54,7 +56,7 @@ func BenchmarkGuestDownload(b *testing.B) {
 				}
 			}
 			b.StopTimer()
-			b.Logf("%s: load average before %s, after %s", mode, load0, loadavg())
+			b.Logf("%s: load average before %s, after %s; sidecar %s", mode, load0, loadavg(), rss(m.NetPID))
 		})
 	}
 }
@@ -66,4 +68,41 @@ func loadavg() string {
 		return "?"
 	}
 	return strings.Join(f[:3], " ")
+}
+
+// rss returns a process's resident and peak memory ("" for pid 0).
+func rss(pid int) string {
+	if pid <= 0 {
+		return "none"
+	}
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "VmRSS:") || strings.HasPrefix(l, "VmHWM:") {
+			out = append(out, strings.Join(strings.Fields(l), " "))
+		}
+	}
+	return strings.Join(out, ", ")
+}
+
+// BenchmarkSidecarStart measures starting the network sidecar until it is
+// ready (what a VM start adds), and its exit once the stream closes.
+func BenchmarkSidecarStart(b *testing.B) {
+	if err := testutil.EnsureNetHelper(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	be := New(Options{Logger: testLogger()})
+	dir := testutil.ShortDir(b)
+	spec := backend.Spec{ID: "bench", Dir: dir, RunDir: dir}
+	for i := 0; i < b.N; i++ {
+		sc, err := be.startNet(context.Background(), spec, true)
+		if err == nil {
+			err = sc.wait(context.Background())
+		}
+		if err != nil {
+			b.Fatal(err)
+		}
+		sc.qemuEnd.Close()
+		waitNetGone(sc.pid)
+	}
 }

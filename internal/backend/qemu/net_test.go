@@ -18,6 +18,7 @@ import (
 	"github.com/smolvm-go/smolvm/internal/agentproto"
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/netpolicy"
+	"github.com/smolvm-go/smolvm/internal/procfs"
 	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
@@ -237,5 +238,57 @@ func TestNetworkPolicyAllowlist(t *testing.T) {
 	}
 	if st.Policy.Mode != netpolicy.ModeAllowlist || !slices.Equal(st.Policy.AllowDomains, []string{"deb.debian.org"}) {
 		t.Errorf("policy %+v", st.Policy)
+	}
+}
+
+// TestNetworkForwardBusy: a boot-time forward whose host port is taken
+// fails Start with the sidecar's reason, and leaves nothing running.
+func TestNetworkForwardBusy(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts QEMU")
+	}
+	testutil.RequireQEMU(t)
+	if err := testutil.EnsureNetHelper(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	img := testutil.Image(t, "busybox")
+	b := New(Options{Logger: testLogger()})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	spec := testutil.Spec(t, img, "netbusy", testutil.SpecOptions{Network: true,
+		PortForwards: []backend.PortForward{{HostPort: ln.Addr().(*net.TCPAddr).Port, GuestPort: 22}}})
+	ctx := ctxFor(t, time.Minute)
+	if err := b.Prepare(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	m, err := b.Start(ctx, spec)
+	if err == nil {
+		b.Stop(ctx, m)
+		t.Fatal("Start succeeded with the forward's host port taken")
+	}
+	if !strings.Contains(err.Error(), "address already in use") {
+		t.Errorf("error does not say why: %v", err)
+	}
+	if pids := testutil.ProcessesFor(spec.RunDir); len(pids) > 0 {
+		t.Errorf("processes left: %v", pids)
+	}
+	helper := os.Getenv(NetHelperEnv)
+	for i := 0; ; i++ {
+		left := 0
+		for _, pid := range procfs.Others() {
+			if b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline"); err == nil && strings.HasPrefix(string(b), helper+"\x00") {
+				left++
+			}
+		}
+		if left == 0 {
+			break
+		}
+		if i == 100 {
+			t.Fatalf("%d sidecars of this test binary still running", left)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

@@ -153,6 +153,11 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 		}
 		return fail("start", err)
 	}
+	if sidecar != nil {
+		if err := sidecar.wait(dctx); err != nil {
+			return fail("network", err)
+		}
+	}
 	b.log.Debug("qemu up", "id", spec.ID, "pid", m.PID, "status", st.Status, "elapsed", time.Since(start))
 	return m, nil
 }
