@@ -1,6 +1,7 @@
 package netstack
 
 import (
+	"bufio"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -24,7 +25,8 @@ var ErrFrameTooLarge = errors.New("netstack: frame larger than 64 KiB on the QEM
 // readFrames reads QEMU's stream netdev framing (a 4-byte big-endian length,
 // then one Ethernet frame) from r and injects each frame into ep. It returns
 // at EOF (QEMU closed its end) or on the first error.
-func readFrames(r io.Reader, ep *channel.Endpoint) error {
+func readFrames(conn io.Reader, ep *channel.Endpoint) error {
+	r := bufio.NewReaderSize(conn, 256<<10) // several frames per read(2)
 	var hdr [4]byte
 	for {
 		if _, err := io.ReadFull(r, hdr[:]); err != nil {
@@ -51,23 +53,34 @@ func readFrames(r io.Reader, ep *channel.Endpoint) error {
 }
 
 // writeFrames sends the stack's outbound frames to w in the same framing
-// until ctx ends or a write fails.
+// until ctx ends or a write fails. Frames already queued go out together
+// in one write(2) (up to writeBatch bytes).
 func writeFrames(ctx context.Context, w io.Writer, ep *channel.Endpoint) error {
-	buf := make([]byte, 0, 4+maxFrame)
+	const writeBatch = 256 << 10
+	buf := make([]byte, 0, writeBatch+4+maxFrame)
 	for {
 		pkt := ep.ReadContext(ctx)
 		if pkt == nil {
 			return ctx.Err()
 		}
-		buf = buf[:4]
-		for _, s := range pkt.AsSlices() {
-			buf = append(buf, s...)
+		buf = buf[:0]
+		for pkt != nil {
+			start := len(buf)
+			buf = append(buf, 0, 0, 0, 0)
+			for _, s := range pkt.AsSlices() {
+				buf = append(buf, s...)
+			}
+			pkt.DecRef()
+			if n := len(buf) - start - 4; n > maxFrame {
+				buf = buf[:start]
+			} else {
+				binary.BigEndian.PutUint32(buf[start:], uint32(n))
+			}
+			if len(buf) >= writeBatch {
+				break
+			}
+			pkt = ep.Read()
 		}
-		pkt.DecRef()
-		if len(buf)-4 > maxFrame {
-			continue
-		}
-		binary.BigEndian.PutUint32(buf[:4], uint32(len(buf)-4))
 		if _, err := w.Write(buf); err != nil {
 			return err
 		}

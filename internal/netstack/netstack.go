@@ -47,10 +47,11 @@ var (
 
 // Limits per VM.
 const (
-	MaxTCPConns   = 1024 // concurrent guest TCP connections (egress + forwards)
-	MaxUDPFlows   = 256  // concurrent UDP flows
-	MaxDNSFlows   = 64   // concurrent DNS flows
-	MaxForwards   = 64   // host port forwards
+	MaxTCPConns   = 512     // concurrent guest TCP connections (egress + forwards)
+	tcpBufferMax  = 1 << 20 // per connection and direction in the stack
+	MaxUDPFlows   = 256     // concurrent UDP flows
+	MaxDNSFlows   = 64      // concurrent DNS flows
+	MaxForwards   = 64      // host port forwards
 	dialTimeout   = 10 * time.Second
 	udpIdle       = 60 * time.Second
 	nicID         = tcpip.NICID(1)
@@ -142,6 +143,12 @@ func New(cfg Config, hostAddrs []netip.Addr, log *slog.Logger) (*Net, error) {
 	s.SetTransportProtocolOption(tcp.ProtocolNumber, &sack)
 	mod := tcpip.TCPModerateReceiveBufferOption(true)
 	s.SetTransportProtocolOption(tcp.ProtocolNumber, &mod)
+	// Bound each connection's buffers (gVisor's default maximum is 4 MiB
+	// each way): MaxTCPConns x 2 x tcpBufferMax is the worst case.
+	rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 128 << 10, Max: tcpBufferMax}
+	s.SetTransportProtocolOption(tcp.ProtocolNumber, &rcv)
+	snd := tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 128 << 10, Max: tcpBufferMax}
+	s.SetTransportProtocolOption(tcp.ProtocolNumber, &snd)
 	n.link = channel.New(channelQueue, linkMTU+header.EthernetMinimumSize, gatewayMAC)
 	if e := s.CreateNIC(nicID, ethernet.New(n.link)); e != nil {
 		cancel()
