@@ -2,11 +2,13 @@ package qemu
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -290,5 +292,23 @@ func TestNetworkForwardBusy(t *testing.T) {
 			t.Fatalf("%d sidecars of this test binary still running", left)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestNetHelperMissing(t *testing.T) {
+	t.Setenv(NetHelperEnv, "/nonexistent/smolvm-net")
+	if _, err := NetHelper(); !errors.Is(err, ErrNetHelperMissing) || !strings.Contains(err.Error(), "scripts/setup") {
+		t.Errorf("bad helper path: %v", err)
+	}
+	t.Setenv(NetHelperEnv, "")
+	t.Setenv("PATH", t.TempDir())
+	if p, err := NetHelper(); err == nil {
+		// Only a smolvm-net next to the test binary could be found.
+		exe, _ := os.Executable()
+		if filepath.Dir(p) != filepath.Dir(exe) {
+			t.Errorf("found %s", p)
+		}
+	} else if !errors.Is(err, ErrNetHelperMissing) || !strings.Contains(err.Error(), "go build -o bin/smolvm-net ./cmd/smolvm-net") {
+		t.Errorf("no helper: %v", err)
 	}
 }
