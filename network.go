@@ -57,6 +57,7 @@ type NetworkRefusal struct {
 	Proto  string    `json:"proto"` // tcp, udp, dns
 	Dest   string    `json:"dest"`  // address:port, or the DNS name
 	Reason string    `json:"reason"`
+	Count  int       `json:"count"` // refusals in a row of the same flow (retries); Time is the last
 }
 
 // toBackend converts a policy to the spec's form.

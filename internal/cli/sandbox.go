@@ -216,7 +216,11 @@ func (a *app) infoCmd() *cobra.Command {
 					if st := info.NetworkStats; st != nil {
 						rows = append(rows, []string{"network", fmt.Sprintf("%d allowed, %d refused, %d DNS names refused", st.Allowed, st.Refused, st.DNSRefused)})
 						for _, r := range st.LastRefused {
-							rows = append(rows, []string{"refused", fmt.Sprintf("%s %s %s: %s", r.Time.Local().Format(time.TimeOnly), r.Proto, r.Dest, r.Reason)})
+							line := fmt.Sprintf("%s %s %s: %s", r.Time.Local().Format(time.TimeOnly), r.Proto, r.Dest, r.Reason)
+							if r.Count > 1 {
+								line += fmt.Sprintf(" (x%d)", r.Count)
+							}
+							rows = append(rows, []string{"refused", line})
 						}
 					}
 					for _, p := range info.PortForwards {

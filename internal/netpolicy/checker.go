@@ -21,6 +21,7 @@ type Refusal struct {
 	Proto  string    `json:"proto"`  // tcp, udp, dns
 	Dest   string    `json:"dest"`   // addr:port or the DNS name
 	Reason string    `json:"reason"` // "loopback", "not in allow-list", ...
+	Count  int       `json:"count"`  // repeats in a row (retries); Time is the last
 }
 
 // Stats is what the sidecar reports about refusals.
@@ -149,7 +150,14 @@ func (c *Checker) Refuse(proto, dest, reason string) {
 	} else {
 		c.stats.Refused++
 	}
-	r := Refusal{Time: c.now().UTC(), Proto: proto, Dest: dest, Reason: reason}
+	r := Refusal{Time: c.now().UTC(), Proto: proto, Dest: dest, Reason: reason, Count: 1}
+	if k := len(c.stats.LastRefused); k > 0 {
+		if l := &c.stats.LastRefused[k-1]; l.Proto == proto && l.Dest == dest && l.Reason == reason {
+			l.Count++ // a retry: keep one entry so retries do not push out other reasons
+			l.Time = r.Time
+			return
+		}
+	}
 	if len(c.stats.LastRefused) >= MaxLastRefused {
 		c.stats.LastRefused = append(c.stats.LastRefused[:0], c.stats.LastRefused[1:]...)
 	}

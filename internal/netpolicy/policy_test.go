@@ -2,6 +2,7 @@ package netpolicy
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"testing"
 	"time"
@@ -125,11 +126,13 @@ func TestAllowlistLearn(t *testing.T) {
 		t.Fatalf("learned %d > %d", len(c.learned), MaxLearned)
 	}
 	for i := 0; i < 3*MaxLastRefused; i++ {
-		c.Refuse("tcp", "x", "r")
+		c.Refuse("tcp", fmt.Sprint("x", i), "r")
 	}
 	c.Refuse("dns", "n", "r")
+	c.Refuse("dns", "n", "r") // a retry
 	s := c.Stats()
-	if len(s.LastRefused) != MaxLastRefused || s.Refused != 3*MaxLastRefused || s.DNSRefused != 1 || s.LastRefused[MaxLastRefused-1].Proto != "dns" {
+	if len(s.LastRefused) != MaxLastRefused || s.Refused != 3*MaxLastRefused || s.DNSRefused != 2 ||
+		s.LastRefused[MaxLastRefused-1].Proto != "dns" || s.LastRefused[MaxLastRefused-1].Count != 2 || s.LastRefused[0].Dest != fmt.Sprint("x", 2*MaxLastRefused+1) {
 		t.Fatalf("stats %+v", s)
 	}
 }
