@@ -97,6 +97,19 @@ func TestDebianNetworkDefault(t *testing.T) {
 			t.Errorf("guest connected to %s", dest)
 		}
 	}
+	// UDP to a refused address fails at once (ICMP port unreachable).
+	udp := `python3 -c '
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); s.connect(("169.254.169.254", 53)); s.send(b"x")
+try:
+    s.recv(1)
+except ConnectionRefusedError:
+    print("refused")
+except socket.timeout:
+    print("timeout")'`
+	if out := mustOK(t, vm, udp); out != "refused" {
+		t.Errorf("UDP to metadata: %q, want refused", out)
+	}
 	res := run(t, vm, "apt-get update 2>&1 | tail -n 5")
 	if !res.OK() || strings.Contains(res.Stdout, "Err:") || strings.Contains(res.Stdout, "Could not") || !strings.Contains(res.Stdout, "Reading package lists") {
 		t.Errorf("apt-get update: exit %d\n%s%s", res.ExitCode, res.Stdout, res.Stderr)

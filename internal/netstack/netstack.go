@@ -172,7 +172,18 @@ func New(cfg Config, hostAddrs []netip.Addr, log *slog.Logger) (*Net, error) {
 	tf := tcp.NewForwarder(s, 0, maxInFlightSY, n.handleTCP)
 	s.SetTransportProtocolHandler(tcp.ProtocolNumber, tf.HandlePacket)
 	uf := udp.NewForwarder(s, n.handleUDP)
-	s.SetTransportProtocolHandler(udp.ProtocolNumber, uf.HandlePacket)
+	s.SetTransportProtocolHandler(udp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+		// A refused flow is left unhandled: the stack answers ICMP port
+		// unreachable, so the guest fails fast (ECONNREFUSED) instead of
+		// waiting for a reply.
+		if dst := fromTCPIP(id.LocalAddress); dst != DNSIP || id.LocalPort != 53 {
+			if reason := n.chk.Check(target(dst)); reason != "" {
+				n.chk.Refuse("udp", netip.AddrPortFrom(dst, id.LocalPort).String(), reason)
+				return false
+			}
+		}
+		return uf.HandlePacket(id, pkt)
+	})
 
 	for _, f := range cfg.Forwards {
 		if err := n.Expose(f); err != nil {

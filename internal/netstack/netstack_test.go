@@ -127,8 +127,24 @@ func TestFakeGuestPolicy(t *testing.T) {
 	if _, err := g.dial(ctx, "192.0.2.2:80"); err == nil {
 		t.Fatal("guest reached the host's own address")
 	}
+	// UDP to a refused address: ICMP port unreachable, the guest's
+	// socket reports the refusal at once.
+	u, err := gonet.DialUDP(g.s, nil, &tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4([4]byte{169, 254, 169, 254}), Port: 53}, ipv4.ProtocolNumber)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.Write([]byte("hello"))
+	u.Close()
+	sent := n.stack.Stats().ICMP.V4.PacketsSent.DstUnreachable
+	got := g.s.Stats().ICMP.V4.PacketsReceived.DstUnreachable
+	for i := 0; i < 100 && got.Value() == 0; i++ {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if sent.Value() != 1 || got.Value() != 1 {
+		t.Errorf("UDP to metadata: %d ICMP unreachable sent, %d received, want 1", sent.Value(), got.Value())
+	}
 	st := n.Checker().Stats()
-	if st.Refused != 2 || !strings.HasPrefix(st.LastRefused[0].Reason, "loopback") || st.LastRefused[1].Reason != "host-address" {
+	if st.Refused != 3 || st.LastRefused[2].Dest != "169.254.169.254:53" || !strings.HasPrefix(st.LastRefused[0].Reason, "loopback") || st.LastRefused[1].Reason != "host-address" {
 		t.Errorf("stats %+v", st)
 	}
 
