@@ -66,6 +66,9 @@ type Config struct {
 	// reaches the host and the outside, nothing reaches the guest unless a
 	// port is exposed).
 	NoNetwork bool `json:"no_network,omitempty"`
+	// Network is what the guest may reach (see NetworkPolicy; the zero
+	// value is NetworkDefault). NoNetwork is the same as Mode NetworkNone.
+	Network NetworkPolicy `json:"network,omitzero"`
 	// Backend is "qemu" (default), "firecracker" or "auto".
 	Backend string `json:"backend,omitempty"`
 	// Accel is "auto" (default: KVM when usable, else TCG), "kvm" or "tcg".
@@ -201,7 +204,11 @@ func (c Config) validate() error {
 			return err
 		}
 	}
-	if c.NoNetwork && len(c.PortForwards) > 0 {
+	np, err := c.resolveNetwork()
+	if err != nil {
+		return err
+	}
+	if np.Mode == NetworkNone && len(c.PortForwards) > 0 {
 		return bad("port forwards need networking, but the VM has networking off", "drop --no-network")
 	}
 	return nil

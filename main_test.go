@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -152,7 +153,10 @@ func sharedVM(t *testing.T) *smolvm.VM {
 		if shared.err != nil {
 			return
 		}
-		shared.vm, shared.err = shared.m.New(ctx, smolvm.Config{Name: "shared", Image: "busybox", Env: map[string]string{"FROM_CONFIG": "cfg"}})
+		// The default network policy plus one explicit exception: the
+		// host's 127.0.0.1, so tests can serve the guest from the host.
+		shared.vm, shared.err = shared.m.New(ctx, smolvm.Config{Name: "shared", Image: "busybox", Env: map[string]string{"FROM_CONFIG": "cfg"},
+			Network: smolvm.NetworkPolicy{AllowCIDRs: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}}})
 		if shared.err == nil {
 			shared.err = shared.vm.Start(ctx)
 		}

@@ -36,14 +36,19 @@ type VM struct {
 
 // Info describes a VM.
 type Info struct {
-	ID           string        `json:"id"`
-	Status       Status        `json:"status"`
-	Image        string        `json:"image"`
-	Backend      string        `json:"backend"`
-	Accel        string        `json:"accel,omitempty"`
-	MemoryMiB    int           `json:"memory_mib"`
-	CPUs         int           `json:"cpus"`
-	Network      bool          `json:"network"`
+	ID        string `json:"id"`
+	Status    Status `json:"status"`
+	Image     string `json:"image"`
+	Backend   string `json:"backend"`
+	Accel     string `json:"accel,omitempty"`
+	MemoryMiB int    `json:"memory_mib"`
+	CPUs      int    `json:"cpus"`
+	Network   bool   `json:"network"`
+	// NetworkPolicy is the guest network policy (nil without networking).
+	NetworkPolicy *NetworkPolicy `json:"network_policy,omitempty"`
+	// NetworkStats are the sidecar's counters and last refusals (Info
+	// fills them for a running VM; nil otherwise).
+	NetworkStats *NetworkStats `json:"network_stats,omitempty"`
 	PortForwards []PortForward `json:"port_forwards,omitempty"`
 	PID          int           `json:"pid,omitempty"`
 	CreatedAt    time.Time     `json:"created_at"`
@@ -65,6 +70,8 @@ func (m *Manager) New(ctx context.Context, cfg Config) (*VM, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
+	cfg.Network, _ = cfg.resolveNetwork() // validated above
+	cfg.NoNetwork = cfg.Network.Mode == NetworkNone
 	if cfg.Name == "" {
 		id, err := m.uniqueName(ctx)
 		if err != nil {
@@ -91,6 +98,10 @@ func (m *Manager) New(ctx context.Context, cfg Config) (*VM, error) {
 		return nil, err
 	}
 	spec := m.specFor(id, cfg, img.Kernel, img.Initrd, img.Rootfs, img.KernelArgs)
+	if spec.Network && !b.Capabilities().NetworkPolicy {
+		return nil, newErr("create", ErrUnsupported, "add --no-network, or use --backend qemu",
+			fmt.Sprintf("the %s backend cannot enforce a guest network policy (it would reach the host's networks)", b.Name()))
+	}
 	if b.Name() == "firecracker" {
 		if img.Vmlinux == "" {
 			return nil, newErr("create", ErrImageNotBuilt, "smolvm image build "+cfg.Image+" --kernel minimal",
@@ -159,6 +170,7 @@ func (m *Manager) specFor(id string, cfg Config, kernel, initrd, rootfs, imgArgs
 		Disk: filepath.Join(dir, "disk.qcow2"), DiskFormat: "qcow2",
 		MemoryMiB: cfg.MemoryMiB, CPUs: cfg.CPUs, Accel: backend.Accel(cfg.Accel),
 		Network: !cfg.NoNetwork, MAC: macFor(id), PortForwards: pfs,
+		NetPolicy:  cfg.Network.toBackend(),
 		KernelArgs: strings.Join(args, " "),
 	}
 }
@@ -247,13 +259,18 @@ func (m *Manager) info(rec store.VM) Info {
 	for _, pf := range rec.Machine.PortForwards {
 		pfs = append(pfs, PortForward(pf))
 	}
-	return Info{
+	info := Info{
 		ID: rec.ID, Status: Status(rec.Status), Image: cfg.Image, Backend: rec.Backend,
 		Accel: string(rec.Machine.Accel), MemoryMiB: rec.Machine.MemoryMiB, CPUs: rec.Machine.CPUs,
 		Network: rec.Machine.Network, PortForwards: pfs, PID: rec.PID, CreatedAt: rec.CreatedAt,
 		RestoredFrom: rec.RestoredFrom, LastError: rec.LastError, Dir: rec.Machine.Dir,
 		ConsoleLog: filepath.Join(rec.Machine.Dir, "console.log"),
 	}
+	if rec.Machine.Network {
+		np := policyFromBackend(rec.Machine.NetPolicy)
+		info.NetworkPolicy = &np
+	}
+	return info
 }
 
 // List returns every VM in the data directory, oldest first.
@@ -279,7 +296,15 @@ func (vm *VM) Info(ctx context.Context) (Info, error) {
 	if err != nil {
 		return Info{}, err
 	}
-	return vm.m.info(rec), nil
+	info := vm.m.info(rec)
+	if info.Network && (rec.Status == store.VMRunning || rec.Status == store.VMPaused) {
+		sctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		if st, err := vm.NetworkStats(sctx); err == nil {
+			info.NetworkStats = &st
+		}
+		cancel()
+	}
+	return info, nil
 }
 
 // Status returns the VM's state, reconciled with the VMM process.

@@ -241,10 +241,25 @@ func TestGuestEgress(t *testing.T) {
 	go srv.Serve(ln)
 	defer srv.Close()
 	port := ln.Addr().(*net.TCPAddr).Port
-	// 10.0.2.2 is the host as seen from QEMU's user-mode network.
+	// 10.0.2.2 is the host's 127.0.0.1 as seen from the guest: reachable
+	// only because the shared VM's policy names 127.0.0.1/32.
 	got := mustOK(t, vm, fmt.Sprintf("wget -q -O - http://10.0.2.2:%d/ping", port))
 	if got != "hello guest /ping" {
 		t.Errorf("guest fetched %q", got)
+	}
+	// The exception opens that address only: the rest of the host's
+	// loopback and metadata stay closed.
+	for _, dest := range []string{fmt.Sprintf("127.0.0.2:%d", port), "169.254.169.254:80"} {
+		if res := run(t, vm, "timeout 10 wget -q -O - http://"+dest+"/"); res.OK() {
+			t.Errorf("guest reached %s: %q", dest, res.Output())
+		}
+	}
+	info, err := vm.Info(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.NetworkPolicy == nil || info.NetworkPolicy.Mode != smolvm.NetworkDefault || len(info.NetworkPolicy.AllowCIDRs) != 1 {
+		t.Errorf("policy %+v", info.NetworkPolicy)
 	}
 }
 

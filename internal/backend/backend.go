@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"time"
+
+	"github.com/smolvm-go/smolvm/internal/netpolicy"
 )
 
 // Capabilities declares what a backend can do. Callers check them before
@@ -18,7 +20,8 @@ type Capabilities struct {
 	DiffDisk       bool // diff snapshots store the disk relative to the base image
 	MappedRestore  bool // restore maps the snapshot's memory file privately (copy-on-write)
 	PortForward    bool // ExposePort on a running VM
-	UserNetworking bool // NAT networking without root (slirp)
+	UserNetworking bool // NAT networking without root
+	NetworkPolicy  bool // Spec.NetPolicy is enforced (user-mode network sidecar)
 }
 
 // Accel is a hardware accelerator choice.
@@ -56,6 +59,9 @@ type Spec struct {
 	Network      bool          `json:"network"`
 	MAC          string        `json:"mac,omitempty"`
 	PortForwards []PortForward `json:"port_forwards,omitempty"`
+	// NetPolicy is what the guest may reach when Network is on (the zero
+	// value is the default mode: public internet only).
+	NetPolicy netpolicy.Policy `json:"net_policy"`
 
 	// KernelArgs are appended to the backend's own command line
 	// (console, root device, quiet, ...).
@@ -81,6 +87,8 @@ type Machine struct {
 	// MemoryShared reports whether MemoryFile is mapped shared (writes land in
 	// the file) or private (copy-on-write over a snapshot's memory image).
 	MemoryShared bool `json:"memory_shared,omitempty"`
+	// NetPID is the network sidecar's pid (0: none).
+	NetPID int `json:"net_pid,omitempty"`
 }
 
 // Status is what the VMM reports about a machine.

@@ -72,7 +72,7 @@ func smolvmJSON(t *testing.T, args ...string) envelope {
 }
 
 func TestSandboxCLI(t *testing.T) {
-	env := smolvmJSON(t, "sandbox", "create", "--name", "cli1", "--image", "busybox")
+	env := smolvmJSON(t, "sandbox", "create", "--name", "cli1", "--image", "busybox", "--allow-domain", "deb.debian.org", "--allow-cidr", "127.0.0.1/32")
 	if !env.OK || env.Command != "sandbox create" {
 		t.Fatalf("create: %+v %s", env, env.Data)
 	}
@@ -127,6 +127,14 @@ func TestSandboxCLI(t *testing.T) {
 	}
 	if out, _, _ := cli(t, "sandbox", "exec", "cli1", "--", "cat /root/f.txt"); out != "file-data" {
 		t.Errorf("after stop/start: %q", out)
+	}
+	// The allow-list survives stop/start; a refused connection shows in info.
+	if _, _, code := cli(t, "sandbox", "exec", "cli1", "--", "nc -w 5 203.0.113.1 80 </dev/null"); code == 0 {
+		t.Error("the guest reached 203.0.113.1 outside its allow-list")
+	}
+	if out, _, _ := cli(t, "sandbox", "info", "cli1"); !strings.Contains(out, "allowlist domain:deb.debian.org cidr:127.0.0.1/32") ||
+		!strings.Contains(out, "tcp 203.0.113.1:80: not in allow-list") {
+		t.Errorf("info lacks the policy or the refusal:\n%s", out)
 	}
 	env = smolvmJSON(t, "sandbox", "info", "cli1")
 	var info struct {
@@ -269,6 +277,8 @@ func TestErrorsNameTheFix(t *testing.T) {
 		{[]string{"sandbox", "create", "--name", "UPPER"}, "invalid_id", ""},
 		{[]string{"sandbox", "create", "--memory", "1"}, "invalid_config", "--memory 512"},
 		{[]string{"sandbox", "create", "--image", "nope"}, "invalid_config", "--image debian"},
+		{[]string{"sandbox", "create", "--allow-cidr", "nope"}, "invalid_config", "--allow-cidr"},
+		{[]string{"sandbox", "create", "--allow-domain", "*"}, "invalid_config", "--allow-domain"},
 		{[]string{"sandbox", "snapshot", "restore", "missing"}, "snapshot_not_found", "smolvm sandbox snapshot list"},
 		{[]string{"image", "rm", "nope"}, "", ""},
 	}

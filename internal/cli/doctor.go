@@ -44,6 +44,11 @@ func (a *app) doctorCmd() *cobra.Command {
 			} else {
 				add(check{"qemu-img", true, "found", ""})
 			}
+			if p, err := qemu.NetHelper(); err != nil {
+				add(check{"network sidecar", false, err.Error(), "scripts/setup (or: go build -o bin/smolvm-net ./cmd/smolvm-net next to bin/smolvm)"})
+			} else {
+				add(check{"network sidecar", true, p, ""})
+			}
 			acc, notice, err := qemu.ProbeAccel(backend.AccelAuto)
 			switch {
 			case err != nil:

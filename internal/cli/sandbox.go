@@ -48,11 +48,26 @@ func (a *app) createCmd() *cobra.Command {
 	var cfg smolvm.Config
 	var ports, envs []string
 	var bootTimeout time.Duration
+	var allowDomains, allowCIDRs []string
 	c := &cobra.Command{
 		Use:   "create",
 		Short: "Create and start a sandbox",
-		Args:  cobra.NoArgs,
+		Long: `Create and start a sandbox.
+
+Network: by default the guest reaches the public internet but never the host's
+loopback (10.0.2.2), link-local/cloud metadata, private or CGNAT ranges, nor the
+host's own addresses. --allow-domain / --allow-cidr switch to an allow-list:
+only those names (and the addresses DNS answers for them) and prefixes are
+reachable, and DNS answers no other name. A host range such as loopback opens
+only to a prefix inside it (--allow-cidr 127.0.0.1/32; never via 0.0.0.0/0).
+Refusals and their reasons show in "smolvm sandbox info".`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			np, err := networkFlags(allowDomains, allowCIDRs)
+			if err != nil {
+				return err
+			}
+			cfg.Network = np
 			for _, p := range ports {
 				pf, err := parsePort(p)
 				if err != nil {
@@ -90,12 +105,39 @@ func (a *app) createCmd() *cobra.Command {
 	f.IntVar(&cfg.MemoryMiB, "memory", 0, "guest memory in MiB (128-16384, default 512)")
 	f.IntVar(&cfg.CPUs, "cpus", 0, "vCPUs (1-32, default 1)")
 	f.BoolVar(&cfg.NoNetwork, "no-network", false, "no guest networking")
+	f.StringArrayVar(&allowDomains, "allow-domain", nil, "allow-list mode: the guest may reach this host name (\"*.example.com\": names below it; repeatable)")
+	f.StringArrayVar(&allowCIDRs, "allow-cidr", nil, "allow-list mode: the guest may reach this prefix or address (repeatable; 127.0.0.1/32 reaches the host's loopback through 10.0.2.2)")
 	f.StringVar(&cfg.Backend, "backend", "", "qemu (default), firecracker or auto")
 	f.StringVar(&cfg.Accel, "accel", "", "auto (default), kvm or tcg")
 	f.StringArrayVarP(&envs, "env", "e", nil, "environment variable KEY=VALUE for every command (repeatable; the value is everything after the first '=', commas included)")
 	f.StringArrayVarP(&ports, "port", "p", nil, "expose a guest tcp port: HOST:GUEST binds 127.0.0.1:HOST; ADDR:HOST:GUEST binds ADDR (0.0.0.0: every interface, an explicit opt-in; IPv6 in brackets) (repeatable)")
 	f.DurationVar(&bootTimeout, "boot-timeout", 0, "give up booting after this long (default 90s)")
 	return c
+}
+
+
+// networkFlags turns --allow-domain/--allow-cidr into a policy: any of
+// them selects the allow-list mode.
+func networkFlags(domains, cidrs []string) (smolvm.NetworkPolicy, error) {
+	var np smolvm.NetworkPolicy
+	if len(domains)+len(cidrs) == 0 {
+		return np, nil
+	}
+	np.Mode = smolvm.NetworkAllowlist
+	np.AllowDomains = domains
+	for _, c := range cidrs {
+		p, err := netip.ParsePrefix(c)
+		if err != nil {
+			a, aerr := netip.ParseAddr(c)
+			if aerr != nil {
+				return np, &smolvm.Error{Message: fmt.Sprintf("invalid --allow-cidr %q: want a prefix such as 203.0.113.0/24 or an address", c),
+					Fix: "use --allow-cidr 203.0.113.0/24", Err: smolvm.ErrInvalidConfig}
+			}
+			p = netip.PrefixFrom(a, a.BitLen())
+		}
+		np.AllowCIDRs = append(np.AllowCIDRs, p)
+	}
+	return np, nil
 }
 
 // parsePort parses a -p value: HOST:GUEST (bound to 127.0.0.1) or
@@ -242,6 +284,26 @@ func (a *app) infoCmd() *cobra.Command {
 						{"backend", info.Backend}, {"accel", info.Accel}, {"memory", fmt.Sprintf("%d MiB", info.MemoryMiB)},
 						{"cpus", fmt.Sprint(info.CPUs)}, {"network", fmt.Sprint(info.Network)}, {"pid", fmt.Sprint(info.PID)},
 						{"created", info.CreatedAt.Local().Format(time.RFC3339)}, {"dir", info.Dir}}
+					if np := info.NetworkPolicy; np != nil {
+						pol := string(np.Mode)
+						for _, d := range np.AllowDomains {
+							pol += " domain:" + d
+						}
+						for _, c := range np.AllowCIDRs {
+							pol += " cidr:" + c.String()
+						}
+						rows = append(rows, []string{"network policy", pol})
+					}
+					if st := info.NetworkStats; st != nil {
+						rows = append(rows, []string{"network", fmt.Sprintf("%d allowed, %d refused, %d DNS names refused", st.Allowed, st.Refused, st.DNSRefused)})
+						for _, r := range st.LastRefused {
+							line := fmt.Sprintf("%s %s %s: %s", r.Time.Local().Format(time.TimeOnly), r.Proto, r.Dest, r.Reason)
+							if r.Count > 1 {
+								line += fmt.Sprintf(" (x%d)", r.Count)
+							}
+							rows = append(rows, []string{"refused", line})
+						}
+					}
 					for _, p := range info.PortForwards {
 						rows = append(rows, []string{"port", fmt.Sprintf("%s -> %d", hostPortString(p), p.GuestPort)})
 					}

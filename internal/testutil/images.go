@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"sync"
@@ -41,6 +42,9 @@ func EnsureImages(ctx context.Context, names ...string) (string, error) {
 		}
 		ensure.agent = filepath.Join(dir, "smolvm-agent")
 		ensure.err = image.BuildAgent(ctx, ModuleRoot(), ensure.agent)
+		if ensure.err == nil {
+			ensure.err = EnsureNetHelper(ctx)
+		}
 	})
 	if ensure.err != nil {
 		return "", fmt.Errorf("building the guest agent: %w", ensure.err)
@@ -51,4 +55,35 @@ func EnsureImages(ctx context.Context, names ...string) (string, error) {
 		}
 	}
 	return ensure.agent, nil
+}
+
+var netHelper struct {
+	once sync.Once
+	err  error
+}
+
+// EnsureNetHelper builds the network sidecar (cmd/smolvm-net) from this
+// source tree once per test process and points $SMOLVM_NET_HELPER at it,
+// unless the caller set that variable already.
+func EnsureNetHelper(ctx context.Context) error {
+	netHelper.once.Do(func() { netHelper.err = buildNetHelper(ctx) })
+	return netHelper.err
+}
+
+func buildNetHelper(ctx context.Context) error {
+	if os.Getenv("SMOLVM_NET_HELPER") != "" {
+		return nil
+	}
+	dir, err := os.MkdirTemp("", "smolvm-net-")
+	if err != nil {
+		return err
+	}
+	out := filepath.Join(dir, "smolvm-net")
+	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", out, "./cmd/smolvm-net")
+	cmd.Dir = ModuleRoot()
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("building the network sidecar: %w\n%s", err, b)
+	}
+	return os.Setenv("SMOLVM_NET_HELPER", out)
 }

@@ -140,6 +140,11 @@ func BaseSpec(img image.Image, o SpecOptions) backend.Spec {
 // it (and kills it if Stop fails). The returned machine is also tracked by
 // the watchdog.
 func Boot(t testing.TB, b backend.Backend, spec backend.Spec) backend.Machine {
+	if spec.Network {
+		if err := EnsureNetHelper(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), OpTimeout)
 	defer cancel()

@@ -178,7 +178,7 @@ var optionKeys = map[string]map[string][]string{
 	"-machine": {"microvm": {"memory-backend"}, "q35": {"memory-backend"}},
 	"-object":  {"memory-backend-file": {"id", "size", "mem-path", "share", "readonly", "rom"}},
 	"-chardev": {"file": {"id", "append", "path"}, "socket": {"id", "server", "wait", "path"}},
-	"-netdev":  {"user": {"id", "hostfwd"}},
+	"-netdev":  {"user": {"id", "hostfwd"}, "stream": {"id", "server", "addr.type", "addr.str"}},
 	"-device": {
 		"virtio-serial-device": {"id"}, "virtio-serial-pci": {"id"},
 		"virtserialport":    {"bus", "chardev", "name"},
@@ -205,7 +205,7 @@ var argvFlags = map[string]bool{
 // string with only the keys its type allows (no guestfwd, no cmd:), one
 // hostfwd per forward in the exact rendered form, the MAC as parsed.
 func checkArgv(spec backend.Spec, args []string) error {
-	hostfwds := 0
+	hostfwds, streams := 0, 0
 	for i := 0; i < len(args); i++ {
 		flag := args[i]
 		takes, ok := argvFlags[flag]
@@ -246,6 +246,12 @@ func checkArgv(spec backend.Spec, args []string) error {
 		if !ok {
 			return fmt.Errorf("%s %q: type %q not expected", flag, v, typ)
 		}
+		if flag == "-netdev" && typ == "stream" {
+			streams++
+			if want := []string{"id=net0", "server=off", "addr.type=fd"}; !strings.HasPrefix(v, "stream,"+strings.Join(want, ",")+",addr.str=") {
+				return fmt.Errorf("-netdev %q: not the sidecar's fd stream", v)
+			}
+		}
 		seen := map[string]bool{}
 		for _, p := range kv {
 			k, val := p[0], p[1]
@@ -272,6 +278,13 @@ func checkArgv(spec backend.Spec, args []string) error {
 				return fmt.Errorf("%s %q: value %q", flag, v, val)
 			}
 		}
+	}
+	if spec.Network && streams > 0 {
+		// The sidecar serves the forwards: none in QEMU's argv.
+		if hostfwds != 0 || streams != 1 {
+			return fmt.Errorf("%d hostfwd rules and %d stream netdevs", hostfwds, streams)
+		}
+		return nil
 	}
 	if spec.Network && hostfwds != len(spec.PortForwards) {
 		return fmt.Errorf("%d hostfwd rules for %d forwards", hostfwds, len(spec.PortForwards))
@@ -318,6 +331,16 @@ func FuzzBuildArgs(f *testing.F) {
 		}
 		if err := checkArgv(spec, args); err != nil {
 			t.Fatalf("%v\n%q", err, args)
+		}
+		// The sidecar's netdev (an inherited fd) carries no forward.
+		ls := l
+		ls.NetFD = 3
+		sargs, err := buildArgs(spec, ls)
+		if err != nil {
+			t.Fatalf("slirp argv built but the stream one failed: %v", err)
+		}
+		if err := checkArgv(spec, sargs); err != nil {
+			t.Fatalf("stream: %v\n%q", err, sargs)
 		}
 		// Paths come back whole from every option string that holds one.
 		want := map[string]string{"mem-path": memFile, "file.filename": disk}

@@ -76,6 +76,17 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 	if err := confine(spec, &l); err != nil {
 		return backend.Machine{}, err
 	}
+	var extra []*os.File // fds QEMU inherits (3, 4, ...)
+	var sidecar *netSidecar
+	if spec.Network && !b.slirp {
+		if sidecar, err = b.startNet(ctx, spec, l.DieWithParent); err != nil {
+			return backend.Machine{}, err
+		}
+		defer sidecar.qemuEnd.Close() // QEMU has its copy, or failed: the sidecar sees EOF and exits
+		l.NetFD = 3 + len(extra)
+		extra = append(extra, sidecar.qemuEnd)
+		m.NetPID = sidecar.pid
+	}
 	args, err := buildArgs(spec, l)
 	if err != nil {
 		return backend.Machine{}, err
@@ -92,6 +103,7 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 	cmd.Stdin = nil // /dev/null
 	cmd.Stdout = logf
 	cmd.Stderr = logf
+	cmd.ExtraFiles = extra
 	// Own session: no controlling terminal, not signalled with our process
 	// group, and it outlives us (no Pdeathsig).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -171,6 +183,11 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec, l launch) (back
 			err = e
 		}
 		return fail("start", err)
+	}
+	if sidecar != nil {
+		if err := sidecar.wait(dctx); err != nil {
+			return fail("network", err)
+		}
 	}
 	b.log.Debug("qemu up", "id", spec.ID, "pid", m.PID, "status", st.Status, "elapsed", time.Since(start))
 	return m, nil
@@ -359,6 +376,7 @@ func (b *Backend) Stop(ctx context.Context, m backend.Machine) error {
 			}
 		}
 	}
+	waitNetGone(m.NetPID)
 	b.cleanup(m)
 	return nil
 }
@@ -369,7 +387,7 @@ func (b *Backend) cleanup(m backend.Machine) {
 	// Nothing is removed through a run dir or RAM dir that is not ours
 	// (launch refused to start in it; it may point anywhere).
 	if m.RunDir != "" && fsutil.CheckPrivateDir(m.RunDir) == nil {
-		removeQuiet(qmpSocket(m.RunDir), filepath.Join(m.RunDir, chrootDirName))
+		removeQuiet(qmpSocket(m.RunDir), netSocket(m.RunDir), filepath.Join(m.RunDir, chrootDirName))
 		for k := 0; k < AgentPorts; k++ {
 			removeQuiet(agentPortSocket(m.RunDir, k), filepath.Join(m.RunDir, fmt.Sprintf("agent.%d.lock", k)))
 		}

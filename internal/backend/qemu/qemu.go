@@ -51,6 +51,10 @@ type Backend struct {
 
 	cgOnce sync.Once
 	cg     cgroup.Support
+
+	// slirp launches QEMU's built-in slirp instead of the sidecar: no
+	// network policy. Only the tests' throughput comparison sets it.
+	slirp bool
 }
 
 var _ backend.Backend = (*Backend)(nil)
@@ -86,6 +90,7 @@ func (b *Backend) Capabilities() backend.Capabilities {
 		MappedRestore:  true,
 		PortForward:    true,
 		UserNetworking: true,
+		NetworkPolicy:  true,
 	}
 }
 
@@ -419,11 +424,23 @@ func (b *Backend) simple(ctx context.Context, m backend.Machine, cmd string) err
 	return nil
 }
 
-// ExposePort adds a host forward to a running VM (HMP hostfwd_add).
+// ExposePort adds a host forward to a running VM: the network sidecar
+// listens on it (HMP hostfwd_add for a VM running slirp).
 func (b *Backend) ExposePort(ctx context.Context, m backend.Machine, pf backend.PortForward) error {
 	if !m.Network {
 		return fmt.Errorf("qemu: expose port: the VM has no network: %w", backend.ErrUnsupported)
 	}
+	if err := pf.Validate(); err != nil {
+		return fmt.Errorf("qemu: expose port: %w", err)
+	}
+	if _, err := os.Stat(netSocket(m.RunDir)); err == nil || !processAlive(m) {
+		if !processAlive(m) {
+			return fmt.Errorf("qemu: expose port: %w", backend.ErrNotRunning)
+		}
+		return exposeNet(ctx, m, pf)
+	}
+	// A VM started with slirp (before the sidecar, or by the tests'
+	// throughput comparison).
 	rule, err := hostfwd(pf)
 	if err != nil {
 		return fmt.Errorf("qemu: expose port: %w", err)
