@@ -115,7 +115,6 @@ Refusals and their reasons show in "smolvm sandbox info".`,
 	return c
 }
 
-
 // networkFlags turns --allow-domain/--allow-cidr into a policy: any of
 // them selects the allow-list mode.
 func networkFlags(domains, cidrs []string) (smolvm.NetworkPolicy, error) {
