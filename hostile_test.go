@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm"
+	"github.com/smolvm-go/smolvm/internal/consolelog"
 	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
@@ -153,6 +154,35 @@ func TestHostileGuest(t *testing.T) {
 			alive(t)
 		})
 	}
+	t.Run("ConsoleFlood", func(t *testing.T) {
+		info, err := vm.Info(testCtx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		res, err := vm.RunArgs(testCtx(t), []string{"hostile-console", "3"})
+		if err != nil || !res.OK() {
+			t.Fatalf("console flood: %+v %v", res, err)
+		}
+		t.Logf("3 MiB written to the guest console in %v", time.Since(start).Round(time.Millisecond))
+		// Nobody drained it: the file did not grow by itself (QEMU keeps
+		// the console in a 1 MiB ring).
+		if st, err := os.Stat(info.ConsoleLog); err == nil && st.Size() > consolelog.MaxSize {
+			t.Errorf("console.log grew to %d bytes on its own", st.Size())
+		}
+		logs, err := vm.Logs(testCtx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(logs) > consolelog.MaxSize || !strings.Contains(string(logs), "console flood") {
+			t.Errorf("Logs returned %d bytes (max %d), flood lines: %v", len(logs), consolelog.MaxSize, strings.Contains(string(logs), "console flood"))
+		}
+		st, err := os.Stat(info.ConsoleLog)
+		if err != nil || st.Size() > consolelog.MaxSize || st.Mode().Perm() != 0o600 {
+			t.Errorf("console.log after Logs: %v %v", st, err)
+		}
+		alive(t)
+	})
 	t.Run("LyingFileSizes", func(t *testing.T) {
 		for _, p := range []string{"/hostile/more", "/hostile/less"} {
 			data, err := vm.ReadFile(testCtx(t), p)

@@ -19,6 +19,7 @@ import (
 	"github.com/smolvm-go/smolvm/internal/agentproto"
 	"github.com/smolvm-go/smolvm/internal/atomicfile"
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/consolelog"
 	"github.com/smolvm-go/smolvm/internal/store"
 )
 
@@ -886,17 +887,34 @@ func (vm *VM) ExposePort(ctx context.Context, hostPort, guestPort int) error {
 	return vm.m.store.UpdateVM(ctx, rec)
 }
 
-// Logs returns the guest console log.
+// Logs returns the guest console log: its last consolelog.MaxSize bytes
+// (1 MiB; older output is dropped, so a guest flooding its console costs
+// the host nothing).
 func (vm *VM) Logs(ctx context.Context) ([]byte, error) {
 	rec, err := vm.m.record(ctx, vm.id)
 	if err != nil {
 		return nil, err
 	}
-	return os.ReadFile(filepath.Join(rec.Machine.Dir, "console.log"))
+	if rec.Status == store.VMRunning || rec.Status == store.VMPaused {
+		if b, err := vm.m.backend(rec.Backend); err == nil {
+			if d, ok := b.(backend.ConsoleDrainer); ok {
+				if err := d.DrainConsole(ctx, rec.Machine); err != nil {
+					vm.m.log.Debug("draining the console", "vm", vm.id, "err", err)
+				}
+			}
+		}
+	}
+	data, err := consolelog.Tail(filepath.Join(rec.Machine.Dir, "console.log"), consolelog.MaxSize)
+	if errors.Is(err, fs.ErrNotExist) {
+		return []byte{}, nil
+	}
+	return data, err
 }
 
+// logTail returns the last n lines of the log at path, reading only its
+// last 64 KiB.
 func logTail(path string, n int) string {
-	data, err := os.ReadFile(path)
+	data, err := consolelog.Tail(path, 64<<10)
 	if err != nil {
 		return ""
 	}

@@ -17,8 +17,10 @@ import (
 	"github.com/smolvm-go/smolvm/internal/agentclient"
 	"github.com/smolvm-go/smolvm/internal/agentproto"
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/consolelog"
 	"github.com/smolvm-go/smolvm/internal/image"
 	"github.com/smolvm-go/smolvm/internal/procfs"
+	"github.com/smolvm-go/smolvm/internal/qmp"
 )
 
 // Timeouts for VM tests under TCG on a small, possibly busy host.
@@ -205,15 +207,24 @@ func Run(t testing.TB, c *agentclient.Client, script string) string {
 	return out.String()
 }
 
-// ConsoleTail returns the end of the VM's serial console log (QEMU writes
-// Dir/console.log).
+// ConsoleTail returns the last n bytes of the VM's serial console log
+// (Dir/console.log), first draining QEMU's console ring buffer into it
+// when the VM still runs.
 func ConsoleTail(m backend.Machine, n int) string {
-	b, err := os.ReadFile(filepath.Join(m.Dir, "console.log"))
+	log := filepath.Join(m.Dir, "console.log")
+	if sock := filepath.Join(m.RunDir, "qmp.sock"); m.RunDir != "" {
+		if _, err := os.Stat(sock); err == nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			if c, err := qmp.Dial(ctx, sock); err == nil {
+				consolelog.Drain(ctx, c, log)
+				c.Close()
+			}
+			cancel()
+		}
+	}
+	b, err := consolelog.Tail(log, int64(n))
 	if err != nil {
 		return "(no console log: " + err.Error() + ")"
-	}
-	if len(b) > n {
-		b = b[len(b)-n:]
 	}
 	return string(b)
 }

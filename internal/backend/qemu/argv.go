@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"fmt"
+	"github.com/smolvm-go/smolvm/internal/consolelog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -154,7 +155,9 @@ func buildArgs(spec backend.Spec, l launch) []string {
 
 	// Console and control channels.
 	args = append(args,
-		"-chardev", "file,id=console,append=on,path="+optVal(consoleLog(spec.Dir)),
+		// The console goes to a ring buffer in QEMU (bounded even when no
+		// host process watches); consolelog.Drain moves it to console.log.
+		"-chardev", "ringbuf,id="+consolelog.Device+",size="+strconv.Itoa(consolelog.RingSize),
 		"-serial", "chardev:console",
 		"-chardev", "socket,id=qmp,server=on,wait=off,path="+optVal(qmpSocket(spec.RunDir)),
 		"-mon", "chardev=qmp,mode=control",

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/smolvm-go/smolvm/internal/consolelog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -291,6 +292,9 @@ func (b *Backend) Stop(ctx context.Context, m backend.Machine) error {
 		graceful := b.opts.StopTimeout
 		qctx, cancel := context.WithTimeout(ctx, min(graceful, 2*time.Second))
 		if c, err := qmp.Dial(qctx, qmpSocket(m.RunDir)); err == nil {
+			if err := consolelog.Drain(qctx, c, consoleLog(m.Dir)); err != nil {
+				b.log.Debug("draining the console", "id", m.ID, "err", err)
+			}
 			err := c.Execute(qctx, "quit", nil, nil)
 			c.Close()
 			if err != nil && !errors.Is(err, qmp.ErrClosed) {
