@@ -89,7 +89,7 @@ func hostileImageDir(ctx context.Context) (string, error) {
 	for _, sub := range []string{"kernels", "rootfs"} {
 		link := filepath.Join(dir, sub)
 		if _, err := os.Lstat(link); errors.Is(err, fs.ErrNotExist) {
-			if err := os.Symlink(filepath.Join(baseDir, sub), link); err != nil {
+			if err := os.Symlink(filepath.Join(baseDir, sub), link); err != nil && !errors.Is(err, fs.ErrExist) {
 				return "", err
 			}
 		}
