@@ -2,13 +2,13 @@ package qemu
 
 import (
 	"fmt"
-	"github.com/smolvm-go/smolvm/internal/consolelog"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/consolelog"
 )
 
 // Machine types.
