@@ -98,6 +98,14 @@ type Options struct {
 	// Logger receives progress and notices; nil means a text logger on
 	// stderr at level Info.
 	Logger *slog.Logger
+	// OutputLimit bounds the bytes of each stream Run keeps in its Result
+	// (default DefaultOutputLimit; WithOutputLimit overrides it per call).
+	OutputLimit int
+	// AgentCallTimeout is the host-side deadline of each guest agent
+	// request other than a command (file, environment, sync...): default
+	// 60 s, plus 1 s per MiB the request moves. A guest that does not
+	// answer in time fails the call with ErrTimeout.
+	AgentCallTimeout time.Duration
 }
 
 func (o Options) withDefaults() Options {

@@ -24,6 +24,15 @@ var (
 	ErrSnapshotRestored    = errors.New("snapshot already restored")
 	ErrSnapshotCorrupt     = errors.New("snapshot artifact corrupt")
 	ErrBackingImageMissing = errors.New("backing image missing")
+	// ErrTimeout: the host stopped waiting for the guest (a command past
+	// its WithTimeout plus a grace, or an agent request past its
+	// host-side deadline). A command the guest itself killed at its
+	// timeout is a Result with TimedOut set instead.
+	ErrTimeout = errors.New("timed out waiting for the guest")
+	// ErrGuestProtocol: the guest agent sent a reply that breaks the
+	// protocol (oversized, malformed, a file that does not match its
+	// announced size). The host refused it; the VM may be compromised.
+	ErrGuestProtocol = errors.New("the guest agent broke the protocol")
 )
 
 // ErrUnsafeDir is wrapped when a directory smolvm keeps guest data or
@@ -87,6 +96,8 @@ var errorCodes = []struct {
 	{ErrSnapshotRestored, "snapshot_already_restored"},
 	{ErrSnapshotCorrupt, "snapshot_corrupt"},
 	{ErrBackingImageMissing, "backing_image_missing"},
+	{ErrTimeout, "timeout"},
+	{ErrGuestProtocol, "guest_protocol"},
 }
 
 // Fix returns the recovery command carried by err, if any.

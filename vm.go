@@ -17,8 +17,8 @@ import (
 
 	"github.com/smolvm-go/smolvm/internal/agentclient"
 	"github.com/smolvm-go/smolvm/internal/agentproto"
-	"github.com/smolvm-go/smolvm/internal/atomicfile"
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/consolelog"
 	"github.com/smolvm-go/smolvm/internal/fsutil"
 	"github.com/smolvm-go/smolvm/internal/store"
 )
@@ -458,6 +458,9 @@ func (m *Manager) connectAgent(ctx context.Context, b backend.Backend, mach back
 		}
 	}()
 	c, err := agentclient.Connect(ctx, func(ctx context.Context) (net.Conn, error) { return b.DialAgent(ctx, mach) })
+	if err == nil {
+		c.SetCallTimeout(m.opts.AgentCallTimeout, 0)
+	}
 	if err != nil {
 		if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.Canceled) && !errors.Is(cause, context.DeadlineExceeded) {
 			return nil, cause
@@ -668,13 +671,32 @@ func (vm *VM) Close() error {
 
 // Result is the outcome of a command. A non-zero exit code is a result, not
 // an error.
+//
+// Stdout and Stderr keep at most the output limit of each stream (the first
+// DefaultOutputLimit bytes unless WithOutputLimit or Options.OutputLimit
+// say otherwise); Truncated says that more was produced and dropped.
+// Writers given with WithStdout/WithStderr still get all of it.
+//
+// TimedOut means the guest killed the command at its WithTimeout. A guest
+// that does not end the command within the timeout plus ExecTimeoutGrace
+// gets no Result: Run returns an error wrapping ErrTimeout.
 type Result struct {
-	ExitCode int           `json:"exit_code"`
-	Stdout   string        `json:"stdout"`
-	Stderr   string        `json:"stderr"`
-	TimedOut bool          `json:"timed_out,omitempty"`
-	Duration time.Duration `json:"duration_ns"`
+	ExitCode  int           `json:"exit_code"`
+	Stdout    string        `json:"stdout"`
+	Stderr    string        `json:"stderr"`
+	TimedOut  bool          `json:"timed_out,omitempty"`
+	Truncated bool          `json:"truncated,omitempty"`
+	Duration  time.Duration `json:"duration_ns"`
 }
+
+// DefaultOutputLimit is how many bytes of each stream a Result keeps by
+// default.
+const DefaultOutputLimit = 4 << 20
+
+// ExecTimeoutGrace is how long past a command's WithTimeout the host waits
+// for the guest's answer before it gives up (asking the guest to kill the
+// command) and returns ErrTimeout.
+const ExecTimeoutGrace = 2 * time.Second
 
 // OK reports whether the command exited with status 0.
 func (r *Result) OK() bool { return r.ExitCode == 0 && !r.TimedOut }
@@ -687,14 +709,24 @@ type RunOption func(*runOpts)
 
 type runOpts struct {
 	timeout        time.Duration
+	outputLimit    int
 	env            map[string]string
 	dir            string
 	stdin          []byte
 	stdout, stderr io.Writer
 }
 
-// WithTimeout kills the command (its whole process group) after d.
+// WithTimeout kills the command (its whole process group) after d. The
+// guest kills it (Result.TimedOut); should the guest not answer within d
+// plus ExecTimeoutGrace, the host stops waiting, asks the guest to kill it
+// and Run returns an error wrapping ErrTimeout.
 func WithTimeout(d time.Duration) RunOption { return func(o *runOpts) { o.timeout = d } }
+
+// WithOutputLimit keeps at most n bytes of each of stdout and stderr in the
+// Result (n <= 0: the default, DefaultOutputLimit or Options.OutputLimit).
+// Output past it is dropped and flagged by Result.Truncated; streaming
+// writers still get everything.
+func WithOutputLimit(n int) RunOption { return func(o *runOpts) { o.outputLimit = n } }
 
 // WithEnv adds environment variables for this command.
 func WithEnv(env map[string]string) RunOption { return func(o *runOpts) { o.env = env } }
@@ -738,25 +770,88 @@ func (vm *VM) exec(ctx context.Context, req agentproto.ExecRequest, opts []RunOp
 	if o.timeout > 0 {
 		req.TimeoutMS = o.timeout.Milliseconds()
 	}
-	var stdout, stderr bytes.Buffer
-	var wout, werr io.Writer = &stdout, &stderr
+	limit := o.outputLimit
+	if limit <= 0 {
+		limit = vm.m.opts.OutputLimit
+	}
+	if limit <= 0 {
+		limit = DefaultOutputLimit
+	}
+	stdout, stderr := &capBuffer{max: limit}, &capBuffer{max: limit}
+	var wout, werr io.Writer = stdout, stderr
 	if o.stdout != nil {
-		wout = io.MultiWriter(&stdout, o.stdout)
+		wout = io.MultiWriter(stdout, o.stdout)
 	}
 	if o.stderr != nil {
-		werr = io.MultiWriter(&stderr, o.stderr)
+		werr = io.MultiWriter(stderr, o.stderr)
+	}
+	// The host-side deadline: the guest's timeout plus a grace.
+	ectx := ctx
+	if o.timeout > 0 {
+		var cancel context.CancelFunc
+		ectx, cancel = context.WithTimeout(ctx, o.timeout+ExecTimeoutGrace)
+		defer cancel()
 	}
 	start := time.Now()
-	res, err := c.Exec(ctx, req, wout, werr)
+	res, err := c.Exec(ectx, req, wout, werr)
 	if err != nil {
-		return nil, &Error{Op: "run", Message: fmt.Sprintf("run in vm %s: %v", vm.id, err), Err: err}
+		if o.timeout > 0 && ctx.Err() == nil && ectx.Err() != nil {
+			return nil, &Error{Op: "run", Message: fmt.Sprintf("run in vm %s: the guest did not end the command within its timeout of %s (+%s grace); "+
+				"the host stopped waiting and asked the guest to kill it", vm.id, o.timeout, ExecTimeoutGrace),
+				Fix: "smolvm sandbox logs " + vm.id, Err: errors.Join(ErrTimeout, err)}
+		}
+		return nil, vm.agentErr("run", &Error{Op: "run", Message: fmt.Sprintf("run in vm %s: %v", vm.id, err), Err: err})
 	}
-	out := &Result{ExitCode: res.ExitCode, Stdout: stdout.String(), Stderr: stderr.String(),
-		TimedOut: res.TimedOut, Duration: time.Since(start)}
+	out := &Result{ExitCode: res.ExitCode, Stdout: string(stdout.data), Stderr: string(stderr.data),
+		TimedOut: res.TimedOut, Truncated: stdout.cut || stderr.cut, Duration: time.Since(start)}
 	if res.Error != "" && out.Stderr == "" {
 		out.Stderr = res.Error + "\n"
 	}
 	return out, nil
+}
+
+// capBuffer keeps the first max bytes written to it and notes whether more
+// came. Writes never fail (the other writers of a MultiWriter still get
+// everything).
+type capBuffer struct {
+	data []byte
+	max  int
+	cut  bool
+}
+
+func (b *capBuffer) Write(p []byte) (int, error) {
+	n := len(p)
+	if room := b.max - len(b.data); room < len(p) {
+		b.cut = true
+		p = p[:max(room, 0)]
+	}
+	b.data = append(b.data, p...)
+	return n, nil
+}
+
+// agentErr gives errors of agent calls their SDK sentinel: ErrTimeout for a
+// request the guest did not answer in time, ErrGuestProtocol for a reply
+// the host refused.
+func (vm *VM) agentErr(op string, err error) error {
+	var sentinel error
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, agentclient.ErrTimeout):
+		sentinel = ErrTimeout
+	case errors.Is(err, agentclient.ErrProtocol):
+		sentinel = ErrGuestProtocol
+	default:
+		return err
+	}
+	msg := err.Error()
+	var e *Error
+	if errors.As(err, &e) {
+		msg = e.Message
+	} else {
+		msg = fmt.Sprintf("%s in vm %s: %s", op, vm.id, msg)
+	}
+	return &Error{Op: op, Message: msg, Fix: "smolvm sandbox logs " + vm.id, Err: errors.Join(sentinel, err)}
 }
 
 // UploadFile copies a host file into the guest (atomically; the mode is
@@ -784,7 +879,7 @@ func (vm *VM) UploadFile(ctx context.Context, localPath, guestPath string) error
 	if err != nil {
 		return err
 	}
-	return c.WriteFileFrom(ctx, guestPath, f, st.Size(), st.Mode().Perm())
+	return vm.agentErr("upload", c.WriteFileFrom(ctx, guestPath, f, st.Size(), st.Mode().Perm()))
 }
 
 // WriteFile writes data to a guest file (atomically).
@@ -793,7 +888,7 @@ func (vm *VM) WriteFile(ctx context.Context, guestPath string, data []byte, mode
 	if err != nil {
 		return err
 	}
-	return c.WriteFileFrom(ctx, guestPath, bytes.NewReader(data), int64(len(data)), mode)
+	return vm.agentErr("write", c.WriteFileFrom(ctx, guestPath, bytes.NewReader(data), int64(len(data)), mode))
 }
 
 // ReadFile reads a guest file.
@@ -804,7 +899,7 @@ func (vm *VM) ReadFile(ctx context.Context, guestPath string) ([]byte, error) {
 	}
 	var buf bytes.Buffer
 	if _, _, err := c.ReadFileTo(ctx, guestPath, &buf); err != nil {
-		return nil, err
+		return nil, vm.agentErr("read", err)
 	}
 	return buf.Bytes(), nil
 }
@@ -821,10 +916,10 @@ func (vm *VM) DownloadFile(ctx context.Context, guestPath, localPath string) err
 	if st, err := os.Stat(localPath); err == nil && st.IsDir() {
 		localPath = filepath.Join(localPath, filepath.Base(guestPath))
 	}
-	return atomicfile.Write(localPath, func(w io.Writer) (os.FileMode, error) {
+	return vm.agentErr("download", fsutil.Write(localPath, func(w io.Writer) (os.FileMode, error) {
 		mode, _, err := c.ReadFileTo(ctx, guestPath, w)
 		return fsutil.HostMode(mode), err
-	})
+	}))
 }
 
 // SetEnv sets environment variables for every later command (persisted in
@@ -837,7 +932,7 @@ func (vm *VM) SetEnv(ctx context.Context, env map[string]string) error {
 	if err != nil {
 		return err
 	}
-	return c.SetEnv(ctx, env, nil)
+	return vm.agentErr("setenv", c.SetEnv(ctx, env, nil))
 }
 
 // ExposePort forwards hostPort on 127.0.0.1 to guestPort (TCP) now and on
@@ -864,17 +959,34 @@ func (vm *VM) ExposePort(ctx context.Context, hostPort, guestPort int) error {
 	return vm.m.store.UpdateVM(ctx, rec)
 }
 
-// Logs returns the guest console log.
+// Logs returns the guest console log: its last consolelog.MaxSize bytes
+// (1 MiB; older output is dropped, so a guest flooding its console costs
+// the host nothing).
 func (vm *VM) Logs(ctx context.Context) ([]byte, error) {
 	rec, err := vm.m.record(ctx, vm.id)
 	if err != nil {
 		return nil, err
 	}
-	return os.ReadFile(filepath.Join(rec.Machine.Dir, "console.log"))
+	if rec.Status == store.VMRunning || rec.Status == store.VMPaused {
+		if b, err := vm.m.backend(rec.Backend); err == nil {
+			if d, ok := b.(backend.ConsoleDrainer); ok {
+				if err := d.DrainConsole(ctx, rec.Machine); err != nil {
+					vm.m.log.Debug("draining the console", "vm", vm.id, "err", err)
+				}
+			}
+		}
+	}
+	data, err := consolelog.Tail(filepath.Join(rec.Machine.Dir, "console.log"), consolelog.MaxSize)
+	if errors.Is(err, fs.ErrNotExist) {
+		return []byte{}, nil
+	}
+	return data, err
 }
 
+// logTail returns the last n lines of the log at path, reading only its
+// last 64 KiB.
 func logTail(path string, n int) string {
-	data, err := os.ReadFile(path)
+	data, err := consolelog.Tail(path, 64<<10)
 	if err != nil {
 		return ""
 	}

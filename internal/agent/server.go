@@ -232,6 +232,11 @@ func (sw *streamWriter) WriteMsg(b []byte) error {
 	return err
 }
 
+// misbehave, when set (only in agents built with the smolvm_hostile tag, for
+// tests), may take a request before the normal handling and answer it
+// wrongly on purpose; it returns true when it did.
+var misbehave func(ss *session, h agentproto.Header, line []byte) bool
+
 // session is one request stream from the host.
 type session struct {
 	srv *Server
@@ -290,6 +295,9 @@ func (ss *session) handle(line []byte) {
 			ss.srv.logf("ignoring malformed line (%d bytes): %q", len(line), truncate(line, 80))
 		}
 		return
+	}
+	if misbehave != nil && misbehave(ss, h, line) {
+		return // a test-only build (tag smolvm_hostile) took the request
 	}
 	id := h.ID
 	decode := func(v any) bool {

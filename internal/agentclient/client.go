@@ -30,6 +30,32 @@ var ErrDisconnected = errors.New("agent connection lost")
 // ErrDisconnected.
 var ErrClosed = fmt.Errorf("%w: client closed", ErrDisconnected)
 
+// ErrProtocol is wrapped by the errors of calls whose reply broke the
+// protocol: a reply over its size bound (agentproto.ReplyLimit), an output
+// message over agentproto.MaxOutputChunk, a malformed payload, a file that
+// does not match its announced size. Only that call fails; the connection
+// stays up.
+var ErrProtocol = errors.New("the guest agent broke the protocol")
+
+// ErrSizeMismatch is returned (wrapped) when a guest file read in chunks
+// holds more or fewer bytes than the guest announced. It wraps ErrProtocol.
+var ErrSizeMismatch = fmt.Errorf("%w: the file's data does not match its announced size", ErrProtocol)
+
+// ErrTimeout is wrapped by the errors of calls that got no reply within
+// their host-side deadline (see CallTimeout). The caller's own context
+// ending is reported as the context's error instead.
+var ErrTimeout = errors.New("the guest agent did not answer in time")
+
+// Host-side deadlines of calls other than Exec (whose bound is the
+// caller's: the command may legitimately run for hours). A call that moves
+// data gets PerMiB more for each MiB it moves.
+const (
+	DefaultCallTimeout = 60 * time.Second
+	PerMiBTimeout      = time.Second
+	// syncTimeoutFactor: sync flushes the whole guest page cache.
+	syncTimeoutFactor = 3
+)
+
 // VersionError reports an agent speaking another protocol version.
 type VersionError struct {
 	Agent        int    // the agent's protocol version
@@ -64,6 +90,9 @@ type Client struct {
 
 	dropped atomic.Uint64 // replies for no pending call
 
+	callTimeout atomic.Int64 // base host-side deadline of a call (ns)
+	perMiB      atomic.Int64 // added per MiB a call moves (ns)
+
 	closed    chan struct{} // closed when the connection is gone
 	closeOnce sync.Once
 	done      chan struct{} // reader and writer finished
@@ -78,6 +107,8 @@ type call struct {
 type inbound struct {
 	hdr  agentproto.Header
 	line []byte
+	err  error             // the reply broke the protocol (wraps ErrProtocol)
+	out  agentproto.Output // decoded output message (Exec)
 }
 
 // Connect dials the agent, retrying dial errors until ctx ends, and resyncs
@@ -133,6 +164,7 @@ func newClient(ctx context.Context, conn net.Conn) (*Client, error) {
 		closed:  make(chan struct{}),
 		done:    make(chan struct{}),
 	}
+	c.SetCallTimeout(0, 0)
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); c.readLoop() }()
@@ -203,13 +235,24 @@ func (c *Client) newID() uint64 {
 // Hello returns the agent's answer to the hello that synced this Client.
 func (c *Client) Hello() agentproto.Hello { return c.hello }
 
+// readLoop reads replies and hands them to their calls. Memory stays
+// bounded whatever the guest sends: no line over agentproto.MaxReplySize is
+// buffered, a reply over its type's bound is replaced by an error for its
+// call, and each call queues a bounded number of replies; when a call's
+// queue is full the loop waits (backpressure on the guest) rather than
+// buffering more.
 func (c *Client) readLoop() {
-	lr := agentproto.NewLineReader(c.conn, agentproto.MaxMessageSize)
+	lr := agentproto.NewLineReader(c.conn, agentproto.MaxReplySize)
 	for {
 		line, err := lr.ReadLine()
 		if err != nil {
 			var tl *agentproto.TooLongError
 			if errors.As(err, &tl) {
+				if id, ok := agentproto.PeekID(tl.Prefix); ok {
+					if !c.deliver(id, inbound{err: fmt.Errorf("%w: a reply over %d bytes", ErrProtocol, agentproto.MaxReplySize)}) {
+						return
+					}
+				}
 				continue
 			}
 			c.fail(err)
@@ -220,24 +263,41 @@ func (c *Client) readLoop() {
 			continue // garbage: a partial line from before a snapshot...
 		}
 		if h.Type == agentproto.TypeHello {
-			c.onHello(line)
+			if len(line) < agentproto.MaxSmallReply {
+				c.onHello(line)
+			}
 			continue
 		}
-		c.mu.Lock()
-		cl := c.pending[h.ID]
-		c.mu.Unlock()
-		if cl == nil {
-			c.dropped.Add(1)
-			continue // stale: its caller is gone, or it predates this Client
+		msg := inbound{hdr: h}
+		if lim := agentproto.ReplyLimit(h.Type); len(line)+1 > lim {
+			msg.err = fmt.Errorf("%w: %s reply of %d bytes (max %d)", ErrProtocol, h.Type, len(line)+1, lim)
 		}
-		msg := inbound{hdr: h, line: append([]byte(nil), line...)}
-		select {
-		case cl.ch <- msg:
-		case <-cl.abandon:
-		case <-c.closed:
+		if !c.deliver(h.ID, msg, line) {
 			return
 		}
 	}
+}
+
+// deliver queues msg (with a copy of line) for call id, waiting while the
+// call's queue is full. It returns false when the connection is gone.
+func (c *Client) deliver(id uint64, msg inbound, line ...[]byte) bool {
+	c.mu.Lock()
+	cl := c.pending[id]
+	c.mu.Unlock()
+	if cl == nil {
+		c.dropped.Add(1)
+		return true // stale: its caller is gone, or it predates this Client
+	}
+	if msg.err == nil && len(line) > 0 {
+		msg.line = append([]byte(nil), line[0]...)
+	}
+	select {
+	case cl.ch <- msg:
+	case <-cl.abandon:
+	case <-c.closed:
+		return false
+	}
+	return true
 }
 
 func (c *Client) onHello(line []byte) {
@@ -364,26 +424,68 @@ func (c *Client) finish(id uint64, cl *call) {
 	close(cl.abandon)
 }
 
-// next waits for the next reply of a call.
+// wait waits for the next reply of a call. A reply that broke the
+// protocol is returned as its error.
 func (c *Client) wait(ctx context.Context, cl *call) (inbound, error) {
 	select {
 	case m := <-cl.ch:
-		return m, nil
+		return m, m.err
 	default:
 	}
 	select {
 	case m := <-cl.ch:
-		return m, nil
+		return m, m.err
 	case <-c.closed:
 		return inbound{}, c.connErr()
 	case <-ctx.Done():
+		if cause := context.Cause(ctx); errors.Is(cause, ErrTimeout) {
+			return inbound{}, cause
+		}
 		return inbound{}, ctx.Err()
 	}
 }
 
+// SetCallTimeout sets the host-side deadline of every call but Exec: base
+// (DefaultCallTimeout when <= 0), plus perMiB (PerMiBTimeout when <= 0)
+// for each MiB the call moves; sync gets three times base.
+func (c *Client) SetCallTimeout(base, perMiB time.Duration) {
+	if base <= 0 {
+		base = DefaultCallTimeout
+	}
+	if perMiB <= 0 {
+		perMiB = PerMiBTimeout
+	}
+	c.callTimeout.Store(int64(base))
+	c.perMiB.Store(int64(perMiB))
+}
+
+// callTimeout returns the host-side deadline of a call of type typ that
+// moves size bytes.
+func (c *Client) timeoutFor(typ string, size int64) time.Duration {
+	d := time.Duration(c.callTimeout.Load())
+	if typ == agentproto.TypeSync {
+		d *= syncTimeoutFactor
+	}
+	return d + time.Duration(max(size, 0)>>20)*time.Duration(c.perMiB.Load())
+}
+
+// withDeadline bounds ctx by the call's host-side deadline; when it
+// passes, the context's cause wraps ErrTimeout.
+func (c *Client) withDeadline(ctx context.Context, typ string, size int64) (context.Context, context.CancelFunc) {
+	d := c.timeoutFor(typ, size)
+	return context.WithTimeoutCause(ctx, d, fmt.Errorf("%w (no %s reply within %s)", ErrTimeout, typ, d))
+}
+
 // roundTrip sends a request and decodes the single reply of type want into
-// out (which may be nil).
+// out (which may be nil), waiting at most the call's host-side deadline.
 func (c *Client) roundTrip(ctx context.Context, typ string, payload any, want string, out any) error {
+	return c.roundTripSized(ctx, typ, payload, want, out, 0)
+}
+
+// roundTripSized is roundTrip for a call that moves size bytes.
+func (c *Client) roundTripSized(ctx context.Context, typ string, payload any, want string, out any, size int64) error {
+	ctx, cancel := c.withDeadline(ctx, typ, size)
+	defer cancel()
 	id, cl, err := c.start(ctx, typ, payload, 1)
 	if err != nil {
 		return fmt.Errorf("agentclient: %s: %w", typ, err)
@@ -402,15 +504,18 @@ func decodeReply(typ string, m inbound, want string, out any) error {
 		if out == nil {
 			return nil
 		}
-		return agentproto.DecodePayload(m.line, out)
+		if err := agentproto.DecodePayload(m.line, out); err != nil {
+			return fmt.Errorf("agentclient: %s: %w: %v", typ, ErrProtocol, err)
+		}
+		return nil
 	case agentproto.TypeError:
 		e := &agentproto.Error{}
 		if err := agentproto.DecodePayload(m.line, e); err != nil {
-			return err
+			return fmt.Errorf("agentclient: %s: %w: %v", typ, ErrProtocol, err)
 		}
 		return e
 	default:
-		return fmt.Errorf("agentclient: %s: unexpected reply %q", typ, m.hdr.Type)
+		return fmt.Errorf("agentclient: %s: %w: unexpected reply %q", typ, ErrProtocol, m.hdr.Type)
 	}
 }
 
@@ -434,7 +539,7 @@ func (c *Client) Info(ctx context.Context) (agentproto.Info, error) {
 // and Exec returns ctx's error. A failing writer does not stop the
 // process; its first error is returned with the result.
 func (c *Client) Exec(ctx context.Context, req agentproto.ExecRequest, stdout, stderr io.Writer) (agentproto.ExecResult, error) {
-	id, cl, err := c.start(ctx, agentproto.TypeExec, req, 256)
+	id, cl, err := c.start(ctx, agentproto.TypeExec, req, execQueue)
 	if err != nil {
 		return agentproto.ExecResult{}, fmt.Errorf("agentclient: exec: %w", err)
 	}
@@ -442,18 +547,18 @@ func (c *Client) Exec(ctx context.Context, req agentproto.ExecRequest, stdout, s
 	var werr error
 	for {
 		m, err := c.wait(ctx, cl)
+		if err == nil && m.hdr.Type == agentproto.TypeOutput {
+			err = checkOutput(&m)
+		}
 		if err != nil {
-			if ctx.Err() != nil {
+			if ctx.Err() != nil || errors.Is(err, ErrProtocol) {
 				c.sendCancel(id)
 			}
 			return agentproto.ExecResult{}, fmt.Errorf("agentclient: exec: %w", err)
 		}
 		switch m.hdr.Type {
 		case agentproto.TypeOutput:
-			var o agentproto.Output
-			if err := agentproto.DecodePayload(m.line, &o); err != nil {
-				return agentproto.ExecResult{}, err
-			}
+			o := m.out
 			w := stdout
 			if o.Stream == agentproto.StreamStderr {
 				w = stderr
@@ -471,6 +576,25 @@ func (c *Client) Exec(ctx context.Context, req agentproto.ExecRequest, stdout, s
 			return res, werr
 		}
 	}
+}
+
+// execQueue is how many replies of one Exec may wait for its caller
+// (each at most agentproto.MaxOutputMessage bytes: under 3 MiB); when it
+// is full, the reader waits for the caller.
+const execQueue = 64
+
+// checkOutput decodes an output message into m.out and checks it.
+func checkOutput(m *inbound) error {
+	if err := agentproto.DecodePayload(m.line, &m.out); err != nil {
+		return fmt.Errorf("%w: bad output message: %v", ErrProtocol, err)
+	}
+	if len(m.out.Data) > agentproto.MaxOutputChunk {
+		return fmt.Errorf("%w: output message of %d bytes (max %d)", ErrProtocol, len(m.out.Data), agentproto.MaxOutputChunk)
+	}
+	if m.out.Stream != agentproto.StreamStdout && m.out.Stream != agentproto.StreamStderr {
+		return fmt.Errorf("%w: output for unknown stream %q", ErrProtocol, m.out.Stream)
+	}
+	return nil
 }
 
 // sendCancel asks the guest to stop request id, without waiting long.
@@ -491,9 +615,9 @@ func (c *Client) WriteFile(ctx context.Context, path string, data []byte, mode f
 	if len(data) > agentproto.MaxFileSize {
 		return fmt.Errorf("agentclient: write_file %s: %d bytes: %w (max %d)", path, len(data), agentproto.ErrTooLarge, agentproto.MaxFileSize)
 	}
-	return c.roundTrip(ctx, agentproto.TypeWriteFile, agentproto.WriteFileRequest{
+	return c.roundTripSized(ctx, agentproto.TypeWriteFile, agentproto.WriteFileRequest{
 		Path: path, Data: data, Mode: agentproto.FileModeToUnix(mode), Mkdirs: true,
-	}, agentproto.TypeOK, nil)
+	}, agentproto.TypeOK, nil, int64(len(data)))
 }
 
 // WriteFileFrom writes the size bytes r yields to path in the guest,
@@ -528,8 +652,8 @@ func (c *Client) WriteFileFrom(ctx context.Context, path string, r io.Reader, si
 			c.removeQuiet(ctx, tmp, off > 0)
 			return err
 		}
-		err := c.roundTrip(ctx, agentproto.TypeWriteChunk, agentproto.WriteChunkRequest{
-			Path: tmp, Offset: off, Data: buf[:n], Mkdirs: off == 0}, agentproto.TypeOK, nil)
+		err := c.roundTripSized(ctx, agentproto.TypeWriteChunk, agentproto.WriteChunkRequest{
+			Path: tmp, Offset: off, Data: buf[:n], Mkdirs: off == 0}, agentproto.TypeOK, nil, n)
 		if err != nil {
 			if off == 0 && isUnknownType(err) && size <= agentproto.MaxFileSize {
 				whole := make([]byte, size)
@@ -548,8 +672,8 @@ func (c *Client) WriteFileFrom(ctx context.Context, path string, r io.Reader, si
 		}
 		off += n
 	}
-	err := c.roundTrip(ctx, agentproto.TypeCommitFile, agentproto.CommitFileRequest{
-		Temp: tmp, Path: path, Size: size, Mode: agentproto.FileModeToUnix(mode)}, agentproto.TypeOK, nil)
+	err := c.roundTripSized(ctx, agentproto.TypeCommitFile, agentproto.CommitFileRequest{
+		Temp: tmp, Path: path, Size: size, Mode: agentproto.FileModeToUnix(mode)}, agentproto.TypeOK, nil, size)
 	if err != nil {
 		c.removeQuiet(ctx, tmp, true)
 	}
@@ -570,18 +694,38 @@ func (c *Client) removeQuiet(ctx context.Context, path string, exists bool) {
 // changed size or mtime between them.
 var ErrFileChanged = errors.New("the file changed while it was being read")
 
+// MaxUnsizedFile bounds what ReadFileTo reads of a file whose size the
+// guest reports as 0 (procfs and sysfs files, which report no size).
+const MaxUnsizedFile = 16 << 20
+
 // ReadFileTo writes the guest file path to w and returns its mode and size.
 // It reads agentproto.ChunkSize bytes per request, so any size works; a file
 // whose size or mtime changes between requests fails with ErrFileChanged.
 // An agent that predates chunks is read with one read_file (files up to
-// agentproto.MaxFileSize).
+// about agentproto.ChunkSize).
+//
+// The guest is not trusted: the size it announces in the first chunk bounds
+// what is written to w (never a byte past it), and a file that turns out
+// longer or shorter than announced, or a chunk longer than asked for,
+// fails with an error wrapping ErrSizeMismatch. A file announced with size
+// 0 (procfs) is read up to MaxUnsizedFile.
 func (c *Client) ReadFileTo(ctx context.Context, path string, w io.Writer) (fs.FileMode, int64, error) {
 	var first agentproto.Chunk
 	var off int64
+	limit := int64(-1) // bytes the file may hold; -1 until the first chunk
+	mismatch := func(format string, args ...any) error {
+		return fmt.Errorf("agentclient: read %s: %w (%s)", path, ErrSizeMismatch, fmt.Sprintf(format, args...))
+	}
 	for i := 0; ; i++ {
+		length := agentproto.ChunkSize
+		if limit >= 0 {
+			// One byte more than announced when the rest fits in a chunk:
+			// the guest's answer then shows the end of the file.
+			length = int(min(int64(agentproto.ChunkSize), limit-off+1))
+		}
 		var ch agentproto.Chunk
-		err := c.roundTrip(ctx, agentproto.TypeReadChunk, agentproto.ReadChunkRequest{Path: path, Offset: off, Length: agentproto.ChunkSize},
-			agentproto.TypeChunk, &ch)
+		err := c.roundTripSized(ctx, agentproto.TypeReadChunk, agentproto.ReadChunkRequest{Path: path, Offset: off, Length: length},
+			agentproto.TypeChunk, &ch, int64(length))
 		if err != nil {
 			if i == 0 && isUnknownType(err) {
 				data, mode, err := c.ReadFile(ctx, path)
@@ -595,14 +739,35 @@ func (c *Client) ReadFileTo(ctx context.Context, path string, w io.Writer) (fs.F
 		}
 		if i == 0 {
 			first = ch
+			switch {
+			case ch.Size < 0:
+				return 0, 0, mismatch("negative size %d", ch.Size)
+			case ch.Size == 0:
+				limit = MaxUnsizedFile
+			default:
+				limit = ch.Size
+			}
 		} else if ch.Size != first.Size || ch.MtimeNS != first.MtimeNS {
 			return 0, off, fmt.Errorf("agentclient: read %s: %w (size %d -> %d)", path, ErrFileChanged, first.Size, ch.Size)
+		}
+		n := int64(len(ch.Data))
+		if n > int64(length) {
+			return 0, off, mismatch("asked for %d bytes at %d, got %d", length, off, n)
+		}
+		if off+n > limit {
+			if first.Size == 0 {
+				return 0, off, fmt.Errorf("agentclient: read %s: a file without a size over %d bytes: %w", path, limit, agentproto.ErrTooLarge)
+			}
+			return 0, off, mismatch("announced %d bytes, sent more", first.Size)
 		}
 		if _, err := w.Write(ch.Data); err != nil {
 			return 0, off, err
 		}
-		off += int64(len(ch.Data))
-		if len(ch.Data) < agentproto.ChunkSize {
+		off += n
+		if n < int64(length) {
+			if first.Size > 0 && off != first.Size {
+				return 0, off, mismatch("announced %d bytes, sent %d", first.Size, off)
+			}
 			return agentproto.UnixToFileMode(first.Mode), off, nil
 		}
 	}
@@ -617,7 +782,7 @@ func isUnknownType(err error) bool {
 // ReadFile reads a whole file from the guest.
 func (c *Client) ReadFile(ctx context.Context, path string) ([]byte, fs.FileMode, error) {
 	var fd agentproto.FileData
-	if err := c.roundTrip(ctx, agentproto.TypeReadFile, agentproto.ReadFileRequest{Path: path}, agentproto.TypeFile, &fd); err != nil {
+	if err := c.roundTripSized(ctx, agentproto.TypeReadFile, agentproto.ReadFileRequest{Path: path}, agentproto.TypeFile, &fd, agentproto.ChunkSize); err != nil {
 		return nil, 0, err
 	}
 	if fd.Data == nil {
@@ -666,6 +831,8 @@ func (c *Client) SendSetTime(ctx context.Context, t time.Time) (wait func(contex
 	}
 	return func(ctx context.Context) error {
 		defer c.finish(id, cl)
+		ctx, cancel := c.withDeadline(ctx, typ, 0)
+		defer cancel()
 		m, err := c.wait(ctx, cl)
 		if err != nil {
 			return fmt.Errorf("agentclient: %s: %w", typ, err)
@@ -704,7 +871,9 @@ func (c *Client) shutdown(ctx context.Context, reboot bool) error {
 		return fmt.Errorf("agentclient: shutdown: %w", err)
 	}
 	defer c.finish(id, cl)
-	m, err := c.wait(ctx, cl)
+	wctx, cancel := c.withDeadline(ctx, agentproto.TypeShutdown, 0)
+	defer cancel()
+	m, err := c.wait(wctx, cl)
 	if err != nil {
 		if errors.Is(err, ErrDisconnected) && !errors.Is(err, ErrClosed) {
 			return nil

@@ -175,6 +175,37 @@ type FileData struct {
 // ChunkSize is the data size of one write_chunk or read_chunk.
 const ChunkSize = 8 << 20
 
+// Bounds on the replies a host accepts (one line, newline included). They
+// are tight on purpose: a guest is untrusted, and every reply the host
+// reads is held in its memory. ReplyLimit gives the bound of each type.
+const (
+	// replyOverhead is room for the fields around a reply's data.
+	replyOverhead = 64 << 10
+	// MaxSmallReply bounds replies without bulk data (hello, pong, info,
+	// exit, ok, error).
+	MaxSmallReply = 64 << 10
+	// MaxOutputMessage bounds one output message: MaxOutputChunk bytes of
+	// data, base64, plus its header.
+	MaxOutputMessage = (MaxOutputChunk+2)/3*4 + 1024
+	// MaxReplySize bounds the largest reply (a chunk of ChunkSize bytes,
+	// base64, or a file or env reply of the same size). The host reads no
+	// longer line; its reader never buffers more.
+	MaxReplySize = (ChunkSize+2)/3*4 + replyOverhead
+)
+
+// ReplyLimit returns the largest encoded size (newline included) the host
+// accepts for a reply of type typ.
+func ReplyLimit(typ string) int {
+	switch typ {
+	case TypeOutput:
+		return MaxOutputMessage
+	case TypeChunk, TypeFile, TypeEnv:
+		return MaxReplySize
+	default:
+		return MaxSmallReply
+	}
+}
+
 // WriteChunkRequest writes Data at Offset of the file Path (created with
 // mode 0600 when missing; its parent directories too with Mkdirs).
 type WriteChunkRequest struct {
@@ -331,7 +362,35 @@ func DecodeHeader(line []byte) (Header, error) {
 	if h.Type == "" {
 		return h, errors.New("agentproto: message without type")
 	}
+	if !validType(h.Type) {
+		return Header{}, fmt.Errorf("agentproto: bad message type %q", truncateString(h.Type, 40))
+	}
 	return h, nil
+}
+
+// MaxTypeLen bounds the length of a message type.
+const MaxTypeLen = 32
+
+// validType reports whether t looks like a message type: 1 to MaxTypeLen
+// bytes of [a-z_]. (Unknown types of that shape are answered, others are
+// malformed.)
+func validType(t string) bool {
+	if len(t) == 0 || len(t) > MaxTypeLen {
+		return false
+	}
+	for i := 0; i < len(t); i++ {
+		if (t[i] < 'a' || t[i] > 'z') && t[i] != '_' {
+			return false
+		}
+	}
+	return true
+}
+
+func truncateString(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "..."
+	}
+	return s
 }
 
 // fastHeader parses the `{"id":N,"type":"T"` prefix Marshal writes.
@@ -350,7 +409,7 @@ func fastHeader(line []byte) (Header, bool) {
 	for end < len(rest) && (rest[end] >= 'a' && rest[end] <= 'z' || rest[end] == '_') {
 		end++
 	}
-	if end == 0 || end+1 >= len(rest) || rest[end] != '"' || (rest[end+1] != ',' && rest[end+1] != '}') {
+	if end == 0 || end > MaxTypeLen || end+1 >= len(rest) || rest[end] != '"' || (rest[end+1] != ',' && rest[end+1] != '}') {
 		return Header{}, false
 	}
 	if rest[len(rest)-1] != '}' {

@@ -137,6 +137,13 @@ type RestoreRequest struct {
 	Resume      bool           // run the VM after loading; otherwise it stays paused
 }
 
+// ConsoleDrainer is implemented by backends whose VMM keeps the guest
+// console in a bounded buffer: DrainConsole moves it into DIR/console.log
+// (bounded too, keeping the tail). Stop drains it as well.
+type ConsoleDrainer interface {
+	DrainConsole(ctx context.Context, m Machine) error
+}
+
 // Backend is a VMM driver. Every method that does I/O takes a context and
 // must honour its deadline. Implementations hold no process-wide state.
 //

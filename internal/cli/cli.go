@@ -60,6 +60,9 @@ func (a *app) finish(err error) int {
 		if smolvm.ErrorCode(err) == "invalid_config" || smolvm.ErrorCode(err) == "invalid_id" {
 			code = 2
 		}
+		if errors.Is(err, smolvm.ErrTimeout) {
+			code = 124 // like timeout(1); the host gave up on the guest
+		}
 	}
 	if a.json {
 		env := map[string]any{"ok": err == nil && code == 0, "command": a.command, "exit_code": code, "data": a.out, "error": nil}

@@ -90,9 +90,25 @@ func TestSandboxCLI(t *testing.T) {
 	if env.OK || env.ExitCode != 3 || env.Error != nil {
 		t.Errorf("exec --json exit 3: %+v", env)
 	}
-	_, stderr, code = cli(t, "sandbox", "exec", "cli1", "--timeout", "1s", "--", "sleep 30")
-	if code != 124 || !strings.Contains(stderr, "timed out") {
-		t.Errorf("timeout: %d %q", code, stderr)
+	start := time.Now()
+	_, stderr, code = cli(t, "sandbox", "exec", "cli1", "--timeout", "2s", "--", "sleep", "60")
+	if el := time.Since(start); code != 124 || !strings.Contains(stderr, "timed out") || el > 5*time.Second {
+		t.Errorf("timeout: exit %d after %v, %q; want 124 within 5 s", code, el, stderr)
+	}
+	// Output past the capture limit: cut and flagged in --json, streamed
+	// in full (with a notice) in text mode.
+	env = smolvmJSON(t, "sandbox", "exec", "cli1", "--", "head -c 5000000 /dev/zero")
+	var res struct {
+		Stdout    string `json:"stdout"`
+		Truncated bool   `json:"truncated"`
+	}
+	json.Unmarshal(env.Data, &res)
+	if !env.OK || !res.Truncated || len(res.Stdout) != 4<<20 {
+		t.Errorf("exec --json of 5 MB: ok %v, truncated %v, %d bytes kept", env.OK, res.Truncated, len(res.Stdout))
+	}
+	out, stderr, code = cli(t, "sandbox", "exec", "cli1", "--", "head -c 5000000 /dev/zero")
+	if len(out) != 5000000 || code != 0 || !strings.Contains(stderr, "capture limit") {
+		t.Errorf("exec of 5 MB: %d bytes, exit %d, %q", len(out), code, stderr)
 	}
 
 	f := filepath.Join(t.TempDir(), "f.txt")

@@ -362,12 +362,16 @@ func (a *app) execCmd() *cobra.Command {
 					}
 					code = 124 // like timeout(1)
 				}
+				if res.Truncated && !a.json {
+					fmt.Fprintf(a.stderr, "smolvm: note: the command's output passed the capture limit of %d bytes per stream; "+
+						"it was streamed in full, but a captured copy (--json) keeps only the first %d bytes\n", smolvm.DefaultOutputLimit, smolvm.DefaultOutputLimit)
+				}
 				return exitError{code}
 			})
 		},
 	}
 	f := c.Flags()
-	f.DurationVarP(&timeout, "timeout", "t", 0, "kill the command after this long (e.g. 30s; default none)")
+	f.DurationVarP(&timeout, "timeout", "t", 0, "kill the command after this long (e.g. 30s; default none); exit code 124 when it fires")
 	f.StringArrayVarP(&envs, "env", "e", nil, "environment variable KEY=VALUE (repeatable; the value is everything after the first '=', commas included)")
 	f.StringVarP(&workdir, "workdir", "w", "", "working directory in the guest")
 	return c

@@ -7,13 +7,15 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 )
 
 // BuildAgent compiles the guest agent (./cmd/smolvm-agent of the module at
 // moduleRoot) as a static binary at outPath:
-// CGO_ENABLED=0 go build -trimpath -ldflags "-s -w". The output is written
-// next to outPath first and renamed, so outPath is never half written.
-func BuildAgent(ctx context.Context, moduleRoot, outPath string) error {
+// CGO_ENABLED=0 go build -trimpath -ldflags "-s -w", with -tags when tags
+// are given (tests build a hostile agent so). The output is written next
+// to outPath first and renamed, so outPath is never half written.
+func BuildAgent(ctx context.Context, moduleRoot, outPath string, tags ...string) error {
 	out, err := filepath.Abs(outPath)
 	if err != nil {
 		return err
@@ -28,7 +30,11 @@ func BuildAgent(ctx context.Context, moduleRoot, outPath string) error {
 	tmp := f.Name()
 	f.Close()
 	defer os.Remove(tmp)
-	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags", "-s -w", "-o", tmp, "./cmd/smolvm-agent")
+	args := []string{"build", "-trimpath", "-ldflags", "-s -w", "-o", tmp}
+	if len(tags) > 0 {
+		args = append(args, "-tags", strings.Join(tags, ","))
+	}
+	cmd := exec.CommandContext(ctx, "go", append(args, "./cmd/smolvm-agent")...)
 	cmd.Dir = moduleRoot
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
 	if b, err := cmd.CombinedOutput(); err != nil {

@@ -17,6 +17,7 @@ import (
 	"github.com/smolvm-go/smolvm/internal/agentclient"
 	"github.com/smolvm-go/smolvm/internal/agentproto"
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/consolelog"
 	"github.com/smolvm-go/smolvm/internal/image"
 	"github.com/smolvm-go/smolvm/internal/procfs"
 )
@@ -187,7 +188,7 @@ func Agent(t testing.TB, b backend.Backend, m backend.Machine) *agentclient.Clie
 	defer cancel()
 	c, err := agentclient.Connect(ctx, func(ctx context.Context) (net.Conn, error) { return b.DialAgent(ctx, m) })
 	if err != nil {
-		t.Fatalf("agent of %s: %v\n--- console ---\n%s", m.ID, err, ConsoleTail(m, 3000))
+		t.Fatalf("agent of %s: %v\n--- console ---\n%s", m.ID, err, ConsoleTail(b, m, 3000))
 	}
 	t.Cleanup(func() { c.Close() })
 	return c
@@ -210,17 +211,21 @@ func Run(t testing.TB, c *agentclient.Client, script string) string {
 	return out.String()
 }
 
-// ConsoleTail returns the end of the VM's serial console log (QEMU writes
-// Dir/console.log).
-func ConsoleTail(m backend.Machine, n int) string {
-	b, err := os.ReadFile(filepath.Join(m.Dir, "console.log"))
+// ConsoleTail returns the last n bytes of the VM's serial console log
+// (Dir/console.log), first draining the VMM's console buffer into it when
+// the backend keeps one (QEMU's ring buffer) and the VM still runs.
+func ConsoleTail(b backend.Backend, m backend.Machine, n int) string {
+	log := filepath.Join(m.Dir, "console.log")
+	if d, ok := b.(backend.ConsoleDrainer); ok {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		d.DrainConsole(ctx, m)
+		cancel()
+	}
+	b2, err := consolelog.Tail(log, int64(n))
 	if err != nil {
 		return "(no console log: " + err.Error() + ")"
 	}
-	if len(b) > n {
-		b = b[len(b)-n:]
-	}
-	return string(b)
+	return string(b2)
 }
 
 // ProcessesFor lists live processes whose command line mentions dir (a

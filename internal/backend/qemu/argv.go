@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/consolelog"
 )
 
 // Machine types.
@@ -170,7 +171,9 @@ func buildArgs(spec backend.Spec, l launch) ([]string, error) {
 
 	// Console and control channels.
 	args = append(args,
-		"-chardev", "file,id=console,append=on,path="+optVal(consoleLog(spec.Dir)),
+		// The console goes to a ring buffer in QEMU (bounded even when no
+		// host process watches); consolelog.Drain moves it to console.log.
+		"-chardev", "ringbuf,id="+consolelog.Device+",size="+strconv.Itoa(consolelog.RingSize),
 		"-serial", "chardev:console",
 		"-chardev", "socket,id=qmp,server=on,wait=off,path="+optVal(qmpSocket(spec.RunDir)),
 		"-mon", "chardev=qmp,mode=control",

@@ -177,7 +177,7 @@ var (
 var optionKeys = map[string]map[string][]string{
 	"-machine": {"microvm": {"memory-backend"}, "q35": {"memory-backend"}},
 	"-object":  {"memory-backend-file": {"id", "size", "mem-path", "share", "readonly", "rom"}},
-	"-chardev": {"file": {"id", "append", "path"}, "socket": {"id", "server", "wait", "path"}},
+	"-chardev": {"ringbuf": {"id", "size"}, "socket": {"id", "server", "wait", "path"}},
 	"-netdev":  {"user": {"id", "hostfwd"}, "stream": {"id", "server", "addr.type", "addr.str"}},
 	"-device": {
 		"virtio-serial-device": {"id"}, "virtio-serial-pci": {"id"},
@@ -303,7 +303,7 @@ func TestCheckArgvCatchesInjection(t *testing.T) {
 		t.Fatal("checkArgv accepted an injected mac")
 	}
 	spec.Network = false
-	if err := checkArgv(spec, []string{"-chardev", "file,id=console,append=on,path=/a,,b"}); err != nil {
+	if err := checkArgv(spec, []string{"-chardev", "socket,id=qmp,server=on,wait=off,path=/a,,b"}); err != nil {
 		t.Fatalf("escaped comma: %v", err)
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/consolelog"
 	"github.com/smolvm-go/smolvm/internal/fsutil"
 	"github.com/smolvm-go/smolvm/internal/procfs"
 	"github.com/smolvm-go/smolvm/internal/qmp"
@@ -358,6 +359,9 @@ func (b *Backend) Stop(ctx context.Context, m backend.Machine) error {
 		graceful := b.opts.StopTimeout
 		qctx, cancel := context.WithTimeout(ctx, min(graceful, 2*time.Second))
 		if c, err := qmp.Dial(qctx, qmpSocket(m.RunDir)); err == nil {
+			if err := consolelog.Drain(qctx, c, consoleLog(m.Dir)); err != nil {
+				b.log.Debug("draining the console", "id", m.ID, "err", err)
+			}
 			err := c.Execute(qctx, "quit", nil, nil)
 			c.Close()
 			if err != nil && !errors.Is(err, qmp.ErrClosed) {

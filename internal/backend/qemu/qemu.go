@@ -17,6 +17,7 @@ import (
 
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/cgroup"
+	"github.com/smolvm-go/smolvm/internal/consolelog"
 	"github.com/smolvm-go/smolvm/internal/fsutil"
 	"github.com/smolvm-go/smolvm/internal/qmp"
 )
@@ -332,6 +333,19 @@ func (b *Backend) dialQMP(ctx context.Context, m backend.Machine) (*qmp.Client, 
 		return nil, fmt.Errorf("qemu: connect to QMP: %w", err)
 	}
 	return c, nil
+}
+
+// DrainConsole moves what the VM's console ring buffer holds into
+// DIR/console.log (kept at most consolelog.MaxSize bytes, the tail).
+func (b *Backend) DrainConsole(ctx context.Context, m backend.Machine) error {
+	c, err := b.dialQMP(ctx, m)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	cctx, cancel := withTimeout(ctx, backend.DefaultTimeout)
+	defer cancel()
+	return consolelog.Drain(cctx, c, consoleLog(m.Dir))
 }
 
 // exec runs one QMP command with a per-command timeout, mapping QMP errors

@@ -55,7 +55,7 @@ func TestBuildArgsMicrovmTCG(t *testing.T) {
 		"-chardev socket,id=qmp,server=on,wait=off,path=/tmp/smv1/qmp.sock",
 		"-mon chardev=qmp,mode=control",
 		"-pidfile /var/lib/smolvm/vms/vm1/qemu.pid",
-		"-serial chardev:console",
+		"-chardev ringbuf,id=console,size=1048576 -serial chardev:console",
 		"-device virtio-serial-device,id=vser0",
 		"-chardev socket,id=agent,server=on,wait=off,path=/tmp/smv1/agent.sock",
 		"-device virtserialport,bus=vser0.0,chardev=agent,name=org.smolvm.agent",
@@ -105,7 +105,7 @@ func TestBuildArgsQ35RestoreNoDiskNoNet(t *testing.T) {
 		"mem-path=/snap/memory.raw,share=off,readonly=on,rom=off",
 		"-device virtio-serial-pci,id=vser0", "-device virtio-rng-pci",
 		"-incoming defer", "-S",
-		"path=/data/with,,comma/console.log",
+		"mem-path=/snap/memory.raw",
 	} {
 		if !strings.Contains(joined, want) {
 			t.Errorf("argv lacks %q\n%s", want, joined)
