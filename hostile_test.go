@@ -215,9 +215,15 @@ func (w *countingWriter) Write(p []byte) (int, error) { w.n.Add(int64(len(p))); 
 func TestExecOutputCapBoundsCLIMemory(t *testing.T) {
 	sharedVM(t)
 	const cmd = "dd if=/dev/zero bs=1M count=256 2>/dev/null"
-	args, _ := json.Marshal([]string{"--json", "sandbox", "exec", "shared", "--", "sh", "-c", cmd})
-	c := exec.Command(os.Args[0])
-	c.Env = append(os.Environ(), "SMOLVM_TEST_CLI="+string(args),
+	// The real CLI binary, built as scripts/setup builds it: the test
+	// binary may run under -race, which multiplies its memory.
+	ctx := testCtx(t)
+	cli, err := testutil.BuildCommand(ctx, t.TempDir(), "smolvm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := exec.Command(cli, "--json", "sandbox", "exec", "shared", "--", "sh", "-c", cmd)
+	c.Env = append(os.Environ(),
 		"SMOLVM_DATA_DIR="+filepath.Join(testRoot, "shared"), "SMOLVM_RUN_DIR="+filepath.Join(testRoot, "run"),
 		"SMOLVM_IMAGE_DIR="+testImageDir)
 	out, err := c.StdoutPipe()

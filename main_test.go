@@ -2,7 +2,6 @@ package smolvm_test
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -16,7 +15,6 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm"
-	"github.com/smolvm-go/smolvm/internal/cli"
 	"github.com/smolvm-go/smolvm/internal/image"
 	"github.com/smolvm-go/smolvm/internal/testutil"
 )
@@ -32,12 +30,6 @@ var (
 func TestMain(m *testing.M) {
 	if os.Getenv("SMOLVM_TEST_CHILD") != "" {
 		os.Exit(m.Run())
-	}
-	if args := os.Getenv("SMOLVM_TEST_CLI"); args != "" {
-		// The CLI as a child process (its peak RSS is measured).
-		var argv []string
-		json.Unmarshal([]byte(args), &argv)
-		os.Exit(cli.Main(argv, os.Stdout, os.Stderr))
 	}
 	root, err := os.MkdirTemp("/tmp", "smvt")
 	if err != nil {

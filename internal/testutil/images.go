@@ -70,6 +70,21 @@ func EnsureNetHelper(ctx context.Context) error {
 	return netHelper.err
 }
 
+// BuildCommand builds the command in ./cmd/NAME of this module into
+// dir/NAME as scripts/setup does (CGO_ENABLED=0, never with -race even when
+// the tests run with it) and returns its path: tests that measure or run
+// a real binary use it.
+func BuildCommand(ctx context.Context, dir, name string) (string, error) {
+	out := filepath.Join(dir, name)
+	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", out, "./cmd/"+name)
+	cmd.Dir = ModuleRoot()
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("building %s: %w\n%s", name, err, b)
+	}
+	return out, nil
+}
+
 func buildNetHelper(ctx context.Context) error {
 	if os.Getenv("SMOLVM_NET_HELPER") != "" {
 		return nil
@@ -78,12 +93,9 @@ func buildNetHelper(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	out := filepath.Join(dir, "smolvm-net")
-	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", out, "./cmd/smolvm-net")
-	cmd.Dir = ModuleRoot()
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("building the network sidecar: %w\n%s", err, b)
+	out, err := BuildCommand(ctx, dir, "smolvm-net")
+	if err != nil {
+		return err
 	}
 	return os.Setenv("SMOLVM_NET_HELPER", out)
 }
