@@ -69,9 +69,9 @@ func (a *app) finish(err error) int {
 		if err != nil {
 			env["error"] = map[string]any{"code": smolvm.ErrorCode(err), "message": errMessage(err), "recovery": smolvm.Fix(err)}
 		}
-		enc := json.NewEncoder(a.stdout)
-		enc.SetIndent("", "  ")
-		enc.Encode(env)
+		// One line, not indented: an exec result carries up to the output
+		// limit per stream, and indenting copies the whole encoding again.
+		json.NewEncoder(a.stdout).Encode(env)
 		return code
 	}
 	if err != nil {

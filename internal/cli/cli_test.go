@@ -271,7 +271,10 @@ func TestSnapshotCLI(t *testing.T) {
 		t.Errorf("delete in use: %+v", env)
 	}
 	env = smolvmJSON(t, "sandbox", "snapshot", "inspect", "cp1", "--verify")
-	if !env.OK || !strings.Contains(string(env.Data), `"restored": true`) {
+	var inspected struct {
+		Restored bool `json:"restored"`
+	}
+	if !env.OK || json.Unmarshal(env.Data, &inspected) != nil || !inspected.Restored {
 		t.Errorf("inspect: %+v %s", env, env.Data)
 	}
 	cli(t, "sandbox", "stop", "snapcli")
