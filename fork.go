@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -34,8 +35,23 @@ type ForkOptions struct {
 }
 
 // ForkError reports the clones that failed; the others keep running.
+// errors.Is and errors.As see each clone's cause (Unwrap).
 type ForkError struct {
 	Failed map[string]error // clone id -> why
+}
+
+// Unwrap returns each failed clone's cause, in the order of the clone ids.
+func (e *ForkError) Unwrap() []error {
+	ids := make([]string, 0, len(e.Failed))
+	for id := range e.Failed {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	errs := make([]error, 0, len(ids))
+	for _, id := range ids {
+		errs = append(errs, e.Failed[id])
+	}
+	return errs
 }
 
 func (e *ForkError) Error() string {
@@ -153,7 +169,9 @@ func (m *Manager) Fork(ctx context.Context, snapshotID string, n int, opts ForkO
 	return out, nil
 }
 
-// Fork restores a snapshot into n clones with the default Options.
+// Fork restores a snapshot into n clones with the default Options. The
+// clones share the Manager made for them: it closes when the last clone is
+// closed, so closing one clone leaves the others working.
 func Fork(ctx context.Context, snapshotID string, n int, opts ForkOptions) ([]*VM, error) {
 	m, err := NewManager(ctx, Options{})
 	if err != nil {
@@ -164,7 +182,7 @@ func Fork(ctx context.Context, snapshotID string, n int, opts ForkOptions) ([]*V
 		m.Close()
 		return nil, err
 	}
-	vms[0].ownsManager = true // closing the first handle closes the manager
+	ownManager(m, vms...) // the last clone closed closes the manager
 	return vms, err
 }
 

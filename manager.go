@@ -158,7 +158,7 @@ func New(ctx context.Context, cfg Config) (*VM, error) {
 		m.Close()
 		return nil, err
 	}
-	vm.ownsManager = true
+	ownManager(m, vm)
 	return vm, nil
 }
 
@@ -173,7 +173,7 @@ func Open(ctx context.Context, id string) (*VM, error) {
 		m.Close()
 		return nil, err
 	}
-	vm.ownsManager = true
+	ownManager(m, vm)
 	return vm, nil
 }
 

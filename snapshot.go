@@ -420,7 +420,7 @@ func FromSnapshot(ctx context.Context, id string, opts RestoreOptions) (*VM, err
 		m.Close()
 		return nil, err
 	}
-	vm.ownsManager = true
+	ownManager(m, vm)
 	return vm, nil
 }
 

@@ -26,12 +26,45 @@ import (
 // VM is a handle on one sandbox. Close releases the handle; the VM keeps
 // running until Stop or Delete. A VM is safe for concurrent use.
 type VM struct {
-	m           *Manager
-	ownsManager bool
-	id          string
+	m  *Manager
+	id string
 
 	mu     sync.Mutex
 	client *agentclient.Client
+	// owner is set on handles the package-level New, Open, FromSnapshot
+	// and Fork return: they share the Manager those made, which closes
+	// when the last of them is closed. Guarded by mu.
+	owner *managerRef
+}
+
+// managerRef counts the VM handles that share ownership of a Manager; the
+// last release closes it (Fork's clones share one).
+type managerRef struct {
+	mu sync.Mutex
+	n  int
+	m  *Manager
+}
+
+// ownManager makes vms the owners of m: m closes when the last of them is
+// closed.
+func ownManager(m *Manager, vms ...*VM) {
+	r := &managerRef{m: m, n: len(vms)}
+	for _, vm := range vms {
+		vm.mu.Lock()
+		vm.owner = r
+		vm.mu.Unlock()
+	}
+}
+
+// release drops one owner; the last one closes the Manager.
+func (r *managerRef) release() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.n--
+	if r.n == 0 {
+		return r.m.Close()
+	}
+	return nil
 }
 
 // Info describes a VM.
@@ -659,12 +692,18 @@ func (vm *VM) Delete(ctx context.Context) error {
 	return vm.m.store.DeleteVM(ctx, vm.id)
 }
 
-// Close releases the handle (agent connection). The VM keeps running.
+// Close releases the handle (agent connection). The VM keeps running. A
+// handle from the package-level New, Open, FromSnapshot or Fork also
+// releases the Manager made for it; the clones of one Fork share theirs,
+// which closes with the last of them. Closing twice is harmless.
 func (vm *VM) Close() error {
 	vm.closeClient()
-	if vm.ownsManager {
-		vm.ownsManager = false
-		return vm.m.Close()
+	vm.mu.Lock()
+	r := vm.owner
+	vm.owner = nil
+	vm.mu.Unlock()
+	if r != nil {
+		return r.release()
 	}
 	return nil
 }
@@ -713,6 +752,7 @@ type runOpts struct {
 	env            map[string]string
 	dir            string
 	stdin          []byte
+	stdinReader    io.Reader
 	stdout, stderr io.Writer
 }
 
@@ -735,7 +775,24 @@ func WithEnv(env map[string]string) RunOption { return func(o *runOpts) { o.env 
 func WithWorkdir(dir string) RunOption { return func(o *runOpts) { o.dir = dir } }
 
 // WithStdin feeds data to the command's standard input.
-func WithStdin(data []byte) RunOption { return func(o *runOpts) { o.stdin = data } }
+func WithStdin(data []byte) RunOption {
+	return func(o *runOpts) { o.stdin, o.stdinReader = data, nil }
+}
+
+// MaxStdinSize bounds what WithStdinReader reads: the agent protocol
+// carries a command's standard input whole, in its exec request.
+const MaxStdinSize = agentproto.MaxFileSize
+
+// WithStdinReader feeds what r yields to the command's standard input. The
+// protocol carries standard input whole (it is not streamed while the
+// command runs), so Run reads r to EOF before it starts the command, at
+// most MaxStdinSize bytes: a reader that yields more fails Run with
+// ErrInvalidConfig and the command does not run. For more data, write it
+// to a guest file (VM.WriteFileFrom) and redirect from it. The last of
+// WithStdin and WithStdinReader wins.
+func WithStdinReader(r io.Reader) RunOption {
+	return func(o *runOpts) { o.stdin, o.stdinReader = nil, r }
+}
 
 // WithStdout streams standard output to w while the command runs (it is
 // also returned in Result.Stdout).
@@ -765,6 +822,11 @@ func (vm *VM) exec(ctx context.Context, req agentproto.ExecRequest, opts []RunOp
 	c, err := vm.agent(ctx, "run commands")
 	if err != nil {
 		return nil, err
+	}
+	if o.stdinReader != nil {
+		if o.stdin, err = readStdin(o.stdinReader); err != nil {
+			return nil, err
+		}
 	}
 	req.Env, req.Cwd, req.Stdin = o.env, o.dir, o.stdin
 	if o.timeout > 0 {
@@ -808,6 +870,19 @@ func (vm *VM) exec(ctx context.Context, req agentproto.ExecRequest, opts []RunOp
 		out.Stderr = res.Error + "\n"
 	}
 	return out, nil
+}
+
+// readStdin reads a WithStdinReader source, at most MaxStdinSize bytes.
+func readStdin(r io.Reader) ([]byte, error) {
+	data, err := io.ReadAll(io.LimitReader(r, MaxStdinSize+1))
+	if err != nil {
+		return nil, &Error{Op: "run", Message: fmt.Sprintf("reading the command's standard input: %v", err), Err: err}
+	}
+	if len(data) > MaxStdinSize {
+		return nil, newErr("run", ErrInvalidConfig, "write the data to a guest file (VM.WriteFileFrom) and redirect the command's input from it",
+			fmt.Sprintf("standard input over %d bytes (MaxStdinSize): the agent protocol carries it whole", MaxStdinSize))
+	}
+	return data, nil
 }
 
 // capBuffer keeps the first max bytes written to it and notes whether more
@@ -902,6 +977,45 @@ func (vm *VM) ReadFile(ctx context.Context, guestPath string) ([]byte, error) {
 		return nil, vm.agentErr("read", err)
 	}
 	return buf.Bytes(), nil
+}
+
+// WriteFileFrom writes the size bytes r yields to a guest file (atomically;
+// missing parent directories are created; mode as in WriteFile). Any size
+// works: large files stream in chunks, so r is never held in memory whole.
+// r must yield at least size bytes (fewer fail it, and nothing is
+// written); bytes past size are not read.
+func (vm *VM) WriteFileFrom(ctx context.Context, guestPath string, r io.Reader, size int64, mode fs.FileMode) error {
+	if !strings.HasPrefix(guestPath, "/") {
+		return newErr("write", ErrInvalidConfig, "", fmt.Sprintf("guest path %q must be absolute", guestPath))
+	}
+	if size < 0 {
+		return newErr("write", ErrInvalidConfig, "", fmt.Sprintf("negative size %d", size))
+	}
+	c, err := vm.agent(ctx, "write files")
+	if err != nil {
+		return err
+	}
+	return vm.agentErr("write", c.WriteFileFrom(ctx, guestPath, r, size, mode))
+}
+
+// ReadFileTo copies a guest file to w and returns the mode the guest
+// reports for it and the number of bytes written. Any size works: large
+// files stream in chunks. The guest is not trusted: w never gets more than
+// the size it announced, and a file that changes while it is read, or does
+// not match that size, fails with an error (ErrGuestProtocol for a size
+// mismatch). On error w may hold part of the file (DownloadFile is the
+// atomic variant). The mode is the guest's word: mask it (as DownloadFile
+// does) before giving it to a host file.
+func (vm *VM) ReadFileTo(ctx context.Context, guestPath string, w io.Writer) (fs.FileMode, int64, error) {
+	if !strings.HasPrefix(guestPath, "/") {
+		return 0, 0, newErr("read", ErrInvalidConfig, "", fmt.Sprintf("guest path %q must be absolute", guestPath))
+	}
+	c, err := vm.agent(ctx, "read files")
+	if err != nil {
+		return 0, 0, err
+	}
+	mode, n, err := c.ReadFileTo(ctx, guestPath, w)
+	return mode, n, vm.agentErr("read", err)
 }
 
 // DownloadFile copies a guest file to the host (atomically). It gets the
