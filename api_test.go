@@ -39,6 +39,9 @@ func TestForkErrorUnwrap(t *testing.T) {
 	if !errors.As(fe, &e) || e.Message != "clone b timed out" {
 		t.Errorf("errors.As(ForkError, *Error): %v", e)
 	}
+	if got := fe.Error(); !strings.HasPrefix(got, "2 clone(s) failed and were removed: a: vm failed to boot; b: clone b timed out") {
+		t.Errorf("Error() = %q, want the clones in id order", got)
+	}
 	if got := fe.Unwrap(); len(got) != 2 || got[0] != smolvm.ErrBoot || got[1] != wrapped {
 		t.Errorf("Unwrap = %v, want the causes in clone id order", got)
 	}

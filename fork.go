@@ -42,11 +42,7 @@ type ForkError struct {
 
 // Unwrap returns each failed clone's cause, in the order of the clone ids.
 func (e *ForkError) Unwrap() []error {
-	ids := make([]string, 0, len(e.Failed))
-	for id := range e.Failed {
-		ids = append(ids, id)
-	}
-	sort.Strings(ids)
+	ids := e.ids()
 	errs := make([]error, 0, len(ids))
 	for _, id := range ids {
 		errs = append(errs, e.Failed[id])
@@ -54,10 +50,20 @@ func (e *ForkError) Unwrap() []error {
 	return errs
 }
 
+// ids returns the failed clones' ids, sorted.
+func (e *ForkError) ids() []string {
+	ids := make([]string, 0, len(e.Failed))
+	for id := range e.Failed {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	return ids
+}
+
 func (e *ForkError) Error() string {
 	parts := make([]string, 0, len(e.Failed))
-	for id, err := range e.Failed {
-		parts = append(parts, fmt.Sprintf("%s: %v", id, err))
+	for _, id := range e.ids() {
+		parts = append(parts, fmt.Sprintf("%s: %v", id, e.Failed[id]))
 	}
 	return fmt.Sprintf("%d clone(s) failed and were removed: %s", len(e.Failed), strings.Join(parts, "; "))
 }
