@@ -788,7 +788,9 @@ const MaxStdinSize = agentproto.MaxFileSize
 // command runs), so Run reads r to EOF before it starts the command, at
 // most MaxStdinSize bytes: a reader that yields more fails Run with
 // ErrInvalidConfig and the command does not run. For more data, write it
-// to a guest file (VM.WriteFileFrom) and redirect from it. The last of
+// to a guest file (VM.WriteFileFrom) and redirect from it. A Read that
+// blocks holds Run (ctx cannot interrupt it; it is checked once r is
+// read), and WithTimeout counts from the start of the command. The last of
 // WithStdin and WithStdinReader wins.
 func WithStdinReader(r io.Reader) RunOption {
 	return func(o *runOpts) { o.stdin, o.stdinReader = nil, r }
@@ -825,6 +827,9 @@ func (vm *VM) exec(ctx context.Context, req agentproto.ExecRequest, opts []RunOp
 	}
 	if o.stdinReader != nil {
 		if o.stdin, err = readStdin(o.stdinReader); err != nil {
+			return nil, err
+		}
+		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
 	}
