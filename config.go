@@ -22,7 +22,6 @@ const (
 	MinMemoryMiB      = 128
 	MaxMemoryMiB      = 16384
 	MaxCPUs           = 32
-	DefaultBackend    = "qemu"
 	defaultBootTimout = 90 * time.Second
 )
 
@@ -69,7 +68,8 @@ type Config struct {
 	// Network is what the guest may reach (see NetworkPolicy; the zero
 	// value is NetworkDefault). NoNetwork is the same as Mode NetworkNone.
 	Network NetworkPolicy `json:"network,omitzero"`
-	// Backend is "qemu" (default), "firecracker" or "auto".
+	// Backend names a registered backend (DefaultBackend when empty), or
+	// "auto": the preferred one usable on this host.
 	Backend string `json:"backend,omitempty"`
 	// Accel is "auto" (default: KVM when usable, else TCG), "kvm" or "tcg".
 	Accel string `json:"accel,omitempty"`
@@ -194,10 +194,9 @@ func (c Config) validate() error {
 	if c.CPUs < 1 || c.CPUs > MaxCPUs {
 		return bad(fmt.Sprintf("cpus %d is out of range: it must be between 1 and %d", c.CPUs, MaxCPUs), "use --cpus 1")
 	}
-	switch c.Backend {
-	case "qemu", "firecracker", "auto":
-	default:
-		return bad(fmt.Sprintf("unknown backend %q: use qemu, firecracker or auto", c.Backend), "use --backend qemu")
+	if _, ok := backend.Lookup(c.Backend); !ok && c.Backend != backend.Auto {
+		return bad(fmt.Sprintf("unknown backend %q: use %s or %s", c.Backend, strings.Join(backend.Names(), ", "), backend.Auto),
+			"use --backend "+DefaultBackend)
 	}
 	switch c.Accel {
 	case "auto", "kvm", "tcg":

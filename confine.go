@@ -1,15 +1,11 @@
 package smolvm
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"os/user"
-	"path/filepath"
 	"strconv"
-	"strings"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/cgroup"
@@ -82,27 +78,21 @@ func (m *Manager) runAs(ctx context.Context, spec *backend.Spec) error {
 	return nil
 }
 
-// confinementChecks reports how VMMs are confined on this host: seccomp
-// (QEMU always runs under -sandbox, so a QEMU or kernel without it cannot
-// start VMs), the per-VM uid drop (root only) and per-VM cgroup limits.
-func confinementChecks(qemuPath string) []Check {
+// confinementChecks reports how VMMs are confined on this host: what each
+// registered backend reports (QEMU's seccomp, Firecracker's jailer), the
+// per-VM uid drop (root only) and per-VM cgroup limits.
+func confinementChecks() []Check {
 	var out []Check
-	c := Check{Name: "seccomp", OK: true}
-	if b, err := os.ReadFile("/proc/sys/kernel/seccomp/actions_avail"); err != nil {
-		c.OK, c.Detail = false, "the kernel has no seccomp filters (CONFIG_SECCOMP_FILTER)"
-		c.Fix = "run on a kernel with seccomp filter support: QEMU is always started with -sandbox on"
-	} else if help, err := exec.Command(qemuPath, "-help").Output(); err != nil {
-		c.OK, c.Detail = false, "cannot run "+qemuPath+": "+err.Error()
-		c.Fix = "scripts/setup"
-	} else if !bytes.Contains(help, []byte("\n-sandbox")) {
-		c.OK, c.Detail = false, qemuPath+" was built without seccomp (-sandbox)"
-		c.Fix = "install a QEMU built with libseccomp (Debian's qemu-system-x86 is)"
-	} else {
-		c.Detail = "QEMU runs under -sandbox (obsolete, spawn, resourcecontrol denied; kernel actions: " + strings.TrimSpace(string(b)) + ")"
+	for _, r := range backend.Registrations() {
+		if r.HostChecks == nil {
+			continue
+		}
+		for _, hc := range r.HostChecks() {
+			out = append(out, Check(hc))
+		}
 	}
-	out = append(out, c)
 
-	c = Check{Name: "uid drop", OK: true}
+	c := Check{Name: "uid drop", OK: true}
 	if os.Geteuid() == 0 {
 		base, count, err := uidRange()
 		if err != nil {
@@ -115,20 +105,6 @@ func confinementChecks(qemuPath string) []Check {
 		c.Detail = fmt.Sprintf("off: smolvm runs as uid %d (not root), so QEMU runs as that uid, elevateprivileges=deny", os.Geteuid())
 	}
 	out = append(out, c)
-
-	if fc, err := exec.LookPath("firecracker"); err == nil {
-		c = Check{Name: "fc jailer", OK: true}
-		jl := filepath.Join(filepath.Dir(fc), "jailer")
-		if _, err := os.Stat(jl); err != nil {
-			c.Detail = "no jailer next to " + fc + ": Firecracker VMs run unjailed"
-			c.Fix = "install the jailer of the same Firecracker release next to it"
-		} else if os.Geteuid() != 0 {
-			c.Detail = jl + " found, but it needs root: Firecracker VMs run unjailed"
-		} else {
-			c.Detail = "on: Firecracker VMs start through " + jl + " (own uid, chroot; snapshots of jailed VMs are not supported yet)"
-		}
-		out = append(out, c)
-	}
 
 	c = Check{Name: "cgroup limits", OK: true}
 	if s := cgroup.Detect(); s.OK {

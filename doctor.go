@@ -7,11 +7,12 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"time"
 
+	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/fsutil"
 	"github.com/smolvm-go/smolvm/internal/procfs"
 	"github.com/smolvm-go/smolvm/internal/store"
@@ -43,9 +44,7 @@ func (m *Manager) Doctor(ctx context.Context) ([]Check, error) {
 		out[len(out)-1].Fix = "smolvm sandbox list --all; smolvm sandbox delete NAME"
 	}
 	out = append(out, m.strayVMMs(ctx, infos)...)
-	if qp, err := exec.LookPath("qemu-system-x86_64"); err == nil {
-		out = append(out, confinementChecks(qp)...)
-	}
+	out = append(out, confinementChecks()...)
 	out = append(out, runDirCheck(m.opts.RunDir))
 	cleaned, err := m.cleanupSnapshots(ctx)
 	if err != nil {
@@ -82,11 +81,20 @@ func (m *Manager) strayVMMs(ctx context.Context, infos []Info) []Check {
 		status[i.ID] = i.Status
 	}
 	vms := []byte(filepath.Join(m.opts.DataDir, "vms") + "/")
+	var comms [][]byte // the VMM process names the registered backends run
+	for _, r := range backend.Registrations() {
+		for _, c := range r.VMMComms {
+			comms = append(comms, []byte(c))
+		}
+	}
+	isVMM := func(comm []byte) bool {
+		return slices.ContainsFunc(comms, func(c []byte) bool { return bytes.HasPrefix(comm, c) })
+	}
 	var out []Check
 	for _, pid := range procfs.Others() {
 		proc := "/proc/" + strconv.Itoa(pid)
 		comm, _ := os.ReadFile(proc + "/comm")
-		if !bytes.HasPrefix(comm, []byte("qemu-system")) && !bytes.HasPrefix(comm, []byte("firecracker")) {
+		if !isVMM(comm) {
 			continue
 		}
 		cmdline, err := os.ReadFile(proc + "/cmdline")

@@ -330,7 +330,7 @@ func (m *Manager) checkForkMemory(snapshotID string, res backend.SnapshotResult,
 		switch {
 		case a.Role == "memory":
 			imageMiB += mib
-		case a.Role == "state" && res.MemoryFormat != "raw":
+		case a.Role == "state" && res.MemoryFormat != backend.MemoryRaw:
 			perClone += mib // RAM inside the state file: loaded by each clone
 		}
 	}

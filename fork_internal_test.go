@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
-	"github.com/smolvm-go/smolvm/internal/backend/qemu"
 	"github.com/smolvm-go/smolvm/internal/snapshot"
 )
 
@@ -25,6 +24,9 @@ type failingRestore struct {
 	n     int32
 	calls atomic.Int32
 }
+
+// Unwrap lets backend.As reach the real backend's optional interfaces.
+func (f *failingRestore) Unwrap() backend.Backend { return f.Backend }
 
 func (f *failingRestore) Restore(ctx context.Context, req backend.RestoreRequest) (backend.Machine, error) {
 	if f.calls.Add(1) == f.n {
@@ -49,8 +51,13 @@ func TestForkRemovesFailedClone(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	fb := &failingRestore{Backend: qemu.New(qemu.Options{Logger: m.log}), n: 2}
-	m.backends["qemu"] = fb
+	reg, _ := backend.Lookup(DefaultBackend)
+	real, err := reg.New(backend.Options{Logger: m.log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fb := &failingRestore{Backend: real, n: 2}
+	m.backends[DefaultBackend] = fb
 
 	vm, err := m.New(ctx, Config{Name: "src", Image: "busybox", NoNetwork: true, MemoryMiB: 256})
 	if err != nil {

@@ -9,13 +9,10 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sync"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
-	"github.com/smolvm-go/smolvm/internal/backend/firecracker"
-	"github.com/smolvm-go/smolvm/internal/backend/qemu"
 	"github.com/smolvm-go/smolvm/internal/image"
 	"github.com/smolvm-go/smolvm/internal/store"
 )
@@ -76,40 +73,33 @@ func (m *Manager) runDir(id string) string {
 	return filepath.Join(m.opts.RunDir, hex.EncodeToString(h[:6]))
 }
 
-// backend returns the named backend ("qemu", "firecracker"; "auto" picks).
+// backend returns the named backend from the registry ("auto": the one
+// backend.Choose picks on this host). Its errors match the SDK's sentinels
+// (fromBackend).
 func (m *Manager) backend(name string) (backend.Backend, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if name == "auto" {
-		name = "qemu"
-		if _, err := exec.LookPath("firecracker"); err == nil && kvmUsable() {
-			name = "firecracker"
+	if name == backend.Auto {
+		chosen, err := backend.Choose()
+		if err != nil {
+			return nil, &Error{Op: "backend", Message: err.Error(), Fix: "scripts/setup", Err: fromBackend(err)}
 		}
+		name = chosen
 	}
 	if b, ok := m.backends[name]; ok {
-		return b, nil
+		return mappedBackend{b}, nil
 	}
-	var b backend.Backend
-	switch name {
-	case "qemu":
-		b = qemu.New(qemu.Options{Logger: m.log})
-	case "firecracker":
-		fb, err := firecracker.New(firecracker.Options{})
-		if err != nil {
-			return nil, &Error{Op: "backend", Message: fmt.Sprintf("the firecracker backend is not available: %v", err),
-				Fix: "install firecracker on PATH, or use --backend qemu", Err: errors.Join(ErrUnsupported, err)}
-		}
-		b = fb
-	default:
-		return nil, newErr("backend", ErrInvalidConfig, "use --backend qemu", fmt.Sprintf("unknown backend %q", name))
+	reg, ok := backend.Lookup(name)
+	if !ok {
+		return nil, newErr("backend", ErrInvalidConfig, "use --backend "+DefaultBackend, fmt.Sprintf("unknown backend %q", name))
+	}
+	b, err := reg.New(backend.Options{Logger: m.log})
+	if err != nil {
+		return nil, &Error{Op: "backend", Message: fmt.Sprintf("the %s backend is not available: %v", name, err),
+			Fix: "install " + name + " on PATH, or use --backend " + DefaultBackend, Err: errors.Join(ErrUnsupported, err)}
 	}
 	m.backends[name] = b
-	return b, nil
-}
-
-func kvmUsable() bool {
-	a, _, err := qemu.ProbeAccel(backend.AccelAuto)
-	return err == nil && a == backend.AccelKVM
+	return mappedBackend{b}, nil
 }
 
 func (m *Manager) openImage(name string) (image.Image, error) {

@@ -120,9 +120,9 @@ func (vm *VM) NetworkStats(ctx context.Context) (NetworkStats, error) {
 	if err != nil {
 		return NetworkStats{}, err
 	}
-	sb, ok := b.(interface {
+	sb, ok := backend.As[interface {
 		NetStats(context.Context, backend.Machine) (netpolicy.Stats, error)
-	})
+	}](b)
 	if !ok {
 		return NetworkStats{}, newErr("network stats", ErrUnsupported, "", "the "+rec.Backend+" backend has no network sidecar")
 	}

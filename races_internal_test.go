@@ -49,8 +49,8 @@ func TestConcurrentUpdatesKeepEachOthersFields(t *testing.T) {
 	defer m.Close()
 	const id = "race"
 	spec := backend.Spec{ID: id, Dir: filepath.Join(dataDir, "vms", id), RunDir: filepath.Join(dir, "run", "r")}
-	if err := m.store.CreateVM(ctx, store.VM{ID: id, Backend: "qemu", Status: store.VMRunning,
-		Config: json.RawMessage(`{"counter":0}`), Machine: backend.Machine{Spec: spec, Backend: "qemu"}}); err != nil {
+	if err := m.store.CreateVM(ctx, store.VM{ID: id, Backend: DefaultBackend, Status: store.VMRunning,
+		Config: json.RawMessage(`{"counter":0}`), Machine: backend.Machine{Spec: spec, Backend: DefaultBackend}}); err != nil {
 		t.Fatal(err)
 	}
 	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestConcurrentUpdatesKeepEachOthersFields$")

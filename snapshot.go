@@ -671,9 +671,11 @@ func (m *Manager) detachFromSnapshot(ctx context.Context, rec store.VM) error {
 	if err != nil {
 		return err
 	}
-	if d, ok := b.(interface {
-		Detach(ctx context.Context, m backend.Machine) error
-	}); ok {
+	d, err := detacher(b)
+	if err != nil {
+		return err
+	}
+	if d != nil {
 		if err := d.Detach(ctx, rec.Machine); err != nil {
 			return fmt.Errorf("making the disk of vm %s independent of its snapshot: %w", rec.ID, err)
 		}

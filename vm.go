@@ -135,13 +135,15 @@ func (m *Manager) New(ctx context.Context, cfg Config) (*VM, error) {
 		return nil, newErr("create", ErrUnsupported, "add --no-network, or use --backend qemu",
 			fmt.Sprintf("the %s backend cannot enforce a guest network policy (it would reach the host's networks)", b.Name()))
 	}
-	if b.Name() == "firecracker" {
+	if caps := b.Capabilities(); caps.KernelFormat == backend.KernelVmlinux {
 		if img.Vmlinux == "" {
 			return nil, newErr("create", ErrImageNotBuilt, "smolvm image build "+cfg.Image+" --kernel minimal",
-				fmt.Sprintf("image %q has no uncompressed vmlinux kernel, which Firecracker needs", cfg.Image))
+				fmt.Sprintf("image %q has no uncompressed vmlinux kernel, which the %s backend needs", cfg.Image, b.Name()))
 		}
 		spec.Kernel = img.Vmlinux
-		spec.DiskFormat = "raw"
+	}
+	if caps := b.Capabilities(); caps.DiskFormat == backend.DiskRaw {
+		spec.DiskFormat = backend.DiskRaw
 		spec.Disk = filepath.Join(spec.Dir, "disk.ext4")
 	}
 	if err := checkSpec(b, spec); err != nil {
@@ -174,7 +176,7 @@ func (m *Manager) New(ctx context.Context, cfg Config) (*VM, error) {
 // itself refuses) before anything is created for it: no file, no process.
 func checkSpec(b backend.Backend, spec backend.Spec) error {
 	err := spec.Validate()
-	if v, ok := b.(backend.SpecValidator); ok && err == nil {
+	if v, ok := backend.As[backend.SpecValidator](b); ok && err == nil {
 		err = v.ValidateSpec(spec)
 	}
 	if err != nil {
@@ -1088,7 +1090,7 @@ func (vm *VM) Logs(ctx context.Context) ([]byte, error) {
 	}
 	if rec.Status == store.VMRunning || rec.Status == store.VMPaused {
 		if b, err := vm.m.backend(rec.Backend); err == nil {
-			if d, ok := b.(backend.ConsoleDrainer); ok {
+			if d, ok := backend.As[backend.ConsoleDrainer](b); ok {
 				if err := d.DrainConsole(ctx, rec.Machine); err != nil {
 					vm.m.log.Debug("draining the console", "vm", vm.id, "err", err)
 				}

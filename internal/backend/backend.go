@@ -22,7 +22,28 @@ type Capabilities struct {
 	PortForward    bool // ExposePort on a running VM
 	UserNetworking bool // NAT networking without root
 	NetworkPolicy  bool // Spec.NetPolicy is enforced (user-mode network sidecar)
+	Detach         bool // implements Detacher: a restored VM's disk may depend on the snapshot's files
+
+	// KernelFormat is the kernel image the backend boots (KernelBzImage or
+	// KernelVmlinux); DiskFormat the per-VM disk it creates in Prepare
+	// (DiskQcow2: an overlay on the base image; DiskRaw: a copy).
+	KernelFormat string
+	DiskFormat   string
 }
+
+// Kernel and disk formats (Capabilities.KernelFormat, DiskFormat).
+const (
+	KernelBzImage = "bzImage"
+	KernelVmlinux = "vmlinux"
+	DiskQcow2     = "qcow2"
+	DiskRaw       = "raw"
+)
+
+// Memory formats (SnapshotResult.MemoryFormat).
+const (
+	MemoryRaw    = "raw"    // a mappable image of guest RAM (the memory artifact)
+	MemoryStream = "stream" // RAM inside the migration state file
+)
 
 // Accel is a hardware accelerator choice.
 type Accel string

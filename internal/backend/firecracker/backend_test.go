@@ -420,7 +420,8 @@ func TestUnsupportedAndMissing(t *testing.T) {
 		t.Errorf("missing base: %v", err)
 	}
 	caps := b.Capabilities()
-	want := backend.Capabilities{Pause: true, MemorySnapshot: true, DiskSnapshot: true, MappedRestore: true}
+	want := backend.Capabilities{Pause: true, MemorySnapshot: true, DiskSnapshot: true, MappedRestore: true,
+		KernelFormat: backend.KernelVmlinux, DiskFormat: backend.DiskRaw}
 	if caps != want {
 		t.Errorf("capabilities %+v", caps)
 	}

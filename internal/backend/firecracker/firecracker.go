@@ -111,6 +111,9 @@ func (b *Backend) Capabilities() backend.Capabilities {
 		MappedRestore:  true,
 		PortForward:    false,
 		UserNetworking: false,
+		Detach:         false, // the disk is a self-contained copy
+		KernelFormat:   backend.KernelVmlinux,
+		DiskFormat:     backend.DiskRaw,
 	}
 }
 

@@ -1,25 +1,22 @@
 package qemu
 
 import (
-	"bufio"
-	"bytes"
-	"errors"
 	"fmt"
 	"os"
 	"strconv"
 	"strings"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/hostprobe"
 )
 
 // hostEnv names the host files the probes read (overridable in tests).
-type hostEnv struct {
-	DevKVM    string // /dev/kvm
-	CPUInfo   string // /proc/cpuinfo
-	PVMModule string // /sys/module/kvm_pvm
-}
+type hostEnv = hostprobe.Env
 
-var defaultHost = hostEnv{DevKVM: "/dev/kvm", CPUInfo: "/proc/cpuinfo", PVMModule: "/sys/module/kvm_pvm"}
+var defaultHost = hostprobe.Default
+
+func kvmUnusable(env hostEnv) string { return hostprobe.KVMUnusable(env) }
+func isPVM(env hostEnv) bool         { return hostprobe.IsPVM(env) }
 
 // ProbeAccel resolves the requested accelerator on this host. For AccelAuto
 // it returns AccelKVM only if /dev/kvm opens read-write, the CPU has the vmx
@@ -48,59 +45,6 @@ func probeAccel(req backend.Accel, env hostEnv) (backend.Accel, string, error) {
 	default:
 		return "", "", fmt.Errorf("qemu: unknown accelerator %q (want auto, kvm or tcg)", req)
 	}
-}
-
-// kvmUnusable returns why KVM cannot run stock guest kernels here, or "".
-func kvmUnusable(env hostEnv) string {
-	f, err := os.OpenFile(env.DevKVM, os.O_RDWR, 0)
-	if err != nil {
-		switch {
-		case errors.Is(err, os.ErrNotExist):
-			return env.DevKVM + " does not exist"
-		case errors.Is(err, os.ErrPermission):
-			return env.DevKVM + " is not accessible: permission denied"
-		default:
-			return fmt.Sprintf("cannot open %s: %v", env.DevKVM, err)
-		}
-	}
-	f.Close()
-	if isPVM(env) {
-		return env.DevKVM + " is PVM: kvm_pvm loaded"
-	}
-	flags, err := cpuFlags(env.CPUInfo)
-	if err != nil {
-		return "cannot read " + env.CPUInfo + ": " + err.Error()
-	}
-	if !flags["vmx"] && !flags["svm"] {
-		return "CPU has no vmx/svm flag"
-	}
-	return ""
-}
-
-func isPVM(env hostEnv) bool {
-	_, err := os.Stat(env.PVMModule)
-	return err == nil
-}
-
-func cpuFlags(path string) (map[string]bool, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	flags := map[string]bool{}
-	sc := bufio.NewScanner(bytes.NewReader(b))
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		k, v, ok := strings.Cut(sc.Text(), ":")
-		if !ok || strings.TrimSpace(k) != "flags" {
-			continue
-		}
-		for _, f := range strings.Fields(v) {
-			flags[f] = true
-		}
-		break
-	}
-	return flags, sc.Err()
 }
 
 // hostTSCkHz reads the first "cpu MHz" line of /proc/cpuinfo as kHz

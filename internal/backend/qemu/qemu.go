@@ -92,6 +92,9 @@ func (b *Backend) Capabilities() backend.Capabilities {
 		PortForward:    true,
 		UserNetworking: true,
 		NetworkPolicy:  true,
+		Detach:         true,
+		KernelFormat:   backend.KernelBzImage,
+		DiskFormat:     backend.DiskQcow2,
 	}
 }
 

@@ -31,8 +31,8 @@ const (
 
 // Memory formats (backend.SnapshotResult.MemoryFormat).
 const (
-	MemoryRaw    = "raw"
-	MemoryStream = "stream"
+	MemoryRaw    = backend.MemoryRaw
+	MemoryStream = backend.MemoryStream
 )
 
 // snapshotConfig records how the snapshotted QEMU was launched, so a

@@ -155,12 +155,12 @@ func TestProbeAccelFake(t *testing.T) {
 		want   backend.Accel
 		notice string
 	}{
-		{"good kvm", hostEnv{kvm, cpuVMX, missing}, backend.AccelAuto, backend.AccelKVM, ""},
-		{"pvm", hostEnv{kvm, cpuNone, pvm}, backend.AccelAuto, backend.AccelTCG, "/dev/kvm is PVM: kvm_pvm loaded"},
-		{"no flags", hostEnv{kvm, cpuNone, missing}, backend.AccelAuto, backend.AccelTCG, "CPU has no vmx/svm flag"},
-		{"no dev", hostEnv{missing, cpuVMX, missing}, "", backend.AccelTCG, "does not exist"},
-		{"forced tcg", hostEnv{kvm, cpuVMX, missing}, backend.AccelTCG, backend.AccelTCG, ""},
-		{"forced kvm on pvm", hostEnv{kvm, cpuNone, pvm}, backend.AccelKVM, backend.AccelKVM, "KVM forced"},
+		{"good kvm", hostEnv{DevKVM: kvm, CPUInfo: cpuVMX, PVMModule: missing}, backend.AccelAuto, backend.AccelKVM, ""},
+		{"pvm", hostEnv{DevKVM: kvm, CPUInfo: cpuNone, PVMModule: pvm}, backend.AccelAuto, backend.AccelTCG, "/dev/kvm is PVM: kvm_pvm loaded"},
+		{"no flags", hostEnv{DevKVM: kvm, CPUInfo: cpuNone, PVMModule: missing}, backend.AccelAuto, backend.AccelTCG, "CPU has no vmx/svm flag"},
+		{"no dev", hostEnv{DevKVM: missing, CPUInfo: cpuVMX, PVMModule: missing}, "", backend.AccelTCG, "does not exist"},
+		{"forced tcg", hostEnv{DevKVM: kvm, CPUInfo: cpuVMX, PVMModule: missing}, backend.AccelTCG, backend.AccelTCG, ""},
+		{"forced kvm on pvm", hostEnv{DevKVM: kvm, CPUInfo: cpuNone, PVMModule: pvm}, backend.AccelKVM, backend.AccelKVM, "KVM forced"},
 	}
 	for _, c := range cases {
 		// The PVM reason names the real device path; make the fake env match.
