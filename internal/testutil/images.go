@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"sync"
 
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 	"github.com/smolvm-go/smolvm/internal/image"
 )
 
@@ -89,12 +90,25 @@ func buildNetHelper(ctx context.Context) error {
 	if os.Getenv("SMOLVM_NET_HELPER") != "" {
 		return nil
 	}
-	dir, err := os.MkdirTemp("", "smolvm-net-")
+	// One private dir per user, reused by every test process (a fresh
+	// temp dir per process left 8 MB behind each time): each process
+	// builds into its own temp dir inside it and renames the binary into
+	// place, so a sidecar already running keeps its file.
+	dir := filepath.Join(os.TempDir(), fmt.Sprintf("smolvm-test-bin-%d", os.Geteuid()))
+	if err := fsutil.PrivateDir(dir); err != nil {
+		return err
+	}
+	tmp, err := os.MkdirTemp(dir, "build-")
 	if err != nil {
 		return err
 	}
-	out, err := BuildCommand(ctx, dir, "smolvm-net")
+	defer os.RemoveAll(tmp)
+	built, err := BuildCommand(ctx, tmp, "smolvm-net")
 	if err != nil {
+		return err
+	}
+	out := filepath.Join(dir, "smolvm-net")
+	if err := os.Rename(built, out); err != nil {
 		return err
 	}
 	return os.Setenv("SMOLVM_NET_HELPER", out)
