@@ -7,7 +7,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"sync"
+	"syscall"
 
 	"github.com/smolvm-go/smolvm/internal/fsutil"
 	"github.com/smolvm-go/smolvm/internal/image"
@@ -90,25 +92,30 @@ func buildNetHelper(ctx context.Context) error {
 	if os.Getenv("SMOLVM_NET_HELPER") != "" {
 		return nil
 	}
-	// One private dir per user, reused by every test process (a fresh
-	// temp dir per process left 8 MB behind each time): each process
-	// builds into its own temp dir inside it and renames the binary into
-	// place, so a sidecar already running keeps its file.
-	dir := filepath.Join(os.TempDir(), fmt.Sprintf("smolvm-test-bin-%d", os.Geteuid()))
-	if err := fsutil.PrivateDir(dir); err != nil {
+	// One private dir per user; in it a dir per test process (a test
+	// may count the sidecars started from its own binary path), and the
+	// dirs of processes that are gone are removed (a fresh temp dir per
+	// process, never removed, had piled up 8 MB each in /tmp).
+	base := filepath.Join(os.TempDir(), fmt.Sprintf("smolvm-test-bin-%d", os.Geteuid()))
+	if err := fsutil.PrivateDir(base); err != nil {
 		return err
 	}
-	tmp, err := os.MkdirTemp(dir, "build-")
+	if ents, err := os.ReadDir(base); err == nil {
+		for _, e := range ents {
+			if pid, err := strconv.Atoi(e.Name()); err == nil && pid != os.Getpid() && syscall.Kill(pid, 0) == syscall.ESRCH {
+				os.RemoveAll(filepath.Join(base, e.Name()))
+			}
+		}
+	}
+	dir := filepath.Join(base, strconv.Itoa(os.Getpid()))
+	if err := os.RemoveAll(dir); err != nil {
+		return err
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return err
+	}
+	out, err := BuildCommand(ctx, dir, "smolvm-net")
 	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(tmp)
-	built, err := BuildCommand(ctx, tmp, "smolvm-net")
-	if err != nil {
-		return err
-	}
-	out := filepath.Join(dir, "smolvm-net")
-	if err := os.Rename(built, out); err != nil {
 		return err
 	}
 	return os.Setenv("SMOLVM_NET_HELPER", out)
