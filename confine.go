@@ -78,39 +78,30 @@ func (m *Manager) runAs(ctx context.Context, spec *backend.Spec) error {
 	return nil
 }
 
-// confinementChecks reports how VMMs are confined on this host: what each
-// registered backend reports (QEMU's seccomp, Firecracker's jailer), the
-// per-VM uid drop (root only) and per-VM cgroup limits.
+// confinementChecks reports the confinement the SDK sets up for every
+// backend's VMM on this host: the per-VM uid drop (root only) and per-VM
+// cgroup limits. (Each backend reports its own, such as seccomp or a
+// jailer, in its registration's HostChecks.)
 func confinementChecks() []Check {
 	var out []Check
-	for _, r := range backend.Registrations() {
-		if r.HostChecks == nil {
-			continue
-		}
-		for _, hc := range r.HostChecks() {
-			out = append(out, Check(hc))
-		}
-	}
-
-	c := Check{Name: "uid drop", OK: true}
+	c := Check{Name: "uid drop", Status: CheckOK}
 	if os.Geteuid() == 0 {
 		base, count, err := uidRange()
 		if err != nil {
-			c.OK, c.Detail = false, err.Error()
+			c.Status, c.Detail = CheckFail, err.Error()
 		} else {
-			c.Detail = fmt.Sprintf("on: each VM's QEMU drops to its own uid (%d..%d), chrooted to an empty dir, elevateprivileges=allow (needed for the drop; no capabilities after it)",
-				base, base+count-1)
+			c.Detail = fmt.Sprintf("on: each VM gets its own uid (%d..%d) for its VMM to drop to", base, base+count-1)
 		}
 	} else {
-		c.Detail = fmt.Sprintf("off: smolvm runs as uid %d (not root), so QEMU runs as that uid, elevateprivileges=deny", os.Geteuid())
+		c.Detail = fmt.Sprintf("off: smolvm runs as uid %d (not root), so every VMM runs as that uid", os.Geteuid())
 	}
 	out = append(out, c)
 
-	c = Check{Name: "cgroup limits", OK: true}
+	c = Check{Name: "cgroup limits", Status: CheckOK}
 	if s := cgroup.Detect(); s.OK {
-		c.Detail = "on: each VM's QEMU runs in its own cgroup under " + s.Parent + " (memory = RAM + overhead, cpu.max = vCPUs, pids.max)"
+		c.Detail = "on: each VM's VMM runs in its own cgroup under " + s.Parent + " (memory = RAM + overhead, cpu.max = vCPUs, pids.max)"
 	} else {
-		c.Detail = "off (VMs run without per-VM memory/cpu/pids limits): " + s.Reason
+		c.Status, c.Detail = CheckWarn, "off (VMs run without per-VM memory/cpu/pids limits): "+s.Reason
 		c.Fix = "optional: run on a cgroup v2 host with memory, cpu and pids delegated (or set " + cgroup.EnvParent + " to a delegated, empty cgroup)"
 	}
 	return append(out, c)

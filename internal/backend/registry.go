@@ -31,17 +31,31 @@ type Registration struct {
 	// VMMComms are the process names (prefixes of /proc/PID/comm) of this
 	// backend's VMM processes; the SDK's doctor looks for stray ones.
 	VMMComms []string
-	// HostChecks reports how this backend's VMMs are confined on this
-	// host (doctor lines); nil when it has nothing to say.
-	HostChecks func() []HostCheck
+	// HostChecks reports what this backend needs from the host, one Check
+	// each (its VMM binary and version, helpers, accelerator, confinement),
+	// for the SDK's Doctor. It must work when the backend's VMM is not
+	// installed (saying so), so it hangs off the registration, not off a
+	// built Backend; nil when the backend has nothing to check.
+	HostChecks func(ctx context.Context) []Check
 }
 
-// HostCheck is one line of a backend's host report.
-type HostCheck struct {
+// CheckStatus is the outcome of one host check.
+type CheckStatus string
+
+// The outcomes: CheckWarn works but is degraded or optional (a fix is
+// worth reading), CheckFail means VMs of this kind cannot run here.
+const (
+	CheckOK   CheckStatus = "ok"
+	CheckWarn CheckStatus = "warn"
+	CheckFail CheckStatus = "fail"
+)
+
+// Check is one line of a backend's host report.
+type Check struct {
 	Name   string
-	OK     bool
+	Status CheckStatus
 	Detail string
-	Fix    string
+	Fix    string // what to do about a warn or fail; "" when nothing
 }
 
 // Auto is the backend name that asks the registry to choose.

@@ -126,8 +126,13 @@ func (a *app) logger() *slog.Logger {
 	}}))
 }
 
+// options are the SDK options the global flags select.
+func (a *app) options() smolvm.Options {
+	return smolvm.Options{DataDir: a.dataDir, ImageDir: a.imageDir, Logger: a.logger()}
+}
+
 func (a *app) manager(ctx context.Context) (*smolvm.Manager, error) {
-	return smolvm.NewManager(ctx, smolvm.Options{DataDir: a.dataDir, ImageDir: a.imageDir, Logger: a.logger()})
+	return smolvm.NewManager(ctx, a.options())
 }
 
 // withManager runs fn with a manager that is closed afterwards.

@@ -15,6 +15,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/smolvm-go/smolvm"
+	"github.com/smolvm-go/smolvm/internal/backend"
 )
 
 func (a *app) sandboxCmd() *cobra.Command {
@@ -107,7 +108,7 @@ Refusals and their reasons show in "smolvm sandbox info".`,
 	f.BoolVar(&cfg.NoNetwork, "no-network", false, "no guest networking")
 	f.StringArrayVar(&allowDomains, "allow-domain", nil, "allow-list mode: the guest may reach this host name (\"*.example.com\": names below it; repeatable)")
 	f.StringArrayVar(&allowCIDRs, "allow-cidr", nil, "allow-list mode: the guest may reach this prefix or address (repeatable; 127.0.0.1/32 reaches the host's loopback through 10.0.2.2)")
-	f.StringVar(&cfg.Backend, "backend", "", "qemu (default), firecracker or auto")
+	f.StringVar(&cfg.Backend, "backend", "", backendFlagHelp())
 	f.StringVar(&cfg.Accel, "accel", "", "auto (default), kvm or tcg")
 	f.StringArrayVarP(&envs, "env", "e", nil, "environment variable KEY=VALUE for every command (repeatable; the value is everything after the first '=', commas included)")
 	f.StringArrayVarP(&ports, "port", "p", nil, "expose a guest tcp port: HOST:GUEST binds 127.0.0.1:HOST; ADDR:HOST:GUEST binds ADDR (0.0.0.0: every interface, an explicit opt-in; IPv6 in brackets) (repeatable)")
@@ -524,3 +525,9 @@ func (a *app) portCmd() *cobra.Command {
 }
 
 var _ = os.Stdout
+
+// backendFlagHelp lists the registered backends for --backend.
+func backendFlagHelp() string {
+	return fmt.Sprintf("%s, or %s: the best one this host can run (default %s)",
+		strings.Join(backend.Names(), ", "), backend.Auto, smolvm.DefaultBackend)
+}

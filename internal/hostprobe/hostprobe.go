@@ -1,16 +1,22 @@
 // Package hostprobe answers questions about this host that backends ask
 // when they decide whether (and how) they can run VMs here: whether KVM
-// can run stock guest kernels (not PVM), whether a binary is on PATH.
+// can run stock guest kernels (not PVM), whether a binary is on PATH and
+// which version it is, how much disk space a directory has.
 package hostprobe
 
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Env names the host files the probes read (overridable in tests).
@@ -65,6 +71,41 @@ func Binary(name string) (path, reason string) {
 		return "", name + " is not on PATH"
 	}
 	return p, ""
+}
+
+// VersionTimeout bounds Version: a binary that does not answer --version
+// in this time is reported as not runnable.
+const VersionTimeout = 10 * time.Second
+
+// Version runs "path --version" (at most VersionTimeout) and returns the
+// first line of its output.
+func Version(ctx context.Context, path string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, VersionTimeout)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, path, "--version").Output()
+	if err != nil {
+		return "", fmt.Errorf("%s --version: %w", path, err)
+	}
+	line, _, _ := strings.Cut(string(out), "\n")
+	return strings.TrimSpace(line), nil
+}
+
+// FreeSpace returns the bytes an unprivileged user may still write on the
+// file system of dir, measured at dir or, when dir does not exist yet, at
+// its nearest existing parent (returned as at).
+func FreeSpace(dir string) (free uint64, at string, err error) {
+	at = filepath.Clean(dir)
+	for {
+		if _, err := os.Stat(at); err == nil || at == "/" || at == "." {
+			break
+		}
+		at = filepath.Dir(at)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(at, &st); err != nil {
+		return 0, at, fmt.Errorf("statfs %s: %w", at, err)
+	}
+	return st.Bavail * uint64(st.Bsize), at, nil
 }
 
 func cpuFlags(path string) (map[string]bool, error) {

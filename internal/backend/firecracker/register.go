@@ -1,8 +1,8 @@
 package firecracker
 
 import (
+	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
@@ -38,22 +38,35 @@ func usable() string {
 	return ""
 }
 
-// hostChecks reports whether Firecracker VMs start through the jailer.
-// Nothing when Firecracker is not installed.
-func hostChecks() []backend.HostCheck {
-	fc, err := exec.LookPath("firecracker")
-	if err != nil {
-		return nil
+// hostChecks reports the Firecracker binary (optional: only this backend
+// needs it), whether this host can run it (KVM), and whether its VMs start
+// through the jailer.
+func hostChecks(ctx context.Context) []backend.Check {
+	fc, why := hostprobe.Binary("firecracker")
+	if why != "" {
+		return []backend.Check{{Name: "firecracker", Status: backend.CheckOK,
+			Detail: "not installed (optional; only the firecracker backend needs it)"}}
 	}
-	c := backend.HostCheck{Name: "fc jailer", OK: true}
+	c := backend.Check{Name: "firecracker", Status: backend.CheckOK}
+	if v, err := hostprobe.Version(ctx, fc); err != nil {
+		c.Status, c.Detail, c.Fix = backend.CheckFail, "cannot run "+fc+": "+err.Error(), "install Firecracker v1.16"
+	} else if why := usable(); why != "" {
+		c.Status, c.Detail = backend.CheckWarn, v+", but it cannot run VMs here: "+why
+		c.Fix = "optional: run on a host with usable KVM (vmx/svm, /dev/kvm) to use it"
+	} else {
+		c.Detail = v
+	}
+
+	j := backend.Check{Name: "fc jailer", Status: backend.CheckOK}
 	jl := filepath.Join(filepath.Dir(fc), "jailer")
 	if _, err := os.Stat(jl); err != nil {
-		c.Detail = "no jailer next to " + fc + ": Firecracker VMs run unjailed"
-		c.Fix = "install the jailer of the same Firecracker release next to it"
+		j.Status, j.Detail = backend.CheckWarn, "no jailer next to "+fc+": Firecracker VMs run unjailed"
+		j.Fix = "install the jailer of the same Firecracker release next to it"
 	} else if os.Geteuid() != 0 {
-		c.Detail = jl + " found, but it needs root: Firecracker VMs run unjailed"
+		j.Status, j.Detail = backend.CheckWarn, jl+" found, but it needs root: Firecracker VMs run unjailed"
+		j.Fix = "optional: run smolvm as root to jail Firecracker VMs"
 	} else {
-		c.Detail = "on: Firecracker VMs start through " + jl + " (own uid, chroot; snapshots of jailed VMs are not supported yet)"
+		j.Detail = "on: Firecracker VMs start through " + jl + " (own uid, chroot; snapshots of jailed VMs are not supported yet)"
 	}
-	return []backend.HostCheck{c}
+	return []backend.Check{c, j}
 }

@@ -137,16 +137,7 @@ func TestParseMHz(t *testing.T) {
 }
 
 func TestProbeAccelFake(t *testing.T) {
-	dir := t.TempDir()
-	kvm := filepath.Join(dir, "kvm")
-	os.WriteFile(kvm, nil, 0o600)
-	cpuVMX := filepath.Join(dir, "cpuinfo-vmx")
-	os.WriteFile(cpuVMX, []byte("processor\t: 0\nflags\t\t: fpu vmx sse\n"), 0o644)
-	cpuNone := filepath.Join(dir, "cpuinfo")
-	os.WriteFile(cpuNone, []byte("processor\t: 0\nflags\t\t: fpu sse\n"), 0o644)
-	pvm := filepath.Join(dir, "kvm_pvm")
-	os.Mkdir(pvm, 0o755)
-	missing := filepath.Join(dir, "missing")
+	kvm, cpuVMX, cpuNone, pvm, missing := fakeHostFiles(t)
 
 	cases := []struct {
 		name   string
