@@ -120,9 +120,7 @@ func (vm *VM) NetworkStats(ctx context.Context) (NetworkStats, error) {
 	if err != nil {
 		return NetworkStats{}, err
 	}
-	sb, ok := backend.As[interface {
-		NetStats(context.Context, backend.Machine) (netpolicy.Stats, error)
-	}](b)
+	sb, ok := backend.As[backend.NetStatser](b)
 	if !ok {
 		return NetworkStats{}, newErr("network stats", ErrUnsupported, "", "the "+rec.Backend+" backend has no network sidecar")
 	}

@@ -8,6 +8,8 @@ import (
 	"slices"
 	"strings"
 	"sync"
+
+	"github.com/smolvm-go/smolvm/internal/netpolicy"
 )
 
 // Options are what the SDK hands every backend's factory.
@@ -139,6 +141,13 @@ func Choose() (string, error) {
 // disk self-contained so the snapshot can be deleted.
 type Detacher interface {
 	Detach(ctx context.Context, m Machine) error
+}
+
+// NetStatser is implemented by backends that filter guest traffic through a
+// network sidecar: NetStats reports what the sidecar of a running machine
+// let through and refused (backend.ErrNotRunning when it is not running).
+type NetStatser interface {
+	NetStats(ctx context.Context, m Machine) (netpolicy.Stats, error)
 }
 
 // Unwrapper is implemented by backends that wrap another (test fakes,

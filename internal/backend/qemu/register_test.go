@@ -26,3 +26,7 @@ func TestRegistrationDeclaresWhatTheSDKNeeds(t *testing.T) {
 		t.Errorf("Detach declared %v, implemented %v", caps.Detach, ok)
 	}
 }
+
+// The network stats of the sidecar are reachable through the declared
+// optional interface, not a method the SDK has to guess.
+var _ backend.NetStatser = (*Backend)(nil)
