@@ -23,7 +23,7 @@ type Check struct {
 	Name   string `json:"name"`
 	OK     bool   `json:"ok"`
 	Detail string `json:"detail"`
-	Fix    string `json:"fix,omitempty"`
+	Fix    Fix    `json:"fix,omitzero"`
 }
 
 // Doctor reconciles recorded VMs with their processes, removes what
@@ -41,7 +41,7 @@ func (m *Manager) Doctor(ctx context.Context) ([]Check, error) {
 	out = append(out, Check{Name: "vms", OK: true, Detail: fmt.Sprintf("%d running, %d paused, %d stopped, %d created, %d failed (state in %s)",
 		counts[StatusRunning], counts[StatusPaused], counts[StatusStopped], counts[StatusCreated], counts[StatusError], m.opts.DataDir)})
 	if counts[StatusError] > 0 {
-		out[len(out)-1].Fix = "smolvm sandbox list --all; smolvm sandbox delete NAME"
+		out[len(out)-1].Fix = newFix(FixDeleteFailedVMs)
 	}
 	out = append(out, m.strayVMMs(ctx, infos)...)
 	out = append(out, confinementChecks()...)
@@ -66,7 +66,7 @@ func runDirCheck(dir string) Check {
 		return Check{Name: "run dir", OK: true, Detail: dir + " does not exist yet (created 0700 by the first start)"}
 	}
 	return Check{Name: "run dir", OK: false, Detail: err.Error(),
-		Fix: "stop the VMs using it, then rm -r " + dir + "; or set SMOLVM_RUN_DIR to a private directory"}
+		Fix: newFix(FixRemoveDir, ArgPath, dir, ArgEnv, "SMOLVM_RUN_DIR")}
 }
 
 // strayVMMs reports VMM processes of this data dir that no VM accounts for:
@@ -122,10 +122,10 @@ func (m *Manager) strayVMMs(ctx context.Context, infos []Info) []Check {
 		c := Check{Name: "stray vmm", OK: false}
 		if known {
 			c.Detail = fmt.Sprintf("vm %s is %s, but its VMM (pid %d) still runs", id, st, pid)
-			c.Fix = "smolvm sandbox delete " + string(id) + " (or start it, or restore its snapshot again)"
+			c.Fix = newFix(FixResolveStrayVMM, ArgVM, string(id))
 		} else {
 			c.Detail = fmt.Sprintf("pid %d runs a VMM for vm %s, which %s does not know", pid, id, m.opts.DataDir)
-			c.Fix = "kill " + strconv.Itoa(pid)
+			c.Fix = newFix(FixKillProcess, ArgPID, strconv.Itoa(pid))
 		}
 		out = append(out, c)
 	}

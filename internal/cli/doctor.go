@@ -99,7 +99,7 @@ func (a *app) doctorCmd() *cobra.Command {
 			err = a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
 				rep, err := m.Doctor(ctx)
 				for _, r := range rep {
-					add(check{r.Name, r.OK, r.Detail, r.Fix})
+					add(check{r.Name, r.OK, r.Detail, renderFix(r.Fix)})
 				}
 				return err
 			})
