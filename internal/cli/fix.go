@@ -23,10 +23,8 @@ var optionFlags = map[string]string{
 	"Backend":              "--backend",
 	"Accel":                "--accel",
 	"Image":                "--image",
-	"Name":                 "--name",
 	"NoNetwork":            "--no-network",
 	"Network":              "the allow-lists",
-	"SnapshotOptions.ID":   "--snapshot-id",
 	"SnapshotOptions.Type": "--snapshot-type",
 	"Fork.n":               "--clones",
 }

@@ -1,7 +1,9 @@
 package cli
 
 import (
+	"context"
 	"errors"
+	"path/filepath"
 	"testing"
 
 	"github.com/smolvm-go/smolvm"
@@ -99,5 +101,58 @@ func TestFixWords(t *testing.T) {
 	}
 	if got := fixText(errors.New("plain")); got != "" {
 		t.Errorf("fixText without a fix: %q", got)
+	}
+}
+
+// TestFixWordsOfSDKErrors: the fixes of errors the SDK really returns
+// (refused before any VM starts) come out in the CLI words of before.
+func TestFixWordsOfSDKErrors(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	m, err := smolvm.NewManager(ctx, smolvm.Options{DataDir: filepath.Join(dir, "data"), ImageDir: filepath.Join(dir, "images"),
+		RunDir: filepath.Join(dir, "run")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	newVM := func(c smolvm.Config) error {
+		if c.Image == "" {
+			c.Image = "busybox"
+		}
+		vm, err := m.New(ctx, c)
+		if err == nil {
+			vm.Delete(ctx)
+			t.Errorf("New(%+v) succeeded", c)
+		}
+		return err
+	}
+	pf := []smolvm.PortForward{{HostPort: 8080, GuestPort: 80}}
+	_, typeErr := smolvm.ParseSnapshotType("nope")
+	_, forkErr := m.Fork(ctx, "snap", 0, smolvm.ForkOptions{})
+	_, restoreErr := m.FromSnapshot(ctx, "missing", smolvm.RestoreOptions{})
+	_, openErr := m.Open(ctx, "missing")
+	cases := []struct {
+		err  error
+		want string
+	}{
+		{newVM(smolvm.Config{MemoryMiB: 1}), "use --memory 512"},
+		{newVM(smolvm.Config{CPUs: 999}), "use --cpus 1"},
+		{newVM(smolvm.Config{Backend: "nope"}), "use --backend qemu"},
+		{newVM(smolvm.Config{Accel: "nope"}), "use --accel auto"},
+		{newVM(smolvm.Config{NoNetwork: true, PortForwards: pf}), "drop --no-network"},
+		{newVM(smolvm.Config{NoNetwork: true, Network: smolvm.NetworkPolicy{AllowDomains: []string{"example.com"}}}), "drop --no-network or the allow-lists"},
+		{newVM(smolvm.Config{Network: smolvm.NetworkPolicy{AllowDomains: []string{"*"}}}), "use --allow-domain NAME / --allow-cidr CIDR (see smolvm sandbox create --help)"},
+		{newVM(smolvm.Config{Env: map[string]string{"1X": "a"}}), "rename the variable, e.g. -e MY_VAR=value"},
+		{newVM(smolvm.Config{Image: "nope"}), "use --image debian"},
+		{newVM(smolvm.Config{}), "smolvm image build busybox"},
+		{typeErr, "use --snapshot-type full, diff or disk"},
+		{forkErr, "use --clones between 1 and 64"},
+		{restoreErr, "smolvm sandbox snapshot list"},
+		{openErr, "smolvm sandbox list --all"},
+	}
+	for i, c := range cases {
+		if got := fixText(c.err); got != c.want {
+			t.Errorf("case %d: %v: fix %q, want %q", i, c.err, got, c.want)
+		}
 	}
 }
