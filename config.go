@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -186,22 +187,22 @@ func (c Config) validate() error {
 			return err
 		}
 	}
-	bad := func(msg, fix string) error { return newErr("create", ErrInvalidConfig, fix, msg) }
+	bad := func(msg string, fix Fix) error { return newErr("create", ErrInvalidConfig, fix, msg) }
 	if c.MemoryMiB < MinMemoryMiB || c.MemoryMiB > MaxMemoryMiB {
 		return bad(fmt.Sprintf("memory %d MiB is out of range: it must be between %d and %d MiB", c.MemoryMiB, MinMemoryMiB, MaxMemoryMiB),
-			fmt.Sprintf("use --memory %d", DefaultMemoryMiB))
+			newFix(FixSetOption, ArgOption, "MemoryMiB", ArgValue, strconv.Itoa(DefaultMemoryMiB)))
 	}
 	if c.CPUs < 1 || c.CPUs > MaxCPUs {
-		return bad(fmt.Sprintf("cpus %d is out of range: it must be between 1 and %d", c.CPUs, MaxCPUs), "use --cpus 1")
+		return bad(fmt.Sprintf("cpus %d is out of range: it must be between 1 and %d", c.CPUs, MaxCPUs), newFix(FixSetOption, ArgOption, "CPUs", ArgValue, "1"))
 	}
 	if _, ok := backend.Lookup(c.Backend); !ok && c.Backend != backend.Auto {
 		return bad(fmt.Sprintf("unknown backend %q: use %s or %s", c.Backend, strings.Join(backend.Names(), ", "), backend.Auto),
-			"use --backend "+DefaultBackend)
+			newFix(FixSetOption, ArgOption, "Backend", ArgValue, DefaultBackend))
 	}
 	switch c.Accel {
 	case "auto", "kvm", "tcg":
 	default:
-		return bad(fmt.Sprintf("unknown accelerator %q: use auto, kvm or tcg", c.Accel), "use --accel auto")
+		return bad(fmt.Sprintf("unknown accelerator %q: use auto, kvm or tcg", c.Accel), newFix(FixSetOption, ArgOption, "Accel", ArgValue, "auto"))
 	}
 	if err := c.validateEnv(); err != nil {
 		return err
@@ -216,7 +217,7 @@ func (c Config) validate() error {
 		return err
 	}
 	if np.Mode == NetworkNone && len(c.PortForwards) > 0 {
-		return bad("port forwards need networking, but the VM has networking off", "drop --no-network")
+		return bad("port forwards need networking, but the VM has networking off", newFix(FixUnsetOption, ArgOption, "NoNetwork"))
 	}
 	return nil
 }
@@ -226,10 +227,10 @@ func (c Config) validate() error {
 // that could reach QEMU's argv as anything but an address never passes.
 func (pf PortForward) validate() error {
 	if pf.HostPort < 1 || pf.HostPort > 65535 || pf.GuestPort < 1 || pf.GuestPort > 65535 {
-		return newErr("port", ErrInvalidConfig, "", fmt.Sprintf("port forward %d:%d: ports must be between 1 and 65535", pf.HostPort, pf.GuestPort))
+		return newErr("port", ErrInvalidConfig, Fix{}, fmt.Sprintf("port forward %d:%d: ports must be between 1 and 65535", pf.HostPort, pf.GuestPort))
 	}
 	if _, err := backend.PortForward(pf).Addr(); err != nil {
-		return newErr("port", ErrInvalidConfig, "write the host address as an IP address: 127.0.0.1 (the default, this host only) or 0.0.0.0 (every interface)",
+		return newErr("port", ErrInvalidConfig, newFix(FixEditOption, ArgOption, "PortForward.HostAddr", ArgHint, "write the host address as an IP address: 127.0.0.1 (the default, this host only) or 0.0.0.0 (every interface)"),
 			fmt.Sprintf("port forward %d:%d: host address %q is not an IP address", pf.HostPort, pf.GuestPort, pf.HostAddr))
 	}
 	return nil
@@ -239,14 +240,14 @@ func (pf PortForward) validate() error {
 // variables (agentproto.ValidEnvName), so a name the agent would refuse
 // fails here and not at boot.
 func (c Config) validateEnv() error {
-	bad := func(msg, fix string) error { return newErr("create", ErrInvalidConfig, fix, msg) }
+	bad := func(msg string, fix Fix) error { return newErr("create", ErrInvalidConfig, fix, msg) }
 	for k, v := range c.Env {
 		if !agentproto.ValidEnvName(k) {
 			return bad(fmt.Sprintf("invalid environment variable name %q: names are letters, digits and '_', not starting with a digit", k),
-				"rename the variable, e.g. -e MY_VAR=value")
+				newFix(FixRenameEnv, ArgEnv, k))
 		}
 		if strings.IndexByte(v, 0) >= 0 {
-			return bad(fmt.Sprintf("the value of environment variable %s contains a NUL byte", k), "remove the NUL byte from the value")
+			return bad(fmt.Sprintf("the value of environment variable %s contains a NUL byte", k), newFix(FixEditOption, ArgOption, "Env", ArgHint, "remove the NUL byte from the value"))
 		}
 	}
 	return nil
@@ -257,7 +258,7 @@ func (c Config) validateEnv() error {
 // Such an id can never name a path outside its directory.
 func ValidateID(id string) error {
 	if backend.ValidateID(id) != nil { // one rule for the SDK and the backends
-		return newErr("validate", ErrInvalidID, "",
+		return newErr("validate", ErrInvalidID, Fix{},
 			fmt.Sprintf("invalid id %q: ids must be 1-64 characters of lowercase letters, digits, '-' and '_', starting and ending with a letter or digit", id))
 	}
 	return nil

@@ -33,14 +33,14 @@ func uidRange() (base, count int, err error) {
 			n, err := strconv.Atoi(s)
 			if err != nil || n <= 0 {
 				return 0, 0, &Error{Op: "start", Message: fmt.Sprintf("%s=%q is not a positive integer", v.env, s),
-					Fix: "unset it or set a number (default base " + strconv.Itoa(DefaultUIDBase) + ")"}
+					Fix: newFix(FixSetEnv, ArgEnv, v.env, ArgHint, "unset it or set a number (default base "+strconv.Itoa(DefaultUIDBase)+")")}
 			}
 			*v.dst = n
 		}
 	}
 	if base < 1000 || base+count-1 > 1<<31-2 {
 		return 0, 0, &Error{Op: "start", Message: fmt.Sprintf("uid range %d+%d is outside 1000..2147483646", base, count),
-			Fix: "set SMOLVM_UID_BASE and SMOLVM_UID_COUNT to a range of unused uids"}
+			Fix: newFix(FixSetEnv, ArgEnv, "SMOLVM_UID_BASE,SMOLVM_UID_COUNT", ArgHint, "set SMOLVM_UID_BASE and SMOLVM_UID_COUNT to a range of unused uids")}
 	}
 	return base, count, nil
 }
@@ -72,7 +72,7 @@ func (m *Manager) runAs(ctx context.Context, spec *backend.Spec) error {
 	uid, err := m.store.AssignUID(ctx, spec.ID, base, count, uidInUse)
 	if err != nil {
 		return &Error{Op: "start", Message: fmt.Sprintf("no uid for the VMM of %s: %v", spec.ID, err),
-			Fix: "delete unused VMs, or widen the range with SMOLVM_UID_BASE / SMOLVM_UID_COUNT", Err: err}
+			Fix: newFix(FixFreeResources, ArgResource, ResourceUIDs), Err: err}
 	}
 	spec.RunAsUID, spec.RunAsGID = uid, uid
 	return nil
@@ -102,7 +102,19 @@ func confinementChecks() []Check {
 		c.Detail = "on: each VM's VMM runs in its own cgroup under " + s.Parent + " (memory = RAM + overhead, cpu.max = vCPUs, pids.max)"
 	} else {
 		c.Status, c.Detail = CheckWarn, "off (VMs run without per-VM memory/cpu/pids limits): "+s.Reason
-		c.Fix = "optional: run on a cgroup v2 host with memory, cpu and pids delegated (or set " + cgroup.EnvParent + " to a delegated, empty cgroup)"
+		c.Fix = newFix(FixConfigureHost, ArgEnv, cgroup.EnvParent, ArgHint, "optional: run on a cgroup v2 host with memory, cpu and pids delegated (or set "+cgroup.EnvParent+" to a delegated, empty cgroup)")
 	}
 	return append(out, c)
+}
+
+// hostFix types the advice of a backend's host check: the project's setup
+// script, or the backend's own (front-end neutral) words.
+func hostFix(advice string) Fix {
+	switch advice {
+	case "":
+		return Fix{}
+	case "scripts/setup":
+		return newFix(FixRunSetup)
+	}
+	return newFix(FixConfigureHost, ArgHint, advice)
 }

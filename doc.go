@@ -47,7 +47,9 @@
 // # Errors
 //
 // Errors are [*Error] values: Message says what went wrong and Fix what to
-// do next. They wrap sentinels to test with errors.Is: [ErrVMNotFound],
+// do next, as a typed [Fix] (a [FixAction] and its arguments, e.g.
+// [FixResumeVM] with the VM's id; [FixOf] finds it) that a front end words
+// in its own terms. They wrap sentinels to test with errors.Is: [ErrVMNotFound],
 // [ErrVMNotRunning], [ErrInvalidConfig], [ErrUnsupported], [ErrBoot],
 // [ErrSnapshotNotFound], [ErrSnapshotInUse], [ErrSnapshotRestored],
 // [ErrSnapshotCorrupt], [ErrTimeout], [ErrGuestProtocol], and the others

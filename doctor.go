@@ -39,7 +39,7 @@ type Check struct {
 	OK     bool        `json:"ok"` // Status is not CheckFail
 	Status CheckStatus `json:"status"`
 	Detail string      `json:"detail"`
-	Fix    string      `json:"fix,omitempty"` // what to do; plain words (may name a CLI command)
+	Fix    Fix         `json:"fix,omitzero"` // what to do, typed; the CLI and API word it
 }
 
 // MinFreeGiB is the free disk space (GiB) below which Doctor fails the
@@ -68,7 +68,7 @@ func Doctor(ctx context.Context, opts Options) []Check {
 			detail = e.Message
 		}
 		out = append(out, Check{Name: "state", Status: CheckFail, Detail: detail,
-			Fix: "check the permissions of " + opts.DataDir + ", or set SMOLVM_DATA_DIR"})
+			Fix: newFix(FixConfigureHost, ArgEnv, "SMOLVM_DATA_DIR", ArgHint, "check the permissions of "+opts.DataDir+", or set SMOLVM_DATA_DIR")})
 	}
 	return settle(out)
 }
@@ -110,7 +110,7 @@ func hostChecks(ctx context.Context, opts Options, regs []backend.Registration) 
 			continue
 		}
 		for _, c := range r.HostChecks(ctx) {
-			out = append(out, Check{Name: c.Name, Status: c.Status, Detail: c.Detail, Fix: c.Fix})
+			out = append(out, Check{Name: c.Name, Status: c.Status, Detail: c.Detail, Fix: hostFix(c.Fix)})
 		}
 	}
 	out = append(out, imageChecks(opts.ImageDir)...)
@@ -132,7 +132,7 @@ func imageChecks(dir string) []Check {
 	for _, name := range image.Names {
 		img, err := image.Open(dir, name)
 		if err != nil {
-			out = append(out, Check{Name: "image " + name, Status: CheckFail, Detail: "not built in " + dir, Fix: "smolvm image build " + name})
+			out = append(out, Check{Name: "image " + name, Status: CheckFail, Detail: "not built in " + dir, Fix: newFix(FixBuildImage, ArgImage, name)})
 			continue
 		}
 		out = append(out, Check{Name: "image " + name, Status: CheckOK,
@@ -150,7 +150,7 @@ func diskCheck(name, dir string) Check {
 	gib := float64(free) / (1 << 30)
 	c := Check{Name: name, Status: CheckOK, Detail: fmt.Sprintf("%.1f GiB free under %s", gib, at)}
 	if gib < MinFreeGiB {
-		c.Status, c.Fix = CheckFail, "free space under "+at+" (snapshots and images need a few GiB)"
+		c.Status, c.Fix = CheckFail, newFix(FixConfigureHost, ArgHint, "free space under "+at+" (snapshots and images need a few GiB)")
 	}
 	return c
 }
@@ -170,7 +170,7 @@ func (m *Manager) stateChecks(ctx context.Context) ([]Check, error) {
 	out = append(out, Check{Name: "vms", Status: CheckOK, Detail: fmt.Sprintf("%d running, %d paused, %d stopped, %d created, %d failed (state in %s)",
 		counts[StatusRunning], counts[StatusPaused], counts[StatusStopped], counts[StatusCreated], counts[StatusError], m.opts.DataDir)})
 	if counts[StatusError] > 0 {
-		out[len(out)-1].Fix = "smolvm sandbox list --all; smolvm sandbox delete NAME"
+		out[len(out)-1].Fix = newFix(FixDeleteFailedVMs)
 	}
 	out = append(out, m.strayVMMs(ctx, infos)...)
 	cleaned, err := m.cleanupSnapshots(ctx)
@@ -193,7 +193,7 @@ func runDirCheck(dir string) Check {
 		return Check{Name: "run dir", Status: CheckOK, Detail: dir + " does not exist yet (created 0700 by the first start)"}
 	}
 	return Check{Name: "run dir", Status: CheckFail, Detail: err.Error(),
-		Fix: "stop the VMs using it, then rm -r " + dir + "; or set SMOLVM_RUN_DIR to a private directory"}
+		Fix: newFix(FixRemoveDir, ArgPath, dir, ArgEnv, "SMOLVM_RUN_DIR")}
 }
 
 // strayVMMs reports VMM processes of this data dir that no VM accounts for:
@@ -249,10 +249,10 @@ func (m *Manager) strayVMMs(ctx context.Context, infos []Info) []Check {
 		c := Check{Name: "stray vmm", Status: CheckFail}
 		if known {
 			c.Detail = fmt.Sprintf("vm %s is %s, but its VMM (pid %d) still runs", id, st, pid)
-			c.Fix = "smolvm sandbox delete " + string(id) + " (or start it, or restore its snapshot again)"
+			c.Fix = newFix(FixResolveStrayVMM, ArgVM, string(id))
 		} else {
 			c.Detail = fmt.Sprintf("pid %d runs a VMM for vm %s, which %s does not know", pid, id, m.opts.DataDir)
-			c.Fix = "kill " + strconv.Itoa(pid)
+			c.Fix = newFix(FixKillProcess, ArgPID, strconv.Itoa(pid))
 		}
 		out = append(out, c)
 	}

@@ -38,21 +38,21 @@ func TestDoctorRunsEachBackendsChecks(t *testing.T) {
 	if !slices.Equal(names, want) {
 		t.Fatalf("checks %q\nwant %q", names, want)
 	}
-	if c := got[0]; c.Status != CheckWarn || !c.OK || c.Fix != "get KVM" {
+	if c := got[0]; c.Status != CheckWarn || !c.OK || c.Fix.Arg(ArgHint) != "get KVM" {
 		t.Errorf("warn: %+v", c)
 	}
-	if c := got[1]; c.Status != CheckFail || c.OK || c.Detail != "missing" || c.Fix != "install it" {
+	if c := got[1]; c.Status != CheckFail || c.OK || c.Detail != "missing" || c.Fix.Arg(ArgHint) != "install it" {
 		t.Errorf("fail: %+v", c)
 	}
 	if c := got[2]; c.Status != CheckFail || c.OK {
 		t.Errorf("unset status: %+v", c)
 	}
 	// The image dir is empty: both images fail, each naming how to build it.
-	if c := got[3]; c.Status != CheckFail || !strings.Contains(c.Detail, opts.ImageDir) || !strings.Contains(c.Fix, "busybox") {
+	if c := got[3]; c.Status != CheckFail || !strings.Contains(c.Detail, opts.ImageDir) || c.Fix.Action != FixBuildImage || c.Fix.Arg(ArgImage) != "busybox" {
 		t.Errorf("image: %+v", c)
 	}
 	// The data dir does not exist yet: measured at its parent.
-	if c := got[5]; c.Status == CheckFail && c.Fix == "" || !strings.Contains(c.Detail, "free under "+dir) {
+	if c := got[5]; c.Status == CheckFail && c.Fix.IsZero() || !strings.Contains(c.Detail, "free under "+dir) {
 		t.Errorf("disk: %+v", c)
 	}
 }
@@ -65,7 +65,7 @@ func TestDoctorWithoutDataDir(t *testing.T) {
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	got := Doctor(context.Background(), opts)
 	last := got[len(got)-1]
-	if last.Name != "state" || last.OK || last.Status != CheckFail || !strings.Contains(last.Detail, opts.DataDir) || last.Fix == "" {
+	if last.Name != "state" || last.OK || last.Status != CheckFail || !strings.Contains(last.Detail, opts.DataDir) || last.Fix.IsZero() {
 		t.Errorf("state check %+v", last)
 	}
 	names := map[string]bool{}

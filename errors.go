@@ -2,7 +2,6 @@ package smolvm
 
 import (
 	"errors"
-	"strings"
 
 	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
@@ -42,24 +41,21 @@ var (
 var ErrUnsafeDir = fsutil.ErrUnsafe
 
 // Error is the SDK's error type. Message says what went wrong; Fix, when
-// set, is the command (or action) that fixes it. It wraps a sentinel (or the
-// underlying cause) for errors.Is/As.
+// set, is the typed action that fixes it (a front end words it: see
+// [Fix]). It wraps a sentinel (or the underlying cause) for errors.Is/As.
 type Error struct {
 	Op      string // operation, e.g. "start", "snapshot"
 	Message string
-	Fix     string
+	Fix     Fix
 	Err     error
 }
 
+// Error is the message and, when there is one, the fix in neutral words.
 func (e *Error) Error() string {
-	var b strings.Builder
-	b.WriteString(e.Message)
-	if e.Fix != "" {
-		b.WriteString(" (fix: ")
-		b.WriteString(e.Fix)
-		b.WriteString(")")
+	if e.Fix.IsZero() {
+		return e.Message
 	}
-	return b.String()
+	return e.Message + " (fix: " + e.Fix.String() + ")"
 }
 
 func (e *Error) Unwrap() error { return e.Err }
@@ -100,15 +96,6 @@ var errorCodes = []struct {
 	{ErrGuestProtocol, "guest_protocol"},
 }
 
-// Fix returns the recovery command carried by err, if any.
-func Fix(err error) string {
-	var e *Error
-	if errors.As(err, &e) {
-		return e.Fix
-	}
-	return ""
-}
-
-func newErr(op string, sentinel error, fix, msg string) *Error {
+func newErr(op string, sentinel error, fix Fix, msg string) *Error {
 	return &Error{Op: op, Message: msg, Fix: fix, Err: sentinel}
 }

@@ -85,7 +85,7 @@ func (m *Manager) Fork(ctx context.Context, snapshotID string, n int, opts ForkO
 		return nil, err
 	}
 	if n < 1 || n > MaxClones {
-		return nil, newErr("fork", ErrInvalidConfig, "use --clones between 1 and "+strconv.Itoa(MaxClones),
+		return nil, newErr("fork", ErrInvalidConfig, newFix(FixSetOption, ArgOption, "Fork.n", ArgMin, "1", ArgMax, strconv.Itoa(MaxClones)),
 			fmt.Sprintf("cannot fork %d clones: the number must be between 1 and %d", n, MaxClones))
 	}
 	if opts.Prefix != "" {
@@ -102,14 +102,13 @@ func (m *Manager) Fork(ctx context.Context, snapshotID string, n int, opts ForkO
 	defer unlock()
 	s, err := m.store.GetSnapshot(ctx, snapshotID)
 	if errors.Is(err, store.ErrNotFound) {
-		return nil, newErr("fork", ErrSnapshotNotFound, "smolvm sandbox snapshot list", fmt.Sprintf("snapshot %q not found", snapshotID))
+		return nil, newErr("fork", ErrSnapshotNotFound, newFix(FixListSnapshots), fmt.Sprintf("snapshot %q not found", snapshotID))
 	}
 	if err != nil {
 		return nil, err
 	}
 	if s.Type == backend.SnapshotKind(SnapshotDisk) {
-		return nil, newErr("fork", ErrUnsupported,
-			fmt.Sprintf("restore it once (smolvm sandbox snapshot restore %s) or create VMs from its disk; fork full or diff snapshots", snapshotID),
+		return nil, newErr("fork", ErrUnsupported, newFix(FixRestoreOnce, ArgSnapshot, snapshotID),
 			fmt.Sprintf("snapshot %s is a disk snapshot: it has no memory to share, so clones would each cold-boot from the disk", snapshotID))
 	}
 	man, err := m.loadSnapshot(ctx, snapshotID, false)
@@ -168,7 +167,7 @@ func (m *Manager) Fork(ctx context.Context, snapshotID string, n int, opts ForkO
 	}
 	if len(fe.Failed) > 0 {
 		if len(out) == 0 {
-			return nil, &Error{Op: "fork", Message: fe.Error(), Fix: "smolvm doctor", Err: fe}
+			return nil, &Error{Op: "fork", Message: fe.Error(), Fix: newFix(FixRunDoctor), Err: fe}
 		}
 		return out, &Error{Op: "fork", Message: fe.Error(), Err: fe}
 	}
@@ -336,7 +335,7 @@ func (m *Manager) checkForkMemory(snapshotID string, res backend.SnapshotResult,
 	}
 	need := imageMiB + int64(n)*perClone
 	if need > avail {
-		return newErr("fork", ErrInvalidConfig, "fork fewer clones, or free host memory",
+		return newErr("fork", ErrInvalidConfig, newFix(FixFreeResources, ArgResource, ResourceMemory),
 			fmt.Sprintf("not enough memory for %d clones of snapshot %s: starting them needs about %d MiB (%d MiB shared memory image + %d MiB per clone) and the host has %d MiB available",
 				n, snapshotID, need, imageMiB, perClone, avail))
 	}

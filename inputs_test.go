@@ -65,7 +65,7 @@ func TestHostileConfigRefusedBeforeAnything(t *testing.T) {
 			if !errors.Is(err, smolvm.ErrInvalidConfig) {
 				t.Fatalf("New: %v, want ErrInvalidConfig", err)
 			}
-			if smolvm.Fix(err) == "" && !strings.Contains(err.Error(), "address") && !strings.Contains(err.Error(), "environment") {
+			if fixOf(err).IsZero() && !strings.Contains(err.Error(), "address") && !strings.Contains(err.Error(), "environment") {
 				t.Errorf("error says nothing useful: %v", err)
 			}
 		})

@@ -42,14 +42,14 @@ func NewManager(ctx context.Context, opts Options) (*Manager, error) {
 	for _, p := range []*string{&opts.DataDir, &opts.ImageDir, &opts.RunDir} {
 		a, err := filepath.Abs(*p)
 		if err != nil {
-			return nil, &Error{Op: "open", Message: fmt.Sprintf("cannot resolve %s: %v", *p, err), Fix: "use absolute paths in Options", Err: err}
+			return nil, &Error{Op: "open", Message: fmt.Sprintf("cannot resolve %s: %v", *p, err), Fix: newFix(FixEditOption, ArgOption, "Options", ArgHint, "use absolute paths in Options"), Err: err}
 		}
 		*p = a
 	}
 	st, err := store.Open(ctx, opts.DataDir)
 	if err != nil {
 		return nil, &Error{Op: "open", Message: fmt.Sprintf("cannot open state in %s: %v", opts.DataDir, err),
-			Fix: "check permissions of the data dir or set SMOLVM_DATA_DIR", Err: err}
+			Fix: newFix(FixSetEnv, ArgEnv, "SMOLVM_DATA_DIR", ArgPath, opts.DataDir, ArgHint, "check permissions of the data dir or set SMOLVM_DATA_DIR"), Err: err}
 	}
 	return &Manager{opts: opts, log: opts.Logger, store: st,
 		backends: map[string]backend.Backend{}}, nil
@@ -82,7 +82,7 @@ func (m *Manager) backend(name string) (backend.Backend, error) {
 	if name == backend.Auto {
 		chosen, err := backend.Choose()
 		if err != nil {
-			return nil, &Error{Op: "backend", Message: err.Error(), Fix: "scripts/setup", Err: fromBackend(err)}
+			return nil, &Error{Op: "backend", Message: err.Error(), Fix: newFix(FixRunSetup), Err: fromBackend(err)}
 		}
 		name = chosen
 	}
@@ -91,12 +91,12 @@ func (m *Manager) backend(name string) (backend.Backend, error) {
 	}
 	reg, ok := backend.Lookup(name)
 	if !ok {
-		return nil, newErr("backend", ErrInvalidConfig, "use --backend "+DefaultBackend, fmt.Sprintf("unknown backend %q", name))
+		return nil, newErr("backend", ErrInvalidConfig, newFix(FixSetOption, ArgOption, "Backend", ArgValue, DefaultBackend), fmt.Sprintf("unknown backend %q", name))
 	}
 	b, err := reg.New(backend.Options{Logger: m.log})
 	if err != nil {
 		return nil, &Error{Op: "backend", Message: fmt.Sprintf("the %s backend is not available: %v", name, err),
-			Fix: "install " + name + " on PATH, or use --backend " + DefaultBackend, Err: errors.Join(ErrUnsupported, err)}
+			Fix: newFix(FixInstallBackend, ArgBackend, name, ArgDefault, DefaultBackend), Err: errors.Join(ErrUnsupported, err)}
 	}
 	m.backends[name] = b
 	return mappedBackend{b}, nil
@@ -107,10 +107,10 @@ func (m *Manager) openImage(name string) (image.Image, error) {
 	if err != nil {
 		if errors.Is(err, image.ErrUnknownImage) {
 			return img, &Error{Op: "create", Message: fmt.Sprintf("unknown image %q (known: busybox, debian)", name),
-				Fix: "use --image debian", Err: errors.Join(ErrInvalidConfig, err)}
+				Fix: newFix(FixSetOption, ArgOption, "Image", ArgValue, "debian"), Err: errors.Join(ErrInvalidConfig, err)}
 		}
 		return img, &Error{Op: "create", Message: fmt.Sprintf("image %q is not built in %s", name, m.opts.ImageDir),
-			Fix: "smolvm image build " + name, Err: errors.Join(ErrImageNotBuilt, err)}
+			Fix: newFix(FixBuildImage, ArgImage, name), Err: errors.Join(ErrImageNotBuilt, err)}
 	}
 	return img, nil
 }

@@ -85,21 +85,20 @@ func (c Config) resolveNetwork() (NetworkPolicy, error) {
 	p := c.Network
 	if c.NoNetwork {
 		if p.Mode != "" && p.Mode != NetworkNone || len(p.AllowDomains)+len(p.AllowCIDRs) > 0 {
-			return p, newErr("validate", ErrInvalidConfig, "drop --no-network or the allow-lists",
+			return p, newErr("validate", ErrInvalidConfig, newFix(FixUnsetOption, ArgOption, "NoNetwork", ArgOr, "Network"),
 				"NoNetwork contradicts the network policy "+string(p.Mode))
 		}
 		p.Mode = NetworkNone
 	}
 	for _, c := range p.AllowCIDRs {
 		if !c.IsValid() {
-			return p, newErr("validate", ErrInvalidConfig, "give prefixes such as 203.0.113.0/24 or 127.0.0.1/32", "invalid CIDR in the network policy")
+			return p, newErr("validate", ErrInvalidConfig, newFix(FixEditOption, ArgOption, "Network.AllowCIDRs", ArgHint, "give prefixes such as 203.0.113.0/24 or 127.0.0.1/32"), "invalid CIDR in the network policy")
 		}
 	}
 	bp := p.toBackend()
 	if err := bp.Validate(); err != nil {
-		fix := "use --allow-domain NAME / --allow-cidr CIDR (see smolvm sandbox create --help)"
 		if errors.Is(err, netpolicy.ErrInvalid) {
-			return p, newErr("validate", ErrInvalidConfig, fix, err.Error())
+			return p, newErr("validate", ErrInvalidConfig, newFix(FixEditAllowLists), err.Error())
 		}
 		return p, err
 	}
@@ -114,7 +113,7 @@ func (vm *VM) NetworkStats(ctx context.Context) (NetworkStats, error) {
 		return NetworkStats{}, err
 	}
 	if !rec.Machine.Network {
-		return NetworkStats{}, newErr("network stats", ErrUnsupported, "", fmt.Sprintf("vm %s has networking off", vm.id))
+		return NetworkStats{}, newErr("network stats", ErrUnsupported, Fix{}, fmt.Sprintf("vm %s has networking off", vm.id))
 	}
 	b, err := vm.m.backend(rec.Backend)
 	if err != nil {
@@ -122,12 +121,12 @@ func (vm *VM) NetworkStats(ctx context.Context) (NetworkStats, error) {
 	}
 	sb, ok := backend.As[backend.NetStatser](b)
 	if !ok {
-		return NetworkStats{}, newErr("network stats", ErrUnsupported, "", "the "+rec.Backend+" backend has no network sidecar")
+		return NetworkStats{}, newErr("network stats", ErrUnsupported, Fix{}, "the "+rec.Backend+" backend has no network sidecar")
 	}
 	s, err := sb.NetStats(ctx, rec.Machine)
 	if err != nil {
 		if errors.Is(err, backend.ErrNotRunning) {
-			return NetworkStats{}, newErr("network stats", ErrVMNotRunning, "smolvm sandbox start "+vm.id, fmt.Sprintf("vm %s is not running", vm.id))
+			return NetworkStats{}, newErr("network stats", ErrVMNotRunning, newFix(FixStartVM, ArgVM, vm.id), fmt.Sprintf("vm %s is not running", vm.id))
 		}
 		return NetworkStats{}, err
 	}

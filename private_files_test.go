@@ -245,7 +245,7 @@ func TestDoctorReportsOpenRunDir(t *testing.T) {
 	if err := os.Mkdir(base, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if c := runCheck(); c.OK || !strings.Contains(c.Detail, base) || !strings.Contains(c.Fix, "rm -r "+base) {
+	if c := runCheck(); c.OK || !strings.Contains(c.Detail, base) || c.Fix.Action != smolvm.FixRemoveDir || c.Fix.Arg(smolvm.ArgPath) != base {
 		t.Errorf("0755 run dir: %+v", c)
 	}
 	os.Chmod(base, 0o700)

@@ -42,7 +42,7 @@ func ParseSnapshotType(s string) (SnapshotType, error) {
 	case SnapshotDisk:
 		return SnapshotDisk, nil
 	}
-	return "", newErr("snapshot", ErrInvalidConfig, "use --snapshot-type full, diff or disk",
+	return "", newErr("snapshot", ErrInvalidConfig, newFix(FixSetOption, ArgOption, "SnapshotOptions.Type", ArgChoices, "full,diff,disk"),
 		fmt.Sprintf("unknown snapshot type %q: use full, diff or disk", s))
 }
 
@@ -158,12 +158,12 @@ func (vm *VM) Snapshot(ctx context.Context, opts SnapshotOptions) (*SnapshotInfo
 	}
 	defer unlock()
 	if rec.Status != store.VMRunning && rec.Status != store.VMPaused {
-		return nil, newErr("snapshot", ErrVMNotRunning, "smolvm sandbox start "+vm.id,
+		return nil, newErr("snapshot", ErrVMNotRunning, newFix(FixStartVM, ArgVM, vm.id),
 			fmt.Sprintf("cannot snapshot vm %s: it is %s; a VM must be running or paused to be snapshotted", vm.id, rec.Status))
 	}
 	caps := b.Capabilities()
 	if (kind == SnapshotDisk && !caps.DiskSnapshot) || (kind != SnapshotDisk && !caps.MemorySnapshot) {
-		return nil, newErr("snapshot", ErrUnsupported, "", fmt.Sprintf("the %s backend cannot take %s snapshots", b.Name(), kind))
+		return nil, newErr("snapshot", ErrUnsupported, Fix{}, fmt.Sprintf("the %s backend cannot take %s snapshots", b.Name(), kind))
 	}
 	m.cleanupSnapshots(ctx)
 	id := opts.ID
@@ -174,7 +174,7 @@ func (vm *VM) Snapshot(ctx context.Context, opts SnapshotOptions) (*SnapshotInfo
 	row := store.Snapshot{ID: id, VMID: vm.id, Backend: b.Name(), Type: backend.SnapshotKind(kind), CreatedAt: time.Now().UTC()}
 	if err := m.store.ReserveSnapshot(ctx, row); err != nil {
 		if errors.Is(err, store.ErrExists) {
-			return nil, newErr("snapshot", ErrSnapshotExists, "choose another --snapshot-id, or smolvm sandbox snapshot delete "+id,
+			return nil, newErr("snapshot", ErrSnapshotExists, newFix(FixChooseSnapshotID, ArgSnapshot, id),
 				fmt.Sprintf("snapshot %q already exists", id))
 		}
 		return nil, err
@@ -273,7 +273,7 @@ func (vm *VM) Snapshot(ctx context.Context, opts SnapshotOptions) (*SnapshotInfo
 	if opts.ResumeSource {
 		if err := b.Resume(ctx, rec.Machine); err != nil {
 			return nil, &Error{Op: "snapshot", Message: fmt.Sprintf("snapshot %s was saved, but vm %s did not resume: %v", id, vm.id, err),
-				Fix: "smolvm sandbox resume " + vm.id, Err: err}
+				Fix: newFix(FixResumeVM, ArgVM, vm.id), Err: err}
 		}
 		rec.Status = store.VMRunning
 		if err := m.store.UpdateVM(ctx, rec); err != nil {
@@ -324,7 +324,7 @@ func (m *Manager) GetSnapshot(ctx context.Context, id string) (*SnapshotInfo, er
 	}
 	s, err := m.store.GetSnapshot(ctx, id)
 	if errors.Is(err, store.ErrNotFound) {
-		return nil, newErr("snapshot", ErrSnapshotNotFound, "smolvm sandbox snapshot list", fmt.Sprintf("snapshot %q not found", id))
+		return nil, newErr("snapshot", ErrSnapshotNotFound, newFix(FixListSnapshots), fmt.Sprintf("snapshot %q not found", id))
 	}
 	if err != nil {
 		return nil, err
@@ -366,11 +366,11 @@ func (m *Manager) loadSnapshot(ctx context.Context, id string, full bool) (snaps
 	dir := filepath.Join(m.snapRoot(), id)
 	corrupt := func(err error) (snapshot.Manifest, error) {
 		return snapshot.Manifest{}, &Error{Op: "restore", Message: fmt.Sprintf("snapshot %s cannot be restored: %v", id, err),
-			Fix: "smolvm sandbox snapshot delete " + id + " and take a new snapshot", Err: errors.Join(ErrSnapshotCorrupt, err)}
+			Fix: newFix(FixRetakeSnapshot, ArgSnapshot, id), Err: errors.Join(ErrSnapshotCorrupt, err)}
 	}
 	row, err := m.store.GetSnapshot(ctx, id)
 	if errors.Is(err, store.ErrNotFound) {
-		return snapshot.Manifest{}, newErr("restore", ErrSnapshotNotFound, "smolvm sandbox snapshot list", fmt.Sprintf("snapshot %q not found", id))
+		return snapshot.Manifest{}, newErr("restore", ErrSnapshotNotFound, newFix(FixListSnapshots), fmt.Sprintf("snapshot %q not found", id))
 	}
 	if err != nil {
 		return snapshot.Manifest{}, err
@@ -401,7 +401,7 @@ func (m *Manager) loadSnapshot(ctx context.Context, id string, full bool) (snaps
 		if _, err := os.Stat(man.BaseImage); err != nil {
 			return man, &Error{Op: "restore",
 				Message: fmt.Sprintf("snapshot %s is a diff snapshot and its base image %s is missing", id, man.BaseImage),
-				Fix:     "restore the base image (smolvm image build), or take a full snapshot (--snapshot-type full) next time",
+				Fix:     newFix(FixRestoreBaseImage, ArgPath, man.BaseImage),
 				Err:     errors.Join(ErrBackingImageMissing, backend.ErrBackingMissing)}
 		}
 	}
@@ -443,13 +443,13 @@ func (m *Manager) FromSnapshot(ctx context.Context, id string, opts RestoreOptio
 	defer unlockSnap()
 	s, err := m.store.GetSnapshot(ctx, id)
 	if errors.Is(err, store.ErrNotFound) {
-		return nil, newErr("restore", ErrSnapshotNotFound, "smolvm sandbox snapshot list", fmt.Sprintf("snapshot %q not found", id))
+		return nil, newErr("restore", ErrSnapshotNotFound, newFix(FixListSnapshots), fmt.Sprintf("snapshot %q not found", id))
 	}
 	if err != nil {
 		return nil, err
 	}
 	if s.Restored && !opts.Force {
-		return nil, newErr("restore", ErrSnapshotRestored, "smolvm sandbox snapshot restore "+id+" --force",
+		return nil, newErr("restore", ErrSnapshotRestored, newFix(FixRestoreForce, ArgSnapshot, id),
 			fmt.Sprintf("snapshot %s was already restored (into vm %s); a snapshot restores once unless forced", id, s.RestoredVMID))
 	}
 	man, err := m.loadSnapshot(ctx, id, false)
@@ -534,10 +534,10 @@ func (m *Manager) FromSnapshot(ctx context.Context, id string, opts RestoreOptio
 		}
 		if errors.Is(cause, backend.ErrBackingMissing) {
 			return nil, &Error{Op: "restore", Message: fmt.Sprintf("restore of %s: %v", id, cause),
-				Fix: "take a full snapshot (--snapshot-type full)", Err: errors.Join(ErrBackingImageMissing, cause)}
+				Fix: newFix(FixFullSnapshot), Err: errors.Join(ErrBackingImageMissing, cause)}
 		}
 		return nil, &Error{Op: "restore", Message: fmt.Sprintf("restore of snapshot %s failed: %v", id, cause),
-			Fix: "smolvm sandbox logs " + vmID, Err: cause}
+			Fix: newFix(FixShowLogs, ArgVM, vmID), Err: cause}
 	}
 	if err := os.MkdirAll(spec.Dir, 0o700); err != nil {
 		return rollback(err)
@@ -624,7 +624,7 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, id string) error {
 	}
 	defer unlock()
 	if _, err := m.store.GetSnapshot(ctx, id); errors.Is(err, store.ErrNotFound) {
-		return newErr("snapshot delete", ErrSnapshotNotFound, "smolvm sandbox snapshot list", fmt.Sprintf("snapshot %q not found", id))
+		return newErr("snapshot delete", ErrSnapshotNotFound, newFix(FixListSnapshots), fmt.Sprintf("snapshot %q not found", id))
 	} else if err != nil {
 		return err
 	}
@@ -648,7 +648,7 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, id string) error {
 			continue // deleted, or restored from another snapshot, meanwhile
 		}
 		if rec.Status == store.VMRunning || rec.Status == store.VMPaused {
-			return newErr("snapshot delete", ErrSnapshotInUse, "smolvm sandbox stop "+u.ID,
+			return newErr("snapshot delete", ErrSnapshotInUse, newFix(FixStopVM, ArgVM, u.ID),
 				fmt.Sprintf("snapshot %s is in use: vm %s restored from it is %s", id, u.ID, rec.Status))
 		}
 		stopped = append(stopped, rec)

@@ -325,8 +325,8 @@ func TestDiffSnapshotNeedsBaseImage(t *testing.T) {
 	defer os.Rename(img.Rootfs+".away", img.Rootfs)
 	_, err = m.FromSnapshot(ctx, "d1", smolvm.RestoreOptions{Resume: true})
 	if !errors.Is(err, smolvm.ErrBackingImageMissing) || !strings.Contains(err.Error(), img.Rootfs) ||
-		!strings.Contains(smolvm.Fix(err), "full") {
-		t.Fatalf("diff restore without base: %v (fix %q)", err, smolvm.Fix(err))
+		fixOf(err).Action != smolvm.FixRestoreBaseImage && fixOf(err).Action != smolvm.FixFullSnapshot {
+		t.Fatalf("diff restore without base: %v (fix %+v)", err, fixOf(err))
 	}
 	restored, err := m.FromSnapshot(ctx, "f1", smolvm.RestoreOptions{Resume: true})
 	if err != nil {
@@ -482,7 +482,7 @@ func TestSnapshotCreateAndRestoreKilled(t *testing.T) {
 		}
 		return out
 	}
-	if s := strays(); len(s) != 1 || !strings.Contains(s[0].Detail, "vm killme is stopped") || !strings.Contains(s[0].Fix, "smolvm sandbox delete killme") {
+	if s := strays(); len(s) != 1 || !strings.Contains(s[0].Detail, "vm killme is stopped") || s[0].Fix.Action != smolvm.FixResolveStrayVMM || s[0].Fix.Arg(smolvm.ArgVM) != "killme" {
 		t.Errorf("doctor on the VMM a killed restore left: %+v", s)
 	}
 	if err := vm.Delete(ctx); err != nil {

@@ -112,7 +112,7 @@ func (m *Manager) New(ctx context.Context, cfg Config) (*VM, error) {
 	}
 	defer unlock()
 	if _, err := m.store.GetVM(ctx, id); err == nil {
-		return nil, newErr("create", ErrVMExists, fmt.Sprintf("smolvm sandbox delete %s, or choose another --name", id),
+		return nil, newErr("create", ErrVMExists, newFix(FixChooseVMName, ArgVM, id),
 			fmt.Sprintf("vm %q already exists", id))
 	}
 	img, err := m.openImage(cfg.Image)
@@ -125,12 +125,12 @@ func (m *Manager) New(ctx context.Context, cfg Config) (*VM, error) {
 	}
 	spec := m.specFor(id, cfg, img.Kernel, img.Initrd, img.Rootfs, img.KernelArgs)
 	if spec.Network && !b.Capabilities().NetworkPolicy {
-		return nil, newErr("create", ErrUnsupported, "add --no-network, or use --backend qemu",
+		return nil, newErr("create", ErrUnsupported, newFix(FixDisableNetwork, ArgBackend, DefaultBackend),
 			fmt.Sprintf("the %s backend cannot enforce a guest network policy (it would reach the host's networks)", b.Name()))
 	}
 	if caps := b.Capabilities(); caps.KernelFormat == backend.KernelVmlinux {
 		if img.Vmlinux == "" {
-			return nil, newErr("create", ErrImageNotBuilt, "smolvm image build "+cfg.Image+" --kernel minimal",
+			return nil, newErr("create", ErrImageNotBuilt, newFix(FixBuildImage, ArgImage, cfg.Image, ArgKernel, "minimal"),
 				fmt.Sprintf("image %q has no uncompressed vmlinux kernel, which the %s backend needs", cfg.Image, b.Name()))
 		}
 		spec.Kernel = img.Vmlinux
@@ -147,7 +147,7 @@ func (m *Manager) New(ctx context.Context, cfg Config) (*VM, error) {
 		Machine: backend.Machine{Spec: spec, Backend: b.Name()}}
 	if err := m.store.CreateVM(ctx, rec); err != nil {
 		if errors.Is(err, store.ErrExists) {
-			return nil, newErr("create", ErrVMExists, "smolvm sandbox delete "+id, fmt.Sprintf("vm %q already exists", id))
+			return nil, newErr("create", ErrVMExists, newFix(FixDeleteVM, ArgVM, id), fmt.Sprintf("vm %q already exists", id))
 		}
 		return nil, err
 	}
@@ -174,7 +174,7 @@ func checkSpec(b backend.Backend, spec backend.Spec) error {
 	}
 	if err != nil {
 		return &Error{Op: "create", Message: fmt.Sprintf("vm %s cannot be created: %v", spec.ID, err),
-			Fix: "fix the configuration (see the message)", Err: errors.Join(ErrInvalidConfig, err)}
+			Fix: newFix(FixEditOption, ArgHint, "fix the configuration (see the message)"), Err: errors.Join(ErrInvalidConfig, err)}
 	}
 	return nil
 }
@@ -243,7 +243,7 @@ func (m *Manager) record(ctx context.Context, id string) (store.VM, error) {
 func (m *Manager) reconcile(ctx context.Context, id string) (store.VM, error) {
 	rec, err := m.store.GetVM(ctx, id)
 	if errors.Is(err, store.ErrNotFound) {
-		return rec, newErr("open", ErrVMNotFound, "smolvm sandbox list --all", fmt.Sprintf("vm %q not found", id))
+		return rec, newErr("open", ErrVMNotFound, newFix(FixListVMs), fmt.Sprintf("vm %q not found", id))
 	}
 	if err != nil {
 		return rec, err
@@ -269,7 +269,7 @@ func (m *Manager) reconcile(ctx context.Context, id string) (store.VM, error) {
 		want, rec.LastError = store.VMStopped, "the VM process exited"
 		rec.PID = 0
 	default:
-		want, rec.LastError = store.VMError, "the VMM reports an unrecoverable guest error; see smolvm sandbox logs "+id
+		want, rec.LastError = store.VMError, "the VMM reports an unrecoverable guest error; see the logs of vm "+id
 	}
 	if want != rec.Status {
 		rec.Status = want

@@ -115,7 +115,7 @@ func (vm *VM) Run(ctx context.Context, command string, opts ...RunOption) (*Resu
 // RunArgs runs argv directly (no shell) in the guest.
 func (vm *VM) RunArgs(ctx context.Context, argv []string, opts ...RunOption) (*Result, error) {
 	if len(argv) == 0 {
-		return nil, newErr("run", ErrInvalidConfig, "", "empty command")
+		return nil, newErr("run", ErrInvalidConfig, Fix{}, "empty command")
 	}
 	return vm.exec(ctx, agentproto.ExecRequest{Argv: argv}, opts)
 }
@@ -169,7 +169,7 @@ func (vm *VM) exec(ctx context.Context, req agentproto.ExecRequest, opts []RunOp
 		if o.timeout > 0 && ctx.Err() == nil && ectx.Err() != nil {
 			return nil, &Error{Op: "run", Message: fmt.Sprintf("run in vm %s: the guest did not end the command within its timeout of %s (+%s grace); "+
 				"the host stopped waiting and asked the guest to kill it", vm.id, o.timeout, ExecTimeoutGrace),
-				Fix: "smolvm sandbox logs " + vm.id, Err: errors.Join(ErrTimeout, err)}
+				Fix: newFix(FixShowLogs, ArgVM, vm.id), Err: errors.Join(ErrTimeout, err)}
 		}
 		return nil, vm.agentErr("run", &Error{Op: "run", Message: fmt.Sprintf("run in vm %s: %v", vm.id, err), Err: err})
 	}
@@ -188,7 +188,7 @@ func readStdin(r io.Reader) ([]byte, error) {
 		return nil, &Error{Op: "run", Message: fmt.Sprintf("reading the command's standard input: %v", err), Err: err}
 	}
 	if len(data) > MaxStdinSize {
-		return nil, newErr("run", ErrInvalidConfig, "write the data to a guest file (VM.WriteFileFrom) and redirect the command's input from it",
+		return nil, newErr("run", ErrInvalidConfig, newFix(FixEditOption, ArgOption, "WithStdin", ArgHint, "write the data to a guest file (VM.WriteFileFrom) and redirect the command's input from it"),
 			fmt.Sprintf("standard input over %d bytes (MaxStdinSize): the agent protocol carries it whole", MaxStdinSize))
 	}
 	return data, nil
@@ -235,5 +235,5 @@ func (vm *VM) agentErr(op string, err error) error {
 	} else {
 		msg = fmt.Sprintf("%s in vm %s: %s", op, vm.id, msg)
 	}
-	return &Error{Op: op, Message: msg, Fix: "smolvm sandbox logs " + vm.id, Err: errors.Join(sentinel, err)}
+	return &Error{Op: op, Message: msg, Fix: newFix(FixShowLogs, ArgVM, vm.id), Err: errors.Join(sentinel, err)}
 }

@@ -17,7 +17,7 @@ import (
 // kept). Any size works: large files stream in chunks.
 func (vm *VM) UploadFile(ctx context.Context, localPath, guestPath string) error {
 	if !strings.HasPrefix(guestPath, "/") {
-		return newErr("upload", ErrInvalidConfig, "", fmt.Sprintf("guest path %q must be absolute", guestPath))
+		return newErr("upload", ErrInvalidConfig, Fix{}, fmt.Sprintf("guest path %q must be absolute", guestPath))
 	}
 	f, err := os.Open(localPath)
 	if err != nil {
@@ -29,7 +29,7 @@ func (vm *VM) UploadFile(ctx context.Context, localPath, guestPath string) error
 		return err
 	}
 	if !st.Mode().IsRegular() {
-		return newErr("upload", ErrInvalidConfig, "", fmt.Sprintf("%s is not a regular file", localPath))
+		return newErr("upload", ErrInvalidConfig, Fix{}, fmt.Sprintf("%s is not a regular file", localPath))
 	}
 	if strings.HasSuffix(guestPath, "/") {
 		guestPath += filepath.Base(localPath)
@@ -70,10 +70,10 @@ func (vm *VM) ReadFile(ctx context.Context, guestPath string) ([]byte, error) {
 // written); bytes past size are not read.
 func (vm *VM) WriteFileFrom(ctx context.Context, guestPath string, r io.Reader, size int64, mode fs.FileMode) error {
 	if !strings.HasPrefix(guestPath, "/") {
-		return newErr("write", ErrInvalidConfig, "", fmt.Sprintf("guest path %q must be absolute", guestPath))
+		return newErr("write", ErrInvalidConfig, Fix{}, fmt.Sprintf("guest path %q must be absolute", guestPath))
 	}
 	if size < 0 {
-		return newErr("write", ErrInvalidConfig, "", fmt.Sprintf("negative size %d", size))
+		return newErr("write", ErrInvalidConfig, Fix{}, fmt.Sprintf("negative size %d", size))
 	}
 	c, err := vm.agent(ctx, "write files")
 	if err != nil {
@@ -92,7 +92,7 @@ func (vm *VM) WriteFileFrom(ctx context.Context, guestPath string, r io.Reader, 
 // does) before giving it to a host file.
 func (vm *VM) ReadFileTo(ctx context.Context, guestPath string, w io.Writer) (fs.FileMode, int64, error) {
 	if !strings.HasPrefix(guestPath, "/") {
-		return 0, 0, newErr("read", ErrInvalidConfig, "", fmt.Sprintf("guest path %q must be absolute", guestPath))
+		return 0, 0, newErr("read", ErrInvalidConfig, Fix{}, fmt.Sprintf("guest path %q must be absolute", guestPath))
 	}
 	c, err := vm.agent(ctx, "read files")
 	if err != nil {

@@ -40,7 +40,7 @@ func (vm *VM) ExposePort(ctx context.Context, hostPort, guestPort int) error {
 	}
 	defer unlock()
 	if !rec.Machine.Network {
-		return newErr("port expose", ErrUnsupported, "recreate the vm without --no-network", fmt.Sprintf("vm %s has networking off", vm.id))
+		return newErr("port expose", ErrUnsupported, newFix(FixRecreateWithNetwork, ArgVM, vm.id), fmt.Sprintf("vm %s has networking off", vm.id))
 	}
 	if rec.Status == store.VMRunning || rec.Status == store.VMPaused {
 		if err := b.ExposePort(ctx, rec.Machine, backend.PortForward(pf)); err != nil {

@@ -102,9 +102,9 @@ func (vm *VM) bootFailed(ctx context.Context, rec store.VM, b backend.Backend, c
 	if errors.As(cause, &ve) && ve.Log != "" && strings.Contains(msg, ve.Log) == false {
 		msg += "\n--- vmm log ---\n" + ve.Log
 	}
-	fix := "smolvm doctor; then smolvm sandbox logs " + vm.id
+	fix := newFix(FixRunDoctor, ArgVM, vm.id)
 	if errors.Is(cause, ErrUnsafeDir) {
-		fix = "remove the directory named above (another user may have planted it), or set SMOLVM_RUN_DIR to a private directory"
+		fix = newFix(FixRemoveDir, ArgEnv, "SMOLVM_RUN_DIR")
 	}
 	return &Error{Op: "start", Message: msg, Fix: fix, Err: errors.Join(ErrBoot, cause)}
 }
@@ -183,7 +183,7 @@ func (vm *VM) agent(ctx context.Context, op string) (*agentclient.Client, error)
 	if c != nil && clientAlive(c) {
 		rec, err := vm.m.store.GetVM(ctx, vm.id)
 		if errors.Is(err, store.ErrNotFound) {
-			return nil, newErr(op, ErrVMNotFound, "smolvm sandbox list --all", fmt.Sprintf("vm %q not found", vm.id))
+			return nil, newErr(op, ErrVMNotFound, newFix(FixListVMs), fmt.Sprintf("vm %q not found", vm.id))
 		}
 		if err != nil {
 			return nil, err
@@ -216,16 +216,16 @@ func (vm *VM) agent(ctx context.Context, op string) (*agentclient.Client, error)
 			msg += fmt.Sprintf(" (the VM is now %s)", st)
 		}
 		cancel()
-		return nil, &Error{Op: op, Message: msg, Fix: "smolvm sandbox logs " + vm.id, Err: err}
+		return nil, &Error{Op: op, Message: msg, Fix: newFix(FixShowLogs, ArgVM, vm.id), Err: err}
 	}
 	vm.setClient(c)
 	return c, nil
 }
 
 func (vm *VM) notRunning(op string, rec store.VM) error {
-	fix := "smolvm sandbox start " + vm.id
+	fix := newFix(FixStartVM, ArgVM, vm.id)
 	if rec.Status == store.VMPaused {
-		fix = "smolvm sandbox resume " + vm.id
+		fix = newFix(FixResumeVM, ArgVM, vm.id)
 	}
 	msg := fmt.Sprintf("cannot %s: vm %s is %s, not running", op, vm.id, rec.Status)
 	if rec.LastError != "" {
@@ -248,7 +248,7 @@ func (vm *VM) Pause(ctx context.Context) error {
 		return vm.notRunning("pause", rec)
 	}
 	if !b.Capabilities().Pause {
-		return newErr("pause", ErrUnsupported, "", b.Name()+" cannot pause VMs")
+		return newErr("pause", ErrUnsupported, Fix{}, b.Name()+" cannot pause VMs")
 	}
 	if err := b.Pause(ctx, rec.Machine); err != nil {
 		return err
@@ -270,7 +270,7 @@ func (vm *VM) Resume(ctx context.Context) error {
 	case store.VMPaused:
 		return vm.resumeLocked(ctx, rec, b)
 	}
-	return newErr("resume", ErrVMNotRunning, "smolvm sandbox start "+vm.id,
+	return newErr("resume", ErrVMNotRunning, newFix(FixStartVM, ArgVM, vm.id),
 		fmt.Sprintf("cannot resume vm %s: it is %s, not paused", vm.id, rec.Status))
 }
 

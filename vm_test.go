@@ -189,8 +189,8 @@ func TestPauseResume(t *testing.T) {
 		t.Errorf("status %s, want paused", st)
 	}
 	_, err := vm.Run(ctx, "true")
-	if !errors.Is(err, smolvm.ErrVMNotRunning) || !strings.Contains(smolvm.Fix(err), "resume") {
-		t.Errorf("Run while paused: %v (fix %q)", err, smolvm.Fix(err))
+	if !errors.Is(err, smolvm.ErrVMNotRunning) || fixOf(err).Action != smolvm.FixResumeVM {
+		t.Errorf("Run while paused: %v (fix %+v)", err, fixOf(err))
 	}
 	if err := vm.Resume(ctx); err != nil {
 		t.Fatal(err)
@@ -319,7 +319,7 @@ func TestLifecycleStopStartDelete(t *testing.T) {
 	if st, _ := vm.Status(ctx); st != smolvm.StatusStopped {
 		t.Errorf("after Stop: %s", st)
 	}
-	if _, err := vm.Run(ctx, "true"); !errors.Is(err, smolvm.ErrVMNotRunning) || !strings.Contains(smolvm.Fix(err), "smolvm sandbox start life") {
+	if _, err := vm.Run(ctx, "true"); !errors.Is(err, smolvm.ErrVMNotRunning) || fixOf(err).Action != smolvm.FixStartVM || fixOf(err).Arg(smolvm.ArgVM) != "life" {
 		t.Errorf("Run on a stopped VM: %v", err)
 	}
 	if err := vm.Start(ctx); err != nil {
@@ -375,8 +375,8 @@ func TestBadInput(t *testing.T) {
 	}
 	defer empty.Close()
 	_, err = empty.New(ctx, smolvm.Config{Name: "x"})
-	if !errors.Is(err, smolvm.ErrImageNotBuilt) || smolvm.Fix(err) != "smolvm image build debian" {
-		t.Errorf("image not built: %v (fix %q)", err, smolvm.Fix(err))
+	if !errors.Is(err, smolvm.ErrImageNotBuilt) || fixOf(err).Action != smolvm.FixBuildImage || fixOf(err).Arg(smolvm.ArgImage) != "debian" {
+		t.Errorf("image not built: %v (fix %+v)", err, fixOf(err))
 	}
 	// Nothing was left behind by any of these.
 	for _, mm := range []*smolvm.Manager{m, empty} {

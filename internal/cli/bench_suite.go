@@ -47,7 +47,7 @@ not be measured; goals that are missed are reported, not failed.`,
 			for _, g := range only {
 				if !slices.Contains(bench.SuiteGroups, g) {
 					return &smolvm.Error{Message: fmt.Sprintf("unknown group %q: use %s", g, strings.Join(bench.SuiteGroups, ", ")),
-						Fix: "smolvm bench suite --help", Err: smolvm.ErrInvalidConfig}
+						Fix: usageFix("smolvm bench suite --help"), Err: smolvm.ErrInvalidConfig}
 				}
 			}
 			o.Only = only

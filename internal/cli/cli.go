@@ -67,7 +67,7 @@ func (a *app) finish(err error) int {
 	if a.json {
 		env := map[string]any{"ok": err == nil && code == 0, "command": a.command, "exit_code": code, "data": a.out, "error": nil}
 		if err != nil {
-			env["error"] = map[string]any{"code": smolvm.ErrorCode(err), "message": errMessage(err), "recovery": smolvm.Fix(err)}
+			env["error"] = map[string]any{"code": smolvm.ErrorCode(err), "message": errMessage(err), "recovery": fixText(err)}
 		}
 		// One line, not indented: an exec result carries up to the output
 		// limit per stream, and indenting copies the whole encoding again.
@@ -76,7 +76,7 @@ func (a *app) finish(err error) int {
 	}
 	if err != nil {
 		fmt.Fprintf(a.stderr, "error: %s\n", errMessage(err))
-		if fix := smolvm.Fix(err); fix != "" {
+		if fix := fixText(err); fix != "" {
 			fmt.Fprintf(a.stderr, "fix:   %s\n", fix)
 		}
 	}
@@ -108,7 +108,7 @@ func (a *app) rootCmd() *cobra.Command {
 	pf.StringVar(&a.imageDir, "image-dir", "", "image cache (default $SMOLVM_IMAGE_DIR or ~/.cache/smolvm/images)")
 	root.AddCommand(a.sandboxCmd(), a.imageCmd(), a.doctorCmd(), a.benchCmd())
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
-		return &smolvm.Error{Message: err.Error(), Fix: c.CommandPath() + " --help", Err: smolvm.ErrInvalidConfig}
+		return &smolvm.Error{Message: err.Error(), Fix: usageFix(c.CommandPath() + " --help"), Err: smolvm.ErrInvalidConfig}
 	})
 	return root
 }

@@ -47,7 +47,7 @@ func TestRenderChecks(t *testing.T) {
 	var b strings.Builder
 	renderChecks(&b, []smolvm.Check{
 		{Name: "a", OK: true, Status: smolvm.CheckOK, Detail: "fine"},
-		{Name: "b", OK: true, Status: smolvm.CheckWarn, Detail: "slow", Fix: "get KVM"},
+		{Name: "b", OK: true, Status: smolvm.CheckWarn, Detail: "slow", Fix: smolvm.Fix{Action: smolvm.FixConfigureHost, Args: map[string]string{smolvm.ArgHint: "get KVM"}}},
 		{Name: "c", Status: smolvm.CheckFail, Detail: "broken"},
 	})
 	want := "[ok  ] a              fine\n" +

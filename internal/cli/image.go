@@ -57,7 +57,7 @@ func (a *app) imageCmd() *cobra.Command {
 			img, err := image.Build(ctx, opts)
 			if err != nil {
 				if errors.Is(err, image.ErrUnknownImage) {
-					return &smolvm.Error{Message: err.Error(), Fix: "smolvm image build debian", Err: errors.Join(smolvm.ErrInvalidConfig, err)}
+					return &smolvm.Error{Message: err.Error(), Fix: smolvm.Fix{Action: smolvm.FixBuildImage, Args: map[string]string{smolvm.ArgImage: "debian"}}, Err: errors.Join(smolvm.ErrInvalidConfig, err)}
 				}
 				return err
 			}
@@ -99,7 +99,7 @@ func (a *app) imageCmd() *cobra.Command {
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := image.Remove(a.imageDirOrDefault(), args[0]); err != nil {
 				if errors.Is(err, image.ErrNotBuilt) {
-					return &smolvm.Error{Message: err.Error(), Fix: "smolvm image ls", Err: errors.Join(smolvm.ErrImageNotBuilt, err)}
+					return &smolvm.Error{Message: err.Error(), Fix: smolvm.Fix{Action: smolvm.FixListImages}, Err: errors.Join(smolvm.ErrImageNotBuilt, err)}
 				}
 				return err
 			}
@@ -132,7 +132,7 @@ func findAgent(ctx context.Context) (string, error) {
 	root, err := moduleRoot()
 	if err != nil {
 		return "", &smolvm.Error{Message: "cannot find the guest agent binary (smolvm-agent)",
-			Fix: "CGO_ENABLED=0 go build -o bin/smolvm-agent ./cmd/smolvm-agent, then pass --agent bin/smolvm-agent", Err: err}
+			Fix: usageFix("CGO_ENABLED=0 go build -o bin/smolvm-agent ./cmd/smolvm-agent, then pass --agent bin/smolvm-agent"), Err: err}
 	}
 	out := filepath.Join(root, "bin", "smolvm-agent")
 	if err := image.BuildAgent(ctx, root, out); err != nil {

@@ -131,7 +131,7 @@ func networkFlags(domains, cidrs []string) (smolvm.NetworkPolicy, error) {
 			a, aerr := netip.ParseAddr(c)
 			if aerr != nil {
 				return np, &smolvm.Error{Message: fmt.Sprintf("invalid --allow-cidr %q: want a prefix such as 203.0.113.0/24 or an address", c),
-					Fix: "use --allow-cidr 203.0.113.0/24", Err: smolvm.ErrInvalidConfig}
+					Fix: usageFix("use --allow-cidr 203.0.113.0/24"), Err: smolvm.ErrInvalidConfig}
 			}
 			p = netip.PrefixFrom(a, a.BitLen())
 		}
@@ -146,7 +146,7 @@ func networkFlags(domains, cidrs []string) (smolvm.NetworkPolicy, error) {
 func parsePort(s string) (smolvm.PortForward, error) {
 	bad := func(why string) (smolvm.PortForward, error) {
 		return smolvm.PortForward{}, &smolvm.Error{Message: fmt.Sprintf("invalid port mapping %q: %s", s, why),
-			Fix: "use -p 8080:80 (127.0.0.1:8080 on the host), or -p 0.0.0.0:8080:80 to expose it on every interface", Err: smolvm.ErrInvalidConfig}
+			Fix: usageFix("use -p 8080:80 (127.0.0.1:8080 on the host), or -p 0.0.0.0:8080:80 to expose it on every interface"), Err: smolvm.ErrInvalidConfig}
 	}
 	rest, guest, ok := cut(s, strings.LastIndexByte(s, ':'))
 	if !ok {
@@ -217,7 +217,7 @@ func parseEnv(vals []string) (map[string]string, error) {
 		k, v, ok := strings.Cut(kv, "=")
 		if !ok || k == "" {
 			return nil, &smolvm.Error{Message: fmt.Sprintf("invalid environment variable %q: want KEY=VALUE", kv),
-				Fix: "use -e KEY=VALUE", Err: smolvm.ErrInvalidConfig}
+				Fix: usageFix("use -e KEY=VALUE"), Err: smolvm.ErrInvalidConfig}
 		}
 		env[k] = v
 	}
@@ -404,7 +404,7 @@ func (a *app) deleteCmd() *cobra.Command {
 		ValidArgsFunction: a.completeVMs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if !all && len(args) == 0 {
-				return &smolvm.Error{Message: "name a sandbox to delete, or pass --all", Fix: "smolvm sandbox list --all", Err: smolvm.ErrInvalidConfig}
+				return &smolvm.Error{Message: "name a sandbox to delete, or pass --all", Fix: smolvm.Fix{Action: smolvm.FixListVMs}, Err: smolvm.ErrInvalidConfig}
 			}
 			return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
 				ids := args
@@ -510,7 +510,7 @@ func (a *app) portCmd() *cobra.Command {
 			}
 			if pf.HostAddr != "127.0.0.1" {
 				return &smolvm.Error{Message: fmt.Sprintf("port expose binds 127.0.0.1 only, not %s", pf.HostAddr),
-					Fix: "use HOST:GUEST here, or create the sandbox with -p " + args[1], Err: smolvm.ErrInvalidConfig}
+					Fix: usageFix("use HOST:GUEST here, or create the sandbox with -p " + args[1]), Err: smolvm.ErrInvalidConfig}
 			}
 			return a.withVM(cmd, args[0], func(ctx context.Context, vm *smolvm.VM) error {
 				if err := vm.ExposePort(ctx, pf.HostPort, pf.GuestPort); err != nil {
