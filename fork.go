@@ -16,8 +16,11 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/smolvm-go/smolvm/internal/agentclient"
 	"github.com/smolvm-go/smolvm/internal/agentproto"
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/snapshot"
+	"github.com/smolvm-go/smolvm/internal/steps"
 	"github.com/smolvm-go/smolvm/internal/store"
 )
 
@@ -93,77 +96,31 @@ func (m *Manager) Fork(ctx context.Context, snapshotID string, n int, opts ForkO
 			return nil, err
 		}
 	}
-	unlock, err := store.LockSnapshot(ctx, m.opts.DataDir, snapshotID)
+	f := &forkOp{m: m, snapshotID: snapshotID, n: n, opts: opts, locks: heldLocks{dataDir: m.opts.DataDir}}
+	// The snapshot's lock is held until every clone runs: a clone still
+	// starting is "created", which DeleteSnapshot would not count as a
+	// user of the snapshot.
+	defer f.locks.release()
+	err := m.runSteps(ctx, "fork", []any{"snapshot", snapshotID, "clones", n},
+		steps.Step{Name: "lock snapshot", Do: func(ctx context.Context) error { return f.locks.snapshot(ctx, snapshotID) }},
+		steps.Step{Name: "check snapshot", Do: f.check},
+		steps.Step{Name: "verify snapshot", Do: f.verify},
+		steps.Step{Name: "check host memory", Do: f.checkMemory},
+		steps.Step{Name: "find backend", Do: f.findBackend},
+		steps.Step{Name: "register clones", Do: f.register, Undo: f.unregister},
+		steps.Step{Name: "start clones", Do: f.start}, // last: it never fails as a whole
+	)
 	if err != nil {
 		return nil, err
 	}
-	// Held until every clone runs: a clone still starting is "created",
-	// which DeleteSnapshot would not count as a user of the snapshot.
-	defer unlock()
-	s, err := m.store.GetSnapshot(ctx, snapshotID)
-	if errors.Is(err, store.ErrNotFound) {
-		return nil, newErr("fork", ErrSnapshotNotFound, newFix(FixListSnapshots), fmt.Sprintf("snapshot %q not found", snapshotID))
-	}
-	if err != nil {
-		return nil, err
-	}
-	if s.Type == backend.SnapshotKind(SnapshotDisk) {
-		return nil, newErr("fork", ErrUnsupported, newFix(FixRestoreOnce, ArgSnapshot, snapshotID),
-			fmt.Sprintf("snapshot %s is a disk snapshot: it has no memory to share, so clones would each cold-boot from the disk", snapshotID))
-	}
-	man, err := m.loadSnapshot(ctx, snapshotID, false)
-	if err != nil {
-		return nil, err
-	}
-	if err := m.checkForkMemory(snapshotID, man.Result, man.Spec.MemoryMiB, n); err != nil {
-		return nil, err
-	}
-	b, err := m.backend(man.Backend)
-	if err != nil {
-		return nil, err
-	}
-	prefix := opts.Prefix
-	if prefix == "" {
-		prefix = man.VMID
-	}
-	// Register every clone first (so none can be lost, and the snapshot
-	// cannot be deleted under them), then start them in parallel.
-	ids := make([]string, n)
-	for k := range ids {
-		id, err := m.cloneID(ctx, prefix, k+1)
-		if err != nil {
-			m.dropClones(ctx, b, ids[:k])
-			return nil, err
-		}
-		spec := m.cloneSpec(man.Spec, id)
-		rec := store.VM{ID: id, Backend: b.Name(), Status: store.VMCreated, Config: man.VMConfig,
-			Machine: backend.Machine{Spec: spec, Backend: b.Name()}, RestoredFrom: snapshotID}
-		if err := m.store.CreateVM(ctx, rec); err != nil {
-			m.dropClones(ctx, b, ids[:k])
-			return nil, err
-		}
-		ids[k] = id
-	}
-	vms := make([]*VM, n)
-	errs := make([]error, n)
-	var wg sync.WaitGroup
-	for k, id := range ids {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			vms[k], errs[k] = m.startClone(ctx, b, man.Result, filepath.Join(m.snapRoot(), snapshotID), man.Type, id, opts.Resume)
-		}()
-	}
-	wg.Wait()
 	var out []*VM
 	fe := &ForkError{Failed: map[string]error{}}
-	for k, id := range ids {
-		if errs[k] != nil {
-			m.dropClones(context.WithoutCancel(ctx), b, []string{id})
-			fe.Failed[id] = errs[k]
+	for k, id := range f.ids {
+		if f.errs[k] != nil {
+			fe.Failed[id] = f.errs[k]
 			continue
 		}
-		out = append(out, vms[k])
+		out = append(out, f.vms[k])
 	}
 	if len(fe.Failed) > 0 {
 		if len(out) == 0 {
@@ -172,6 +129,139 @@ func (m *Manager) Fork(ctx context.Context, snapshotID string, n int, opts ForkO
 		return out, &Error{Op: "fork", Message: fe.Error(), Err: fe}
 	}
 	return out, nil
+}
+
+// forkOp is one Fork: its steps and what they share.
+type forkOp struct {
+	m          *Manager
+	snapshotID string
+	n          int
+	opts       ForkOptions
+
+	locks heldLocks
+	man   snapshot.Manifest
+	b     backend.Backend
+	ids   []string // the clones, registered
+	vms   []*VM    // per clone: started, or
+	errs  []error  // why not
+}
+
+// check refuses a snapshot that does not exist or has no memory.
+func (f *forkOp) check(ctx context.Context) error {
+	s, err := f.m.store.GetSnapshot(ctx, f.snapshotID)
+	if errors.Is(err, store.ErrNotFound) {
+		return newErr("fork", ErrSnapshotNotFound, newFix(FixListSnapshots), fmt.Sprintf("snapshot %q not found", f.snapshotID))
+	}
+	if err != nil {
+		return err
+	}
+	if s.Type == backend.SnapshotKind(SnapshotDisk) {
+		return newErr("fork", ErrUnsupported,
+			newFix(FixRestoreOnce, ArgSnapshot, f.snapshotID),
+			fmt.Sprintf("snapshot %s is a disk snapshot: it has no memory to share, so clones would each cold-boot from the disk", f.snapshotID))
+	}
+	return nil
+}
+
+func (f *forkOp) verify(ctx context.Context) (err error) {
+	f.man, err = f.m.loadSnapshot(ctx, f.snapshotID, false)
+	return err
+}
+
+func (f *forkOp) checkMemory(context.Context) error {
+	return f.m.checkForkMemory(f.snapshotID, f.man.Result, f.man.Spec.MemoryMiB, f.n)
+}
+
+func (f *forkOp) findBackend(context.Context) (err error) {
+	f.b, err = f.m.backend(f.man.Backend)
+	return err
+}
+
+// register records every clone, in one transaction, before any starts: none
+// can be lost, and the snapshot cannot be deleted under them.
+func (f *forkOp) register(ctx context.Context) error {
+	prefix := f.opts.Prefix
+	if prefix == "" {
+		prefix = f.man.VMID
+	}
+	ids := make([]string, f.n)
+	err := f.m.store.Tx(ctx, func(tx *store.Tx) error {
+		for k := range ids {
+			id, err := cloneID(ctx, tx, prefix, k+1)
+			if err != nil {
+				return err
+			}
+			spec := f.m.cloneSpec(f.man.Spec, id)
+			rec := store.VM{ID: id, Backend: f.b.Name(), Status: store.VMCreated, Config: f.man.VMConfig,
+				Machine: backend.Machine{Spec: spec, Backend: f.b.Name()}, RestoredFrom: f.snapshotID}
+			if err := tx.CreateVM(ctx, rec); err != nil {
+				return err
+			}
+			ids[k] = id
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	f.ids = ids
+	return nil
+}
+
+func (f *forkOp) unregister(ctx context.Context) error {
+	return f.m.deleteVMs(ctx, f.ids)
+}
+
+// start starts every clone in parallel (startClone). A clone that fails
+// undoes its own steps, and is then dropped (dropFailed); the others run.
+func (f *forkOp) start(ctx context.Context) error {
+	f.vms, f.errs = make([]*VM, f.n), make([]error, f.n)
+	snapDir := filepath.Join(f.m.snapRoot(), f.snapshotID)
+	var wg sync.WaitGroup
+	for k, id := range f.ids {
+		wg.Go(func() {
+			f.vms[k], f.errs[k] = f.m.startClone(ctx, f.b, f.man.Result, snapDir, f.man.Type, id, f.opts.Resume)
+		})
+	}
+	wg.Wait()
+	f.dropFailed(ctx)
+	return nil
+}
+
+// dropFailed stops and removes whatever the failed clones left and
+// deletes their records, in one transaction.
+func (f *forkOp) dropFailed(ctx context.Context) {
+	ctx = context.WithoutCancel(ctx)
+	var failed []string
+	for k, id := range f.ids {
+		if f.errs[k] == nil {
+			continue
+		}
+		failed = append(failed, id)
+		if rec, err := f.m.store.GetVM(ctx, id); err == nil {
+			f.b.Stop(ctx, rec.Machine)
+			removeAll(rec.Machine.Dir, rec.Machine.RunDir)
+		}
+	}
+	if err := f.m.deleteVMs(ctx, failed); err != nil {
+		f.m.log.Warn("fork: the records of failed clones were not deleted", "clones", failed, "err", err)
+	}
+}
+
+// deleteVMs deletes the records of ids (those that exist) in one
+// transaction.
+func (m *Manager) deleteVMs(ctx context.Context, ids []string) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	return m.store.Tx(ctx, func(tx *store.Tx) error {
+		for _, id := range ids {
+			if err := tx.DeleteVM(ctx, id); err != nil && !errors.Is(err, store.ErrNotFound) {
+				return err
+			}
+		}
+		return nil
+	})
 }
 
 // Fork restores a snapshot into n clones with the default Options. The
@@ -191,7 +281,8 @@ func Fork(ctx context.Context, snapshotID string, n int, opts ForkOptions) ([]*V
 	return vms, err
 }
 
-func (m *Manager) cloneID(ctx context.Context, prefix string, k int) (string, error) {
+// cloneID returns a new clone id that no VM in tx has.
+func cloneID(ctx context.Context, tx *store.Tx, prefix string, k int) (string, error) {
 	for range 16 {
 		var b [3]byte
 		rand.Read(b[:])
@@ -201,8 +292,10 @@ func (m *Manager) cloneID(ctx context.Context, prefix string, k int) (string, er
 			p = strings.TrimRight(p[:64-len(suffix)], "-_")
 		}
 		id := p + suffix
-		if _, err := m.store.GetVM(ctx, id); errors.Is(err, store.ErrNotFound) {
+		if _, err := tx.GetVM(ctx, id); errors.Is(err, store.ErrNotFound) {
 			return id, nil
+		} else if err != nil {
+			return "", err
 		}
 	}
 	return "", errors.New("fork: could not generate a unique clone id")
@@ -225,79 +318,128 @@ func (m *Manager) cloneSpec(spec backend.Spec, id string) backend.Spec {
 	return spec
 }
 
+// startClone starts one registered clone: the steps of cloneOp.steps,
+// under the clone's lock. A failed step undoes the ones before it; the
+// clone's record is left for Fork to delete.
 func (m *Manager) startClone(ctx context.Context, b backend.Backend, res backend.SnapshotResult, snapDir string,
 	kind backend.SnapshotKind, id string, resume bool) (*VM, error) {
-	unlock, err := store.LockVM(ctx, m.opts.DataDir, id) // its row is written below
-	if err != nil {
+	c := &cloneOp{m: m, b: b, res: res, snapDir: snapDir, kind: kind, id: id, resume: resume, locks: heldLocks{dataDir: m.opts.DataDir}}
+	defer c.locks.release()
+	if err := m.runSteps(ctx, "clone", []any{"vm", id}, c.steps()...); err != nil {
 		return nil, err
 	}
-	defer unlock()
-	rec, err := m.store.GetVM(ctx, id)
-	if err != nil {
-		return nil, err
-	}
-	if err := os.MkdirAll(rec.Machine.Dir, 0o700); err != nil {
-		return nil, err
-	}
-	if err := m.runAs(ctx, &rec.Machine.Spec); err != nil {
-		return nil, err
-	}
-	mach, err := b.Restore(ctx, backend.RestoreRequest{Spec: rec.Machine.Spec, SnapshotDir: snapDir, Kind: kind, Result: res, Resume: true})
-	if err != nil {
-		return nil, err
-	}
-	rec.Machine, rec.PID, rec.Status = mach, mach.PID, store.VMRunning
-	if err := m.store.UpdateVM(ctx, rec); err != nil {
-		return nil, err
-	}
-	vm := &VM{m: m, id: id}
-	cctx, cancel := context.WithTimeout(ctx, 60*time.Second)
-	defer cancel()
-	c, err := m.connectAgent(cctx, b, mach)
-	if err != nil {
-		return nil, fmt.Errorf("agent: %w", err)
-	}
-	vm.setClient(c)
-	seed := make([]byte, 64)
-	rand.Read(seed)
-	// The clock request goes first without waiting (the agent applies it
-	// before it reads the next request), then the identity: one round trip
-	// for both, which counts when many clones share few cores.
-	waitTime, err := c.SendSetTime(cctx, time.Now())
-	if err != nil {
-		return nil, fmt.Errorf("setting the clone's clock: %w", err)
-	}
-	idErr := c.SetIdentityRequest(cctx, agentproto.SetIdentityRequest{Hostname: hostnameFor(id), Seed: seed, MAC: mach.MAC})
-	if err := waitTime(cctx); err != nil {
-		return nil, fmt.Errorf("setting the clone's clock: %w", err)
-	}
-	if idErr != nil {
-		return nil, fmt.Errorf("setting the clone's identity: %w", idErr)
-	}
-	if !resume {
-		if err := b.Pause(ctx, mach); err != nil {
-			return nil, err
-		}
-		rec.Status = store.VMPaused
-		if err := m.store.UpdateVM(ctx, rec); err != nil {
-			return nil, err
-		}
-	}
-	return vm, nil
+	return c.vm, nil
 }
 
-// dropClones stops and removes clones that could not start.
-func (m *Manager) dropClones(ctx context.Context, b backend.Backend, ids []string) {
-	for _, id := range ids {
-		if id == "" {
-			continue
-		}
-		if rec, err := m.store.GetVM(ctx, id); err == nil {
-			b.Stop(ctx, rec.Machine)
-			removeAll(rec.Machine.Dir, rec.Machine.RunDir)
-		}
-		m.store.DeleteVM(ctx, id)
+// cloneOp is the start of one clone.
+type cloneOp struct {
+	m       *Manager
+	b       backend.Backend
+	res     backend.SnapshotResult
+	snapDir string
+	kind    backend.SnapshotKind
+	id      string
+	resume  bool
+
+	locks    heldLocks
+	rec      store.VM
+	mach     backend.Machine
+	vm       *VM
+	client   *agentclient.Client
+	deadline time.Time // for the agent: its connection, clock and identity
+}
+
+func (c *cloneOp) steps() []steps.Step {
+	list := []steps.Step{
+		{Name: "lock clone", Do: func(ctx context.Context) error { return c.locks.vm(ctx, c.id) }}, // its row is written below
+		{Name: "read clone record", Do: c.read},
+		{Name: "make clone dir", Do: c.makeDir, Undo: c.removeDirs},
+		{Name: "assign uid", Do: c.assignUID}, // released with the record
+		{Name: "restore vmm", Do: c.restoreVMM, Undo: c.stopVMM},
+		{Name: "record vmm", Do: c.recordVMM},
+		{Name: "connect agent", Do: c.connectAgent, Undo: c.disconnect},
+		{Name: "set clock and identity", Do: c.setIdentity},
 	}
+	if !c.resume {
+		list = append(list, steps.Step{Name: "pause clone", Do: c.pause})
+	}
+	return list
+}
+
+func (c *cloneOp) read(ctx context.Context) (err error) {
+	c.rec, err = c.m.store.GetVM(ctx, c.id)
+	return err
+}
+
+func (c *cloneOp) makeDir(context.Context) error { return os.MkdirAll(c.rec.Machine.Dir, 0o700) }
+
+func (c *cloneOp) removeDirs(context.Context) error {
+	return errors.Join(os.RemoveAll(c.rec.Machine.Dir), os.RemoveAll(c.rec.Machine.RunDir))
+}
+
+func (c *cloneOp) assignUID(ctx context.Context) error { return c.m.runAs(ctx, &c.rec.Machine.Spec) }
+
+func (c *cloneOp) restoreVMM(ctx context.Context) (err error) {
+	c.mach, err = c.b.Restore(ctx, backend.RestoreRequest{Spec: c.rec.Machine.Spec, SnapshotDir: c.snapDir, Kind: c.kind, Result: c.res, Resume: true})
+	return err
+}
+
+func (c *cloneOp) stopVMM(ctx context.Context) error { return c.b.Stop(ctx, c.mach) }
+
+// recordVMM records the running clone's VMM.
+func (c *cloneOp) recordVMM(ctx context.Context) error {
+	c.rec.Machine, c.rec.PID, c.rec.Status = c.mach, c.mach.PID, store.VMRunning
+	c.vm = &VM{m: c.m, id: c.id}
+	return c.m.store.UpdateVM(ctx, c.rec)
+}
+
+func (c *cloneOp) connectAgent(ctx context.Context) error {
+	c.deadline = time.Now().Add(60 * time.Second)
+	cctx, cancel := context.WithDeadline(ctx, c.deadline)
+	defer cancel()
+	client, err := c.m.connectAgent(cctx, c.b, c.mach)
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	c.vm.setClient(client)
+	c.client = client
+	return nil
+}
+
+func (c *cloneOp) disconnect(context.Context) error {
+	c.vm.closeClient()
+	return nil
+}
+
+// setIdentity sets the clone's clock, hostname, MAC and random seed. The
+// clock request goes first without waiting (the agent applies it before it
+// reads the next request), then the identity: one round trip for both,
+// which counts when many clones share few cores.
+func (c *cloneOp) setIdentity(ctx context.Context) error {
+	cctx, cancel := context.WithDeadline(ctx, c.deadline)
+	defer cancel()
+	seed := make([]byte, 64)
+	rand.Read(seed)
+	waitTime, err := c.client.SendSetTime(cctx, time.Now())
+	if err != nil {
+		return fmt.Errorf("setting the clone's clock: %w", err)
+	}
+	idErr := c.client.SetIdentityRequest(cctx, agentproto.SetIdentityRequest{Hostname: hostnameFor(c.id), Seed: seed, MAC: c.mach.MAC})
+	if err := waitTime(cctx); err != nil {
+		return fmt.Errorf("setting the clone's clock: %w", err)
+	}
+	if idErr != nil {
+		return fmt.Errorf("setting the clone's identity: %w", idErr)
+	}
+	return nil
+}
+
+func (c *cloneOp) pause(ctx context.Context) error {
+	if err := c.b.Pause(ctx, c.mach); err != nil {
+		return err
+	}
+	c.rec.Status = store.VMPaused
+	return c.m.store.UpdateVM(ctx, c.rec)
 }
 
 // cloneOverheadMiB is what one clone costs the host beyond the shared

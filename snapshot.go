@@ -13,6 +13,7 @@ import (
 
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/snapshot"
+	"github.com/smolvm-go/smolvm/internal/steps"
 	"github.com/smolvm-go/smolvm/internal/store"
 )
 
@@ -141,6 +142,11 @@ func (m *Manager) snapshotID(ctx context.Context, vmID string) string {
 
 // Snapshot saves the VM. The VM must be running or paused; it is paused
 // while the snapshot is taken and stays paused unless opts.ResumeSource.
+//
+// It runs as the steps of snapshotOp.steps. The snapshot is written into a
+// temporary directory and published (renamed into place, its row made
+// ready) only when complete; a failed step undoes the ones before it, so a
+// failed snapshot leaves no directory or row, and the VM as it was.
 func (vm *VM) Snapshot(ctx context.Context, opts SnapshotOptions) (*SnapshotInfo, error) {
 	kind, err := ParseSnapshotType(string(opts.Type))
 	if err != nil {
@@ -151,137 +157,267 @@ func (vm *VM) Snapshot(ctx context.Context, opts SnapshotOptions) (*SnapshotInfo
 			return nil, err
 		}
 	}
-	m := vm.m
-	unlock, rec, b, err := vm.lock(ctx) // serializes snapshots (and everything else) of one VM
-	if err != nil {
-		return nil, err
+	op := &snapshotOp{vm: vm, m: vm.m, kind: kind, opts: opts}
+	defer op.unlock()
+	if err := vm.m.runSteps(ctx, "snapshot", []any{"vm", vm.id}, op.steps()...); err != nil {
+		return nil, op.failed(err)
 	}
-	defer unlock()
+	// Saved and committed: a failure to resume is reported, not rolled back.
+	if opts.ResumeSource {
+		if err := op.b.Resume(ctx, op.rec.Machine); err != nil {
+			return nil, &Error{Op: "snapshot", Message: fmt.Sprintf("snapshot %s was saved, but vm %s did not resume: %v", op.id, vm.id, err),
+				Fix: newFix(FixResumeVM, ArgVM, vm.id), Err: err}
+		}
+		op.rec.Status = store.VMRunning
+		if err := vm.m.store.UpdateVM(ctx, op.rec); err != nil {
+			return nil, err
+		}
+	}
+	info := vm.m.snapInfo(op.row)
+	return &info, nil
+}
+
+// snapshotOp is one VM.Snapshot: its steps and what they share.
+type snapshotOp struct {
+	vm   *VM
+	m    *Manager
+	kind SnapshotType
+	opts SnapshotOptions
+
+	unlockVM   func()
+	rec        store.VM
+	b          backend.Backend
+	wasRunning bool
+	id         string
+	row        store.Snapshot
+	reserved   bool   // the id is reserved: failures are the snapshot's
+	tmp        string // the directory being written
+	res        backend.SnapshotResult
+	man        snapshot.Manifest
+}
+
+// steps lists the snapshot. The VM's lock serializes snapshots (and
+// everything else) of one VM.
+func (op *snapshotOp) steps() []steps.Step {
+	list := []steps.Step{
+		{Name: "lock vm", Do: op.lockVM},
+		{Name: "check vm", Do: op.check},
+		{Name: "sweep interrupted snapshots", Do: op.sweep},
+		{Name: "reserve snapshot id", Do: op.reserve, Undo: op.abort},
+		{Name: "note source state", Do: op.noteSource, Undo: op.putBackSource},
+		{Name: "make temp dir", Do: op.makeTemp, Undo: op.removeTemp},
+	}
+	if op.kind == SnapshotDisk {
+		list = append(list,
+			steps.Step{Name: "wake paused guest", Do: op.wakeGuest, Undo: op.pauseGuestAgain},
+			steps.Step{Name: "sync guest disk", Do: op.syncGuest})
+	} else {
+		list = append(list, steps.Step{Name: "attach agent", Do: op.attachAgent})
+	}
+	return append(list,
+		steps.Step{Name: "save vm state", Do: op.save},
+		steps.Step{Name: "write manifest", Do: op.writeManifest},
+		steps.Step{Name: "publish snapshot", Do: op.publish, Undo: op.unpublish},
+		steps.Step{Name: "commit snapshot row", Do: op.commit},
+	)
+}
+
+func (op *snapshotOp) lockVM(ctx context.Context) error {
+	unlock, rec, b, err := op.vm.lock(ctx)
+	if err != nil {
+		return err
+	}
+	op.unlockVM, op.rec, op.b = unlock, rec, b
+	op.wasRunning = rec.Status == store.VMRunning
+	return nil
+}
+
+func (op *snapshotOp) unlock() {
+	if op.unlockVM != nil {
+		op.unlockVM()
+	}
+}
+
+// check refuses a VM that is not running or paused, and a kind the backend
+// cannot take.
+func (op *snapshotOp) check(context.Context) error {
+	vm, rec, b, kind := op.vm, op.rec, op.b, op.kind
 	if rec.Status != store.VMRunning && rec.Status != store.VMPaused {
-		return nil, newErr("snapshot", ErrVMNotRunning, newFix(FixStartVM, ArgVM, vm.id),
+		return newErr("snapshot", ErrVMNotRunning, newFix(FixStartVM, ArgVM, vm.id),
 			fmt.Sprintf("cannot snapshot vm %s: it is %s; a VM must be running or paused to be snapshotted", vm.id, rec.Status))
 	}
 	caps := b.Capabilities()
 	if (kind == SnapshotDisk && !caps.DiskSnapshot) || (kind != SnapshotDisk && !caps.MemorySnapshot) {
-		return nil, newErr("snapshot", ErrUnsupported, Fix{}, fmt.Sprintf("the %s backend cannot take %s snapshots", b.Name(), kind))
+		return newErr("snapshot", ErrUnsupported, Fix{}, fmt.Sprintf("the %s backend cannot take %s snapshots", b.Name(), kind))
 	}
-	m.cleanupSnapshots(ctx)
-	id := opts.ID
-	if id == "" {
-		id = m.snapshotID(ctx, vm.id)
+	return nil
+}
+
+// sweep removes what interrupted snapshots left (best effort).
+func (op *snapshotOp) sweep(ctx context.Context) error {
+	op.m.cleanupSnapshots(ctx)
+	return nil
+}
+
+// reserve claims the snapshot's id with a pending row: no one else can
+// take it, and nothing lists it until commit.
+func (op *snapshotOp) reserve(ctx context.Context) error {
+	op.id = op.opts.ID
+	if op.id == "" {
+		op.id = op.m.snapshotID(ctx, op.vm.id)
 	}
-	wasRunning := rec.Status == store.VMRunning
-	row := store.Snapshot{ID: id, VMID: vm.id, Backend: b.Name(), Type: backend.SnapshotKind(kind), CreatedAt: time.Now().UTC()}
-	if err := m.store.ReserveSnapshot(ctx, row); err != nil {
+	op.row = store.Snapshot{ID: op.id, VMID: op.vm.id, Backend: op.b.Name(), Type: backend.SnapshotKind(op.kind), CreatedAt: time.Now().UTC()}
+	if err := op.m.store.ReserveSnapshot(ctx, op.row); err != nil {
 		if errors.Is(err, store.ErrExists) {
-			return nil, newErr("snapshot", ErrSnapshotExists, newFix(FixChooseSnapshotID, ArgSnapshot, id),
-				fmt.Sprintf("snapshot %q already exists", id))
+			return newErr("snapshot", ErrSnapshotExists, newFix(FixChooseSnapshotID, ArgSnapshot, op.id),
+				fmt.Sprintf("snapshot %q already exists", op.id))
 		}
-		return nil, err
+		return err
 	}
-	tmp := ""
-	fail := func(err error) (*SnapshotInfo, error) {
-		bg := context.WithoutCancel(ctx)
-		if tmp != "" {
-			os.RemoveAll(tmp)
-		}
-		m.store.AbortSnapshot(bg, id)
-		if wasRunning {
-			if b.Resume(bg, rec.Machine) == nil {
-				rec.Status = store.VMRunning
-				m.store.UpdateVM(bg, rec)
-			}
-		}
-		var e *Error
-		if errors.As(err, &e) {
-			return nil, err
-		}
-		return nil, &Error{Op: "snapshot", Message: fmt.Sprintf("snapshot of vm %s failed: %v", vm.id, err), Err: err}
+	op.reserved = true
+	return nil
+}
+
+func (op *snapshotOp) abort(ctx context.Context) error {
+	return op.m.store.AbortSnapshot(ctx, op.id)
+}
+
+// noteSource changes nothing: its undo puts a VM that was running back to
+// running (saving the state pauses it).
+func (op *snapshotOp) noteSource(context.Context) error { return nil }
+
+func (op *snapshotOp) putBackSource(ctx context.Context) error {
+	if !op.wasRunning {
+		return nil
 	}
-	if tmp, err = snapshot.TempDir(m.snapRoot(), id); err != nil {
-		return fail(err)
+	if err := op.b.Resume(ctx, op.rec.Machine); err != nil {
+		return err
 	}
-	if kind == SnapshotDisk {
-		// Flush the guest's page cache: the disk alone must be consistent.
-		// A paused guest runs for the moment of the sync.
-		if !wasRunning {
-			if err := b.Resume(ctx, rec.Machine); err != nil {
-				return fail(err)
-			}
-			rec.Status = store.VMRunning
-			m.store.UpdateVM(ctx, rec)
-			defer func() {
-				if rec.Status == store.VMRunning && !opts.ResumeSource {
-					bg := context.WithoutCancel(ctx)
-					if b.Pause(bg, rec.Machine) == nil {
-						rec.Status = store.VMPaused
-						m.store.UpdateVM(bg, rec)
-					}
-				}
-			}()
-		}
-		c, err := vm.agent(ctx, "snapshot")
-		if err != nil {
-			return fail(err)
-		}
-		sctx, cancel := context.WithTimeout(ctx, 60*time.Second)
-		err = c.Sync(sctx)
-		cancel()
-		if err != nil {
-			return fail(fmt.Errorf("syncing the guest before a disk snapshot: %w", err))
-		}
-	}
-	if kind != SnapshotDisk && wasRunning {
-		// Have an agent channel attached while the memory is saved: the
-		// guest then restores with a host already on that channel. Without
-		// one it must first learn of the restorer's connection (a
-		// virtio-serial port-open), which took a restored guest about 200
-		// ms before its first reply under TCG. Best effort.
-		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		if _, err := vm.agent(actx, "snapshot"); err != nil {
-			m.log.Debug("snapshot without an agent connection", "vm", vm.id, "err", err)
-		}
-		cancel()
-	}
-	res, err := b.Snapshot(ctx, rec.Machine, backend.SnapshotKind(kind), tmp)
+	op.rec.Status = store.VMRunning
+	return op.m.store.UpdateVM(ctx, op.rec)
+}
+
+func (op *snapshotOp) makeTemp(context.Context) error {
+	tmp, err := snapshot.TempDir(op.m.snapRoot(), op.id)
 	if err != nil {
-		return fail(err)
+		return err
 	}
-	rec.Status = store.VMPaused
-	if err := m.store.UpdateVM(ctx, rec); err != nil {
-		return fail(err)
+	op.tmp = tmp
+	return nil
+}
+
+func (op *snapshotOp) removeTemp(context.Context) error { return os.RemoveAll(op.tmp) }
+
+// wakeGuest resumes a paused guest for the moment of a disk snapshot's
+// sync (saving the state pauses it again).
+func (op *snapshotOp) wakeGuest(ctx context.Context) error {
+	if op.wasRunning {
+		return nil
 	}
-	arts, size, err := snapshot.Describe(tmp, res.Artifacts)
+	if err := op.b.Resume(ctx, op.rec.Machine); err != nil {
+		return err
+	}
+	op.rec.Status = store.VMRunning
+	op.m.store.UpdateVM(ctx, op.rec)
+	return nil
+}
+
+// pauseGuestAgain pauses a guest that wakeGuest resumed and that is still
+// running, unless the caller asked for it to run after the snapshot.
+func (op *snapshotOp) pauseGuestAgain(ctx context.Context) error {
+	if op.wasRunning || op.opts.ResumeSource || op.rec.Status != store.VMRunning {
+		return nil
+	}
+	if err := op.b.Pause(ctx, op.rec.Machine); err != nil {
+		return err
+	}
+	op.rec.Status = store.VMPaused
+	return op.m.store.UpdateVM(ctx, op.rec)
+}
+
+// syncGuest flushes the guest's page cache: the disk alone must be
+// consistent.
+func (op *snapshotOp) syncGuest(ctx context.Context) error {
+	c, err := op.vm.agent(ctx, "snapshot")
 	if err != nil {
-		return fail(err)
+		return err
 	}
-	man := snapshot.Manifest{FormatVersion: snapshot.FormatVersion, ID: id, VMID: vm.id, Backend: b.Name(),
-		Type: backend.SnapshotKind(kind), CreatedAt: row.CreatedAt, VMConfig: rec.Config, Spec: rec.Machine.Spec,
-		Result: res, Artifacts: arts, BaseImage: res.BaseImage, SizeBytes: size}
-	if err := snapshot.WriteManifest(tmp, man); err != nil {
-		return fail(err)
+	sctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	err = c.Sync(sctx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("syncing the guest before a disk snapshot: %w", err)
 	}
-	manJSON, _ := json.Marshal(man)
-	if _, err := snapshot.Publish(tmp, m.snapRoot(), id); err != nil {
-		return fail(err)
+	return nil
+}
+
+// attachAgent has an agent channel attached while the memory is saved: the
+// guest then restores with a host already on that channel. Without one it
+// must first learn of the restorer's connection (a virtio-serial
+// port-open), which took a restored guest about 200 ms before its first
+// reply under TCG. Best effort, and only for a running guest.
+func (op *snapshotOp) attachAgent(ctx context.Context) error {
+	if !op.wasRunning {
+		return nil
 	}
-	tmp = filepath.Join(m.snapRoot(), id) // removed by fail from here on
-	row.SizeBytes, row.ParentImage, row.Manifest = size, res.BaseImage, manJSON
-	if err := m.store.CommitSnapshot(ctx, id, row); err != nil {
-		return fail(err)
+	actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	if _, err := op.vm.agent(actx, "snapshot"); err != nil {
+		op.m.log.Debug("snapshot without an agent connection", "vm", op.vm.id, "err", err)
 	}
-	if opts.ResumeSource {
-		if err := b.Resume(ctx, rec.Machine); err != nil {
-			return nil, &Error{Op: "snapshot", Message: fmt.Sprintf("snapshot %s was saved, but vm %s did not resume: %v", id, vm.id, err),
-				Fix: newFix(FixResumeVM, ArgVM, vm.id), Err: err}
-		}
-		rec.Status = store.VMRunning
-		if err := m.store.UpdateVM(ctx, rec); err != nil {
-			return nil, err
-		}
+	cancel()
+	return nil
+}
+
+// save has the backend pause the VM and write its artifacts into the temp
+// dir. The VM stays paused (putBackSource resumes it on failure).
+func (op *snapshotOp) save(ctx context.Context) error {
+	res, err := op.b.Snapshot(ctx, op.rec.Machine, backend.SnapshotKind(op.kind), op.tmp)
+	if err != nil {
+		return err
 	}
-	info := m.snapInfo(row)
-	return &info, nil
+	op.res = res
+	op.rec.Status = store.VMPaused
+	return op.m.store.UpdateVM(ctx, op.rec)
+}
+
+// writeManifest hashes the artifacts and writes the manifest next to them.
+func (op *snapshotOp) writeManifest(context.Context) error {
+	arts, size, err := snapshot.Describe(op.tmp, op.res.Artifacts)
+	if err != nil {
+		return err
+	}
+	op.man = snapshot.Manifest{FormatVersion: snapshot.FormatVersion, ID: op.id, VMID: op.vm.id, Backend: op.b.Name(),
+		Type: backend.SnapshotKind(op.kind), CreatedAt: op.row.CreatedAt, VMConfig: op.rec.Config, Spec: op.rec.Machine.Spec,
+		Result: op.res, Artifacts: arts, BaseImage: op.res.BaseImage, SizeBytes: size}
+	return snapshot.WriteManifest(op.tmp, op.man)
+}
+
+// publish renames the complete directory into place.
+func (op *snapshotOp) publish(context.Context) error {
+	_, err := snapshot.Publish(op.tmp, op.m.snapRoot(), op.id)
+	return err
+}
+
+func (op *snapshotOp) unpublish(context.Context) error {
+	return os.RemoveAll(filepath.Join(op.m.snapRoot(), op.id))
+}
+
+// commit makes the row ready, with the manifest the restores compare the
+// one on disk to.
+func (op *snapshotOp) commit(ctx context.Context) error {
+	manJSON, _ := json.Marshal(op.man)
+	op.row.SizeBytes, op.row.ParentImage, op.row.Manifest = op.man.SizeBytes, op.res.BaseImage, manJSON
+	return op.m.store.CommitSnapshot(ctx, op.id, op.row)
+}
+
+// failed explains a failed snapshot. Failures before the id was reserved
+// changed nothing and are returned as they are.
+func (op *snapshotOp) failed(err error) error {
+	var e *Error
+	if !op.reserved || errors.As(err, &e) {
+		return err
+	}
+	return &Error{Op: "snapshot", Message: fmt.Sprintf("snapshot of vm %s failed: %v", op.vm.id, err), Err: err}
 }
 
 // cleanupSnapshots removes what interrupted creates and deletes left: pending
@@ -430,170 +566,316 @@ func FromSnapshot(ctx context.Context, id string, opts RestoreOptions) (*VM, err
 // Every artifact is checked before anything is stopped or replaced.
 // The restored VM has no kernel loaded in its VMM (on QEMU): a reboot from
 // inside the guest stops it, and Start then boots it cold from its disk.
+//
+// It runs as the steps of restoreOp.steps; a failed step undoes the ones
+// before it, so a failed restore leaves no VMM, directory or record of its
+// own and puts the replaced VM's files and record back.
 func (m *Manager) FromSnapshot(ctx context.Context, id string, opts RestoreOptions) (*VM, error) {
 	if err := ValidateID(id); err != nil {
 		return nil, err
 	}
-	t0 := time.Now()
-	phase := func(name string) { m.log.Debug("restore", "snapshot", id, "phase", name, "elapsed", time.Since(t0)) }
-	unlockSnap, err := store.LockSnapshot(ctx, m.opts.DataDir, id)
-	if err != nil {
-		return nil, err
+	r := &restoreOp{m: m, id: id, opts: opts, locks: heldLocks{dataDir: m.opts.DataDir}}
+	defer r.locks.release()
+	if err := m.runSteps(ctx, "restore", []any{"snapshot", id}, r.steps()...); err != nil {
+		return nil, r.failed(err)
 	}
-	defer unlockSnap()
-	s, err := m.store.GetSnapshot(ctx, id)
+	return r.vm, nil
+}
+
+// restoreOp is one FromSnapshot: its steps and what they share. Locks are
+// taken in the order snapshot, then VM (as in Fork and DeleteSnapshot),
+// and held until the restore ends.
+type restoreOp struct {
+	m    *Manager
+	id   string
+	opts RestoreOptions
+
+	locks    heldLocks
+	man      snapshot.Manifest
+	b        backend.Backend
+	vmID     string
+	spec     backend.Spec
+	old      store.VM // the VM replaced, when hasOld
+	hasOld   bool
+	aside    string   // where the replaced VM's files wait ("" for none)
+	pending  store.VM // the record written before the VMM starts
+	reserved bool     // pending is written: failures are the restore's
+	mach     backend.Machine
+	vm       *VM
+}
+
+// steps lists the restore: checks that change nothing, then the changes,
+// each with its undo.
+func (r *restoreOp) steps() []steps.Step {
+	list := []steps.Step{
+		{Name: "lock snapshot", Do: r.lockSnapshot},
+		{Name: "check restore-once", Do: r.checkRestoreOnce},
+		{Name: "verify snapshot", Do: r.verify},
+		{Name: "lock vm", Do: r.lockVM},
+		{Name: "stop replaced vm", Do: r.stopReplaced, Undo: r.putBackReplacedRecord},
+		{Name: "move replaced files aside", Do: r.moveAside, Undo: r.moveBack},
+		{Name: "reserve vm record", Do: r.reserveRecord, Undo: r.dropRecord},
+		{Name: "make vm dir", Do: r.makeDir, Undo: r.removeDirs},
+		{Name: "assign uid", Do: r.assignUID}, // released with the record (dropRecord)
+		{Name: "restore vmm", Do: r.restoreVMM, Undo: r.stopVMM},
+	}
+	if r.opts.Resume {
+		list = append(list, steps.Step{Name: "connect agent", Do: r.connectAgent, Undo: r.disconnect})
+	}
+	// Last: once it commits, nothing may be undone.
+	return append(list, steps.Step{Name: "mark restored", Do: r.markRestored})
+}
+
+func (r *restoreOp) lockSnapshot(ctx context.Context) error { return r.locks.snapshot(ctx, r.id) }
+
+// checkRestoreOnce refuses a snapshot restored before, unless forced.
+func (r *restoreOp) checkRestoreOnce(ctx context.Context) error {
+	s, err := r.m.store.GetSnapshot(ctx, r.id)
 	if errors.Is(err, store.ErrNotFound) {
-		return nil, newErr("restore", ErrSnapshotNotFound, newFix(FixListSnapshots), fmt.Sprintf("snapshot %q not found", id))
+		return newErr("restore", ErrSnapshotNotFound, newFix(FixListSnapshots), fmt.Sprintf("snapshot %q not found", r.id))
 	}
 	if err != nil {
-		return nil, err
+		return err
 	}
-	if s.Restored && !opts.Force {
-		return nil, newErr("restore", ErrSnapshotRestored, newFix(FixRestoreForce, ArgSnapshot, id),
-			fmt.Sprintf("snapshot %s was already restored (into vm %s); a snapshot restores once unless forced", id, s.RestoredVMID))
+	if s.Restored && !r.opts.Force {
+		return newErr("restore", ErrSnapshotRestored, newFix(FixRestoreForce, ArgSnapshot, r.id),
+			fmt.Sprintf("snapshot %s was already restored (into vm %s); a snapshot restores once unless forced", r.id, s.RestoredVMID))
 	}
-	man, err := m.loadSnapshot(ctx, id, false)
-	if err != nil {
-		return nil, err
-	}
-	phase("verified")
-	b, err := m.backend(man.Backend)
-	if err != nil {
-		return nil, err
-	}
-	vmID := man.VMID
-	unlockVM, err := store.LockVM(ctx, m.opts.DataDir, vmID)
-	if err != nil {
-		return nil, err
-	}
-	defer unlockVM()
+	return nil
+}
 
-	spec := man.Spec
-	spec.Dir, spec.RunDir = m.vmDir(vmID), m.runDir(vmID)
-	spec.Disk = filepath.Join(spec.Dir, filepath.Base(spec.Disk))
+// verify checks the manifest and artifacts (before anything is stopped or
+// replaced) and finds the snapshot's backend.
+func (r *restoreOp) verify(ctx context.Context) error {
+	man, err := r.m.loadSnapshot(ctx, r.id, false)
+	if err != nil {
+		return err
+	}
+	b, err := r.m.backend(man.Backend)
+	if err != nil {
+		return err
+	}
+	r.man, r.b, r.vmID = man, b, man.VMID
+	r.spec = man.Spec
+	r.spec.Dir, r.spec.RunDir = r.m.vmDir(r.vmID), r.m.runDir(r.vmID)
+	r.spec.Disk = filepath.Join(r.spec.Dir, filepath.Base(r.spec.Disk))
+	return nil
+}
 
-	// Stop the VM that has this id and move its files aside: they come
-	// back if the restore fails.
-	old, oldErr := m.store.GetVM(ctx, vmID)
-	if oldErr != nil && !errors.Is(oldErr, store.ErrNotFound) {
-		return nil, oldErr
+func (r *restoreOp) lockVM(ctx context.Context) error { return r.locks.vm(ctx, r.vmID) }
+
+// stopReplaced stops the VM that has this id, if any, and removes what an
+// interrupted restore of it left aside.
+func (r *restoreOp) stopReplaced(ctx context.Context) error {
+	old, err := r.m.store.GetVM(ctx, r.vmID)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil
 	}
-	aside := ""
-	if oldErr == nil {
-		ob, err := m.backend(old.Backend)
-		if err != nil {
-			return nil, err
-		}
-		if err := ob.Stop(ctx, old.Machine); err != nil {
-			return nil, fmt.Errorf("restore: stopping vm %s: %w", vmID, err)
-		}
-		removeReplaced(old.Machine.Dir) // what an interrupted restore left aside
-		if _, err := os.Stat(old.Machine.Dir); err == nil {
-			aside = old.Machine.Dir + replacedSuffix + fmt.Sprint(time.Now().UnixNano())
-			if err := os.Rename(old.Machine.Dir, aside); err != nil {
-				return nil, err
-			}
-		}
-		old.Status, old.PID = store.VMStopped, 0
+	if err != nil {
+		return err
 	}
-	// The record points at the new VMM's directory before that VMM starts:
-	// should this process die mid-restore, the VM is listed (stopped, with
-	// a last error saying so) and a new restore, Start or Delete stops the
-	// VMM, found through its directory, instead of it running on unseen.
-	pending := store.VM{ID: vmID, Backend: b.Name(), Status: store.VMStopped, Config: man.VMConfig,
-		Machine: backend.Machine{Spec: spec, Backend: b.Name()}, RestoredFrom: id,
-		LastError: "the restore of snapshot " + id + " into this VM was interrupted; restore it again or delete the VM"}
-	if oldErr == nil {
-		err = m.store.UpdateVM(ctx, pending)
+	ob, err := r.m.backend(old.Backend)
+	if err != nil {
+		return err
+	}
+	if err := ob.Stop(ctx, old.Machine); err != nil {
+		return fmt.Errorf("restore: stopping vm %s: %w", r.vmID, err)
+	}
+	removeReplaced(old.Machine.Dir)
+	old.Status, old.PID = store.VMStopped, 0
+	r.old, r.hasOld = old, true
+	return nil
+}
+
+// putBackReplacedRecord records the replaced VM as stopped, with why the
+// restore failed once it had replaced the record.
+func (r *restoreOp) putBackReplacedRecord(ctx context.Context) error {
+	if !r.hasOld {
+		return nil
+	}
+	if cause := steps.Cause(ctx); r.reserved && cause != nil {
+		r.old.LastError = "restore of snapshot " + r.id + " failed: " + cause.Error()
+	}
+	return r.m.store.UpdateVM(ctx, r.old)
+}
+
+// moveAside moves the replaced VM's files out of the way: they come back
+// should the restore fail.
+func (r *restoreOp) moveAside(context.Context) error {
+	if !r.hasOld {
+		return nil
+	}
+	if _, err := os.Stat(r.old.Machine.Dir); err != nil {
+		return nil
+	}
+	aside := r.old.Machine.Dir + replacedSuffix + fmt.Sprint(time.Now().UnixNano())
+	if err := os.Rename(r.old.Machine.Dir, aside); err != nil {
+		return err
+	}
+	r.aside = aside
+	return nil
+}
+
+func (r *restoreOp) moveBack(context.Context) error {
+	if r.aside == "" {
+		return nil
+	}
+	return os.Rename(r.aside, r.old.Machine.Dir)
+}
+
+// reserveRecord points the VM's record at the new VMM's directory before
+// that VMM starts: should this process die mid-restore, the VM is listed
+// (stopped, with a last error saying so) and a new restore, Start or
+// Delete stops the VMM, found through its directory, instead of it
+// running on unseen.
+func (r *restoreOp) reserveRecord(ctx context.Context) error {
+	r.pending = store.VM{ID: r.vmID, Backend: r.b.Name(), Status: store.VMStopped, Config: r.man.VMConfig,
+		Machine: backend.Machine{Spec: r.spec, Backend: r.b.Name()}, RestoredFrom: r.id,
+		LastError: "the restore of snapshot " + r.id + " into this VM was interrupted; restore it again or delete the VM"}
+	var err error
+	if r.hasOld {
+		err = r.m.store.UpdateVM(ctx, r.pending)
 	} else {
-		err = m.store.CreateVM(ctx, pending)
+		err = r.m.store.CreateVM(ctx, r.pending)
+	}
+	r.reserved = err == nil
+	return err
+}
+
+// dropRecord deletes a record this restore created (and with it the uid
+// assigned to it); a replaced VM's record is put back by
+// putBackReplacedRecord.
+func (r *restoreOp) dropRecord(ctx context.Context) error {
+	if r.hasOld {
+		return nil
+	}
+	return r.m.store.DeleteVM(ctx, r.vmID)
+}
+
+func (r *restoreOp) makeDir(context.Context) error {
+	return os.MkdirAll(r.spec.Dir, 0o700)
+}
+
+// removeDirs removes the new VM's directory and its run directory.
+func (r *restoreOp) removeDirs(context.Context) error {
+	return errors.Join(os.RemoveAll(r.spec.Dir), os.RemoveAll(r.spec.RunDir))
+}
+
+func (r *restoreOp) assignUID(ctx context.Context) error {
+	return r.m.runAs(ctx, &r.spec)
+}
+
+func (r *restoreOp) restoreVMM(ctx context.Context) error {
+	mach, err := r.b.Restore(ctx, backend.RestoreRequest{Spec: r.spec, SnapshotDir: filepath.Join(r.m.snapRoot(), r.id),
+		Kind: r.man.Type, Result: r.man.Result, Resume: r.opts.Resume})
+	if err != nil {
+		return err
+	}
+	r.mach = mach
+	r.vm = &VM{m: r.m, id: r.vmID}
+	return nil
+}
+
+func (r *restoreOp) stopVMM(ctx context.Context) error {
+	return r.b.Stop(ctx, r.mach)
+}
+
+// connectAgent waits for the restored guest's agent and sets its clock.
+func (r *restoreOp) connectAgent(ctx context.Context) error {
+	var cfg Config
+	json.Unmarshal(r.man.VMConfig, &cfg)
+	cfg = cfg.withDefaults()
+	timeout := 30 * time.Second
+	if r.man.Type == backend.SnapshotKind(SnapshotDisk) {
+		timeout = cfg.BootTimeout
+	}
+	cctx, cancel := context.WithTimeout(ctx, timeout)
+	c, err := r.m.connectAgent(cctx, r.b, r.mach)
+	cancel()
+	if err == nil {
+		r.vm.setClient(c)
+		err = r.vm.afterBoot(ctx, c, nil)
 	}
 	if err != nil {
-		if aside != "" {
-			os.Rename(aside, old.Machine.Dir)
-			m.store.UpdateVM(context.WithoutCancel(ctx), old)
+		return fmt.Errorf("the restored vm's agent did not answer: %w", err)
+	}
+	return nil
+}
+
+func (r *restoreOp) disconnect(context.Context) error {
+	r.vm.closeClient()
+	return nil
+}
+
+// markRestored records, in one transaction, the VM as restored (its VMM,
+// paused or running) and the snapshot as restored into it: the restore-once
+// rule never sees one without the other. Then the replaced VM's files go.
+func (r *restoreOp) markRestored(ctx context.Context) error {
+	rec := r.pending
+	rec.Status, rec.Machine, rec.PID, rec.LastError = store.VMPaused, r.mach, r.mach.PID, ""
+	if r.opts.Resume {
+		rec.Status = store.VMRunning
+	}
+	err := r.m.store.Tx(ctx, func(tx *store.Tx) error {
+		if err := tx.UpdateVM(ctx, rec); err != nil {
+			return err
 		}
-		return nil, err
-	}
-	rollback := func(cause error) (*VM, error) {
-		bg := context.WithoutCancel(ctx)
-		os.RemoveAll(spec.Dir)
-		os.RemoveAll(spec.RunDir)
-		if oldErr == nil {
-			if aside != "" {
-				os.Rename(aside, old.Machine.Dir)
-			}
-			old.LastError = "restore of snapshot " + id + " failed: " + cause.Error()
-			m.store.UpdateVM(bg, old)
-		} else {
-			m.store.DeleteVM(bg, vmID)
-		}
-		var e *Error
-		if errors.As(cause, &e) {
-			return nil, cause
-		}
-		if errors.Is(cause, backend.ErrBackingMissing) {
-			return nil, &Error{Op: "restore", Message: fmt.Sprintf("restore of %s: %v", id, cause),
-				Fix: newFix(FixFullSnapshot), Err: errors.Join(ErrBackingImageMissing, cause)}
-		}
-		return nil, &Error{Op: "restore", Message: fmt.Sprintf("restore of snapshot %s failed: %v", id, cause),
-			Fix: newFix(FixShowLogs, ArgVM, vmID), Err: cause}
-	}
-	if err := os.MkdirAll(spec.Dir, 0o700); err != nil {
-		return rollback(err)
-	}
-	kind := backend.SnapshotKind(man.Type)
-	phase("old vm replaced")
-	if err := m.runAs(ctx, &spec); err != nil {
-		return rollback(err)
-	}
-	mach, err := b.Restore(ctx, backend.RestoreRequest{Spec: spec, SnapshotDir: filepath.Join(m.snapRoot(), id),
-		Kind: kind, Result: man.Result, Resume: opts.Resume})
-	if err != nil {
-		return rollback(err)
-	}
-	phase("vmm restored")
-	status := store.VMPaused
-	if opts.Resume {
-		status = store.VMRunning
-	}
-	rec := pending
-	rec.Status, rec.Machine, rec.PID, rec.LastError = status, mach, mach.PID, ""
-	if err := m.store.UpdateVM(ctx, rec); err != nil {
-		b.Stop(context.WithoutCancel(ctx), mach)
-		return rollback(err)
-	}
-	vm := &VM{m: m, id: vmID}
-	if opts.Resume {
-		var cfg Config
-		json.Unmarshal(man.VMConfig, &cfg)
-		cfg = cfg.withDefaults()
-		timeout := 30 * time.Second
-		if kind == backend.SnapshotKind(SnapshotDisk) {
-			timeout = cfg.BootTimeout
-		}
-		cctx, cancel := context.WithTimeout(ctx, timeout)
-		c, err := m.connectAgent(cctx, b, mach)
-		cancel()
-		phase("agent connected")
-		if err == nil {
-			vm.setClient(c)
-			err = vm.afterBoot(ctx, c, nil)
-		}
-		phase("clock set")
+		s, err := tx.GetSnapshot(ctx, r.id)
 		if err != nil {
-			b.Stop(context.WithoutCancel(ctx), mach)
-			return rollback(fmt.Errorf("the restored vm's agent did not answer: %w", err))
+			return err
+		}
+		s.Restored, s.RestoredVMID, s.RestoreCount = true, r.vmID, s.RestoreCount+1
+		return tx.UpdateSnapshot(ctx, s)
+	})
+	if err != nil {
+		return err
+	}
+	removeAll(r.aside)
+	return nil
+}
+
+// failed explains a failed restore. Failures before the VM's record was
+// replaced changed nothing and are returned as they are.
+func (r *restoreOp) failed(cause error) error {
+	var e *Error
+	if !r.reserved || errors.As(cause, &e) {
+		return cause
+	}
+	if errors.Is(cause, backend.ErrBackingMissing) {
+		return &Error{Op: "restore", Message: fmt.Sprintf("restore of %s: %v", r.id, cause),
+			Fix: newFix(FixFullSnapshot), Err: errors.Join(ErrBackingImageMissing, cause)}
+	}
+	return &Error{Op: "restore", Message: fmt.Sprintf("restore of snapshot %s failed: %v", r.id, cause),
+		Fix: newFix(FixShowLogs, ArgVM, r.vmID), Err: cause}
+}
+
+// runSteps runs an operation's steps (package steps), logging each one
+// done and its time at debug level, and a failure with the step it
+// happened in. It returns the failed step's own error, so an operation's
+// errors read as before it was split in steps; an undo that failed is
+// logged as a warning (what it left behind is named there).
+func (m *Manager) runSteps(ctx context.Context, op string, attrs []any, list ...steps.Step) error {
+	t0 := time.Now()
+	for i := range list {
+		name, do := list[i].Name, list[i].Do
+		list[i].Do = func(ctx context.Context) error {
+			if err := do(ctx); err != nil {
+				return err
+			}
+			m.log.Debug(op, append(attrs, "step", name, "elapsed", time.Since(t0))...)
+			return nil
 		}
 	}
-	if aside != "" {
-		os.RemoveAll(aside)
+	err := steps.Run(ctx, list...)
+	var se *steps.Error
+	if !errors.As(err, &se) {
+		return err
 	}
-	s.Restored, s.RestoredVMID, s.RestoreCount = true, vmID, s.RestoreCount+1
-	if err := m.store.UpdateSnapshot(ctx, s); err != nil {
-		return nil, err
+	m.log.Debug(op+" failed", append(attrs, "step", se.Step, "err", se.Err)...)
+	if se.Rollback != nil {
+		m.log.Warn(op+" failed and its rollback did not finish", append(attrs, "step", se.Step, "err", se.Err, "rollback", se.Rollback)...)
 	}
-	return vm, nil
+	return se.Err
 }
 
 // replacedSuffix names a VM directory that a restore moved aside (it comes
@@ -614,59 +896,105 @@ func removeReplaced(dir string) {
 // DeleteSnapshot removes a snapshot and every artifact of it, permanently.
 // It is refused while a VM restored from it is running or paused; stopped
 // VMs restored from it get their disks made self-contained first.
+//
+// Steps: lock snapshot, find snapshot, lock restored vms, detach restored
+// disks, delete snapshot (one transaction: the VMs' rows no longer point at
+// it, its row is gone; then its files). The rows go before the files: a
+// delete interrupted in between leaves an unlisted directory, which the
+// next snapshot (or doctor) sweeps, never a listed snapshot without files.
 func (m *Manager) DeleteSnapshot(ctx context.Context, id string) error {
 	if err := ValidateID(id); err != nil {
 		return err
 	}
-	unlock, err := store.LockSnapshot(ctx, m.opts.DataDir, id)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	if _, err := m.store.GetSnapshot(ctx, id); errors.Is(err, store.ErrNotFound) {
-		return newErr("snapshot delete", ErrSnapshotNotFound, newFix(FixListSnapshots), fmt.Sprintf("snapshot %q not found", id))
+	d := &deleteSnapshotOp{m: m, id: id, locks: heldLocks{dataDir: m.opts.DataDir}}
+	defer d.locks.release()
+	return m.runSteps(ctx, "snapshot delete", []any{"snapshot", id},
+		steps.Step{Name: "lock snapshot", Do: func(ctx context.Context) error { return d.locks.snapshot(ctx, id) }},
+		steps.Step{Name: "find snapshot", Do: d.find},
+		steps.Step{Name: "lock restored vms", Do: d.lockUsers},
+		steps.Step{Name: "detach restored disks", Do: d.detach},
+		steps.Step{Name: "delete snapshot", Do: d.delete}, // last: it commits
+	)
+}
+
+// deleteSnapshotOp is one DeleteSnapshot. Nothing in it is undone: a
+// detached disk is as good as an attached one, and the rows change in one
+// transaction.
+type deleteSnapshotOp struct {
+	m       *Manager
+	id      string
+	locks   heldLocks
+	stopped []store.VM // stopped VMs restored from the snapshot
+}
+
+func (d *deleteSnapshotOp) find(ctx context.Context) error {
+	if _, err := d.m.store.GetSnapshot(ctx, d.id); errors.Is(err, store.ErrNotFound) {
+		return newErr("snapshot delete", ErrSnapshotNotFound, newFix(FixListSnapshots), fmt.Sprintf("snapshot %q not found", d.id))
 	} else if err != nil {
 		return err
 	}
-	users, err := m.store.VMsRestoredFrom(ctx, id)
+	return nil
+}
+
+// lockUsers locks each VM restored from the snapshot, until its disk is
+// detached and its row updated: one started meanwhile would run on a disk
+// whose backing file is going away. (The snapshot's lock is taken first,
+// as in FromSnapshot and Fork.) A running or paused one refuses the
+// delete.
+func (d *deleteSnapshotOp) lockUsers(ctx context.Context) error {
+	users, err := d.m.store.VMsRestoredFrom(ctx, d.id)
 	if err != nil {
 		return err
 	}
-	// Each VM restored from it stays locked until its disk is detached and
-	// its row updated: one started meanwhile would run on a disk whose
-	// backing file is going away. (The snapshot's lock is taken first, as
-	// in FromSnapshot and Fork.)
-	var stopped []store.VM
 	for _, u := range users {
-		unlockVM, err := store.LockVM(ctx, m.opts.DataDir, u.ID)
-		if err != nil {
+		if err := d.locks.vm(ctx, u.ID); err != nil {
 			return err
 		}
-		defer unlockVM()
-		rec, err := m.record(ctx, u.ID)
-		if err != nil || rec.RestoredFrom != id {
+		rec, err := d.m.record(ctx, u.ID)
+		if err != nil || rec.RestoredFrom != d.id {
 			continue // deleted, or restored from another snapshot, meanwhile
 		}
 		if rec.Status == store.VMRunning || rec.Status == store.VMPaused {
 			return newErr("snapshot delete", ErrSnapshotInUse, newFix(FixStopVM, ArgVM, u.ID),
-				fmt.Sprintf("snapshot %s is in use: vm %s restored from it is %s", id, u.ID, rec.Status))
+				fmt.Sprintf("snapshot %s is in use: vm %s restored from it is %s", d.id, u.ID, rec.Status))
 		}
-		stopped = append(stopped, rec)
+		d.stopped = append(d.stopped, rec)
 	}
-	for _, rec := range stopped {
-		if err := m.detachFromSnapshot(ctx, rec); err != nil {
+	return nil
+}
+
+// detach makes each stopped VM's disk independent of the snapshot, so
+// deleting it loses none of their data.
+func (d *deleteSnapshotOp) detach(ctx context.Context) error {
+	for _, rec := range d.stopped {
+		if err := d.m.detachDisk(ctx, rec); err != nil {
 			return err
 		}
 	}
-	if err := snapshot.Remove(m.snapRoot(), id); err != nil {
-		return err
-	}
-	return m.store.DeleteSnapshot(ctx, id)
+	return nil
 }
 
-// detachFromSnapshot makes a stopped VM's disk independent of the snapshot
-// it was restored from, so deleting the snapshot loses none of its data.
-func (m *Manager) detachFromSnapshot(ctx context.Context, rec store.VM) error {
+// delete clears the VMs' RestoredFrom and deletes the snapshot's row, in
+// one transaction, then its files.
+func (d *deleteSnapshotOp) delete(ctx context.Context) error {
+	err := d.m.store.Tx(ctx, func(tx *store.Tx) error {
+		for _, rec := range d.stopped {
+			rec.RestoredFrom = ""
+			if err := tx.UpdateVM(ctx, rec); err != nil {
+				return err
+			}
+		}
+		return tx.DeleteSnapshot(ctx, d.id)
+	})
+	if err != nil {
+		return err
+	}
+	return snapshot.Remove(d.m.snapRoot(), d.id)
+}
+
+// detachDisk makes a stopped VM's disk independent of the snapshot it was
+// restored from (when its backend's disks depend on it).
+func (m *Manager) detachDisk(ctx context.Context, rec store.VM) error {
 	b, err := m.backend(rec.Backend)
 	if err != nil {
 		return err
@@ -680,6 +1008,35 @@ func (m *Manager) detachFromSnapshot(ctx context.Context, rec store.VM) error {
 			return fmt.Errorf("making the disk of vm %s independent of its snapshot: %w", rec.ID, err)
 		}
 	}
-	rec.RestoredFrom = ""
-	return m.store.UpdateVM(ctx, rec)
+	return nil
+}
+
+// heldLocks are the store locks an operation holds until it ends, taken in
+// the order snapshot, then VMs, and released in reverse.
+type heldLocks struct {
+	dataDir string
+	unlocks []func()
+}
+
+func (l *heldLocks) snapshot(ctx context.Context, id string) error {
+	return l.hold(store.LockSnapshot(ctx, l.dataDir, id))
+}
+
+func (l *heldLocks) vm(ctx context.Context, id string) error {
+	return l.hold(store.LockVM(ctx, l.dataDir, id))
+}
+
+func (l *heldLocks) hold(unlock func(), err error) error {
+	if err != nil {
+		return err
+	}
+	l.unlocks = append(l.unlocks, unlock)
+	return nil
+}
+
+func (l *heldLocks) release() {
+	for i := len(l.unlocks) - 1; i >= 0; i-- {
+		l.unlocks[i]()
+	}
+	l.unlocks = nil
 }

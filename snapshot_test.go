@@ -1,6 +1,7 @@
 package smolvm_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -293,6 +294,98 @@ func TestSnapshotRules(t *testing.T) {
 	}
 	if st, _ := vm.Status(ctx); st != smolvm.StatusRunning {
 		t.Errorf("source vm after refused restore: %s", st)
+	}
+
+	// A restore that fails mid-way (a memory image that passes the quick
+	// check but crashes the guest: the VMM runs, the agent never answers)
+	// is rolled back: into the existing VM, its record and files come back;
+	// into a deleted one, nothing of it is left. No VMM runs either way,
+	// and the snapshot is not counted as restored.
+	bad, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "bad-memory", ResumeSource: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bad.Artifacts.Memory == "" {
+		t.Fatalf("snapshot without a memory file: %+v", bad.Artifacts)
+	}
+	corruptKeepingStat(t, bad.Artifacts.Memory)
+	info, err := vm.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vmDir, runDir := info.Dir, m.RunDirFor(vm.ID())
+	disk, err := os.Stat(filepath.Join(vmDir, "disk.qcow2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkRolledBack := func(when string) {
+		t.Helper()
+		if p := testutil.ProcessesFor(vmDir); len(p) > 0 {
+			t.Errorf("%s: VMM %v left running", when, p)
+		}
+		if left, _ := filepath.Glob(vmDir + ".*"); len(left) > 0 {
+			t.Errorf("%s: left next to the VM dir: %v", when, left)
+		}
+		if s, err := m.GetSnapshot(ctx, bad.ID); err != nil || s.Restored || s.RestoreCount != 0 {
+			t.Errorf("%s: snapshot after the failed restore: %+v, %v", when, s, err)
+		}
+	}
+	t0 := time.Now()
+	_, err = m.FromSnapshot(ctx, bad.ID, smolvm.RestoreOptions{Resume: true})
+	if err == nil || !strings.Contains(err.Error(), "restore of snapshot bad-memory failed") {
+		t.Fatalf("restore of a crashing memory image into the existing vm: %v", err)
+	}
+	t.Logf("failed restore into the existing vm (%v): %v", time.Since(t0).Round(time.Millisecond), err)
+	checkRolledBack("into the existing vm")
+	if info, err := vm.Info(ctx); err != nil || info.Status != smolvm.StatusStopped ||
+		!strings.Contains(info.LastError, "restore of snapshot bad-memory failed") || info.RestoredFrom != "" {
+		t.Errorf("the replaced vm after the failed restore: %+v, %v", info, err)
+	}
+	if back, err := os.Stat(filepath.Join(vmDir, "disk.qcow2")); err != nil || !os.SameFile(disk, back) {
+		t.Errorf("the replaced vm's disk did not come back: %v", err)
+	}
+	if err := vm.Delete(ctx); err != nil {
+		t.Fatal(err)
+	}
+	_, err = m.FromSnapshot(ctx, bad.ID, smolvm.RestoreOptions{Resume: true})
+	if err == nil || !strings.Contains(err.Error(), "restore of snapshot bad-memory failed") {
+		t.Fatalf("restore of a crashing memory image into a deleted vm: %v", err)
+	}
+	checkRolledBack("into a deleted vm")
+	if _, err := m.Open(ctx, vm.ID()); !errors.Is(err, smolvm.ErrVMNotFound) {
+		t.Errorf("the failed restore left a record: %v", err)
+	}
+	for _, d := range []string{vmDir, runDir} {
+		if _, err := os.Stat(d); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("the failed restore left %s: %v", d, err)
+		}
+	}
+}
+
+// corruptKeepingStat fills a file with int3 opcodes (0xCC) and puts its
+// modification time back: the quick check (size and mtime of large
+// artifacts) passes, a guest running on it crashes at once.
+func corruptKeepingStat(t *testing.T, path string) {
+	t.Helper()
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := bytes.Repeat([]byte{0xCC}, 1<<20)
+	for off := int64(0); off < st.Size(); off += int64(len(buf)) {
+		if _, err := f.WriteAt(buf[:min(int64(len(buf)), st.Size()-off)], off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chtimes(path, st.ModTime(), st.ModTime()); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -3,9 +3,9 @@
 // undo what it did, and when a later step fails the undos run in reverse
 // order, so a failed operation leaves no process, file or record behind.
 //
-// The step names appear in errors ("restore: start vmm: ..."), so a failure
-// says where it happened, and tests can assert which steps ran and which were
-// rolled back (Plan.Trace).
+// The step names appear in errors ("start vmm: ..."), so a failure says
+// where it happened. An undo can ask why it runs (Cause): the error of the
+// step that failed.
 package steps
 
 import (
@@ -54,14 +54,16 @@ func (e *Error) Unwrap() []error {
 
 // Run performs steps in order. When one fails (or ctx ends between steps),
 // it undoes the steps that succeeded, newest first, and returns an *Error.
+// The step that commits the operation (after which nothing may be undone)
+// must therefore be the last: a cancel after it is not seen.
 func Run(ctx context.Context, list ...Step) error {
 	var s Stack
 	for _, st := range list {
 		if err := ctx.Err(); err != nil {
-			return &Error{Step: st.Name, Err: err, Rollback: s.Unwind(ctx)}
+			return s.Fail(ctx, st.Name, err)
 		}
 		if err := st.Do(ctx); err != nil {
-			return &Error{Step: st.Name, Err: err, Rollback: s.Unwind(ctx)}
+			return s.Fail(ctx, st.Name, err)
 		}
 		if st.Undo != nil {
 			s.Push(st.Name, st.Undo)
@@ -97,7 +99,25 @@ func (s *Stack) Release() { s.undos = nil }
 // UndoTimeout and independent of ctx's cancellation, and returns their
 // errors joined (nil when all succeeded). The stack is empty afterwards.
 func (s *Stack) Unwind(ctx context.Context) error {
+	return s.unwind(ctx, nil)
+}
+
+// causeKey carries, in an undo's context, the error it undoes for.
+type causeKey struct{}
+
+// Cause returns, inside an undo, the error of the step whose failure
+// started the rollback (nil when the stack was unwound without one, by
+// Unwind). An undo uses it to record why, e.g. in a record's last error.
+func Cause(ctx context.Context) error {
+	err, _ := ctx.Value(causeKey{}).(error)
+	return err
+}
+
+func (s *Stack) unwind(ctx context.Context, cause error) error {
 	base := context.WithoutCancel(ctx)
+	if cause != nil {
+		base = context.WithValue(base, causeKey{}, cause)
+	}
 	var errs []error
 	for i := len(s.undos) - 1; i >= 0; i-- {
 		u := s.undos[i]
@@ -114,5 +134,5 @@ func (s *Stack) Unwind(ctx context.Context) error {
 // Fail unwinds the stack and returns an *Error for step: the inline
 // form of a failed step, "return s.Fail(ctx, "start vmm", err)".
 func (s *Stack) Fail(ctx context.Context, step string, err error) error {
-	return &Error{Step: step, Err: err, Rollback: s.Unwind(ctx)}
+	return &Error{Step: step, Err: err, Rollback: s.unwind(ctx, err)}
 }

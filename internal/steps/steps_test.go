@@ -71,4 +71,25 @@ func TestRunStopsOnCancelledContext(t *testing.T) {
 	}
 }
 
+func TestUndoSeesCause(t *testing.T) {
+	var seen []error
+	undo := func(ctx context.Context) error { seen = append(seen, Cause(ctx)); return nil }
+	err := Run(context.Background(),
+		Step{Name: "a", Do: func(context.Context) error { return nil }, Undo: undo},
+		Step{Name: "b", Do: func(context.Context) error { return errBoom }},
+	)
+	if !errors.Is(err, errBoom) || len(seen) != 1 || seen[0] != errBoom {
+		t.Fatalf("err = %v, undo saw %v; want errBoom both", err, seen)
+	}
+	// Inline form: Fail passes its error; a bare Unwind has no cause.
+	var s Stack
+	s.Push("x", undo)
+	s.Fail(context.Background(), "y", errBoom)
+	s.Push("x", undo)
+	s.Unwind(context.Background())
+	if len(seen) != 3 || seen[1] != errBoom || seen[2] != nil {
+		t.Fatalf("causes seen = %v, want [boom boom <nil>]", seen)
+	}
+}
+
 var errBoom = errors.New("boom")

@@ -42,10 +42,18 @@ func (p *proc) kill() {
 }
 
 // fail ends a launch that went wrong: it kills the process, removes what
-// the launch created, and returns err as a *backend.VMMError with the log
-// tail. A transport error from a VMM that died mid-request is reported as
-// the VMM exiting.
+// the launch created, and returns err explained (see explain).
 func (p *proc) fail(op string, err error, spec backend.Spec) error {
+	err = p.explain(op, err, spec)
+	p.kill()
+	cleanup(spec)
+	return err
+}
+
+// explain returns the error of request op as a *backend.VMMError with the
+// log tail. A transport error from a VMM that died mid-request is reported
+// as the VMM exiting.
+func (p *proc) explain(op string, err error, spec backend.Spec) error {
 	var fe *fcapi.Error
 	if !errors.As(err, &fe) {
 		select {
@@ -54,10 +62,7 @@ func (p *proc) fail(op string, err error, spec backend.Spec) error {
 		case <-time.After(time.Second):
 		}
 	}
-	err = vmmError(op, err, spec.Dir)
-	p.kill()
-	cleanup(spec)
-	return err
+	return vmmError(op, err, spec.Dir)
 }
 
 // launch starts `firecracker --api-sock RUNDIR/fc.sock --id ID` detached

@@ -12,6 +12,7 @@ import (
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/fcapi"
 	"github.com/smolvm-go/smolvm/internal/fsutil"
+	"github.com/smolvm-go/smolvm/internal/steps"
 )
 
 // snapshotMeta is DIR/firecracker.json: how a snapshot was taken.
@@ -108,154 +109,256 @@ func (b *Backend) Snapshot(ctx context.Context, m backend.Machine, kind backend.
 // is mapped privately, copy-on-write, and must stay in place while the VM
 // runs), vsock_override to the new vsock socket and, with a TAP,
 // network_overrides.
+//
+// It runs as the steps of restoreRun.steps (package steps): a failed step
+// undoes the ones before it, so a failed restore leaves no process, socket,
+// TAP or disk copy.
 func (b *Backend) Restore(ctx context.Context, req backend.RestoreRequest) (backend.Machine, error) {
-	spec, err := absSpec(req.Spec)
-	if err != nil {
+	r := &restoreRun{b: b, req: req, deadline: time.Now().Add(b.snapTTL)}
+	if err := steps.Run(ctx, r.steps()...); err != nil {
+		var se *steps.Error
+		if errors.As(err, &se) && se.Rollback == nil {
+			return backend.Machine{}, se.Err // it names what failed
+		}
+		if se != nil {
+			return backend.Machine{}, errors.Join(se.Err, se.Rollback) // and what was left
+		}
 		return backend.Machine{}, err
 	}
-	switch req.Kind {
+	return r.m, nil
+}
+
+// restoreRun is one Restore: its steps and what they share.
+type restoreRun struct {
+	b        *Backend
+	req      backend.RestoreRequest
+	deadline time.Time // of the disk copy, launch and load, when ctx has none
+
+	spec                      backend.Spec
+	snapDir                   string
+	diskArt, stateArt, memArt string // artifacts used ("" for none)
+	meta                      snapshotMeta
+	p                         *proc
+	tap                       string // the TAP device, "" for none
+	m                         backend.Machine
+}
+
+// steps lists the restore: checks that start nothing, then a cold boot
+// (kind "disk") or a snapshot load.
+func (r *restoreRun) steps() []steps.Step {
+	list := []steps.Step{
+		{Name: "check request", Do: r.check},
+		{Name: "find artifacts", Do: r.findArtifacts},
+		{Name: "copy disk", Do: r.copyDisk, Undo: r.removeDisk},
+	}
+	if r.req.Kind == backend.SnapshotDisk {
+		list = append(list, steps.Step{Name: "boot vm", Do: r.boot, Undo: r.stop})
+		if !r.req.Resume {
+			list = append(list, steps.Step{Name: "pause vm", Do: r.pause})
+		}
+		return list
+	}
+	return append(list,
+		steps.Step{Name: "start vmm", Do: r.startVMM, Undo: r.killVMM},
+		steps.Step{Name: "set up network", Do: r.setupNetwork}, // the TAP goes with the vmm (killVMM)
+		steps.Step{Name: "load memory", Do: r.load},
+	)
+}
+
+// check validates the request: kind, spec, no jail (a jailed VM cannot be
+// snapshotted), paths made absolute.
+func (r *restoreRun) check(context.Context) error {
+	spec, err := absSpec(r.req.Spec)
+	if err != nil {
+		return err
+	}
+	switch r.req.Kind {
 	case backend.SnapshotFull, backend.SnapshotDiff, backend.SnapshotDisk:
 	default:
-		return backend.Machine{}, fmt.Errorf("firecracker: restore kind %q: %w", req.Kind, backend.ErrUnsupported)
+		return fmt.Errorf("firecracker: restore kind %q: %w", r.req.Kind, backend.ErrUnsupported)
 	}
-	if err := checkSpec(spec, req.Kind == backend.SnapshotDisk); err != nil {
-		return backend.Machine{}, err
+	if err := checkSpec(spec, r.req.Kind == backend.SnapshotDisk); err != nil {
+		return err
 	}
-	if b.jailFor(spec) != nil {
-		return backend.Machine{}, fmt.Errorf("firecracker: restore: %w", errJailedSnapshot)
+	if r.b.jailFor(spec) != nil {
+		return fmt.Errorf("firecracker: restore: %w", errJailedSnapshot)
 	}
-	snapDir, err := filepath.Abs(req.SnapshotDir)
-	if err != nil {
-		return backend.Machine{}, err
+	if r.snapDir, err = filepath.Abs(r.req.SnapshotDir); err != nil {
+		return err
 	}
-	art := func(role, def string) (string, error) {
-		name := def
-		for _, a := range req.Result.Artifacts {
-			if a.Role == role {
-				name = a.Name
-			}
+	r.spec = spec
+	return nil
+}
+
+// artifact returns the path of the snapshot's artifact with role (def when
+// the result names none), which must exist.
+func (r *restoreRun) artifact(role, def string) (string, error) {
+	name := def
+	for _, a := range r.req.Result.Artifacts {
+		if a.Role == role {
+			name = a.Name
 		}
-		p := filepath.Join(snapDir, name)
-		if _, err := os.Stat(p); err != nil {
-			return "", fmt.Errorf("firecracker: restore: %s artifact: %w", role, err)
-		}
-		return p, nil
 	}
-	hasRole := func(role string) bool {
-		for _, a := range req.Result.Artifacts {
-			if a.Role == role {
-				return true
-			}
-		}
-		return false
+	p := filepath.Join(r.snapDir, name)
+	if _, err := os.Stat(p); err != nil {
+		return "", fmt.Errorf("firecracker: restore: %s artifact: %w", role, err)
 	}
-	var diskArt string
+	return p, nil
+}
+
+func (r *restoreRun) hasRole(role string) bool {
+	for _, a := range r.req.Result.Artifacts {
+		if a.Role == role {
+			return true
+		}
+	}
+	return false
+}
+
+// findArtifacts finds every file the restore reads, before anything is
+// copied or started, and checks the snapshot's metadata against what this
+// backend and host can restore.
+func (r *restoreRun) findArtifacts(context.Context) (err error) {
 	switch {
-	case spec.Disk != "":
-		if diskArt, err = art("disk", diskFile); err != nil {
-			return backend.Machine{}, err
+	case r.spec.Disk != "":
+		if r.diskArt, err = r.artifact("disk", diskFile); err != nil {
+			return err
 		}
-	case hasRole("disk"):
-		return backend.Machine{}, errors.New("firecracker: restore: the snapshot has a disk but the spec has no Disk to restore it to")
+	case r.hasRole("disk"):
+		return errors.New("firecracker: restore: the snapshot has a disk but the spec has no Disk to restore it to")
 	}
-	var meta snapshotMeta
-	if mb, err := os.ReadFile(filepath.Join(snapDir, metaFile)); err == nil {
-		_ = json.Unmarshal(mb, &meta)
+	if mb, err := os.ReadFile(filepath.Join(r.snapDir, metaFile)); err == nil {
+		_ = json.Unmarshal(mb, &r.meta)
 	}
+	if r.req.Kind == backend.SnapshotDisk {
+		return nil
+	}
+	if r.stateArt, err = r.artifact("state", stateFile); err != nil {
+		return err
+	}
+	if r.memArt, err = r.artifact("memory", memoryFile); err != nil {
+		return err
+	}
+	if r.meta.DrivePath != "" && r.meta.DrivePath != driveLinkName {
+		return fmt.Errorf("firecracker: restore: snapshot pins drive path %q, this backend attaches %q", r.meta.DrivePath, driveLinkName)
+	}
+	if r.meta.NetworkIface != "" && os.Geteuid() != 0 {
+		return fmt.Errorf("firecracker: restore: the snapshot has a network interface; restoring it needs root for a TAP device: %w", backend.ErrUnsupported)
+	}
+	return nil
+}
 
-	var stateArt, memArt string
-	if req.Kind != backend.SnapshotDisk {
-		if stateArt, err = art("state", stateFile); err != nil {
-			return backend.Machine{}, err
-		}
-		if memArt, err = art("memory", memoryFile); err != nil {
-			return backend.Machine{}, err
-		}
-		if meta.DrivePath != "" && meta.DrivePath != driveLinkName {
-			return backend.Machine{}, fmt.Errorf("firecracker: restore: snapshot pins drive path %q, this backend attaches %q", meta.DrivePath, driveLinkName)
-		}
-		if meta.NetworkIface != "" && os.Geteuid() != 0 {
-			return backend.Machine{}, fmt.Errorf("firecracker: restore: the snapshot has a network interface; restoring it needs root for a TAP device: %w", backend.ErrUnsupported)
-		}
+// copyDisk copies the snapshot's disk to the spec's (reflink, else sparse).
+func (r *restoreRun) copyDisk(ctx context.Context) error {
+	if r.diskArt == "" {
+		return nil
 	}
-
-	tctx, cancel := withDefaultTimeout(ctx, b.snapTTL)
+	ctx, cancel := r.bounded(ctx)
 	defer cancel()
-	if diskArt != "" {
-		if err := os.MkdirAll(filepath.Dir(spec.Disk), 0o700); err != nil {
-			return backend.Machine{}, fmt.Errorf("firecracker: restore: %w", err)
-		}
-		if _, err := copyDisk(tctx, diskArt, spec.Disk); err != nil {
-			return backend.Machine{}, fmt.Errorf("firecracker: restore: disk: %w", err)
-		}
+	if err := os.MkdirAll(filepath.Dir(r.spec.Disk), 0o700); err != nil {
+		return fmt.Errorf("firecracker: restore: %w", err)
 	}
-	removeDisk := func() {
-		if diskArt != "" {
-			_ = os.Remove(spec.Disk)
-		}
+	if _, err := copyDisk(ctx, r.diskArt, r.spec.Disk); err != nil {
+		return fmt.Errorf("firecracker: restore: disk: %w", err)
 	}
+	return nil
+}
 
-	// On failure the disk copy made above goes too: the new machine never
-	// existed.
-	if req.Kind == backend.SnapshotDisk {
-		m, err := b.Start(ctx, spec)
-		if err != nil {
-			removeDisk()
-			return backend.Machine{}, err
-		}
-		if !req.Resume {
-			if err := b.Pause(ctx, m); err != nil {
-				_ = b.Stop(context.Background(), m)
-				removeDisk()
-				return backend.Machine{}, err
-			}
-		}
-		return m, nil
+// bounded bounds ctx by the restore's deadline when it has none: the disk
+// copy, the launch and the load share one SnapshotTimeout.
+func (r *restoreRun) bounded(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok {
+		return context.WithCancel(ctx)
 	}
+	return context.WithDeadline(ctx, r.deadline)
+}
 
-	// The interface exists in vmstate when the snapshot's metadata says so,
-	// or (for a snapshot without metadata) when the new spec asks for one.
-	// The returned Machine says which, so that Stop removes the TAP.
-	hasNet := meta.NetworkIface != "" || (meta.Kind == "" && spec.Network)
-	if spec.Network && !hasNet {
-		noteLog(spec.Dir, "network requested but the snapshot has no network interface: the restored VM has none")
+func (r *restoreRun) removeDisk(context.Context) error {
+	if r.diskArt == "" {
+		return nil
 	}
-	spec.Network = hasNet
+	if err := os.Remove(r.spec.Disk); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
 
-	p, err := b.launch(tctx, spec)
+// boot cold-boots the copied disk (kind "disk").
+func (r *restoreRun) boot(ctx context.Context) (err error) {
+	r.m, err = r.b.Start(ctx, r.spec)
+	return err
+}
+
+func (r *restoreRun) stop(ctx context.Context) error { return r.b.Stop(ctx, r.m) }
+
+func (r *restoreRun) pause(ctx context.Context) error { return r.b.Pause(ctx, r.m) }
+
+// startVMM launches a fresh firecracker for the load. The interface exists
+// in vmstate when the snapshot's metadata says so, or (for a snapshot
+// without metadata) when the new spec asks for one; the Machine says
+// which, so that Stop removes the TAP.
+func (r *restoreRun) startVMM(ctx context.Context) error {
+	hasNet := r.meta.NetworkIface != "" || (r.meta.Kind == "" && r.spec.Network)
+	if r.spec.Network && !hasNet {
+		noteLog(r.spec.Dir, "network requested but the snapshot has no network interface: the restored VM has none")
+	}
+	r.spec.Network = hasNet
+	ctx, cancel := r.bounded(ctx)
+	defer cancel()
+	p, err := r.b.launch(ctx, r.spec)
 	if err != nil {
-		removeDisk()
-		return backend.Machine{}, err
+		return err
 	}
-	m := p.machine(spec)
-	m.MemoryFile = memArt
-	m.MemoryShared = false
-	fail := func(op string, err error) (backend.Machine, error) {
-		err = p.fail(op, err, spec)
-		removeDisk()
-		return backend.Machine{}, err
+	r.p = p
+	r.m = p.machine(r.spec)
+	r.m.MemoryFile = r.memArt
+	r.m.MemoryShared = false
+	return nil
+}
+
+// killVMM ends the VMM and removes its sockets, links, pid file and TAP.
+func (r *restoreRun) killVMM(context.Context) error {
+	r.p.kill()
+	cleanup(r.spec)
+	return nil
+}
+
+// setupNetwork creates the VM's TAP device, when the snapshot has an
+// interface.
+func (r *restoreRun) setupNetwork(ctx context.Context) error {
+	if !r.spec.Network {
+		return nil
 	}
+	ctx, cancel := r.bounded(ctx)
+	defer cancel()
+	tap, err := setupTAP(ctx, r.spec)
+	if err != nil {
+		return r.p.explain("network", err, r.spec)
+	}
+	r.tap = tap
+	return nil
+}
+
+// load has the VMM load the snapshot: PUT /snapshot/load with the memory
+// file mapped privately, the new vsock socket and the new TAP.
+func (r *restoreRun) load(ctx context.Context) error {
+	ctx, cancel := r.bounded(ctx)
+	defer cancel()
 	load := fcapi.SnapshotLoad{
-		SnapshotPath:  stateArt,
-		MemBackend:    &fcapi.MemoryBackend{BackendType: fcapi.MemBackendFile, BackendPath: memArt},
-		ResumeVM:      req.Resume,
-		VsockOverride: &fcapi.VsockOverride{UDSPath: vsockSock(spec)},
+		SnapshotPath:  r.stateArt,
+		MemBackend:    &fcapi.MemoryBackend{BackendType: fcapi.MemBackendFile, BackendPath: r.memArt},
+		ResumeVM:      r.req.Resume,
+		VsockOverride: &fcapi.VsockOverride{UDSPath: vsockSock(r.spec)},
 	}
-	if hasNet {
-		tap, err := setupTAP(tctx, spec)
-		if err != nil {
-			return fail("network", err)
-		}
-		if tap != "" {
-			load.NetworkOverrides = []fcapi.NetworkOverride{{IfaceID: IfaceID, HostDevName: tap}}
-		}
+	if r.tap != "" {
+		load.NetworkOverrides = []fcapi.NetworkOverride{{IfaceID: IfaceID, HostDevName: r.tap}}
 	}
-	c := fcapi.New(apiSock(spec))
+	c := fcapi.New(apiSock(r.spec))
 	defer c.Close()
-	if err := c.LoadSnapshot(tctx, load); err != nil {
-		return fail("snapshot/load", err)
+	if err := c.LoadSnapshot(ctx, load); err != nil {
+		return r.p.explain("snapshot/load", err, r.spec)
 	}
-	return m, nil
+	return nil
 }
 
 // tapExists reports whether the VM's TAP device is present.
