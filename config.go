@@ -25,15 +25,16 @@ const (
 	defaultBootTimout = 90 * time.Second
 )
 
-// Status is the lifecycle state of a VM.
-type Status string
+// Status is the lifecycle state of a VM (one type for the SDK, the store
+// and the backends).
+type Status = backend.Status
 
 const (
-	StatusCreated Status = "created"
-	StatusRunning Status = "running"
-	StatusPaused  Status = "paused"
-	StatusStopped Status = "stopped"
-	StatusError   Status = "error"
+	StatusCreated = backend.StatusCreated
+	StatusRunning = backend.StatusRunning
+	StatusPaused  = backend.StatusPaused
+	StatusStopped = backend.StatusStopped
+	StatusError   = backend.StatusError
 )
 
 // PortForward exposes GuestPort (TCP) on HostAddr:HostPort of the host.
