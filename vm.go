@@ -119,7 +119,7 @@ func (m *Manager) New(ctx context.Context, cfg Config) (*VM, error) {
 	if err != nil {
 		return nil, err
 	}
-	b, err := m.backend(cfg.Backend)
+	b, err := m.backend(string(cfg.Backend))
 	if err != nil {
 		return nil, err
 	}
@@ -196,7 +196,7 @@ func (m *Manager) specFor(id string, cfg Config, kernel, initrd, rootfs, imgArgs
 		ID: id, Dir: dir, RunDir: m.runDir(id),
 		Kernel: kernel, Initrd: initrd, BaseDisk: rootfs,
 		Disk: filepath.Join(dir, "disk.qcow2"), DiskFormat: "qcow2",
-		MemoryMiB: cfg.MemoryMiB, CPUs: cfg.CPUs, Accel: backend.Accel(cfg.Accel),
+		MemoryMiB: cfg.MemoryMiB, CPUs: cfg.CPUs, Accel: cfg.Accel,
 		Network: !cfg.NoNetwork, MAC: macFor(id), PortForwards: pfs,
 		NetPolicy:  cfg.Network.toBackend(),
 		KernelArgs: strings.Join(args, " "),
