@@ -127,26 +127,14 @@ func copyFile(src, dst string, perm os.FileMode) error {
 	})
 }
 
-// fileLock is an exclusive flock on a file (fsutil.Lock).
-type fileLock struct{ unlock func() }
-
-// lockFile takes an exclusive flock on path, waiting until it is free or
-// ctx ends. onWait (optional) is called once if the lock is busy.
-func lockFile(ctx context.Context, path string, onWait func()) (*fileLock, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+// lockCache takes the image cache's lock (dir/.lock, fsutil.Lock), creating
+// dir when missing, waiting until it is free or ctx ends. onWait
+// (optional) is called once if the lock is busy.
+func lockCache(ctx context.Context, dir string, onWait func()) (unlock func(), err error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
-	unlock, err := fsutil.Lock(ctx, path, onWait)
-	if err != nil {
-		return nil, err
-	}
-	return &fileLock{unlock: unlock}, nil
-}
-
-func (l *fileLock) Unlock() {
-	if l != nil && l.unlock != nil {
-		l.unlock()
-	}
+	return fsutil.Lock(ctx, filepath.Join(dir, ".lock"), onWait)
 }
 
 // mountsUnder returns the mount points at or below dir (deepest first),
