@@ -11,3 +11,9 @@ import (
 
 // DefaultBackend is the backend a Config without one uses.
 const DefaultBackend = "qemu"
+
+// The names of the backends above, for Config.Backend.
+const (
+	BackendQEMU        BackendName = "qemu"
+	BackendFirecracker BackendName = "firecracker"
+)

@@ -26,16 +26,33 @@ const (
 	defaultBootTimout = 90 * time.Second
 )
 
-// Status is the lifecycle state of a VM.
-type Status string
+// Status is the lifecycle state of a VM (one type for the SDK, the store
+// and the backends).
+type Status = backend.Status
 
 const (
-	StatusCreated Status = "created"
-	StatusRunning Status = "running"
-	StatusPaused  Status = "paused"
-	StatusStopped Status = "stopped"
-	StatusError   Status = "error"
+	StatusCreated = backend.StatusCreated
+	StatusRunning = backend.StatusRunning
+	StatusPaused  = backend.StatusPaused
+	StatusStopped = backend.StatusStopped
+	StatusError   = backend.StatusError
 )
+
+// Accel is the accelerator a VM asks for (Config.Accel).
+type Accel = backend.Accel
+
+const (
+	AccelAuto = backend.AccelAuto // KVM when usable, else TCG (software emulation)
+	AccelKVM  = backend.AccelKVM
+	AccelTCG  = backend.AccelTCG
+)
+
+// BackendName names a registered backend (Config.Backend): DefaultBackend,
+// the other names in backends.go, or BackendAuto.
+type BackendName string
+
+// BackendAuto asks for the preferred backend usable on this host.
+const BackendAuto BackendName = backend.Auto
 
 // PortForward exposes GuestPort (TCP) on HostAddr:HostPort of the host.
 type PortForward struct {
@@ -71,9 +88,10 @@ type Config struct {
 	Network NetworkPolicy `json:"network,omitzero"`
 	// Backend names a registered backend (DefaultBackend when empty), or
 	// "auto": the preferred one usable on this host.
-	Backend string `json:"backend,omitempty"`
-	// Accel is "auto" (default: KVM when usable, else TCG), "kvm" or "tcg".
-	Accel string `json:"accel,omitempty"`
+	Backend BackendName `json:"backend,omitempty"`
+	// Accel is AccelAuto (default: KVM when usable, else TCG), AccelKVM or
+	// AccelTCG.
+	Accel Accel `json:"accel,omitempty"`
 	// Env is set in the guest for every command (persisted in the guest).
 	Env map[string]string `json:"env,omitempty"`
 	// PortForwards are exposed when the VM starts.
@@ -195,7 +213,7 @@ func (c Config) validate() error {
 	if c.CPUs < 1 || c.CPUs > MaxCPUs {
 		return bad(fmt.Sprintf("cpus %d is out of range: it must be between 1 and %d", c.CPUs, MaxCPUs), newFix(FixSetOption, ArgOption, "CPUs", ArgValue, "1"))
 	}
-	if _, ok := backend.Lookup(c.Backend); !ok && c.Backend != backend.Auto {
+	if _, ok := backend.Lookup(string(c.Backend)); !ok && c.Backend != backend.Auto {
 		return bad(fmt.Sprintf("unknown backend %q: use %s or %s", c.Backend, strings.Join(backend.Names(), ", "), backend.Auto),
 			newFix(FixSetOption, ArgOption, "Backend", ArgValue, DefaultBackend))
 	}

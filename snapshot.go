@@ -17,20 +17,21 @@ import (
 	"github.com/smolvm-go/smolvm/internal/store"
 )
 
-// SnapshotType is how much of a VM a snapshot stores.
-type SnapshotType string
+// SnapshotType is how much of a VM a snapshot stores (one type with the
+// backends' snapshot kind).
+type SnapshotType = backend.SnapshotKind
 
 const (
 	// SnapshotFull (default): memory, CPU/device state and a self-contained
 	// disk copy. Restore resumes exactly where the VM was; it depends on no
 	// other file.
-	SnapshotFull SnapshotType = "full"
+	SnapshotFull = backend.SnapshotFull
 	// SnapshotDiff: memory and device state, and the disk as a qcow2 overlay
 	// relative to the VM's base image, which must exist at restore.
-	SnapshotDiff SnapshotType = "diff"
+	SnapshotDiff = backend.SnapshotDiff
 	// SnapshotDisk: the disk only (the guest is synced first). Much faster
 	// and smaller; restore boots fresh from the saved disk.
-	SnapshotDisk SnapshotType = "disk"
+	SnapshotDisk = backend.SnapshotDisk
 )
 
 // ParseSnapshotType accepts "full", "diff", "disk" (and "" for full).

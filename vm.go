@@ -119,7 +119,7 @@ func (m *Manager) New(ctx context.Context, cfg Config) (*VM, error) {
 	if err != nil {
 		return nil, err
 	}
-	b, err := m.backend(cfg.Backend)
+	b, err := m.backend(string(cfg.Backend))
 	if err != nil {
 		return nil, err
 	}
@@ -196,7 +196,7 @@ func (m *Manager) specFor(id string, cfg Config, kernel, initrd, rootfs, imgArgs
 		ID: id, Dir: dir, RunDir: m.runDir(id),
 		Kernel: kernel, Initrd: initrd, BaseDisk: rootfs,
 		Disk: filepath.Join(dir, "disk.qcow2"), DiskFormat: "qcow2",
-		MemoryMiB: cfg.MemoryMiB, CPUs: cfg.CPUs, Accel: backend.Accel(cfg.Accel),
+		MemoryMiB: cfg.MemoryMiB, CPUs: cfg.CPUs, Accel: cfg.Accel,
 		Network: !cfg.NoNetwork, MAC: macFor(id), PortForwards: pfs,
 		NetPolicy:  cfg.Network.toBackend(),
 		KernelArgs: strings.Join(args, " "),
@@ -259,14 +259,11 @@ func (m *Manager) reconcile(ctx context.Context, id string) (store.VM, error) {
 	if err != nil {
 		return rec, nil // cannot tell; keep the record
 	}
-	var want store.VMStatus
+	want := st // one Status type: the VMM's report is what is recorded
 	switch st {
-	case backend.StatusRunning:
-		want = store.VMRunning
-	case backend.StatusPaused:
-		want = store.VMPaused
+	case backend.StatusRunning, backend.StatusPaused:
 	case backend.StatusStopped:
-		want, rec.LastError = store.VMStopped, "the VM process exited"
+		rec.LastError = "the VM process exited"
 		rec.PID = 0
 	default:
 		want, rec.LastError = store.VMError, "the VMM reports an unrecoverable guest error; see the logs of vm "+id
@@ -288,7 +285,7 @@ func (m *Manager) info(rec store.VM) Info {
 		pfs = append(pfs, PortForward(pf))
 	}
 	info := Info{
-		ID: rec.ID, Status: Status(rec.Status), Image: cfg.Image, Backend: rec.Backend,
+		ID: rec.ID, Status: rec.Status, Image: cfg.Image, Backend: rec.Backend,
 		Accel: string(rec.Machine.Accel), MemoryMiB: rec.Machine.MemoryMiB, CPUs: rec.Machine.CPUs,
 		Network: rec.Machine.Network, PortForwards: pfs, PID: rec.PID, CreatedAt: rec.CreatedAt,
 		RestoredFrom: rec.RestoredFrom, LastError: rec.LastError, Dir: rec.Machine.Dir,
@@ -338,7 +335,7 @@ func (vm *VM) Info(ctx context.Context) (Info, error) {
 // Status returns the VM's state, reconciled with the VMM process.
 func (vm *VM) Status(ctx context.Context) (Status, error) {
 	rec, err := vm.m.record(ctx, vm.id)
-	return Status(rec.Status), err
+	return rec.Status, err
 }
 
 // lock serializes operations on this VM across processes.

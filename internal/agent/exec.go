@@ -162,122 +162,191 @@ func (ss *session) startExec(id uint64, req agentproto.ExecRequest) {
 // requests; failures to start are reported in the result.
 func (s *Server) execute(ctx context.Context, req agentproto.ExecRequest, out func(stream string, data []byte)) (agentproto.ExecResult, error) {
 	start := time.Now()
-	var argv []string
-	switch {
-	case len(req.Argv) > 0 && req.Shell != "":
-		return agentproto.ExecResult{}, invalid("exec: argv and shell are exclusive")
-	case len(req.Argv) > 0:
-		argv = req.Argv
-	case req.Shell != "":
-		argv = []string{"/bin/sh", "-c", req.Shell}
-	default:
-		return agentproto.ExecResult{}, invalid("exec: neither argv nor shell given")
-	}
-	if req.TimeoutMS < 0 {
-		return agentproto.ExecResult{}, invalid("exec: negative timeout")
+	argv, err := execArgv(req)
+	if err != nil {
+		return agentproto.ExecResult{}, err
 	}
 	env, err := s.childEnv(req.Env)
 	if err != nil {
 		return agentproto.ExecResult{}, err
 	}
 	failed := func(code int, err error) (agentproto.ExecResult, error) {
-		msg := fmt.Sprintf("smolvm-agent: %v", err)
-		out(agentproto.StreamStderr, []byte(msg+"\n"))
-		return agentproto.ExecResult{ExitCode: code, Error: msg,
-			DurationMS: time.Since(start).Milliseconds()}, nil
+		return startFailed(out, start, code, err), nil
 	}
-	dir := req.Cwd
-	if dir == "" {
-		dir = "/"
-		if home := envValue(env, "HOME"); home != "" {
-			if st, err := os.Stat(home); err == nil && st.IsDir() {
-				dir = home
-			}
-		}
-	} else if st, err := os.Stat(dir); err != nil {
-		return failed(127, fmt.Errorf("cwd: %w", err))
-	} else if !st.IsDir() {
-		return failed(127, fmt.Errorf("cwd %s: not a directory", dir))
+	dir, err := execDir(req.Cwd, env)
+	if err != nil {
+		return failed(127, err)
 	}
 	path, err := lookPath(argv[0], envValue(env, "PATH"), dir)
 	if err != nil {
 		return failed(exitCodeFor(err), err)
 	}
-
-	// Pipes: the child's ends are closed once it has started.
-	var stdin *os.File
-	var stdinW *os.File
-	if len(req.Stdin) > 0 {
-		stdin, stdinW, err = os.Pipe()
-	} else {
-		stdin, err = os.Open(os.DevNull)
-	}
+	p, err := openPipes(len(req.Stdin) > 0)
 	if err != nil {
 		return failed(126, err)
 	}
-	outR, outW, err := os.Pipe()
+	pid, wait, err := s.procs.start(path, argv, p.procAttr(dir, env))
+	p.closeChildEnds()
 	if err != nil {
-		stdin.Close()
-		closeFile(stdinW)
-		return failed(126, err)
-	}
-	errR, errW, err := os.Pipe()
-	if err != nil {
-		stdin.Close()
-		closeFile(stdinW)
-		outR.Close()
-		outW.Close()
-		return failed(126, err)
-	}
-	attr := &syscall.ProcAttr{
-		Dir:   dir,
-		Env:   env,
-		Files: []uintptr{stdin.Fd(), outW.Fd(), errW.Fd()},
-		Sys:   &syscall.SysProcAttr{Setpgid: true},
-	}
-	pid, wait, err := s.procs.start(path, argv, attr)
-	stdin.Close()
-	outW.Close()
-	errW.Close()
-	if err != nil {
-		closeFile(stdinW)
-		outR.Close()
-		errR.Close()
+		p.closeParentEnds()
 		return failed(exitCodeFor(err), fmt.Errorf("exec %s: %w", argv[0], err))
 	}
-
-	if stdinW != nil {
-		go func() {
-			_, _ = stdinW.Write(req.Stdin) // EPIPE when the process does not read it all
-			stdinW.Close()
-		}()
-	}
+	p.feedStdin(req.Stdin)
 	var detached atomic.Bool // set once the exit was reported: drop later output
-	pump := func(r *os.File, stream string) chan struct{} {
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			defer r.Close()
-			buf := make([]byte, agentproto.MaxOutputChunk)
-			for {
-				n, err := r.Read(buf)
-				if n > 0 && !detached.Load() {
-					out(stream, append([]byte(nil), buf[:n]...))
-				}
-				if err != nil {
-					return
-				}
-			}
-		}()
-		return done
-	}
-	outDone := pump(outR, agentproto.StreamStdout)
-	errDone := pump(errR, agentproto.StreamStderr)
+	outDone := pumpOutput(p.outR, agentproto.StreamStdout, out, &detached)
+	errDone := pumpOutput(p.errR, agentproto.StreamStderr, out, &detached)
+	res, ws := waitExit(ctx, pid, wait, req.TimeoutMS)
+	closeFile(p.stdinW) // unblock a writer stuck on a process that stopped reading
+	drainOutput(outDone, errDone)
+	detached.Store(true)
+	res.ExitCode, res.Signal = exitCode(ws)
+	res.DurationMS = time.Since(start).Milliseconds()
+	return res, nil
+}
 
+// execArgv is the command line of req: its argv, or its shell command run
+// by /bin/sh -c.
+// It also refuses a negative timeout.
+func execArgv(req agentproto.ExecRequest) ([]string, error) {
+	var argv []string
+	switch {
+	case len(req.Argv) > 0 && req.Shell != "":
+		return nil, invalid("exec: argv and shell are exclusive")
+	case len(req.Argv) > 0:
+		argv = req.Argv
+	case req.Shell != "":
+		argv = []string{"/bin/sh", "-c", req.Shell}
+	default:
+		return nil, invalid("exec: neither argv nor shell given")
+	}
+	if req.TimeoutMS < 0 {
+		return nil, invalid("exec: negative timeout")
+	}
+	return argv, nil
+}
+
+// startFailed reports a command that could not start: the message on its
+// stderr and in the result, with the shell's exit code for it.
+func startFailed(out func(stream string, data []byte), start time.Time, code int, err error) agentproto.ExecResult {
+	msg := fmt.Sprintf("smolvm-agent: %v", err)
+	out(agentproto.StreamStderr, []byte(msg+"\n"))
+	return agentproto.ExecResult{ExitCode: code, Error: msg, DurationMS: time.Since(start).Milliseconds()}
+}
+
+// execDir is the working directory of a command: cwd, which must be a
+// directory, or when empty the child's HOME when it is one, else "/".
+func execDir(cwd string, env []string) (string, error) {
+	if cwd == "" {
+		if home := envValue(env, "HOME"); home != "" {
+			if st, err := os.Stat(home); err == nil && st.IsDir() {
+				return home, nil
+			}
+		}
+		return "/", nil
+	}
+	st, err := os.Stat(cwd)
+	if err != nil {
+		return "", fmt.Errorf("cwd: %w", err)
+	}
+	if !st.IsDir() {
+		return "", fmt.Errorf("cwd %s: not a directory", cwd)
+	}
+	return cwd, nil
+}
+
+// execPipes are a command's standard streams. The child's ends are closed
+// once it has started; stdinW is nil when there is no stdin data (the
+// child reads /dev/null).
+type execPipes struct {
+	stdin, stdinW *os.File
+	outR, outW    *os.File
+	errR, errW    *os.File
+}
+
+func openPipes(withStdin bool) (*execPipes, error) {
+	p := &execPipes{}
+	var err error
+	if withStdin {
+		p.stdin, p.stdinW, err = os.Pipe()
+	} else {
+		p.stdin, err = os.Open(os.DevNull)
+	}
+	if err == nil {
+		p.outR, p.outW, err = os.Pipe()
+	}
+	if err == nil {
+		p.errR, p.errW, err = os.Pipe()
+	}
+	if err != nil {
+		p.closeChildEnds()
+		p.closeParentEnds()
+		return nil, err
+	}
+	return p, nil
+}
+
+func (p *execPipes) procAttr(dir string, env []string) *syscall.ProcAttr {
+	return &syscall.ProcAttr{
+		Dir:   dir,
+		Env:   env,
+		Files: []uintptr{p.stdin.Fd(), p.outW.Fd(), p.errW.Fd()},
+		Sys:   &syscall.SysProcAttr{Setpgid: true},
+	}
+}
+
+func (p *execPipes) closeChildEnds() {
+	closeFile(p.stdin)
+	closeFile(p.outW)
+	closeFile(p.errW)
+}
+
+func (p *execPipes) closeParentEnds() {
+	closeFile(p.stdinW)
+	closeFile(p.outR)
+	closeFile(p.errR)
+}
+
+// feedStdin writes data to the child's stdin in the background and closes
+// it.
+func (p *execPipes) feedStdin(data []byte) {
+	if p.stdinW == nil {
+		return
+	}
+	go func() {
+		_, _ = p.stdinW.Write(data) // EPIPE when the process does not read it all
+		p.stdinW.Close()
+	}()
+}
+
+// pumpOutput sends what r yields to out as stream until r ends, dropping it
+// once detached is set; it closes r. The channel is closed when it is done.
+func pumpOutput(r *os.File, stream string, out func(stream string, data []byte), detached *atomic.Bool) chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		defer r.Close()
+		buf := make([]byte, agentproto.MaxOutputChunk)
+		for {
+			n, err := r.Read(buf)
+			if n > 0 && !detached.Load() {
+				out(stream, append([]byte(nil), buf[:n]...))
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	return done
+}
+
+// waitExit waits for the process pid to exit. When timeoutMS (if above 0)
+// passes or ctx ends first, its process group is killed and the result
+// says so.
+func waitExit(ctx context.Context, pid int, wait <-chan syscall.WaitStatus, timeoutMS int64) (agentproto.ExecResult, syscall.WaitStatus) {
 	var res agentproto.ExecResult
 	var timeout <-chan time.Time
-	if req.TimeoutMS > 0 {
-		t := time.NewTimer(time.Duration(req.TimeoutMS) * time.Millisecond)
+	if timeoutMS > 0 {
+		t := time.NewTimer(time.Duration(timeoutMS) * time.Millisecond)
 		defer t.Stop()
 		timeout = t.C
 	}
@@ -285,46 +354,43 @@ func (s *Server) execute(ctx context.Context, req agentproto.ExecRequest, out fu
 	var ws syscall.WaitStatus
 	select {
 	case ws = <-wait:
+		return res, ws
 	case <-timeout:
 		res.TimedOut = true
-		killGroup()
-		ws = <-wait
 	case <-ctx.Done():
 		res.Canceled = true
-		killGroup()
-		ws = <-wait
 	}
-	if res.TimedOut || res.Canceled {
-		killGroup() // members forked while the first kill was delivered
-	}
-	if stdinW != nil {
-		stdinW.Close() // unblock a writer stuck on a process that stopped reading
-	}
-	// Collect the output still in the pipes. Background processes may hold
-	// them open: after a grace period stop waiting (they keep draining, and
-	// their output is dropped).
+	killGroup()
+	ws = <-wait
+	killGroup() // members forked while the first kill was delivered
+	return res, ws
+}
+
+// drainOutput waits for the output pumps to collect what is still in the
+// pipes. Background processes may hold them open: after drainGrace it stops
+// waiting (they keep draining; the caller then drops their output).
+func drainOutput(dones ...chan struct{}) {
 	grace := time.NewTimer(drainGrace)
 	defer grace.Stop()
-	for _, d := range []chan struct{}{outDone, errDone} {
+	for _, d := range dones {
 		select {
 		case <-d:
 		case <-grace.C:
 			grace.Reset(0)
 		}
 	}
-	detached.Store(true)
+}
 
+// exitCode is the shell's exit code for ws (128+N for signal N, with the
+// signal's name).
+func exitCode(ws syscall.WaitStatus) (code int, signal string) {
 	switch {
 	case ws.Exited():
-		res.ExitCode = ws.ExitStatus()
+		return ws.ExitStatus(), ""
 	case ws.Signaled():
-		res.ExitCode = 128 + int(ws.Signal())
-		res.Signal = unix.SignalName(ws.Signal())
-	default:
-		res.ExitCode = -1
+		return 128 + int(ws.Signal()), unix.SignalName(ws.Signal())
 	}
-	res.DurationMS = time.Since(start).Milliseconds()
-	return res, nil
+	return -1, ""
 }
 
 func closeFile(f *os.File) {

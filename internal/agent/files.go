@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/agentproto"
+	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
 
 // writeFile writes req.Data to req.Path atomically: a temporary file in the
@@ -115,7 +116,7 @@ func commitFile(req agentproto.CommitFileRequest) error {
 	if !st.Mode().IsRegular() || st.Size() != req.Size {
 		return invalid("commit_file: %s holds %d bytes, want %d", req.Temp, st.Size(), req.Size)
 	}
-	return install(f, req.Path, fileMode(req.Mode))
+	return fsutil.Install(f, req.Path, fileMode(req.Mode))
 }
 
 // removeFile removes a file (not a directory); a missing one is fine.
@@ -207,42 +208,11 @@ func atomicWrite(path string, data []byte, mode fs.FileMode, mkdirs bool) error 
 	if _, err := f.Write(data); err != nil {
 		return err
 	}
-	if err := install(f, path, mode); err != nil {
+	if err := fsutil.Install(f, path, mode); err != nil {
 		return err
 	}
 	ok = true
 	return nil
-}
-
-// install makes the written temporary file f durable with mode, renames
-// it to path (in the same directory) and makes the rename durable. f is
-// closed.
-func install(f *os.File, path string, mode fs.FileMode) error {
-	if err := f.Sync(); err != nil {
-		return err
-	}
-	if err := f.Chmod(mode); err != nil {
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return err
-	}
-	return syncDir(filepath.Dir(path))
-}
-
-func syncDir(dir string) error {
-	if dir == "" {
-		dir = "."
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 func readFile(path string) (agentproto.FileData, error) {

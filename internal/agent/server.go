@@ -71,6 +71,8 @@ type Server struct {
 
 	envMu sync.Mutex
 	env   map[string]string // persisted environment
+
+	handlers map[string]handler // by request type
 }
 
 // NewServer returns a Server. It loads the persisted environment and, with
@@ -90,6 +92,7 @@ func NewServer(opts Options) *Server {
 	}
 	s := &Server{opts: opts, start: time.Now()}
 	s.procs = newProcTable(opts.Reap)
+	s.handlers = s.newHandlers()
 	env, err := loadEnvFile(opts.EnvFile)
 	if err != nil {
 		opts.Logf("smolvm-agent: %v", err)
@@ -131,27 +134,18 @@ func (s *Server) ServePort(ctx context.Context, p Port) error {
 	ss := s.newSession(ctx, p)
 	lr := agentproto.NewLineReader(p, agentproto.MaxMessageSize)
 	for {
-		line, err := lr.ReadLine()
-		if err != nil {
-			var tl *agentproto.TooLongError
-			if errors.As(err, &tl) {
-				ss.tooLong(tl)
-				continue
-			}
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			if errors.Is(err, net.ErrClosed) {
-				return err
-			}
-			if !errors.Is(err, io.EOF) {
-				s.logf("read: %v", err)
-			}
-			lr.Reset()
-			p.WaitHost(ctx)
-			continue
+		err := ss.serveLines(lr)
+		if ctx.Err() != nil {
+			return ctx.Err()
 		}
-		ss.handle(line)
+		if errors.Is(err, net.ErrClosed) {
+			return err
+		}
+		if !errors.Is(err, io.EOF) {
+			s.logf("read: %v", err)
+		}
+		lr.Reset()
+		p.WaitHost(ctx)
 	}
 }
 
@@ -162,30 +156,35 @@ func (s *Server) ServeConn(ctx context.Context, conn io.ReadWriteCloser) error {
 	defer stop()
 	defer conn.Close()
 	ss := s.newSession(ctx, &streamWriter{w: conn})
-	lr := agentproto.NewLineReader(conn, agentproto.MaxMessageSize)
+	err := ss.serveLines(agentproto.NewLineReader(conn, agentproto.MaxMessageSize))
+	switch {
+	case ctx.Err() != nil:
+		return ctx.Err()
+	case errors.Is(err, io.EOF):
+		// The host may have only closed its sending side: let requests
+		// in flight finish and answer.
+		ss.wg.Wait()
+		return nil
+	case errors.Is(err, net.ErrClosed):
+		return nil
+	}
+	return err
+}
+
+// serveLines handles the requests lr reads, answering a line over the
+// limit with an error, until reading fails; it returns that error.
+func (ss *session) serveLines(lr *agentproto.LineReader) error {
 	for {
 		line, err := lr.ReadLine()
-		if err != nil {
-			var tl *agentproto.TooLongError
-			if errors.As(err, &tl) {
-				ss.tooLong(tl)
-				continue
-			}
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			if errors.Is(err, io.EOF) {
-				// The host may have only closed its sending side: let
-				// requests in flight finish and answer.
-				ss.wg.Wait()
-				return nil
-			}
-			if errors.Is(err, net.ErrClosed) {
-				return nil
-			}
+		if err == nil {
+			ss.handle(line)
+			continue
+		}
+		var tl *agentproto.TooLongError
+		if !errors.As(err, &tl) {
 			return err
 		}
-		ss.handle(line)
+		ss.tooLong(tl)
 	}
 }
 
@@ -299,130 +298,148 @@ func (ss *session) handle(line []byte) {
 	if misbehave != nil && misbehave(ss, h, line) {
 		return // a test-only build (tag smolvm_hostile) took the request
 	}
-	id := h.ID
-	decode := func(v any) bool {
-		if err := agentproto.DecodePayload(line, v); err != nil {
-			ss.sendError(id, invalid("%s: %v", h.Type, err))
-			return false
-		}
-		return true
+	r := request{ss: ss, id: h.ID, typ: h.Type, line: line}
+	if handler := ss.srv.handlers[h.Type]; handler != nil {
+		handler(r)
+		return
 	}
-	// reply runs f in a goroutine and sends its result.
-	reply := func(f func() (string, any, error)) {
-		ss.wg.Add(1)
-		go func() {
-			defer ss.wg.Done()
-			defer ss.recoverPanic(id)
-			typ, payload, err := f()
-			if err != nil {
-				ss.sendError(id, err)
-				return
-			}
-			ss.send(id, typ, payload)
-		}()
+	ss.sendError(h.ID, &agentproto.Error{Code: agentproto.CodeUnknownType, Message: "unknown request type " + h.Type})
+}
+
+// request is one request being handled: its header and its line (valid
+// only until the handler returns).
+type request struct {
+	ss   *session
+	id   uint64
+	typ  string
+	line []byte
+}
+
+// decode decodes the payload into v, answering an invalid request itself.
+func (r request) decode(v any) bool {
+	if err := agentproto.DecodePayload(r.line, v); err != nil {
+		r.ss.sendError(r.id, invalid("%s: %v", r.typ, err))
+		return false
 	}
-	s := ss.srv
-	switch h.Type {
-	case agentproto.TypePing:
-		ss.send(id, agentproto.TypePong, nil)
-	case agentproto.TypeHello:
-		var req agentproto.HelloRequest
-		if decode(&req) {
-			ss.send(id, agentproto.TypeHello, agentproto.Hello{
-				Nonce:           req.Nonce,
-				ProtocolVersion: agentproto.ProtocolVersion,
-				AgentVersion:    Version,
-				BootID:          bootID(),
-			})
+	return true
+}
+
+// background runs f in its own goroutine, counted in the session's
+// requests in flight; a panic in f is answered as an internal error.
+func (r request) background(f func()) {
+	r.ss.wg.Add(1)
+	go func() {
+		defer r.ss.wg.Done()
+		defer r.ss.recoverPanic(r.id)
+		f()
+	}()
+}
+
+// reply runs f in the background and sends its result.
+func (r request) reply(f func() (string, any, error)) {
+	r.background(func() { r.answer(f()) })
+}
+
+// answer sends a reply of type typ, or err when it is not nil.
+func (r request) answer(typ string, payload any, err error) {
+	if err != nil {
+		r.ss.sendError(r.id, err)
+		return
+	}
+	r.ss.send(r.id, typ, payload)
+}
+
+// handler handles one request type.
+type handler func(request)
+
+// withPayload decodes a Req and passes it to f.
+func withPayload[Req any](f func(request, Req)) handler {
+	return func(r request) {
+		var req Req
+		if r.decode(&req) {
+			f(r, req)
 		}
-	case agentproto.TypeCancel:
-		ss.mu.Lock()
-		cancel := ss.cancels[id]
-		ss.mu.Unlock()
-		if cancel != nil {
-			cancel()
-		}
-	case agentproto.TypeInfo:
-		reply(func() (string, any, error) { return agentproto.TypeInfo, s.info(), nil })
-	case agentproto.TypeExec:
-		var req agentproto.ExecRequest
-		if decode(&req) {
-			ss.startExec(id, req)
-		}
-	case agentproto.TypeWriteFile:
-		var req agentproto.WriteFileRequest
-		if decode(&req) {
-			reply(func() (string, any, error) { return agentproto.TypeOK, nil, writeFile(req) })
-		}
-	case agentproto.TypeWriteChunk:
-		var req agentproto.WriteChunkRequest
-		if decode(&req) {
-			reply(func() (string, any, error) { return agentproto.TypeOK, nil, writeChunk(req) })
-		}
-	case agentproto.TypeCommitFile:
-		var req agentproto.CommitFileRequest
-		if decode(&req) {
-			reply(func() (string, any, error) { return agentproto.TypeOK, nil, commitFile(req) })
-		}
-	case agentproto.TypeRemoveFile:
-		var req agentproto.RemoveFileRequest
-		if decode(&req) {
-			reply(func() (string, any, error) { return agentproto.TypeOK, nil, removeFile(req) })
-		}
-	case agentproto.TypeReadChunk:
-		var req agentproto.ReadChunkRequest
-		if decode(&req) {
-			reply(func() (string, any, error) {
-				ch, err := readChunk(req)
-				return agentproto.TypeChunk, ch, err
-			})
-		}
-	case agentproto.TypeReadFile:
-		var req agentproto.ReadFileRequest
-		if decode(&req) {
-			reply(func() (string, any, error) {
-				fd, err := readFile(req.Path)
-				return agentproto.TypeFile, fd, err
-			})
-		}
-	case agentproto.TypeSetEnv:
-		var req agentproto.SetEnvRequest
-		if decode(&req) {
-			reply(func() (string, any, error) { return agentproto.TypeOK, nil, s.setEnv(req) })
-		}
-	case agentproto.TypeGetEnv:
-		reply(func() (string, any, error) { return agentproto.TypeEnv, agentproto.EnvData{Env: s.getEnv()}, nil })
-	case agentproto.TypeSync:
-		reply(func() (string, any, error) { syscall.Sync(); return agentproto.TypeOK, nil, nil })
-	case agentproto.TypeSetTime:
-		// Inline, not in a goroutine: every request read after it on this
-		// session sees the new clock, so the host need not wait for the
-		// reply before sending its next request (agentclient.SendSetTime).
-		var req agentproto.SetTimeRequest
-		if decode(&req) {
-			if err := s.setTime(time.Unix(0, req.UnixNanos)); err != nil {
-				ss.sendError(id, err)
-			} else {
-				ss.send(id, agentproto.TypeOK, nil)
-			}
-		}
-	case agentproto.TypeSetIdentity:
-		var req agentproto.SetIdentityRequest
-		if decode(&req) {
-			reply(func() (string, any, error) { return agentproto.TypeOK, nil, s.setIdentity(req) })
-		}
-	case agentproto.TypeShutdown:
-		var req agentproto.ShutdownRequest
-		if decode(&req) {
-			ss.wg.Add(1)
-			go func() {
-				defer ss.wg.Done()
-				defer ss.recoverPanic(id)
-				ss.shutdown(id, req.Reboot)
-			}()
-		}
-	default:
-		ss.sendError(id, &agentproto.Error{Code: agentproto.CodeUnknownType, Message: "unknown request type " + h.Type})
+	}
+}
+
+// okReply decodes a Req and answers TypeOK (or op's error) from the
+// background.
+func okReply[Req any](op func(Req) error) handler {
+	return withPayload(func(r request, req Req) {
+		r.reply(func() (string, any, error) { return agentproto.TypeOK, nil, op(req) })
+	})
+}
+
+// dataReply decodes a Req and answers op's result as typ from the
+// background.
+func dataReply[Req, Resp any](typ string, op func(Req) (Resp, error)) handler {
+	return withPayload(func(r request, req Req) {
+		r.reply(func() (string, any, error) {
+			v, err := op(req)
+			return typ, v, err
+		})
+	})
+}
+
+// newHandlers maps every request type to its handler.
+func (s *Server) newHandlers() map[string]handler {
+	return map[string]handler{
+		agentproto.TypePing:  func(r request) { r.ss.send(r.id, agentproto.TypePong, nil) },
+		agentproto.TypeHello: withPayload(handleHello),
+		agentproto.TypeCancel: func(r request) {
+			r.ss.cancelExec(r.id)
+		},
+		agentproto.TypeInfo: func(r request) {
+			r.reply(func() (string, any, error) { return agentproto.TypeInfo, s.info(), nil })
+		},
+		agentproto.TypeExec: withPayload(func(r request, req agentproto.ExecRequest) {
+			r.ss.startExec(r.id, req)
+		}),
+		agentproto.TypeWriteFile:  okReply(writeFile),
+		agentproto.TypeWriteChunk: okReply(writeChunk),
+		agentproto.TypeCommitFile: okReply(commitFile),
+		agentproto.TypeRemoveFile: okReply(removeFile),
+		agentproto.TypeReadChunk:  dataReply(agentproto.TypeChunk, readChunk),
+		agentproto.TypeReadFile: dataReply(agentproto.TypeFile, func(req agentproto.ReadFileRequest) (agentproto.FileData, error) {
+			return readFile(req.Path)
+		}),
+		agentproto.TypeSetEnv: okReply(s.setEnv),
+		agentproto.TypeGetEnv: func(r request) {
+			r.reply(func() (string, any, error) { return agentproto.TypeEnv, agentproto.EnvData{Env: s.getEnv()}, nil })
+		},
+		agentproto.TypeSync: func(r request) {
+			r.reply(func() (string, any, error) { syscall.Sync(); return agentproto.TypeOK, nil, nil })
+		},
+		// Inline, not in the background: every request read after it on
+		// this session sees the new clock, so the host need not wait for
+		// the reply before sending its next request
+		// (agentclient.SendSetTime).
+		agentproto.TypeSetTime: withPayload(func(r request, req agentproto.SetTimeRequest) {
+			r.answer(agentproto.TypeOK, nil, s.setTime(time.Unix(0, req.UnixNanos)))
+		}),
+		agentproto.TypeSetIdentity: okReply(s.setIdentity),
+		agentproto.TypeShutdown: withPayload(func(r request, req agentproto.ShutdownRequest) {
+			r.background(func() { r.ss.shutdown(r.id, req.Reboot) })
+		}),
+	}
+}
+
+func handleHello(r request, req agentproto.HelloRequest) {
+	r.ss.send(r.id, agentproto.TypeHello, agentproto.Hello{
+		Nonce:           req.Nonce,
+		ProtocolVersion: agentproto.ProtocolVersion,
+		AgentVersion:    Version,
+		BootID:          bootID(),
+	})
+}
+
+// cancelExec cancels the running exec of request id, if any.
+func (ss *session) cancelExec(id uint64) {
+	ss.mu.Lock()
+	cancel := ss.cancels[id]
+	ss.mu.Unlock()
+	if cancel != nil {
+		cancel()
 	}
 }
 

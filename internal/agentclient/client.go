@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/agentproto"
+	"github.com/smolvm-go/smolvm/internal/retry"
 )
 
 // Dialer opens a new connection to the guest agent's stream.
@@ -112,37 +113,34 @@ type inbound struct {
 }
 
 // Connect dials the agent, retrying dial errors until ctx ends, and resyncs
-// the stream. On success the Client owns the connection.
+// the stream. On success the Client owns the connection. When ctx ends
+// first the error wraps ctx.Err() and names the last attempt's error (not
+// wrapped: a connect that timed out is a timeout).
 func Connect(ctx context.Context, dial Dialer) (*Client, error) {
-	var lastErr error
-	for {
+	c, err := retry.Do(ctx, retry.Policy{First: dialRetry}, func(ctx context.Context) (*Client, error) {
 		conn, err := dial(ctx)
+		if err != nil {
+			return nil, err
+		}
+		c, err := newClient(ctx, conn)
 		if err == nil {
-			c, err := newClient(ctx, conn)
-			if err == nil {
-				return c, nil
-			}
-			var ve *VersionError
-			if ctx.Err() != nil || errors.As(err, &ve) {
-				return nil, err
-			}
-			// The stream failed during resync (the VMM dropped us, for
-			// instance): dial again.
-			lastErr = err
-		} else {
-			lastErr = err
+			return c, nil
 		}
-		t := time.NewTimer(dialRetry)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			if lastErr != nil {
-				return nil, fmt.Errorf("agentclient: connect: %w (last error: %v)", ctx.Err(), lastErr)
-			}
-			return nil, fmt.Errorf("agentclient: connect: %w", ctx.Err())
-		case <-t.C:
+		var ve *VersionError
+		if ctx.Err() != nil || errors.As(err, &ve) {
+			return nil, retry.Stop(err)
 		}
+		// The stream failed during resync (the VMM dropped us, for
+		// instance): dial again.
+		return nil, err
+	})
+	if g, ok := errors.AsType[*retry.GiveUpError](err); ok {
+		if g.Last != nil {
+			return nil, fmt.Errorf("agentclient: connect: %w (last error: %v)", g.Err, g.Last)
+		}
+		return nil, fmt.Errorf("agentclient: connect: %w", g.Err)
 	}
+	return c, err
 }
 
 func randUint64() uint64 {

@@ -112,17 +112,31 @@ type Machine struct {
 	NetPID int `json:"net_pid,omitempty"`
 }
 
-// Status is what the VMM reports about a machine.
+// Status is the lifecycle state of a VM: the one type for what a VMM
+// reports (Backend.Status: running, paused, stopped or error), what the
+// store records (the strings are persisted) and what the SDK returns
+// (smolvm.Status and store.VMStatus are aliases of it).
 type Status string
 
 const (
+	StatusCreated Status = "created" // prepared, never started (recorded; no VMM reports it)
 	StatusRunning Status = "running"
 	StatusPaused  Status = "paused"
 	StatusStopped Status = "stopped" // process gone
 	StatusError   Status = "error"   // process alive but the VM cannot run (e.g. KVM internal-error)
 )
 
-// SnapshotKind is the kind of snapshot to take.
+// Valid reports whether s is one of the Status constants.
+func (s Status) Valid() bool {
+	switch s {
+	case StatusCreated, StatusRunning, StatusPaused, StatusStopped, StatusError:
+		return true
+	}
+	return false
+}
+
+// SnapshotKind is the kind of snapshot to take (smolvm.SnapshotType is an
+// alias of it; the strings are in manifests and the store).
 type SnapshotKind string
 
 const (

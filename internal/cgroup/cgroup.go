@@ -14,7 +14,6 @@
 package cgroup
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"os"
@@ -23,6 +22,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/smolvm-go/smolvm/internal/procfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -56,49 +56,6 @@ func Detect() Support {
 	return detect(string(mi), string(self), os.Getenv(EnvParent))
 }
 
-// mount is one line of mountinfo.
-type mount struct {
-	point, fstype, superOpts string
-}
-
-func parseMountinfo(s string) []mount {
-	var out []mount
-	sc := bufio.NewScanner(strings.NewReader(s))
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		pre, post, ok := strings.Cut(sc.Text(), " - ")
-		f, g := strings.Fields(pre), strings.Fields(post)
-		if !ok || len(f) < 5 || len(g) < 1 {
-			continue
-		}
-		m := mount{point: unescapeOctal(f[4]), fstype: g[0]}
-		if len(g) >= 3 {
-			m.superOpts = g[2]
-		}
-		out = append(out, m)
-	}
-	return out
-}
-
-// unescapeOctal undoes mountinfo's \040-style escapes.
-func unescapeOctal(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
-
 // words returns the space-separated words of a cgroup interface file.
 func words(path string) ([]string, error) {
 	b, err := os.ReadFile(path)
@@ -122,11 +79,11 @@ func detect(mountinfo, selfCgroup, override string) Support {
 	if override == "off" {
 		return Support{Reason: EnvParent + "=off"}
 	}
-	mounts := parseMountinfo(mountinfo)
+	mounts := procfs.ParseMountinfo(mountinfo)
 	var mp string
 	for _, m := range mounts {
-		if m.fstype == "cgroup2" {
-			mp = m.point
+		if m.FSType == "cgroup2" {
+			mp = m.Point
 			break
 		}
 	}
@@ -143,12 +100,12 @@ func detect(mountinfo, selfCgroup, override string) Support {
 		s.Reason = fmt.Sprintf("cgroup v2 at %s lacks the %s controller(s)", mp, strings.Join(miss, ", "))
 		var v1 []string
 		for _, m := range mounts {
-			if m.fstype != "cgroup" {
+			if m.FSType != "cgroup" {
 				continue
 			}
-			for _, o := range strings.Split(m.superOpts, ",") {
+			for _, o := range strings.Split(m.SuperOpts, ",") {
 				if slices.Contains(miss, o) {
-					v1 = append(v1, o+" at "+m.point)
+					v1 = append(v1, o+" at "+m.Point)
 				}
 			}
 		}

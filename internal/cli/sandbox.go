@@ -108,8 +108,8 @@ Refusals and their reasons show in "smolvm sandbox info".`,
 	f.BoolVar(&cfg.NoNetwork, "no-network", false, "no guest networking")
 	f.StringArrayVar(&allowDomains, "allow-domain", nil, "allow-list mode: the guest may reach this host name (\"*.example.com\": names below it; repeatable)")
 	f.StringArrayVar(&allowCIDRs, "allow-cidr", nil, "allow-list mode: the guest may reach this prefix or address (repeatable; 127.0.0.1/32 reaches the host's loopback through 10.0.2.2)")
-	f.StringVar(&cfg.Backend, "backend", "", backendFlagHelp())
-	f.StringVar(&cfg.Accel, "accel", "", "auto (default), kvm or tcg")
+	f.StringVar((*string)(&cfg.Backend), "backend", "", backendFlagHelp()) // checked by the SDK's Config validation
+	f.StringVar((*string)(&cfg.Accel), "accel", "", "auto (default), kvm or tcg")
 	f.StringArrayVarP(&envs, "env", "e", nil, "environment variable KEY=VALUE for every command (repeatable; the value is everything after the first '=', commas included)")
 	f.StringArrayVarP(&ports, "port", "p", nil, "expose a guest tcp port: HOST:GUEST binds 127.0.0.1:HOST; ADDR:HOST:GUEST binds ADDR (0.0.0.0: every interface, an explicit opt-in; IPv6 in brackets) (repeatable)")
 	f.DurationVar(&bootTimeout, "boot-timeout", 0, "give up booting after this long (default 90s)")

@@ -13,7 +13,12 @@ import (
 
 func (a *app) snapshotCmd() *cobra.Command {
 	c := &cobra.Command{Use: "snapshot", Aliases: []string{"snap"}, Short: "Save sandboxes and bring them back"}
+	c.AddCommand(a.snapshotCreateCmd(), a.snapshotRestoreCmd(), a.snapshotListCmd(), a.snapshotDeleteCmd(), a.snapshotInspectCmd())
+	return c
+}
 
+// snapshotCreateCmd is `snapshot create NAME`.
+func (a *app) snapshotCreateCmd() *cobra.Command {
 	var sid, stype string
 	var resumeSource bool
 	create := &cobra.Command{
@@ -42,7 +47,11 @@ func (a *app) snapshotCmd() *cobra.Command {
 	create.Flags().StringVar(&sid, "snapshot-id", "", "snapshot id (default snap-<vm>-<unix seconds>)")
 	create.Flags().StringVar(&stype, "snapshot-type", "full", "full, diff or disk")
 	create.Flags().BoolVar(&resumeSource, "resume-source", false, "resume the sandbox after the snapshot")
+	return create
+}
 
+// snapshotRestoreCmd is `snapshot restore ID` (with --clones: a fork).
+func (a *app) snapshotRestoreCmd() *cobra.Command {
 	var resume, force bool
 	var clones int
 	restore := &cobra.Command{
@@ -75,7 +84,11 @@ func (a *app) snapshotCmd() *cobra.Command {
 	restore.Flags().BoolVar(&resume, "resume", false, "run the restored sandbox")
 	restore.Flags().BoolVar(&force, "force", false, "restore a snapshot that was restored before")
 	restore.Flags().IntVar(&clones, "clones", 0, "fork the snapshot into N new sandboxes (new ids and identities) instead")
+	return restore
+}
 
+// snapshotListCmd is `snapshot list`.
+func (a *app) snapshotListCmd() *cobra.Command {
 	var vmID string
 	list := &cobra.Command{
 		Use: "list", Aliases: []string{"ls"}, Short: "List snapshots", Args: cobra.NoArgs,
@@ -97,7 +110,11 @@ func (a *app) snapshotCmd() *cobra.Command {
 		},
 	}
 	list.Flags().StringVar(&vmID, "vm-id", "", "only snapshots of this sandbox")
+	return list
+}
 
+// snapshotDeleteCmd is `snapshot delete ID`.
+func (a *app) snapshotDeleteCmd() *cobra.Command {
 	del := &cobra.Command{
 		Use: "delete ID", Aliases: []string{"rm"}, Short: "Delete a snapshot and all its files (permanent)", Args: cobra.ExactArgs(1),
 		ValidArgsFunction: a.completeSnapshots,
@@ -111,6 +128,11 @@ func (a *app) snapshotCmd() *cobra.Command {
 			})
 		},
 	}
+	return del
+}
+
+// snapshotInspectCmd is `snapshot inspect ID`.
+func (a *app) snapshotInspectCmd() *cobra.Command {
 	var verify bool
 	inspect := &cobra.Command{
 		Use: "inspect ID", Short: "Show a snapshot's metadata and artifacts", Args: cobra.ExactArgs(1),
@@ -143,8 +165,7 @@ func (a *app) snapshotCmd() *cobra.Command {
 		},
 	}
 	inspect.Flags().BoolVar(&verify, "verify", false, "re-hash every artifact")
-	c.AddCommand(create, restore, list, del, inspect)
-	return c
+	return inspect
 }
 
 func (a *app) completeSnapshots(cmd *cobra.Command, args []string, _ string) ([]string, cobra.ShellCompDirective) {

@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/smolvm-go/smolvm/internal/retry"
 )
 
 // maxOKLine bounds the handshake reply ("OK 1073741824\n" is 14 bytes).
@@ -40,32 +42,16 @@ func DialVsock(ctx context.Context, udsPath string, port uint32) (net.Conn, erro
 // Dial retries DialOnce until it succeeds, Check fails or ctx ends. The
 // returned error wraps ctx.Err() and the last attempt's error.
 func (d VsockDialer) Dial(ctx context.Context, port uint32) (net.Conn, error) {
-	wait := d.RetryInterval
-	if wait <= 0 {
-		wait = 10 * time.Millisecond
-	}
-	for {
-		conn, err := d.DialOnce(ctx, port)
-		if err == nil {
-			return conn, nil
-		}
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("%w (last attempt: %w)", ctx.Err(), err)
-		}
-		if d.Check != nil {
-			if cerr := d.Check(); cerr != nil {
-				return nil, cerr
+	return retry.Do(ctx, retry.Policy{First: d.RetryInterval, Max: 250 * time.Millisecond},
+		func(ctx context.Context) (net.Conn, error) {
+			conn, err := d.DialOnce(ctx, port)
+			if err != nil && ctx.Err() == nil && d.Check != nil {
+				if cerr := d.Check(); cerr != nil {
+					return nil, retry.Stop(cerr)
+				}
 			}
-		}
-		t := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return nil, fmt.Errorf("%w (last attempt: %w)", ctx.Err(), err)
-		case <-t.C:
-		}
-		wait = min(wait*2, 250*time.Millisecond)
-	}
+			return conn, err
+		})
 }
 
 // DialOnce makes one connect+handshake attempt. Bytes the guest sent in the

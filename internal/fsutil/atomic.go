@@ -41,6 +41,14 @@ func WriteFileFunc(path string, fill func(f *os.File) (os.FileMode, error)) erro
 		f.Close()
 		return err
 	}
+	return Install(f, path, perm)
+}
+
+// Install publishes the temp file f, written in path's directory: it sets
+// mode perm, fsyncs and closes f, renames it to path and fsyncs the
+// directory. f is closed whatever the outcome; on error path is left as it
+// was (the caller removes the temp file).
+func Install(f *os.File, path string, perm os.FileMode) error {
 	if err := f.Chmod(perm); err != nil {
 		f.Close()
 		return err
@@ -52,10 +60,10 @@ func WriteFileFunc(path string, fill func(f *os.File) (os.FileMode, error)) erro
 	if err := f.Close(); err != nil {
 		return err
 	}
-	if err := os.Rename(tmp, path); err != nil {
+	if err := os.Rename(f.Name(), path); err != nil {
 		return err
 	}
-	return SyncDir(dir)
+	return SyncDir(filepath.Dir(path))
 }
 
 // SyncFile fsyncs the file (or directory) at path.

@@ -1,7 +1,6 @@
 package image
 
 import (
-	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -17,6 +16,7 @@ import (
 	"syscall"
 
 	"github.com/smolvm-go/smolvm/internal/fsutil"
+	"github.com/smolvm-go/smolvm/internal/procfs"
 )
 
 // sha256File returns the hex sha256 and the size of the file at path.
@@ -127,80 +127,32 @@ func copyFile(src, dst string, perm os.FileMode) error {
 	})
 }
 
-// fileLock is an exclusive flock on a file (fsutil.Lock).
-type fileLock struct{ unlock func() }
-
-// lockFile takes an exclusive flock on path, waiting until it is free or
-// ctx ends. onWait (optional) is called once if the lock is busy.
-func lockFile(ctx context.Context, path string, onWait func()) (*fileLock, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+// lockCache takes the image cache's lock (dir/.lock, fsutil.Lock), creating
+// dir when missing, waiting until it is free or ctx ends. onWait
+// (optional) is called once if the lock is busy.
+func lockCache(ctx context.Context, dir string, onWait func()) (unlock func(), err error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
-	unlock, err := fsutil.Lock(ctx, path, onWait)
-	if err != nil {
-		return nil, err
-	}
-	return &fileLock{unlock: unlock}, nil
-}
-
-func (l *fileLock) Unlock() {
-	if l != nil && l.unlock != nil {
-		l.unlock()
-	}
+	return fsutil.Lock(ctx, filepath.Join(dir, ".lock"), onWait)
 }
 
 // mountsUnder returns the mount points at or below dir (deepest first),
 // read from /proc/self/mountinfo.
 func mountsUnder(dir string) []string {
-	f, err := os.Open("/proc/self/mountinfo")
+	mounts, err := procfs.SelfMounts()
 	if err != nil {
 		return nil
 	}
-	defer f.Close()
 	dir = filepath.Clean(dir)
 	var out []string
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64*1024), 1024*1024)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		mp := unescapeMountPath(fields[4])
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			out = append(out, mp)
+	for _, m := range mounts {
+		if m.Point == dir || strings.HasPrefix(m.Point, dir+"/") {
+			out = append(out, m.Point)
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return len(out[i]) > len(out[j]) })
 	return out
-}
-
-// unescapeMountPath undoes the octal escapes (\040 etc.) of mountinfo.
-func unescapeMountPath(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			var v byte
-			okOct := true
-			for _, c := range s[i+1 : i+4] {
-				if c < '0' || c > '7' {
-					okOct = false
-					break
-				}
-				v = v*8 + byte(c-'0')
-			}
-			if okOct {
-				b.WriteByte(v)
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // removeAllSafe unmounts anything mounted below dir (a chroot left behind by

@@ -209,13 +209,13 @@ func Build(ctx context.Context, o BuildOptions) (Image, error) {
 	}
 	b := &builder{o: o, dir: dir, log: o.Logger.With("image", o.Name)}
 
-	lock, err := lockFile(ctx, filepath.Join(dir, ".lock"), func() {
+	unlock, err := lockCache(ctx, dir, func() {
 		b.step("waiting for another build in "+dir, 0)
 	})
 	if err != nil {
 		return Image{}, err
 	}
-	defer lock.Unlock()
+	defer unlock()
 	if err := b.cleanTmp(); err != nil {
 		return Image{}, err
 	}
@@ -427,11 +427,11 @@ func Remove(dir, name string) error {
 	if _, err := os.Stat(filepath.Join(dir, "images", name, manifestName)); errors.Is(err, fs.ErrNotExist) {
 		return notBuilt(name, dir, "is not built")
 	}
-	lock, err := lockFile(context.Background(), filepath.Join(dir, ".lock"), nil)
+	unlock, err := lockCache(context.Background(), dir, nil)
 	if err != nil {
 		return err
 	}
-	defer lock.Unlock()
+	defer unlock()
 	// Rename first so the image disappears atomically from List and Open.
 	imgDir := filepath.Join(dir, "images", name)
 	gone := filepath.Join(dir, "images", fmt.Sprintf(".removed-%s-%d", name, time.Now().UnixNano()))

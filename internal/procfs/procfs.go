@@ -1,5 +1,6 @@
-// Package procfs lists processes through /proc, for finding the VMM of a
-// machine whose launcher died before recording its pid.
+// Package procfs reads /proc: the processes (for finding the VMM of a
+// machine whose launcher died before recording its pid) and the mounts
+// (mountinfo, for cgroup detection and for cleaning up chroots).
 package procfs
 
 import (

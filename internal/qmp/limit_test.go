@@ -1,18 +1,15 @@
 package qmp
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"net"
-	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/smolvm-go/smolvm/internal/testutil"
+	"github.com/smolvm-go/smolvm/internal/qmp/qmptest"
 )
 
 // TestOversizedReplyEndsConnection: a QEMU that answers with a line longer
@@ -21,33 +18,15 @@ import (
 // server streams 256 MiB without a newline from one reused buffer, so what
 // the process allocates is the client's.
 func TestOversizedReplyEndsConnection(t *testing.T) {
-	path := filepath.Join(testutil.ShortDir(t), "qmp.sock")
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
 	chunk := []byte(strings.Repeat("x", 1<<20))
-	go func() {
-		conn, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer conn.Close()
-		conn.Write([]byte(`{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "fake"}, "capabilities": []}}` + "\r\n"))
-		r := bufio.NewReader(conn)
-		line, _ := r.ReadBytes('\n') // qmp_capabilities
-		var req struct{ ID string }
-		json.Unmarshal(line, &req)
-		conn.Write([]byte(`{"return": {}, "id": "` + req.ID + `"}` + "\r\n"))
-		r.ReadBytes('\n') // the command
+	path := qmptest.StartRaw(t, "", func(conn net.Conn, _ func(string), _ map[string]any) {
 		conn.Write([]byte(`{"return": "`))
 		for i := 0; i < 256; i++ {
 			if _, err := conn.Write(chunk); err != nil {
 				return // the client hung up, as it should
 			}
 		}
-	}()
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	c, err := Dial(ctx, path)

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/smolvm-go/smolvm/internal/retry"
 )
 
 // Error is an error reply from QEMU.
@@ -128,27 +130,10 @@ func Dial(ctx context.Context, path string, opts ...Option) (*Client, error) {
 		o(&cfg)
 	}
 	var d net.Dialer
-	delay := 5 * time.Millisecond
-	var conn net.Conn
-	for {
-		c, err := d.DialContext(ctx, "unix", path)
-		if err == nil {
-			conn = c
-			break
-		}
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("qmp: dial %s: %w (last error: %v)", path, ctx.Err(), err)
-		}
-		t := time.NewTimer(delay)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return nil, fmt.Errorf("qmp: dial %s: %w (last error: %v)", path, ctx.Err(), err)
-		case <-t.C:
-		}
-		if delay < 50*time.Millisecond {
-			delay *= 2
-		}
+	conn, err := retry.Do(ctx, retry.Policy{First: 5 * time.Millisecond, Max: 80 * time.Millisecond},
+		func(ctx context.Context) (net.Conn, error) { return d.DialContext(ctx, "unix", path) })
+	if err != nil {
+		return nil, fmt.Errorf("qmp: dial %s: %w", path, err)
 	}
 	c, err := newClient(ctx, conn, cfg)
 	if err != nil {

@@ -11,24 +11,18 @@ import (
 	"github.com/smolvm-go/smolvm/internal/backend"
 )
 
-// VMStatus is the recorded state of a VM.
-type VMStatus string
+// VMStatus is the recorded state of a VM (backend.Status; the strings are
+// what the vms table holds).
+type VMStatus = backend.Status
 
+// The recorded states, by their store names.
 const (
-	VMCreated VMStatus = "created" // prepared, never started
-	VMRunning VMStatus = "running"
-	VMPaused  VMStatus = "paused"
-	VMStopped VMStatus = "stopped"
-	VMError   VMStatus = "error" // see VM.LastError
+	VMCreated = backend.StatusCreated // prepared, never started
+	VMRunning = backend.StatusRunning
+	VMPaused  = backend.StatusPaused
+	VMStopped = backend.StatusStopped
+	VMError   = backend.StatusError // see VM.LastError
 )
-
-func (s VMStatus) valid() bool {
-	switch s {
-	case VMCreated, VMRunning, VMPaused, VMStopped, VMError:
-		return true
-	}
-	return false
-}
 
 // VM is one row of the vms table.
 type VM struct {
@@ -59,7 +53,7 @@ func checkVM(v VM) (config sql.NullString, machine string, err error) {
 	if err := ValidID(v.ID); err != nil {
 		return config, "", fmt.Errorf("vm: %w", err)
 	}
-	if !v.Status.valid() {
+	if !v.Status.Valid() {
 		return config, "", fmt.Errorf("vm %q: invalid status %q (want created, running, paused, stopped or error)", v.ID, v.Status)
 	}
 	if config, err = jsonText("config", v.Config); err != nil {

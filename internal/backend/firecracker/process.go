@@ -19,6 +19,7 @@ import (
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/fcapi"
 	"github.com/smolvm-go/smolvm/internal/procfs"
+	"github.com/smolvm-go/smolvm/internal/retry"
 )
 
 // proc is a firecracker process this process started.
@@ -151,23 +152,22 @@ func (b *Backend) launch(ctx context.Context, spec backend.Spec) (*proc, error) 
 func waitAPI(ctx context.Context, p *proc, spec backend.Spec) error {
 	c := fcapi.New(apiSock(spec))
 	defer c.Close()
-	wait := 2 * time.Millisecond
-	for {
-		actx, cancel := context.WithTimeout(ctx, time.Second)
-		_, err := c.Version(actx)
-		cancel()
-		if err == nil {
-			return nil
-		}
-		select {
-		case <-p.exited:
-			return &backend.VMMError{Op: "start", Message: fmt.Sprintf("firecracker exited before its API came up (%v)", p.state), Log: logTail(spec.Dir)}
-		case <-ctx.Done():
-			return &backend.VMMError{Op: "start", Message: fmt.Sprintf("firecracker API did not come up: %v (last error: %v)", ctx.Err(), err), Log: logTail(spec.Dir)}
-		case <-time.After(wait):
-		}
-		wait = min(wait*2, 50*time.Millisecond)
+	_, err := retry.Do(ctx, retry.Policy{First: 2 * time.Millisecond, Max: 50 * time.Millisecond},
+		func(ctx context.Context) (struct{}, error) {
+			select {
+			case <-p.exited:
+				return struct{}{}, retry.Stop(&backend.VMMError{Op: "start", Message: fmt.Sprintf("firecracker exited before its API came up (%v)", p.state), Log: logTail(spec.Dir)})
+			default:
+			}
+			actx, cancel := context.WithTimeout(ctx, time.Second)
+			defer cancel()
+			_, err := c.Version(actx)
+			return struct{}{}, err
+		})
+	if g, ok := errors.AsType[*retry.GiveUpError](err); ok {
+		return &backend.VMMError{Op: "start", Message: fmt.Sprintf("firecracker API did not come up: %v", g), Log: logTail(spec.Dir)}
 	}
+	return err
 }
 
 // instanceID maps a VM id to what firecracker --id accepts: 1-64

@@ -26,6 +26,11 @@ const Greeting = `{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major":
 // request unanswered.
 type Handler func(write func(line string), req map[string]any)
 
+// RawHandler is a Handler that also gets the connection, for what no
+// line-based write can send (a line without its end, say). Its writes to
+// conn must not overlap write's.
+type RawHandler func(conn net.Conn, write func(line string), req map[string]any)
+
 // Return is the reply line {"return": ret, "id": <req's id>}; ret is raw
 // JSON ("{}" when empty).
 func Return(req map[string]any, ret string) string {
@@ -52,6 +57,12 @@ func ID(req map[string]any) string {
 // when path is "") and serves h there until the test ends. It returns the path.
 func Start(t testing.TB, path string, h Handler) string {
 	t.Helper()
+	return StartRaw(t, path, lineHandler(h))
+}
+
+// StartRaw is Start for a RawHandler.
+func StartRaw(t testing.TB, path string, h RawHandler) string {
+	t.Helper()
 	if path == "" {
 		path = filepath.Join(testutil.ShortDir(t), "qmp.sock")
 	}
@@ -60,29 +71,41 @@ func Start(t testing.TB, path string, h Handler) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	go Serve(ln, h)
+	go serve(ln, h)
 	return path
 }
 
 // Serve accepts connections on ln until it is closed and serves each with
 // h (ServeConn).
-func Serve(ln net.Listener, h Handler) {
+func Serve(ln net.Listener, h Handler) { serve(ln, lineHandler(h)) }
+
+func serve(ln net.Listener, h RawHandler) {
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			return
 		}
-		go ServeConn(conn, h)
+		go serveConn(conn, h)
 	}
+}
+
+// lineHandler is h as a RawHandler; a nil h answers every request with an
+// empty return.
+func lineHandler(h Handler) RawHandler {
+	if h == nil {
+		h = func(write func(string), req map[string]any) { write(Return(req, "")) }
+	}
+	return func(_ net.Conn, write func(string), req map[string]any) { h(write, req) }
 }
 
 // ServeConn serves one connection until the client hangs up, then closes
 // it. The lines of preamble go out before the greeting (QEMU can emit an
 // event there). A nil h answers every request with an empty return.
 func ServeConn(conn net.Conn, h Handler, preamble ...string) {
-	if h == nil {
-		h = func(write func(string), req map[string]any) { write(Return(req, "")) }
-	}
+	serveConn(conn, lineHandler(h), preamble...)
+}
+
+func serveConn(conn net.Conn, h RawHandler, preamble ...string) {
 	defer conn.Close()
 	var wmu sync.Mutex
 	write := func(s string) {
@@ -108,6 +131,6 @@ func ServeConn(conn net.Conn, h Handler, preamble ...string) {
 			write(Return(req, ""))
 			continue
 		}
-		h(write, req)
+		h(conn, write, req)
 	}
 }
