@@ -155,7 +155,7 @@ func (f *forkOp) check(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if s.Type == backend.SnapshotKind(SnapshotDisk) {
+	if s.Type == SnapshotDisk {
 		return newErr("fork", ErrUnsupported,
 			newFix(FixRestoreOnce, ArgSnapshot, f.snapshotID),
 			fmt.Sprintf("snapshot %s is a disk snapshot: it has no memory to share, so clones would each cold-boot from the disk", f.snapshotID))

@@ -99,7 +99,7 @@ func (m *Manager) snapRoot() string { return filepath.Join(m.opts.DataDir, "snap
 
 func (m *Manager) snapInfo(s store.Snapshot) SnapshotInfo {
 	dir := filepath.Join(m.snapRoot(), s.ID)
-	info := SnapshotInfo{ID: s.ID, VMID: s.VMID, Backend: s.Backend, Type: SnapshotType(s.Type), CreatedAt: s.CreatedAt,
+	info := SnapshotInfo{ID: s.ID, VMID: s.VMID, Backend: s.Backend, Type: s.Type, CreatedAt: s.CreatedAt,
 		SizeBytes: s.SizeBytes, Restored: s.Restored, RestoredVMID: s.RestoredVMID, RestoreCount: s.RestoreCount,
 		ParentImage: s.ParentImage, Dir: dir}
 	var man snapshot.Manifest
@@ -267,7 +267,7 @@ func (op *snapshotOp) reserve(ctx context.Context) error {
 	if op.id == "" {
 		op.id = op.m.snapshotID(ctx, op.vm.id)
 	}
-	op.row = store.Snapshot{ID: op.id, VMID: op.vm.id, Backend: op.b.Name(), Type: backend.SnapshotKind(op.kind), CreatedAt: time.Now().UTC()}
+	op.row = store.Snapshot{ID: op.id, VMID: op.vm.id, Backend: op.b.Name(), Type: op.kind, CreatedAt: time.Now().UTC()}
 	if err := op.m.store.ReserveSnapshot(ctx, op.row); err != nil {
 		if errors.Is(err, store.ErrExists) {
 			return newErr("snapshot", ErrSnapshotExists, newFix(FixChooseSnapshotID, ArgSnapshot, op.id),
@@ -372,7 +372,7 @@ func (op *snapshotOp) attachAgent(ctx context.Context) error {
 // save has the backend pause the VM and write its artifacts into the temp
 // dir. The VM stays paused (putBackSource resumes it on failure).
 func (op *snapshotOp) save(ctx context.Context) error {
-	res, err := op.b.Snapshot(ctx, op.rec.Machine, backend.SnapshotKind(op.kind), op.tmp)
+	res, err := op.b.Snapshot(ctx, op.rec.Machine, op.kind, op.tmp)
 	if err != nil {
 		return err
 	}
@@ -388,7 +388,7 @@ func (op *snapshotOp) writeManifest(context.Context) error {
 		return err
 	}
 	op.man = snapshot.Manifest{FormatVersion: snapshot.FormatVersion, ID: op.id, VMID: op.vm.id, Backend: op.b.Name(),
-		Type: backend.SnapshotKind(op.kind), CreatedAt: op.row.CreatedAt, VMConfig: op.rec.Config, Spec: op.rec.Machine.Spec,
+		Type: op.kind, CreatedAt: op.row.CreatedAt, VMConfig: op.rec.Config, Spec: op.rec.Machine.Spec,
 		Result: op.res, Artifacts: arts, BaseImage: op.res.BaseImage, SizeBytes: size}
 	return snapshot.WriteManifest(op.tmp, op.man)
 }
@@ -534,7 +534,7 @@ func (m *Manager) loadSnapshot(ctx context.Context, id string, full bool) (snaps
 	if err := snapshot.Verify(dir, man, full); err != nil {
 		return corrupt(err)
 	}
-	if man.Type == backend.SnapshotKind(SnapshotDiff) && man.BaseImage != "" {
+	if man.Type == SnapshotDiff && man.BaseImage != "" {
 		if _, err := os.Stat(man.BaseImage); err != nil {
 			return man, &Error{Op: "restore",
 				Message: fmt.Sprintf("snapshot %s is a diff snapshot and its base image %s is missing", id, man.BaseImage),
@@ -787,7 +787,7 @@ func (r *restoreOp) connectAgent(ctx context.Context) error {
 	json.Unmarshal(r.man.VMConfig, &cfg)
 	cfg = cfg.withDefaults()
 	timeout := 30 * time.Second
-	if r.man.Type == backend.SnapshotKind(SnapshotDisk) {
+	if r.man.Type == SnapshotDisk {
 		timeout = cfg.BootTimeout
 	}
 	cctx, cancel := context.WithTimeout(ctx, timeout)
