@@ -74,8 +74,8 @@ const (
 	// place (the VMM started and could not load the saved state); the
 	// backend removes what it made, as a VMM process that exits would.
 	OpLoadMemory Op = "load-memory"
-	// OpAgent makes DialAgent fail: the machine runs, its agent never
-	// answers.
+	// OpAgent makes the guest die before its agent answers: DialAgent
+	// fails and the machine stops, as a VMM whose guest crashed.
 	OpAgent  Op = "agent"
 	OpPause  Op = "pause"
 	OpResume Op = "resume"
@@ -365,6 +365,7 @@ func (b *Backend) DialAgent(ctx context.Context, mach backend.Machine) (net.Conn
 		return nil, fmt.Errorf("dial agent of %s: %w", mach.ID, backend.ErrNotRunning)
 	}
 	if err := b.h.fail(OpAgent, mach.ID); err != nil {
+		b.h.stop(mach.RunDir)
 		return nil, err
 	}
 	host, guest := net.Pipe()
@@ -555,7 +556,7 @@ func (b *Backend) Restore(ctx context.Context, req backend.RestoreRequest) (back
 		}
 	}
 	if err := b.h.fail(OpLoadMemory, spec.ID); err != nil {
-		return fail(&backend.VMMError{Op: "restore", Message: err.Error()})
+		return fail(errors.Join(&backend.VMMError{Op: "restore", Message: "loading the saved memory failed"}, err))
 	}
 	mach, err := b.launch(spec, root, ephemeral, !req.Resume)
 	if err != nil {
