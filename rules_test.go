@@ -145,6 +145,21 @@ func (e *rulesEnv) runDirs() []string {
 	return out
 }
 
+// forceRestore restores s1 with Force through m and checks that the VM is
+// back at the snapshot.
+func (e *rulesEnv) forceRestore(t *testing.T, m *smolvm.Manager) *smolvm.VM {
+	t.Helper()
+	vm, err := m.FromSnapshot(testCtx(t), "s1", smolvm.RestoreOptions{Resume: true, Force: true})
+	if err != nil {
+		t.Fatalf("forced restore: %v", err)
+	}
+	t.Cleanup(func() { vm.Close() })
+	if got := e.readMarker(t, vm); got != e.before {
+		t.Errorf("marker after a forced restore = %q, want %q", got, e.before)
+	}
+	return vm
+}
+
 func (e *rulesEnv) restoreCount(t *testing.T, id string) int {
 	t.Helper()
 	s, err := e.m.GetSnapshot(testCtx(t), id)
@@ -246,14 +261,7 @@ func testRules(t *testing.T, e *rulesEnv) {
 			t.Errorf("a refused restore changed the VM: marker %q, want %q", got, e.after)
 		}
 		// Forced: allowed, and the VM is back at the snapshot.
-		vm, err := e.m2.FromSnapshot(ctx, "s1", smolvm.RestoreOptions{Resume: true, Force: true})
-		if err != nil {
-			t.Fatalf("forced restore: %v", err)
-		}
-		t.Cleanup(func() { vm.Close() })
-		if got := e.readMarker(t, vm); got != e.before {
-			t.Errorf("marker after a forced restore = %q, want %q", got, e.before)
-		}
+		e.forceRestore(t, e.m2)
 		if n := e.restoreCount(t, "s1"); n != 2 {
 			t.Errorf("restore count = %d, want 2", n)
 		}
@@ -304,14 +312,7 @@ func testRules(t *testing.T, e *rulesEnv) {
 			})
 		}
 		// The snapshot still restores.
-		vm, err := e.m.FromSnapshot(ctx, "s1", smolvm.RestoreOptions{Resume: true, Force: true})
-		if err != nil {
-			t.Fatalf("restore after the failures: %v", err)
-		}
-		t.Cleanup(func() { vm.Close() })
-		if got := e.readMarker(t, vm); got != e.before {
-			t.Errorf("marker = %q, want %q", got, e.before)
-		}
+		vm := e.forceRestore(t, e.m)
 		t.Run("ReplacedVMPutBack", func(t *testing.T) {
 			// A restore that fails after stopping the VM it replaces puts
 			// that VM's files back: it starts again with its own state.
@@ -364,50 +365,45 @@ func testRules(t *testing.T, e *rulesEnv) {
 			}
 		}
 
-		t.Run("OneCloneFails", func(t *testing.T) {
-			remove := e.requireFake(t).Fail(fakebackend.OpRestore, "", 1)
-			defer remove()
-			alive := e.alive()
-			vms, err := e.m.Fork(ctx, "s1", 3, smolvm.ForkOptions{Resume: true, Prefix: "f"})
-			var fe *smolvm.ForkError
-			if !errors.As(err, &fe) || len(fe.Failed) != 1 || !errors.Is(err, fakebackend.ErrInjected) {
-				t.Fatalf("Fork = %v, want a ForkError with one clone failed by the fault", err)
-			}
-			if len(vms) != 2 {
-				t.Fatalf("Fork returned %d clones, want the 2 that started", len(vms))
-			}
-			for id := range fe.Failed {
-				e.assertNoVM(t, id)
-			}
-			for _, vm := range vms {
-				if got := e.readMarker(t, vm); got != e.before {
-					t.Errorf("clone %s: marker %q", vm.ID(), got)
+		// A clone that fails is removed (no record, dir or VMM) and reported
+		// in a ForkError; the clones that started are returned.
+		for _, tc := range []struct {
+			name       string
+			op         fakebackend.Op
+			times      int // the fault's count (0: every time)
+			n, started int
+		}{
+			{"OneCloneFails", fakebackend.OpRestore, 1, 3, 2},
+			// Each clone starts and its guest dies before its agent answers.
+			{"EveryCloneFails", fakebackend.OpAgent, 0, 2, 0},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				remove := e.requireFake(t).Fail(tc.op, "", tc.times)
+				defer remove()
+				alive := e.alive()
+				vms, err := e.m.Fork(ctx, "s1", tc.n, smolvm.ForkOptions{Resume: true, Prefix: "f"})
+				var fe *smolvm.ForkError
+				if !errors.As(err, &fe) || len(fe.Failed) != tc.n-tc.started || len(vms) != tc.started {
+					t.Fatalf("Fork = %d vms, %v; want %d and a ForkError with %d failed", len(vms), err, tc.started, tc.n-tc.started)
 				}
-				vm.Delete(ctx)
-				vm.Close()
-			}
-			if a := e.alive(); !slices.Equal(a, alive) {
-				t.Errorf("VMMs after the fork's clones were deleted: %v, want %v", a, alive)
-			}
-		})
-		t.Run("EveryCloneFails", func(t *testing.T) {
-			// Each clone starts and its agent never answers: each is
-			// stopped and removed; nothing is returned.
-			remove := e.requireFake(t).Fail(fakebackend.OpAgent, "", 0)
-			defer remove()
-			alive := e.alive()
-			vms, err := e.m.Fork(ctx, "s1", 2, smolvm.ForkOptions{Resume: true, Prefix: "g"})
-			var fe *smolvm.ForkError
-			if len(vms) != 0 || !errors.As(err, &fe) || len(fe.Failed) != 2 {
-				t.Fatalf("Fork = %d vms, %v; want none and a ForkError with 2 failed", len(vms), err)
-			}
-			for id := range fe.Failed {
-				e.assertNoVM(t, id)
-			}
-			if a := e.alive(); !slices.Equal(a, alive) {
-				t.Errorf("VMMs after a failed fork: %v, want %v", a, alive)
-			}
-		})
+				if tc.op != fakebackend.OpAgent && !errors.Is(err, fakebackend.ErrInjected) {
+					t.Errorf("the ForkError does not carry the clone's cause: %v", err)
+				}
+				for id := range fe.Failed {
+					e.assertNoVM(t, id)
+				}
+				for _, vm := range vms {
+					if got := e.readMarker(t, vm); got != e.before {
+						t.Errorf("clone %s: marker %q", vm.ID(), got)
+					}
+					vm.Delete(ctx)
+					vm.Close()
+				}
+				if a := e.alive(); !slices.Equal(a, alive) {
+					t.Errorf("VMMs after the fork's clones were deleted: %v, want %v", a, alive)
+				}
+			})
+		}
 	})
 
 	t.Run("DeleteRule", func(t *testing.T) {
