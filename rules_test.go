@@ -346,11 +346,18 @@ func testRules(t *testing.T, e *rulesEnv) {
 		if err != nil {
 			t.Fatalf("Fork: %v", err)
 		}
+		hostname, _ := os.Hostname()
 		for _, c := range clones {
 			t.Cleanup(func() { c.Close() })
 			if got := e.readMarker(t, c); got != e.before {
 				t.Errorf("clone %s: marker %q, want %q", c.ID(), got, e.before)
 			}
+			if e.fake != nil && e.fake.Hostname(c.ID()) != c.ID() {
+				t.Errorf("clone %s: its agent was given hostname %q, want its id", c.ID(), e.fake.Hostname(c.ID()))
+			}
+		}
+		if h, _ := os.Hostname(); h != hostname {
+			t.Errorf("the host's hostname changed: %q -> %q", hostname, h)
 		}
 		if n := e.restoreCount(t, "s1"); n != count {
 			t.Errorf("fork counted as a restore (restore-once): %d, want %d", n, count)

@@ -161,11 +161,16 @@ func (h *Host) Machines() []string {
 	return ids
 }
 
-// Hostname returns the hostname the agent of the machine in runDir was
-// last given (set_identity), or "".
-func (h *Host) Hostname(runDir string) string {
+// Hostname returns the hostname the agent of machine id was last given
+// (set_identity), or "" (none given, or no such machine).
+func (h *Host) Hostname(id string) string {
 	h.mu.Lock()
-	m := h.machines[runDir]
+	var m *machine
+	for _, x := range h.machines {
+		if x.spec.ID == id {
+			m = x
+		}
+	}
 	h.mu.Unlock()
 	if m == nil {
 		return ""
