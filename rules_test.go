@@ -491,6 +491,104 @@ func testRules(t *testing.T, e *rulesEnv) {
 			t.Errorf("%d of 2 concurrent snapshots under one id succeeded, want 1: %v", ok, errs)
 		}
 	})
+
+	t.Run("FailedSnapshotLeavesNothing", func(t *testing.T) {
+		// A snapshot that fails is not listed, leaves no directory, and the
+		// VM runs again as before.
+		h := e.requireFake(t)
+		vm, err := e.m.Open(ctx, "src")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { vm.Close() })
+		if err := vm.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		remove := h.Fail(fakebackend.OpSnapshot, "src", 0)
+		_, err = vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "broken"})
+		remove()
+		if !errors.Is(err, fakebackend.ErrInjected) {
+			t.Fatalf("Snapshot = %v, want the injected fault", err)
+		}
+		if _, err := e.m.GetSnapshot(ctx, "broken"); !errors.Is(err, smolvm.ErrSnapshotNotFound) {
+			t.Errorf("failed snapshot: GetSnapshot = %v, want ErrSnapshotNotFound", err)
+		}
+		for _, p := range listTree(t, filepath.Join(e.dataDir, "snapshots")) {
+			if strings.Contains(p, "broken") {
+				t.Errorf("the failed snapshot left %s", p)
+			}
+		}
+		if st, err := vm.Status(ctx); err != nil || st != smolvm.StatusRunning {
+			t.Errorf("vm after a failed snapshot: %s, %v; want running", st, err)
+		}
+	})
+
+	t.Run("RestoreRefusedWhenTheOldVMWillNotStop", func(t *testing.T) {
+		// The VM a restore replaces cannot be stopped: the restore ends
+		// before anything changed.
+		h := e.requireFake(t)
+		count := e.restoreCount(t, "dup")
+		remove := h.Fail(fakebackend.OpStop, "src", 0)
+		_, err := e.m.FromSnapshot(ctx, "dup", smolvm.RestoreOptions{Resume: true, Force: true})
+		remove()
+		if !errors.Is(err, fakebackend.ErrInjected) {
+			t.Fatalf("FromSnapshot = %v, want the injected fault", err)
+		}
+		vm, err := e.m.Open(ctx, "src")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer vm.Close()
+		if info, err := vm.Info(ctx); err != nil || info.Status != smolvm.StatusRunning || info.RestoredFrom == "dup" {
+			t.Errorf("vm after the refused restore: %+v, %v; want it running as before", info, err)
+		}
+		if got := e.readMarker(t, vm); got != "kept-"+e.backend {
+			t.Errorf("marker = %q, want %q", got, "kept-"+e.backend)
+		}
+		if n := e.restoreCount(t, "dup"); n != count {
+			t.Errorf("restore count = %d, want %d", n, count)
+		}
+	})
+
+	t.Run("ForkVersusDeleteAcrossManagers", func(t *testing.T) {
+		// One Manager forks a snapshot while another deletes it: either
+		// the clones run and the delete is refused, or the snapshot is
+		// gone and the fork finds nothing; never both.
+		var wg sync.WaitGroup
+		var clones []*smolvm.VM
+		var forkErr, delErr error
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			clones, forkErr = e.m.Fork(ctx, "dup", 2, smolvm.ForkOptions{Resume: true, Prefix: "race"})
+		}()
+		go func() {
+			defer wg.Done()
+			delErr = e.m2.DeleteSnapshot(ctx, "dup")
+		}()
+		wg.Wait()
+		for _, c := range clones {
+			defer c.Close()
+		}
+		switch {
+		case forkErr == nil && errors.Is(delErr, smolvm.ErrSnapshotInUse):
+			if len(clones) != 2 {
+				t.Errorf("fork returned %d clones, want 2", len(clones))
+			}
+			for _, c := range clones {
+				if got := e.readMarker(t, c); got != "kept-"+e.backend {
+					t.Errorf("clone %s: marker %q", c.ID(), got)
+				}
+			}
+		case delErr == nil && errors.Is(forkErr, smolvm.ErrSnapshotNotFound):
+			if len(clones) != 0 {
+				t.Errorf("fork of a deleted snapshot returned %d clones", len(clones))
+			}
+		default:
+			t.Fatalf("fork: %v (%d clones); delete: %v; want one to win cleanly", forkErr, len(clones), delErr)
+		}
+		t.Logf("fork: %v; delete: %v", forkErr, delErr)
+	})
 }
 
 // listTree lists every path under dir (relative), sorted.
