@@ -357,8 +357,13 @@ func (b *Backend) launch(spec backend.Spec, root string, ephemeral, paused bool)
 			return nil
 		},
 	})
-	// Wake waiters (gated conns) when the machine stops.
-	context.AfterFunc(ctx, func() { m.cond.Broadcast() })
+	// Wake waiters (gated conns) when the machine stops. Under the lock:
+	// a waiter checks ctx and starts waiting while it holds it.
+	context.AfterFunc(ctx, func() {
+		m.mu.Lock()
+		m.cond.Broadcast()
+		m.mu.Unlock()
+	})
 	b.h.machines[spec.RunDir] = m
 	return backend.Machine{Spec: spec, Backend: Name, Accel: backend.AccelTCG}, nil
 }
