@@ -19,21 +19,21 @@ import (
 // failed restore, fork failures, the delete rule, locking between
 // Managers, ids validated before anything exists) once per backend:
 // "fake" (internal/backend/fakebackend: the real agent server in this
-// process, milliseconds; error paths reached by injected faults) and
-// "qemu" (real VMs: the proof on the real thing; the subtests that need an
-// injected fault run on the fake only). The subtests of one backend run in
-// order and share one VM and snapshot.
+// process, milliseconds; error paths reached by injected faults) and the
+// default backend, QEMU (real VMs: the proof on the real thing; the
+// subtests that need an injected fault run on the fake only). The subtests
+// of one backend run in order and share one VM and snapshot.
 func TestRules(t *testing.T) {
-	t.Run("fake", func(t *testing.T) {
-		testRules(t, newRulesEnv(t, "fake", fakebackend.Default))
+	t.Run(fakebackend.Name, func(t *testing.T) {
+		testRules(t, newRulesEnv(t, fakebackend.Name, fakebackend.Default))
 	})
-	t.Run("qemu", func(t *testing.T) {
+	t.Run(smolvm.DefaultBackend, func(t *testing.T) {
 		for _, b := range []string{"qemu-system-x86_64", "qemu-img"} {
 			if _, err := exec.LookPath(b); err != nil {
 				t.Skipf("QEMU is not installed (%s not found): scripts/setup installs it", b)
 			}
 		}
-		testRules(t, newRulesEnv(t, "qemu", nil))
+		testRules(t, newRulesEnv(t, smolvm.DefaultBackend, nil))
 	})
 }
 
