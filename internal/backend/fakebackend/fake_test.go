@@ -70,3 +70,39 @@ func TestFaults(t *testing.T) {
 		t.Fatalf("stop after the fault was removed: %v", err)
 	}
 }
+
+// FuzzExtractTar: whatever the archive holds, extraction writes nothing
+// outside its directory and creates only directories and regular files.
+func FuzzExtractTar(f *testing.F) {
+	src := f.TempDir()
+	os.MkdirAll(filepath.Join(src, "a/b"), 0o700)
+	os.WriteFile(filepath.Join(src, "a/b/c"), []byte("hello"), 0o600)
+	seed := filepath.Join(f.TempDir(), "seed.tar")
+	if err := writeTar(seed, src, nil); err != nil {
+		f.Fatal(err)
+	}
+	b, _ := os.ReadFile(seed)
+	f.Add(b)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		dir := t.TempDir()
+		p := filepath.Join(dir, "in.tar")
+		if err := os.WriteFile(p, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		out := filepath.Join(dir, "out")
+		os.Mkdir(out, 0o700)
+		extractTar(p, out)
+		filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+			if err != nil || path == dir || path == p {
+				return nil
+			}
+			if rel, _ := filepath.Rel(out, path); !filepath.IsLocal(rel) && path != out {
+				t.Errorf("wrote %s outside %s", path, out)
+			}
+			if d.Type()&^os.ModeDir != 0 {
+				t.Errorf("%s has type %v", path, d.Type())
+			}
+			return nil
+		})
+	})
+}
