@@ -35,12 +35,36 @@ type suite struct {
 	base backend.Spec
 	root string
 	n    int
+	opts Options
+	// memDir and diskMarker are the guest paths the snapshot tests keep
+	// their state in: /run/smt (a tmpfs of our own: memory state) and
+	// /var/smt-disk-marker (on the root disk).
+	memDir, diskMarker string
+}
+
+// Options adapt the suite to a backend.
+type Options struct {
+	// ModelGuest says the guest is a model, not a VM (fakebackend): its
+	// commands run on the host with the machine's root directory as their
+	// working directory, "run" in it being the machine's memory. The suite
+	// then keeps its guest state at paths relative to that directory
+	// (run/smt, var/smt-disk-marker), mounts nothing, and does not check
+	// that a background process survives a snapshot (a model has no
+	// processes that do; every other check runs).
+	ModelGuest bool
 }
 
 // Run runs the conformance suite.
-func Run(t *testing.T, f Factory) {
+func Run(t *testing.T, f Factory) { RunWith(t, f, Options{}) }
+
+// RunWith runs the conformance suite with options.
+func RunWith(t *testing.T, f Factory, o Options) {
 	b, base := f(t)
-	s := &suite{b: b, caps: b.Capabilities(), base: base, root: testutil.ShortDir(t)}
+	s := &suite{b: b, caps: b.Capabilities(), base: base, root: testutil.ShortDir(t), opts: o,
+		memDir: "/run/smt", diskMarker: "/var/smt-disk-marker"}
+	if o.ModelGuest {
+		s.memDir, s.diskMarker = "run/smt", "var/smt-disk-marker"
+	}
 	t.Logf("backend %s, capabilities %+v", b.Name(), s.caps)
 
 	t.Run("StartFailureLeavesNothing", s.testStartFailure)
@@ -279,27 +303,28 @@ func randToken() string {
 	return hex.EncodeToString(b)
 }
 
-// Guest paths used to check state across snapshots. /run/smt is a tmpfs of
-// our own (memory state); /var/smt-disk-marker is on the root disk.
-const (
-	memDir     = "/run/smt"
-	diskMarker = "/var/smt-disk-marker"
-)
-
 // setState writes token into guest memory (tmpfs) and, with a disk, onto
 // the disk (synced), and makes sure the background counter runs. The
 // counter is replaced by rename, so a reader never sees it truncated and
 // empty (which made checkMemState fail with "bad number" once).
 func (s *suite) setState(t *testing.T, c *agentclient.Client, token string) {
 	t.Helper()
+	if s.opts.ModelGuest {
+		script := fmt.Sprintf("mkdir -p %[1]s && echo %[2]s > %[1]s/marker", s.memDir, token)
+		if s.base.BaseDisk != "" {
+			script += fmt.Sprintf("\nmkdir -p var && echo %s > %s && sync", token, s.diskMarker)
+		}
+		testutil.Run(t, c, script)
+		return
+	}
 	script := fmt.Sprintf(`mkdir -p %[1]s && (grep -q ' %[1]s ' /proc/mounts || mount -t tmpfs smt %[1]s)
 echo %[2]s > %[1]s/marker
 if ! { [ -f %[1]s/pid ] && kill -0 "$(cat %[1]s/pid)" 2>/dev/null; }; then
   sh -c 'i=0; while :; do i=$((i+1)); echo $i > %[1]s/counter.tmp && mv %[1]s/counter.tmp %[1]s/counter; sleep 0.1; done' </dev/null >/dev/null 2>&1 &
   echo $! > %[1]s/pid
-fi`, memDir, token)
+fi`, s.memDir, token)
 	if s.base.BaseDisk != "" {
-		script += fmt.Sprintf("\necho %s > %s && sync", token, diskMarker)
+		script += fmt.Sprintf("\necho %s > %s && sync", token, s.diskMarker)
 	}
 	testutil.Run(t, c, script)
 }
@@ -308,8 +333,14 @@ fi`, memDir, token)
 // survived and still counts.
 func (s *suite) checkMemState(t *testing.T, c *agentclient.Client, token string) {
 	t.Helper()
+	if s.opts.ModelGuest {
+		if out := testutil.Run(t, c, "cat "+s.memDir+"/marker"); strings.TrimSpace(out) != token {
+			t.Errorf("memory marker = %q, want %s", out, token)
+		}
+		return
+	}
 	out := testutil.Run(t, c, fmt.Sprintf(`cat %[1]s/marker; pid=$(cat %[1]s/pid); kill -0 $pid && echo alive
-a=$(cat %[1]s/counter); sleep 0.5; b=$(cat %[1]s/counter); [ "$b" -gt "$a" ] && echo counting`, memDir))
+a=$(cat %[1]s/counter); sleep 0.5; b=$(cat %[1]s/counter); [ "$b" -gt "$a" ] && echo counting`, s.memDir))
 	f := strings.Fields(out)
 	if len(f) < 1 || f[0] != token {
 		t.Errorf("memory marker = %q, want %s", out, token)
@@ -324,7 +355,7 @@ func (s *suite) checkDiskState(t *testing.T, c *agentclient.Client, token string
 	if s.base.BaseDisk == "" {
 		return
 	}
-	out := testutil.Run(t, c, "cat "+diskMarker+" 2>/dev/null || echo none")
+	out := testutil.Run(t, c, "cat "+s.diskMarker+" 2>/dev/null || echo none")
 	if strings.TrimSpace(out) != token {
 		t.Errorf("disk marker = %q, want %s", strings.TrimSpace(out), token)
 	}
@@ -494,8 +525,8 @@ func (s *suite) testSnapshots(t *testing.T, mA backend.Machine, cA *agentclient.
 		s.checkDiskState(t, cB, token)
 		mB2, cB2 := s.restore(t, sn, s.nextID("clone"))
 		s.checkMemState(t, cB2, token)
-		testutil.Run(t, cB2, "echo clone > "+memDir+"/marker")
-		if out := testutil.Run(t, cB, "cat "+memDir+"/marker"); strings.TrimSpace(out) != token {
+		testutil.Run(t, cB2, "echo clone > "+s.memDir+"/marker")
+		if out := testutil.Run(t, cB, "cat "+s.memDir+"/marker"); strings.TrimSpace(out) != token {
 			t.Errorf("clones share memory: marker in the first = %q", out)
 		}
 		s.stopRestored(t, mB2, cB2, sn)
@@ -552,7 +583,7 @@ func (s *suite) testSnapshots(t *testing.T, mA backend.Machine, cA *agentclient.
 		m, c := s.restore(t, sn, s.nextID("disk"))
 		s.checkDiskState(t, c, token)
 		// A cold boot: no memory state.
-		if out := testutil.Run(t, c, "cat "+memDir+"/marker 2>/dev/null || echo none"); strings.TrimSpace(out) != "none" {
+		if out := testutil.Run(t, c, "cat "+s.memDir+"/marker 2>/dev/null || echo none"); strings.TrimSpace(out) != "none" {
 			t.Errorf("disk snapshot restored memory state: %q", out)
 		}
 		s.stopRestored(t, m, c, sn)
