@@ -1,6 +1,7 @@
 // Package procfs reads /proc: the processes (for finding the VMM of a
-// machine whose launcher died before recording its pid) and the mounts
-// (mountinfo, for cgroup detection and for cleaning up chroots).
+// machine whose launcher died before recording its pid), the mounts
+// (mountinfo, for cgroup detection and for cleaning up chroots) and a
+// process's memory from its smaps (the benchmarks' memory figures).
 package procfs
 
 import (
