@@ -174,6 +174,3 @@ func removeAll(paths ...string) {
 		}
 	}
 }
-
-// RunDirFor is the directory holding the unix sockets of VM id.
-func (m *Manager) RunDirFor(id string) string { return m.runDir(id) }

@@ -60,7 +60,7 @@ func TestPrivateFilesAfterBoot(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := vm.Manager()
-	runDir := m.RunDirFor(vm.ID())
+	runDir := info.RunDir
 	cmdline, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(info.PID), "cmdline"))
 	if err != nil {
 		t.Fatal(err)
@@ -145,7 +145,14 @@ func TestPlantedRunDirRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	runDir := m.RunDirFor(vm.ID())
+	info, err := vm.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runDir := info.RunDir
+	if runDir == "" {
+		t.Fatal("Info has no RunDir")
+	}
 	os.MkdirAll(filepath.Dir(runDir), 0o700)
 	elsewhere := t.TempDir()
 	bait := filepath.Join(elsewhere, "qmp.sock")

@@ -313,7 +313,7 @@ func TestSnapshotRules(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	vmDir, runDir := info.Dir, m.RunDirFor(vm.ID())
+	vmDir, runDir := info.Dir, info.RunDir
 	disk, err := os.Stat(filepath.Join(vmDir, "disk.qcow2"))
 	if err != nil {
 		t.Fatal(err)

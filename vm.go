@@ -81,7 +81,10 @@ type Info struct {
 	RestoredFrom string        `json:"restored_from,omitempty"`
 	LastError    string        `json:"last_error,omitempty"`
 	Dir          string        `json:"dir"`
-	ConsoleLog   string        `json:"console_log"`
+	// RunDir is the VM's private directory of unix sockets (the agent's
+	// channels, the VMM's control socket).
+	RunDir     string `json:"run_dir"`
+	ConsoleLog string `json:"console_log"`
 }
 
 // ID returns the VM id.
@@ -288,7 +291,7 @@ func (m *Manager) info(rec store.VM) Info {
 		ID: rec.ID, Status: rec.Status, Image: cfg.Image, Backend: rec.Backend,
 		Accel: string(rec.Machine.Accel), MemoryMiB: rec.Machine.MemoryMiB, CPUs: rec.Machine.CPUs,
 		Network: rec.Machine.Network, PortForwards: pfs, PID: rec.PID, CreatedAt: rec.CreatedAt,
-		RestoredFrom: rec.RestoredFrom, LastError: rec.LastError, Dir: rec.Machine.Dir,
+		RestoredFrom: rec.RestoredFrom, LastError: rec.LastError, Dir: rec.Machine.Dir, RunDir: rec.Machine.RunDir,
 		ConsoleLog: filepath.Join(rec.Machine.Dir, "console.log"),
 	}
 	if rec.Machine.Network {

@@ -1,11 +1,9 @@
 package bench
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -24,6 +22,7 @@ import (
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/backend/qemu"
 	"github.com/smolvm-go/smolvm/internal/image"
+	"github.com/smolvm-go/smolvm/internal/procfs"
 )
 
 // Options configure a run.
@@ -143,7 +142,7 @@ func Boot(ctx context.Context, o Options) (Report, error) {
 	var ours, bare, bareReady []float64
 	for i := 0; i < o.Rounds; i++ {
 		var d time.Duration
-		var b bootTimes
+		var b phases
 		err := alternate(i, func() error {
 			var err error
 			if d, err = oursBoot(ctx, m, o, i); err != nil {
@@ -177,8 +176,11 @@ func Boot(ctx context.Context, o Options) (Report, error) {
 	if err := vm.Start(ctx); err != nil {
 		return rep, err
 	}
-	info, _ := vm.Info(ctx)
-	raw, err := rawChannel(ctx, m, info)
+	info, err := vm.Info(ctx)
+	if err != nil {
+		return rep, err
+	}
+	raw, err := rawChannel(ctx, info)
 	if err != nil {
 		return rep, fmt.Errorf("raw channel: %w", err)
 	}
@@ -206,8 +208,8 @@ func Boot(ctx context.Context, o Options) (Report, error) {
 		newFigure("smolvm Run(\"true\")", "ms", runT), newFigure("raw exec request line on the same virtio-serial channel", "ms", rawT), 1.5))
 	rep.Figures = append(rep.Figures, newFigure("raw ping round trip on the channel (no fork)", "ms", pingT))
 	time.Sleep(2 * time.Second)
-	if pss, err := pssKiB(info.PID); err == nil {
-		rep.Figures = append(rep.Figures, newFigure(fmt.Sprintf("host memory (PSS) of one idle %d MiB VM", o.MemoryMiB), "MiB", []float64{float64(pss) / 1024}))
+	if mem, err := procfs.Rollup(info.PID); err == nil {
+		rep.Figures = append(rep.Figures, newFigure(fmt.Sprintf("host memory (PSS) of one idle %d MiB VM", o.MemoryMiB), "MiB", []float64{float64(mem.Pss) / 1024}))
 	}
 	// What an idle VM costs in CPU: its QEMU's CPU time over a quiet 5 s
 	// (an agent that polls shows up here).
@@ -280,16 +282,16 @@ func oursBoot(ctx context.Context, m *smolvm.Manager, o Options, i int) (time.Du
 // bareBootName describes bareBoot's figure.
 const bareBootName = "bare qemu, same kernel/initramfs/disk, to the result of one exec of true through the agent"
 
-// bootTimes are a bare boot's two end points: the agent's handshake, and
-// the result of the first command.
-type bootTimes struct{ ready, first time.Duration }
+// phases are the two end points of a boot or restore: the agent answered
+// (ready), and the result of the first command (first).
+type phases struct{ ready, first time.Duration }
 
 // bareBoot starts QEMU by hand with the same kernel, initramfs, disk
 // (a fresh overlay), machine, accelerator and memory, and the agent's
 // channel, waits until the agent answers its handshake (ready), and runs
 // one "true" through it (first): the same end point as oursBoot.
-func bareBoot(ctx context.Context, img image.Image, o Options, i int) (bootTimes, error) {
-	var bt bootTimes
+func bareBoot(ctx context.Context, img image.Image, o Options, i int) (phases, error) {
+	var bt phases
 	dir, err := os.MkdirTemp("/tmp", "smvbare")
 	if err != nil {
 		return bt, err
@@ -331,20 +333,28 @@ func bareBoot(ctx context.Context, img image.Image, o Options, i int) (bootTimes
 	defer func() { cmd.Process.Kill(); cmd.Wait() }()
 	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	c, err := agentclient.Connect(cctx, func(ctx context.Context) (net.Conn, error) {
+	return firstCommand(cctx, sock, t0)
+}
+
+// firstCommand connects to the agent on the unix socket sock (ready: its
+// handshake answered) and runs one "true" through it (first: the result),
+// both timed from t0.
+func firstCommand(ctx context.Context, sock string, t0 time.Time) (phases, error) {
+	var ph phases
+	c, err := agentclient.Connect(ctx, func(ctx context.Context) (net.Conn, error) {
 		var d net.Dialer
 		return d.DialContext(ctx, "unix", sock)
 	})
 	if err != nil {
-		return bt, err
+		return ph, err
 	}
 	defer c.Close()
-	bt.ready = time.Since(t0)
-	if err := execTrue(cctx, c); err != nil {
-		return bt, err
+	ph.ready = time.Since(t0)
+	if err := execTrue(ctx, c); err != nil {
+		return ph, err
 	}
-	bt.first = time.Since(t0)
-	return bt, nil
+	ph.first = time.Since(t0)
+	return ph, nil
 }
 
 // execTrue runs "true" through an agent client: the first command both
@@ -360,29 +370,46 @@ func execTrue(ctx context.Context, c *agentclient.Client) error {
 	return nil
 }
 
-// rawConn speaks the agent's line protocol by hand (no client library) on
-// a channel port of its own.
+// rawConn speaks the agent's line protocol without the client library
+// (agentproto's encoder and line reader only) on a channel port of its own.
 type rawConn struct {
 	c net.Conn
-	r *bufio.Reader
+	r *agentproto.LineReader
 }
 
-func rawChannel(ctx context.Context, m *smolvm.Manager, info smolvm.Info) (*rawConn, error) {
+// rawChannel takes a free agent port of the running VM info describes.
+func rawChannel(ctx context.Context, info smolvm.Info) (*rawConn, error) {
 	b := qemu.New(qemu.Options{})
-	rec := backend.Machine{Spec: backend.Spec{ID: info.ID, RunDir: m.RunDirFor(info.ID), Dir: info.Dir}, PID: info.PID}
+	rec := backend.Machine{Spec: backend.Spec{ID: info.ID, RunDir: info.RunDir, Dir: info.Dir}, PID: info.PID}
 	c, err := b.DialAgent(ctx, rec)
 	if err != nil {
 		return nil, err
 	}
-	rc := &rawConn{c: c, r: bufio.NewReader(c)}
+	return newRawConn(c)
+}
+
+// newRawConn says hello on c (closed on failure).
+func newRawConn(c net.Conn) (*rawConn, error) {
+	rc := &rawConn{c: c, r: agentproto.NewLineReader(c, agentproto.MaxReplySize)}
+	hello, err := agentproto.Marshal(1, agentproto.TypeHello,
+		agentproto.HelloRequest{Nonce: "bench", ProtocolVersion: agentproto.ProtocolVersion})
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
 	// Resync: a newline, then hello until answered.
 	c.Write([]byte("\n"))
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
-		c.Write([]byte(`{"id":1,"type":"hello","nonce":"bench","protocol_version":1}` + "\n"))
+		c.Write(hello)
 		c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
-		line, err := rc.r.ReadString('\n')
-		if err == nil && strings.Contains(line, `"bench"`) {
+		line, err := rc.r.ReadLine()
+		if err != nil {
+			continue
+		}
+		var h agentproto.Hello
+		if hd, err := agentproto.DecodeHeader(line); err == nil && hd.Type == agentproto.TypeHello &&
+			agentproto.DecodePayload(line, &h) == nil && h.Nonce == "bench" {
 			c.SetReadDeadline(time.Time{})
 			return rc, nil
 		}
@@ -393,45 +420,33 @@ func rawChannel(ctx context.Context, m *smolvm.Manager, info smolvm.Info) (*rawC
 
 func (rc *rawConn) Close() error { return rc.c.Close() }
 
-func (rc *rawConn) roundTrip(line string, until string) (time.Duration, error) {
+// roundTrip sends one request and reads until the reply of type until to
+// it; the message is encoded before the clock starts.
+func (rc *rawConn) roundTrip(id uint64, typ string, payload any, until string) (time.Duration, error) {
+	msg, err := agentproto.Marshal(id, typ, payload)
+	if err != nil {
+		return 0, err
+	}
 	t0 := time.Now()
-	if _, err := rc.c.Write([]byte(line + "\n")); err != nil {
+	if _, err := rc.c.Write(msg); err != nil {
 		return 0, err
 	}
 	rc.c.SetReadDeadline(time.Now().Add(30 * time.Second))
 	for {
-		l, err := rc.r.ReadString('\n')
+		line, err := rc.r.ReadLine()
 		if err != nil {
 			return 0, err
 		}
-		var h struct {
-			Type string `json:"type"`
-		}
-		if json.Unmarshal([]byte(l), &h) == nil && h.Type == until {
+		if h, err := agentproto.DecodeHeader(line); err == nil && h.ID == id && h.Type == until {
 			return time.Since(t0), nil
 		}
 	}
 }
 
 func (rc *rawConn) exec(i int) (time.Duration, error) {
-	return rc.roundTrip(fmt.Sprintf(`{"id":%d,"type":"exec","shell":"true"}`, 1000+i), "exit")
+	return rc.roundTrip(uint64(1000+i), agentproto.TypeExec, agentproto.ExecRequest{Shell: "true"}, agentproto.TypeExit)
 }
 
 func (rc *rawConn) ping(i int) (time.Duration, error) {
-	return rc.roundTrip(fmt.Sprintf(`{"id":%d,"type":"ping"}`, 100000+i), "pong")
-}
-
-// pssKiB reads a process's proportional set size.
-func pssKiB(pid int) (int64, error) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
-	if err != nil {
-		return 0, err
-	}
-	for _, l := range strings.Split(string(data), "\n") {
-		if strings.HasPrefix(l, "Pss:") {
-			f := strings.Fields(l)
-			return strconv.ParseInt(f[1], 10, 64)
-		}
-	}
-	return 0, fmt.Errorf("no Pss in smaps_rollup")
+	return rc.roundTrip(uint64(100000+i), agentproto.TypePing, nil, agentproto.TypePong)
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,9 +14,10 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm"
-	"github.com/smolvm-go/smolvm/internal/agentclient"
+	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/backend/qemu"
 	"github.com/smolvm-go/smolvm/internal/image"
+	"github.com/smolvm-go/smolvm/internal/procfs"
 	"github.com/smolvm-go/smolvm/internal/qmp"
 	"github.com/smolvm-go/smolvm/internal/snapshot"
 )
@@ -254,16 +254,10 @@ func (s *suite) deleteSnapshot(ctx context.Context, id string) {
 	}
 }
 
-// restoreTimes are the phases of one restore.
-type restoreTimes struct {
-	ready time.Duration // agent answered (ours: FromSnapshot returned; bare: handshake)
-	first time.Duration // first command's result
-}
-
 // oursRestore is the SDK's restore to the first command result. The
 // restored VM is returned running; the caller deletes it.
-func (s *suite) oursRestore(ctx context.Context, snapID string) (restoreTimes, *smolvm.VM, error) {
-	var rt restoreTimes
+func (s *suite) oursRestore(ctx context.Context, snapID string) (phases, *smolvm.VM, error) {
+	var rt phases
 	t0 := time.Now()
 	vm, err := s.m.FromSnapshot(ctx, snapID, smolvm.RestoreOptions{Resume: true, Force: true})
 	if err != nil {
@@ -278,13 +272,14 @@ func (s *suite) oursRestore(ctx context.Context, snapID string) (restoreTimes, *
 	return rt, vm, nil
 }
 
-// bareRestore restores the same snapshot with bare QEMU, driven by hand:
-// a qcow2 overlay over the snapshot's disk, qemu-system-x86_64 with the
-// argv the backend's restore uses, QMP migrate-incoming and cont, then the
-// agent handshake (ready); then, informational, one exec of "true" through
-// the agent (first).
-func (s *suite) bareRestore(ctx context.Context, snapID string) (restoreTimes, error) {
-	var rt restoreTimes
+// bareRestore restores the same snapshot with bare QEMU, driven by hand
+// through the backend's restore plan (qemu.(*Backend).PlanRestore, the one
+// Restore runs): the qcow2 overlay it names, qemu-system-x86_64 with its
+// argv, its QMP commands (migrate-incoming, cont), then the agent
+// handshake (ready); then, informational, one exec of "true" through the
+// agent (first).
+func (s *suite) bareRestore(ctx context.Context, snapID string) (phases, error) {
+	var rt phases
 	info, err := s.m.GetSnapshot(ctx, snapID)
 	if err != nil {
 		return rt, err
@@ -305,21 +300,25 @@ func (s *suite) bareRestore(ctx context.Context, snapID string) (restoreTimes, e
 	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	t0 := time.Now()
-	if info.Artifacts.Disk != "" {
-		if out, err := exec.CommandContext(cctx, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", info.Artifacts.Disk, spec.Disk).CombinedOutput(); err != nil {
-			return rt, fmt.Errorf("qemu-img: %v: %s", err, out)
-		}
-	}
-	inv, err := s.qb.RestoreArgv(spec, info.Dir, man.Result)
+	plan, err := s.qb.PlanRestore(backend.RestoreRequest{Spec: spec, SnapshotDir: info.Dir,
+		Kind: man.Type, Result: man.Result, Resume: true})
 	if err != nil {
 		return rt, err
+	}
+	if len(plan.QMP) == 0 {
+		return rt, fmt.Errorf("snapshot %s has no memory to restore", snapID)
+	}
+	if o := plan.Overlay; o.Path != "" {
+		if out, err := exec.CommandContext(cctx, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", o.Backing, o.Path).CombinedOutput(); err != nil {
+			return rt, fmt.Errorf("qemu-img: %v: %s", err, out)
+		}
 	}
 	logf, err := os.Create(filepath.Join(dir, "qemu.log"))
 	if err != nil {
 		return rt, err
 	}
 	defer logf.Close()
-	cmd := exec.Command("qemu-system-x86_64", inv.Args...)
+	cmd := exec.Command("qemu-system-x86_64", plan.Args...)
 	cmd.Dir, cmd.Stdout, cmd.Stderr = dir, logf, logf
 	if err := cmd.Start(); err != nil {
 		return rt, err
@@ -331,58 +330,52 @@ func (s *suite) bareRestore(ctx context.Context, snapID string) (restoreTimes, e
 		}
 		return err
 	}
-	c, err := qmp.Dial(cctx, inv.QMPSocket)
+	c, err := qmp.Dial(cctx, plan.QMPSocket)
 	if err != nil {
 		return rt, withLog(err)
 	}
 	defer c.Close()
-	caps := []map[string]any{
-		{"capability": "x-ignore-shared", "state": inv.IgnoreShared},
-		{"capability": "mapped-ram", "state": inv.MappedRAM},
+	// The plan's commands as written: this QEMU runs as we do, so the
+	// migration channel opens the state file by its path.
+	for _, q := range plan.QMP {
+		var args any
+		if q.Arguments != nil {
+			args = q.Arguments
+		}
+		if err := c.Execute(cctx, q.Execute, args, nil); err != nil {
+			return rt, withLog(fmt.Errorf("%s: %w", q.Execute, err))
+		}
+		if q.AwaitMigration {
+			if err := awaitMigration(cctx, c); err != nil {
+				return rt, withLog(err)
+			}
+		}
 	}
-	if err := c.Execute(cctx, "migrate-set-capabilities", map[string]any{"capabilities": caps}, nil); err != nil {
+	rt, err = firstCommand(cctx, plan.AgentSocket, t0)
+	if err != nil {
 		return rt, withLog(err)
 	}
-	channels := []map[string]any{{"channel-type": "main",
-		"addr": map[string]any{"transport": "file", "filename": inv.StateFile, "offset": 0}}}
-	if err := c.Execute(cctx, "migrate-incoming", map[string]any{"channels": channels, "exit-on-error": false}, nil); err != nil {
-		return rt, withLog(err)
-	}
-	if err := pollUntil(cctx, func() (bool, error) {
+	return rt, nil
+}
+
+// awaitMigration polls query-migrate until the migration completed.
+func awaitMigration(ctx context.Context, c *qmp.Client) error {
+	return pollUntil(ctx, func() (bool, error) {
 		var st struct {
 			Status    string `json:"status"`
 			ErrorDesc string `json:"error-desc"`
 		}
-		if err := c.Execute(cctx, "query-migrate", nil, &st); err != nil {
+		if err := c.Execute(ctx, "query-migrate", nil, &st); err != nil {
 			return false, err
 		}
 		switch st.Status {
 		case "completed":
 			return true, nil
 		case "failed", "cancelled":
-			return false, fmt.Errorf("migrate-incoming %s: %s", st.Status, st.ErrorDesc)
+			return false, fmt.Errorf("migration %s: %s", st.Status, st.ErrorDesc)
 		}
 		return false, nil
-	}); err != nil {
-		return rt, withLog(err)
-	}
-	if err := c.Execute(cctx, "cont", nil, nil); err != nil {
-		return rt, withLog(err)
-	}
-	ac, err := agentclient.Connect(cctx, func(ctx context.Context) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", inv.AgentSocket)
 	})
-	if err != nil {
-		return rt, withLog(err)
-	}
-	defer ac.Close()
-	rt.ready = time.Since(t0)
-	if err := execTrue(cctx, ac); err != nil {
-		return rt, err
-	}
-	rt.first = time.Since(t0)
-	return rt, nil
 }
 
 // pollUntil calls f every few milliseconds (2 ms, backing off to 20 ms)
@@ -426,7 +419,7 @@ func (s *suite) restoreGroup(ctx context.Context) ([]Row, error) {
 	}
 	defer s.deleteSnapshot(ctx, snapID)
 	for i := 0; i < s.o.Rounds; i++ {
-		var o, b restoreTimes
+		var o, b phases
 		err := alternate(i, func() error {
 			rt, vm, err := s.oursRestore(ctx, snapID)
 			del(ctx, vm)
@@ -545,10 +538,7 @@ func (s *suite) createGroup(ctx context.Context) ([]Row, error) {
 	if err != nil {
 		return rows(), err
 	}
-	qmpPath, err := qmpSocketOf(info.PID)
-	if err != nil {
-		return rows(), err
-	}
+	qmpPath := qemu.QMPSocket(info.RunDir)
 	for i := 0; i < s.o.Rounds; i++ {
 		used, err := guestUsedMiB(ctx, vm)
 		if err != nil {
@@ -633,25 +623,6 @@ func guestUsedMiB(ctx context.Context, vm *smolvm.VM) (float64, error) {
 		return 0, fmt.Errorf("no MemTotal in the guest's /proc/meminfo")
 	}
 	return (kib["MemTotal"] - kib["MemFree"]) / 1024, nil
-}
-
-// qmpSocketOf finds the QMP socket of a running QEMU in its command line
-// (-chardev socket,id=qmp,...,path=P).
-func qmpSocketOf(pid int) (string, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if err != nil {
-		return "", err
-	}
-	for _, a := range strings.Split(string(b), "\x00") {
-		if !strings.HasPrefix(a, "socket,") || !strings.Contains(a, ",id=qmp,") {
-			continue
-		}
-		if _, p, ok := strings.Cut(a, ",path="); ok {
-			p, _, _ = strings.Cut(p, ",")
-			return p, nil
-		}
-	}
-	return "", fmt.Errorf("no QMP socket in the command line of pid %d", pid)
 }
 
 // qmpSnapshotSave is the internal-snapshot mechanism: a snapshot-save job
@@ -867,23 +838,8 @@ func procCPUms(pid int) (float64, error) {
 // jitMiB is the anonymous memory in a process's writable+executable
 // mappings: QEMU's TCG code buffer (translated guest code), from smaps.
 func jitMiB(pid int) (float64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
-	if err != nil {
-		return 0, err
-	}
-	var kib float64
-	rwx := false
-	for _, l := range strings.Split(string(b), "\n") {
-		f := strings.Fields(l)
-		switch {
-		case len(f) >= 2 && strings.Contains(f[0], "-") && len(f[1]) == 4:
-			rwx = f[1][:3] == "rwx"
-		case rwx && len(f) >= 2 && f[0] == "Anonymous:":
-			v, _ := strconv.ParseFloat(f[1], 64)
-			kib += v
-		}
-	}
-	return kib / 1024, nil
+	m, err := procfs.Smaps(pid)
+	return float64(m.WXAnon) / 1024, err
 }
 
 // pss is a process's proportional set size (MiB), split like smaps_rollup.
@@ -913,34 +869,8 @@ func pssSum(ctx context.Context, vms []*smolvm.VM) (pss, error) {
 
 // readPss reads Pss, Pss_Anon and Pss_File from /proc/PID/smaps_rollup.
 func readPss(pid int) (pss, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
-	if err != nil {
-		return pss{}, err
-	}
-	var p pss
-	found := false
-	for _, l := range strings.Split(string(b), "\n") {
-		f := strings.Fields(l)
-		if len(f) < 2 {
-			continue
-		}
-		kib, err := strconv.ParseFloat(f[1], 64)
-		if err != nil {
-			continue
-		}
-		switch f[0] {
-		case "Pss:":
-			p.total, found = kib/1024, true
-		case "Pss_Anon:":
-			p.anon = kib / 1024
-		case "Pss_File:":
-			p.file = kib / 1024
-		}
-	}
-	if !found {
-		return p, fmt.Errorf("no Pss in /proc/%d/smaps_rollup", pid)
-	}
-	return p, nil
+	m, err := procfs.Rollup(pid)
+	return pss{total: float64(m.Pss) / 1024, anon: float64(m.PssAnon) / 1024, file: float64(m.PssFile) / 1024}, err
 }
 
 // bootGroup: cold boot -> first command against bare QEMU to agent-ready.
@@ -958,7 +888,7 @@ func (s *suite) bootGroup(ctx context.Context) ([]Row, error) {
 	o := s.o.Options
 	for i := 0; i < s.o.Rounds; i++ {
 		var od time.Duration
-		var bt bootTimes
+		var bt phases
 		err := alternate(i, func() error {
 			d, err := oursBoot(ctx, s.m, o, i)
 			od = d

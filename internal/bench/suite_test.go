@@ -2,12 +2,17 @@ package bench
 
 import (
 	"bytes"
+	"context"
 	"encoding/xml"
 	"io"
+	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/smolvm-go/smolvm/internal/agent"
 )
 
 func TestNewRowRatioAndGoal(t *testing.T) {
@@ -120,5 +125,29 @@ func TestDiskFloorAndJIT(t *testing.T) {
 	// A Go test binary has no writable+executable mappings.
 	if mib, err := jitMiB(os.Getpid()); err != nil || mib != 0 {
 		t.Errorf("jitMiB(self) = %v, %v", mib, err)
+	}
+}
+
+// The raw channel of the round-trip baseline speaks the protocol the real
+// agent server serves: hello (agentproto's version), exec, ping.
+func TestRawConnAgainstAgentServer(t *testing.T) {
+	srv := agent.NewServer(agent.Options{EnvFile: filepath.Join(t.TempDir(), "env"), ProfileFile: filepath.Join(t.TempDir(), "profile"),
+		Logf: t.Logf})
+	guest, host := net.Pipe()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go srv.ServeConn(ctx, guest)
+	rc, err := newRawConn(host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	for i := range 3 {
+		if d, err := rc.exec(i); err != nil || d <= 0 {
+			t.Fatalf("exec %d: %v, %v", i, d, err)
+		}
+		if d, err := rc.ping(i); err != nil || d <= 0 {
+			t.Fatalf("ping %d: %v, %v", i, d, err)
+		}
 	}
 }

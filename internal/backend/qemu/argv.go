@@ -72,7 +72,12 @@ type launch struct {
 	NetFD int
 }
 
-func qmpSocket(runDir string) string   { return filepath.Join(runDir, qmpSocketName) }
+func qmpSocket(runDir string) string { return filepath.Join(runDir, qmpSocketName) }
+
+// QMPSocket is the QMP socket of the VM whose sockets are in runDir (its
+// Spec.RunDir), for a caller driving a running VM's QEMU by hand (the
+// benchmarks' internal-snapshot baseline).
+func QMPSocket(runDir string) string   { return qmpSocket(runDir) }
 func agentSocket(runDir string) string { return filepath.Join(runDir, agentSocketName) }
 
 // AgentPorts is how many agent channels a VM has: QEMU's socket chardev

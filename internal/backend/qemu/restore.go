@@ -6,12 +6,15 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/fsutil"
+	"github.com/smolvm-go/smolvm/internal/qmp"
+	"github.com/smolvm-go/smolvm/internal/steps"
 )
 
 // Restore starts a new QEMU from a snapshot. Memory snapshots are loaded
@@ -20,6 +23,10 @@ import (
 // snapshot's memory image. Disk snapshots cold-boot. The new VM writes to a
 // fresh qcow2 overlay (req.Spec.Disk, default Dir/disk.qcow2) whose backing
 // file is the snapshot's disk: snapshot files are never modified.
+//
+// It plans the restore (PlanRestore: every check of the snapshot against
+// the spec, before anything is created), then runs the plan as named steps
+// (see runRestore) whose undos remove what a failed restore created.
 func (b *Backend) Restore(ctx context.Context, req backend.RestoreRequest) (backend.Machine, error) {
 	return b.restore(ctx, req, helperOpts{})
 }
@@ -32,16 +39,93 @@ type helperOpts struct {
 
 // restore is Restore, with the helper's options.
 func (b *Backend) restore(ctx context.Context, req backend.RestoreRequest, h helperOpts) (backend.Machine, error) {
-	spec := req.Spec
-	kind := req.Kind
+	p, err := b.PlanRestore(req)
+	if err != nil {
+		return backend.Machine{}, err
+	}
+	p.launch.DieWithParent = h.dieWithParent
+	return b.runRestore(ctx, p, h.launched)
+}
+
+// RestorePlan is what Restore does for one snapshot, decided before any
+// file or process exists: the disk overlay to create, the QEMU to launch,
+// and the QMP commands that load and resume it. Restore runs it; the
+// benchmarks drive a bare QEMU with the same plan (Args, QMP) to time the
+// baseline.
+type RestorePlan struct {
+	Kind backend.SnapshotKind
+	// Spec is the new machine as launched: Disk is the overlay (qcow2),
+	// or empty when the snapshot has no disk.
+	Spec backend.Spec
+	// Overlay is the writable disk to create before the launch: a qcow2
+	// at Overlay.Path whose backing file (qcow2) is Overlay.Backing, the
+	// snapshot's disk. Empty Path: no disk.
+	Overlay Overlay
+	// BaseImage is the image a diff snapshot's disk depends on ("" none);
+	// the executor checks the disk's whole backing chain exists.
+	BaseImage string
+	// Args is QEMU's argv (without the binary) for the plan's machine:
+	// the snapshotted machine type and CPU model, RAM mapped privately and
+	// read-only from the memory image ("raw") or a fresh shared file
+	// ("stream", whose directory the launcher creates), -incoming defer,
+	// -S. Restore launches exactly this, plus QEMU's privilege drop
+	// (-run-with, when smolvm runs as root and the spec has a uid) and the
+	// network sidecar's descriptor in place of user networking.
+	Args []string
+	// QMPSocket and AgentSocket are where QEMU listens (agent port 0).
+	QMPSocket, AgentSocket string
+	// MemoryFile is the file backing guest RAM; MemoryFormat the
+	// snapshot's ("" for a disk snapshot).
+	MemoryFile, MemoryFormat string
+	// StateFile is the migration stream migrate-incoming reads ("" for a
+	// disk snapshot, which cold-boots).
+	StateFile string
+	// QMP are the commands to run, in order, once QMP answers.
+	QMP []QMPCommand
+
+	launch launch
+}
+
+// Overlay is a qcow2 file to create over a backing qcow2.
+type Overlay struct{ Path, Backing string }
+
+// QMPCommand is one step of a plan's QMP sequence.
+type QMPCommand struct {
+	Execute   string
+	Arguments map[string]any
+	// InputFile, when set, is the file the command's "file" channel reads.
+	// Restore opens it and hands QEMU the descriptor (add-fd), and the
+	// channel reads /dev/fdset/N instead: a QEMU that dropped its
+	// privileges cannot open the path. An unconfined QEMU may open it.
+	InputFile string
+	// AwaitMigration: once the command returns, poll query-migrate until
+	// the migration completed (an error when it failed).
+	AwaitMigration bool
+}
+
+// withInput returns the command's arguments with its file channel reading
+// path (the fdset QEMU got the input file as).
+func (q QMPCommand) withInput(path string) map[string]any {
+	args := maps.Clone(q.Arguments)
+	args["channels"] = fileChannel(path)
+	return args
+}
+
+// PlanRestore checks req's snapshot against its spec and returns the plan
+// Restore runs: the artifacts listed must exist, the memory image, the
+// snapshot's recorded resources (qemu.json) and the spec must agree, and
+// a snapshot of a VM with a disk must carry one. It reads the snapshot's
+// files but changes nothing.
+func (b *Backend) PlanRestore(req backend.RestoreRequest) (RestorePlan, error) {
+	spec, kind := req.Spec, req.Kind
 	switch kind {
 	case backend.SnapshotFull, backend.SnapshotDiff, backend.SnapshotDisk:
 	default:
-		return backend.Machine{}, fmt.Errorf("qemu: restore kind %q: %w", kind, backend.ErrUnsupported)
+		return RestorePlan{}, fmt.Errorf("qemu: restore kind %q: %w", kind, backend.ErrUnsupported)
 	}
 	snapDir, err := filepath.Abs(req.SnapshotDir)
 	if err != nil {
-		return backend.Machine{}, err
+		return RestorePlan{}, err
 	}
 	arts := map[string]string{}
 	for _, a := range req.Result.Artifacts {
@@ -49,162 +133,211 @@ func (b *Backend) restore(ctx context.Context, req backend.RestoreRequest, h hel
 	}
 	for role, p := range arts {
 		if _, err := os.Stat(p); err != nil {
-			return backend.Machine{}, fmt.Errorf("qemu: restore: snapshot %s file missing: %w", role, err)
+			return RestorePlan{}, fmt.Errorf("qemu: restore: snapshot %s file missing: %w", role, err)
 		}
 	}
 	var cfg *snapshotConfig
 	if p := arts[RoleConfig]; p != "" {
-		cfg, err = readSnapshotConfig(p)
-		if err != nil {
-			return backend.Machine{}, err
+		if cfg, err = readSnapshotConfig(p); err != nil {
+			return RestorePlan{}, err
 		}
 	}
 	format := req.Result.MemoryFormat
 	if kind != backend.SnapshotDisk {
 		if arts["state"] == "" {
-			return backend.Machine{}, fmt.Errorf("qemu: restore: snapshot has no state artifact (%s)", StateFile)
+			return RestorePlan{}, fmt.Errorf("qemu: restore: snapshot has no state artifact (%s)", StateFile)
 		}
 		switch format {
 		case MemoryRaw:
 			if arts["memory"] == "" {
-				return backend.Machine{}, fmt.Errorf("qemu: restore: snapshot has no memory artifact (%s)", MemoryFile)
+				return RestorePlan{}, fmt.Errorf("qemu: restore: snapshot has no memory artifact (%s)", MemoryFile)
 			}
 			st, err := os.Stat(arts["memory"])
 			if err != nil {
-				return backend.Machine{}, fmt.Errorf("qemu: restore: %w", err)
+				return RestorePlan{}, fmt.Errorf("qemu: restore: %w", err)
 			}
 			if want := int64(spec.MemoryMiB) << 20; st.Size() != want {
-				return backend.Machine{}, fmt.Errorf("qemu: restore: memory image is %d MiB but the spec asks for %d MiB; restore with the snapshot's memory size",
+				return RestorePlan{}, fmt.Errorf("qemu: restore: memory image is %d MiB but the spec asks for %d MiB; restore with the snapshot's memory size",
 					st.Size()>>20, spec.MemoryMiB)
 			}
 		case MemoryStream:
 		default:
-			return backend.Machine{}, fmt.Errorf("qemu: restore: unknown memory format %q", format)
+			return RestorePlan{}, fmt.Errorf("qemu: restore: unknown memory format %q", format)
 		}
 	}
-	if cfg != nil {
-		if cfg.MemoryMiB != spec.MemoryMiB && kind != backend.SnapshotDisk {
-			return backend.Machine{}, fmt.Errorf("qemu: restore: snapshot has %d MiB of memory but the spec asks for %d MiB", cfg.MemoryMiB, spec.MemoryMiB)
+	if cfg != nil && kind != backend.SnapshotDisk {
+		if cfg.MemoryMiB != spec.MemoryMiB {
+			return RestorePlan{}, fmt.Errorf("qemu: restore: snapshot has %d MiB of memory but the spec asks for %d MiB", cfg.MemoryMiB, spec.MemoryMiB)
 		}
-		if kind != backend.SnapshotDisk && (cfg.CPUs != max(spec.CPUs, 1) || cfg.Network != spec.Network) {
-			return backend.Machine{}, fmt.Errorf("qemu: restore: the spec must match the snapshot (cpus %d, network %v); got cpus %d, network %v",
+		if cfg.CPUs != max(spec.CPUs, 1) || cfg.Network != spec.Network {
+			return RestorePlan{}, fmt.Errorf("qemu: restore: the spec must match the snapshot (cpus %d, network %v); got cpus %d, network %v",
 				cfg.CPUs, cfg.Network, max(spec.CPUs, 1), spec.Network)
 		}
 	}
-
-	// Pre-flight the disk's backing chain: QEMU would only exit with
-	// "Could not open backing file".
-	snapDisk := arts["disk"]
-	if snapDisk != "" {
-		if err := b.checkBacking(ctx, snapDisk, req.Result.BaseImage); err != nil {
-			return backend.Machine{}, err
-		}
-	} else if cfg != nil && cfg.HasDisk {
-		return backend.Machine{}, fmt.Errorf("qemu: restore: snapshot has no disk artifact but the VM had a disk")
-	}
-
-	// New writable overlay over the snapshot's disk.
-	if err := fsutil.PrivateDir(spec.Dir); err != nil {
-		return backend.Machine{}, fmt.Errorf("qemu: restore: %w", err)
-	}
-	createdDisk := ""
-	if snapDisk != "" {
+	p := RestorePlan{Kind: kind, BaseImage: req.Result.BaseImage}
+	if snapDisk := arts["disk"]; snapDisk != "" {
 		if spec.Disk == "" {
 			spec.Disk = filepath.Join(spec.Dir, DiskFile)
 		}
-		if _, err := os.Lstat(spec.Disk); err == nil {
-			return backend.Machine{}, fmt.Errorf("qemu: restore: disk %s: %w", spec.Disk, fs.ErrExist)
-		}
-		if err := b.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", snapDisk, spec.Disk); err != nil {
-			return backend.Machine{}, fmt.Errorf("qemu: restore: %w", err)
-		}
-		createdDisk = spec.Disk
-		if err := private(spec.Disk); err != nil {
-			os.Remove(spec.Disk)
-			return backend.Machine{}, err
-		}
 		spec.DiskFormat = "qcow2"
+		p.Overlay = Overlay{Path: spec.Disk, Backing: snapDisk}
+	} else if cfg != nil && cfg.HasDisk {
+		return RestorePlan{}, fmt.Errorf("qemu: restore: snapshot has no disk artifact but the VM had a disk")
 	} else {
 		spec.Disk, spec.DiskFormat = "", ""
 	}
-	fail := func(err error) (backend.Machine, error) {
-		if createdDisk != "" {
-			os.Remove(createdDisk)
-		}
-		return backend.Machine{}, err
-	}
-
 	l, err := b.freshLaunch(spec)
 	if err != nil {
-		return fail(err)
+		return RestorePlan{}, err
 	}
 	if kind == backend.SnapshotDisk {
 		l.StartPaused = !req.Resume
-		m, err := b.launch(ctx, spec, l)
-		if err != nil {
-			return fail(err)
+	} else {
+		ignoreShared, mappedRAM := applySnapshotLaunch(&l, cfg, format, arts["memory"])
+		p.MemoryFormat, p.StateFile = format, arts["state"]
+		p.QMP = []QMPCommand{
+			{Execute: "migrate-set-capabilities", Arguments: map[string]any{"capabilities": migrationCaps(ignoreShared, mappedRAM)}},
+			{Execute: "migrate-incoming", Arguments: map[string]any{"channels": fileChannel(p.StateFile), "exit-on-error": false},
+				InputFile: p.StateFile, AwaitMigration: true},
 		}
-		return m, nil
+		if req.Resume {
+			p.QMP = append(p.QMP, QMPCommand{Execute: "cont"})
+		}
 	}
+	if p.Args, err = buildArgs(spec, l); err != nil {
+		return RestorePlan{}, err
+	}
+	p.Spec, p.launch = spec, l
+	p.MemoryFile = l.MemoryFile
+	p.QMPSocket, p.AgentSocket = qmpSocket(spec.RunDir), agentSocket(spec.RunDir)
+	return p, nil
+}
 
-	ignoreShared, mappedRAM := applySnapshotLaunch(&l, cfg, format, arts["memory"])
-	l.DieWithParent = h.dieWithParent
-	t0 := time.Now()
-	m, err := b.launch(ctx, spec, l)
-	if err != nil {
-		return fail(err)
-	}
-	if h.launched != nil {
-		h.launched(m)
-	}
-	abort := func(err error) (backend.Machine, error) {
+// runRestore runs p as named steps (steps.Run): check backing, create
+// disk, start vmm, connect qmp, then one step per QMP command (e.g.
+// migrate-set-capabilities, migrate-incoming, cont). When a step fails
+// the ones before it are undone, newest first: QEMU is stopped and the
+// overlay removed. launched, when set, is called once QEMU is up.
+func (b *Backend) runRestore(ctx context.Context, p RestorePlan, launched func(backend.Machine)) (backend.Machine, error) {
+	var (
+		m  backend.Machine
+		c  *qmp.Client
+		t0 time.Time
+	)
+	defer func() {
+		if c != nil {
+			c.Close()
+		}
+	}()
+	// withLog adds the tail of QEMU's log to a VMM error without one: why
+	// QEMU refused is usually there.
+	withLog := func(err error) error {
 		var ve *backend.VMMError
 		if errors.As(err, &ve) && ve.Log == "" {
-			ve.Log = logTail(qemuLog(spec.Dir))
+			ve.Log = logTail(qemuLog(p.Spec.Dir))
 		}
-		kctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		b.Stop(kctx, m)
-		cancel()
-		return fail(err)
+		return err
 	}
-	c, err := b.dialQMP(ctx, m)
-	if err != nil {
-		return abort(err)
+	var list []steps.Step
+	if p.Overlay.Path != "" {
+		list = append(list, steps.Step{
+			// Pre-flight: QEMU would only exit with "Could not open
+			// backing file".
+			Name: "check backing",
+			Do:   func(ctx context.Context) error { return b.checkBacking(ctx, p.Overlay.Backing, p.BaseImage) },
+		}, steps.Step{
+			Name: "create disk",
+			Do:   func(ctx context.Context) error { return b.createOverlay(ctx, p.Spec.Dir, p.Overlay) },
+			Undo: func(context.Context) error { return os.Remove(p.Overlay.Path) },
+		})
 	}
-	defer c.Close()
-	if err := setMigrationCaps(ctx, c, ignoreShared, mappedRAM); err != nil {
-		return abort(err)
+	list = append(list, steps.Step{
+		Name: "start vmm",
+		Do: func(ctx context.Context) error {
+			t0 = time.Now()
+			var err error
+			if m, err = b.launch(ctx, p.Spec, p.launch); err != nil {
+				return err
+			}
+			if launched != nil {
+				launched(m)
+			}
+			return nil
+		},
+		Undo: func(ctx context.Context) error { return b.Stop(ctx, m) },
+	})
+	if len(p.QMP) > 0 {
+		list = append(list, steps.Step{
+			Name: "connect qmp",
+			Do: func(ctx context.Context) error {
+				var err error
+				c, err = b.dialQMP(ctx, m)
+				return err
+			},
+		})
 	}
-	// Opened by us and handed over: a QEMU that dropped its privileges
-	// cannot open the snapshot's path.
-	sf, err := os.Open(arts["state"])
-	if err != nil {
-		return abort(fmt.Errorf("qemu: restore: %w", err))
+	for _, q := range p.QMP {
+		list = append(list, steps.Step{
+			Name: q.Execute,
+			Do:   func(ctx context.Context) error { return withLog(b.execPlanned(ctx, c, m, q)) },
+		})
 	}
-	fdPath, release, err := passFile(ctx, c, sf, "restore-state")
-	sf.Close()
-	if err != nil {
-		return abort(err)
+	if err := steps.Run(ctx, list...); err != nil {
+		return backend.Machine{}, fmt.Errorf("qemu: restore: %w", err)
 	}
-	err = execQMP(ctx, c, "migrate-incoming", map[string]any{
-		"channels":      fileChannel(fdPath),
-		"exit-on-error": false,
-	}, nil)
-	release()
-	if err != nil {
-		return abort(err)
-	}
-	if err := waitMigration(ctx, c, m, "migrate-incoming"); err != nil {
-		return abort(err)
-	}
-	tLoad := time.Since(t0)
-	if req.Resume {
-		if err := execQMP(ctx, c, "cont", nil, nil); err != nil {
-			return abort(err)
-		}
-	}
-	b.log.Debug("restored", "id", spec.ID, "format", format, "load", tLoad, "total", time.Since(t0))
+	b.log.Debug("restored", "id", p.Spec.ID, "kind", p.Kind, "format", p.MemoryFormat, "elapsed", time.Since(t0))
 	return m, nil
+}
+
+// createOverlay creates o (it must not exist) and makes it private, after
+// making the VM's dir private.
+func (b *Backend) createOverlay(ctx context.Context, dir string, o Overlay) error {
+	if err := fsutil.PrivateDir(dir); err != nil {
+		return err
+	}
+	if _, err := os.Lstat(o.Path); err == nil {
+		return fmt.Errorf("disk %s: %w", o.Path, fs.ErrExist)
+	}
+	if err := b.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", o.Backing, o.Path); err != nil {
+		return err
+	}
+	if err := private(o.Path); err != nil {
+		os.Remove(o.Path)
+		return err
+	}
+	return nil
+}
+
+// execPlanned runs one planned QMP command on m: its input file handed over
+// as a descriptor, and the migration it starts awaited.
+func (b *Backend) execPlanned(ctx context.Context, c *qmp.Client, m backend.Machine, q QMPCommand) error {
+	var args any
+	if q.Arguments != nil {
+		args = q.Arguments
+	}
+	release := func() {}
+	if q.InputFile != "" {
+		f, err := os.Open(q.InputFile)
+		if err != nil {
+			return fmt.Errorf("qemu: %w", err)
+		}
+		var fdPath string
+		fdPath, release, err = passFile(ctx, c, f, q.Execute+"-input")
+		f.Close()
+		if err != nil {
+			return err
+		}
+		args = q.withInput(fdPath)
+	}
+	err := execQMP(ctx, c, q.Execute, args, nil)
+	release() // QEMU opened its own duplicate (or failed)
+	if err != nil {
+		return err
+	}
+	if q.AwaitMigration {
+		return waitMigration(ctx, c, m, q.Execute)
+	}
+	return nil
 }
 
 func readSnapshotConfig(path string) (*snapshotConfig, error) {
@@ -224,7 +357,7 @@ func readSnapshotConfig(path string) (*snapshotConfig, error) {
 // the path.
 func (b *Backend) checkBacking(ctx context.Context, disk, baseImage string) error {
 	missing := func(path, of string) error {
-		return fmt.Errorf("qemu: restore: %s needs backing image %s, which is missing: %w; "+
+		return fmt.Errorf("%s needs backing image %s, which is missing: %w; "+
 			"restore it to that path, or take a full snapshot (self-contained) next time", of, path, backend.ErrBackingMissing)
 	}
 	if baseImage != "" {
@@ -237,7 +370,7 @@ func (b *Backend) checkBacking(ctx context.Context, disk, baseImage string) erro
 	for range 16 {
 		ii, err := b.info(ctx, cur, format)
 		if err != nil {
-			return fmt.Errorf("qemu: restore: %w", err)
+			return err
 		}
 		bp := ii.backingPath()
 		if bp == "" {
@@ -249,7 +382,7 @@ func (b *Backend) checkBacking(ctx context.Context, disk, baseImage string) erro
 		// smolvm records every backing file's format (-F); one without is
 		// not ours, and probing it is what explicit formats avoid.
 		if format = ii.BackingFilenameFormat; checkImageFormat(format) != nil {
-			return fmt.Errorf("qemu: restore: %s has backing file %s of format %q: want qcow2 or raw recorded in the image; take a new snapshot",
+			return fmt.Errorf("%s has backing file %s of format %q: want qcow2 or raw recorded in the image; take a new snapshot",
 				cur, bp, format)
 		}
 		cur = bp
@@ -262,8 +395,7 @@ func (b *Backend) checkBacking(ctx context.Context, disk, baseImage string) erro
 // must match), the RAM image mapped privately and read-only for "raw"
 // memory (constant time, copy-on-write: the file is never modified and not
 // ours to delete on Stop), -incoming defer and -S. It returns the migration
-// capabilities to set before migrate-incoming. Restore and RestoreArgv (the
-// benchmarks' bare-QEMU baseline) share it, so they launch the same QEMU.
+// capabilities to set before migrate-incoming.
 func applySnapshotLaunch(l *launch, cfg *snapshotConfig, format, memory string) (ignoreShared, mappedRAM bool) {
 	mappedRAM = true
 	if cfg != nil {

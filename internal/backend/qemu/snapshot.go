@@ -86,11 +86,15 @@ func fileChannel(path string) []map[string]any {
 // setMigrationCaps sets the capabilities we use, explicitly on or off (an
 // earlier snapshot of the same QEMU may have set them differently).
 func setMigrationCaps(ctx context.Context, c *qmp.Client, ignoreShared, mappedRAM bool) error {
-	caps := []migCap{
+	return execQMP(ctx, c, "migrate-set-capabilities", map[string]any{"capabilities": migrationCaps(ignoreShared, mappedRAM)}, nil)
+}
+
+// migrationCaps are the migration capabilities a snapshot or restore sets.
+func migrationCaps(ignoreShared, mappedRAM bool) []migCap {
+	return []migCap{
 		{"x-ignore-shared", ignoreShared},
 		{"mapped-ram", mappedRAM},
 	}
-	return execQMP(ctx, c, "migrate-set-capabilities", map[string]any{"capabilities": caps}, nil)
 }
 
 type migrateStatus struct {
