@@ -91,6 +91,7 @@ type Overlay struct{ Path, Backing string }
 
 // QMPCommand is one step of a plan's QMP sequence.
 type QMPCommand struct {
+	Step      string // what it does, the step's name in errors: "load state"
 	Execute   string
 	Arguments map[string]any
 	// InputFile, when set, is the file the command's "file" channel reads.
@@ -196,12 +197,14 @@ func (b *Backend) PlanRestore(req backend.RestoreRequest) (RestorePlan, error) {
 		ignoreShared, mappedRAM := applySnapshotLaunch(&l, cfg, format, arts["memory"])
 		p.MemoryFormat, p.StateFile = format, arts["state"]
 		p.QMP = []QMPCommand{
-			{Execute: "migrate-set-capabilities", Arguments: map[string]any{"capabilities": migrationCaps(ignoreShared, mappedRAM)}},
-			{Execute: "migrate-incoming", Arguments: map[string]any{"channels": fileChannel(p.StateFile), "exit-on-error": false},
+			{Step: "set capabilities", Execute: "migrate-set-capabilities",
+				Arguments: map[string]any{"capabilities": migrationCaps(ignoreShared, mappedRAM)}},
+			{Step: "load state", Execute: "migrate-incoming",
+				Arguments: map[string]any{"channels": fileChannel(p.StateFile), "exit-on-error": false},
 				InputFile: p.StateFile, AwaitMigration: true},
 		}
 		if req.Resume {
-			p.QMP = append(p.QMP, QMPCommand{Execute: "cont"})
+			p.QMP = append(p.QMP, QMPCommand{Step: "resume", Execute: "cont"})
 		}
 	}
 	if p.Args, err = buildArgs(spec, l); err != nil {
@@ -213,9 +216,10 @@ func (b *Backend) PlanRestore(req backend.RestoreRequest) (RestorePlan, error) {
 	return p, nil
 }
 
-// runRestore runs p as named steps (steps.Run): check backing, create
-// disk, start vmm, connect qmp, then one step per QMP command (e.g.
-// migrate-set-capabilities, migrate-incoming, cont). When a step fails
+// runRestore runs p as named steps (steps.Run): check backing and create
+// disk (when the snapshot has a disk), start vmm, then for a memory
+// snapshot connect qmp and one step per QMP command: set capabilities,
+// load state and, with Resume, resume. When a step fails
 // the ones before it are undone, newest first: QEMU is stopped and the
 // overlay removed. launched, when set, is called once QEMU is up.
 func (b *Backend) runRestore(ctx context.Context, p RestorePlan, launched func(backend.Machine)) (backend.Machine, error) {
@@ -278,7 +282,7 @@ func (b *Backend) runRestore(ctx context.Context, p RestorePlan, launched func(b
 	}
 	for _, q := range p.QMP {
 		list = append(list, steps.Step{
-			Name: q.Execute,
+			Name: q.Step,
 			Do:   func(ctx context.Context) error { return withLog(b.execPlanned(ctx, c, m, q)) },
 		})
 	}

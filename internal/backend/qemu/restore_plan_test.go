@@ -9,10 +9,13 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/steps"
+	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
 // planFixture is a snapshot dir with the files a restore plan reads (no
@@ -60,10 +63,11 @@ func planBackend(t *testing.T) *Backend {
 	return New(Options{MemoryDir: filepath.Join(t.TempDir(), "shm")})
 }
 
+// qmpNames lists the plan's QMP commands as "step=command".
 func qmpNames(p RestorePlan) []string {
 	var out []string
 	for _, q := range p.QMP {
-		out = append(out, q.Execute)
+		out = append(out, q.Step+"="+q.Execute)
 	}
 	return out
 }
@@ -123,7 +127,7 @@ func TestPlanRestoreFullRaw(t *testing.T) {
 	if p.QMPSocket != filepath.Join(f.req.Spec.RunDir, "qmp.sock") || p.AgentSocket != filepath.Join(f.req.Spec.RunDir, "agent.sock") {
 		t.Errorf("sockets %q %q", p.QMPSocket, p.AgentSocket)
 	}
-	if got := qmpNames(p); !slices.Equal(got, []string{"migrate-set-capabilities", "migrate-incoming", "cont"}) {
+	if got := qmpNames(p); !slices.Equal(got, []string{"set capabilities=migrate-set-capabilities", "load state=migrate-incoming", "resume=cont"}) {
 		t.Fatalf("QMP sequence %q", got)
 	}
 	if caps := capsOf(t, p.QMP[0]); !caps["x-ignore-shared"] || caps["mapped-ram"] || len(caps) != 2 {
@@ -166,7 +170,7 @@ func TestPlanRestoreStreamPaused(t *testing.T) {
 	if strings.Contains(joined, "readonly=on") {
 		t.Error("stream restore maps a read-only image")
 	}
-	if got := qmpNames(p); !slices.Equal(got, []string{"migrate-set-capabilities", "migrate-incoming"}) {
+	if got := qmpNames(p); !slices.Equal(got, []string{"set capabilities=migrate-set-capabilities", "load state=migrate-incoming"}) {
 		t.Fatalf("QMP sequence %q", got)
 	}
 	if caps := capsOf(t, p.QMP[0]); caps["x-ignore-shared"] || !caps["mapped-ram"] {
@@ -287,5 +291,61 @@ func TestRestoreRollsBackOverlay(t *testing.T) {
 	}
 	if _, err := os.Stat(snapDisk); err != nil {
 		t.Errorf("the snapshot's disk: %v", err)
+	}
+}
+
+// A real QEMU that starts but cannot load the snapshot's state (a garbage
+// migration stream) is rolled back: the error names the "load state" step
+// and carries QEMU's log, QEMU is stopped, its sockets and the overlay are
+// gone, and the snapshot's memory image is untouched. No guest boots.
+func TestRestoreFailedLoadRollsBack(t *testing.T) {
+	testutil.RequireQEMU(t)
+	cfg := snapshotConfig{Version: 1, Machine: MachineMicrovm, Accel: backend.AccelTCG, CPU: "max", MemoryMiB: 64, CPUs: 1,
+		HasDisk: true, Kind: "full", MemoryFormat: MemoryRaw, IgnoreShared: true}
+	f := newPlanFixture(t, backend.SnapshotFull, MemoryRaw, cfg)
+	ctx := context.Background()
+	// A QEMU whose incoming migration failed does not act on quit: Stop
+	// kills it after StopTimeout (kept short here).
+	b := New(Options{MemoryDir: filepath.Join(f.root, "shm"), Logger: testLogger(), StopTimeout: 500 * time.Millisecond})
+	snapDisk := filepath.Join(f.snap, DiskFile)
+	os.Remove(snapDisk)
+	if err := b.qemuImg(ctx, "create", "-q", "-f", "qcow2", snapDisk, "1M"); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(f.snap, StateFile), []byte("not a migration stream\n"), 0o600)
+	kernel := filepath.Join(f.root, "bzImage")
+	os.WriteFile(kernel, []byte("k"), 0o600)
+	f.req.Spec.Kernel, f.req.Spec.Initrd = kernel, ""
+	f.req.Spec.RunDir = filepath.Join(testutil.ShortDir(t), "r")
+	f.req.Resume = true
+	var launched backend.Machine
+	t.Cleanup(func() { // should the rollback have failed to stop it
+		if processAlive(launched) {
+			syscall.Kill(launched.PID, syscall.SIGKILL)
+		}
+	})
+	_, err := b.restore(ctx, f.req, helperOpts{launched: func(m backend.Machine) { launched = m }})
+	var se *steps.Error
+	if !errors.As(err, &se) || se.Step != "load state" || se.Rollback != nil {
+		t.Fatalf("got %v, want a failed load state step, rolled back cleanly", err)
+	}
+	var ve *backend.VMMError
+	if !errors.As(err, &ve) || ve.Log == "" {
+		t.Errorf("no QEMU log in the error: %v", err)
+	}
+	t.Logf("error: %v", err)
+	if launched.PID <= 0 {
+		t.Fatal("QEMU never started: the test did not reach the step under test")
+	}
+	if processAlive(launched) || findQEMU(f.req.Spec.RunDir) != 0 {
+		t.Error("QEMU still runs after the rollback")
+	}
+	for _, p := range []string{qmpSocket(f.req.Spec.RunDir), agentSocket(f.req.Spec.RunDir), filepath.Join(f.req.Spec.Dir, DiskFile)} {
+		if _, err := os.Lstat(p); !os.IsNotExist(err) {
+			t.Errorf("%s survived the rollback (%v)", p, err)
+		}
+	}
+	if st, err := os.Stat(filepath.Join(f.snap, MemoryFile)); err != nil || st.Size() != 64<<20 {
+		t.Errorf("the snapshot's memory image: %v", err)
 	}
 }
