@@ -350,26 +350,36 @@ func waitGone(ctx context.Context, m backend.Machine, d time.Duration) bool {
 // Options.StopTimeout), and removes the sockets and the shared RAM file. It
 // succeeds when the VM is already gone.
 func (b *Backend) Stop(ctx context.Context, m backend.Machine) error {
+	return b.stop(ctx, m, true)
+}
+
+// stop is Stop; without graceful it kills QEMU at once (a restore's
+// rollback: the guest never ran, and a QEMU whose incoming migration
+// failed does not act on quit).
+func (b *Backend) stop(ctx context.Context, m backend.Machine, graceful bool) error {
 	m = withPID(m)
 	if m.PID <= 0 {
 		// Launched by a process that died before QEMU wrote its pid file.
 		m.PID = findQEMU(m.RunDir)
 	}
 	if processAlive(m) {
-		graceful := b.opts.StopTimeout
-		qctx, cancel := context.WithTimeout(ctx, min(graceful, 2*time.Second))
-		if c, err := qmp.Dial(qctx, qmpSocket(m.RunDir)); err == nil {
-			if err := consolelog.Drain(qctx, c, consoleLog(m.Dir)); err != nil {
-				b.log.Debug("draining the console", "id", m.ID, "err", err)
+		wait := time.Duration(0)
+		if graceful {
+			wait = b.opts.StopTimeout
+			qctx, cancel := context.WithTimeout(ctx, min(wait, 2*time.Second))
+			if c, err := qmp.Dial(qctx, qmpSocket(m.RunDir)); err == nil {
+				if err := consolelog.Drain(qctx, c, consoleLog(m.Dir)); err != nil {
+					b.log.Debug("draining the console", "id", m.ID, "err", err)
+				}
+				err := c.Execute(qctx, "quit", nil, nil)
+				c.Close()
+				if err != nil && !errors.Is(err, qmp.ErrClosed) {
+					b.log.Debug("quit failed", "id", m.ID, "err", err)
+				}
 			}
-			err := c.Execute(qctx, "quit", nil, nil)
-			c.Close()
-			if err != nil && !errors.Is(err, qmp.ErrClosed) {
-				b.log.Debug("quit failed", "id", m.ID, "err", err)
-			}
+			cancel()
 		}
-		cancel()
-		if !waitGone(ctx, m, graceful) {
+		if !waitGone(ctx, m, wait) {
 			b.log.Debug("qemu did not quit; killing", "id", m.ID, "pid", m.PID)
 			if processAlive(m) {
 				syscall.Kill(m.PID, syscall.SIGKILL)

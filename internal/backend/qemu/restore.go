@@ -268,7 +268,9 @@ func (b *Backend) runRestore(ctx context.Context, p RestorePlan, launched func(b
 			}
 			return nil
 		},
-		Undo: func(ctx context.Context) error { return b.Stop(ctx, m) },
+		// Killed, not asked to quit: the guest never ran (a QEMU whose
+		// incoming migration failed ignores quit).
+		Undo: func(ctx context.Context) error { return b.stop(ctx, m, false) },
 	})
 	if len(p.QMP) > 0 {
 		list = append(list, steps.Step{

@@ -11,7 +11,6 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/steps"
@@ -304,9 +303,7 @@ func TestRestoreFailedLoadRollsBack(t *testing.T) {
 		HasDisk: true, Kind: "full", MemoryFormat: MemoryRaw, IgnoreShared: true}
 	f := newPlanFixture(t, backend.SnapshotFull, MemoryRaw, cfg)
 	ctx := context.Background()
-	// A QEMU whose incoming migration failed does not act on quit: Stop
-	// kills it after StopTimeout (kept short here).
-	b := New(Options{MemoryDir: filepath.Join(f.root, "shm"), Logger: testLogger(), StopTimeout: 500 * time.Millisecond})
+	b := New(Options{MemoryDir: filepath.Join(f.root, "shm"), Logger: testLogger()})
 	snapDisk := filepath.Join(f.snap, DiskFile)
 	os.Remove(snapDisk)
 	if err := b.qemuImg(ctx, "create", "-q", "-f", "qcow2", snapDisk, "1M"); err != nil {
