@@ -64,11 +64,12 @@ type RestorePlan struct {
 	// BaseImage is the image a diff snapshot's disk depends on ("" none);
 	// the executor checks the disk's whole backing chain exists.
 	BaseImage string
-	// Args is QEMU's argv (without the binary) for the plan's machine:
+	// Args is QEMU's argv (without the binary). For a memory snapshot:
 	// the snapshotted machine type and CPU model, RAM mapped privately and
 	// read-only from the memory image ("raw") or a fresh shared file
-	// ("stream", whose directory the launcher creates), -incoming defer,
-	// -S. Restore launches exactly this, plus QEMU's privilege drop
+	// ("stream", whose directory the launcher creates), no kernel,
+	// -incoming defer, -S. For a disk snapshot: a cold boot, -S unless
+	// resuming. Restore launches exactly this, plus QEMU's privilege drop
 	// (-run-with, when smolvm runs as root and the spec has a uid) and the
 	// network sidecar's descriptor in place of user networking.
 	Args []string
