@@ -39,6 +39,11 @@ type Registration struct {
 	// installed (saying so), so it hangs off the registration, not off a
 	// built Backend; nil when the backend has nothing to check.
 	HostChecks func(ctx context.Context) []Check
+	// Artifacts maps each artifact role this backend's snapshots have to
+	// the one file name it uses for it ("state" → "state.bin"). The
+	// snapshot package refuses a manifest naming any other role or file
+	// (a manifest is untrusted input). Nil: the backend takes no snapshots.
+	Artifacts map[string]string
 }
 
 // CheckStatus is the outcome of one host check.

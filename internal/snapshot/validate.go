@@ -18,13 +18,16 @@ const MinFormatVersion = 1
 // MaxManifestSize bounds a manifest file: it is read whole.
 const MaxManifestSize = 1 << 20
 
-// KnownArtifacts is, per backend, the file each artifact role may name:
-// what the backends write (qemu: StateFile, MemoryFile, DiskFile,
-// ConfigFile; firecracker: vmstate, memory, disk, firecracker.json). A
-// manifest naming anything else is refused.
-var KnownArtifacts = map[string]map[string]string{
-	"qemu":        {"state": "state.bin", "memory": "memory.raw", "disk": "disk.qcow2", "config": "qemu.json"},
-	"firecracker": {"state": "vmstate", "memory": "memory", "disk": "disk", "meta": "firecracker.json"},
+// knownArtifacts is the file each artifact role may name in a snapshot of
+// the backend called name: what the backend declared when it registered
+// (backend.Registration.Artifacts). A manifest naming anything else, or a
+// backend that is not registered or takes no snapshots, is refused.
+func knownArtifacts(name string) (map[string]string, bool) {
+	r, ok := backend.Lookup(name)
+	if !ok || len(r.Artifacts) == 0 {
+		return nil, false
+	}
+	return r.Artifacts, true
 }
 
 // corrupt is an ErrCorrupt that says what is wrong and what to do.
@@ -53,7 +56,8 @@ func checkArtifactName(backendName, role, name string) error {
 	if name == "" || !filepath.IsLocal(name) || filepath.Base(name) != name || strings.ContainsAny(name, "/\\\x00") {
 		return corrupt("names artifact %q (%s), which is not a plain file name in the snapshot dir", name, role)
 	}
-	want, ok := KnownArtifacts[backendName][role]
+	known, _ := knownArtifacts(backendName)
+	want, ok := known[role]
 	if !ok {
 		return corrupt("has an artifact of unknown role %q for backend %s", role, backendName)
 	}
@@ -84,7 +88,7 @@ func (m Manifest) Validate() error {
 	if err := backend.ValidateID(m.VMID); err != nil {
 		return corrupt("has an invalid vm id: %v", err)
 	}
-	if _, ok := KnownArtifacts[m.Backend]; !ok {
+	if _, ok := knownArtifacts(m.Backend); !ok {
 		return corrupt("names unknown backend %q", m.Backend)
 	}
 	switch m.Type {

@@ -30,9 +30,10 @@ func testManifest(id string, arts []Artifact) Manifest {
 		Result: res, Artifacts: arts}
 }
 
-// TestKnownArtifactsMatchQEMU: the known set is what the QEMU backend writes.
+// TestKnownArtifactsMatchQEMU: the known set is what the QEMU backend
+// declared when it registered, and that is what it writes.
 func TestKnownArtifactsMatchQEMU(t *testing.T) {
-	q := KnownArtifacts["qemu"]
+	q, _ := knownArtifacts("qemu")
 	if q["state"] != qemu.StateFile || q["memory"] != qemu.MemoryFile || q["disk"] != qemu.DiskFile || q[qemu.RoleConfig] != qemu.ConfigFile {
 		t.Fatalf("KnownArtifacts[qemu] = %v", q)
 	}

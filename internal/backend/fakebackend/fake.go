@@ -35,13 +35,12 @@ import (
 
 	"github.com/smolvm-go/smolvm/internal/agent"
 	"github.com/smolvm-go/smolvm/internal/backend"
-	"github.com/smolvm-go/smolvm/internal/snapshot"
 )
 
 // Name is the backend's registry name.
 const Name = "fake"
 
-// Artifact file names (snapshot.KnownArtifacts["fake"]).
+// Artifact file names (declared in its Registration.Artifacts).
 const (
 	StateFile  = "state.json"
 	MemoryFile = "memory.tar"
@@ -53,13 +52,12 @@ const memDir = "run"
 
 func init() {
 	backend.Register(backend.Registration{
-		Name:     Name,
-		New:      func(backend.Options) (backend.Backend, error) { return Default.Backend(), nil },
-		Usable:   func() string { return "the fake backend is for tests; choose it by name" },
-		AutoRank: -1,
+		Name:      Name,
+		New:       func(backend.Options) (backend.Backend, error) { return Default.Backend(), nil },
+		Usable:    func() string { return "the fake backend is for tests; choose it by name" },
+		AutoRank:  -1,
+		Artifacts: map[string]string{"state": StateFile, "memory": MemoryFile, "disk": DiskFile},
 	})
-	// The snapshot package refuses artifacts it does not know per backend.
-	snapshot.KnownArtifacts[Name] = map[string]string{"state": StateFile, "memory": MemoryFile, "disk": DiskFile}
 }
 
 // Op names an operation a fault can be injected into.

@@ -25,6 +25,7 @@ func init() {
 		AutoRank:   10,
 		VMMComms:   []string{"firecracker"},
 		HostChecks: hostChecks,
+		Artifacts:  map[string]string{"state": stateFile, "memory": memoryFile, "disk": diskFile, "meta": metaFile},
 	})
 }
 

@@ -12,5 +12,6 @@ func init() {
 		AutoRank:   0,
 		VMMComms:   []string{"qemu-system"},
 		HostChecks: hostChecks,
+		Artifacts:  map[string]string{"state": StateFile, "memory": MemoryFile, "disk": DiskFile, RoleConfig: ConfigFile},
 	})
 }
