@@ -26,6 +26,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -122,7 +123,14 @@ func hostAddrs() []netip.Addr {
 // dropPrivileges: as root, become nobody (no supplementary groups); then
 // forbid regaining privileges and deny the syscalls the sidecar never
 // needs (seccomp, every thread).
+//
+// no_new_privs is per thread, and seccomp refuses (EACCES) a caller thread
+// without it: both calls must run on one OS thread, or the Go scheduler may
+// move the goroutine in between (a restart failed with "seccomp: permission
+// denied" that way). TSYNC then gives every thread the filter and the flag.
 func dropPrivileges() error {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	if os.Geteuid() == 0 {
 		if err := syscall.Setgroups(nil); err != nil {
 			return fmt.Errorf("setgroups: %w", err)
