@@ -84,7 +84,7 @@ func TestDropPrivilegesEveryThread(t *testing.T) {
 		}
 		return
 	}
-	for i := 0; i < 20; i++ {
+	for i := 0; i < 3; i++ {
 		cmd := exec.Command(os.Args[0], "-test.run=^TestDropPrivilegesEveryThread$", "-test.v")
 		cmd.Env = append(os.Environ(), "SMOLVM_NET_DROP_CHILD=1")
 		if out, err := cmd.CombinedOutput(); err != nil {
