@@ -1,10 +1,13 @@
 package agent
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime"
 	"syscall"
 	"time"
@@ -54,8 +57,8 @@ func (s *Server) setTime(t time.Time) error {
 }
 
 func (s *Server) setIdentity(req agentproto.SetIdentityRequest) error {
-	if req.Hostname != "" && (len(req.Hostname) > 64 || !validHostname(req.Hostname)) {
-		return invalid("set_identity: invalid hostname %q", req.Hostname)
+	if err := req.Validate(); err != nil {
+		return invalid("set_identity: %v", err)
 	}
 	if s.opts.SetIdentity != nil {
 		return s.opts.SetIdentity(req.Hostname, req.Seed)
@@ -63,11 +66,8 @@ func (s *Server) setIdentity(req agentproto.SetIdentityRequest) error {
 	if !s.opts.System {
 		return errUnsupported
 	}
-	if req.Hostname != "" {
-		if err := setHostname(req.Hostname); err != nil {
-			return err
-		}
-	}
+	// Entropy first: whatever is drawn from here on differs between VMs
+	// restored from one memory image.
 	if len(req.Seed) > 0 {
 		if err := addEntropy(req.Seed); err != nil {
 			return fmt.Errorf("set_identity: seed: %w", err)
@@ -76,12 +76,115 @@ func (s *Server) setIdentity(req agentproto.SetIdentityRequest) error {
 		// the (now different) input pool rather than at the next interval.
 		reseedCRNG()
 	}
+	if req.Hostname != "" {
+		if err := unix.Sethostname([]byte(req.Hostname)); err != nil {
+			return fmt.Errorf("set_identity: sethostname: %w", err)
+		}
+	}
+	bind, err := writeIdentityFiles("/", req.Hostname, req.MachineID, s.logf)
+	if err != nil {
+		return fmt.Errorf("set_identity: %w", err)
+	}
+	if bind {
+		if err := bindMachineID(); err != nil {
+			return fmt.Errorf("set_identity: machine-id: %w", err)
+		}
+	}
 	if req.MAC != "" {
 		if err := setMAC("eth0", req.MAC); err != nil {
 			return fmt.Errorf("set_identity: mac: %w", err)
 		}
 	}
 	return nil
+}
+
+// writeIdentityFiles keeps the files that name the machine in step with
+// its identity, under root ("/" in the guest): /etc/hostname and, when it
+// is the agent's own, /etc/hosts; /etc/machine-id, and dbus's copy when it
+// is a file of its own. A file already holding the value is not written
+// again (a VM restarted or resumed keeps its identity at no cost); a new
+// value replaces the file atomically (replaceIfChanged: temp, rename).
+//
+// A root file system that refuses /etc/machine-id (read-only) gets
+// /run/machine-id instead, and bind reports that /etc/machine-id exists and
+// should be covered by it (as systemd does). /etc/hostname may stay stale
+// on such a system (the kernel hostname is set); that is logged.
+func writeIdentityFiles(root, hostname, machineID string, logf func(string, ...any)) (bind bool, err error) {
+	etc := filepath.Join(root, "etc")
+	if hostname != "" {
+		if err := replaceIfChanged(filepath.Join(etc, "hostname"), hostname+"\n", 0o644); err != nil {
+			logf("set_identity: /etc/hostname: %v", err)
+		}
+		writeHosts(filepath.Join(etc, "hosts"), hostname)
+	}
+	if machineID == "" {
+		return false, nil
+	}
+	content := machineID + "\n"
+	etcID := filepath.Join(etc, "machine-id")
+	if err := replaceIfChanged(etcID, content, 0o444); err != nil {
+		run := filepath.Join(root, "run", "machine-id")
+		if rerr := replaceIfChanged(run, content, 0o444); rerr != nil {
+			return false, fmt.Errorf("machine-id: %v; %v", err, rerr)
+		}
+		st, serr := os.Lstat(etcID)
+		bind = serr == nil && st.Mode().IsRegular()
+	}
+	// dbus reads its own copy when it is a file (not the usual symlink to
+	// /etc/machine-id); a stale one would be shared by clones.
+	dbus := filepath.Join(root, "var", "lib", "dbus", "machine-id")
+	if st, err := os.Lstat(dbus); err == nil && st.Mode().IsRegular() {
+		if err := replaceIfChanged(dbus, content, 0o444); err != nil {
+			logf("set_identity: %s: %v", dbus, err)
+		}
+	}
+	return bind, nil
+}
+
+// replaceIfChanged atomically replaces path with content unless it holds
+// exactly that already: a temp file in the same directory, renamed over
+// path, so a reader sees the old content or the new, never a part.
+//
+// Unlike atomicWrite it does not fsync: these files are derived from the
+// host's record and rewritten by set_identity at every boot and restore
+// before any command runs, so a crash that loses them loses nothing; and
+// under TCG the two fsyncs (file, directory) per file cost about 300 ms on
+// the path from restore to first command, which templates exist to make
+// short.
+func replaceIfChanged(path, content string, mode fs.FileMode) error {
+	if st, err := os.Lstat(path); err == nil && st.Mode().IsRegular() && st.Size() == int64(len(content)) {
+		if b, err := os.ReadFile(path); err == nil && string(b) == content && st.Mode().Perm() == mode {
+			return nil
+		}
+	}
+	dir, base := filepath.Split(path)
+	f, err := os.CreateTemp(dir, "."+base+".smolvm-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	_, err = f.WriteString(content)
+	if err == nil {
+		err = f.Chmod(mode)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+	}
+	return err
+}
+
+// bindMachineID covers /etc/machine-id, on a root that cannot be written,
+// with /run/machine-id (a new bind each time: the old one shows the file
+// that the rename replaced).
+func bindMachineID() error {
+	_ = unix.Unmount("/etc/machine-id", unix.MNT_DETACH)
+	return unix.Mount("/run/machine-id", "/etc/machine-id", "", unix.MS_BIND, "")
 }
 
 func reseedCRNG() {
@@ -103,6 +206,9 @@ func setMAC(ifname, mac string) error {
 	if err != nil || len(hw) != 6 {
 		return invalid("invalid mac %q", mac)
 	}
+	if ifi, err := net.InterfaceByName(ifname); err == nil && bytes.Equal(ifi.HardwareAddr, hw) {
+		return nil // already (a cold boot: the VMM gave it)
+	}
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return err
@@ -119,27 +225,6 @@ func setMAC(ifname, mac string) error {
 		}
 		return e
 	}
-	return nil
-}
-
-func validHostname(h string) bool {
-	for _, c := range h {
-		switch {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '.':
-		default:
-			return false
-		}
-	}
-	return true
-}
-
-// setHostname sets the kernel hostname and keeps /etc/hostname in step
-// when the root filesystem is writable.
-func setHostname(name string) error {
-	if err := unix.Sethostname([]byte(name)); err != nil {
-		return fmt.Errorf("sethostname: %w", err)
-	}
-	_ = os.WriteFile("/etc/hostname", []byte(name+"\n"), 0o644)
 	return nil
 }
 
