@@ -77,11 +77,17 @@ type Info struct {
 	NetworkStats *NetworkStats `json:"network_stats,omitempty"`
 	PortForwards []PortForward `json:"port_forwards,omitempty"`
 	PID          int           `json:"pid,omitempty"`
-	CreatedAt    time.Time     `json:"created_at"`
-	RestoredFrom string        `json:"restored_from,omitempty"`
-	LastError    string        `json:"last_error,omitempty"`
-	Dir          string        `json:"dir"`
-	ConsoleLog   string        `json:"console_log"`
+	// Hostname, MAC (of eth0, with networking) and MachineID
+	// (/etc/machine-id) are the identity the guest is given at every boot
+	// and restore. A VM created before machine-ids has none until it starts.
+	Hostname     string    `json:"hostname"`
+	MAC          string    `json:"mac,omitempty"`
+	MachineID    string    `json:"machine_id,omitempty"`
+	CreatedAt    time.Time `json:"created_at"`
+	RestoredFrom string    `json:"restored_from,omitempty"`
+	LastError    string    `json:"last_error,omitempty"`
+	Dir          string    `json:"dir"`
+	ConsoleLog   string    `json:"console_log"`
 }
 
 // ID returns the VM id.
@@ -180,7 +186,10 @@ func checkSpec(b backend.Backend, spec backend.Spec) error {
 }
 
 func (m *Manager) specFor(id string, cfg Config, kernel, initrd, rootfs, imgArgs string) backend.Spec {
-	args := []string{"quiet", "smol.root=/dev/vda", "smol.hostname=" + hostnameFor(id)}
+	// No per-VM value on the command line: a template's memory keeps it
+	// (identity.go). The hostname, MAC and machine-id reach the guest
+	// through set_identity.
+	args := []string{"quiet", "smol.root=/dev/vda"}
 	if imgArgs != "" {
 		args = append(args, imgArgs)
 	}
@@ -197,7 +206,7 @@ func (m *Manager) specFor(id string, cfg Config, kernel, initrd, rootfs, imgArgs
 		Kernel: kernel, Initrd: initrd, BaseDisk: rootfs,
 		Disk: filepath.Join(dir, "disk.qcow2"), DiskFormat: "qcow2",
 		MemoryMiB: cfg.MemoryMiB, CPUs: cfg.CPUs, Accel: cfg.Accel,
-		Network: !cfg.NoNetwork, MAC: macFor(id), PortForwards: pfs,
+		Network: !cfg.NoNetwork, MAC: macFor(id), MachineID: newMachineID(), PortForwards: pfs,
 		NetPolicy:  cfg.Network.toBackend(),
 		KernelArgs: strings.Join(args, " "),
 	}
@@ -288,10 +297,12 @@ func (m *Manager) info(rec store.VM) Info {
 		ID: rec.ID, Status: rec.Status, Image: cfg.Image, Backend: rec.Backend,
 		Accel: string(rec.Machine.Accel), MemoryMiB: rec.Machine.MemoryMiB, CPUs: rec.Machine.CPUs,
 		Network: rec.Machine.Network, PortForwards: pfs, PID: rec.PID, CreatedAt: rec.CreatedAt,
+		Hostname: hostnameFor(rec.ID), MachineID: rec.Machine.MachineID,
 		RestoredFrom: rec.RestoredFrom, LastError: rec.LastError, Dir: rec.Machine.Dir,
 		ConsoleLog: filepath.Join(rec.Machine.Dir, "console.log"),
 	}
 	if rec.Machine.Network {
+		info.MAC = rec.Machine.MAC
 		np := policyFromBackend(rec.Machine.NetPolicy)
 		info.NetworkPolicy = &np
 	}
