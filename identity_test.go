@@ -100,3 +100,34 @@ func checkDistinct(t testing.TB, ids map[string]guestIdentity) {
 		}
 	}
 }
+
+// TestIdentityOnReadOnlyRoot: a guest whose root file system is read-only
+// still shows a clone its own identity in /etc: the agent writes the files
+// to /run and binds them over /etc/hostname and /etc/machine-id, so no
+// file keeps the source VM's name or machine-id.
+func TestIdentityOnReadOnlyRoot(t *testing.T) {
+	m := newManager(t)
+	ctx := testCtx(t)
+	vm := boot(t, m, smolvm.Config{Name: "rosource", Image: "busybox", NoNetwork: true})
+	src := mustOK(t, vm, "cat /etc/machine-id; mount -o remount,ro / && ! touch /etc/probe 2>/dev/null && echo read-only")
+	if !strings.HasSuffix(src, "\nread-only") {
+		t.Fatalf("source root not read-only: %q", src)
+	}
+	if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "ro"}); err != nil {
+		t.Fatal(err)
+	}
+	clones, err := m.Fork(ctx, "ro", 1, smolvm.ForkOptions{Resume: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := clones[0]
+	defer c.Close()
+	id := identityOf(t, c)
+	checkIdentity(t, c, id)
+	if got := mustOK(t, c, "cat /etc/hostname; ! touch /etc/probe 2>/dev/null && echo still read-only"); got != c.ID()+"\nstill read-only" {
+		t.Errorf("clone's /etc/hostname on a read-only root: %q, want %q", got, c.ID())
+	}
+	if strings.HasPrefix(src, id.MachineID) {
+		t.Errorf("clone shows the source's machine-id %s", id.MachineID)
+	}
+}

@@ -8,6 +8,8 @@ import (
 	"sync"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/smolvm-go/smolvm/internal/agentproto"
 )
 
@@ -54,9 +56,9 @@ func noTemps(t *testing.T, dir string) {
 func TestWriteIdentityFiles(t *testing.T) {
 	root := newRoot(t)
 	logf := func(f string, a ...any) { t.Logf(f, a...) }
-	bind, err := writeIdentityFiles(root, "vm-1", testMachineID, logf)
-	if err != nil || bind {
-		t.Fatalf("bind %v, err %v", bind, err)
+	binds, err := writeIdentityFiles(root, "vm-1", testMachineID, logf)
+	if err != nil || len(binds) != 0 {
+		t.Fatalf("binds %v, err %v", binds, err)
 	}
 	if got := readString(t, filepath.Join(root, "etc/hostname")); got != "vm-1\n" {
 		t.Errorf("/etc/hostname = %q", got)
@@ -135,24 +137,53 @@ func TestWriteIdentityFilesHostsAndDbus(t *testing.T) {
 	}
 }
 
-// TestWriteIdentityFilesFallsBackToRun: when /etc/machine-id cannot be
-// replaced (here: a directory stands in the way; in a guest: a read-only
-// root), the id goes to /run/machine-id and the caller is told to bind it
-// over /etc/machine-id only when that is a file.
+// TestWriteIdentityFilesFallsBackToRun: when /etc refuses a file (in a
+// guest: a read-only root), the value goes to /run, and the caller is told
+// to bind the /run copy over the /etc file only when that is a regular file.
 func TestWriteIdentityFilesFallsBackToRun(t *testing.T) {
 	root := newRoot(t)
-	os.Mkdir(filepath.Join(root, "etc/machine-id"), 0o755)
-	bind, err := writeIdentityFiles(root, "", testMachineID, t.Logf)
+	os.Mkdir(filepath.Join(root, "etc/machine-id"), 0o755) // in the way of the rename
+	binds, err := writeIdentityFiles(root, "", testMachineID, t.Logf)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if bind {
-		t.Error("bind over a directory requested")
+	if len(binds) != 0 {
+		t.Errorf("bind over a directory requested: %v", binds)
 	}
 	if got := readString(t, filepath.Join(root, "run/machine-id")); got != testMachineID+"\n" {
 		t.Errorf("/run/machine-id = %q", got)
 	}
 	noTemps(t, filepath.Join(root, "run"))
+
+	// Regular files that cannot be replaced: covered by their /run copy.
+	// A rename over a mount point fails (EBUSY) as one on a read-only root
+	// does (EROFS); without root, a read-only /etc does it.
+	root = newRoot(t)
+	etc := filepath.Join(root, "etc")
+	os.WriteFile(filepath.Join(etc, "machine-id"), []byte(testMachineID2+"\n"), 0o444)
+	if os.Geteuid() == 0 {
+		for _, name := range []string{"hostname", "machine-id"} {
+			p := filepath.Join(etc, name)
+			if err := unix.Mount(p, p, "", unix.MS_BIND, ""); err != nil {
+				t.Skipf("cannot bind-mount in this sandbox: %v", err)
+			}
+			t.Cleanup(func() { unix.Unmount(p, unix.MNT_DETACH) })
+		}
+	} else {
+		os.Chmod(etc, 0o555)
+		t.Cleanup(func() { os.Chmod(etc, 0o755) })
+	}
+	binds, err = writeIdentityFiles(root, "vm-ro", testMachineID, t.Logf)
+	if err != nil || strings.Join(binds, ",") != "hostname,machine-id" {
+		t.Errorf("binds %v (%v), want hostname,machine-id", binds, err)
+	}
+	if got := readString(t, filepath.Join(root, "run/hostname")); got != "vm-ro\n" {
+		t.Errorf("/run/hostname = %q", got)
+	}
+	if got := readString(t, filepath.Join(root, "run/machine-id")); got != testMachineID+"\n" {
+		t.Errorf("/run/machine-id = %q", got)
+	}
+	noTemps(t, etc)
 
 	// Neither place writable: an error, nothing half-written.
 	root2 := newRoot(t)

@@ -81,13 +81,13 @@ func (s *Server) setIdentity(req agentproto.SetIdentityRequest) error {
 			return fmt.Errorf("set_identity: sethostname: %w", err)
 		}
 	}
-	bind, err := writeIdentityFiles("/", req.Hostname, req.MachineID, s.logf)
+	binds, err := writeIdentityFiles("/", req.Hostname, req.MachineID, s.logf)
 	if err != nil {
 		return fmt.Errorf("set_identity: %w", err)
 	}
-	if bind {
-		if err := bindMachineID(); err != nil {
-			return fmt.Errorf("set_identity: machine-id: %w", err)
+	for _, name := range binds {
+		if err := bindFromRun(name); err != nil {
+			return fmt.Errorf("set_identity: /etc/%s: %w", name, err)
 		}
 	}
 	if req.MAC != "" {
@@ -105,30 +105,38 @@ func (s *Server) setIdentity(req agentproto.SetIdentityRequest) error {
 // again (a VM restarted or resumed keeps its identity at no cost); a new
 // value replaces the file atomically (replaceIfChanged: temp, rename).
 //
-// A root file system that refuses /etc/machine-id (read-only) gets
-// /run/machine-id instead, and bind reports that /etc/machine-id exists and
-// should be covered by it (as systemd does). /etc/hostname may stay stale
-// on such a system (the kernel hostname is set); that is logged.
-func writeIdentityFiles(root, hostname, machineID string, logf func(string, ...any)) (bind bool, err error) {
-	etc := filepath.Join(root, "etc")
-	if hostname != "" {
-		if err := replaceIfChanged(filepath.Join(etc, "hostname"), hostname+"\n", 0o644); err != nil {
-			logf("set_identity: /etc/hostname: %v", err)
+// When /etc refuses a file (a read-only root), the value goes to /run
+// (the agent's tmpfs) instead, and binds names the files of /etc that
+// exist and must be covered by their /run copy (as systemd does for
+// machine-id), so that no file keeps the name or id of the VM a snapshot
+// was taken of.
+func writeIdentityFiles(root, hostname, machineID string, logf func(string, ...any)) (binds []string, err error) {
+	put := func(name, content string) error {
+		etcPath := filepath.Join(root, "etc", name)
+		err := replaceIfChanged(etcPath, content, identityFileMode[name])
+		if err == nil {
+			return nil
 		}
-		writeHosts(filepath.Join(etc, "hosts"), hostname)
+		if rerr := replaceIfChanged(filepath.Join(root, "run", name), content, identityFileMode[name]); rerr != nil {
+			return fmt.Errorf("%s: %v; %v", name, err, rerr)
+		}
+		if st, serr := os.Lstat(etcPath); serr == nil && st.Mode().IsRegular() {
+			binds = append(binds, name)
+		}
+		return nil
+	}
+	if hostname != "" {
+		if err := put("hostname", hostname+"\n"); err != nil {
+			logf("set_identity: %v", err) // the kernel's hostname is set
+		}
+		writeHosts(filepath.Join(root, "etc", "hosts"), hostname)
 	}
 	if machineID == "" {
-		return false, nil
+		return binds, nil
 	}
 	content := machineID + "\n"
-	etcID := filepath.Join(etc, "machine-id")
-	if err := replaceIfChanged(etcID, content, 0o444); err != nil {
-		run := filepath.Join(root, "run", "machine-id")
-		if rerr := replaceIfChanged(run, content, 0o444); rerr != nil {
-			return false, fmt.Errorf("machine-id: %v; %v", err, rerr)
-		}
-		st, serr := os.Lstat(etcID)
-		bind = serr == nil && st.Mode().IsRegular()
+	if err := put("machine-id", content); err != nil {
+		return binds, err
 	}
 	// dbus reads its own copy when it is a file (not the usual symlink to
 	// /etc/machine-id); a stale one would be shared by clones.
@@ -138,8 +146,11 @@ func writeIdentityFiles(root, hostname, machineID string, logf func(string, ...a
 			logf("set_identity: %s: %v", dbus, err)
 		}
 	}
-	return bind, nil
+	return binds, nil
 }
+
+// identityFileMode is the mode of each identity file in /etc.
+var identityFileMode = map[string]fs.FileMode{"hostname": 0o644, "machine-id": 0o444}
 
 // replaceIfChanged atomically replaces path with content unless it holds
 // exactly that already: a temp file in the same directory, renamed over
@@ -179,12 +190,13 @@ func replaceIfChanged(path, content string, mode fs.FileMode) error {
 	return err
 }
 
-// bindMachineID covers /etc/machine-id, on a root that cannot be written,
-// with /run/machine-id (a new bind each time: the old one shows the file
-// that the rename replaced).
-func bindMachineID() error {
-	_ = unix.Unmount("/etc/machine-id", unix.MNT_DETACH)
-	return unix.Mount("/run/machine-id", "/etc/machine-id", "", unix.MS_BIND, "")
+// bindFromRun covers /etc/NAME, on a root that cannot be written, with
+// /run/NAME (a new bind each time: an old one would show the file that
+// the rename in /run replaced).
+func bindFromRun(name string) error {
+	etc := "/etc/" + name
+	_ = unix.Unmount(etc, unix.MNT_DETACH)
+	return unix.Mount("/run/"+name, etc, "", unix.MS_BIND, "")
 }
 
 func reseedCRNG() {
