@@ -39,7 +39,8 @@
 // snapshot restores once unless [RestoreOptions].Force. [Manager.Fork]
 // restores one memory snapshot into up to [MaxClones] new VMs that share
 // its unchanged memory pages, each with a new identity (hostname, MAC,
-// random state, clock). A snapshot cannot be deleted while a VM restored
+// machine-id, random state, clock); every VM, booted or restored, is given
+// its identity the same way, and none of it is on the kernel command line. A snapshot cannot be deleted while a VM restored
 // or forked from it runs. Every snapshot is written in a temporary
 // directory, fsynced and renamed into place before it is listed, and its
 // manifest and artifacts are checked before a restore uses them.

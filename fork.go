@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/agentclient"
-	"github.com/smolvm-go/smolvm/internal/agentproto"
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/snapshot"
 	"github.com/smolvm-go/smolvm/internal/steps"
@@ -74,7 +73,8 @@ func (e *ForkError) Error() string {
 // Fork restores one snapshot into n new VMs with new ids, in parallel. The
 // clones map the snapshot's memory privately, so they share its unchanged
 // pages; each gets its own disk overlay and a fresh identity: hostname (its
-// id), MAC address, reseeded guest random state, clock set from the host.
+// id), MAC address, machine-id, reseeded guest random state, clock set
+// from the host.
 // Clones count as restores of the snapshot for DeleteSnapshot (it is refused
 // while any runs) but not for the restore-once rule.
 //
@@ -307,7 +307,11 @@ func (m *Manager) cloneSpec(spec backend.Spec, id string) backend.Spec {
 	spec.Dir, spec.RunDir = m.vmDir(id), m.runDir(id)
 	spec.Disk = filepath.Join(spec.Dir, filepath.Base(spec.Disk))
 	spec.MAC = macFor(id)
+	spec.MachineID = newMachineID()
 	spec.PortForwards = nil // the source's host ports are taken
+	// Snapshots of VMs created before identity left the command line
+	// carry smol.hostname: a clone that later cold-boots from its disk
+	// must boot with its own.
 	args := strings.Fields(spec.KernelArgs)
 	for i, a := range args {
 		if strings.HasPrefix(a, "smol.hostname=") {
@@ -411,25 +415,13 @@ func (c *cloneOp) disconnect(context.Context) error {
 	return nil
 }
 
-// setIdentity sets the clone's clock, hostname, MAC and random seed. The
-// clock request goes first without waiting (the agent applies it before it
-// reads the next request), then the identity: one round trip for both,
-// which counts when many clones share few cores.
+// setIdentity gives the clone its clock, hostname, MAC, machine-id and
+// random seed (applyIdentity, as every boot and restore does).
 func (c *cloneOp) setIdentity(ctx context.Context) error {
 	cctx, cancel := context.WithDeadline(ctx, c.deadline)
 	defer cancel()
-	seed := make([]byte, 64)
-	rand.Read(seed)
-	waitTime, err := c.client.SendSetTime(cctx, time.Now())
-	if err != nil {
-		return fmt.Errorf("setting the clone's clock: %w", err)
-	}
-	idErr := c.client.SetIdentityRequest(cctx, agentproto.SetIdentityRequest{Hostname: hostnameFor(c.id), Seed: seed, MAC: c.mach.MAC})
-	if err := waitTime(cctx); err != nil {
-		return fmt.Errorf("setting the clone's clock: %w", err)
-	}
-	if idErr != nil {
-		return fmt.Errorf("setting the clone's identity: %w", idErr)
+	if err := c.vm.applyIdentity(cctx, c.client, c.mach.Spec); err != nil {
+		return fmt.Errorf("the clone's clock and identity: %w", err)
 	}
 	return nil
 }

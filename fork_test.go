@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -31,6 +30,7 @@ func TestForkClones(t *testing.T) {
 	ctx := testCtx(t)
 	vm := boot(t, m, smolvm.Config{Name: "parent", Image: "busybox"})
 	mustOK(t, vm, "echo prepared > /root/prepared; echo in-ram > /tmp/ram")
+	parentID := identityOf(t, vm)
 	// An hour behind: each clone must get the host's clock.
 	mustOK(t, vm, "date -s @$(( $(date +%s) - 3600 )) >/dev/null")
 	snap, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "forkme"})
@@ -49,30 +49,32 @@ func TestForkClones(t *testing.T) {
 	if len(clones) != 3 {
 		t.Fatalf("%d clones", len(clones))
 	}
-	seen := map[string]map[string]bool{"hostname": {}, "mac": {}, "random": {}, "id": {}}
+	// The parent booted cold: it shows the identity the SDK reports.
+	checkIdentity(t, vm, parentID)
+	// Each clone is told its own identity: hostname (its id), MAC,
+	// machine-id, CRNG and the host's clock (the parent's was an hour
+	// behind); nothing it shows names the parent.
+	ids := map[string]guestIdentity{}
 	for i, c := range clones {
 		defer c.Close()
 		if !strings.HasPrefix(c.ID(), "parent-clone-") {
 			t.Errorf("clone id %q", c.ID())
 		}
-		out := mustOK(t, c, "hostname; cat /sys/class/net/eth0/address; head -c16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; cat /root/prepared /tmp/ram; date +%s")
+		id := identityOf(t, c)
+		checkIdentity(t, c, id)
+		if strings.Contains(id.Cmdline, "parent") {
+			t.Errorf("clone %d: /proc/cmdline names the source vm: %q", i, id.Cmdline)
+		}
+		out := mustOK(t, c, "cat /root/prepared /tmp/ram /etc/hostname; dmesg | grep -c parent; cat /proc/sys/kernel/random/boot_id")
 		lines := strings.Split(out, "\n")
-		if len(lines) != 6 || lines[3] != "prepared" || lines[4] != "in-ram" {
-			t.Fatalf("clone %d: %q", i, out)
+		if len(lines) != 5 || strings.Join(lines[:4], " ") != "prepared in-ram "+c.ID()+" 0" {
+			t.Errorf("clone %d: state, /etc/hostname, dmesg lines naming the source, boot_id: %q", i, out)
+		} else {
+			id.BootID = lines[4]
 		}
-		if guest, err := strconv.ParseInt(lines[5], 10, 64); err != nil || time.Now().Unix()-guest > 5 || guest-time.Now().Unix() > 5 {
-			t.Errorf("clone %d clock %q, want the host's (%d)", i, lines[5], time.Now().Unix())
-		}
-		for k, v := range map[string]string{"hostname": lines[0], "mac": lines[1], "random": lines[2], "id": c.ID()} {
-			if seen[k][v] {
-				t.Errorf("clone %d repeats %s %q", i, k, v)
-			}
-			seen[k][v] = true
-		}
-		if lines[0] != c.ID() {
-			t.Errorf("clone hostname %q, want its id %q", lines[0], c.ID())
-		}
+		ids[c.ID()] = id
 	}
+	checkDistinct(t, ids)
 	// A file written in one clone is absent in the others.
 	mustOK(t, clones[0], "echo mine > /root/only-in-0")
 	for _, c := range clones[1:] {

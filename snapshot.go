@@ -658,6 +658,9 @@ func (r *restoreOp) verify(ctx context.Context) error {
 	}
 	r.man, r.b, r.vmID = man, b, man.VMID
 	r.spec = man.Spec
+	if r.spec.MachineID == "" {
+		r.spec.MachineID = newMachineID() // a snapshot from before machine-ids
+	}
 	r.spec.Dir, r.spec.RunDir = r.m.vmDir(r.vmID), r.m.runDir(r.vmID)
 	r.spec.Disk = filepath.Join(r.spec.Dir, filepath.Base(r.spec.Disk))
 	return nil
@@ -781,7 +784,8 @@ func (r *restoreOp) stopVMM(ctx context.Context) error {
 	return r.b.Stop(ctx, r.mach)
 }
 
-// connectAgent waits for the restored guest's agent and sets its clock.
+// connectAgent waits for the restored guest's agent and gives it its
+// clock and identity (its own: the VM the snapshot was taken of).
 func (r *restoreOp) connectAgent(ctx context.Context) error {
 	var cfg Config
 	json.Unmarshal(r.man.VMConfig, &cfg)
@@ -795,7 +799,7 @@ func (r *restoreOp) connectAgent(ctx context.Context) error {
 	cancel()
 	if err == nil {
 		r.vm.setClient(c)
-		err = r.vm.afterBoot(ctx, c, nil)
+		err = r.vm.afterBoot(ctx, c, r.mach.Spec, nil)
 	}
 	if err != nil {
 		return fmt.Errorf("the restored vm's agent did not answer: %w", err)

@@ -77,10 +77,16 @@ type Info struct {
 	NetworkStats *NetworkStats `json:"network_stats,omitempty"`
 	PortForwards []PortForward `json:"port_forwards,omitempty"`
 	PID          int           `json:"pid,omitempty"`
-	CreatedAt    time.Time     `json:"created_at"`
-	RestoredFrom string        `json:"restored_from,omitempty"`
-	LastError    string        `json:"last_error,omitempty"`
-	Dir          string        `json:"dir"`
+	// Hostname, MAC (of eth0, with networking) and MachineID
+	// (/etc/machine-id) are the identity the guest is given at every boot
+	// and restore. A VM created before machine-ids has none until it starts.
+	Hostname     string    `json:"hostname"`
+	MAC          string    `json:"mac,omitempty"`
+	MachineID    string    `json:"machine_id,omitempty"`
+	CreatedAt    time.Time `json:"created_at"`
+	RestoredFrom string    `json:"restored_from,omitempty"`
+	LastError    string    `json:"last_error,omitempty"`
+	Dir          string    `json:"dir"`
 	// RunDir is the VM's private directory of unix sockets (the agent's
 	// channels, the VMM's control socket).
 	RunDir     string `json:"run_dir"`
@@ -183,7 +189,10 @@ func checkSpec(b backend.Backend, spec backend.Spec) error {
 }
 
 func (m *Manager) specFor(id string, cfg Config, kernel, initrd, rootfs, imgArgs string) backend.Spec {
-	args := []string{"quiet", "smol.root=/dev/vda", "smol.hostname=" + hostnameFor(id)}
+	// No per-VM value on the command line: a template's memory keeps it
+	// (identity.go). The hostname, MAC and machine-id reach the guest
+	// through set_identity.
+	args := []string{"quiet", "smol.root=/dev/vda"}
 	if imgArgs != "" {
 		args = append(args, imgArgs)
 	}
@@ -200,7 +209,7 @@ func (m *Manager) specFor(id string, cfg Config, kernel, initrd, rootfs, imgArgs
 		Kernel: kernel, Initrd: initrd, BaseDisk: rootfs,
 		Disk: filepath.Join(dir, "disk.qcow2"), DiskFormat: "qcow2",
 		MemoryMiB: cfg.MemoryMiB, CPUs: cfg.CPUs, Accel: cfg.Accel,
-		Network: !cfg.NoNetwork, MAC: macFor(id), PortForwards: pfs,
+		Network: !cfg.NoNetwork, MAC: macFor(id), MachineID: newMachineID(), PortForwards: pfs,
 		NetPolicy:  cfg.Network.toBackend(),
 		KernelArgs: strings.Join(args, " "),
 	}
@@ -291,10 +300,12 @@ func (m *Manager) info(rec store.VM) Info {
 		ID: rec.ID, Status: rec.Status, Image: cfg.Image, Backend: rec.Backend,
 		Accel: string(rec.Machine.Accel), MemoryMiB: rec.Machine.MemoryMiB, CPUs: rec.Machine.CPUs,
 		Network: rec.Machine.Network, PortForwards: pfs, PID: rec.PID, CreatedAt: rec.CreatedAt,
+		Hostname: hostnameFor(rec.ID), MachineID: rec.Machine.MachineID,
 		RestoredFrom: rec.RestoredFrom, LastError: rec.LastError, Dir: rec.Machine.Dir, RunDir: rec.Machine.RunDir,
 		ConsoleLog: filepath.Join(rec.Machine.Dir, "console.log"),
 	}
 	if rec.Machine.Network {
+		info.MAC = rec.Machine.MAC
 		np := policyFromBackend(rec.Machine.NetPolicy)
 		info.NetworkPolicy = &np
 	}

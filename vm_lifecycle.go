@@ -36,6 +36,9 @@ func (vm *VM) Start(ctx context.Context) error {
 	b.Stop(ctx, rec.Machine)
 	vm.closeClient()
 	spec := rec.Machine.Spec
+	if spec.MachineID == "" {
+		spec.MachineID = newMachineID() // a VM created before machine-ids: kept from now on
+	}
 	if err := vm.m.runAs(ctx, &spec); err != nil {
 		return err
 	}
@@ -55,31 +58,21 @@ func (vm *VM) Start(ctx context.Context) error {
 		return vm.bootFailed(ctx, rec, b, err)
 	}
 	vm.setClient(c)
-	if err := vm.afterBoot(ctx, c, cfg.Env); err != nil {
+	if err := vm.afterBoot(ctx, c, m.Spec, cfg.Env); err != nil {
 		return vm.bootFailed(ctx, rec, b, err)
 	}
 	return nil
 }
 
-// afterBoot sets the guest clock and the configured environment. The clock
-// request is not waited for: the agent applies it before any later request
-// on this connection, so the first command already sees the host's time
-// and a round trip is saved; a failure is logged.
-func (vm *VM) afterBoot(ctx context.Context, c *agentclient.Client, env map[string]string) error {
-	cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-	defer cancel()
-	wait, err := c.SendSetTime(cctx, time.Now())
-	if err != nil {
-		return fmt.Errorf("setting the guest clock: %w", err)
+// afterBoot gives a guest that just came up its clock and identity
+// (applyIdentity) and the configured environment.
+func (vm *VM) afterBoot(ctx context.Context, c *agentclient.Client, spec backend.Spec, env map[string]string) error {
+	if err := vm.applyIdentity(ctx, c, spec); err != nil {
+		return err
 	}
-	go func() {
-		wctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if err := wait(wctx); err != nil && !errors.Is(err, agentclient.ErrDisconnected) {
-			vm.m.log.Warn("setting the guest clock", "vm", vm.id, "err", err)
-		}
-	}()
 	if len(env) > 0 {
+		cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+		defer cancel()
 		if err := c.SetEnv(cctx, env, nil); err != nil {
 			return fmt.Errorf("setting the guest environment: %w", err)
 		}
@@ -283,12 +276,11 @@ func (vm *VM) resumeLocked(ctx context.Context, rec store.VM, b backend.Backend)
 		return err
 	}
 	// The guest clock stood still while paused (or since the snapshot it
-	// was restored from): set it from the host's. Best effort: a guest that
-	// is still booting (a paused disk restore) sets its clock from the RTC.
+	// was restored from): set it from the host's, and reseed its CRNG.
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if c, err := vm.agent(cctx, "resume"); err == nil {
-		c.SetTime(cctx, time.Now())
+		vm.refreshGuest(cctx, c)
 	}
 	return nil
 }

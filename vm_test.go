@@ -313,6 +313,8 @@ func TestLifecycleStopStartDelete(t *testing.T) {
 	ctx := testCtx(t)
 	vm := boot(t, m, smolvm.Config{Name: "life", Image: "busybox", NoNetwork: true})
 	mustOK(t, vm, "echo persisted > /root/keep")
+	first := identityOf(t, vm)
+	checkIdentity(t, vm, first)
 	if err := vm.Stop(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -327,6 +329,12 @@ func TestLifecycleStopStartDelete(t *testing.T) {
 	}
 	if got := mustOK(t, vm, "cat /root/keep"); got != "persisted" {
 		t.Errorf("disk after restart: %q", got)
+	}
+	// A restart keeps the VM's identity.
+	again := identityOf(t, vm)
+	checkIdentity(t, vm, again)
+	if again.MachineID != first.MachineID || again.Hostname != first.Hostname || again.Random == first.Random {
+		t.Errorf("identity after restart %+v, before %+v", again, first)
 	}
 	info, _ := vm.Info(ctx)
 	if err := vm.Delete(ctx); err != nil {

@@ -59,7 +59,7 @@ func TestParseCmdline(t *testing.T) {
 		t.Fatal(errs)
 	}
 	want = BootConfig{
-		Root: "/dev/vda", RootFSType: "ext2", Hostname: "box", Port: "p1", Net: true,
+		Root: "/dev/vda", RootFSType: "ext2", Hostname: "box", HostnameGiven: true, Port: "p1", Net: true,
 		IP: netip.MustParsePrefix("192.168.1.5/16"), Gateway: netip.MustParseAddr("192.168.0.1"),
 		DNS: []netip.Addr{netip.MustParseAddr("1.1.1.1"), netip.MustParseAddr("8.8.8.8")},
 	}

@@ -23,14 +23,16 @@ import (
 
 // BootConfig is what the agent reads from the kernel command line.
 type BootConfig struct {
-	Root       string       // smol.root: block device to switch into ("" = stay in initramfs)
-	RootFSType string       // smol.rootfstype (default ext4)
-	Hostname   string       // smol.hostname (default "smolvm")
-	Port       string       // smol.port (default agentproto.DefaultPortName)
-	Net        bool         // smol.net=1
-	IP         netip.Prefix // smol.ip (default 10.0.2.15/24)
-	Gateway    netip.Addr   // smol.gw (default 10.0.2.2)
-	DNS        []netip.Addr // smol.dns, comma separated (default 10.0.2.3)
+	Root       string // smol.root: block device to switch into ("" = stay in initramfs)
+	RootFSType string // smol.rootfstype (default ext4)
+	Hostname   string // smol.hostname (default "smolvm"; legacy: new VMs get theirs from set_identity)
+	// HostnameGiven says smol.hostname was on the command line.
+	HostnameGiven bool
+	Port          string       // smol.port (default agentproto.DefaultPortName)
+	Net           bool         // smol.net=1
+	IP            netip.Prefix // smol.ip (default 10.0.2.15/24)
+	Gateway       netip.Addr   // smol.gw (default 10.0.2.2)
+	DNS           []netip.Addr // smol.dns, comma separated (default 10.0.2.3)
 }
 
 // ParseCmdline parses a kernel command line. Malformed smol.* values are
@@ -56,7 +58,7 @@ func ParseCmdline(cmdline string) (BootConfig, []error) {
 			}
 		case "smol.hostname":
 			if v != "" {
-				c.Hostname = v
+				c.Hostname, c.HostnameGiven = v, true
 			}
 		case "smol.port":
 			if v != "" {
@@ -220,10 +222,11 @@ func initSystem() (BootConfig, error) {
 		_ = os.Symlink("pts/ptmx", "/dev/ptmx")
 	}
 
+	cfg.Hostname = bootHostname(cfg, "/etc/hostname")
 	if err := unix.Sethostname([]byte(cfg.Hostname)); err != nil {
 		initLogf("sethostname: %v", err)
 	}
-	writeHosts(cfg.Hostname)
+	writeHosts("/etc/hosts", cfg.Hostname)
 	if cfg.Net {
 		if err := configureNetwork(cfg, "/etc/resolv.conf"); err != nil {
 			initLogf("network: %v", err)
@@ -342,14 +345,36 @@ func switchRoot(dev, fstype string) error {
 	return unix.Chdir("/")
 }
 
-// writeHosts writes /etc/hosts unless the image has its own.
-func writeHosts(hostname string) {
+// writeHosts writes the hosts file at path unless the image has its own
+// (or it already says this).
+func writeHosts(path, hostname string) {
 	const marker = "# smolvm-agent"
-	if b, err := os.ReadFile("/etc/hosts"); err == nil && !strings.HasPrefix(string(b), marker) {
+	if b, err := os.ReadFile(path); err == nil && !strings.HasPrefix(string(b), marker) {
 		return
 	}
 	content := marker + "\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t" + hostname + "\n"
-	_ = atomicWrite("/etc/hosts", []byte(content), 0o644, true)
+	_ = os.MkdirAll(filepath.Dir(path), 0o755)
+	_ = replaceIfChanged(path, content, 0o644)
+}
+
+// bootHostname is the hostname set at boot: smol.hostname when the
+// command line has it (VMs created before identity moved to set_identity,
+// and their snapshots), else the root's /etc/hostname (what set_identity
+// wrote last, so a restarted VM keeps its name before the host speaks),
+// else "smolvm". Nothing VM-specific comes from the command line any
+// more: a template's /proc/cmdline names no VM.
+func bootHostname(cfg BootConfig, etcHostname string) string {
+	if cfg.HostnameGiven {
+		return cfg.Hostname
+	}
+	b, err := os.ReadFile(etcHostname)
+	if err != nil || len(b) > 256 {
+		return cfg.Hostname
+	}
+	if h := strings.TrimSpace(string(b)); agentproto.ValidHostname(h) {
+		return h
+	}
+	return cfg.Hostname
 }
 
 // serveHost serves on the virtio-serial port named name, or on vsock when

@@ -429,7 +429,7 @@ func handleHello(r request, req agentproto.HelloRequest) {
 		Nonce:           req.Nonce,
 		ProtocolVersion: agentproto.ProtocolVersion,
 		AgentVersion:    Version,
-		BootID:          bootID(),
+		// No BootID: reading it would fix it (agentproto.Hello).
 	})
 }
 

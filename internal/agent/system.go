@@ -1,10 +1,13 @@
 package agent
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime"
 	"syscall"
 	"time"
@@ -54,8 +57,8 @@ func (s *Server) setTime(t time.Time) error {
 }
 
 func (s *Server) setIdentity(req agentproto.SetIdentityRequest) error {
-	if req.Hostname != "" && (len(req.Hostname) > 64 || !validHostname(req.Hostname)) {
-		return invalid("set_identity: invalid hostname %q", req.Hostname)
+	if err := req.Validate(); err != nil {
+		return invalid("set_identity: %v", err)
 	}
 	if s.opts.SetIdentity != nil {
 		return s.opts.SetIdentity(req.Hostname, req.Seed)
@@ -63,11 +66,8 @@ func (s *Server) setIdentity(req agentproto.SetIdentityRequest) error {
 	if !s.opts.System {
 		return errUnsupported
 	}
-	if req.Hostname != "" {
-		if err := setHostname(req.Hostname); err != nil {
-			return err
-		}
-	}
+	// Entropy first: whatever is drawn from here on differs between VMs
+	// restored from one memory image.
 	if len(req.Seed) > 0 {
 		if err := addEntropy(req.Seed); err != nil {
 			return fmt.Errorf("set_identity: seed: %w", err)
@@ -76,12 +76,127 @@ func (s *Server) setIdentity(req agentproto.SetIdentityRequest) error {
 		// the (now different) input pool rather than at the next interval.
 		reseedCRNG()
 	}
+	if req.Hostname != "" {
+		if err := unix.Sethostname([]byte(req.Hostname)); err != nil {
+			return fmt.Errorf("set_identity: sethostname: %w", err)
+		}
+	}
+	binds, err := writeIdentityFiles("/", req.Hostname, req.MachineID, s.logf)
+	if err != nil {
+		return fmt.Errorf("set_identity: %w", err)
+	}
+	for _, name := range binds {
+		if err := bindFromRun(name); err != nil {
+			return fmt.Errorf("set_identity: /etc/%s: %w", name, err)
+		}
+	}
 	if req.MAC != "" {
 		if err := setMAC("eth0", req.MAC); err != nil {
 			return fmt.Errorf("set_identity: mac: %w", err)
 		}
 	}
 	return nil
+}
+
+// writeIdentityFiles keeps the files that name the machine in step with
+// its identity, under root ("/" in the guest): /etc/hostname and, when it
+// is the agent's own, /etc/hosts; /etc/machine-id, and dbus's copy when it
+// is a file of its own. A file already holding the value is not written
+// again (a VM restarted or resumed keeps its identity at no cost); a new
+// value replaces the file atomically (replaceIfChanged: temp, rename).
+//
+// When /etc refuses a file (a read-only root), the value goes to /run
+// (the agent's tmpfs) instead, and binds names the files of /etc that
+// exist and must be covered by their /run copy (as systemd does for
+// machine-id), so that no file keeps the name or id of the VM a snapshot
+// was taken of.
+func writeIdentityFiles(root, hostname, machineID string, logf func(string, ...any)) (binds []string, err error) {
+	put := func(name, content string) error {
+		etcPath := filepath.Join(root, "etc", name)
+		err := replaceIfChanged(etcPath, content, identityFileMode[name])
+		if err == nil {
+			return nil
+		}
+		if rerr := replaceIfChanged(filepath.Join(root, "run", name), content, identityFileMode[name]); rerr != nil {
+			return fmt.Errorf("%s: %v; %v", name, err, rerr)
+		}
+		if st, serr := os.Lstat(etcPath); serr == nil && st.Mode().IsRegular() {
+			binds = append(binds, name)
+		}
+		return nil
+	}
+	if hostname != "" {
+		if err := put("hostname", hostname+"\n"); err != nil {
+			logf("set_identity: %v", err) // the kernel's hostname is set
+		}
+		writeHosts(filepath.Join(root, "etc", "hosts"), hostname)
+	}
+	if machineID == "" {
+		return binds, nil
+	}
+	content := machineID + "\n"
+	if err := put("machine-id", content); err != nil {
+		return binds, err
+	}
+	// dbus reads its own copy when it is a file (not the usual symlink to
+	// /etc/machine-id); a stale one would be shared by clones.
+	dbus := filepath.Join(root, "var", "lib", "dbus", "machine-id")
+	if st, err := os.Lstat(dbus); err == nil && st.Mode().IsRegular() {
+		if err := replaceIfChanged(dbus, content, 0o444); err != nil {
+			logf("set_identity: %s: %v", dbus, err)
+		}
+	}
+	return binds, nil
+}
+
+// identityFileMode is the mode of each identity file in /etc.
+var identityFileMode = map[string]fs.FileMode{"hostname": 0o644, "machine-id": 0o444}
+
+// replaceIfChanged atomically replaces path with content unless it holds
+// exactly that already: a temp file in the same directory, renamed over
+// path, so a reader sees the old content or the new, never a part.
+//
+// Unlike atomicWrite it does not fsync: these files are derived from the
+// host's record and rewritten by set_identity at every boot and restore
+// before any command runs, so a crash that loses them loses nothing; and
+// under TCG the two fsyncs (file, directory) per file cost about 300 ms on
+// the path from restore to first command, which templates exist to make
+// short.
+func replaceIfChanged(path, content string, mode fs.FileMode) error {
+	if st, err := os.Lstat(path); err == nil && st.Mode().IsRegular() && st.Size() == int64(len(content)) {
+		if b, err := os.ReadFile(path); err == nil && string(b) == content && st.Mode().Perm() == mode {
+			return nil
+		}
+	}
+	dir, base := filepath.Split(path)
+	f, err := os.CreateTemp(dir, "."+base+".smolvm-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	_, err = f.WriteString(content)
+	if err == nil {
+		err = f.Chmod(mode)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+	}
+	return err
+}
+
+// bindFromRun covers /etc/NAME, on a root that cannot be written, with
+// /run/NAME (a new bind each time: an old one would show the file that
+// the rename in /run replaced).
+func bindFromRun(name string) error {
+	etc := "/etc/" + name
+	_ = unix.Unmount(etc, unix.MNT_DETACH)
+	return unix.Mount("/run/"+name, etc, "", unix.MS_BIND, "")
 }
 
 func reseedCRNG() {
@@ -103,6 +218,9 @@ func setMAC(ifname, mac string) error {
 	if err != nil || len(hw) != 6 {
 		return invalid("invalid mac %q", mac)
 	}
+	if ifi, err := net.InterfaceByName(ifname); err == nil && bytes.Equal(ifi.HardwareAddr, hw) {
+		return nil // already (a cold boot: the VMM gave it)
+	}
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return err
@@ -119,27 +237,6 @@ func setMAC(ifname, mac string) error {
 		}
 		return e
 	}
-	return nil
-}
-
-func validHostname(h string) bool {
-	for _, c := range h {
-		switch {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '.':
-		default:
-			return false
-		}
-	}
-	return true
-}
-
-// setHostname sets the kernel hostname and keeps /etc/hostname in step
-// when the root filesystem is writable.
-func setHostname(name string) error {
-	if err := unix.Sethostname([]byte(name)); err != nil {
-		return fmt.Errorf("sethostname: %w", err)
-	}
-	_ = os.WriteFile("/etc/hostname", []byte(name+"\n"), 0o644)
 	return nil
 }
 

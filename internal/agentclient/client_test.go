@@ -146,8 +146,10 @@ func TestPingInfoHello(t *testing.T) {
 	if inf.Hostname != host || inf.KernelRelease == "" || inf.PID != os.Getpid() || inf.UptimeMS <= 0 || inf.System {
 		t.Errorf("info = %+v", inf)
 	}
-	if inf.BootID != c.Hello().BootID {
-		t.Errorf("boot id %q vs hello %q", inf.BootID, c.Hello().BootID)
+	// Hello leaves the boot id unread (reading fixes it: a template's
+	// restores would share it); info reads it.
+	if c.Hello().BootID != "" || inf.BootID == "" {
+		t.Errorf("boot id %q, hello's %q (want one only in info)", inf.BootID, c.Hello().BootID)
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
 	"strconv"
 )
 
@@ -88,7 +89,11 @@ type Hello struct {
 	Nonce           string `json:"nonce"`
 	ProtocolVersion int    `json:"protocol_version"`
 	AgentVersion    string `json:"agent_version"`
-	BootID          string `json:"boot_id,omitempty"`
+	// BootID is no longer sent (agents of this version leave it empty):
+	// the kernel draws its boot_id when it is first read, so an agent that
+	// read it on every connect fixed it in a template's memory and every
+	// VM restored from that template shared it. Info still reports it.
+	BootID string `json:"boot_id,omitempty"`
 }
 
 // Info describes the guest.
@@ -98,7 +103,7 @@ type Info struct {
 	UptimeMS        int64  `json:"uptime_ms"` // since kernel boot (CLOCK_BOOTTIME)
 	Hostname        string `json:"hostname"`
 	KernelRelease   string `json:"kernel_release"`
-	BootID          string `json:"boot_id"`
+	BootID          string `json:"boot_id"` // /proc/sys/kernel/random/boot_id (reading it fixes it)
 	Arch            string `json:"arch"`
 	PID             int    `json:"pid"`    // the agent's pid (1 when it is init)
 	System          bool   `json:"system"` // the agent manages the system (clock, hostname, power)
@@ -265,15 +270,86 @@ type SetTimeRequest struct {
 	UnixNanos int64 `json:"unix_nanos"`
 }
 
-// SetIdentityRequest gives a guest a new identity (used for clones): a
-// hostname (empty keeps the current one) and entropy mixed into the kernel's
-// random pool.
+// SetIdentityRequest gives a guest its identity: the host sends it to every
+// VM right after boot or restore (a cold boot, a fork clone, a VM restored
+// from a template all take the same path). Every field is optional: an
+// empty one keeps what the guest has. Validate bounds each field; the agent
+// refuses a request that fails it.
 type SetIdentityRequest struct {
+	// Hostname becomes the kernel hostname and /etc/hostname.
 	Hostname string `json:"hostname,omitempty"`
-	Seed     []byte `json:"seed,omitempty"`
-	// MAC, when set, becomes eth0's hardware address (a clone's new
-	// identity on the network).
+	// Seed is mixed into the kernel's random pool, and the CRNG is then
+	// reseeded (clones of one memory image share its CRNG state).
+	Seed []byte `json:"seed,omitempty"`
+	// MAC, when set, becomes eth0's hardware address.
 	MAC string `json:"mac,omitempty"`
+	// MachineID, when set, becomes /etc/machine-id (32 lowercase hex
+	// digits, as systemd writes it; ValidMachineID). Agents older than
+	// this field ignore it.
+	MachineID string `json:"machine_id,omitempty"`
+}
+
+// Bounds of SetIdentityRequest's fields.
+const (
+	MaxHostnameLen = 64  // the kernel's limit (HOST_NAME_MAX)
+	MaxSeedLen     = 512 // bytes of entropy one request may add
+	MachineIDLen   = 32  // hex digits of a machine-id
+)
+
+// Validate checks every field of the request against its bounds: a hostname
+// ValidHostname accepts; a seed of at most MaxSeedLen bytes; a 6-byte MAC;
+// a machine-id ValidMachineID accepts.
+func (r SetIdentityRequest) Validate() error {
+	if r.Hostname != "" && !ValidHostname(r.Hostname) {
+		return fmt.Errorf("invalid hostname %q: want at most %d letters, digits, '-', '.' or '_'", r.Hostname, MaxHostnameLen)
+	}
+	if len(r.Seed) > MaxSeedLen {
+		return fmt.Errorf("seed of %d bytes: at most %d", len(r.Seed), MaxSeedLen)
+	}
+	if r.MAC != "" {
+		if hw, err := net.ParseMAC(r.MAC); err != nil || len(hw) != 6 {
+			return fmt.Errorf("invalid mac %q: want six hex pairs such as 52:54:00:12:34:56", r.MAC)
+		}
+	}
+	if r.MachineID != "" && !ValidMachineID(r.MachineID) {
+		return fmt.Errorf("invalid machine-id %q: want %d lowercase hex digits, not all zero", r.MachineID, MachineIDLen)
+	}
+	return nil
+}
+
+// ValidHostname reports whether h is a hostname the agent sets: 1 to
+// MaxHostnameLen letters, digits, '-', '.' and '_' (VM ids may hold '_';
+// Linux takes any bytes, DNS names would not).
+func ValidHostname(h string) bool {
+	if h == "" || len(h) > MaxHostnameLen {
+		return false
+	}
+	for i := 0; i < len(h); i++ {
+		switch c := h[i]; {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '.', c == '_':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// ValidMachineID reports whether id is a machine-id as machine-id(5)
+// defines it: 32 lowercase hexadecimal digits, not all zero.
+func ValidMachineID(id string) bool {
+	if len(id) != MachineIDLen {
+		return false
+	}
+	zero := true
+	for i := 0; i < len(id); i++ {
+		switch c := id[i]; {
+		case c >= '0' && c <= '9', c >= 'a' && c <= 'f':
+			zero = zero && c == '0'
+		default:
+			return false
+		}
+	}
+	return !zero
 }
 
 // ShutdownRequest powers the guest off (or reboots it) after syncing disks.

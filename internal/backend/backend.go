@@ -77,8 +77,12 @@ type Spec struct {
 	CPUs      int   `json:"cpus"`
 	Accel     Accel `json:"accel"` // requested; the resolved one is in Machine.Accel
 
-	Network      bool          `json:"network"`
-	MAC          string        `json:"mac,omitempty"`
+	Network bool   `json:"network"`
+	MAC     string `json:"mac,omitempty"`
+	// MachineID is the guest's /etc/machine-id (32 lowercase hex digits),
+	// drawn by the SDK for each VM and given to the guest with its
+	// hostname and MAC (set_identity). Backends do not use it.
+	MachineID    string        `json:"machine_id,omitempty"`
 	PortForwards []PortForward `json:"port_forwards,omitempty"`
 	// NetPolicy is what the guest may reach when Network is on (the zero
 	// value is the default mode: public internet only).

@@ -7,6 +7,8 @@ import (
 	"net/netip"
 	"path/filepath"
 	"strings"
+
+	"github.com/smolvm-go/smolvm/internal/agentproto"
 )
 
 // Limits a Spec must respect. They are wider than the SDK's (a backend
@@ -160,6 +162,9 @@ func (s Spec) Validate() error {
 		if _, err := ParseMAC(s.MAC); err != nil {
 			return err
 		}
+	}
+	if s.MachineID != "" && !agentproto.ValidMachineID(s.MachineID) {
+		return invalid("machine-id %q: want 32 lowercase hex digits, not all zero", s.MachineID)
 	}
 	for _, pf := range s.PortForwards {
 		if err := pf.Validate(); err != nil {

@@ -10,6 +10,7 @@ func validSpec() Spec {
 	return Spec{ID: "vm1", Dir: "/data/vms/vm1", RunDir: "/tmp/smolvm-0/ab", Kernel: "/img/bzImage", Initrd: "/img/initrd",
 		BaseDisk: "/img/rootfs.ext4", Disk: "/data/vms/vm1/disk.qcow2", DiskFormat: "qcow2", MemoryMiB: 512, CPUs: 2,
 		Accel: AccelAuto, Network: true, MAC: "52:54:00:12:34:56", KernelArgs: "quiet smol.root=/dev/vda",
+		MachineID:    "0123456789abcdef0123456789abcdef",
 		PortForwards: []PortForward{{HostPort: 8080, GuestPort: 80}, {HostAddr: "0.0.0.0", HostPort: 1, GuestPort: 65535}}}
 }
 
@@ -18,9 +19,12 @@ func TestSpecValidate(t *testing.T) {
 		t.Fatal(err)
 	}
 	for name, mod := range map[string]func(*Spec){
-		"mac injection": func(s *Spec) { s.MAC = "52:54:00:12:34:56,romfile=/etc/shadow" },
-		"mac 20 bytes":  func(s *Spec) { s.MAC = "00:00:00:00:fe:80:00:00:00:00:00:00:02:00:5e:10:00:00:00:01" },
-		"mac multicast": func(s *Spec) { s.MAC = "33:33:00:00:00:01" },
+		"mac injection":        func(s *Spec) { s.MAC = "52:54:00:12:34:56,romfile=/etc/shadow" },
+		"mac 20 bytes":         func(s *Spec) { s.MAC = "00:00:00:00:fe:80:00:00:00:00:00:00:02:00:5e:10:00:00:00:01" },
+		"mac multicast":        func(s *Spec) { s.MAC = "33:33:00:00:00:01" },
+		"machine-id not hex":   func(s *Spec) { s.MachineID = "0123456789abcdef0123456789abcdeg" },
+		"machine-id uppercase": func(s *Spec) { s.MachineID = "0123456789ABCDEF0123456789abcdef" },
+		"machine-id injection": func(s *Spec) { s.MachineID = "0123456789abcdef\n0123456789abcde" },
 		"hostfwd injected": func(s *Spec) {
 			s.PortForwards[0].HostAddr = "127.0.0.1:2222-:22,guestfwd=tcp:10.0.2.100:80-cmd:touch pwned"
 		},

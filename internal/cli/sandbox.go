@@ -284,6 +284,11 @@ func (a *app) infoCmd() *cobra.Command {
 						{"backend", info.Backend}, {"accel", info.Accel}, {"memory", fmt.Sprintf("%d MiB", info.MemoryMiB)},
 						{"cpus", fmt.Sprint(info.CPUs)}, {"network", fmt.Sprint(info.Network)}, {"pid", fmt.Sprint(info.PID)},
 						{"created", info.CreatedAt.Local().Format(time.RFC3339)}, {"dir", info.Dir}}
+					for _, r := range [][]string{{"hostname", info.Hostname}, {"mac", info.MAC}, {"machine-id", info.MachineID}} {
+						if r[1] != "" {
+							rows = append(rows, r)
+						}
+					}
 					if np := info.NetworkPolicy; np != nil {
 						pol := string(np.Mode)
 						for _, d := range np.AllowDomains {
