@@ -45,6 +45,9 @@ func TestMain(m *testing.M) {
 	// examples read these.
 	os.Setenv("SMOLVM_DATA_DIR", filepath.Join(root, "default"))
 	os.Setenv("SMOLVM_RUN_DIR", filepath.Join(root, "run"))
+	// Tests boot cold (each has its own data dir, where a template would
+	// first be built); template_test.go turns templates on for its own.
+	os.Setenv("SMOLVM_COLD_BOOT", "1")
 	code := m.Run()
 	if shared.vm != nil {
 		shared.vm.Delete(context.Background())

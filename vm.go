@@ -79,9 +79,12 @@ type Info struct {
 	PID          int           `json:"pid,omitempty"`
 	CreatedAt    time.Time     `json:"created_at"`
 	RestoredFrom string        `json:"restored_from,omitempty"`
-	LastError    string        `json:"last_error,omitempty"`
-	Dir          string        `json:"dir"`
-	ConsoleLog   string        `json:"console_log"`
+	// Template is the key of the template the VM was started from ("" for
+	// a VM that booted cold, or was restored from a snapshot).
+	Template   string `json:"template,omitempty"`
+	LastError  string `json:"last_error,omitempty"`
+	Dir        string `json:"dir"`
+	ConsoleLog string `json:"console_log"`
 }
 
 // ID returns the VM id.
@@ -159,10 +162,26 @@ func (m *Manager) New(ctx context.Context, cfg Config) (*VM, error) {
 	if err := os.MkdirAll(spec.Dir, 0o700); err != nil {
 		return fail(err)
 	}
-	if err := b.Prepare(ctx, spec); err != nil {
-		return fail(&Error{Op: "create", Message: fmt.Sprintf("preparing the disk of %s: %v", id, err), Err: err})
+	// A VM that starts from a template gets its disk (an overlay on the
+	// template's) when it starts; a cold boot's disk is made now.
+	if !m.usesTemplate(cfg, b) {
+		if err := m.prepareDisk(ctx, b, spec); err != nil {
+			return fail(err)
+		}
 	}
 	return &VM{m: m, id: id}, nil
+}
+
+// prepareDisk has the backend make the VM's disk (an overlay on the image,
+// or a copy).
+func (m *Manager) prepareDisk(ctx context.Context, b backend.Backend, spec backend.Spec) error {
+	if err := os.MkdirAll(spec.Dir, 0o700); err != nil {
+		return err
+	}
+	if err := b.Prepare(ctx, spec); err != nil {
+		return &Error{Op: "create", Message: fmt.Sprintf("preparing the disk of %s: %v", spec.ID, err), Err: err}
+	}
+	return nil
 }
 
 // checkSpec validates a launch spec by type (and with what the backend
@@ -288,7 +307,7 @@ func (m *Manager) info(rec store.VM) Info {
 		ID: rec.ID, Status: rec.Status, Image: cfg.Image, Backend: rec.Backend,
 		Accel: string(rec.Machine.Accel), MemoryMiB: rec.Machine.MemoryMiB, CPUs: rec.Machine.CPUs,
 		Network: rec.Machine.Network, PortForwards: pfs, PID: rec.PID, CreatedAt: rec.CreatedAt,
-		RestoredFrom: rec.RestoredFrom, LastError: rec.LastError, Dir: rec.Machine.Dir,
+		RestoredFrom: rec.RestoredFrom, Template: rec.Template, LastError: rec.LastError, Dir: rec.Machine.Dir,
 		ConsoleLog: filepath.Join(rec.Machine.Dir, "console.log"),
 	}
 	if rec.Machine.Network {
