@@ -1,10 +1,12 @@
 package smolvm_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -192,4 +194,26 @@ func mustOK(t testing.TB, vm *smolvm.VM, cmd string) string {
 func qemuProcessesUnder(dir string) []string {
 	out, _ := exec.Command("pgrep", "-f", "qemu-system.*"+dir).Output()
 	return strings.Fields(string(out))
+}
+
+// getThroughPort fetches http://127.0.0.1:hostPort/ (a port forwarded to
+// the guest) until the body contains want or within has passed, and
+// returns the last body.
+func getThroughPort(hostPort int, want string, within time.Duration) []byte {
+	var body []byte
+	deadline := time.Now().Add(within)
+	for time.Now().Before(deadline) {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", hostPort))
+		if err == nil {
+			buf := new(bytes.Buffer)
+			buf.ReadFrom(resp.Body)
+			resp.Body.Close()
+			body = buf.Bytes()
+			if strings.Contains(string(body), want) {
+				break
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return body
 }

@@ -1,13 +1,11 @@
 package smolvm_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -160,18 +158,7 @@ func TestTemplates(t *testing.T) {
 			t.Errorf("info of a: template %q (want %q), policy %+v, ports %+v", info.Template, first.Key, info.NetworkPolicy, info.PortForwards)
 		}
 		run(t, a, "(echo -e 'HTTP/1.0 200 OK\\r\\n\\r\\nfrom-template' | nc -l -p 8080 >/dev/null 2>&1 &) ; sleep 0.3")
-		var body []byte
-		for range 50 {
-			resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", hostPort))
-			if err == nil {
-				buf := new(bytes.Buffer)
-				buf.ReadFrom(resp.Body)
-				resp.Body.Close()
-				body = buf.Bytes()
-				break
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
+		body := getThroughPort(hostPort, "from-template", 5*time.Second)
 		if !strings.Contains(string(body), "from-template") {
 			t.Errorf("host got %q through the port the caller asked for", body)
 		}
