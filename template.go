@@ -93,8 +93,10 @@ type TemplateCollection struct {
 // templateSnapshotID is the snapshot id of a template: fixed by its key.
 func templateSnapshotID(key string) string { return "tmpl-" + key[:32] }
 
-// templateBuilderID is the id of the VM booted to build a template.
-func templateBuilderID(key string) string { return "template-build-" + key[:16] }
+// templateBuilderID is the id of the VM booted to build a template (it
+// ends as the template's snapshot id does: removeLeftoverBuilders finds
+// the build's lock from it).
+func templateBuilderID(key string) string { return "template-build-" + key[:32] }
 
 // imageID digests what a VM booted from img runs.
 func imageID(img image.Image) string {
@@ -464,14 +466,18 @@ func (m *Manager) DeleteTemplate(ctx context.Context, key string) error {
 	return m.deleteSnapshot(ctx, s.ID, true)
 }
 
-// CollectTemplates deletes the stale templates (see TemplateInfo.Stale).
-// One still in use is kept and reported; it goes on a later collection.
+// CollectTemplates deletes the stale templates (see TemplateInfo.Stale)
+// and the builder VMs that crashed builds left. A stale template still in
+// use is kept and reported; it goes on a later collection.
 func (m *Manager) CollectTemplates(ctx context.Context) (TemplateCollection, error) {
+	var out TemplateCollection
+	if err := m.removeLeftoverBuilders(ctx); err != nil {
+		return out, err
+	}
 	list, err := m.ListTemplates(ctx)
 	if err != nil {
-		return TemplateCollection{}, err
+		return out, err
 	}
-	var out TemplateCollection
 	for _, t := range list {
 		if !t.Stale {
 			continue
@@ -491,6 +497,39 @@ func (m *Manager) CollectTemplates(ctx context.Context) (TemplateCollection, err
 		}
 	}
 	return out, nil
+}
+
+// removeLeftoverBuilders deletes builder VMs that no build is using: a
+// build holds its template's lock exclusively, so a builder whose lock is
+// free was left by a build that died.
+func (m *Manager) removeLeftoverBuilders(ctx context.Context) error {
+	recs, err := m.store.ListVMs(ctx)
+	if err != nil {
+		return err
+	}
+	for _, r := range recs {
+		if !strings.HasPrefix(r.ID, "template-build-") {
+			continue
+		}
+		// The builder's id ends with the same key prefix as its
+		// template's snapshot id, whose lock the build holds.
+		tctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+		unlock, err := store.LockSnapshot(tctx, m.opts.DataDir, "tmpl-"+strings.TrimPrefix(r.ID, "template-build-"))
+		cancel()
+		if err != nil {
+			continue // a build is running
+		}
+		if vm, err := m.Open(ctx, r.ID); err == nil {
+			err = vm.Delete(ctx)
+			vm.Close()
+			if err != nil {
+				unlock()
+				return err
+			}
+		}
+		unlock()
+	}
+	return nil
 }
 
 // isTemplate says whether the manifest's snapshot row is a template

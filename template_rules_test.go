@@ -9,6 +9,7 @@ import (
 
 	"github.com/smolvm-go/smolvm"
 	"github.com/smolvm-go/smolvm/internal/backend/fakebackend"
+	"github.com/smolvm-go/smolvm/internal/store"
 )
 
 // TestTemplateRules checks the SDK's template rules on the fake backend
@@ -235,5 +236,29 @@ func TestTemplateRules(t *testing.T) {
 		if err := m.DeleteTemplate(ctx, "zz"); !errors.Is(err, smolvm.ErrSnapshotNotFound) {
 			t.Errorf("DeleteTemplate(bad key) = %v", err)
 		}
+	})
+
+	t.Run("CollectRemovesLeftoverBuilders", func(t *testing.T) {
+		// A build that died leaves its builder VM: gc removes it, unless
+		// a build holds the template's lock.
+		suffix := strings.Repeat("ab", 16)
+		c := e.cfg
+		c.Name, c.ColdBoot = "template-build-"+suffix, true
+		start(t, c)
+		unlock, err := store.LockSnapshot(ctx, e.dataDir, "tmpl-"+suffix)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := m.CollectTemplates(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := m.Open(ctx, c.Name); err != nil {
+			t.Errorf("gc removed the builder of a running build: %v", err)
+		}
+		unlock()
+		if _, err := m.CollectTemplates(ctx); err != nil {
+			t.Fatal(err)
+		}
+		e.assertNoVM(t, c.Name)
 	})
 }
