@@ -217,3 +217,27 @@ func getThroughPort(hostPort int, want string, within time.Duration) []byte {
 	}
 	return body
 }
+
+// cliBinary is the smolvm CLI built from this tree (as scripts/setup
+// builds it), once per test binary.
+var cliBinary struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+func smolvmBinary(t testing.TB) string {
+	t.Helper()
+	cliBinary.once.Do(func() {
+		dir, err := os.MkdirTemp(testRoot, "bin")
+		if err != nil {
+			cliBinary.err = err
+			return
+		}
+		cliBinary.path, cliBinary.err = testutil.BuildCommand(context.Background(), dir, "smolvm")
+	})
+	if cliBinary.err != nil {
+		t.Fatal(cliBinary.err)
+	}
+	return cliBinary.path
+}

@@ -102,10 +102,7 @@ func TestTemplates(t *testing.T) {
 		cleanupAll(dataDir)
 		m.Close()
 	})
-	bin, err := testutil.BuildCommand(ctx, t.TempDir(), "smolvm")
-	if err != nil {
-		t.Fatal(err)
-	}
+	bin := smolvmBinary(t)
 	var cliEnv []string // this process's, with templates on
 	for _, kv := range os.Environ() {
 		if !strings.HasPrefix(kv, "SMOLVM_COLD_BOOT=") {
