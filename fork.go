@@ -360,8 +360,11 @@ func (c *cloneOp) steps() []steps.Step {
 	if c.template == nil {
 		list = append(list, steps.Step{Name: "lock clone", Do: func(ctx context.Context) error { return c.locks.vm(ctx, c.id) }}) // its row is written below
 	}
+	list = append(list, steps.Step{Name: "read clone record", Do: c.read})
+	if c.template != nil {
+		list = append(list, steps.Step{Name: "clear unstarted vm", Do: c.clearUnstarted})
+	}
 	list = append(list,
-		steps.Step{Name: "read clone record", Do: c.read},
 		steps.Step{Name: "make clone dir", Do: c.makeDir, Undo: c.removeDirs},
 		steps.Step{Name: "assign uid", Do: c.assignUID}, // released with the record
 		steps.Step{Name: "restore vmm", Do: c.restoreVMM, Undo: c.stopVMM},
@@ -418,6 +421,21 @@ func (c *cloneOp) unrecordVMM(ctx context.Context) error {
 		return nil
 	}
 	return c.m.store.UpdateVM(ctx, c.template.before)
+}
+
+// clearUnstarted stops a VMM that an interrupted start of this never
+// started VM left, and removes a disk made for a cold boot (New under
+// Options.ColdBoot): the restore makes the VM's disk, on the template's.
+func (c *cloneOp) clearUnstarted(ctx context.Context) error {
+	if err := c.b.Stop(ctx, c.rec.Machine); err != nil {
+		return err
+	}
+	if d := c.rec.Machine.Disk; d != "" {
+		if err := os.RemoveAll(d); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // setEnv sets the configured environment of a VM started from a template

@@ -127,6 +127,34 @@ func TestTemplateRules(t *testing.T) {
 		vm.Delete(ctx)
 	})
 
+	t.Run("CreatedColdStartedFromTemplate", func(t *testing.T) {
+		// New under Options.ColdBoot prepares a disk; a Start by a
+		// Manager with templates on restores the template all the same.
+		cold, err := smolvm.NewManager(ctx, smolvm.Options{DataDir: e.dataDir, ImageDir: testImageDir, RunDir: e.runDir,
+			Logger: quietLogger(), ColdBoot: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cold.Close()
+		vm, err := cold.New(ctx, cfg("mixed"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		vm.Close()
+		vm, err = m.Open(ctx, "mixed")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer vm.Close()
+		if err := vm.Start(ctx); err != nil {
+			t.Fatalf("Start: %v", err)
+		}
+		if info, _ := vm.Info(ctx); info.Template != tmpl.Key {
+			t.Errorf("template %q, want %q", info.Template, tmpl.Key)
+		}
+		vm.Delete(ctx)
+	})
+
 	t.Run("RestoreFailureRollsBack", func(t *testing.T) {
 		vm, err := m.New(ctx, cfg("d"))
 		if err != nil {
