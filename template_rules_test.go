@@ -93,6 +93,20 @@ func TestTemplateRules(t *testing.T) {
 		t.Fatal("no template")
 	}
 
+	t.Run("BuildTemplate", func(t *testing.T) {
+		// The shape creates use: the same template, nothing built.
+		got, err := m.BuildTemplate(ctx, "busybox", smolvm.TemplateOptions{MemoryMiB: 256, NoNetwork: true, Backend: smolvm.BackendName(fakebackend.Name)})
+		if err != nil || got.Key != tmpl.Key || got.Uses != 2 {
+			t.Errorf("BuildTemplate of the shape in use = %+v, %v; want template %s", got, err, tmpl.Key)
+		}
+		if _, err := m.BuildTemplate(ctx, "busybox", smolvm.TemplateOptions{MemoryMiB: 1}); !errors.Is(err, smolvm.ErrInvalidConfig) {
+			t.Errorf("BuildTemplate with 1 MiB = %v, want ErrInvalidConfig", err)
+		}
+		if _, err := m.BuildTemplate(ctx, "nope", smolvm.TemplateOptions{}); !errors.Is(err, smolvm.ErrInvalidConfig) {
+			t.Errorf("BuildTemplate of an unknown image = %v, want ErrInvalidConfig", err)
+		}
+	})
+
 	t.Run("NotAUserSnapshot", func(t *testing.T) {
 		if l, _ := m.ListSnapshots(ctx, smolvm.SnapshotFilter{}); len(l) != 0 {
 			t.Errorf("ListSnapshots lists the template: %+v", l)

@@ -259,13 +259,20 @@ func TestTemplates(t *testing.T) {
 		if !found {
 			t.Errorf("doctor has no templates check: %+v", checks)
 		}
+		env, err := cli("template", "ls")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if list, _ := env["data"].([]any); len(list) != 2 {
+			t.Errorf("template ls: %v, want 2 templates", env["data"])
+		}
 		res, err := m.CollectTemplates(ctx)
 		if err != nil || len(res.Removed) != 0 || len(res.Kept) != 1 {
 			t.Errorf("gc while a and b run: %+v, %v; want the stale template kept", res, err)
 		}
 		a.Delete(ctx)
 		b.Delete(ctx)
-		env, err := cli("template", "gc")
+		env, err = cli("template", "gc")
 		if err != nil {
 			t.Fatal(err)
 		}
