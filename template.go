@@ -96,7 +96,11 @@ func templateSnapshotID(key string) string { return "tmpl-" + key[:32] }
 // templateBuilderID is the id of the VM booted to build a template (it
 // ends as the template's snapshot id does: removeLeftoverBuilders finds
 // the build's lock from it).
-func templateBuilderID(key string) string { return "template-build-" + key[:32] }
+func templateBuilderID(key string) string { return builderPrefix + key[:32] }
+
+// builderPrefix starts the id of every template builder VM; New refuses
+// it for other VMs.
+const builderPrefix = "template-build-"
 
 // imageID digests what a VM booted from img runs.
 func imageID(img image.Image) string {
@@ -256,7 +260,7 @@ func (t *templateBuildOp) removeLeftover(ctx context.Context) error {
 // name; the default network policy (the restored VM gets its own).
 func (t *templateBuildOp) create(ctx context.Context) (err error) {
 	s := t.shape
-	t.vm, err = t.m.New(ctx, Config{Name: templateBuilderID(t.key), Image: s.Image, MemoryMiB: s.MemoryMiB, CPUs: s.CPUs,
+	t.vm, err = t.m.newVM(ctx, Config{Name: templateBuilderID(t.key), Image: s.Image, MemoryMiB: s.MemoryMiB, CPUs: s.CPUs,
 		NoNetwork: !s.Network, Backend: BackendName(s.Backend), Accel: s.Accel, ColdBoot: true})
 	return err
 }
@@ -508,13 +512,14 @@ func (m *Manager) removeLeftoverBuilders(ctx context.Context) error {
 		return err
 	}
 	for _, r := range recs {
-		if !strings.HasPrefix(r.ID, "template-build-") {
+		suffix, ok := strings.CutPrefix(r.ID, builderPrefix)
+		if !ok || len(suffix) != 32 || strings.Trim(suffix, "0123456789abcdef") != "" {
 			continue
 		}
 		// The builder's id ends with the same key prefix as its
 		// template's snapshot id, whose lock the build holds.
 		tctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
-		unlock, err := store.LockSnapshot(tctx, m.opts.DataDir, "tmpl-"+strings.TrimPrefix(r.ID, "template-build-"))
+		unlock, err := store.LockSnapshot(tctx, m.opts.DataDir, "tmpl-"+suffix)
 		cancel()
 		if err != nil {
 			continue // a build is running

@@ -283,24 +283,51 @@ func TestTemplateRules(t *testing.T) {
 	t.Run("CollectRemovesLeftoverBuilders", func(t *testing.T) {
 		// A build that died leaves its builder VM: gc removes it, unless
 		// a build holds the template's lock.
-		suffix := strings.Repeat("ab", 16)
-		c := e.cfg
-		c.Name, c.ColdBoot = "template-build-"+suffix, true
-		start(t, c)
-		unlock, err := store.LockSnapshot(ctx, e.dataDir, "tmpl-"+suffix)
+		// The name is reserved: only a build makes such a VM. A dead
+		// build's leftover is made here as one would be: a builder that
+		// never got to snapshot (its snapshot fails).
+		if _, err := m.New(ctx, smolvm.Config{Name: "template-build-x", Image: "busybox"}); !errors.Is(err, smolvm.ErrInvalidConfig) {
+			t.Errorf("New(template-build-x) = %v, want ErrInvalidConfig", err)
+		}
+		c := cfg("leftover")
+		c.MemoryMiB = 320
+		remove := fake.Fail(fakebackend.OpSnapshot, "", -1)
+		remove2 := fake.Fail(fakebackend.OpStop, "", -1) // the rollback cannot stop it: it is left
+		vm, err := m.New(ctx, c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer vm.Close()
+		if err := vm.Start(ctx); err == nil {
+			t.Fatal("Start succeeded though snapshots fail")
+		}
+		remove()
+		remove2()
+		var name string
+		vms, _ := m.List(ctx)
+		for _, v := range vms {
+			if strings.HasPrefix(v.ID, "template-build-") {
+				name = v.ID
+			}
+		}
+		if name == "" {
+			t.Fatal("no leftover builder to collect")
+		}
+		unlock, err := store.LockSnapshot(ctx, e.dataDir, "tmpl-"+strings.TrimPrefix(name, "template-build-"))
 		if err != nil {
 			t.Fatal(err)
 		}
 		if _, err := m.CollectTemplates(ctx); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := m.Open(ctx, c.Name); err != nil {
+		if _, err := m.Open(ctx, name); err != nil {
 			t.Errorf("gc removed the builder of a running build: %v", err)
 		}
 		unlock()
 		if _, err := m.CollectTemplates(ctx); err != nil {
 			t.Fatal(err)
 		}
-		e.assertNoVM(t, c.Name)
+		e.assertNoVM(t, name)
+		vm.Delete(ctx)
 	})
 }

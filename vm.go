@@ -94,7 +94,17 @@ func (vm *VM) ID() string { return vm.id }
 func (vm *VM) Manager() *Manager { return vm.m }
 
 // New creates a VM (record, per-VM disk overlay) without starting it.
+// Names starting with "template-build-" are reserved for the VMs that
+// build templates.
 func (m *Manager) New(ctx context.Context, cfg Config) (*VM, error) {
+	if strings.HasPrefix(cfg.Name, builderPrefix) {
+		return nil, newErr("create", ErrInvalidConfig, newFix(FixChooseVMName, ArgVM, cfg.Name),
+			fmt.Sprintf("vm name %q is reserved: names starting with %q are the VMs that build templates", cfg.Name, builderPrefix))
+	}
+	return m.newVM(ctx, cfg)
+}
+
+func (m *Manager) newVM(ctx context.Context, cfg Config) (*VM, error) {
 	cfg = cfg.withDefaults()
 	if err := cfg.validate(); err != nil {
 		return nil, err
