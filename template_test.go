@@ -80,7 +80,9 @@ func templateImageDir(t *testing.T) (dir string, setArgs func(string)) {
 // creates from one template are distinct VMs with their own disks; a
 // changed image makes the next creates (5 CLI processes at once) build
 // and use one new template, never the old one, which is then stale:
-// doctor reports it and gc collects it once unused; `sandbox create --cold`
+// doctor reports it and gc collects it once unused (a stopped VM from it
+// keeps working: its second start boots cold from its own disk);
+// `sandbox create --cold`
 // boots; a template that fails verification fails the create and leaves
 // no VM. The rules on the fake backend: TestTemplateRules.
 func TestTemplates(t *testing.T) {
@@ -270,8 +272,14 @@ func TestTemplates(t *testing.T) {
 		if err != nil || len(res.Removed) != 0 || len(res.Kept) != 1 {
 			t.Errorf("gc while a and b run: %+v, %v; want the stale template kept", res, err)
 		}
+		// b stops: gc then removes the template, making b's disk
+		// independent of it first; b's next start boots cold from its
+		// own disk, with its data.
 		a.Delete(ctx)
-		b.Delete(ctx)
+		mustOK(t, b, "echo kept-in-b > /root/b-marker && sync")
+		if err := b.Stop(ctx); err != nil {
+			t.Fatal(err)
+		}
 		env, err = cli("template", "gc")
 		if err != nil {
 			t.Fatal(err)
@@ -284,6 +292,19 @@ func TestTemplates(t *testing.T) {
 				t.Errorf("stale template still listed after gc")
 			}
 		}
+		if _, err := os.Stat(filepath.Join(dataDir, "snapshots", first.SnapshotID)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("the collected template's files: %v", err)
+		}
+		if err := b.Start(ctx); err != nil {
+			t.Fatalf("second start of b after its template was collected: %v", err)
+		}
+		if out := strings.TrimSpace(mustOK(t, b, `cat /root/b-marker; echo "$TPL_ENV"; cat /proc/cmdline`)); !strings.HasPrefix(out, "kept-in-b\nfrom-b\n") {
+			t.Errorf("b after a cold second start: %q", out)
+		}
+		if info, _ := b.Info(ctx); info.Template != first.Key || info.RestoredFrom != "" {
+			t.Errorf("b: template %q, restored from %q", info.Template, info.RestoredFrom)
+		}
+		b.Delete(ctx)
 	})
 
 	t.Run("ColdCLI", func(t *testing.T) {
