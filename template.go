@@ -193,22 +193,16 @@ func (m *Manager) buildTemplate(ctx context.Context, shape TemplateShape) (built
 		return false, nil
 	}
 	if err != nil {
+		// The builder VM (and its logs) went with the rollback: the
+		// message carries its console tail; its fix would name it.
 		return false, &Error{Op: "template", Message: fmt.Sprintf("building the template of image %s (%d MiB, %d vCPU) failed: %v",
-			shape.Image, shape.MemoryMiB, shape.CPUs, err), Fix: fixOr(err, newFix(FixRunDoctor)), Err: err}
+			shape.Image, shape.MemoryMiB, shape.CPUs, err), Fix: newFix(FixRunDoctor), Err: err}
 	}
 	if err := t.deleteBuilder(context.WithoutCancel(ctx)); err != nil {
 		m.log.Warn("template built, but its builder vm was not deleted", "vm", templateBuilderID(t.key), "err", err)
 	}
 	m.log.Debug("template built", "template", t.key[:12], "image", shape.Image)
 	return true, nil
-}
-
-// fixOr is err's fix, or else fix.
-func fixOr(err error, fix Fix) Fix {
-	if f, ok := FixOf(err); ok {
-		return f
-	}
-	return fix
 }
 
 var errTemplateExists = errors.New("template exists")
@@ -339,7 +333,7 @@ func (vm *VM) startFromTemplate(ctx context.Context, rec store.VM, b backend.Bac
 			return err
 		}
 		return &Error{Op: "start", Message: fmt.Sprintf("vm %s did not start from template %s: %v", vm.id, tmpl.TemplateKey[:12], err),
-			Fix: newFix(FixRunDoctor, ArgVM, vm.id), Err: errors.Join(ErrBoot, err)}
+			Fix: newFix(FixRunDoctor), Err: errors.Join(ErrBoot, err)}
 	}
 	vm.setClient(c.client)
 	return nil
