@@ -98,6 +98,12 @@ type Config struct {
 	PortForwards []PortForward `json:"port_forwards,omitempty"`
 	// BootTimeout bounds Start; 0 means 90 s (software emulation is slow).
 	BootTimeout time.Duration `json:"boot_timeout,omitempty"`
+	// ColdBoot makes the first Start boot the kernel. By default the first
+	// Start restores the VM from the template of its image and shape
+	// (building the template on first use: see Manager.ListTemplates),
+	// which skips the boot. A later Start of a stopped VM always boots
+	// cold, from the VM's own disk.
+	ColdBoot bool `json:"cold_boot,omitempty"`
 }
 
 // Options configure a Manager (and the package-level helpers).
@@ -120,6 +126,10 @@ type Options struct {
 	// OutputLimit bounds the bytes of each stream Run keeps in its Result
 	// (default DefaultOutputLimit; WithOutputLimit overrides it per call).
 	OutputLimit int
+	// ColdBoot makes every VM of this Manager boot cold, as
+	// Config.ColdBoot does for one VM: no template is used or built.
+	// Default: true when $SMOLVM_COLD_BOOT is 1.
+	ColdBoot bool
 	// AgentCallTimeout is the host-side deadline of each guest agent
 	// request other than a command (file, environment, sync...): default
 	// 60 s, plus 1 s per MiB the request moves. A guest that does not
@@ -139,6 +149,9 @@ func (o Options) withDefaults() Options {
 		if o.RunDir == "" {
 			o.RunDir = defaultRunDir()
 		}
+	}
+	if os.Getenv("SMOLVM_COLD_BOOT") == "1" {
+		o.ColdBoot = true
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))

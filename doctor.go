@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
@@ -179,7 +180,31 @@ func (m *Manager) stateChecks(ctx context.Context) ([]Check, error) {
 	} else {
 		out = append(out, Check{Name: "snapshots", Status: CheckOK, Detail: fmt.Sprintf("removed %d unfinished snapshot(s)", cleaned)})
 	}
-	return out, nil
+	return append(out, m.templateCheck(ctx)), nil
+}
+
+// templateCheck reports the templates and the stale ones (their image was
+// rebuilt or is gone): no create uses them again, so they only take space
+// until collected.
+func (m *Manager) templateCheck(ctx context.Context) Check {
+	list, err := m.ListTemplates(ctx)
+	if err != nil {
+		return Check{Name: "templates", Status: CheckFail, Detail: err.Error()}
+	}
+	var stale []string
+	var size int64
+	for _, t := range list {
+		if t.Stale {
+			stale = append(stale, t.Key[:12]+" ("+t.StaleReason+")")
+			size += t.SizeBytes
+		}
+	}
+	c := Check{Name: "templates", Status: CheckOK, Detail: fmt.Sprintf("%d template(s), none stale", len(list))}
+	if len(stale) > 0 {
+		c.Status, c.Fix = CheckWarn, newFix(FixCollectTemplates)
+		c.Detail = fmt.Sprintf("%d of %d template(s) stale, %.0f MiB: %s", len(stale), len(list), float64(size)/(1<<20), strings.Join(stale, ", "))
+	}
+	return c
 }
 
 // runDirCheck reports whether the base run dir is private (a VM start

@@ -51,6 +51,11 @@ const (
 	FixRestoreBaseImage FixAction = "restore_base_image"
 	FixBuildImage       FixAction = "build_image" // ArgImage, optional ArgKernel (a kernel flavour)
 	FixListImages       FixAction = "list_images"
+	// FixListTemplates: list the templates (Manager.ListTemplates).
+	FixListTemplates FixAction = "list_templates"
+	// FixCollectTemplates: delete the stale templates
+	// (Manager.CollectTemplates).
+	FixCollectTemplates FixAction = "collect_templates"
 
 	// FixSetOption: set the option ArgOption (a Config, Options or
 	// SnapshotOptions field, or "Fork.n") to ArgValue, to one of
@@ -207,7 +212,9 @@ var neutralFix = map[FixAction]func(Fix) string{
 		}
 		return "build image " + f.Arg(ArgImage)
 	},
-	FixListImages: func(Fix) string { return "list images" },
+	FixListImages:       func(Fix) string { return "list images" },
+	FixListTemplates:    func(Fix) string { return "list templates" },
+	FixCollectTemplates: func(Fix) string { return "delete the stale templates" },
 	FixSetOption: func(f Fix) string {
 		s := "set " + f.Arg(ArgOption)
 		switch {

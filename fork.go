@@ -155,6 +155,9 @@ func (f *forkOp) check(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if isTemplate(s) {
+		return templateNotSnapshot("fork", f.snapshotID)
+	}
 	if s.Type == SnapshotDisk {
 		return newErr("fork", ErrUnsupported,
 			newFix(FixRestoreOnce, ArgSnapshot, f.snapshotID),
@@ -344,6 +347,9 @@ type cloneOp struct {
 	kind    backend.SnapshotKind
 	id      string
 	resume  bool
+	// template: the clone is a VM's first start from a template; the
+	// caller holds the VM's lock.
+	template *templateUse
 
 	locks    heldLocks
 	rec      store.VM
@@ -354,15 +360,26 @@ type cloneOp struct {
 }
 
 func (c *cloneOp) steps() []steps.Step {
-	list := []steps.Step{
-		{Name: "lock clone", Do: func(ctx context.Context) error { return c.locks.vm(ctx, c.id) }}, // its row is written below
-		{Name: "read clone record", Do: c.read},
-		{Name: "make clone dir", Do: c.makeDir, Undo: c.removeDirs},
-		{Name: "assign uid", Do: c.assignUID}, // released with the record
-		{Name: "restore vmm", Do: c.restoreVMM, Undo: c.stopVMM},
-		{Name: "record vmm", Do: c.recordVMM},
-		{Name: "connect agent", Do: c.connectAgent, Undo: c.disconnect},
-		{Name: "set clock and identity", Do: c.setIdentity},
+	var list []steps.Step
+	if c.template == nil {
+		list = append(list, steps.Step{Name: "lock clone", Do: func(ctx context.Context) error { return c.locks.vm(ctx, c.id) }}) // its row is written below
+	}
+	list = append(list, steps.Step{Name: "read clone record", Do: c.read})
+	if c.template != nil {
+		list = append(list, steps.Step{Name: "clear unstarted vm", Do: c.clearUnstarted})
+	}
+	list = append(list,
+		steps.Step{Name: "make clone dir", Do: c.makeDir, Undo: c.removeDirs},
+		steps.Step{Name: "assign uid", Do: c.assignUID}, // released with the record
+		steps.Step{Name: "restore vmm", Do: c.restoreVMM, Undo: c.stopVMM},
+		steps.Step{Name: "record vmm", Do: c.recordVMM, Undo: c.unrecordVMM},
+		steps.Step{Name: "connect agent", Do: c.connectAgent, Undo: c.disconnect},
+		steps.Step{Name: "set clock and identity", Do: c.setIdentity},
+	)
+	if c.template != nil {
+		return append(list,
+			steps.Step{Name: "set env", Do: c.setEnv},
+			steps.Step{Name: "count template use", Do: c.countUse}) // last
 	}
 	if !c.resume {
 		list = append(list, steps.Step{Name: "pause clone", Do: c.pause})
@@ -390,11 +407,66 @@ func (c *cloneOp) restoreVMM(ctx context.Context) (err error) {
 
 func (c *cloneOp) stopVMM(ctx context.Context) error { return c.b.Stop(ctx, c.mach) }
 
-// recordVMM records the running clone's VMM.
+// recordVMM records the running clone's VMM (from a template: and that
+// its disk depends on the template's).
 func (c *cloneOp) recordVMM(ctx context.Context) error {
-	c.rec.Machine, c.rec.PID, c.rec.Status = c.mach, c.mach.PID, store.VMRunning
+	c.rec.Machine, c.rec.PID, c.rec.Status, c.rec.LastError = c.mach, c.mach.PID, store.VMRunning, ""
+	if t := c.template; t != nil {
+		c.rec.RestoredFrom, c.rec.Template = t.snapshotID, t.key
+	}
 	c.vm = &VM{m: c.m, id: c.id}
 	return c.m.store.UpdateVM(ctx, c.rec)
+}
+
+// unrecordVMM puts a template clone's record back as it was before the
+// start (a fork's failed clones are deleted by dropFailed).
+func (c *cloneOp) unrecordVMM(ctx context.Context) error {
+	if c.template == nil {
+		return nil
+	}
+	return c.m.store.UpdateVM(ctx, c.template.before)
+}
+
+// clearUnstarted stops a VMM that an interrupted start of this never
+// started VM left, and removes a disk made for a cold boot (New under
+// Options.ColdBoot): the restore makes the VM's disk, on the template's.
+func (c *cloneOp) clearUnstarted(ctx context.Context) error {
+	if err := c.b.Stop(ctx, c.rec.Machine); err != nil {
+		return err
+	}
+	if d := c.rec.Machine.Disk; d != "" {
+		if err := os.RemoveAll(d); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// setEnv sets the configured environment of a VM started from a template
+// (a cold boot's afterBoot does the same).
+func (c *cloneOp) setEnv(ctx context.Context) error {
+	if len(c.template.env) == 0 {
+		return nil
+	}
+	cctx, cancel := context.WithDeadline(ctx, c.deadline)
+	defer cancel()
+	if err := c.client.SetEnv(cctx, c.template.env, nil); err != nil {
+		return fmt.Errorf("setting the guest environment: %w", err)
+	}
+	return nil
+}
+
+// countUse counts the VM as a use of its template (never as a restore:
+// templates are exempt from restore-once).
+func (c *cloneOp) countUse(ctx context.Context) error {
+	return c.m.store.Tx(ctx, func(tx *store.Tx) error {
+		s, err := tx.GetSnapshot(ctx, c.template.snapshotID)
+		if err != nil {
+			return err
+		}
+		s.RestoreCount++
+		return tx.UpdateSnapshot(ctx, s)
+	})
 }
 
 func (c *cloneOp) connectAgent(ctx context.Context) error {

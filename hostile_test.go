@@ -217,11 +217,7 @@ func TestExecOutputCapBoundsCLIMemory(t *testing.T) {
 	const cmd = "dd if=/dev/zero bs=1M count=256 2>/dev/null"
 	// The real CLI binary, built as scripts/setup builds it: the test
 	// binary may run under -race, which multiplies its memory.
-	ctx := testCtx(t)
-	cli, err := testutil.BuildCommand(ctx, t.TempDir(), "smolvm")
-	if err != nil {
-		t.Fatal(err)
-	}
+	cli := smolvmBinary(t)
 	// Peak RSS through a small parent: Go starts children with
 	// CLONE_VM|CLONE_VFORK, and Linux carries the parent's high-water RSS
 	// into a vforked child's ru_maxrss at execve, so wait4 here would report

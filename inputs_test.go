@@ -4,9 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -139,21 +137,7 @@ func TestConfigPortForwardEndToEnd(t *testing.T) {
 	if _, err := vm.Run(ctx, "(while true; do echo -e 'HTTP/1.0 200 OK\\r\\n\\r\\nfrom-guest' | nc -l -p 8080 >/dev/null 2>&1; done &) ; sleep 0.3"); err != nil {
 		t.Fatal(err)
 	}
-	var body []byte
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", hostPort))
-		if err == nil {
-			buf := new(bytes.Buffer)
-			buf.ReadFrom(resp.Body)
-			resp.Body.Close()
-			body = buf.Bytes()
-			if strings.Contains(string(body), "from-guest") {
-				break
-			}
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	body := getThroughPort(hostPort, "from-guest", 30*time.Second)
 	if !strings.Contains(string(body), "from-guest") {
 		t.Errorf("host got %q through the forwarded port", body)
 	}

@@ -1,10 +1,12 @@
 package smolvm_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -45,6 +47,9 @@ func TestMain(m *testing.M) {
 	// examples read these.
 	os.Setenv("SMOLVM_DATA_DIR", filepath.Join(root, "default"))
 	os.Setenv("SMOLVM_RUN_DIR", filepath.Join(root, "run"))
+	// Tests boot cold (each has its own data dir, where a template would
+	// first be built); template_test.go turns templates on for its own.
+	os.Setenv("SMOLVM_COLD_BOOT", "1")
 	code := m.Run()
 	if shared.vm != nil {
 		shared.vm.Delete(context.Background())
@@ -189,4 +194,50 @@ func mustOK(t testing.TB, vm *smolvm.VM, cmd string) string {
 func qemuProcessesUnder(dir string) []string {
 	out, _ := exec.Command("pgrep", "-f", "qemu-system.*"+dir).Output()
 	return strings.Fields(string(out))
+}
+
+// getThroughPort fetches http://127.0.0.1:hostPort/ (a port forwarded to
+// the guest) until the body contains want or within has passed, and
+// returns the last body.
+func getThroughPort(hostPort int, want string, within time.Duration) []byte {
+	var body []byte
+	deadline := time.Now().Add(within)
+	for time.Now().Before(deadline) {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", hostPort))
+		if err == nil {
+			buf := new(bytes.Buffer)
+			buf.ReadFrom(resp.Body)
+			resp.Body.Close()
+			body = buf.Bytes()
+			if strings.Contains(string(body), want) {
+				break
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return body
+}
+
+// cliBinary is the smolvm CLI built from this tree (as scripts/setup
+// builds it), once per test binary.
+var cliBinary struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+func smolvmBinary(t testing.TB) string {
+	t.Helper()
+	cliBinary.once.Do(func() {
+		dir, err := os.MkdirTemp(testRoot, "bin")
+		if err != nil {
+			cliBinary.err = err
+			return
+		}
+		cliBinary.path, cliBinary.err = testutil.BuildCommand(context.Background(), dir, "smolvm")
+	})
+	if cliBinary.err != nil {
+		t.Fatal(cliBinary.err)
+	}
+	return cliBinary.path
 }

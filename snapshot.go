@@ -149,8 +149,7 @@ func (m *Manager) snapshotID(ctx context.Context, vmID string) string {
 // ready) only when complete; a failed step undoes the ones before it, so a
 // failed snapshot leaves no directory or row, and the VM as it was.
 func (vm *VM) Snapshot(ctx context.Context, opts SnapshotOptions) (*SnapshotInfo, error) {
-	kind, err := ParseSnapshotType(string(opts.Type))
-	if err != nil {
+	if _, err := ParseSnapshotType(string(opts.Type)); err != nil {
 		return nil, err
 	}
 	if opts.ID != "" {
@@ -158,7 +157,16 @@ func (vm *VM) Snapshot(ctx context.Context, opts SnapshotOptions) (*SnapshotInfo
 			return nil, err
 		}
 	}
-	op := &snapshotOp{vm: vm, m: vm.m, kind: kind, opts: opts}
+	return vm.snapshot(ctx, opts, nil)
+}
+
+// snapshot is Snapshot; with tmpl the snapshot is that template.
+func (vm *VM) snapshot(ctx context.Context, opts SnapshotOptions, tmpl *templateMark) (*SnapshotInfo, error) {
+	kind, err := ParseSnapshotType(string(opts.Type))
+	if err != nil {
+		return nil, err
+	}
+	op := &snapshotOp{vm: vm, m: vm.m, kind: kind, opts: opts, tmpl: tmpl}
 	defer op.unlock()
 	if err := vm.m.runSteps(ctx, "snapshot", []any{"vm", vm.id}, op.steps()...); err != nil {
 		return nil, op.failed(err)
@@ -184,6 +192,7 @@ type snapshotOp struct {
 	m    *Manager
 	kind SnapshotType
 	opts SnapshotOptions
+	tmpl *templateMark // the snapshot is this template (nil: a user's)
 
 	unlockVM   func()
 	rec        store.VM
@@ -268,6 +277,9 @@ func (op *snapshotOp) reserve(ctx context.Context) error {
 		op.id = op.m.snapshotID(ctx, op.vm.id)
 	}
 	op.row = store.Snapshot{ID: op.id, VMID: op.vm.id, Backend: op.b.Name(), Type: op.kind, CreatedAt: time.Now().UTC()}
+	if op.tmpl != nil {
+		op.row.TemplateKey, op.row.Template = op.tmpl.key, op.tmpl.meta
+	}
 	if err := op.m.store.ReserveSnapshot(ctx, op.row); err != nil {
 		if errors.Is(err, store.ErrExists) {
 			return newErr("snapshot", ErrSnapshotExists, newFix(FixChooseSnapshotID, ArgSnapshot, op.id),
@@ -466,6 +478,9 @@ func (m *Manager) GetSnapshot(ctx context.Context, id string) (*SnapshotInfo, er
 	if err != nil {
 		return nil, err
 	}
+	if isTemplate(s) {
+		return nil, templateNotSnapshot("snapshot", id)
+	}
 	info := m.snapInfo(s)
 	return &info, nil
 }
@@ -637,6 +652,9 @@ func (r *restoreOp) checkRestoreOnce(ctx context.Context) error {
 	}
 	if err != nil {
 		return err
+	}
+	if isTemplate(s) {
+		return templateNotSnapshot("restore", r.id)
 	}
 	if s.Restored && !r.opts.Force {
 		return newErr("restore", ErrSnapshotRestored, newFix(FixRestoreForce, ArgSnapshot, r.id),
@@ -911,7 +929,13 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, id string) error {
 	if err := ValidateID(id); err != nil {
 		return err
 	}
-	d := &deleteSnapshotOp{m: m, id: id, locks: heldLocks{dataDir: m.opts.DataDir}}
+	return m.deleteSnapshot(ctx, id, false)
+}
+
+// deleteSnapshot is DeleteSnapshot of a user's snapshot, or of a template
+// when template is set (each refuses the other kind).
+func (m *Manager) deleteSnapshot(ctx context.Context, id string, template bool) error {
+	d := &deleteSnapshotOp{m: m, id: id, template: template, locks: heldLocks{dataDir: m.opts.DataDir}}
 	defer d.locks.release()
 	return m.runSteps(ctx, "snapshot delete", []any{"snapshot", id},
 		steps.Step{Name: "lock snapshot", Do: func(ctx context.Context) error { return d.locks.snapshot(ctx, id) }},
@@ -926,19 +950,22 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, id string) error {
 // detached disk is as good as an attached one, and the rows change in one
 // transaction.
 type deleteSnapshotOp struct {
-	m       *Manager
-	id      string
-	locks   heldLocks
-	stopped []store.VM // stopped VMs restored from the snapshot
+	m        *Manager
+	id       string
+	template bool // deleting a template
+	locks    heldLocks
+	stopped  []store.VM // stopped VMs restored from the snapshot
 }
 
 func (d *deleteSnapshotOp) find(ctx context.Context) error {
-	if _, err := d.m.store.GetSnapshot(ctx, d.id); errors.Is(err, store.ErrNotFound) {
+	s, err := d.m.store.GetSnapshot(ctx, d.id)
+	if errors.Is(err, store.ErrNotFound) || (err == nil && isTemplate(s) != d.template) {
+		if err == nil && !d.template {
+			return templateNotSnapshot("snapshot delete", d.id)
+		}
 		return newErr("snapshot delete", ErrSnapshotNotFound, newFix(FixListSnapshots), fmt.Sprintf("snapshot %q not found", d.id))
-	} else if err != nil {
-		return err
 	}
-	return nil
+	return err
 }
 
 // lockUsers locks each VM restored from the snapshot, until its disk is

@@ -85,8 +85,11 @@ type Info struct {
 	MachineID    string    `json:"machine_id,omitempty"`
 	CreatedAt    time.Time `json:"created_at"`
 	RestoredFrom string    `json:"restored_from,omitempty"`
-	LastError    string    `json:"last_error,omitempty"`
-	Dir          string    `json:"dir"`
+	// Template is the key of the template the VM was started from ("" for
+	// a VM that booted cold, or was restored from a snapshot).
+	Template  string `json:"template,omitempty"`
+	LastError string `json:"last_error,omitempty"`
+	Dir       string `json:"dir"`
 	// RunDir is the VM's private directory of unix sockets (the agent's
 	// channels, the VMM's control socket).
 	RunDir     string `json:"run_dir"`
@@ -100,7 +103,17 @@ func (vm *VM) ID() string { return vm.id }
 func (vm *VM) Manager() *Manager { return vm.m }
 
 // New creates a VM (record, per-VM disk overlay) without starting it.
+// Names starting with "template-build-" are reserved for the VMs that
+// build templates.
 func (m *Manager) New(ctx context.Context, cfg Config) (*VM, error) {
+	if strings.HasPrefix(cfg.Name, builderPrefix) {
+		return nil, newErr("create", ErrInvalidConfig, newFix(FixChooseVMName, ArgVM, cfg.Name),
+			fmt.Sprintf("vm name %q is reserved: names starting with %q are the VMs that build templates", cfg.Name, builderPrefix))
+	}
+	return m.newVM(ctx, cfg)
+}
+
+func (m *Manager) newVM(ctx context.Context, cfg Config) (*VM, error) {
 	cfg = cfg.withDefaults()
 	if err := cfg.validate(); err != nil {
 		return nil, err
@@ -168,10 +181,26 @@ func (m *Manager) New(ctx context.Context, cfg Config) (*VM, error) {
 	if err := os.MkdirAll(spec.Dir, 0o700); err != nil {
 		return fail(err)
 	}
-	if err := b.Prepare(ctx, spec); err != nil {
-		return fail(&Error{Op: "create", Message: fmt.Sprintf("preparing the disk of %s: %v", id, err), Err: err})
+	// A VM that starts from a template gets its disk (an overlay on the
+	// template's) when it starts; a cold boot's disk is made now.
+	if !m.usesTemplate(cfg, b) {
+		if err := m.prepareDisk(ctx, b, spec); err != nil {
+			return fail(err)
+		}
 	}
 	return &VM{m: m, id: id}, nil
+}
+
+// prepareDisk has the backend make the VM's disk (an overlay on the image,
+// or a copy).
+func (m *Manager) prepareDisk(ctx context.Context, b backend.Backend, spec backend.Spec) error {
+	if err := os.MkdirAll(spec.Dir, 0o700); err != nil {
+		return err
+	}
+	if err := b.Prepare(ctx, spec); err != nil {
+		return &Error{Op: "create", Message: fmt.Sprintf("preparing the disk of %s: %v", spec.ID, err), Err: err}
+	}
+	return nil
 }
 
 // checkSpec validates a launch spec by type (and with what the backend
@@ -301,7 +330,7 @@ func (m *Manager) info(rec store.VM) Info {
 		Accel: string(rec.Machine.Accel), MemoryMiB: rec.Machine.MemoryMiB, CPUs: rec.Machine.CPUs,
 		Network: rec.Machine.Network, PortForwards: pfs, PID: rec.PID, CreatedAt: rec.CreatedAt,
 		Hostname: hostnameFor(rec.ID), MachineID: rec.Machine.MachineID,
-		RestoredFrom: rec.RestoredFrom, LastError: rec.LastError, Dir: rec.Machine.Dir, RunDir: rec.Machine.RunDir,
+		RestoredFrom: rec.RestoredFrom, Template: rec.Template, LastError: rec.LastError, Dir: rec.Machine.Dir, RunDir: rec.Machine.RunDir,
 		ConsoleLog: filepath.Join(rec.Machine.Dir, "console.log"),
 	}
 	if rec.Machine.Network {

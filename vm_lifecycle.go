@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -32,12 +33,26 @@ func (vm *VM) Start(ctx context.Context) error {
 	var cfg Config
 	json.Unmarshal(rec.Config, &cfg)
 	cfg = cfg.withDefaults()
+	// The first start restores the template of the VM's shape; later ones
+	// (and ColdBoot) boot from the VM's own disk.
+	if rec.Status == store.VMCreated && vm.m.usesTemplate(cfg, b) {
+		return vm.startFromTemplate(ctx, rec, b, cfg)
+	}
 	// A VM in "error" may still have a VMM process (e.g. KVM internal-error).
 	b.Stop(ctx, rec.Machine)
 	vm.closeClient()
 	spec := rec.Machine.Spec
 	if spec.MachineID == "" {
 		spec.MachineID = newMachineID() // a VM created before machine-ids: kept from now on
+	}
+	if rec.Status == store.VMCreated && spec.Disk != "" {
+		// Made by New, unless the VM was created to start from a
+		// template (which Options.ColdBoot now overrides).
+		if _, err := os.Stat(spec.Disk); errors.Is(err, os.ErrNotExist) {
+			if err := vm.m.prepareDisk(ctx, b, spec); err != nil {
+				return err
+			}
+		}
 	}
 	if err := vm.m.runAs(ctx, &spec); err != nil {
 		return err

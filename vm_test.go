@@ -273,18 +273,7 @@ func TestPortExpose(t *testing.T) {
 		t.Fatal(err)
 	}
 	run(t, vm, "(echo -e 'HTTP/1.0 200 OK\\r\\n\\r\\nfrom-guest' | nc -l -p 8080 >/dev/null 2>&1 &) ; sleep 0.3")
-	var body []byte
-	for i := 0; i < 50; i++ {
-		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", hostPort))
-		if err == nil {
-			buf := new(bytes.Buffer)
-			buf.ReadFrom(resp.Body)
-			resp.Body.Close()
-			body = buf.Bytes()
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	body := getThroughPort(hostPort, "from-guest", 5*time.Second)
 	if !strings.Contains(string(body), "from-guest") {
 		t.Errorf("host got %q through the exposed port", body)
 	}

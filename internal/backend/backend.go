@@ -226,6 +226,15 @@ type SpecValidator interface {
 	ValidateSpec(spec Spec) error
 }
 
+// AccelResolver is implemented by backends that choose the accelerator at
+// launch (AccelAuto): ResolveAccel says which one a launch on this host
+// would use, without launching anything. The SDK keys templates by it (a
+// memory snapshot taken under one accelerator is not restored under
+// another). A backend without it uses the accelerator requested.
+type AccelResolver interface {
+	ResolveAccel(req Accel) (Accel, error)
+}
+
 // Sentinel errors. Backends wrap them with %w.
 var (
 	ErrUnsupported    = errors.New("not supported by this backend")

@@ -260,7 +260,8 @@ func fileTransfer(ctx context.Context, vm *smolvm.VM, size, rounds int) (up, dow
 func oursBoot(ctx context.Context, m *smolvm.Manager, o Options, i int) (time.Duration, error) {
 	id := fmt.Sprintf("bench-boot-%d", i)
 	t0 := time.Now()
-	vm, err := m.New(ctx, smolvm.Config{Name: id, Image: o.Image, MemoryMiB: o.MemoryMiB, NoNetwork: true})
+	// A real boot (templates would make this a restore).
+	vm, err := m.New(ctx, smolvm.Config{Name: id, Image: o.Image, MemoryMiB: o.MemoryMiB, NoNetwork: true, ColdBoot: true})
 	if err != nil {
 		return 0, err
 	}

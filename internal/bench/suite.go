@@ -206,7 +206,8 @@ func delAll(ctx context.Context, vms []*smolvm.VM) {
 
 // boot creates and starts a VM and checks that it answers.
 func (s *suite) boot(ctx context.Context, name string, memMiB int) (*smolvm.VM, error) {
-	vm, err := s.m.New(ctx, smolvm.Config{Name: name, Image: s.o.Image, MemoryMiB: memMiB, NoNetwork: true})
+	// Cold, as before templates: the rows built on it keep their meaning.
+	vm, err := s.m.New(ctx, smolvm.Config{Name: name, Image: s.o.Image, MemoryMiB: memMiB, NoNetwork: true, ColdBoot: true})
 	if err != nil {
 		return nil, err
 	}

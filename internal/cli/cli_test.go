@@ -31,6 +31,7 @@ func TestMain(m *testing.M) {
 	root, _ := os.MkdirTemp("/tmp", "smvc")
 	dataDir, runDir = filepath.Join(root, "data"), filepath.Join(root, "run")
 	os.Setenv("SMOLVM_RUN_DIR", runDir)
+	os.Setenv("SMOLVM_COLD_BOOT", "1") // templates are tested in the root package (template_test.go)
 	code := m.Run()
 	Main([]string{"--data-dir", dataDir, "sandbox", "delete", "--all"}, &bytes.Buffer{}, &bytes.Buffer{})
 	os.RemoveAll(root)

@@ -90,7 +90,9 @@ var fixWords = map[smolvm.FixAction]func(smolvm.Fix) string{
 		}
 		return s
 	},
-	smolvm.FixListImages: func(smolvm.Fix) string { return "smolvm image ls" },
+	smolvm.FixListImages:       func(smolvm.Fix) string { return "smolvm image ls" },
+	smolvm.FixListTemplates:    func(smolvm.Fix) string { return "smolvm template ls" },
+	smolvm.FixCollectTemplates: func(smolvm.Fix) string { return "smolvm template gc" },
 	smolvm.FixSetOption: func(f smolvm.Fix) string {
 		s := "use " + flag(f.Arg(smolvm.ArgOption)) + " "
 		switch c := strings.Split(f.Arg(smolvm.ArgChoices), ","); {

@@ -52,6 +52,8 @@ func TestFixWords(t *testing.T) {
 		{fx(smolvm.FixFullSnapshot), "take a full snapshot (--snapshot-type full)"},
 		{fx(smolvm.FixRestoreBaseImage, smolvm.ArgPath, "/img/rootfs"), "restore the base image (smolvm image build), or take a full snapshot (--snapshot-type full) next time"},
 		{fx(smolvm.FixBuildImage, smolvm.ArgImage, "debian"), "smolvm image build debian"},
+		{fx(smolvm.FixCollectTemplates), "smolvm template gc"},
+		{fx(smolvm.FixListTemplates), "smolvm template ls"},
 		{fx(smolvm.FixBuildImage, smolvm.ArgImage, "busybox", smolvm.ArgKernel, "minimal"), "smolvm image build busybox --kernel minimal"},
 		{fx(smolvm.FixListImages), "smolvm image ls"},
 		{fx(smolvm.FixSetOption, opt, "MemoryMiB", val, "512"), "use --memory 512"},

@@ -89,6 +89,12 @@ Refusals and their reasons show in "smolvm sandbox info".`,
 				}
 				defer vm.Close()
 				if err := vm.Start(ctx); err != nil {
+					// A start from a template rolls back to "created":
+					// the create failed as a whole, so nothing stays. (A
+					// failed cold boot is kept, in "error", with its logs.)
+					if st, serr := vm.Status(context.WithoutCancel(ctx)); serr == nil && st == smolvm.StatusCreated {
+						vm.Delete(context.WithoutCancel(ctx))
+					}
 					return err
 				}
 				info, err := vm.Info(ctx)
@@ -113,6 +119,7 @@ Refusals and their reasons show in "smolvm sandbox info".`,
 	f.StringArrayVarP(&envs, "env", "e", nil, "environment variable KEY=VALUE for every command (repeatable; the value is everything after the first '=', commas included)")
 	f.StringArrayVarP(&ports, "port", "p", nil, "expose a guest tcp port: HOST:GUEST binds 127.0.0.1:HOST; ADDR:HOST:GUEST binds ADDR (0.0.0.0: every interface, an explicit opt-in; IPv6 in brackets) (repeatable)")
 	f.DurationVar(&bootTimeout, "boot-timeout", 0, "give up booting after this long (default 90s)")
+	f.BoolVar(&cfg.ColdBoot, "cold", false, "boot the kernel instead of restoring the image's pre-booted template (see smolvm template)")
 	return c
 }
 
@@ -312,7 +319,9 @@ func (a *app) infoCmd() *cobra.Command {
 					for _, p := range info.PortForwards {
 						rows = append(rows, []string{"port", fmt.Sprintf("%s -> %d", hostPortString(p), p.GuestPort)})
 					}
-					if info.RestoredFrom != "" {
+					if info.Template != "" {
+						rows = append(rows, []string{"template", info.Template[:16]})
+					} else if info.RestoredFrom != "" {
 						rows = append(rows, []string{"restored from", info.RestoredFrom})
 					}
 					if info.LastError != "" {

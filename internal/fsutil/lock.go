@@ -28,6 +28,16 @@ const lockPoll = 20 * time.Millisecond
 // locks a fresh file of the same name). When ctx ends first the error
 // wraps ctx.Err().
 func Lock(ctx context.Context, path string, onWait func()) (unlock func(), err error) {
+	return lock(ctx, path, onWait, unix.LOCK_EX)
+}
+
+// LockShared is Lock with a shared flock(2): any number of shared holders
+// at once, none while an exclusive (Lock) holder has it.
+func LockShared(ctx context.Context, path string, onWait func()) (unlock func(), err error) {
+	return lock(ctx, path, onWait, unix.LOCK_SH)
+}
+
+func lock(ctx context.Context, path string, onWait func(), how int) (unlock func(), err error) {
 	f, err := openLockFile(path)
 	if err != nil {
 		return nil, err
@@ -38,7 +48,7 @@ func Lock(ctx context.Context, path string, onWait func()) (unlock func(), err e
 			f.Close()
 			return nil, fmt.Errorf("waiting for lock %s: %w", path, err)
 		}
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		err := unix.Flock(int(f.Fd()), how|unix.LOCK_NB)
 		if err == nil {
 			break
 		}

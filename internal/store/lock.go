@@ -33,7 +33,18 @@ func LockSnapshot(ctx context.Context, dataDir, id string) (unlock func(), err e
 	return lock(ctx, dataDir, id, id+".snapshot.lock", "snapshot")
 }
 
+// LockSnapshotShared takes the snapshot's lock shared: many holders at
+// once (creates restoring one template), none while LockSnapshot holds it
+// (a delete, or a template build).
+func LockSnapshotShared(ctx context.Context, dataDir, id string) (unlock func(), err error) {
+	return lockHow(ctx, dataDir, id, id+".snapshot.lock", "snapshot", fsutil.LockShared)
+}
+
 func lock(ctx context.Context, dataDir, id, name, what string) (func(), error) {
+	return lockHow(ctx, dataDir, id, name, what, fsutil.Lock)
+}
+
+func lockHow(ctx context.Context, dataDir, id, name, what string, how func(context.Context, string, func()) (func(), error)) (func(), error) {
 	if err := ValidID(id); err != nil {
 		return nil, fmt.Errorf("store: lock %s: %w", what, err)
 	}
@@ -42,7 +53,7 @@ func lock(ctx context.Context, dataDir, id, name, what string) (func(), error) {
 		return nil, fmt.Errorf("store: lock %s %q: %w", what, id, err)
 	}
 	path := filepath.Join(dir, name)
-	unlock, err := fsutil.Lock(ctx, path, nil)
+	unlock, err := how(ctx, path, nil)
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("another smolvm process is operating on %s %q: %w %s: %w", what, id, ErrLocked, path, ctx.Err())

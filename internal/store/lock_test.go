@@ -110,3 +110,35 @@ func TestLockTwoProcesses(t *testing.T) {
 	}
 	unlock()
 }
+
+// TestLockSnapshotShared: shared holders coexist; an exclusive lock waits
+// for all of them, and a shared one waits for an exclusive holder.
+func TestLockSnapshotShared(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	u1, err := LockSnapshotShared(ctx, dir, "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u2, err := LockSnapshotShared(ctx, dir, "t")
+	if err != nil {
+		t.Fatalf("second shared lock: %v", err)
+	}
+	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	if _, err := LockSnapshot(short, dir, "t"); !errors.Is(err, ErrLocked) {
+		t.Errorf("exclusive lock under shared holders = %v, want ErrLocked", err)
+	}
+	u1()
+	u2()
+	ux, err := LockSnapshot(ctx, dir, "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	short2, cancel2 := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel2()
+	if _, err := LockSnapshotShared(short2, dir, "t"); !errors.Is(err, ErrLocked) {
+		t.Errorf("shared lock under an exclusive holder = %v, want ErrLocked", err)
+	}
+	ux()
+}

@@ -41,6 +41,12 @@ type Snapshot struct {
 	// Manifest is the SDK's snapshot manifest, as JSON; nil is stored as
 	// NULL.
 	Manifest json.RawMessage
+	// TemplateKey is the key of the template this snapshot is ("" for a
+	// user's snapshot: only those are listed by ListSnapshots), and
+	// Template what the SDK recorded about it (JSON). Both are written by
+	// ReserveSnapshot and CommitSnapshot and never changed after.
+	TemplateKey string
+	Template    json.RawMessage
 
 	// State and CreatorPID are maintained by the store: ReserveSnapshot
 	// writes a pending row with the creator's pid (os.Getpid() when
@@ -50,17 +56,20 @@ type Snapshot struct {
 }
 
 const snapshotColumns = `id, state, creator_pid, vm_id, backend, type, created_at, size_bytes,
-	restored, restored_vm_id, restore_count, parent_image, manifest`
+	restored, restored_vm_id, restore_count, parent_image, manifest, template_key, template`
 
-// checkSnapshot validates s and encodes its manifest.
-func checkSnapshot(s Snapshot) (manifest sql.NullString, err error) {
+// checkSnapshot validates s and encodes its manifest and template.
+func checkSnapshot(s Snapshot) (manifest, template sql.NullString, err error) {
 	if err := ValidID(s.ID); err != nil {
-		return manifest, fmt.Errorf("snapshot: %w", err)
+		return manifest, template, fmt.Errorf("snapshot: %w", err)
 	}
 	if manifest, err = jsonText("manifest", s.Manifest); err != nil {
-		return manifest, fmt.Errorf("snapshot %q: %w", s.ID, err)
+		return manifest, template, fmt.Errorf("snapshot %q: %w", s.ID, err)
 	}
-	return manifest, nil
+	if template, err = jsonText("template", s.Template); err != nil {
+		return manifest, template, fmt.Errorf("snapshot %q: %w", s.ID, err)
+	}
+	return manifest, template, nil
 }
 
 func scanSnapshot(sc scanner) (Snapshot, error) {
@@ -69,16 +78,18 @@ func scanSnapshot(sc scanner) (Snapshot, error) {
 		state, typ           string
 		createdAt            int64
 		restoredVM, manifest sql.NullString
+		template             sql.NullString
 	)
 	if err := sc.Scan(&s.ID, &state, &s.CreatorPID, &s.VMID, &s.Backend, &typ,
 		&createdAt, &s.SizeBytes, &s.Restored, &restoredVM, &s.RestoreCount,
-		&s.ParentImage, &manifest); err != nil {
+		&s.ParentImage, &manifest, &s.TemplateKey, &template); err != nil {
 		return Snapshot{}, err
 	}
 	s.State, s.Type = SnapshotState(state), backend.SnapshotKind(typ)
 	s.CreatedAt = fromNanos(createdAt)
 	s.RestoredVMID = restoredVM.String
 	s.Manifest = rawJSON(manifest)
+	s.Template = rawJSON(template)
 	return s, nil
 }
 
@@ -94,15 +105,15 @@ func (o ops) ReserveSnapshot(ctx context.Context, s Snapshot) error {
 	if s.CreatedAt.IsZero() {
 		s.CreatedAt = time.Now()
 	}
-	manifest, err := checkSnapshot(s)
+	manifest, template, err := checkSnapshot(s)
 	if err != nil {
 		return fmt.Errorf("store: reserve %w", err)
 	}
 	res, err := o.q.ExecContext(ctx, `INSERT INTO snapshots (`+snapshotColumns+`)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`,
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`,
 		s.ID, string(s.State), s.CreatorPID, s.VMID, s.Backend, string(s.Type),
 		toNanos(s.CreatedAt), s.SizeBytes, s.Restored, nullString(s.RestoredVMID),
-		s.RestoreCount, s.ParentImage, manifest)
+		s.RestoreCount, s.ParentImage, manifest, s.TemplateKey, template)
 	if err != nil {
 		return fmt.Errorf("store: reserve snapshot %q: %w", s.ID, err)
 	}
@@ -125,7 +136,7 @@ func (o ops) CommitSnapshot(ctx context.Context, id string, final Snapshot) erro
 	if final.ID != id {
 		return fmt.Errorf("store: commit snapshot %q: final record has id %q", id, final.ID)
 	}
-	manifest, err := checkSnapshot(final)
+	manifest, template, err := checkSnapshot(final)
 	if err != nil {
 		return fmt.Errorf("store: commit %w", err)
 	}
@@ -135,10 +146,11 @@ func (o ops) CommitSnapshot(ctx context.Context, id string, final Snapshot) erro
 	}
 	res, err := o.q.ExecContext(ctx, `UPDATE snapshots SET state = 'ready', vm_id = ?, backend = ?, type = ?,
 		created_at = COALESCE(?, created_at), size_bytes = ?, restored = ?, restored_vm_id = ?,
-		restore_count = ?, parent_image = ?, manifest = ?
+		restore_count = ?, parent_image = ?, manifest = ?, template_key = ?, template = ?
 		WHERE id = ? AND state = 'pending'`,
 		final.VMID, final.Backend, string(final.Type), created, final.SizeBytes, final.Restored,
-		nullString(final.RestoredVMID), final.RestoreCount, final.ParentImage, manifest, id)
+		nullString(final.RestoredVMID), final.RestoreCount, final.ParentImage, manifest,
+		final.TemplateKey, template, id)
 	if err != nil {
 		return fmt.Errorf("store: commit snapshot %q: %w", id, err)
 	}
@@ -180,11 +192,32 @@ func (o ops) GetSnapshot(ctx context.Context, id string) (Snapshot, error) {
 	return s, nil
 }
 
-// ListSnapshots returns the ready snapshots taken from vmID, or all ready
-// snapshots when vmID is "", oldest first.
+// ListSnapshots returns the ready user snapshots (not templates) taken
+// from vmID, or all of them when vmID is "", oldest first.
 func (o ops) ListSnapshots(ctx context.Context, vmID string) ([]Snapshot, error) {
 	return o.listSnapshots(ctx, "list snapshots", `SELECT `+snapshotColumns+` FROM snapshots
-		WHERE state = 'ready' AND (?1 = '' OR vm_id = ?1) ORDER BY created_at, id`, vmID)
+		WHERE state = 'ready' AND template_key = '' AND (?1 = '' OR vm_id = ?1) ORDER BY created_at, id`, vmID)
+}
+
+// ListTemplates returns the ready templates (snapshots with a template
+// key), oldest first.
+func (o ops) ListTemplates(ctx context.Context) ([]Snapshot, error) {
+	return o.listSnapshots(ctx, "list templates", `SELECT `+snapshotColumns+` FROM snapshots
+		WHERE state = 'ready' AND template_key != '' ORDER BY created_at, id`)
+}
+
+// GetTemplate returns the ready template with the key, or an error
+// wrapping ErrNotFound.
+func (o ops) GetTemplate(ctx context.Context, key string) (Snapshot, error) {
+	s, err := scanSnapshot(o.q.QueryRowContext(ctx,
+		`SELECT `+snapshotColumns+` FROM snapshots WHERE template_key = ? AND template_key != '' AND state = 'ready'`, key))
+	if errors.Is(err, sql.ErrNoRows) {
+		return Snapshot{}, fmt.Errorf("template %q %w", key, ErrNotFound)
+	}
+	if err != nil {
+		return Snapshot{}, fmt.Errorf("store: get template %q: %w", key, err)
+	}
+	return s, nil
 }
 
 // ListPendingSnapshots returns the pending snapshots, oldest first. A
@@ -217,10 +250,10 @@ func (o ops) listSnapshots(ctx context.Context, what, query string, args ...any)
 }
 
 // UpdateSnapshot replaces the fields of the ready snapshot s.ID, except
-// CreatedAt, State and CreatorPID. Without a ready snapshot of that id it
+// CreatedAt, State, CreatorPID, TemplateKey and Template. Without a ready snapshot of that id it
 // returns an error wrapping ErrNotFound.
 func (o ops) UpdateSnapshot(ctx context.Context, s Snapshot) error {
-	manifest, err := checkSnapshot(s)
+	manifest, _, err := checkSnapshot(s)
 	if err != nil {
 		return fmt.Errorf("store: update %w", err)
 	}

@@ -176,6 +176,15 @@ CREATE TABLE vm_uids (
 	vm_id TEXT NOT NULL UNIQUE REFERENCES vms (id) ON DELETE CASCADE
 ) STRICT;
 `,
+	// 3: templates. A template is a snapshot row with a template key (""
+	// for a user's snapshot) and what it was built from (JSON); a VM
+	// created from a template names it.
+	`
+ALTER TABLE snapshots ADD COLUMN template_key TEXT NOT NULL DEFAULT '';
+ALTER TABLE snapshots ADD COLUMN template TEXT;
+CREATE INDEX snapshots_template_key ON snapshots (template_key);
+ALTER TABLE vms ADD COLUMN template TEXT NOT NULL DEFAULT '';
+`,
 }
 
 func userVersion(ctx context.Context, q querier) (int, error) {

@@ -44,9 +44,12 @@ type VM struct {
 	// "" when it was booted from an image.
 	RestoredFrom string
 	LastError    string
+	// Template is the key of the template the VM was created from (""
+	// when it was not); it stays when the template is deleted.
+	Template string
 }
 
-const vmColumns = `id, backend, status, config, machine, pid, created_at, updated_at, restored_from, last_error`
+const vmColumns = `id, backend, status, config, machine, pid, created_at, updated_at, restored_from, last_error, template`
 
 // checkVM validates v and encodes its JSON columns.
 func checkVM(v VM) (config sql.NullString, machine string, err error) {
@@ -74,7 +77,7 @@ func scanVM(sc scanner) (VM, error) {
 		createdAt, updated int64
 	)
 	if err := sc.Scan(&v.ID, &v.Backend, &status, &config, &machine, &v.PID,
-		&createdAt, &updated, &restored, &v.LastError); err != nil {
+		&createdAt, &updated, &restored, &v.LastError, &v.Template); err != nil {
 		return VM{}, err
 	}
 	v.Status = VMStatus(status)
@@ -102,9 +105,9 @@ func (o ops) CreateVM(ctx context.Context, v VM) error {
 		return fmt.Errorf("store: create %w", err)
 	}
 	res, err := o.q.ExecContext(ctx, `INSERT INTO vms (`+vmColumns+`)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`,
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`,
 		v.ID, v.Backend, string(v.Status), config, machine, v.PID,
-		toNanos(v.CreatedAt), toNanos(v.UpdatedAt), nullString(v.RestoredFrom), v.LastError)
+		toNanos(v.CreatedAt), toNanos(v.UpdatedAt), nullString(v.RestoredFrom), v.LastError, v.Template)
 	if err != nil {
 		return fmt.Errorf("store: create vm %q: %w", v.ID, err)
 	}
@@ -189,9 +192,9 @@ func (o ops) updateVM(ctx context.Context, v VM, cas bool) error {
 		return fmt.Errorf("store: update %w", err)
 	}
 	query := `UPDATE vms SET backend = ?, status = ?, config = ?, machine = ?, pid = ?,
-		updated_at = MAX(?, updated_at + 1), restored_from = ?, last_error = ? WHERE id = ?`
+		updated_at = MAX(?, updated_at + 1), restored_from = ?, last_error = ?, template = ? WHERE id = ?`
 	args := []any{v.Backend, string(v.Status), config, machine, v.PID,
-		toNanos(v.UpdatedAt), nullString(v.RestoredFrom), v.LastError, v.ID}
+		toNanos(v.UpdatedAt), nullString(v.RestoredFrom), v.LastError, v.Template, v.ID}
 	if cas {
 		query += ` AND updated_at = ?`
 		args = append(args, seen)

@@ -1,0 +1,543 @@
+package smolvm
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/image"
+	"github.com/smolvm-go/smolvm/internal/steps"
+	"github.com/smolvm-go/smolvm/internal/store"
+)
+
+// A template is a full snapshot of an image booted to agent-ready with one
+// shape (TemplateShape). The first Start of a VM restores it (building it
+// on first use) instead of booting: see VM.Start and docs/architecture.md
+// ("Templates"). Templates are stored as snapshots (verified before each
+// restore, published crash-safe, the manifest equal to the database's
+// copy) with a template key; they are not listed as snapshots, and
+// restoring one does not count for the restore-once rule.
+
+// templateKeyVersion versions TemplateShape's key: bump it when what a
+// template depends on changes, and every old template becomes stale.
+const templateKeyVersion = 1
+
+// TemplateShape is what a template is keyed by: the image's content and
+// the VM's shape. Two VMs with equal shapes restore the same template.
+type TemplateShape struct {
+	Version int    `json:"version"`
+	Image   string `json:"image"`
+	// ImageID is a digest of the image's content: kernel, vmlinux,
+	// initramfs (which holds the guest agent), root filesystem, agent and
+	// image kernel arguments. Rebuilding the image or the agent changes it.
+	ImageID   string `json:"image_id"`
+	Backend   string `json:"backend"`
+	Accel     Accel  `json:"accel"` // resolved: kvm or tcg
+	MemoryMiB int    `json:"memory_mib"`
+	CPUs      int    `json:"cpus"`
+	Network   bool   `json:"network"`
+	// KernelArgs is the guest kernel command line without the VM's own
+	// identity (its hostname).
+	KernelArgs string `json:"kernel_args"`
+}
+
+// Key is the shape's content key: sha256 of its JSON, in hex.
+func (s TemplateShape) Key() string {
+	b, _ := json.Marshal(s)
+	h := sha256.Sum256(b)
+	return hex.EncodeToString(h[:])
+}
+
+// TemplateInfo describes a template.
+type TemplateInfo struct {
+	Key   string        `json:"key"`
+	Shape TemplateShape `json:"shape"`
+	// SnapshotID names the template's snapshot directory under the data
+	// dir's snapshots/.
+	SnapshotID string    `json:"snapshot_id"`
+	CreatedAt  time.Time `json:"created_at"`
+	SizeBytes  int64     `json:"size_bytes"`
+	// Uses is how many VMs were created from it.
+	Uses int `json:"uses"`
+	// Stale says the template's image changed (rebuilt, new agent) or is
+	// gone: no create uses it again; CollectTemplates deletes it.
+	Stale       bool   `json:"stale"`
+	StaleReason string `json:"stale_reason,omitempty"`
+}
+
+// TemplateOptions choose the shape BuildTemplate builds (zero values: the
+// Config defaults).
+type TemplateOptions struct {
+	MemoryMiB int
+	CPUs      int
+	NoNetwork bool
+	Backend   BackendName
+	Accel     Accel
+}
+
+// TemplateCollection is what CollectTemplates did.
+type TemplateCollection struct {
+	Removed []TemplateInfo `json:"removed"`
+	// Kept are stale templates still in use (a VM created from one runs or
+	// is paused), with why: they go on a later collection.
+	Kept map[string]string `json:"kept,omitempty"`
+}
+
+// templateSnapshotID is the snapshot id of a template: fixed by its key.
+func templateSnapshotID(key string) string { return "tmpl-" + key[:32] }
+
+// templateBuilderID is the id of the VM booted to build a template (it
+// ends as the template's snapshot id does: removeLeftoverBuilders finds
+// the build's lock from it).
+func templateBuilderID(key string) string { return builderPrefix + key[:32] }
+
+// builderPrefix starts the id of every template builder VM; New refuses
+// it for other VMs.
+const builderPrefix = "template-build-"
+
+// imageID digests what a VM booted from img runs.
+func imageID(img image.Image) string {
+	m := img.Manifest
+	parts := []string{"name=" + m.Name, "kernel=" + m.Kernel.SHA256, "initrd=" + m.Initrd.SHA256,
+		"rootfs=" + m.Rootfs.SHA256, "agent=" + m.AgentSHA256, "args=" + m.KernelArgs}
+	if m.Vmlinux != nil {
+		parts = append(parts, "vmlinux="+m.Vmlinux.SHA256)
+	}
+	h := sha256.Sum256([]byte(strings.Join(parts, "\x00")))
+	return hex.EncodeToString(h[:])
+}
+
+// usesTemplate says whether the first Start of a VM with cfg on b restores
+// a template: not when the caller asked for a cold boot, nor on a backend
+// without memory snapshots.
+func (m *Manager) usesTemplate(cfg Config, b backend.Backend) bool {
+	return !cfg.ColdBoot && !m.opts.ColdBoot && b.Capabilities().MemorySnapshot
+}
+
+// templateShape is the shape a VM with cfg (defaulted) has on b.
+func (m *Manager) templateShape(cfg Config, b backend.Backend, img image.Image) (TemplateShape, error) {
+	accel := cfg.Accel
+	if r, ok := backend.As[backend.AccelResolver](b); ok {
+		a, err := r.ResolveAccel(cfg.Accel)
+		if err != nil {
+			return TemplateShape{}, err
+		}
+		accel = a
+	}
+	spec := m.specFor("template", cfg, img.Kernel, img.Initrd, img.Rootfs, img.KernelArgs)
+	var args []string
+	for _, a := range strings.Fields(spec.KernelArgs) {
+		if !strings.HasPrefix(a, "smol.hostname=") {
+			args = append(args, a)
+		}
+	}
+	return TemplateShape{Version: templateKeyVersion, Image: img.Name, ImageID: imageID(img), Backend: b.Name(),
+		Accel: accel, MemoryMiB: cfg.MemoryMiB, CPUs: cfg.CPUs, Network: !cfg.NoNetwork,
+		KernelArgs: strings.Join(args, " ")}, nil
+}
+
+// acquireTemplate returns the template of shape, building it when there is
+// none, with its lock held shared (release it once the restore is done): a
+// delete or gc waits until then. Concurrent first uses build once: the
+// builder holds the lock exclusively, the others wait and then find it.
+func (m *Manager) acquireTemplate(ctx context.Context, shape TemplateShape) (store.Snapshot, func(), error) {
+	key := shape.Key()
+	id := templateSnapshotID(key)
+	for attempt := 0; ; attempt++ {
+		unlock, err := store.LockSnapshotShared(ctx, m.opts.DataDir, id)
+		if err != nil {
+			return store.Snapshot{}, nil, err
+		}
+		s, err := m.store.GetTemplate(ctx, key)
+		if err == nil {
+			return s, unlock, nil
+		}
+		unlock()
+		if !errors.Is(err, store.ErrNotFound) {
+			return store.Snapshot{}, nil, err
+		}
+		if attempt == 2 { // built, then deleted by a gc, twice
+			return store.Snapshot{}, nil, fmt.Errorf("template %s was deleted while this create waited for it: %w", key[:12], ErrSnapshotNotFound)
+		}
+		if _, err := m.buildTemplate(ctx, shape); err != nil {
+			return store.Snapshot{}, nil, err
+		}
+	}
+}
+
+// buildTemplate builds the template of shape unless it exists (built is
+// false then). Its steps: lock template (exclusive), check template, remove
+// leftover builder, create builder vm [undo: delete it], boot builder vm,
+// snapshot builder vm (commits the template row: last). Then the builder
+// VM is deleted (a failure there is logged: the template is good).
+func (m *Manager) buildTemplate(ctx context.Context, shape TemplateShape) (built bool, err error) {
+	t := &templateBuildOp{m: m, shape: shape, key: shape.Key()}
+	t.id = templateSnapshotID(t.key)
+	defer t.release()
+	err = m.runSteps(ctx, "template build", []any{"template", t.key[:12]},
+		steps.Step{Name: "lock template", Do: t.lock},
+		steps.Step{Name: "check template", Do: t.check},
+		steps.Step{Name: "remove leftover builder", Do: t.removeLeftover},
+		steps.Step{Name: "create builder vm", Do: t.create, Undo: t.deleteBuilder},
+		steps.Step{Name: "boot builder vm", Do: t.boot},
+		steps.Step{Name: "snapshot builder vm", Do: t.snapshot}, // last: it commits
+	)
+	if errors.Is(err, errTemplateExists) {
+		return false, nil
+	}
+	if err != nil {
+		// The builder VM (and its logs) went with the rollback: the
+		// message carries its console tail; its fix would name it.
+		return false, &Error{Op: "template", Message: fmt.Sprintf("building the template of image %s (%d MiB, %d vCPU) failed: %v",
+			shape.Image, shape.MemoryMiB, shape.CPUs, err), Fix: newFix(FixRunDoctor), Err: err}
+	}
+	if err := t.deleteBuilder(context.WithoutCancel(ctx)); err != nil {
+		m.log.Warn("template built, but its builder vm was not deleted", "vm", templateBuilderID(t.key), "err", err)
+	}
+	m.log.Debug("template built", "template", t.key[:12], "image", shape.Image)
+	return true, nil
+}
+
+var errTemplateExists = errors.New("template exists")
+
+// templateBuildOp is one buildTemplate.
+type templateBuildOp struct {
+	m      *Manager
+	shape  TemplateShape
+	key    string
+	id     string
+	unlock func()
+	vm     *VM
+}
+
+func (t *templateBuildOp) lock(ctx context.Context) error {
+	unlock, err := store.LockSnapshot(ctx, t.m.opts.DataDir, t.id)
+	t.unlock = unlock
+	return err
+}
+
+func (t *templateBuildOp) release() {
+	if t.unlock != nil {
+		t.unlock()
+	}
+}
+
+// check stops the build when another builder finished first.
+func (t *templateBuildOp) check(ctx context.Context) error {
+	if _, err := t.m.store.GetTemplate(ctx, t.key); err == nil {
+		return errTemplateExists
+	} else if !errors.Is(err, store.ErrNotFound) {
+		return err
+	}
+	return nil
+}
+
+// removeLeftover deletes a builder VM a crashed build left (no one else
+// builds this key: the lock is ours).
+func (t *templateBuildOp) removeLeftover(ctx context.Context) error {
+	if old, err := t.m.Open(ctx, templateBuilderID(t.key)); err == nil {
+		err = old.Delete(ctx)
+		old.Close()
+		return err
+	}
+	return nil
+}
+
+// create records a neutral VM of the shape: no caller's env, ports or
+// name; the default network policy (the restored VM gets its own).
+func (t *templateBuildOp) create(ctx context.Context) (err error) {
+	s := t.shape
+	t.vm, err = t.m.newVM(ctx, Config{Name: templateBuilderID(t.key), Image: s.Image, MemoryMiB: s.MemoryMiB, CPUs: s.CPUs,
+		NoNetwork: !s.Network, Backend: BackendName(s.Backend), Accel: s.Accel, ColdBoot: true})
+	return err
+}
+
+func (t *templateBuildOp) deleteBuilder(ctx context.Context) error {
+	if t.vm == nil {
+		return nil
+	}
+	err := t.vm.Delete(ctx)
+	t.vm.Close()
+	t.vm = nil
+	return err
+}
+
+// boot boots the builder and checks that it runs the shape's image.
+func (t *templateBuildOp) boot(ctx context.Context) error {
+	if err := t.vm.Start(ctx); err != nil {
+		return err
+	}
+	img, err := t.m.openImage(t.shape.Image)
+	if err != nil {
+		return err
+	}
+	if imageID(img) != t.shape.ImageID {
+		return fmt.Errorf("image %s changed while its template was being built; create again", t.shape.Image)
+	}
+	return nil
+}
+
+// snapshot takes the builder's full snapshot as the template: its row
+// carries the key and the shape, so it is listed as a template only.
+func (t *templateBuildOp) snapshot(ctx context.Context) error {
+	meta, _ := json.Marshal(t.shape)
+	_, err := t.vm.snapshot(ctx, SnapshotOptions{ID: t.id, Type: SnapshotFull}, &templateMark{key: t.key, meta: meta})
+	return err
+}
+
+// templateMark makes a snapshot a template.
+type templateMark struct {
+	key  string
+	meta json.RawMessage
+}
+
+// startFromTemplate is the first Start of a VM that uses templates: it
+// restores the template of the VM's shape (building it on first use) into
+// the VM's own id, spec (env, ports, network policy, resources) and a
+// fresh identity, with the clone steps of Fork (cloneOp). The caller holds
+// the VM's lock. A failure rolls back to the VM as New left it (created,
+// never started); the template, when built, stays.
+func (vm *VM) startFromTemplate(ctx context.Context, rec store.VM, b backend.Backend, cfg Config) error {
+	img, err := vm.m.openImage(cfg.Image)
+	if err != nil {
+		return err
+	}
+	shape, err := vm.m.templateShape(cfg, b, img)
+	if err != nil {
+		return err
+	}
+	tmpl, unlock, err := vm.m.acquireTemplate(ctx, shape)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	man, err := vm.m.loadSnapshot(ctx, tmpl.ID, false) // verified before each restore
+	if err != nil {
+		return err
+	}
+	vm.closeClient()
+	c := &cloneOp{m: vm.m, b: b, res: man.Result, snapDir: filepath.Join(vm.m.snapRoot(), tmpl.ID), kind: man.Type,
+		id: vm.id, resume: true, locks: heldLocks{dataDir: vm.m.opts.DataDir},
+		template: &templateUse{key: tmpl.TemplateKey, snapshotID: tmpl.ID, env: cfg.Env, before: rec}}
+	defer c.locks.release()
+	if err := vm.m.runSteps(ctx, "start from template", []any{"vm", vm.id, "template", tmpl.TemplateKey[:12]}, c.steps()...); err != nil {
+		var e *Error
+		if errors.As(err, &e) {
+			return err
+		}
+		return &Error{Op: "start", Message: fmt.Sprintf("vm %s did not start from template %s: %v", vm.id, tmpl.TemplateKey[:12], err),
+			Fix: newFix(FixRunDoctor), Err: errors.Join(ErrBoot, err)}
+	}
+	vm.setClient(c.client)
+	return nil
+}
+
+// templateUse is what a clone restored from a template adds to Fork's
+// clone: the VM's record before (put back on failure), its env.
+type templateUse struct {
+	key, snapshotID string
+	env             map[string]string
+	before          store.VM
+}
+
+func (m *Manager) templateInfo(ctx context.Context, s store.Snapshot, images map[string]string) TemplateInfo {
+	info := TemplateInfo{Key: s.TemplateKey, SnapshotID: s.ID, CreatedAt: s.CreatedAt, SizeBytes: s.SizeBytes, Uses: s.RestoreCount}
+	if err := json.Unmarshal(s.Template, &info.Shape); err != nil {
+		info.Stale, info.StaleReason = true, "its description is unreadable"
+		return info
+	}
+	switch {
+	case info.Shape.Version != templateKeyVersion:
+		info.Stale, info.StaleReason = true, fmt.Sprintf("made by another smolvm (template version %d)", info.Shape.Version)
+	case info.Shape.Key() != s.TemplateKey:
+		info.Stale, info.StaleReason = true, "its key does not match its shape"
+	default:
+		cur, ok := images[info.Shape.Image]
+		if !ok {
+			if img, err := image.Open(m.opts.ImageDir, info.Shape.Image); err == nil {
+				cur = imageID(img)
+			}
+			images[info.Shape.Image] = cur
+		}
+		if cur == "" {
+			info.Stale, info.StaleReason = true, "image "+info.Shape.Image+" is no longer built"
+		} else if cur != info.Shape.ImageID {
+			info.Stale, info.StaleReason = true, "image "+info.Shape.Image+" was rebuilt (new kernel, agent or root filesystem)"
+		}
+	}
+	return info
+}
+
+// ListTemplates lists the templates, oldest first, each with whether it is
+// stale.
+func (m *Manager) ListTemplates(ctx context.Context) ([]TemplateInfo, error) {
+	rows, err := m.store.ListTemplates(ctx)
+	if err != nil {
+		return nil, err
+	}
+	images := map[string]string{}
+	out := make([]TemplateInfo, 0, len(rows))
+	for _, r := range rows {
+		out = append(out, m.templateInfo(ctx, r, images))
+	}
+	return out, nil
+}
+
+// BuildTemplate builds the template of image with the shape in opts
+// (nothing when it exists) and returns it. A create with that image and
+// shape then restores it.
+func (m *Manager) BuildTemplate(ctx context.Context, imageName string, opts TemplateOptions) (TemplateInfo, error) {
+	cfg := Config{Image: imageName, MemoryMiB: opts.MemoryMiB, CPUs: opts.CPUs, NoNetwork: opts.NoNetwork,
+		Backend: opts.Backend, Accel: opts.Accel}.withDefaults()
+	if err := cfg.validate(); err != nil {
+		return TemplateInfo{}, err
+	}
+	img, err := m.openImage(cfg.Image)
+	if err != nil {
+		return TemplateInfo{}, err
+	}
+	b, err := m.backend(string(cfg.Backend))
+	if err != nil {
+		return TemplateInfo{}, err
+	}
+	if !b.Capabilities().MemorySnapshot {
+		return TemplateInfo{}, newErr("template", ErrUnsupported, Fix{}, fmt.Sprintf("the %s backend cannot take memory snapshots, which templates are", b.Name()))
+	}
+	shape, err := m.templateShape(cfg, b, img)
+	if err != nil {
+		return TemplateInfo{}, err
+	}
+	if _, err := m.buildTemplate(ctx, shape); err != nil {
+		return TemplateInfo{}, err
+	}
+	s, err := m.store.GetTemplate(ctx, shape.Key())
+	if err != nil {
+		return TemplateInfo{}, err
+	}
+	return m.templateInfo(ctx, s, map[string]string{}), nil
+}
+
+// findTemplate resolves a key or a unique prefix of one (at least 8 hex
+// digits).
+func (m *Manager) findTemplate(ctx context.Context, key string) (store.Snapshot, error) {
+	notFound := func(msg string) error {
+		return newErr("template", ErrSnapshotNotFound, newFix(FixListTemplates), msg)
+	}
+	if len(key) < 8 || len(key) > 64 || strings.Trim(key, "0123456789abcdef") != "" {
+		return store.Snapshot{}, notFound(fmt.Sprintf("invalid template key %q: give at least 8 of its hex digits", key))
+	}
+	rows, err := m.store.ListTemplates(ctx)
+	if err != nil {
+		return store.Snapshot{}, err
+	}
+	var found []store.Snapshot
+	for _, r := range rows {
+		if strings.HasPrefix(r.TemplateKey, key) {
+			found = append(found, r)
+		}
+	}
+	switch len(found) {
+	case 0:
+		return store.Snapshot{}, notFound(fmt.Sprintf("no template with key %s", key))
+	case 1:
+		return found[0], nil
+	}
+	return store.Snapshot{}, notFound(fmt.Sprintf("%d templates have keys starting with %s: give more of the key", len(found), key))
+}
+
+// DeleteTemplate deletes the template with key (or a unique prefix of it)
+// with DeleteSnapshot's rule: refused (ErrSnapshotInUse) while a VM created
+// from it runs or is paused; the disks of stopped ones are made
+// independent of it first, so they keep working.
+func (m *Manager) DeleteTemplate(ctx context.Context, key string) error {
+	s, err := m.findTemplate(ctx, key)
+	if err != nil {
+		return err
+	}
+	return m.deleteSnapshot(ctx, s.ID, true)
+}
+
+// CollectTemplates deletes the stale templates (see TemplateInfo.Stale)
+// and the builder VMs that crashed builds left. A stale template still in
+// use is kept and reported; it goes on a later collection.
+func (m *Manager) CollectTemplates(ctx context.Context) (TemplateCollection, error) {
+	var out TemplateCollection
+	if err := m.removeLeftoverBuilders(ctx); err != nil {
+		return out, err
+	}
+	list, err := m.ListTemplates(ctx)
+	if err != nil {
+		return out, err
+	}
+	for _, t := range list {
+		if !t.Stale {
+			continue
+		}
+		err := m.deleteSnapshot(ctx, t.SnapshotID, true)
+		switch {
+		case err == nil:
+			out.Removed = append(out.Removed, t)
+		case errors.Is(err, ErrSnapshotInUse):
+			if out.Kept == nil {
+				out.Kept = map[string]string{}
+			}
+			out.Kept[t.Key] = err.Error()
+		case errors.Is(err, ErrSnapshotNotFound): // deleted meanwhile
+		default:
+			return out, err
+		}
+	}
+	return out, nil
+}
+
+// removeLeftoverBuilders deletes builder VMs that no build is using: a
+// build holds its template's lock exclusively, so a builder whose lock is
+// free was left by a build that died.
+func (m *Manager) removeLeftoverBuilders(ctx context.Context) error {
+	recs, err := m.store.ListVMs(ctx)
+	if err != nil {
+		return err
+	}
+	for _, r := range recs {
+		suffix, ok := strings.CutPrefix(r.ID, builderPrefix)
+		if !ok || len(suffix) != 32 || strings.Trim(suffix, "0123456789abcdef") != "" {
+			continue
+		}
+		// The builder's id ends with the same key prefix as its
+		// template's snapshot id, whose lock the build holds.
+		tctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+		unlock, err := store.LockSnapshot(tctx, m.opts.DataDir, "tmpl-"+suffix)
+		cancel()
+		if err != nil {
+			continue // a build is running
+		}
+		if vm, err := m.Open(ctx, r.ID); err == nil {
+			err = vm.Delete(ctx)
+			vm.Close()
+			if err != nil {
+				unlock()
+				return err
+			}
+		}
+		unlock()
+	}
+	return nil
+}
+
+// isTemplate says whether the manifest's snapshot row is a template
+// (loadSnapshot's callers other than templates refuse them).
+func isTemplate(s store.Snapshot) bool { return s.TemplateKey != "" }
+
+// templateNotSnapshot is the error user snapshot operations give for a
+// template's snapshot id.
+func templateNotSnapshot(op, id string) error {
+	return newErr(op, ErrSnapshotNotFound, newFix(FixListSnapshots),
+		fmt.Sprintf("snapshot %q not found (%s is a template: VMs are created from it, see the templates)", id, id))
+}
