@@ -243,6 +243,16 @@ func TestPoolRules(t *testing.T) {
 		if mem == "" {
 			t.Fatal("no member claimed")
 		}
+		// A second start boots from the VM's disk, as the VM.
+		if err := vm.Stop(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := vm.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if h := fake.Hostname("gone"); h != "gone" {
+			t.Errorf("hostname after a restart = %q", h)
+		}
 		if err := vm.Delete(ctx); err != nil {
 			t.Fatal(err)
 		}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -131,12 +132,46 @@ func TestPool(t *testing.T) {
 				t.Errorf("doctor: %+v", c)
 			}
 		}
+		// A second start boots cold from the VM's own disk (in the
+		// member's dir) and keeps the VM's identity.
+		mustOK(t, vm, "echo kept > /root/pool-marker && sync")
+		if err := vm.Stop(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := vm.Start(ctx); err != nil {
+			t.Fatalf("second start of a claimed VM: %v", err)
+		}
+		identity(t, vm, info, "from-a")
+		if out := strings.TrimSpace(mustOK(t, vm, "cat /root/pool-marker")); out != "kept" {
+			t.Errorf("after a restart: %q", out)
+		}
 		if err := vm.Delete(ctx); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := os.Stat(info.Dir); !os.IsNotExist(err) {
 			t.Errorf("the claimed member's dir is left after Delete: %v", err)
 		}
+		// Port forwards: the member's sidecar has none, so the template
+		// is restored instead.
+		ln, _ := net.Listen("tcp", "127.0.0.1:0")
+		hostPort := ln.Addr().(*net.TCPAddr).Port
+		ln.Close()
+		pv, err := m.New(ctx, smolvm.Config{Name: "pl-port", Image: "busybox", MemoryMiB: 256, Env: map[string]string{"POOL_ENV": "port"},
+			PortForwards: []smolvm.PortForward{{HostPort: hostPort, GuestPort: 8080}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pv.Close()
+		if err := pv.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if mem, info := member(t, pv); mem != "" || info.Template == "" {
+			t.Errorf("a create with a port forward claimed %q (template %q); want the template restored", mem, info.Template)
+		}
+		if p := pool(t); p.Ready != 1 {
+			t.Errorf("pool after a create with ports: %+v", p)
+		}
+		pv.Delete(ctx)
 		if err := m.FillPools(ctx); err != nil {
 			t.Fatal(err)
 		}
