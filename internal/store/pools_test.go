@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"testing"
 	"time"
@@ -16,16 +17,8 @@ import (
 func TestMigrateToPoolsKeepsRows(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	db, err := sql.Open("sqlite", "file:"+filepath.Join(dir, DBName))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for v, m := range migrations[:3] {
-		if _, err := db.Exec(m); err != nil {
-			t.Fatalf("migration %d: %v", v+1, err)
-		}
-	}
-	for _, q := range []string{`PRAGMA user_version = 3`,
+	db := dbAtVersion(t, dir, 3)
+	for _, q := range []string{
 		`INSERT INTO vms (id, backend, status, machine, created_at, updated_at, template) VALUES ('old', 'qemu', 'stopped', '{}', 1, 1, 'k')`,
 		`INSERT INTO vm_uids (uid, vm_id) VALUES (70000, 'old')`} {
 		if _, err := db.Exec(q); err != nil {
@@ -46,6 +39,25 @@ func TestMigrateToPoolsKeepsRows(t *testing.T) {
 	if v, _ := userVersion(ctx, s.db); v != len(migrations) {
 		t.Errorf("user_version = %d, want %d", v, len(migrations))
 	}
+}
+
+// dbAtVersion makes the database in dir at schema version v (the first v
+// migrations, as an older smolvm left it); the caller adds rows and closes it.
+func dbAtVersion(t *testing.T, dir string, v int) *sql.DB {
+	t.Helper()
+	db, err := sql.Open("sqlite", "file:"+filepath.Join(dir, DBName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, m := range migrations[:v] {
+		if _, err := db.Exec(m); err != nil {
+			t.Fatalf("migration %d: %v", k+1, err)
+		}
+	}
+	if _, err := db.Exec(fmt.Sprintf("PRAGMA user_version = %d", v)); err != nil {
+		t.Fatal(err)
+	}
+	return db
 }
 
 // TestPoolsAndMoveUID: PutPool creates and replaces, DeletePool removes
