@@ -53,10 +53,12 @@ type PoolInfo struct {
 	// Members are the ready members' ids.
 	Members []string `json:"members,omitempty"`
 	// IdleMemoryKiB is the proportional set size (PSS) of the ready
-	// members' VMM processes, summed: what the pool costs the host while
-	// it waits (0 when it cannot be read).
+	// members' processes (VMMs and network sidecars), summed: what the
+	// pool costs the host's memory while it waits (0 when it cannot be
+	// read).
 	IdleMemoryKiB int64 `json:"idle_memory_kib"`
-	// PIDs are the ready members' VMM processes (for measuring them).
+	// PIDs are the ready members' processes, VMMs and network sidecars
+	// (to measure their CPU time while idle).
 	PIDs []int `json:"pids,omitempty"`
 }
 
@@ -156,10 +158,12 @@ func (m *Manager) Pools(ctx context.Context) ([]PoolInfo, error) {
 			}
 			info.Ready++
 			info.Members = append(info.Members, r.ID)
-			if r.PID > 0 && processAlive(r.PID) {
-				info.PIDs = append(info.PIDs, r.PID)
-				if mem, err := procfs.Rollup(r.PID); err == nil {
-					info.IdleMemoryKiB += mem.Pss
+			for _, pid := range []int{r.PID, r.Machine.NetPID} {
+				if pid > 0 && processAlive(pid) {
+					info.PIDs = append(info.PIDs, pid)
+					if mem, err := procfs.Rollup(pid); err == nil {
+						info.IdleMemoryKiB += mem.Pss
+					}
 				}
 			}
 		}
@@ -280,6 +284,15 @@ func (m *Manager) addPoolMember(ctx context.Context, cfg Config, tag string) (er
 	if rec.Template == "" {
 		return fmt.Errorf("pool member %s did not start from a template", vm.id)
 	}
+	// Warm the guest paths a claim's first command takes (under TCG the
+	// code is translated per VMM process, on first use): one command. It
+	// leaves nothing behind in the guest.
+	if res, err := vm.Run(ctx, "true"); err != nil {
+		return fmt.Errorf("warming pool member %s: %w", vm.id, err)
+	} else if !res.OK() {
+		return fmt.Errorf("warming pool member %s: exit %d", vm.id, res.ExitCode)
+	}
+	vm.closeClient()
 	return vm.Pause(ctx)
 }
 

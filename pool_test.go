@@ -101,7 +101,7 @@ func TestPool(t *testing.T) {
 	if err := m.FillPools(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if p := pool(t); p.Ready != 2 || len(p.PIDs) != 2 || p.IdleMemoryKiB <= 0 {
+	if p := pool(t); p.Ready != 2 || len(p.PIDs) != 4 || p.IdleMemoryKiB <= 0 { // 2 VMMs, 2 sidecars
 		t.Fatalf("pool after filling: %+v", p)
 	}
 
