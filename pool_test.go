@@ -120,6 +120,10 @@ func TestPool(t *testing.T) {
 			t.Fatalf("pl-a runs in %s, not a member of %v", info.Dir, members)
 		}
 		identity(t, vm, info, "from-a")
+		// Nothing the user sees names the member it was.
+		if out := mustOK(t, vm, "cat /proc/cmdline /etc/hostname; dmesg; uname -n"); strings.Contains(out, mem) || strings.Contains(out, "pool-") {
+			t.Errorf("the claimed VM shows the member's name %s: %q", mem, out)
+		}
 		if p := pool(t); p.Ready != 1 {
 			t.Errorf("pool after the claim: %+v (Start never refills)", p)
 		}
