@@ -233,6 +233,25 @@ func TestPool(t *testing.T) {
 			}
 			time.Sleep(200 * time.Millisecond)
 		}
+		// A member the detached filler made (it has exited) works when
+		// claimed.
+		vm, err := m.New(ctx, smolvm.Config{Name: "pl-after", Image: "busybox", MemoryMiB: 256, Env: map[string]string{"POOL_ENV": "after"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer vm.Close()
+		if err := vm.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		mem, info := member(t, vm)
+		if mem == "" {
+			t.Fatalf("pl-after did not claim a refilled member: %s", info.Dir)
+		}
+		identity(t, vm, info, "after")
+		vm.Delete(ctx)
+		if err := m.FillPools(ctx); err != nil {
+			t.Fatal(err)
+		}
 	})
 
 	t.Run("RemoveDeletesMembers", func(t *testing.T) {
