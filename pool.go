@@ -47,7 +47,8 @@ type PoolInfo struct {
 	Image   string          `json:"image"`
 	Options TemplateOptions `json:"options"`
 	// Size is how many members the pool keeps; Ready how many are paused
-	// and ready to be claimed now.
+	// and ready to be claimed now (restored from the current template of
+	// the image: after a rebuild, none until the pool is filled again).
 	Size  int `json:"size"`
 	Ready int `json:"ready"`
 	// Members are the ready members' ids.
@@ -152,8 +153,13 @@ func (m *Manager) Pools(ctx context.Context) ([]PoolInfo, error) {
 			continue
 		}
 		_, tag := poolKey(cfg)
+		key, err := m.poolTemplateKey(cfg) // members of an older template are not ready
+		if err != nil {
+			out = append(out, info)
+			continue
+		}
 		for _, r := range recs {
-			if !strings.HasPrefix(r.ID, poolMemberPrefix(tag)) || r.Status != store.VMPaused {
+			if !strings.HasPrefix(r.ID, poolMemberPrefix(tag)) || r.Status != store.VMPaused || r.Template != key {
 				continue
 			}
 			info.Ready++
@@ -224,19 +230,10 @@ func (m *Manager) fillPool(ctx context.Context, imageName string, opts TemplateO
 	if size == 0 {
 		return m.drainPool(ctx, tag, nil)
 	}
-	img, err := m.openImage(cfg.Image)
+	key, err := m.poolTemplateKey(cfg)
 	if err != nil {
 		return err
 	}
-	b, err := m.backend(string(cfg.Backend))
-	if err != nil {
-		return err
-	}
-	shape, err := m.templateShape(cfg, b, img)
-	if err != nil {
-		return err
-	}
-	key := shape.Key()
 	// Keep the ready members of the current template, oldest first, up to
 	// size; delete the rest (we hold the filler lock: no member is being
 	// made, so one not paused was left by a filler that died).
@@ -256,6 +253,24 @@ func (m *Manager) fillPool(ctx context.Context, imageName string, opts TemplateO
 		}
 	}
 	return nil
+}
+
+// poolTemplateKey is the key of the template a pool's members are
+// restored from now (it changes when the image is rebuilt).
+func (m *Manager) poolTemplateKey(cfg Config) (string, error) {
+	img, err := m.openImage(cfg.Image)
+	if err != nil {
+		return "", err
+	}
+	b, err := m.backend(string(cfg.Backend))
+	if err != nil {
+		return "", err
+	}
+	shape, err := m.templateShape(cfg, b, img)
+	if err != nil {
+		return "", err
+	}
+	return shape.Key(), nil
 }
 
 // addPoolMember restores one member from the template (building it when

@@ -3,6 +3,7 @@ package smolvm_test
 import (
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -263,6 +264,62 @@ func TestPoolRules(t *testing.T) {
 			t.Errorf("machines left: %v", o)
 		}
 		e.assertNoVM(t, "gone")
+	})
+
+	t.Run("ImageRebuiltReplacesMembers", func(t *testing.T) {
+		// Members of the old template are not ready once the image
+		// changed: a create restores the new template, FillPools replaces
+		// them, and the old template can then be collected.
+		imgDir, setArgs := templateImageDir(t)
+		setArgs("smol.pooltest=1")
+		dir, err := os.MkdirTemp(testRoot, "pr")
+		if err != nil {
+			t.Fatal(err)
+		}
+		m3, err := smolvm.NewManager(ctx, smolvm.Options{DataDir: dir, ImageDir: imgDir, RunDir: e.runDir, Logger: quietLogger()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			cleanupAll(dir)
+			m3.Close()
+		}()
+		if err := m3.SetPool(ctx, "busybox", opts, 1); err != nil {
+			t.Fatal(err)
+		}
+		if err := m3.FillPools(ctx); err != nil {
+			t.Fatal(err)
+		}
+		old, _ := m3.Pools(ctx)
+		if len(old) != 1 || old[0].Ready != 1 {
+			t.Fatalf("pool: %+v", old)
+		}
+		setArgs("smol.pooltest=2")
+		if l, _ := m3.Pools(ctx); l[0].Ready != 0 {
+			t.Errorf("members of the old template count as ready: %+v", l[0])
+		}
+		vm, err := m3.New(ctx, cfg("rebuilt"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer vm.Close()
+		if err := vm.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		info, _ := vm.Info(ctx)
+		if filepath.Base(info.Dir) != "rebuilt" {
+			t.Errorf("a create after the rebuild claimed an old member: %s", info.Dir)
+		}
+		if err := m3.FillPools(ctx); err != nil {
+			t.Fatal(err)
+		}
+		l, _ := m3.Pools(ctx)
+		if l[0].Ready != 1 || slices.Contains(l[0].Members, old[0].Members[0]) {
+			t.Errorf("pool after FillPools: %+v (old member %s)", l[0], old[0].Members[0])
+		}
+		if res, err := m3.CollectTemplates(ctx); err != nil || len(res.Removed) != 1 {
+			t.Errorf("gc after the refill: %+v, %v; want the old template removed", res, err)
+		}
 	})
 
 	t.Run("RemovePoolDeletesMembers", func(t *testing.T) {
