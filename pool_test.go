@@ -52,6 +52,7 @@ func TestPool(t *testing.T) {
 			cliEnv = append(cliEnv, kv)
 		}
 	}
+	var lastOut []byte
 	cli := func(args ...string) error {
 		cmd := exec.CommandContext(ctx, bin, append([]string{"--data-dir", dataDir, "--image-dir", testImageDir, "--json"}, args...)...)
 		cmd.Env = cliEnv
@@ -63,6 +64,7 @@ func TestPool(t *testing.T) {
 		if ok, _ := env["ok"].(bool); !ok {
 			return fmt.Errorf("%v failed: %s", args, out)
 		}
+		lastOut = out
 		return nil
 	}
 	opts := smolvm.TemplateOptions{MemoryMiB: 256}
@@ -256,6 +258,20 @@ func TestPool(t *testing.T) {
 
 	t.Run("RemoveDeletesMembers", func(t *testing.T) {
 		members := pool(t).Members
+		// The members are not sandboxes: ls leaves them out, pool ls
+		// shows them.
+		if err := cli("sandbox", "ls", "--all"); err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(string(lastOut), `"id":"pool-`) {
+			t.Errorf("sandbox ls shows pool members: %s", lastOut)
+		}
+		if err := cli("template", "pool", "ls"); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(lastOut), members[0]) || !strings.Contains(string(lastOut), `"ready":2`) {
+			t.Errorf("template pool ls: %s", lastOut)
+		}
 		if err := cli("template", "pool", "busybox", "--size", "0", "--memory", "256"); err != nil {
 			t.Fatal(err)
 		}
