@@ -87,6 +87,21 @@ func TestPool(t *testing.T) {
 		}
 		return "", info
 	}
+	// create makes and starts a VM of the pool's shape (cfg's image and
+	// memory are filled in), closed when the test ends.
+	create := func(t *testing.T, cfg smolvm.Config) *smolvm.VM {
+		t.Helper()
+		cfg.Image, cfg.MemoryMiB = "busybox", 256
+		vm, err := m.New(ctx, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { vm.Close() })
+		if err := vm.Start(ctx); err != nil {
+			t.Fatalf("Start %s: %v", cfg.Name, err)
+		}
+		return vm
+	}
 	// The first command: env, hostname, machine-id and eth0's MAC.
 	identity := func(t *testing.T, vm *smolvm.VM, info smolvm.Info, env string) {
 		t.Helper()
@@ -109,14 +124,7 @@ func TestPool(t *testing.T) {
 
 	t.Run("CreateClaims", func(t *testing.T) {
 		members := pool(t).Members
-		vm, err := m.New(ctx, smolvm.Config{Name: "pl-a", Image: "busybox", MemoryMiB: 256, Env: map[string]string{"POOL_ENV": "from-a"}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer vm.Close()
-		if err := vm.Start(ctx); err != nil {
-			t.Fatal(err)
-		}
+		vm := create(t, smolvm.Config{Name: "pl-a", Env: map[string]string{"POOL_ENV": "from-a"}})
 		mem, info := member(t, vm)
 		if mem == "" || (mem != members[0] && mem != members[1]) {
 			t.Fatalf("pl-a runs in %s, not a member of %v", info.Dir, members)
@@ -162,15 +170,7 @@ func TestPool(t *testing.T) {
 		ln, _ := net.Listen("tcp", "127.0.0.1:0")
 		hostPort := ln.Addr().(*net.TCPAddr).Port
 		ln.Close()
-		pv, err := m.New(ctx, smolvm.Config{Name: "pl-port", Image: "busybox", MemoryMiB: 256, Env: map[string]string{"POOL_ENV": "port"},
-			PortForwards: []smolvm.PortForward{{HostPort: hostPort, GuestPort: 8080}}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer pv.Close()
-		if err := pv.Start(ctx); err != nil {
-			t.Fatal(err)
-		}
+		pv := create(t, smolvm.Config{Name: "pl-port", PortForwards: []smolvm.PortForward{{HostPort: hostPort, GuestPort: 8080}}})
 		if mem, info := member(t, pv); mem != "" || info.Template == "" {
 			t.Errorf("a create with a port forward claimed %q (template %q); want the template restored", mem, info.Template)
 		}
@@ -237,14 +237,7 @@ func TestPool(t *testing.T) {
 		}
 		// A member the detached filler made (it has exited) works when
 		// claimed.
-		vm, err := m.New(ctx, smolvm.Config{Name: "pl-after", Image: "busybox", MemoryMiB: 256, Env: map[string]string{"POOL_ENV": "after"}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer vm.Close()
-		if err := vm.Start(ctx); err != nil {
-			t.Fatal(err)
-		}
+		vm := create(t, smolvm.Config{Name: "pl-after", Env: map[string]string{"POOL_ENV": "after"}})
 		mem, info := member(t, vm)
 		if mem == "" {
 			t.Fatalf("pl-after did not claim a refilled member: %s", info.Dir)
