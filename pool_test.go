@@ -134,6 +134,9 @@ func TestPool(t *testing.T) {
 		if out := mustOK(t, vm, "cat /proc/cmdline /etc/hostname; dmesg; uname -n"); strings.Contains(out, mem) || strings.Contains(out, "pool-") {
 			t.Errorf("the claimed VM shows the member's name %s: %q", mem, out)
 		}
+		if logs, err := vm.Logs(ctx); err != nil || strings.Contains(string(logs), mem) {
+			t.Errorf("the claimed VM's logs name the member %s (%v): %q", mem, err, logs)
+		}
 		if p := pool(t); p.Ready != 1 {
 			t.Errorf("pool after the claim: %+v (Start never refills)", p)
 		}
