@@ -351,12 +351,23 @@ func (vm *VM) claimFromPool(ctx context.Context, rec store.VM, b backend.Backend
 	if err != nil {
 		return false
 	}
+	// The template's lock, shared, as a restore of it takes: a delete
+	// (exclusive) either finished before (its members are gone) or waits
+	// and then sees the VM as a user. Never waited for here: a delete or
+	// build under way sends the VM down the template path, which waits.
+	lctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	unlockTemplate, err := store.LockSnapshotShared(lctx, vm.m.opts.DataDir, templateSnapshotID(key))
+	cancel()
+	if err != nil {
+		return false
+	}
+	defer unlockTemplate()
 	for _, r := range recs {
 		if !strings.HasPrefix(r.ID, poolPrefix) || r.Status != store.VMPaused || r.Template != key || !poolable(rec, r.Machine) {
 			continue
 		}
 		// Another claimer or a filler holds it: try the next one.
-		lctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+		lctx, cancel = context.WithTimeout(ctx, 20*time.Millisecond)
 		unlock, err := store.LockVM(lctx, vm.m.opts.DataDir, r.ID)
 		cancel()
 		if err != nil {

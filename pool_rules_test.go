@@ -9,9 +9,11 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/smolvm-go/smolvm"
 	"github.com/smolvm-go/smolvm/internal/backend/fakebackend"
+	"github.com/smolvm-go/smolvm/internal/store"
 )
 
 // TestPoolRules checks the warm pool's rules on the fake backend
@@ -264,6 +266,42 @@ func TestPoolRules(t *testing.T) {
 			t.Errorf("machines left: %v", o)
 		}
 		e.assertNoVM(t, "gone")
+	})
+
+	t.Run("NoClaimWhileTemplateLocked", func(t *testing.T) {
+		// A template delete holds its lock exclusively, then counts the
+		// template's users: a claim does not slip in between (it takes
+		// the lock shared, never waiting; the create waits on the
+		// template path instead).
+		fill(t)
+		ready := pool(t).Ready
+		l, err := m.ListTemplates(ctx)
+		if err != nil || len(l) != 1 {
+			t.Fatalf("templates: %+v, %v", l, err)
+		}
+		unlock, err := store.LockSnapshot(ctx, e.dataDir, l[0].SnapshotID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		vm, err := m.New(ctx, cfg("locked"))
+		if err != nil {
+			unlock()
+			t.Fatal(err)
+		}
+		defer vm.Close()
+		done := make(chan error, 1)
+		go func() { done <- vm.Start(ctx) }()
+		time.Sleep(200 * time.Millisecond)
+		unlock()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		if mem := member(t, vm); mem != "" {
+			t.Errorf("claimed %s while the template's lock was held", mem)
+		}
+		if p := pool(t); p.Ready != ready {
+			t.Errorf("pool: %+v, want %d ready as before", p, ready)
+		}
 	})
 
 	t.Run("ImageRebuiltReplacesMembers", func(t *testing.T) {
