@@ -351,6 +351,15 @@ func (vm *VM) claimFromPool(ctx context.Context, rec store.VM, b backend.Backend
 	if err != nil {
 		return false
 	}
+	var candidates []string
+	for _, r := range recs {
+		if strings.HasPrefix(r.ID, poolPrefix) && r.Status == store.VMPaused && r.Template == key && poolable(rec, r.Machine) {
+			candidates = append(candidates, r.ID)
+		}
+	}
+	if len(candidates) == 0 {
+		return false
+	}
 	// The template's lock, shared, as a restore of it takes: a delete
 	// (exclusive) either finished before (its members are gone) or waits
 	// and then sees the VM as a user. Never waited for here: a delete or
@@ -362,24 +371,21 @@ func (vm *VM) claimFromPool(ctx context.Context, rec store.VM, b backend.Backend
 		return false
 	}
 	defer unlockTemplate()
-	for _, r := range recs {
-		if !strings.HasPrefix(r.ID, poolPrefix) || r.Status != store.VMPaused || r.Template != key || !poolable(rec, r.Machine) {
-			continue
-		}
+	for _, id := range candidates {
 		// Another claimer or a filler holds it: try the next one.
 		lctx, cancel = context.WithTimeout(ctx, 20*time.Millisecond)
-		unlock, err := store.LockVM(lctx, vm.m.opts.DataDir, r.ID)
+		unlock, err := store.LockVM(lctx, vm.m.opts.DataDir, id)
 		cancel()
 		if err != nil {
 			continue
 		}
-		ok, err := vm.claimMember(ctx, rec, b, cfg, r.ID)
+		ok, err := vm.claimMember(ctx, rec, b, cfg, id)
 		unlock()
 		if ok {
 			return true
 		}
 		if err != nil {
-			vm.m.log.Warn("claiming a pool member failed; trying the next one or the template", "vm", vm.id, "member", r.ID, "err", err)
+			vm.m.log.Warn("claiming a pool member failed; trying the next one or the template", "vm", vm.id, "member", id, "err", err)
 		}
 		if ctx.Err() != nil {
 			return false
