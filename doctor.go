@@ -231,6 +231,10 @@ func (m *Manager) strayVMMs(ctx context.Context, infos []Info) []Check {
 	status := map[string]Status{}
 	for _, i := range infos {
 		status[i.ID] = i.Status
+		// A VM that claimed a warm pool member runs in the member's dirs.
+		if d := filepath.Base(i.Dir); i.Dir != "" && d != i.ID {
+			status[d] = i.Status
+		}
 	}
 	vms := []byte(filepath.Join(m.opts.DataDir, "vms") + "/")
 	var comms [][]byte // the VMM process names the registered backends run

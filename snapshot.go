@@ -987,8 +987,11 @@ func (d *deleteSnapshotOp) lockUsers(ctx context.Context) error {
 			continue // deleted, or restored from another snapshot, meanwhile
 		}
 		if rec.Status == store.VMRunning || rec.Status == store.VMPaused {
-			return newErr("snapshot delete", ErrSnapshotInUse, newFix(FixStopVM, ArgVM, u.ID),
-				fmt.Sprintf("snapshot %s is in use: vm %s restored from it is %s", d.id, u.ID, rec.Status))
+			msg := fmt.Sprintf("snapshot %s is in use: vm %s restored from it is %s", d.id, u.ID, rec.Status)
+			if strings.HasPrefix(u.ID, poolPrefix) {
+				msg += " (a warm pool's member: remove the pool first, smolvm template pool IMAGE --size 0)"
+			}
+			return newErr("snapshot delete", ErrSnapshotInUse, newFix(FixStopVM, ArgVM, u.ID), msg)
 		}
 		d.stopped = append(d.stopped, rec)
 	}

@@ -313,6 +313,11 @@ func (vm *VM) startFromTemplate(ctx context.Context, rec store.VM, b backend.Bac
 	if err != nil {
 		return err
 	}
+	// A ready member of a warm pool of this shape, when there is one; a
+	// claim that fails falls back to restoring the template.
+	if vm.claimFromPool(ctx, rec, b, cfg, shape.Key()) {
+		return nil
+	}
 	tmpl, unlock, err := vm.m.acquireTemplate(ctx, shape)
 	if err != nil {
 		return err

@@ -87,7 +87,10 @@ type Info struct {
 	RestoredFrom string    `json:"restored_from,omitempty"`
 	// Template is the key of the template the VM was started from ("" for
 	// a VM that booted cold, or was restored from a snapshot).
-	Template  string `json:"template,omitempty"`
+	Template string `json:"template,omitempty"`
+	// Pool says the VM is a warm pool's member (paused, waiting to be
+	// claimed by a create; see Manager.SetPool): not a sandbox of its own.
+	Pool      bool   `json:"pool,omitempty"`
 	LastError string `json:"last_error,omitempty"`
 	Dir       string `json:"dir"`
 	// RunDir is the VM's private directory of unix sockets (the agent's
@@ -103,12 +106,16 @@ func (vm *VM) ID() string { return vm.id }
 func (vm *VM) Manager() *Manager { return vm.m }
 
 // New creates a VM (record, per-VM disk overlay) without starting it.
-// Names starting with "template-build-" are reserved for the VMs that
-// build templates.
+// Names starting with "template-build-" (the VMs that build templates) and
+// "pool-" (the members of warm pools) are reserved.
 func (m *Manager) New(ctx context.Context, cfg Config) (*VM, error) {
 	if strings.HasPrefix(cfg.Name, builderPrefix) {
 		return nil, newErr("create", ErrInvalidConfig, newFix(FixChooseVMName, ArgVM, cfg.Name),
 			fmt.Sprintf("vm name %q is reserved: names starting with %q are the VMs that build templates", cfg.Name, builderPrefix))
+	}
+	if strings.HasPrefix(cfg.Name, poolPrefix) {
+		return nil, newErr("create", ErrInvalidConfig, newFix(FixChooseVMName, ArgVM, cfg.Name),
+			fmt.Sprintf("vm name %q is reserved: names starting with %q are the members of warm pools", cfg.Name, poolPrefix))
 	}
 	return m.newVM(ctx, cfg)
 }
@@ -330,7 +337,7 @@ func (m *Manager) info(rec store.VM) Info {
 		Accel: string(rec.Machine.Accel), MemoryMiB: rec.Machine.MemoryMiB, CPUs: rec.Machine.CPUs,
 		Network: rec.Machine.Network, PortForwards: pfs, PID: rec.PID, CreatedAt: rec.CreatedAt,
 		Hostname: hostnameFor(rec.ID), MachineID: rec.Machine.MachineID,
-		RestoredFrom: rec.RestoredFrom, Template: rec.Template, LastError: rec.LastError, Dir: rec.Machine.Dir, RunDir: rec.Machine.RunDir,
+		RestoredFrom: rec.RestoredFrom, Template: rec.Template, Pool: strings.HasPrefix(rec.ID, poolPrefix), LastError: rec.LastError, Dir: rec.Machine.Dir, RunDir: rec.Machine.RunDir,
 		ConsoleLog: filepath.Join(rec.Machine.Dir, "console.log"),
 	}
 	if rec.Machine.Network {

@@ -38,7 +38,9 @@ func (a *app) completeVMs(cmd *cobra.Command, args []string, _ string) ([]string
 	a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
 		infos, err := m.List(ctx)
 		for _, i := range infos {
-			ids = append(ids, i.ID)
+			if !i.Pool {
+				ids = append(ids, i.ID)
+			}
 		}
 		return err
 	})
@@ -102,6 +104,7 @@ Refusals and their reasons show in "smolvm sandbox info".`,
 					return err
 				}
 				a.print(info, func(w io.Writer) { fmt.Fprintf(w, "%s\n", info.ID) })
+				a.refillPools(ctx, m) // after the claim returned
 				return nil
 			})
 		},
@@ -246,7 +249,7 @@ func (a *app) listCmd() *cobra.Command {
 				}
 				shown := []smolvm.Info{}
 				for _, i := range infos {
-					if all || i.Status == smolvm.StatusRunning || i.Status == smolvm.StatusPaused {
+					if !i.Pool && (all || i.Status == smolvm.StatusRunning || i.Status == smolvm.StatusPaused) {
 						shown = append(shown, i)
 					}
 				}
@@ -429,6 +432,9 @@ func (a *app) deleteCmd() *cobra.Command {
 					}
 					ids = nil
 					for _, i := range infos {
+						if i.Pool {
+							continue // the pool's: smolvm template pool IMAGE --size 0
+						}
 						ids = append(ids, i.ID)
 					}
 				}

@@ -4,6 +4,10 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
 
 	"github.com/spf13/cobra"
 
@@ -106,6 +110,126 @@ the disks of stopped ones are made independent of it first, so they keep working
 			})
 		},
 	}
-	c.AddCommand(ls, build, rm, gc)
+	c.AddCommand(ls, build, rm, gc, a.poolCmd())
 	return c
+}
+
+// poolCmd is `smolvm template pool IMAGE --size N`, `pool ls` and `pool
+// fill`: the warm pools (smolvm.Manager's SetPool, Pools, FillPools).
+func (a *app) poolCmd() *cobra.Command {
+	var opts smolvm.TemplateOptions
+	var size int
+	c := &cobra.Command{
+		Use: "pool IMAGE --size N", Short: "Keep N restored, paused sandboxes of an image and shape ready (0 removes the pool)",
+		Long: `A warm pool keeps N sandboxes restored from the image's template and paused.
+"sandbox create" with that image and shape (and no port forwards or network
+allow-list) claims one, gives it its name, identity and environment, and
+resumes it; the pool is refilled by a detached "smolvm template pool fill" once
+the create returned (its output: pool-fill.log in the data dir). This command
+fills the pool before it returns.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
+				if err := m.SetPool(ctx, args[0], opts, size); err != nil {
+					return err
+				}
+				if size > 0 {
+					if err := m.FillPools(ctx); err != nil {
+						return err
+					}
+				}
+				pools, err := m.Pools(ctx)
+				if err != nil {
+					return err
+				}
+				a.print(pools, func(w io.Writer) { poolTable(w, pools) })
+				return nil
+			})
+		},
+	}
+	f := c.Flags()
+	f.IntVar(&size, "size", 0, fmt.Sprintf("sandboxes to keep ready (0-%d; 0 removes the pool)", smolvm.MaxPoolSize))
+	c.MarkFlagRequired("size")
+	f.IntVar(&opts.MemoryMiB, "memory", 0, "guest memory in MiB (default 512)")
+	f.IntVar(&opts.CPUs, "cpus", 0, "vCPUs (default 1)")
+	f.BoolVar(&opts.NoNetwork, "no-network", false, "the pool of sandboxes without networking")
+	f.StringVar((*string)(&opts.Backend), "backend", "", backendFlagHelp())
+	f.StringVar((*string)(&opts.Accel), "accel", "", "auto (default), kvm or tcg")
+	ls := &cobra.Command{
+		Use: "ls", Aliases: []string{"list"}, Short: "List warm pools: size, ready members, idle memory", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
+				pools, err := m.Pools(ctx)
+				if err != nil {
+					return err
+				}
+				a.print(pools, func(w io.Writer) { poolTable(w, pools) })
+				return nil
+			})
+		},
+	}
+	fill := &cobra.Command{
+		Use: "fill", Short: "Bring every warm pool to its size (what a create runs, detached, after claiming)", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
+				if err := m.FillPools(ctx); err != nil {
+					return err
+				}
+				a.print(map[string]bool{"filled": true}, nil)
+				return nil
+			})
+		},
+	}
+	c.AddCommand(ls, fill)
+	return c
+}
+
+func poolTable(w io.Writer, pools []smolvm.PoolInfo) {
+	rows := [][]string{}
+	for _, p := range pools {
+		rows = append(rows, []string{p.Image, fmt.Sprintf("%d MiB", p.Options.MemoryMiB), fmt.Sprint(p.Options.CPUs), fmt.Sprint(!p.Options.NoNetwork),
+			fmt.Sprint(p.Size), fmt.Sprint(p.Ready), fmt.Sprintf("%.0f MiB", float64(p.IdleMemoryKiB)/1024)})
+	}
+	table(w, []string{"IMAGE", "MEMORY", "CPUS", "NETWORK", "SIZE", "READY", "IDLE MEMORY (PSS)"}, rows)
+}
+
+// refillPools starts a detached "smolvm template pool fill" when a pool
+// is short (a create just claimed a member): after the create's Start
+// returned, never before. The filler waits for any other filler of the
+// pool, fills it and exits; its output goes to pool-fill.log in the data
+// dir (restarted past 1 MiB).
+func (a *app) refillPools(ctx context.Context, m *smolvm.Manager) {
+	pools, err := m.Pools(ctx)
+	if err != nil {
+		return
+	}
+	short := false
+	for _, p := range pools {
+		short = short || p.Ready < p.Size
+	}
+	if !short {
+		return
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return
+	}
+	logPath := filepath.Join(m.DataDir(), "pool-fill.log")
+	flags := os.O_CREATE | os.O_WRONLY | os.O_APPEND | syscall.O_NOFOLLOW
+	if st, err := os.Stat(logPath); err == nil && st.Size() > 1<<20 {
+		flags |= os.O_TRUNC
+	}
+	logf, err := os.OpenFile(logPath, flags, 0o600)
+	if err != nil {
+		return
+	}
+	defer logf.Close()
+	cmd := exec.Command(exe, "--data-dir", m.DataDir(), "--image-dir", m.ImageDir(), "template", "pool", "fill")
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		fmt.Fprintf(a.stderr, "warning: refilling the warm pool: %v\n", err)
+		return
+	}
+	cmd.Process.Release()
 }

@@ -185,6 +185,18 @@ ALTER TABLE snapshots ADD COLUMN template TEXT;
 CREATE INDEX snapshots_template_key ON snapshots (template_key);
 ALTER TABLE vms ADD COLUMN template TEXT NOT NULL DEFAULT '';
 `,
+	// 4: warm pools. One row per pool: an image and a shape (the options
+	// as JSON), and how many restored, paused VMs to keep ready. The
+	// members are VM rows (see the SDK's pool.go).
+	`
+CREATE TABLE pools (
+	name       TEXT PRIMARY KEY,
+	image      TEXT NOT NULL,
+	options    TEXT NOT NULL,
+	size       INTEGER NOT NULL CHECK (size > 0),
+	updated_at INTEGER NOT NULL
+) STRICT;
+`,
 }
 
 func userVersion(ctx context.Context, q querier) (int, error) {

@@ -2,10 +2,8 @@ package store
 
 import (
 	"context"
-	"database/sql"
 	"encoding/json"
 	"errors"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -18,18 +16,7 @@ import (
 func TestMigrateToTemplatesKeepsRows(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	db, err := sql.Open("sqlite", "file:"+filepath.Join(dir, DBName))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for v, m := range migrations[:2] {
-		if _, err := db.Exec(m); err != nil {
-			t.Fatalf("migration %d: %v", v+1, err)
-		}
-	}
-	if _, err := db.Exec(`PRAGMA user_version = 2`); err != nil {
-		t.Fatal(err)
-	}
+	db := dbAtVersion(t, dir, 2)
 	now := time.Now().UnixNano()
 	if _, err := db.Exec(`INSERT INTO vms (id, backend, status, machine, created_at, updated_at) VALUES ('old', 'qemu', 'stopped', '{}', ?, ?)`, now, now); err != nil {
 		t.Fatal(err)

@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/cgroup"
 	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
@@ -176,5 +178,29 @@ func TestMemoryLimit(t *testing.T) {
 	}
 	if got := memoryLimit(512, backend.AccelTCG); got != (512+vmmOverheadMiB+tcgCacheMiB)<<20 {
 		t.Errorf("tcg: %d", got)
+	}
+}
+
+// TestCleanupRemovesGroupOfLaunchID: a machine whose dir is named after
+// another id than its spec's (a warm pool member a VM claimed: launched
+// as the member, recorded under the VM's id) has its group, named after
+// the dir, removed on cleanup, as well as a group under its own id.
+func TestCleanupRemovesGroupOfLaunchID(t *testing.T) {
+	parent := t.TempDir()
+	b := &Backend{log: slog.New(slog.DiscardHandler)}
+	b.cgOnce.Do(func() {})
+	b.cg = cgroup.Support{OK: true, Parent: parent}
+	for _, id := range []string{"pool-ab-1", "vm1", "other"} {
+		if err := os.Mkdir(filepath.Join(parent, cgroup.GroupName(id)), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m := backend.Machine{Spec: backend.Spec{ID: "vm1", Dir: filepath.Join(t.TempDir(), "vms", "pool-ab-1")}, MemoryFile: "/nonexistent/ram"}
+	b.cleanup(m)
+	for id, want := range map[string]bool{"pool-ab-1": false, "vm1": false, "other": true} {
+		_, err := os.Stat(filepath.Join(parent, cgroup.GroupName(id)))
+		if (err == nil) != want {
+			t.Errorf("group of %s exists = %v, want %v", id, err == nil, want)
+		}
 	}
 }

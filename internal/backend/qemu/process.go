@@ -410,6 +410,11 @@ func (b *Backend) cleanup(m backend.Machine) {
 		removeQuiet(pidFile(m.Dir))
 	}
 	b.removeGroup(m.ID)
+	if d := filepath.Base(m.Dir); m.Dir != "" && d != m.ID {
+		// Launched under another id (a warm pool member that a VM
+		// claimed): its group is named after the id its dir has.
+		b.removeGroup(d)
+	}
 	if m.MemoryFile == "" && m.ID != "" && m.Dir != "" {
 		// Launched by a process that died before recording the machine:
 		// the shared RAM file is at its derived path.
