@@ -98,6 +98,8 @@ type Config struct {
 	PortForwards []PortForward `json:"port_forwards,omitempty"`
 	// BootTimeout bounds Start; 0 means 90 s (software emulation is slow).
 	BootTimeout time.Duration `json:"boot_timeout,omitempty"`
+	// ColdBoot forces a real boot instead of restoring from a template.
+	ColdBoot bool `json:"cold_boot,omitempty"`
 }
 
 // Options configure a Manager (and the package-level helpers).
