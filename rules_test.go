@@ -534,6 +534,44 @@ func testRules(t *testing.T, e *rulesEnv) {
 		}
 	})
 
+	t.Run("ResumeSourceFailureKeepsTheSnapshot", func(t *testing.T) {
+		// ResumeSource runs the source again as soon as its state is
+		// captured, before the manifest, publish and commit; a source that
+		// will not resume fails the call but not the snapshot.
+		h := e.requireFake(t)
+		vm, err := e.m.Open(ctx, "src")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { vm.Close() })
+		if err := vm.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		remove := h.Fail(fakebackend.OpResume, "src", 1)
+		_, err = vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "saved-not-resumed", ResumeSource: true})
+		remove()
+		if !errors.Is(err, fakebackend.ErrInjected) || !strings.Contains(err.Error(), "was saved") {
+			t.Fatalf("Snapshot = %v, want the injected resume fault reported after the save", err)
+		}
+		if _, err := e.m.GetSnapshot(ctx, "saved-not-resumed"); err != nil {
+			t.Errorf("the snapshot whose source did not resume: GetSnapshot = %v, want it listed", err)
+		}
+		if err := vm.Resume(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "resumed", ResumeSource: true}); err != nil {
+			t.Fatal(err)
+		}
+		if st, err := vm.Status(ctx); err != nil || st != smolvm.StatusRunning {
+			t.Errorf("vm after Snapshot(ResumeSource): %s, %v; want running", st, err)
+		}
+		for _, id := range []string{"saved-not-resumed", "resumed"} {
+			if err := e.m.DeleteSnapshot(ctx, id); err != nil {
+				t.Error(err)
+			}
+		}
+	})
+
 	t.Run("RestoreRefusedWhenTheOldVMWillNotStop", func(t *testing.T) {
 		// The VM a restore replaces cannot be stopped: the restore ends
 		// before anything changed.
