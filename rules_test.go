@@ -160,6 +160,21 @@ func (e *rulesEnv) forceRestore(t *testing.T, m *smolvm.Manager) *smolvm.VM {
 	return vm
 }
 
+// startSource opens the VM "src" and starts it (closed at the test's end).
+func (e *rulesEnv) startSource(t *testing.T) *smolvm.VM {
+	t.Helper()
+	ctx := testCtx(t)
+	vm, err := e.m.Open(ctx, "src")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { vm.Close() })
+	if err := vm.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return vm
+}
+
 func (e *rulesEnv) restoreCount(t *testing.T, id string) int {
 	t.Helper()
 	s, err := e.m.GetSnapshot(testCtx(t), id)
@@ -507,15 +522,9 @@ func testRules(t *testing.T, e *rulesEnv) {
 		// A snapshot that fails is not listed, leaves no directory, and the
 		// VM runs again as before.
 		h := e.requireFake(t)
-		vm, err := e.m.Open(ctx, "src")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { vm.Close() })
-		if err := vm.Start(ctx); err != nil {
-			t.Fatal(err)
-		}
+		vm := e.startSource(t)
 		remove := h.Fail(fakebackend.OpSnapshot, "src", 0)
+		var err error
 		_, err = vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "broken"})
 		remove()
 		if !errors.Is(err, fakebackend.ErrInjected) {
@@ -539,16 +548,9 @@ func testRules(t *testing.T, e *rulesEnv) {
 		// captured, before the manifest, publish and commit; a source that
 		// will not resume fails the call but not the snapshot.
 		h := e.requireFake(t)
-		vm, err := e.m.Open(ctx, "src")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { vm.Close() })
-		if err := vm.Start(ctx); err != nil {
-			t.Fatal(err)
-		}
+		vm := e.startSource(t)
 		remove := h.Fail(fakebackend.OpResume, "src", 1)
-		_, err = vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "saved-not-resumed", ResumeSource: true})
+		_, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "saved-not-resumed", ResumeSource: true})
 		remove()
 		if !errors.Is(err, fakebackend.ErrInjected) || !strings.Contains(err.Error(), "was saved") {
 			t.Fatalf("Snapshot = %v, want the injected resume fault reported after the save", err)
