@@ -984,12 +984,12 @@ func (s *suite) bootGroup(ctx context.Context) ([]Row, error) {
 		s.extras = append(s.extras, newFigure("cold-boot: bare QEMU (plain command line) to the agent handshake only (no command)", "ms", bareReady))
 	}()
 	rows := func() []Row {
-		bareFig := newFigure(bareBootName, "ms", bare)
+		bareFig := newFigure(bareBootName(), "ms", bare)
 		return []Row{
 			newRow("cold-boot", "cold boot -> first command", "ms",
 				newFigure("smolvm New+Start+Run(true), ColdBoot", "ms", ours), bareFig, 1.10,
 				fmt.Sprintf("%d MiB guest; both sides end with the result of the same command; ours passes the backend's and the image's flags "+
-					"(tsc_early_khz, init_on_free=1, reboot=t, panic=-1), the baseline none of them", s.o.MemoryMiB)),
+					"(init_on_free=1, reboot=t, panic=-1), the baseline none of them (both pass tsc_early_khz under TCG: without it boots hang)", s.o.MemoryMiB)),
 			newInfoRow("init-on-free", "init_on_free=1 share of a bare cold boot (information)", "ms",
 				newFigure("bare qemu, plain command line + "+initOnFreeArg, "ms", bareIOF), bareFig,
 				"both bare QEMU, same argv, ending with the result of one exec of true; the difference is what the flag costs a boot"),
@@ -1004,11 +1004,11 @@ func (s *suite) bootGroup(ctx context.Context) ([]Row, error) {
 			od = d
 			return err
 		}, func() error {
-			b, err := bareBoot(ctx, s.img, o, plainCmdline)
+			b, err := bareBoot(ctx, s.img, o, plainCmdline())
 			bt = b
 			return err
 		}, func() error {
-			b, err := bareBoot(ctx, s.img, o, plainCmdline+" "+initOnFreeArg)
+			b, err := bareBoot(ctx, s.img, o, plainCmdline()+" "+initOnFreeArg)
 			bi = b
 			return err
 		})
