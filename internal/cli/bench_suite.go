@@ -139,8 +139,11 @@ func printSuite(w io.Writer, rep bench.SuiteReport) {
 		if r.Info {
 			goal = "-"
 		}
-		rows = append(rows, []string{r.Name, fmt.Sprintf("%.1f %s", r.Ours.Median, r.Unit), fmt.Sprintf("%.1f %s", r.Baseline.Median, r.Unit),
-			ratio, goal, r.Verdict(), fmt.Sprint(len(r.Ours.Samples))})
+		ours, base := fmt.Sprintf("%.1f %s", r.Ours.Median, r.Unit), fmt.Sprintf("%.1f %s", r.Baseline.Median, r.Unit)
+		if r.Skipped != "" {
+			ours, base = "-", "-"
+		}
+		rows = append(rows, []string{r.Name, ours, base, ratio, goal, r.Verdict(), fmt.Sprint(len(r.Ours.Samples))})
 	}
 	table(w, []string{"FIGURE (median)", "OURS", "BASELINE", "RATIO", "GOAL", "MET", "N"}, rows)
 	for _, r := range rep.Rows {
