@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/smolvm-go/smolvm"
@@ -545,7 +546,10 @@ func (s *suite) ramGroup(ctx context.Context) ([]Row, error) {
 // information, QMP snapshot-save on the same VM; the snapshot's size
 // against the memory the guest uses; the source's downtime.
 func (s *suite) createGroup(ctx context.Context) ([]Row, error) {
-	var ours, save, size, touched, floor, down, downCall []float64
+	var ours, save, size, touched, floor, down, downCall, copyFloor []float64
+	defer func() {
+		s.extras = append(s.extras, newFigure("source-downtime: the whole VM.Snapshot(full, ResumeSource) call of those rounds", "ms", downCall))
+	}()
 	rows := func() []Row {
 		oursFig := newFigure("smolvm VM.Snapshot(full, ResumeSource)", "ms", ours)
 		return []Row{
@@ -560,11 +564,12 @@ func (s *suite) createGroup(ctx context.Context) ([]Row, error) {
 				newFigure("SnapshotInfo.SizeBytes (allocated)", "MiB", size),
 				newFigure("guest MemTotal-MemFree before the snapshot", "MiB", touched), 1.10,
 				"goal: size <= touched + 10%; the size includes the flattened disk, the device state and the manifest"),
-			newInfoRow("source-downtime", "source downtime of a full snapshot with ResumeSource (share of the call)", "ms",
+			newInfoRow("source-downtime", "source downtime of a full snapshot with ResumeSource, vs the RAM copy floor", "ms",
 				newFigure("time the source does not answer: the longest agent ping round trip during VM.Snapshot(full, ResumeSource)", "ms", down),
-				newFigure("the whole VM.Snapshot(full, ResumeSource) call", "ms", downCall),
+				newFigure("RAM copy floor: writing as many bytes as the snapshot's memory image allocates into the data dir's page cache (no fsync)", "ms", copyFloor),
 				fmt.Sprintf("pings every %v on an agent channel of their own (a ping sent while the VM is stopped is answered after cont; "+
-					"resolution about one interval); separate rounds after the create rows, same VM", probeInterval)),
+					"resolution about one interval); separate rounds after the create rows, same VM; the floor is what any snapshot that "+
+					"copies RAM while the guest is stopped pays", probeInterval)),
 		}
 	}
 	vm, err := s.boot(ctx, s.name("create"), s.o.MemoryMiB)
@@ -607,7 +612,7 @@ func (s *suite) createGroup(ctx context.Context) ([]Row, error) {
 		if err != nil {
 			return rows(), err
 		}
-		f, err := diskFloor(s.m.DataDir(), sz)
+		f, err := diskFloor(s.m.DataDir(), sz, true)
 		if err != nil {
 			return rows(), err
 		}
@@ -617,12 +622,17 @@ func (s *suite) createGroup(ctx context.Context) ([]Row, error) {
 			i+1, ms(o), float64(sz)/(1<<20), ms(f), ms(b), used)
 	}
 	for i := 0; i < s.o.Rounds; i++ {
-		d, call, err := s.sourceDowntime(ctx, vm, info, s.name("down", strconv.Itoa(i)))
+		d, call, mem, err := s.sourceDowntime(ctx, vm, info, s.name("down", strconv.Itoa(i)))
 		if err != nil {
 			return rows(), err
 		}
-		down, downCall = append(down, ms(d)), append(downCall, ms(call))
-		s.progress("downtime round %d: source stopped %.0f ms of a %.0f ms snapshot", i+1, ms(d), ms(call))
+		f, err := diskFloor(s.m.DataDir(), mem, false)
+		if err != nil {
+			return rows(), err
+		}
+		down, downCall, copyFloor = append(down, ms(d)), append(downCall, ms(call)), append(copyFloor, ms(f))
+		s.progress("downtime round %d: source stopped %.0f ms of a %.0f ms snapshot; copying its %.0f MiB of RAM into the page cache alone: %.0f ms",
+			i+1, ms(d), ms(call), float64(mem)/(1<<20), ms(f))
 	}
 	return rows(), nil
 }
@@ -633,35 +643,42 @@ const diskFloorName = "disk floor: writing as many bytes as the snapshot allocat
 
 // sourceDowntime takes a full snapshot with ResumeSource of the running vm
 // while a probe pings its agent, and returns how long the source did not
-// answer and how long the call took. The snapshot is deleted (not timed).
-func (s *suite) sourceDowntime(ctx context.Context, vm *smolvm.VM, info smolvm.Info, id string) (down, call time.Duration, err error) {
+// answer, how long the call took and the bytes its memory image
+// allocates. The snapshot is deleted (not timed).
+func (s *suite) sourceDowntime(ctx context.Context, vm *smolvm.VM, info smolvm.Info, id string) (down, call time.Duration, mem int64, err error) {
 	p, err := startPauseProbe(ctx, info, probeInterval)
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
 	t0 := time.Now()
-	_, err = vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: id, Type: smolvm.SnapshotFull, ResumeSource: true})
+	snap, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: id, Type: smolvm.SnapshotFull, ResumeSource: true})
 	call = time.Since(t0)
 	// A few more intervals: the ping in flight at the resume is answered.
 	time.Sleep(5 * probeInterval)
 	down, n, perr := p.finish()
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
-	s.deleteSnapshot(ctx, id)
+	defer s.deleteSnapshot(ctx, id)
 	if perr != nil {
-		return 0, 0, perr
+		return 0, 0, 0, perr
 	}
 	if n < 2 {
-		return 0, 0, fmt.Errorf("the downtime probe got %d answers during a %v snapshot", n, call)
+		return 0, 0, 0, fmt.Errorf("the downtime probe got %d answers during a %v snapshot", n, call)
 	}
-	return down, call, nil
+	var st syscall.Stat_t
+	if err := syscall.Stat(snap.Artifacts.Memory, &st); err != nil {
+		return 0, 0, 0, fmt.Errorf("snapshot %s has no memory image: %w", id, err)
+	}
+	return down, call, st.Blocks * 512, nil
 }
 
 // diskFloor times writing n bytes of non-zero data into a new file in dir
-// and fsyncing it: the least a durable snapshot of that size costs there.
-// The file is removed afterwards (not timed).
-func diskFloor(dir string, n int64) (time.Duration, error) {
+// and, with sync, fsyncing it: the least a durable snapshot of that size
+// costs there. Without sync it is the least it costs to put that much
+// into dir's page cache, what a snapshot's RAM copy does while the VM is
+// stopped. The file is removed afterwards (not timed).
+func diskFloor(dir string, n int64, sync bool) (time.Duration, error) {
 	buf := make([]byte, 8<<20)
 	for i := range buf {
 		buf[i] = byte(i*7 + 1)
@@ -680,8 +697,10 @@ func diskFloor(dir string, n int64) (time.Duration, error) {
 		}
 		left -= k
 	}
-	if err := f.Sync(); err != nil {
-		return 0, err
+	if sync {
+		if err := f.Sync(); err != nil {
+			return 0, err
+		}
 	}
 	return time.Since(t0), nil
 }

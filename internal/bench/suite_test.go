@@ -117,9 +117,11 @@ func TestProcCPUms(t *testing.T) {
 
 func TestDiskFloorAndJIT(t *testing.T) {
 	dir := t.TempDir()
-	d, err := diskFloor(dir, 3<<20)
-	if err != nil || d <= 0 {
-		t.Fatalf("diskFloor = %v, %v", d, err)
+	for _, sync := range []bool{true, false} {
+		d, err := diskFloor(dir, 3<<20, sync)
+		if err != nil || d <= 0 {
+			t.Fatalf("diskFloor(sync %v) = %v, %v", sync, d, err)
+		}
 	}
 	if left, _ := os.ReadDir(dir); len(left) != 0 {
 		t.Errorf("diskFloor left %d files", len(left))
