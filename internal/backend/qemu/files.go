@@ -144,6 +144,12 @@ func copySparseMapped(out, in *os.File, size int64, writeback bool) (int64, erro
 			var data []byte
 			if mem != nil {
 				data = mem[pos : pos+n]
+				// Fault the chunk in with one call instead of one page
+				// fault per 4 KiB page (a snapshot copies RAM while the
+				// VM is stopped: 2×4 rounds of the bench's downtime row
+				// gave medians of 156 and 170 ms with it, 196 and 207 ms
+				// without). Best effort: kernels before 5.14 refuse it.
+				unix.Madvise(data, unix.MADV_POPULATE_READ)
 			} else {
 				m, err := in.ReadAt(buf[:n], pos)
 				if int64(m) < n {
