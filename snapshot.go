@@ -397,7 +397,13 @@ func (op *snapshotOp) resumeSource(ctx context.Context) error {
 	}
 	op.resumed = true
 	op.rec.Status = store.VMRunning
-	return op.m.store.UpdateVM(ctx, op.rec)
+	if err := op.m.store.UpdateVM(ctx, op.rec); err != nil {
+		// This step failed, so its undo will not run: put a source that
+		// was paused back to paused here (best effort).
+		op.unresumeSource(context.WithoutCancel(ctx))
+		return err
+	}
+	return nil
 }
 
 // unresumeSource pauses a source that resumeSource ran and that was paused
