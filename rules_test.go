@@ -160,6 +160,21 @@ func (e *rulesEnv) forceRestore(t *testing.T, m *smolvm.Manager) *smolvm.VM {
 	return vm
 }
 
+// startSource opens the VM "src" and starts it (closed at the test's end).
+func (e *rulesEnv) startSource(t *testing.T) *smolvm.VM {
+	t.Helper()
+	ctx := testCtx(t)
+	vm, err := e.m.Open(ctx, "src")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { vm.Close() })
+	if err := vm.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return vm
+}
+
 func (e *rulesEnv) restoreCount(t *testing.T, id string) int {
 	t.Helper()
 	s, err := e.m.GetSnapshot(testCtx(t), id)
@@ -507,15 +522,9 @@ func testRules(t *testing.T, e *rulesEnv) {
 		// A snapshot that fails is not listed, leaves no directory, and the
 		// VM runs again as before.
 		h := e.requireFake(t)
-		vm, err := e.m.Open(ctx, "src")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { vm.Close() })
-		if err := vm.Start(ctx); err != nil {
-			t.Fatal(err)
-		}
+		vm := e.startSource(t)
 		remove := h.Fail(fakebackend.OpSnapshot, "src", 0)
+		var err error
 		_, err = vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "broken"})
 		remove()
 		if !errors.Is(err, fakebackend.ErrInjected) {
@@ -531,6 +540,37 @@ func testRules(t *testing.T, e *rulesEnv) {
 		}
 		if st, err := vm.Status(ctx); err != nil || st != smolvm.StatusRunning {
 			t.Errorf("vm after a failed snapshot: %s, %v; want running", st, err)
+		}
+	})
+
+	t.Run("ResumeSourceFailureKeepsTheSnapshot", func(t *testing.T) {
+		// ResumeSource runs the source again as soon as its state is
+		// captured, before the manifest, publish and commit; a source that
+		// will not resume fails the call but not the snapshot.
+		h := e.requireFake(t)
+		vm := e.startSource(t)
+		remove := h.Fail(fakebackend.OpResume, "src", 1)
+		_, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "saved-not-resumed", ResumeSource: true})
+		remove()
+		if !errors.Is(err, fakebackend.ErrInjected) || !strings.Contains(err.Error(), "was saved") {
+			t.Fatalf("Snapshot = %v, want the injected resume fault reported after the save", err)
+		}
+		if _, err := e.m.GetSnapshot(ctx, "saved-not-resumed"); err != nil {
+			t.Errorf("the snapshot whose source did not resume: GetSnapshot = %v, want it listed", err)
+		}
+		if err := vm.Resume(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "resumed", ResumeSource: true}); err != nil {
+			t.Fatal(err)
+		}
+		if st, err := vm.Status(ctx); err != nil || st != smolvm.StatusRunning {
+			t.Errorf("vm after Snapshot(ResumeSource): %s, %v; want running", st, err)
+		}
+		for _, id := range []string{"saved-not-resumed", "resumed"} {
+			if err := e.m.DeleteSnapshot(ctx, id); err != nil {
+				t.Error(err)
+			}
 		}
 	})
 

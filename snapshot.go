@@ -54,7 +54,9 @@ type SnapshotOptions struct {
 	ID string
 	// Type is full (default), diff or disk.
 	Type SnapshotType
-	// ResumeSource runs the VM again after the snapshot; by default it stays paused.
+	// ResumeSource runs the VM again as soon as its state is captured
+	// (before the snapshot is hashed, fsynced and published); by default it
+	// stays paused.
 	ResumeSource bool
 }
 
@@ -172,15 +174,9 @@ func (vm *VM) snapshot(ctx context.Context, opts SnapshotOptions, tmpl *template
 		return nil, op.failed(err)
 	}
 	// Saved and committed: a failure to resume is reported, not rolled back.
-	if opts.ResumeSource {
-		if err := op.b.Resume(ctx, op.rec.Machine); err != nil {
-			return nil, &Error{Op: "snapshot", Message: fmt.Sprintf("snapshot %s was saved, but vm %s did not resume: %v", op.id, vm.id, err),
-				Fix: newFix(FixResumeVM, ArgVM, vm.id), Err: err}
-		}
-		op.rec.Status = store.VMRunning
-		if err := vm.m.store.UpdateVM(ctx, op.rec); err != nil {
-			return nil, err
-		}
+	if err := op.resumeErr; err != nil {
+		return nil, &Error{Op: "snapshot", Message: fmt.Sprintf("snapshot %s was saved, but vm %s did not resume: %v", op.id, vm.id, err),
+			Fix: newFix(FixResumeVM, ArgVM, vm.id), Err: err}
 	}
 	info := vm.m.snapInfo(op.row)
 	return &info, nil
@@ -204,6 +200,8 @@ type snapshotOp struct {
 	tmp        string // the directory being written
 	res        backend.SnapshotResult
 	man        snapshot.Manifest
+	resumed    bool  // resumeSource ran the VM again
+	resumeErr  error // resumeSource could not (reported after the commit)
 }
 
 // steps lists the snapshot. The VM's lock serializes snapshots (and
@@ -226,6 +224,7 @@ func (op *snapshotOp) steps() []steps.Step {
 	}
 	return append(list,
 		steps.Step{Name: "save vm state", Do: op.save},
+		steps.Step{Name: "resume source", Do: op.resumeSource, Undo: op.unresumeSource},
 		steps.Step{Name: "write manifest", Do: op.writeManifest},
 		steps.Step{Name: "publish snapshot", Do: op.publish, Undo: op.unpublish},
 		steps.Step{Name: "commit snapshot row", Do: op.commit},
@@ -300,7 +299,7 @@ func (op *snapshotOp) abort(ctx context.Context) error {
 func (op *snapshotOp) noteSource(context.Context) error { return nil }
 
 func (op *snapshotOp) putBackSource(ctx context.Context) error {
-	if !op.wasRunning {
+	if !op.wasRunning || op.resumed {
 		return nil
 	}
 	if err := op.b.Resume(ctx, op.rec.Machine); err != nil {
@@ -389,6 +388,46 @@ func (op *snapshotOp) save(ctx context.Context) error {
 		return err
 	}
 	op.res = res
+	op.rec.Status = store.VMPaused
+	return op.m.store.UpdateVM(ctx, op.rec)
+}
+
+// resumeSource runs the VM again, with ResumeSource, as soon as its state
+// is captured: the artifacts in the temp dir are copies that the running
+// VM no longer touches, so hashing, fsyncing, publishing and committing
+// them need not keep it paused. Durability is unchanged (nothing is listed
+// before the commit, and the commit follows the fsync), and the source is
+// down only while the backend saves the state. A failure to resume does
+// not fail the snapshot: VM.Snapshot reports it after the commit.
+func (op *snapshotOp) resumeSource(ctx context.Context) error {
+	if !op.opts.ResumeSource {
+		return nil
+	}
+	if err := op.b.Resume(ctx, op.rec.Machine); err != nil {
+		op.resumeErr = err
+		return nil
+	}
+	op.resumed = true
+	op.rec.Status = store.VMRunning
+	if err := op.m.store.UpdateVM(ctx, op.rec); err != nil {
+		// This step failed, so its undo will not run: put a source that
+		// was paused back to paused here (best effort).
+		op.unresumeSource(context.WithoutCancel(ctx))
+		return err
+	}
+	return nil
+}
+
+// unresumeSource pauses a source that resumeSource ran and that was paused
+// before the snapshot: a failed snapshot leaves the VM as it was.
+func (op *snapshotOp) unresumeSource(ctx context.Context) error {
+	if !op.resumed || op.wasRunning {
+		return nil
+	}
+	if err := op.b.Pause(ctx, op.rec.Machine); err != nil {
+		return err
+	}
+	op.resumed = false
 	op.rec.Status = store.VMPaused
 	return op.m.store.UpdateVM(ctx, op.rec)
 }

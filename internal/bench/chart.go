@@ -71,6 +71,10 @@ func chartRow(p func(string, ...any), row Row, y int) {
 	p(`<text x="20" y="%d" font-size="14" font-weight="bold">%s</text>`+"\n", y+14, esc(name))
 	verdict, col := "not measured", colMuted
 	switch {
+	case row.Skipped != "":
+		verdict = "not measured: " + row.Skipped
+	case row.Ratio > 0 && row.Info:
+		verdict = fmt.Sprintf("%.2f×  information, no goal", row.Ratio)
 	case row.Ratio > 0 && row.Met:
 		verdict, col = fmt.Sprintf("%.2f×  goal ≤ %.2f×  met", row.Ratio, row.Goal), colMet
 	case row.Ratio > 0:
@@ -82,7 +86,8 @@ func chartRow(p func(string, ...any), row Row, y int) {
 	p(`<text x="%d" y="%d" font-size="14" font-weight="bold" text-anchor="end" fill="%s">%s</text>`+"\n", chartWidth-20, y+14, col, esc(verdict))
 
 	// One scale per row: the largest sample, median or goal mark.
-	top := row.Baseline.Median * row.Goal
+	goal := row.Baseline.Median * row.Goal // 0 for an information row
+	top := goal
 	for _, f := range []Figure{row.Ours, row.Baseline} {
 		top = max(top, f.Median)
 		for _, s := range f.Samples {
@@ -118,13 +123,13 @@ func chartRow(p func(string, ...any), row Row, y int) {
 		}
 		end := max(wd, scale(maxOf(b.f.Samples)))
 		if k == 0 {
-			end = max(end, scale(row.Baseline.Median*row.Goal)) // keep clear of the goal mark
+			end = max(end, scale(goal)) // keep clear of the goal mark
 		}
 		p(`<text x="%.1f" y="%d">%s</text>`+"\n", float64(chartBarX)+end+6, by+13,
 			esc(fmt.Sprintf("%s %s (n=%d)", num(b.f.Median), row.Unit, len(b.f.Samples))))
 	}
-	if g := row.Baseline.Median * row.Goal; g > 0 {
-		x := float64(chartBarX) + scale(g)
+	if goal > 0 {
+		x := float64(chartBarX) + scale(goal)
 		p(`<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" stroke-width="2" stroke-dasharray="3,2"/>`+"\n",
 			x, y+20, x, y+24+chartBarH+2, colMissed)
 	}

@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"context"
 	"encoding/xml"
+	"errors"
 	"io"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -115,9 +117,11 @@ func TestProcCPUms(t *testing.T) {
 
 func TestDiskFloorAndJIT(t *testing.T) {
 	dir := t.TempDir()
-	d, err := diskFloor(dir, 3<<20)
-	if err != nil || d <= 0 {
-		t.Fatalf("diskFloor = %v, %v", d, err)
+	for _, sync := range []bool{true, false} {
+		d, err := diskFloor(dir, 3<<20, sync)
+		if err != nil || d <= 0 {
+			t.Fatalf("diskFloor(sync %v) = %v, %v", sync, d, err)
+		}
 	}
 	if left, _ := os.ReadDir(dir); len(left) != 0 {
 		t.Errorf("diskFloor left %d files", len(left))
@@ -131,16 +135,7 @@ func TestDiskFloorAndJIT(t *testing.T) {
 // The raw channel of the round-trip baseline speaks the protocol the real
 // agent server serves: hello (agentproto's version), exec, ping.
 func TestRawConnAgainstAgentServer(t *testing.T) {
-	srv := agent.NewServer(agent.Options{EnvFile: filepath.Join(t.TempDir(), "env"), ProfileFile: filepath.Join(t.TempDir(), "profile"),
-		Logf: t.Logf})
-	guest, host := net.Pipe()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go srv.ServeConn(ctx, guest)
-	rc, err := newRawConn(host)
-	if err != nil {
-		t.Fatal(err)
-	}
+	rc := rawConnToAgentServer(t, func(c net.Conn) net.Conn { return c })
 	defer rc.Close()
 	for i := range 3 {
 		if d, err := rc.exec(i); err != nil || d <= 0 {
@@ -149,5 +144,162 @@ func TestRawConnAgainstAgentServer(t *testing.T) {
 		if d, err := rc.ping(i); err != nil || d <= 0 {
 			t.Fatalf("ping %d: %v, %v", i, d, err)
 		}
+	}
+}
+
+func TestRotateStartsEachRoundElsewhere(t *testing.T) {
+	var got []string
+	for i := 0; i < 3; i++ {
+		f := func(s string) func() error { return func() error { got = append(got, s); return nil } }
+		rotate(i, f("a"), f("b"), f("c"))
+	}
+	if s := strings.Join(got, ""); s != "abcbcacab" {
+		t.Fatalf("order %s, want abcbcacab", s)
+	}
+	boom := errors.New("boom")
+	ran := 0
+	err := rotate(0, func() error { ran++; return boom }, func() error { ran++; return nil })
+	if !errors.Is(err, boom) || ran != 1 {
+		t.Fatalf("rotate after a failure: %v, %d ran", err, ran)
+	}
+}
+
+func TestInfoAndSkippedRows(t *testing.T) {
+	r := newInfoRow("k", "n", "ms", newFigure("o", "ms", []float64{30}), newFigure("b", "ms", []float64{100}), "")
+	if r.Ratio != 0.3 || r.Met || !r.Info || r.Goal != 0 || r.Verdict() != "info" {
+		t.Fatalf("info row: ratio %v met %v info %v goal %v verdict %q", r.Ratio, r.Met, r.Info, r.Goal, r.Verdict())
+	}
+	sk := skippedRow("pool-restore", "n", "ms", 0.25, noPool)
+	if sk.Verdict() != "not measured: no warm pool in this build" || sk.Met || sk.Ratio != 0 || sk.Goal != 0.25 {
+		t.Fatalf("skipped row: %+v, verdict %q", sk, sk.Verdict())
+	}
+	met := newRow("k", "n", "ms", newFigure("o", "ms", []float64{100}), newFigure("b", "ms", []float64{100}), 1.2, "")
+	missed := newRow("k", "n", "ms", newFigure("o", "ms", []float64{300}), newFigure("b", "ms", []float64{100}), 1.2, "")
+	if met.Verdict() != "yes" || missed.Verdict() != "no" {
+		t.Fatalf("verdicts %q %q", met.Verdict(), missed.Verdict())
+	}
+	// The template rows' goals: 1.2x a restore, 0.1x a cold boot.
+	tmpl := newFigure("t", "ms", []float64{260, 250, 270})
+	if r := newRow("template-restore", "n", "ms", tmpl, newFigure("r", "ms", []float64{240}), 1.2, ""); !r.Met {
+		t.Errorf("260 ms against a 240 ms restore: ratio %.3f not met", r.Ratio)
+	}
+	if r := newRow("template-cold", "n", "ms", tmpl, newFigure("c", "ms", []float64{2000}), 0.1, ""); r.Met {
+		t.Errorf("260 ms against a 2000 ms boot (0.13x) met a 0.1x goal")
+	}
+}
+
+func TestPoolRowNotMeasuredWithoutAPool(t *testing.T) {
+	if sdkPool != nil {
+		t.Skip("this build has a warm pool")
+	}
+	s := &suite{o: SuiteOptions{Options: Options{Rounds: 3}}}
+	rows, err := s.poolGroup(context.Background())
+	if err != nil || len(rows) != 1 {
+		t.Fatalf("poolGroup = %d rows, %v", len(rows), err)
+	}
+	if r := rows[0]; r.Key != "pool-restore" || r.Skipped != noPool || r.Goal != 0.25 || len(r.Ours.Samples) != 0 {
+		t.Fatalf("pool row %+v", r)
+	}
+}
+
+func TestFloors(t *testing.T) {
+	// 10 restores of 640 ms CPU on 2 cores: 3200 ms; never below one restore.
+	if got := cpuFloor(620, 640, 10, 2); got != 3200 {
+		t.Errorf("cpuFloor = %v, want 3200", got)
+	}
+	if got := cpuFloor(620, 50, 10, 2); got != 620 {
+		t.Errorf("cpuFloor = %v, want one restore's 620", got)
+	}
+	if got := cpuFloor(100, 100, 4, 0); got != 400 {
+		t.Errorf("cpuFloor with 0 cores = %v, want 400 (one core)", got)
+	}
+	// One VM of 90 MiB and 9 more TCG caches of 16 MiB.
+	if got := memoryFloor(90, 16, 10); got != 234 {
+		t.Errorf("memoryFloor = %v, want 234", got)
+	}
+	if got := memoryFloor(90, 16, 1); got != 90 {
+		t.Errorf("memoryFloor of one clone = %v, want 90", got)
+	}
+}
+
+func TestChartShowsInfoAndSkippedRows(t *testing.T) {
+	rep := SuiteReport{Host: Host{Accel: "tcg"}, Rows: []Row{
+		newInfoRow("i", "info row", "ms", newFigure("o", "ms", []float64{50}), newFigure("b", "ms", []float64{100}), ""),
+		skippedRow("pool-restore", "pool row", "ms", 0.25, noPool),
+	}}
+	var buf bytes.Buffer
+	if err := WriteChart(&buf, rep); err != nil {
+		t.Fatal(err)
+	}
+	s := buf.String()
+	for _, want := range []string{"0.50×  information, no goal", "not measured: no warm pool in this build"} {
+		if !strings.Contains(s, want) {
+			t.Errorf("chart lacks %q", want)
+		}
+	}
+	if n := strings.Count(s, "stroke-dasharray"); n != 1 { // the legend's only
+		t.Errorf("%d dashed goal marks, want only the legend's: an information or skipped row has a goal mark", n)
+	}
+}
+
+// rawConnToAgentServer serves the real agent protocol on one end of a
+// pipe (wrapped by wrap) and returns a raw connection on the other.
+func rawConnToAgentServer(t *testing.T, wrap func(net.Conn) net.Conn) *rawConn {
+	t.Helper()
+	srv := agent.NewServer(agent.Options{EnvFile: filepath.Join(t.TempDir(), "env"), ProfileFile: filepath.Join(t.TempDir(), "profile"),
+		Logf: t.Logf})
+	guest, host := net.Pipe()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go srv.ServeConn(ctx, wrap(guest))
+	rc, err := newRawConn(host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rc
+}
+
+// gatedConn holds every read while paused is set: a VM that QEMU stopped
+// answers nothing until it runs again.
+type gatedConn struct {
+	net.Conn
+	gate chan struct{} // closed while running
+	mu   sync.Mutex
+}
+
+func (g *gatedConn) Read(p []byte) (int, error) {
+	g.mu.Lock()
+	gate := g.gate
+	g.mu.Unlock()
+	<-gate
+	return g.Conn.Read(p)
+}
+
+func (g *gatedConn) pause(d time.Duration) {
+	g.mu.Lock()
+	g.gate = make(chan struct{})
+	gate := g.gate
+	g.mu.Unlock()
+	time.AfterFunc(d, func() { close(gate) })
+}
+
+// The downtime probe sees a pause of the agent's channel as its longest
+// round trip, to within an interval.
+func TestPauseProbeMeasuresAPause(t *testing.T) {
+	open := make(chan struct{})
+	close(open)
+	var gc *gatedConn
+	rc := rawConnToAgentServer(t, func(c net.Conn) net.Conn { gc = &gatedConn{Conn: c, gate: open}; return gc })
+	const pause, interval = 150 * time.Millisecond, 2 * time.Millisecond
+	p := newPauseProbe(rc, interval)
+	time.Sleep(30 * time.Millisecond)
+	gc.pause(pause)
+	time.Sleep(pause + 50*time.Millisecond)
+	down, n, err := p.finish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n < 5 || down < pause-5*interval || down > pause+time.Second {
+		t.Fatalf("probe: longest round trip %v over %d pings, want about %v", down, n, pause)
 	}
 }

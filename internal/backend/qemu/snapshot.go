@@ -287,9 +287,10 @@ func (b *Backend) snapshot(ctx context.Context, m backend.Machine, kind backend.
 			// files of the stopped VM).
 			memDone := make(chan error, 1)
 			go func() {
-				// Not fsynced here: the caller flushes every artifact
-				// while it hashes them (backend.Backend.Snapshot).
-				n, err := copySparse(filepath.Join(dir, MemoryFile), m.MemoryFile, false)
+				// Not flushed here: the caller flushes every artifact
+				// while it hashes them (backend.Backend.Snapshot), after
+				// the VM runs again (see flushNone).
+				n, err := copySparse(filepath.Join(dir, MemoryFile), m.MemoryFile, flushNone)
 				b.log.Debug("snapshot memory", "id", m.ID, "migrate", tMig, "copied", n, "total", time.Since(t0))
 				memDone <- err
 			}()
@@ -520,7 +521,7 @@ func (b *Backend) diffDisk(ctx context.Context, m backend.Machine, dst string) (
 	if err != nil {
 		return "", fmt.Errorf("qemu: diff snapshot: %w", err)
 	}
-	if _, err := copySparse(dst, m.Disk, false); err != nil { // fsynced by the caller
+	if _, err := copySparse(dst, m.Disk, flushNone); err != nil { // fsynced by the caller
 		return "", fmt.Errorf("qemu: diff snapshot: %w", err)
 	}
 	if ii.backingPath() != base {
