@@ -71,12 +71,9 @@ func (s *suite) templateGroup(ctx context.Context) ([]Row, error) {
 	return rows(), nil
 }
 
-// warmPool is what the pool row needs of the SDK's warm pool. While the
-// SDK has none, sdkPool is nil and the row is reported as not measured.
-// Once it has one, setting sdkPool (two functions wrapping the SDK's
-// calls) is all the row needs: the create it times is the same
-// New+Start+Run("true") as the template row's, which claims a pooled
-// sandbox when one is ready.
+// warmPool is what the pool rows need of the SDK's warm pool: the create
+// they time is the same New+Start+Run("true") as the template row's, which
+// claims a pooled sandbox when one is ready.
 type warmPool struct {
 	// Fill keeps n restored, paused sandboxes of cfg's shape ready and
 	// returns once they are (the suite calls it before every timed create,
@@ -86,28 +83,93 @@ type warmPool struct {
 	Drain func(ctx context.Context, m *smolvm.Manager, cfg smolvm.Config) error
 }
 
-// sdkPool is the SDK's warm pool; nil: this build has none.
-var sdkPool *warmPool
+// sdkPool is the SDK's warm pool (Manager.SetPool, FillPools).
+var sdkPool = &warmPool{
+	Fill: func(ctx context.Context, m *smolvm.Manager, cfg smolvm.Config, n int) error {
+		if err := m.SetPool(ctx, cfg.Image, poolOptions(cfg), n); err != nil {
+			return err
+		}
+		return m.FillPools(ctx)
+	},
+	Drain: func(ctx context.Context, m *smolvm.Manager, cfg smolvm.Config) error {
+		return m.SetPool(ctx, cfg.Image, poolOptions(cfg), 0)
+	},
+}
 
-// noPool is why the pool row is not measured in a build without a pool.
-const noPool = "no warm pool in this build"
+// poolOptions is the pool shape of cfg (what a create of cfg claims).
+func poolOptions(cfg smolvm.Config) smolvm.TemplateOptions {
+	return smolvm.TemplateOptions{MemoryMiB: cfg.MemoryMiB, CPUs: cfg.CPUs, NoNetwork: cfg.NoNetwork, Backend: cfg.Backend, Accel: cfg.Accel}
+}
+
+// poolIdleSize is how many members the idle-cost row keeps ready.
+const poolIdleSize = 2
+
+// poolIdle measures what a full, idle pool of poolIdleSize costs the host:
+// the PSS of its members' processes (VMMs and network sidecars) and their
+// CPU time over a 10 s window, as an information row.
+func (s *suite) poolIdle(ctx context.Context, shape smolvm.Config) (Row, error) {
+	const key, name = "pool-idle", "idle cost of a warm pool of 2 (information)"
+	if err := sdkPool.Fill(ctx, s.m, shape, poolIdleSize); err != nil {
+		return skippedRow(key, name, "MiB", 0, err.Error()), err
+	}
+	pools, err := s.m.Pools(ctx)
+	if err != nil {
+		return skippedRow(key, name, "MiB", 0, err.Error()), err
+	}
+	var p *smolvm.PoolInfo
+	for i := range pools {
+		if pools[i].Image == shape.Image && pools[i].Options.MemoryMiB == shape.MemoryMiB {
+			p = &pools[i]
+		}
+	}
+	if p == nil || p.Ready < poolIdleSize {
+		return skippedRow(key, name, "MiB", 0, "the pool did not fill"), nil
+	}
+	cpu := func() float64 {
+		var t float64
+		for _, pid := range p.PIDs {
+			if v, err := procCPUms(pid); err == nil {
+				t += v
+			}
+		}
+		return t
+	}
+	const window = 10 * time.Second
+	before := cpu()
+	select {
+	case <-ctx.Done():
+		return skippedRow(key, name, "MiB", 0, ctx.Err().Error()), ctx.Err()
+	case <-time.After(window):
+	}
+	cpuMs := cpu() - before
+	mib := float64(p.IdleMemoryKiB) / 1024
+	r := newInfoRow(key, name, "MiB",
+		newFigure(fmt.Sprintf("PSS of the %d ready members' VMMs and sidecars", p.Ready), "MiB", []float64{mib}),
+		Figure{},
+		fmt.Sprintf("%d MiB guests, paused; CPU time of those processes over %s: %.0f ms (%.2f%% of one core)",
+			shape.MemoryMiB, window, cpuMs, 100*cpuMs/float64(window.Milliseconds())))
+	return r, nil
+}
 
 // poolGroup: create -> first command claiming a sandbox from a warm pool
 // against restore -> first command of a full snapshot of the same guest.
 func (s *suite) poolGroup(ctx context.Context) ([]Row, error) {
 	const key, name, goal = "pool-restore", "create from the warm pool -> first command vs restore -> first command", 0.25
-	if sdkPool == nil {
-		return []Row{skippedRow(key, name, "ms", goal, noPool)}, nil
-	}
 	var pooled, restore []float64
+	var idle []Row
 	rows := func() []Row {
-		return []Row{newRow(key, name, "ms",
+		return append([]Row{newRow(key, name, "ms",
 			newFigure("smolvm New+Start+Run(true), default path, a pooled sandbox ready", "ms", pooled),
 			newFigure("smolvm FromSnapshot(Resume)+Run(true) of a full snapshot of the same guest", "ms", restore), goal,
-			fmt.Sprintf("%d MiB guest, no network; the pool is full and idle (refilled untimed) before each side", s.o.MemoryMiB))}
+			fmt.Sprintf("%d MiB guest, no network; the pool is full and idle (refilled untimed) before each side", s.o.MemoryMiB))}, idle...)
 	}
 	shape := s.createConfig("")
 	defer sdkPool.Drain(context.WithoutCancel(ctx), s.m, shape)
+	if r, err := s.poolIdle(ctx, shape); err == nil {
+		idle = append(idle, r)
+	} else {
+		s.progress("pool idle cost: %v", err)
+	}
 	snapID, err := s.sourceSnapshot(ctx, s.name("pool-src"), s.o.MemoryMiB)
 	if err != nil {
 		return rows(), err
