@@ -75,6 +75,8 @@ func chartRow(p func(string, ...any), row Row, y int) {
 		verdict = "not measured: " + row.Skipped
 	case row.Ratio > 0 && row.Info:
 		verdict = fmt.Sprintf("%.2f×  information, no goal", row.Ratio)
+	case row.Info && row.Verdict() == "info":
+		verdict = fmt.Sprintf("%.1f %s  information, no baseline", row.Ours.Median, row.Unit)
 	case row.Ratio > 0 && row.Met:
 		verdict, col = fmt.Sprintf("%.2f×  goal ≤ %.2f×  met", row.Ratio, row.Goal), colMet
 	case row.Ratio > 0:

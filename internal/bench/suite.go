@@ -111,6 +111,8 @@ func (r Row) Verdict() string {
 	switch {
 	case r.Skipped != "":
 		return "not measured: " + r.Skipped
+	case r.Info && len(r.Ours.Samples) > 0 && len(r.Baseline.Samples) == 0:
+		return "info" // a figure of its own, nothing to compare it with
 	case r.Ratio == 0:
 		return "not measured"
 	case r.Info:

@@ -289,3 +289,15 @@ func TestPauseProbeMeasuresAPause(t *testing.T) {
 		t.Fatalf("probe: longest round trip %v over %d pings, want about %v", down, n, pause)
 	}
 }
+
+// TestInfoRowWithoutBaseline: an information figure with nothing to compare
+// it with (the pool's idle cost) is "info", not "not measured".
+func TestInfoRowWithoutBaseline(t *testing.T) {
+	r := newInfoRow("pool-idle", "n", "MiB", newFigure("pss", "MiB", []float64{135}), Figure{}, "")
+	if v := r.Verdict(); v != "info" {
+		t.Errorf("verdict %q, want info", v)
+	}
+	if v := newInfoRow("x", "n", "MiB", Figure{}, Figure{}, "").Verdict(); v != "not measured" {
+		t.Errorf("empty info row: verdict %q", v)
+	}
+}
