@@ -27,7 +27,10 @@ const (
 	// running: delete it (or start it, or restore its snapshot again).
 	FixResolveStrayVMM FixAction = "resolve_stray_vmm"
 	FixKillProcess     FixAction = "kill_process" // ArgPID
-	FixShowLogs        FixAction = "show_logs"    // ArgVM: read the VM's console and VMM logs
+	// FixRemovePool: set the warm pool of image ArgImage to size 0 (its
+	// members are deleted).
+	FixRemovePool FixAction = "remove_pool"
+	FixShowLogs   FixAction = "show_logs" // ArgVM: read the VM's console and VMM logs
 	// FixRunDoctor: run [Manager.Doctor]; with ArgVM, then read that VM's
 	// logs.
 	FixRunDoctor FixAction = "run_doctor"
@@ -184,6 +187,7 @@ var neutralFix = map[FixAction]func(Fix) string{
 		return "delete vm " + f.Arg(ArgVM) + " (or start it, or restore its snapshot again)"
 	},
 	FixKillProcess: func(f Fix) string { return "kill process " + f.Arg(ArgPID) },
+	FixRemovePool:  func(f Fix) string { return "remove the warm pool of image " + f.Arg(ArgImage) },
 	FixShowLogs:    func(f Fix) string { return "read the logs of vm " + f.Arg(ArgVM) },
 	FixRunDoctor: func(f Fix) string {
 		if vm := f.Arg(ArgVM); vm != "" {

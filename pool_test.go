@@ -52,7 +52,10 @@ func TestPool(t *testing.T) {
 			cliEnv = append(cliEnv, kv)
 		}
 	}
-	var lastOut []byte
+	var (
+		outMu   sync.Mutex
+		lastOut []byte // the last successful command's output (read after sequential calls)
+	)
 	cli := func(args ...string) error {
 		cmd := exec.CommandContext(ctx, bin, append([]string{"--data-dir", dataDir, "--image-dir", testImageDir, "--json"}, args...)...)
 		cmd.Env = cliEnv
@@ -64,7 +67,9 @@ func TestPool(t *testing.T) {
 		if ok, _ := env["ok"].(bool); !ok {
 			return fmt.Errorf("%v failed: %s", args, out)
 		}
+		outMu.Lock()
 		lastOut = out
+		outMu.Unlock()
 		return nil
 	}
 	opts := smolvm.TemplateOptions{MemoryMiB: 256}

@@ -1027,10 +1027,12 @@ func (d *deleteSnapshotOp) lockUsers(ctx context.Context) error {
 		}
 		if rec.Status == store.VMRunning || rec.Status == store.VMPaused {
 			msg := fmt.Sprintf("snapshot %s is in use: vm %s restored from it is %s", d.id, u.ID, rec.Status)
+			fix := newFix(FixStopVM, ArgVM, u.ID)
 			if strings.HasPrefix(u.ID, poolPrefix) {
-				msg += " (a warm pool's member: remove the pool first, smolvm template pool IMAGE --size 0)"
+				msg += " (a member of a warm pool)"
+				fix = newFix(FixRemovePool, ArgImage, d.m.info(rec).Image)
 			}
-			return newErr("snapshot delete", ErrSnapshotInUse, newFix(FixStopVM, ArgVM, u.ID), msg)
+			return newErr("snapshot delete", ErrSnapshotInUse, fix, msg)
 		}
 		d.stopped = append(d.stopped, rec)
 	}

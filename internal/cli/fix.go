@@ -58,7 +58,10 @@ var fixWords = map[smolvm.FixAction]func(smolvm.Fix) string{
 		return "smolvm sandbox delete " + f.Arg(smolvm.ArgVM) + " (or start it, or restore its snapshot again)"
 	},
 	smolvm.FixKillProcess: func(f smolvm.Fix) string { return "kill " + f.Arg(smolvm.ArgPID) },
-	smolvm.FixShowLogs:    func(f smolvm.Fix) string { return "smolvm sandbox logs " + f.Arg(smolvm.ArgVM) },
+	smolvm.FixRemovePool: func(f smolvm.Fix) string {
+		return "smolvm template pool " + f.Arg(smolvm.ArgImage) + " --size 0 (with the pool's --memory/--cpus)"
+	},
+	smolvm.FixShowLogs: func(f smolvm.Fix) string { return "smolvm sandbox logs " + f.Arg(smolvm.ArgVM) },
 	smolvm.FixRunDoctor: func(f smolvm.Fix) string {
 		if vm := f.Arg(smolvm.ArgVM); vm != "" {
 			return "smolvm doctor; then smolvm sandbox logs " + vm

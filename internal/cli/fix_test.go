@@ -41,6 +41,7 @@ func TestFixWords(t *testing.T) {
 		{fx(smolvm.FixDeleteFailedVMs), "smolvm sandbox list --all; smolvm sandbox delete NAME"},
 		{fx(smolvm.FixResolveStrayVMM, vm, "killme"), "smolvm sandbox delete killme (or start it, or restore its snapshot again)"},
 		{fx(smolvm.FixKillProcess, smolvm.ArgPID, "42"), "kill 42"},
+		{fx(smolvm.FixRemovePool, smolvm.ArgImage, "busybox"), "smolvm template pool busybox --size 0 (with the pool's --memory/--cpus)"},
 		{fx(smolvm.FixShowLogs, vm, "a"), "smolvm sandbox logs a"},
 		{fx(smolvm.FixRunDoctor), "smolvm doctor"},
 		{fx(smolvm.FixRunDoctor, vm, "a"), "smolvm doctor; then smolvm sandbox logs a"},
