@@ -167,6 +167,7 @@ func TestForkClones(t *testing.T) {
 // Restore time must not depend on guest RAM: both a small and a large guest
 // restore and answer (the figures are in smolvm bench suite).
 func TestRestoreLargeAndSmallGuest(t *testing.T) {
+	t.Parallel() // its own VMs: runs beside the other parallel VM tests, on the second core
 	m := newManager(t)
 	ctx := testCtx(t)
 	for _, mem := range []int{256, 2048} {

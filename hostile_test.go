@@ -213,6 +213,7 @@ func (w *countingWriter) Write(p []byte) (int, error) { w.n.Add(int64(len(p))); 
 // only 4-16 MB/s, so 2 GiB would take minutes. 256 MiB is 64 times the
 // cap: a leak of the data would show.)
 func TestExecOutputCapBoundsCLIMemory(t *testing.T) {
+	t.Parallel() // the shared VM, from a separate CLI process: runs beside the other parallel VM tests
 	sharedVM(t)
 	const cmd = "dd if=/dev/zero bs=1M count=256 2>/dev/null"
 	// The real CLI binary, built as scripts/setup builds it: the test

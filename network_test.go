@@ -80,6 +80,7 @@ func TestNetworkPolicyValidation(t *testing.T) {
 // 10.0.2.2 or the host's address), metadata, or a private address (the
 // host's own resolver at 10.255.255.53 included).
 func TestDebianNetworkDefault(t *testing.T) {
+	t.Parallel() // its own VMs: runs beside the other parallel VM tests, on the second core
 	m := newManager(t)
 	vm := boot(t, m, smolvm.Config{Name: "netdefault"})
 	port := hostHTTP(t)
@@ -128,6 +129,7 @@ except socket.timeout:
 // TestDebianNetworkAllowlist: with the apt mirror's name allowed, apt works;
 // other hosts fail, with a reason the host can show.
 func TestDebianNetworkAllowlist(t *testing.T) {
+	t.Parallel() // its own VMs: runs beside the other parallel VM tests, on the second core
 	m := newManager(t)
 	vm := boot(t, m, smolvm.Config{Name: "netallow", Network: smolvm.NetworkPolicy{
 		Mode: smolvm.NetworkAllowlist, AllowDomains: []string{"deb.debian.org"}}})

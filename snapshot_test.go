@@ -48,6 +48,7 @@ func checkWorkload(t *testing.T, vm *smolvm.VM) (tmpfs, process, disk bool) {
 }
 
 func TestSnapshotTypesPreserveState(t *testing.T) {
+	t.Parallel() // its own VMs: runs beside the other parallel VM tests, on the second core
 	m := newManager(t)
 	for _, typ := range []smolvm.SnapshotType{smolvm.SnapshotFull, smolvm.SnapshotDiff, smolvm.SnapshotDisk} {
 		t.Run(string(typ), func(t *testing.T) {
