@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/smolvm-go/smolvm/internal/agentproto"
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/snapshot"
 	"github.com/smolvm-go/smolvm/internal/steps"
@@ -644,6 +645,9 @@ type restoreOp struct {
 	m    *Manager
 	id   string
 	opts RestoreOptions
+	// newIdentity: the snapshot predates machine-ids, so this restore
+	// gives the guest one (and re-applies its whole identity).
+	newIdentity bool
 
 	locks    heldLocks
 	man      snapshot.Manifest
@@ -717,6 +721,7 @@ func (r *restoreOp) verify(ctx context.Context) error {
 	r.spec = man.Spec
 	if r.spec.MachineID == "" {
 		r.spec.MachineID = newMachineID() // a snapshot from before machine-ids
+		r.newIdentity = true
 	}
 	r.spec.Dir, r.spec.RunDir = r.m.vmDir(r.vmID), r.m.runDir(r.vmID)
 	r.spec.Disk = filepath.Join(r.spec.Dir, filepath.Base(r.spec.Disk))
@@ -856,7 +861,15 @@ func (r *restoreOp) connectAgent(ctx context.Context) error {
 	cancel()
 	if err == nil {
 		r.vm.setClient(c)
-		err = r.vm.afterBoot(ctx, c, r.mach.Spec, nil)
+		if r.newIdentity {
+			err = r.vm.afterBoot(ctx, c, r.mach.Spec, nil)
+		} else {
+			// The guest is the snapshot's VM under its own id: its
+			// hostname, MAC and machine-id are already right. It needs
+			// the host's clock and fresh randomness (another restore
+			// of this image shares its CRNG state).
+			err = r.vm.setClockAndIdentity(ctx, c, agentproto.SetIdentityRequest{})
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("the restored vm's agent did not answer: %w", err)
