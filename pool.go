@@ -100,6 +100,10 @@ func optionsOf(cfg Config) TemplateOptions {
 	return TemplateOptions{MemoryMiB: cfg.MemoryMiB, CPUs: cfg.CPUs, NoNetwork: cfg.NoNetwork, Backend: cfg.Backend, Accel: cfg.Accel}
 }
 
+// poolWarmTimeout bounds the one command that warms a new pool member
+// (a detached filler has no other deadline; the image's shell runs it).
+const poolWarmTimeout = 60 * time.Second
+
 // SetPool keeps n restored, paused VMs of image with the shape in opts
 // ready (the template is built when needed). n = 0 removes the pool and
 // deletes its members. SetPool only records the size: FillPools (or
@@ -115,12 +119,16 @@ func (m *Manager) SetPool(ctx context.Context, imageName string, opts TemplateOp
 	if _, err := m.openImage(cfg.Image); err != nil {
 		return err
 	}
-	name, tag := poolKey(cfg)
+	name, _ := poolKey(cfg)
 	if n == 0 {
 		if err := m.store.DeletePool(ctx, name); err != nil && !errors.Is(err, store.ErrNotFound) {
 			return err
 		}
-		return m.drainPool(ctx, tag, nil)
+		// Drain under the pool's fill lock (fillPool of a pool with no row
+		// drains it): a filler that read the old size before the row went
+		// must not add members after this drain, where nothing would find
+		// them again.
+		return m.fillPool(ctx, imageName, opts)
 	}
 	b, err := m.backend(string(cfg.Backend))
 	if err != nil {
@@ -302,7 +310,7 @@ func (m *Manager) addPoolMember(ctx context.Context, cfg Config, tag string) (er
 	// Warm the guest paths a claim's first command takes (under TCG the
 	// code is translated per VMM process, on first use): one command. It
 	// leaves nothing behind in the guest.
-	if res, err := vm.Run(ctx, "true"); err != nil {
+	if res, err := vm.Run(ctx, "true", WithTimeout(poolWarmTimeout)); err != nil {
 		return fmt.Errorf("warming pool member %s: %w", vm.id, err)
 	} else if !res.OK() {
 		return fmt.Errorf("warming pool member %s: exit %d", vm.id, res.ExitCode)

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -172,6 +173,11 @@ fills the pool before it returns.`,
 		Use: "fill", Short: "Bring every warm pool to its size (what a create runs, detached, after claiming)", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
+				// Detached fillers have no caller to stop them: each gives
+				// up after poolFillTimeout (one stuck behind another's lock
+				// or on a guest does not stay forever).
+				ctx, cancel := context.WithTimeout(ctx, poolFillTimeout)
+				defer cancel()
 				if err := m.FillPools(ctx); err != nil {
 					return err
 				}
@@ -192,6 +198,9 @@ func poolTable(w io.Writer, pools []smolvm.PoolInfo) {
 	}
 	table(w, []string{"IMAGE", "MEMORY", "CPUS", "NETWORK", "SIZE", "READY", "IDLE MEMORY (PSS)"}, rows)
 }
+
+// poolFillTimeout bounds one "template pool fill" run.
+const poolFillTimeout = 10 * time.Minute
 
 // refillPools starts a detached "smolvm template pool fill" when a pool
 // is short (a create just claimed a member): after the create's Start
@@ -215,12 +224,9 @@ func (a *app) refillPools(ctx context.Context, m *smolvm.Manager) {
 		return
 	}
 	logPath := filepath.Join(m.DataDir(), "pool-fill.log")
-	flags := os.O_CREATE | os.O_WRONLY | os.O_APPEND | syscall.O_NOFOLLOW
-	if st, err := os.Stat(logPath); err == nil && st.Size() > 1<<20 {
-		flags |= os.O_TRUNC
-	}
-	logf, err := os.OpenFile(logPath, flags, 0o600)
+	logf, err := openFillLog(logPath)
 	if err != nil {
+		fmt.Fprintf(a.stderr, "warning: not refilling the warm pool: %v\n", err)
 		return
 	}
 	defer logf.Close()
@@ -232,4 +238,28 @@ func (a *app) refillPools(ctx context.Context, m *smolvm.Manager) {
 		return
 	}
 	cmd.Process.Release()
+}
+
+// openFillLog opens the detached filler's log for appending (truncated
+// past 1 MiB): never through a link, never a FIFO or device (opened
+// non-blocking, then it must be a regular file of this user), as the data
+// dir is not known to be private.
+func openFillLog(path string) (*os.File, error) {
+	flags := os.O_CREATE | os.O_WRONLY | os.O_APPEND | syscall.O_NOFOLLOW | syscall.O_NONBLOCK
+	if st, err := os.Lstat(path); err == nil && st.Mode().IsRegular() && st.Size() > 1<<20 {
+		flags |= os.O_TRUNC
+	}
+	f, err := os.OpenFile(path, flags, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	st, err := f.Stat()
+	if err == nil && (!st.Mode().IsRegular() || st.Sys().(*syscall.Stat_t).Uid != uint32(os.Geteuid())) {
+		err = fmt.Errorf("%s is not a regular file of this user", path)
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
 }
