@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -66,15 +67,20 @@ func freePort(t *testing.T) int {
 func fetchThroughForward(t *testing.T, c *agentclient.Client, hostPort, guestPort int, body string) {
 	t.Helper()
 	testutil.Run(t, c, fmt.Sprintf("(echo -e 'HTTP/1.0 200 OK\\r\\n\\r\\n%s' | nc -l -p %d >/dev/null 2>&1 &) ; sleep 0.3", body, guestPort))
+	// A plain TCP read, not an HTTP client: nc answers as soon as the
+	// connection opens, before any request, and Go's HTTP transport drops
+	// bytes that arrive before it wrote its request ("unsolicited response
+	// on idle HTTP channel"), after which the one-shot nc is gone.
 	var got string
 	for i := 0; i < 50 && !strings.Contains(got, body); i++ {
-		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", hostPort))
+		conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", hostPort), 5*time.Second)
 		if err == nil {
-			b := make([]byte, 256)
-			k, _ := resp.Body.Read(b)
-			resp.Body.Close()
-			got = string(b[:k])
-		} else {
+			conn.SetDeadline(time.Now().Add(5 * time.Second))
+			b, _ := io.ReadAll(io.LimitReader(conn, 256))
+			conn.Close()
+			got = string(b)
+		}
+		if !strings.Contains(got, body) {
 			time.Sleep(100 * time.Millisecond)
 		}
 	}
