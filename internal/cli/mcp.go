@@ -43,7 +43,7 @@ Client configuration (Claude Desktop, Cursor, ...):
 				return err
 			}
 			return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
-				s := mcpserver.New(m, version())
+				s := mcpserver.New(m, mcpVersion())
 				err := s.Run(ctx, &mcp.IOTransport{Reader: os.Stdin, Writer: out, MaxLineLength: mcpMaxLine})
 				if ctx.Err() != nil {
 					return nil // SIGINT/SIGTERM: a normal end
@@ -61,7 +61,7 @@ Client configuration (Claude Desktop, Cursor, ...):
 func (a *app) mcpStdout() (io.WriteCloser, error) {
 	f, ok := a.stdout.(*os.File)
 	if !ok || f.Fd() != uintptr(unix.Stdout) {
-		return nopCloser{a.stdout}, nil
+		return mcpNopCloser{a.stdout}, nil
 	}
 	fd, err := unix.FcntlInt(uintptr(unix.Stdout), unix.F_DUPFD_CLOEXEC, 3)
 	if err != nil {
@@ -74,13 +74,13 @@ func (a *app) mcpStdout() (io.WriteCloser, error) {
 	return os.NewFile(uintptr(fd), "mcp-stdout"), nil
 }
 
-type nopCloser struct{ io.Writer }
+type mcpNopCloser struct{ io.Writer }
 
-func (nopCloser) Close() error { return nil }
+func (mcpNopCloser) Close() error { return nil }
 
-// version is this build's module version ("dev" for a source build).
-// TODO(merge): use the daemon's version string once helper A's is in.
-func version() string {
+// mcpVersion is this build's module version ("dev" for a source build).
+// TODO(merge): use the daemon's version (helper A's `version` in serve.go).
+func mcpVersion() string {
 	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
 		return bi.Main.Version
 	}
