@@ -209,7 +209,7 @@ func (t *tools) register(s *mcp.Server) {
 	add(s, spec{name: "sandbox_create", title: "Create a sandbox", deadline: longDeadline,
 		desc: "Create and start a new sandbox (a Linux microVM) and return it. Its id is what the other tools take " +
 			"as sandbox_id. It keeps running until sandbox_delete, also after this session ends.",
-		rules: rules{"memory_mib": {minMax(128, 16384)}, "cpus": {minMax(1, 32)}, "name": {maxLen(64)},
+		rules: rules{"memory_mib": {minMax(smolvm.MinMemoryMiB, smolvm.MaxMemoryMiB)}, "cpus": {minMax(1, smolvm.MaxCPUs)}, "name": {maxLen(64)},
 			"image": {maxLen(64)}, "allow_domains": {maxItems(maxList), each(maxLen(253))},
 			"allow_cidrs": {maxItems(maxList), each(maxLen(64))}, "env": envRules}}, t.create)
 	add(s, spec{name: "sandbox_list", title: "List sandboxes", deadline: quickDeadline, readOnly: true,
