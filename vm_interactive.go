@@ -111,6 +111,12 @@ func (vm *VM) Attach(ctx context.Context, spec ExecSpec) (*Session, error) {
 	return s, nil
 }
 
+// Validate checks the spec as Attach does (ErrInvalidConfig).
+func (spec ExecSpec) Validate() error {
+	_, err := spec.request()
+	return err
+}
+
 // request checks the spec and makes the agent's request of it.
 func (spec ExecSpec) request() (agentproto.ExecRequest, error) {
 	bad := func(format string, args ...any) (agentproto.ExecRequest, error) {
