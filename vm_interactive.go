@@ -163,13 +163,21 @@ func (s *Session) Resize(ctx context.Context, size TTYSize) error {
 func (s *Session) Signal(ctx context.Context, sig syscall.Signal) error {
 	for name, n := range agentproto.SignalNames {
 		if n == int(sig) {
-			if err := s.s.Signal(ctx, name); err != nil {
-				return s.err("signal", err)
-			}
-			return nil
+			return s.SignalName(ctx, name)
 		}
 	}
 	return newErr("signal", ErrInvalidConfig, Fix{}, fmt.Sprintf("signal %d (%v) cannot be sent to a guest command", int(sig), sig))
+}
+
+// SignalName is Signal by name ("SIGINT", "INT" or "int").
+func (s *Session) SignalName(ctx context.Context, name string) error {
+	if _, _, err := agentproto.ParseSignal(name); err != nil {
+		return newErr("signal", ErrInvalidConfig, Fix{}, err.Error())
+	}
+	if err := s.s.Signal(ctx, name); err != nil {
+		return s.err("signal", err)
+	}
+	return nil
 }
 
 // Wait waits for the command to exit and returns its exit code: 128+N when
