@@ -4,7 +4,7 @@
 // github.com/creack/pty does the same, but its files are in blocking mode
 // (it calls Fd()), so closing one does not wake a goroutine reading it;
 // the agent closes a terminal's master to end its reader. See
-// docs/adr/0012-interactive-exec.md.
+// docs/adr/0019-interactive-exec.md.
 package ptyutil
 
 import (
