@@ -37,7 +37,10 @@
 //	                                (code as smolvm.ErrorCode); the connection closes
 //
 // A client that goes away (the connection closes or breaks) ends the
-// session: the command's process group is killed. Output the client does
+// session: the command's process group is killed. The server keeps reading
+// while the command does not read its input, so that it notices a client
+// that goes away: it holds at most MaxStdinBuffer bytes of input for the
+// command, and a client that sends more ends the session with an error. Output the client does
 // not read holds the command (backpressure); a client that reads nothing
 // for 60 s while output waits is dropped, which kills the command too.
 // The VM that open returns stays open's: the handler does not close it.
@@ -51,6 +54,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/coder/websocket"
@@ -63,6 +67,9 @@ import (
 const (
 	// MaxMessage bounds a client message (a stdin chunk, a control message).
 	MaxMessage = 1 << 20
+	// MaxStdinBuffer bounds the input held for a command that does not
+	// read it yet.
+	MaxStdinBuffer = 4 << 20
 	// StartTimeout bounds the wait for the start message.
 	StartTimeout = 30 * time.Second
 	// WriteTimeout bounds one message to the client.
@@ -277,16 +284,19 @@ func serve(ctx context.Context, cancel context.CancelFunc, conn *websocket.Conn,
 }
 
 // readLoop hands the client's messages to the session until reading fails
-// or a message is bad.
+// or a message is bad. Input goes through a bounded queue, so reading goes
+// on while the command does not read.
 func readLoop(ctx context.Context, conn *websocket.Conn, s *smolvm.Session) error {
+	q := &stdinQueue{wake: make(chan struct{}, 1)}
+	go q.feed(ctx, s.Stdin)
 	for {
 		typ, data, err := conn.Read(ctx)
 		if err != nil {
 			return fmt.Errorf("client gone: %w", err)
 		}
 		if typ == websocket.MessageBinary {
-			if _, err := s.Stdin.Write(data); err != nil {
-				continue // the command ended (its stdin is closed): its exit follows
+			if err := q.push(data); err != nil {
+				return err
 			}
 			continue
 		}
@@ -298,11 +308,84 @@ func readLoop(ctx context.Context, conn *websocket.Conn, s *smolvm.Session) erro
 		case TypeStart:
 			return invalid("a second start message")
 		case TypeEOF:
-			s.Stdin.Close()
+			q.close()
 		case TypeResize:
 			_ = s.Resize(ctx, smolvm.TTYSize{Rows: c.Rows, Cols: c.Cols})
 		case TypeSignal:
 			_ = s.SignalName(ctx, c.Signal)
+		}
+	}
+}
+
+// stdinQueue holds the client's input until the command reads it, at most
+// MaxStdinBuffer bytes.
+type stdinQueue struct {
+	mu   sync.Mutex
+	bufs [][]byte
+	size int
+	eof  bool
+	wake chan struct{}
+}
+
+func (q *stdinQueue) push(b []byte) error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.eof {
+		return invalid("input after eof")
+	}
+	if q.size+len(b) > MaxStdinBuffer {
+		return invalid("the client sent %d bytes of input more than the command read (at most %d are held)", q.size+len(b), MaxStdinBuffer)
+	}
+	q.bufs = append(q.bufs, b)
+	q.size += len(b)
+	q.notify()
+	return nil
+}
+
+func (q *stdinQueue) close() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.eof = true
+	q.notify()
+}
+
+func (q *stdinQueue) notify() {
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+}
+
+// feed writes the queue to w until eof (then closes w) or ctx ends. Once
+// w fails (the command ended) input is dropped.
+func (q *stdinQueue) feed(ctx context.Context, w io.WriteCloser) {
+	failed := false
+	for {
+		q.mu.Lock()
+		var b []byte
+		if len(q.bufs) > 0 {
+			b, q.bufs = q.bufs[0], q.bufs[1:]
+		}
+		eof := q.eof && b == nil
+		q.mu.Unlock()
+		switch {
+		case b != nil:
+			if !failed {
+				_, err := w.Write(b)
+				failed = err != nil
+			}
+			q.mu.Lock()
+			q.size -= len(b)
+			q.mu.Unlock()
+			continue
+		case eof:
+			w.Close()
+			return
+		}
+		select {
+		case <-q.wake:
+		case <-ctx.Done():
+			return
 		}
 	}
 }

@@ -197,6 +197,14 @@ func TestWebSocketSession(t *testing.T) {
 		c := dial(t, url, map[string]any{"command": "echo $$; exec sleep 1000"})
 		c.waitOutput(t, "\n")
 		pid := strings.TrimSpace(c.stdout.String())
+		// Input the command does not read, past the agent's window: the
+		// server keeps reading, so it sees the client go.
+		for range 2 {
+			if err := c.conn.Write(context.Background(), websocket.MessageBinary, make([]byte, 1<<20)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
 		c.conn.CloseNow() // no close handshake: the client vanished
 		vm := sharedVM(t)
 		deadline := time.Now().Add(15 * time.Second)
@@ -212,6 +220,19 @@ func TestWebSocketSession(t *testing.T) {
 				t.Fatalf("pid %s still runs after its client vanished", pid)
 			}
 			time.Sleep(100 * time.Millisecond)
+		}
+	})
+	t.Run("input overflow", func(t *testing.T) {
+		c := dial(t, url, map[string]any{"argv": []string{"sleep", "1000"}})
+		go func() {
+			for range 6 {
+				if c.conn.Write(context.Background(), websocket.MessageBinary, make([]byte, 1<<20)) != nil {
+					return
+				}
+			}
+		}()
+		if m := c.next(t); m["type"] != "error" || !strings.Contains(fmt.Sprint(m["error"]), "more than the command read") {
+			t.Fatalf("got %v", m)
 		}
 	})
 	t.Run("refusals", func(t *testing.T) {
