@@ -235,3 +235,66 @@ func TestInteractiveOldAgent(t *testing.T) {
 		t.Fatalf("StartExec: %v", r.err)
 	}
 }
+
+// A hostile guest: a bad started reply, no started at all (the call
+// deadline), acks it was never owed, output over the bound. Each fails
+// only its session, within bounds.
+func TestInteractiveHostileGuest(t *testing.T) {
+	g, dial := newScripted(t)
+	go g.answerHello(t)
+	c, err := Connect(ctxT(t, 10*time.Second), dial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetCallTimeout(300*time.Millisecond, 0)
+	type res struct {
+		s   *Session
+		err error
+	}
+	start := func() (chan res, agentproto.Header) {
+		done := make(chan res, 1)
+		go func() {
+			s, err := c.StartExec(ctxT(t, 10*time.Second), agentproto.ExecRequest{Argv: []string{"cat"}}, io.Discard, io.Discard)
+			done <- res{s, err}
+		}()
+		var h agentproto.Header
+		for h.Type != agentproto.TypeExec {
+			h, _ = g.next(t)
+		}
+		return done, h
+	}
+	// A negative pid.
+	done, h := start()
+	g.send(t, h.ID, agentproto.TypeStarted, agentproto.Started{PID: -1})
+	if r := <-done; !errors.Is(r.err, ErrProtocol) {
+		t.Fatalf("negative pid: %v", r.err)
+	}
+	g.next(t) // its cancel
+	// No started: the call deadline.
+	done, _ = start()
+	if r := <-done; !errors.Is(r.err, ErrTimeout) {
+		t.Fatalf("no started: %v", r.err)
+	}
+	g.next(t) // its cancel
+	// Acks never owed are ignored; output over the bound fails the session.
+	done, h = start()
+	g.send(t, h.ID, agentproto.TypeStarted, agentproto.Started{PID: 7})
+	r := <-done
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	for range 3 * agentproto.StdinWindow {
+		g.send(t, h.ID, agentproto.TypeStdinAck, nil)
+	}
+	g.send(t, h.ID, agentproto.TypeOutput, agentproto.Output{Stream: "stdout", Data: make([]byte, agentproto.MaxOutputChunk+1)})
+	if _, err := r.s.Wait(); !errors.Is(err, ErrProtocol) {
+		t.Fatalf("oversized output: %v", err)
+	}
+	if len(r.s.credits) > agentproto.StdinWindow {
+		t.Fatalf("%d credits", len(r.s.credits))
+	}
+	if h2, _ := g.next(t); h2.Type != agentproto.TypeCancel || h2.ID != h.ID {
+		t.Fatalf("after the protocol violation the client sent %+v, want cancel", h2)
+	}
+}
