@@ -229,6 +229,7 @@ func (s *Server) execute(ctx context.Context, req agentproto.ExecRequest, out fu
 		dones = append(dones, pumpOutput(p.errR, agentproto.StreamStderr, out, &detached))
 	}
 	res, ws := waitExit(ctx, pid, wait, req.TimeoutMS, p.signal)
+	ip.exited() // its pid may be reused from now on: no more signals
 	if !p.tty {
 		closeFile(p.stdinW) // unblock a writer stuck on a process that stopped reading
 	}

@@ -72,6 +72,17 @@ func (ip *interactive) run(pid int, p *execPipes) {
 	ip.started(pid)
 }
 
+// exited forgets the process (reaped: its pid may be reused), so that no
+// later signal or resize reaches another. A no-op on a nil receiver.
+func (ip *interactive) exited() {
+	if ip == nil {
+		return
+	}
+	ip.mu.Lock()
+	ip.pid = 0
+	ip.mu.Unlock()
+}
+
 // feed writes the queued stdin messages to w (the stdin pipe, or the
 // terminal's master) and acknowledges each. EOF closes the pipe; on a
 // terminal it types the end-of-file character (^D: it ends input at the
@@ -147,7 +158,7 @@ func handleResize(r request, req agentproto.ResizeRequest) {
 	}
 	ip.mu.Lock()
 	defer ip.mu.Unlock()
-	if ip.p != nil && ip.p.tty {
+	if ip.pid > 0 && ip.p.tty {
 		if err := ptyutil.SetSize(ip.p.outR, req.Rows, req.Cols); err != nil {
 			r.ss.srv.logf("exec %d: resize: %v", r.id, err)
 		}
