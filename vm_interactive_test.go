@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"regexp"
 	"strings"
 	"syscall"
@@ -160,4 +161,26 @@ func TestAttach(t *testing.T) {
 			}
 		}
 	})
+}
+
+// An interactive shell on a terminal, wired to this process's standard
+// streams (what `smolvm sandbox shell` does, without raw mode and resizes).
+func ExampleVM_Attach() {
+	ctx := context.Background()
+	vm, err := smolvm.New(ctx, smolvm.Config{Image: "busybox"})
+	if err != nil {
+		panic(err)
+	}
+	defer vm.Delete(ctx)
+	if err := vm.Start(ctx); err != nil {
+		panic(err)
+	}
+	s, err := vm.Attach(ctx, smolvm.ExecSpec{Shell: "exec /bin/sh -l", TTY: &smolvm.TTYSize{Rows: 24, Cols: 80}})
+	if err != nil {
+		panic(err)
+	}
+	go io.Copy(s.Stdin, os.Stdin)
+	go io.Copy(os.Stdout, s.Stdout)
+	code, err := s.Wait()
+	fmt.Println("exit", code, err)
 }
