@@ -205,6 +205,13 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.writeErr(w, r, err)
 		return
 	}
+	// A session lasts as long as its command: the server's read and write
+	// deadlines (http.Server ReadTimeout, WriteTimeout) must not cut it.
+	// net/http clears them when it hijacks today, but http.Hijacker says
+	// a hijacked connection "may have" them: clear them here too.
+	rc := http.NewResponseController(w)
+	_ = rc.SetReadDeadline(time.Time{})
+	_ = rc.SetWriteDeadline(time.Time{})
 	conn, err := websocket.Accept(w, r, nil)
 	if err != nil {
 		return // Accept answered the request

@@ -83,7 +83,10 @@ func server(t *testing.T) string {
 		}
 		return vm, nil
 	}))
-	srv := httptest.NewServer(mux) // 127.0.0.1
+	srv := httptest.NewUnstartedServer(mux) // 127.0.0.1
+	// A daemon's quick-call timeouts must not cut a session short.
+	srv.Config.ReadTimeout, srv.Config.WriteTimeout = 500*time.Millisecond, 500*time.Millisecond
+	srv.Start()
 	t.Cleanup(srv.Close)
 	return "ws" + strings.TrimPrefix(srv.URL, "http")
 }
@@ -179,6 +182,12 @@ func TestWebSocketSession(t *testing.T) {
 		m := c.next(t)
 		if m["type"] != "exit" || m["exit_code"] != float64(3) || strings.TrimSpace(c.stdout.String()) != fmt.Sprint(len(data)) || c.stderr.String() != "err\n" {
 			t.Fatalf("got %v, stdout %q, stderr %q", m, c.stdout.String(), c.stderr.String())
+		}
+	})
+	t.Run("outlives server timeouts", func(t *testing.T) {
+		c := dial(t, url, map[string]any{"command": "sleep 1.5; echo ok"})
+		if m := c.next(t); m["type"] != "exit" || m["exit_code"] != float64(0) || c.stdout.String() != "ok\n" {
+			t.Fatalf("got %v, stdout %q", m, c.stdout.String())
 		}
 	})
 	t.Run("tty", func(t *testing.T) {
