@@ -224,7 +224,11 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	err = serve(ctx, cancel, conn, vm)
 	if err != nil {
 		sendError(conn, err)
-		conn.Close(websocket.StatusPolicyViolation, truncate(err.Error(), 100))
+		status := websocket.StatusInternalError
+		if errors.Is(err, smolvm.ErrInvalidConfig) {
+			status = websocket.StatusPolicyViolation
+		}
+		conn.Close(status, "session failed")
 		return
 	}
 	conn.Close(websocket.StatusNormalClosure, "")
