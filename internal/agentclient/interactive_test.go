@@ -207,26 +207,36 @@ func TestInteractiveRefusals(t *testing.T) {
 	}
 }
 
+// startResult is what a StartExec in the background returned.
+type startResult struct {
+	s   *Session
+	err error
+}
+
+// scriptedStarts connects a client to a scripted guest. start begins a
+// StartExec in the background and returns its result channel and the
+// exec request as the guest read it.
+func scriptedStarts(t *testing.T) (g *scriptedGuest, c *Client, start func() (chan startResult, agentproto.Header)) {
+	g, c = hostileGuest(t)
+	return g, c, func() (chan startResult, agentproto.Header) {
+		done := make(chan startResult, 1)
+		go func() {
+			s, err := c.StartExec(ctxT(t, 10*time.Second), agentproto.ExecRequest{Argv: []string{"cat"}}, io.Discard, io.Discard)
+			done <- startResult{s, err}
+		}()
+		h, _ := g.nextReq(t)
+		if h.Type != agentproto.TypeExec {
+			t.Fatalf("guest got %s, want exec", h.Type)
+		}
+		return done, h
+	}
+}
+
 // An agent that predates interactive execs answers with output and exit
 // (having ignored the new fields): StartExec says so and cancels it.
 func TestInteractiveOldAgent(t *testing.T) {
-	g, dial := newScripted(t)
-	go g.answerHello(t)
-	c, err := Connect(ctxT(t, 10*time.Second), dial)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	type res struct{ err error }
-	done := make(chan res, 1)
-	go func() {
-		_, err := c.StartExec(ctxT(t, 10*time.Second), agentproto.ExecRequest{Argv: []string{"cat"}}, nil, nil)
-		done <- res{err}
-	}()
-	var h agentproto.Header
-	for h.Type != agentproto.TypeExec {
-		h, _ = g.next(t)
-	}
+	g, _, start := scriptedStarts(t)
+	done, h := start()
 	g.send(t, h.ID, agentproto.TypeExit, agentproto.ExecResult{})
 	if h2, _ := g.next(t); h2.Type != agentproto.TypeCancel || h2.ID != h.ID {
 		t.Errorf("after an old agent's answer the client sent %+v, want cancel of %d", h2, h.ID)
@@ -240,30 +250,8 @@ func TestInteractiveOldAgent(t *testing.T) {
 // deadline), acks it was never owed, output over the bound. Each fails
 // only its session, within bounds.
 func TestInteractiveHostileGuest(t *testing.T) {
-	g, dial := newScripted(t)
-	go g.answerHello(t)
-	c, err := Connect(ctxT(t, 10*time.Second), dial)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	g, c, start := scriptedStarts(t)
 	c.SetCallTimeout(300*time.Millisecond, 0)
-	type res struct {
-		s   *Session
-		err error
-	}
-	start := func() (chan res, agentproto.Header) {
-		done := make(chan res, 1)
-		go func() {
-			s, err := c.StartExec(ctxT(t, 10*time.Second), agentproto.ExecRequest{Argv: []string{"cat"}}, io.Discard, io.Discard)
-			done <- res{s, err}
-		}()
-		var h agentproto.Header
-		for h.Type != agentproto.TypeExec {
-			h, _ = g.next(t)
-		}
-		return done, h
-	}
 	// A negative pid.
 	done, h := start()
 	g.send(t, h.ID, agentproto.TypeStarted, agentproto.Started{PID: -1})
