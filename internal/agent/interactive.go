@@ -108,9 +108,6 @@ func (ip *interactive) feed(w *os.File, tty bool) {
 			}
 			ip.send(ip.id, agentproto.TypeStdinAck, nil)
 		case <-ip.overrun:
-			if !tty && open {
-				w.Close()
-			}
 			return
 		case <-ip.done:
 			return
@@ -135,15 +132,30 @@ func handleStdin(r request, req agentproto.StdinRequest) {
 	}
 	if err := req.Validate(); err != nil {
 		r.ss.srv.logf("exec %d: %v: closing its stdin", r.id, err)
-		ip.overOnce.Do(func() { close(ip.overrun) })
+		ip.overrunStdin()
 		return
 	}
 	select {
 	case ip.stdin <- req:
 	default:
 		r.ss.srv.logf("exec %d: the host sent stdin past the window of %d messages: closing its stdin", r.id, agentproto.StdinWindow)
-		ip.overOnce.Do(func() { close(ip.overrun) })
+		ip.overrunStdin()
 	}
+}
+
+// overrunStdin ends the standard input of an exec whose host broke the
+// flow control: the feeder stops, and a pipe is closed at once (which
+// also wakes a feeder blocked writing to it). A terminal stays open (it
+// is the command's output too); its input is dropped.
+func (ip *interactive) overrunStdin() {
+	ip.overOnce.Do(func() {
+		close(ip.overrun)
+		ip.mu.Lock()
+		defer ip.mu.Unlock()
+		if ip.p != nil && !ip.p.tty {
+			ip.p.stdinW.Close()
+		}
+	})
 }
 
 // handleResize sets the terminal size of a running TTY exec.

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"io"
 	"strings"
 	"testing"
@@ -284,5 +285,60 @@ func TestInteractiveHostileGuest(t *testing.T) {
 	}
 	if h2, _ := g.next(t); h2.Type != agentproto.TypeCancel || h2.ID != h.ID {
 		t.Fatalf("after the protocol violation the client sent %+v, want cancel", h2)
+	}
+}
+
+// The agent's bounds: at most MaxInteractive interactive execs at once; a
+// host that sends stdin past the window loses the command's stdin (it is
+// closed: the command sees EOF) and the agent's queue does not grow.
+func TestInteractiveAgentBounds(t *testing.T) {
+	c := startAgent(t, agent.Options{}).connect(t)
+	ctx := ctxT(t, 20*time.Second)
+	var sessions []*Session
+	defer func() {
+		for _, s := range sessions {
+			s.Close()
+		}
+	}()
+	for range agentproto.MaxInteractive {
+		s, err := c.StartExec(ctx, agentproto.ExecRequest{Argv: []string{"sleep", "100"}}, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sessions = append(sessions, s)
+	}
+	var pe *agentproto.Error
+	if _, err := c.StartExec(ctx, agentproto.ExecRequest{Argv: []string{"true"}}, nil, nil); !errors.As(err, &pe) || pe.Code != agentproto.CodeTooLarge {
+		t.Fatalf("exec %d: %v", agentproto.MaxInteractive+1, err)
+	}
+	sessions[0].Close()
+	sessions = sessions[1:]
+	var out syncBuffer
+	// Slots free up as sessions end (the slot is returned just after the exit).
+	var s *Session
+	for i := 0; ; i++ {
+		var err error
+		if s, err = c.StartExec(ctx, agentproto.ExecRequest{Shell: "sleep 1; wc -c"}, &out, nil); err == nil {
+			break
+		}
+		if i == 100 {
+			t.Fatalf("no slot after a session ended: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// Past the window, without waiting for acks.
+	const n = 3 * agentproto.StdinWindow
+	for range n {
+		msg, _ := agentproto.Marshal(s.id, agentproto.TypeStdin, agentproto.StdinRequest{Data: make([]byte, agentproto.MaxStdinChunk)})
+		if err := c.enqueue(ctx, msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res, err := s.Wait() // no EOF sent: wc ends because its stdin was closed
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("wait: %+v %v", res, err)
+	}
+	if got := strings.TrimSpace(out.String()); got == "" || got == fmt.Sprint(n*agentproto.MaxStdinChunk) {
+		t.Fatalf("wc -c counted %q of %d bytes sent past the window", got, n*agentproto.MaxStdinChunk)
 	}
 }
