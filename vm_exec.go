@@ -92,7 +92,8 @@ const MaxStdinSize = agentproto.MaxFileSize
 // command runs), so Run reads r to EOF before it starts the command, at
 // most MaxStdinSize bytes: a reader that yields more fails Run with
 // ErrInvalidConfig and the command does not run. For more data, write it
-// to a guest file (VM.WriteFileFrom) and redirect from it. A Read that
+// to a guest file (VM.WriteFileFrom) and redirect from it, or stream it
+// with VM.Attach. A Read that
 // blocks holds Run (ctx cannot interrupt it; it is checked once r is
 // read), and WithTimeout counts from the start of the command. The last of
 // WithStdin and WithStdinReader wins.

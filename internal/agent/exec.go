@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/smolvm-go/smolvm/internal/agentproto"
+	"github.com/smolvm-go/smolvm/internal/ptyutil"
 )
 
 // procTable starts processes and collects their exit statuses.
@@ -134,6 +135,17 @@ func (ss *session) startExec(id uint64, req agentproto.ExecRequest) {
 		ss.sendError(id, invalid("request id %d is already running", id))
 		return
 	}
+	var ip *interactive
+	if req.Interactive || req.TTY != nil {
+		var err error
+		if ip, err = ss.srv.newInteractive(id, req, ss.send); err != nil {
+			ss.mu.Unlock()
+			cancel()
+			ss.sendError(id, err)
+			return
+		}
+		ss.interactive[id] = ip
+	}
 	ss.cancels[id] = cancel
 	ss.mu.Unlock()
 	ss.wg.Add(1)
@@ -142,13 +154,17 @@ func (ss *session) startExec(id uint64, req agentproto.ExecRequest) {
 		defer func() {
 			ss.mu.Lock()
 			delete(ss.cancels, id)
+			if ip != nil {
+				delete(ss.interactive, id)
+				ip.release()
+			}
 			ss.mu.Unlock()
 			cancel()
 		}()
 		defer ss.recoverPanic(id)
 		res, err := ss.srv.execute(ctx, req, func(stream string, data []byte) {
 			ss.send(id, agentproto.TypeOutput, agentproto.Output{Stream: stream, Data: data})
-		})
+		}, ip)
 		if err != nil {
 			ss.sendError(id, err)
 			return
@@ -159,8 +175,10 @@ func (ss *session) startExec(id uint64, req agentproto.ExecRequest) {
 
 // execute runs req. Output chunks go to out as they arrive (never
 // concurrently for one stream). It returns an error only for invalid
-// requests; failures to start are reported in the result.
-func (s *Server) execute(ctx context.Context, req agentproto.ExecRequest, out func(stream string, data []byte)) (agentproto.ExecResult, error) {
+// requests; failures to start are reported in the result. ip is the
+// interactive state of an interactive exec (nil otherwise): it is told
+// when the process started (or failed to) and feeds its standard input.
+func (s *Server) execute(ctx context.Context, req agentproto.ExecRequest, out func(stream string, data []byte), ip *interactive) (agentproto.ExecResult, error) {
 	start := time.Now()
 	argv, err := execArgv(req)
 	if err != nil {
@@ -170,7 +188,11 @@ func (s *Server) execute(ctx context.Context, req agentproto.ExecRequest, out fu
 	if err != nil {
 		return agentproto.ExecResult{}, err
 	}
+	if req.TTY != nil {
+		env = ttyEnv(env, req)
+	}
 	failed := func(code int, err error) (agentproto.ExecResult, error) {
+		ip.started(0)
 		return startFailed(out, start, code, err), nil
 	}
 	dir, err := execDir(req.Cwd, env)
@@ -181,7 +203,12 @@ func (s *Server) execute(ctx context.Context, req agentproto.ExecRequest, out fu
 	if err != nil {
 		return failed(exitCodeFor(err), err)
 	}
-	p, err := openPipes(len(req.Stdin) > 0)
+	var p *execPipes
+	if req.TTY != nil {
+		p, err = openTTY(*req.TTY)
+	} else {
+		p, err = openPipes(len(req.Stdin) > 0 || ip != nil)
+	}
 	if err != nil {
 		return failed(126, err)
 	}
@@ -191,14 +218,26 @@ func (s *Server) execute(ctx context.Context, req agentproto.ExecRequest, out fu
 		p.closeParentEnds()
 		return failed(exitCodeFor(err), fmt.Errorf("exec %s: %w", argv[0], err))
 	}
-	p.feedStdin(req.Stdin)
+	if ip != nil {
+		ip.run(pid, p)
+	} else {
+		p.feedStdin(req.Stdin)
+	}
 	var detached atomic.Bool // set once the exit was reported: drop later output
-	outDone := pumpOutput(p.outR, agentproto.StreamStdout, out, &detached)
-	errDone := pumpOutput(p.errR, agentproto.StreamStderr, out, &detached)
-	res, ws := waitExit(ctx, pid, wait, req.TimeoutMS)
-	closeFile(p.stdinW) // unblock a writer stuck on a process that stopped reading
-	drainOutput(outDone, errDone)
+	dones := []chan struct{}{pumpOutput(p.outR, agentproto.StreamStdout, out, &detached)}
+	if p.errR != nil {
+		dones = append(dones, pumpOutput(p.errR, agentproto.StreamStderr, out, &detached))
+	}
+	res, ws := waitExit(ctx, pid, wait, req.TimeoutMS, p.signal)
+	ip.exited() // its pid may be reused from now on: no more signals
+	if !p.tty {
+		closeFile(p.stdinW) // unblock a writer stuck on a process that stopped reading
+	}
+	drainOutput(dones...)
 	detached.Store(true)
+	if p.tty {
+		closeFile(p.outR) // the terminal's master: its last holders get a hangup
+	}
 	res.ExitCode, res.Signal = exitCode(ws)
 	res.DurationMS = time.Since(start).Milliseconds()
 	return res, nil
@@ -221,6 +260,14 @@ func execArgv(req agentproto.ExecRequest) ([]string, error) {
 	}
 	if req.TimeoutMS < 0 {
 		return nil, invalid("exec: negative timeout")
+	}
+	if (req.Interactive || req.TTY != nil) && len(req.Stdin) > 0 {
+		return nil, invalid("exec: an interactive exec takes its stdin in stdin messages")
+	}
+	if req.TTY != nil {
+		if err := req.TTY.Validate(); err != nil {
+			return nil, invalid("exec: tty: %v", err)
+		}
 	}
 	return argv, nil
 }
@@ -258,6 +305,10 @@ func execDir(cwd string, env []string) (string, error) {
 // once it has started; stdinW is nil when there is no stdin data (the
 // child reads /dev/null).
 type execPipes struct {
+	// tty: the command runs on a pseudo terminal: stdin, outW and errW
+	// are its one slave file, outR and stdinW its one master file, errR
+	// is nil (output comes merged as stdout).
+	tty           bool
 	stdin, stdinW *os.File
 	outR, outW    *os.File
 	errR, errW    *os.File
@@ -290,8 +341,29 @@ func (p *execPipes) procAttr(dir string, env []string) *syscall.ProcAttr {
 		Dir:   dir,
 		Env:   env,
 		Files: []uintptr{p.stdin.Fd(), p.outW.Fd(), p.errW.Fd()},
-		Sys:   &syscall.SysProcAttr{Setpgid: true},
+		Sys:   p.sysProcAttr(),
 	}
+}
+
+// sysProcAttr puts the command in its own process group; on a terminal,
+// in a new session whose controlling terminal it is (its fd 0), which
+// makes it the leader of the terminal's foreground process group.
+func (p *execPipes) sysProcAttr() *syscall.SysProcAttr {
+	if p.tty {
+		return &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}
+	}
+	return &syscall.SysProcAttr{Setpgid: true}
+}
+
+// signal sends sig to the command's process group and, on a terminal, to
+// the terminal's foreground process group (a shell's job).
+func (p *execPipes) signal(pid int, sig syscall.Signal) {
+	if p.tty {
+		if pg, err := ptyutil.ForegroundGroup(p.outR); err == nil && pg > 1 && pg != pid {
+			_ = syscall.Kill(-pg, sig)
+		}
+	}
+	_ = syscall.Kill(-pid, sig)
 }
 
 func (p *execPipes) closeChildEnds() {
@@ -342,7 +414,7 @@ func pumpOutput(r *os.File, stream string, out func(stream string, data []byte),
 // waitExit waits for the process pid to exit. When timeoutMS (if above 0)
 // passes or ctx ends first, its process group is killed and the result
 // says so.
-func waitExit(ctx context.Context, pid int, wait <-chan syscall.WaitStatus, timeoutMS int64) (agentproto.ExecResult, syscall.WaitStatus) {
+func waitExit(ctx context.Context, pid int, wait <-chan syscall.WaitStatus, timeoutMS int64, signal func(pid int, sig syscall.Signal)) (agentproto.ExecResult, syscall.WaitStatus) {
 	var res agentproto.ExecResult
 	var timeout <-chan time.Time
 	if timeoutMS > 0 {
@@ -350,7 +422,7 @@ func waitExit(ctx context.Context, pid int, wait <-chan syscall.WaitStatus, time
 		defer t.Stop()
 		timeout = t.C
 	}
-	killGroup := func() { _ = syscall.Kill(-pid, syscall.SIGKILL) }
+	killGroup := func() { signal(pid, syscall.SIGKILL) }
 	var ws syscall.WaitStatus
 	select {
 	case ws = <-wait:

@@ -73,6 +73,8 @@ type Server struct {
 	env   map[string]string // persisted environment
 
 	handlers map[string]handler // by request type
+
+	interactiveSlots chan struct{} // one token per running interactive exec
 }
 
 // NewServer returns a Server. It loads the persisted environment and, with
@@ -90,7 +92,7 @@ func NewServer(opts Options) *Server {
 	if opts.Logf == nil {
 		opts.Logf = log.Printf
 	}
-	s := &Server{opts: opts, start: time.Now()}
+	s := &Server{opts: opts, start: time.Now(), interactiveSlots: make(chan struct{}, agentproto.MaxInteractive)}
 	s.procs = newProcTable(opts.Reap)
 	s.handlers = s.newHandlers()
 	env, err := loadEnvFile(opts.EnvFile)
@@ -144,6 +146,7 @@ func (s *Server) ServePort(ctx context.Context, p Port) error {
 		if !errors.Is(err, io.EOF) {
 			s.logf("read: %v", err)
 		}
+		ss.hostGone()
 		lr.Reset()
 		p.WaitHost(ctx)
 	}
@@ -157,6 +160,7 @@ func (s *Server) ServeConn(ctx context.Context, conn io.ReadWriteCloser) error {
 	defer conn.Close()
 	ss := s.newSession(ctx, &streamWriter{w: conn})
 	err := ss.serveLines(agentproto.NewLineReader(conn, agentproto.MaxMessageSize))
+	ss.hostGone()
 	switch {
 	case ctx.Err() != nil:
 		return ctx.Err()
@@ -242,13 +246,14 @@ type session struct {
 	ctx context.Context // the server's: requests outlive the session
 	w   msgWriter
 
-	mu      sync.Mutex
-	cancels map[uint64]context.CancelFunc // running execs by request id
-	wg      sync.WaitGroup                // requests in flight
+	mu          sync.Mutex
+	cancels     map[uint64]context.CancelFunc // running execs by request id
+	interactive map[uint64]*interactive       // running interactive execs by request id
+	wg          sync.WaitGroup                // requests in flight
 }
 
 func (s *Server) newSession(ctx context.Context, w msgWriter) *session {
-	return &session{srv: s, ctx: ctx, w: w, cancels: map[uint64]context.CancelFunc{}}
+	return &session{srv: s, ctx: ctx, w: w, cancels: map[uint64]context.CancelFunc{}, interactive: map[uint64]*interactive{}}
 }
 
 func (ss *session) send(id uint64, typ string, payload any) {
@@ -395,6 +400,9 @@ func (s *Server) newHandlers() map[string]handler {
 		agentproto.TypeExec: withPayload(func(r request, req agentproto.ExecRequest) {
 			r.ss.startExec(r.id, req)
 		}),
+		agentproto.TypeStdin:      withPayload(handleStdin),
+		agentproto.TypeResize:     withPayload(handleResize),
+		agentproto.TypeSignal:     withPayload(handleSignal),
 		agentproto.TypeWriteFile:  okReply(writeFile),
 		agentproto.TypeWriteChunk: okReply(writeChunk),
 		agentproto.TypeCommitFile: okReply(commitFile),

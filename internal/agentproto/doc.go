@@ -20,6 +20,12 @@
 //	ping         -                → pong    -
 //	info         -                → info    Info
 //	exec         ExecRequest      → output  Output (0..n), then exit ExecResult
+//	exec         ExecRequest with interactive (or tty)
+//	                              → started Started, then output (0..n), stdin_ack (one per
+//	                                stdin), exit ExecResult (interactive.go)
+//	stdin        StdinRequest     → stdin_ack (on the exec's id)
+//	resize       ResizeRequest    → (nothing; on the exec's id)
+//	signal       SignalRequest    → (nothing; on the exec's id)
 //	cancel       -                → (nothing; the running exec ends with canceled=true)
 //	write_file   WriteFileRequest → ok
 //	read_file    ReadFileRequest  → file    FileData

@@ -138,3 +138,42 @@ func FuzzDecodeHeader(f *testing.F) {
 		}
 	})
 }
+
+// FuzzInteractive: the interactive exec requests (stdin, resize, signal,
+// an exec's tty) decode and validate any line without panicking, and what
+// validates is within bounds.
+func FuzzInteractive(f *testing.F) {
+	for _, s := range []string{
+		`{"id":1,"type":"stdin","data":"aGk=","eof":true}`,
+		`{"id":1,"type":"resize","rows":24,"cols":80}`,
+		`{"id":1,"type":"signal","signal":"SIGINT"}`,
+		`{"id":1,"type":"exec","argv":["sh"],"tty":{"rows":1,"cols":2,"term":"xterm"}}`,
+		`{"id":1,"type":"signal","signal":"int"}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, line []byte) {
+		var st StdinRequest
+		if DecodePayload(line, &st) == nil && st.Validate() == nil && len(st.Data) > MaxStdinChunk {
+			t.Fatalf("stdin of %d bytes validated", len(st.Data))
+		}
+		var rs ResizeRequest
+		if DecodePayload(line, &rs) == nil && rs.Validate() == nil && (rs.Rows == 0 || rs.Cols == 0 || rs.Rows > MaxTTYSize || rs.Cols > MaxTTYSize) {
+			t.Fatalf("size %+v validated", rs)
+		}
+		var sg SignalRequest
+		if DecodePayload(line, &sg) == nil {
+			if name, n, err := ParseSignal(sg.Signal); err == nil && (SignalNames[name] != n || n < 1 || n > 31) {
+				t.Fatalf("signal %q parsed as %s %d", sg.Signal, name, n)
+			}
+		}
+		var ex ExecRequest
+		if DecodePayload(line, &ex) == nil && ex.TTY != nil && ex.TTY.Validate() == nil {
+			for _, c := range ex.TTY.Term {
+				if c > 127 || c == ';' || c == ' ' || c == '\'' {
+					t.Fatalf("term %q validated", ex.TTY.Term)
+				}
+			}
+		}
+	})
+}

@@ -121,6 +121,12 @@ type ExecRequest struct {
 	Cwd       string            `json:"cwd,omitempty"`
 	Stdin     []byte            `json:"stdin,omitempty"`
 	TimeoutMS int64             `json:"timeout_ms,omitempty"` // 0 = none
+	// Interactive streams standard input (stdin messages) while the
+	// command runs, and takes resize and signal (interactive.go); Stdin
+	// must then be empty. TTY runs the command on a pseudo terminal (and
+	// implies Interactive). Agents older than these fields ignore them.
+	Interactive bool `json:"interactive,omitempty"`
+	TTY         *TTY `json:"tty,omitempty"`
 }
 
 // Stream names in Output.

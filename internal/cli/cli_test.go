@@ -111,6 +111,7 @@ func TestSandboxCLI(t *testing.T) {
 	if len(out) != 5000000 || code != 0 || !strings.Contains(stderr, "capture limit") {
 		t.Errorf("exec of 5 MB: %d bytes, exit %d, %q", len(out), code, stderr)
 	}
+	t.Run("interactive", func(t *testing.T) { testInteractiveCLI(t, "cli1") })
 
 	f := filepath.Join(t.TempDir(), "f.txt")
 	os.WriteFile(f, []byte("file-data"), 0o640)

@@ -25,7 +25,7 @@ func (a *app) sandboxCmd() *cobra.Command {
 		a.simpleCmd("stop", "Shut a sandbox down (its disk is kept)", (*smolvm.VM).Stop),
 		a.simpleCmd("pause", "Freeze a running sandbox", (*smolvm.VM).Pause),
 		a.simpleCmd("resume", "Continue a paused sandbox", (*smolvm.VM).Resume),
-		a.deleteCmd(), a.logsCmd(), a.fileCmd(), a.portCmd(), a.snapshotCmd())
+		a.deleteCmd(), a.logsCmd(), a.fileCmd(), a.portCmd(), a.snapshotCmd(), a.shellCmd())
 	return c
 }
 
@@ -342,17 +342,40 @@ func (a *app) execCmd() *cobra.Command {
 	var timeout time.Duration
 	var envs []string
 	var workdir string
+	var iopts interactiveOpts
 	c := &cobra.Command{
 		Use:   "exec NAME -- CMD [ARGS...]",
 		Short: "Run a command in a sandbox; exits with the command's exit code",
 		Long: "Run a command in a sandbox. With one CMD argument it is a shell command line (sh -c);\n" +
-			"with several they are run as argv. Output streams as it is produced (buffered with --json).",
+			"with several they are run as argv. Output streams as it is produced (buffered with --json).\n" +
+			"-i passes standard input through while the command runs (EOF included); --tty gives the command\n" +
+			"a terminal in the guest of this terminal's size (raw mode, resizes follow, Ctrl-C reaches the guest).\n" +
+			"Without --tty, SIGINT/SIGTERM/SIGHUP/SIGQUIT sent to smolvm are forwarded to the command.",
 		Args:              cobra.MinimumNArgs(2),
 		ValidArgsFunction: a.completeVMs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			env, err := parseEnv(envs)
 			if err != nil {
 				return err
+			}
+			if iopts.stdin || iopts.tty {
+				if a.json {
+					return &smolvm.Error{Message: "exec -i/--tty is interactive: it has no --json output", Err: smolvm.ErrInvalidConfig}
+				}
+				iopts.timeout = timeout
+				spec := smolvm.ExecSpec{Env: env, Cwd: workdir}
+				if len(args) == 2 {
+					spec.Shell = args[1]
+				} else {
+					spec.Argv = args[1:]
+				}
+				return a.withVM(cmd, args[0], func(ctx context.Context, vm *smolvm.VM) error {
+					code, err := a.runInteractive(ctx, vm, spec, iopts)
+					if err != nil {
+						return err
+					}
+					return exitError{code}
+				})
 			}
 			return a.withVM(cmd, args[0], func(ctx context.Context, vm *smolvm.VM) error {
 				opts := []smolvm.RunOption{smolvm.WithEnv(env), smolvm.WithWorkdir(workdir)}
@@ -392,6 +415,8 @@ func (a *app) execCmd() *cobra.Command {
 	f.DurationVarP(&timeout, "timeout", "t", 0, "kill the command after this long (e.g. 30s; default none); exit code 124 when it fires")
 	f.StringArrayVarP(&envs, "env", "e", nil, "environment variable KEY=VALUE (repeatable; the value is everything after the first '=', commas included)")
 	f.StringVarP(&workdir, "workdir", "w", "", "working directory in the guest")
+	f.BoolVarP(&iopts.stdin, "interactive", "i", false, "pass standard input through to the command while it runs")
+	f.BoolVar(&iopts.tty, "tty", false, "run the command on a terminal in the guest (-t is --timeout; sandbox shell opens a login shell)")
 	return c
 }
 
