@@ -412,11 +412,11 @@ func (a *app) execCmd() *cobra.Command {
 		},
 	}
 	f := c.Flags()
-	f.DurationVarP(&timeout, "timeout", "t", 0, "kill the command after this long (e.g. 30s; default none); exit code 124 when it fires")
+	f.DurationVar(&timeout, "timeout", 0, "kill the command after this long (e.g. 30s; default none); exit code 124 when it fires")
 	f.StringArrayVarP(&envs, "env", "e", nil, "environment variable KEY=VALUE (repeatable; the value is everything after the first '=', commas included)")
 	f.StringVarP(&workdir, "workdir", "w", "", "working directory in the guest")
 	f.BoolVarP(&iopts.stdin, "interactive", "i", false, "pass standard input through to the command while it runs")
-	f.BoolVar(&iopts.tty, "tty", false, "run the command on a terminal in the guest (-t is --timeout; sandbox shell opens a login shell)")
+	f.BoolVarP(&iopts.tty, "tty", "t", false, "run the command on a terminal in the guest, of this terminal's size (with -i: docker exec -it; sandbox shell opens a login shell)")
 	return c
 }
 
