@@ -2,6 +2,9 @@ package smolvm_test
 
 import (
 	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -25,6 +28,23 @@ func TestStats(t *testing.T) {
 	}
 	// Some guest work, so the VMM has used CPU.
 	mustOK(t, vm, `i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; echo $i`)
+	// Network counters: 256 KiB fetched from the host (the shared VM's
+	// policy opens 127.0.0.1, which the guest reaches as 10.0.2.2).
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const body = 256 << 10
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write(make([]byte, body))
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+	before, err := vm.Stats(ctx)
+	if err != nil || before.Network == nil {
+		t.Fatalf("stats: %+v, %v", before, err)
+	}
+	mustOK(t, vm, fmt.Sprintf("wget -q -O /dev/null http://10.0.2.2:%d/", ln.Addr().(*net.TCPAddr).Port))
 	st, err := vm.Stats(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -61,7 +81,10 @@ func TestStats(t *testing.T) {
 		t.Errorf("disk %+v", st.Disk)
 	}
 	if st.Network == nil {
-		t.Error("no network stats for a networked VM")
+		t.Fatal("no network stats for a networked VM")
+	}
+	if rx, tx := st.Network.RxBytes-before.Network.RxBytes, st.Network.TxBytes-before.Network.TxBytes; rx < body || rx > 2*body || tx == 0 {
+		t.Errorf("a %d-byte download moved rx %d, tx %d bytes", body, rx, tx)
 	}
 	// The CLI's --json stats are the same type.
 	c := exec.Command(smolvmBinary(t), "--json", "sandbox", "stats", "shared")

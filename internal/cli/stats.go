@@ -37,7 +37,8 @@ func statsTable(w io.Writer, st smolvm.Stats) {
 			humanBytes(st.Memory.PSSBytes), humanBytes(st.Memory.VMMPSSBytes), humanBytes(st.Memory.GuestBytes))},
 		{"disk", fmt.Sprintf("%s in %d files", humanBytes(st.Disk.AllocatedBytes), st.Disk.Files)}}
 	if n := st.Network; n != nil {
-		rows = append(rows, []string{"network", fmt.Sprintf("%d allowed, %d refused, %d DNS names refused", n.Allowed, n.Refused, n.DNSRefused)})
+		rows = append(rows, []string{"network", fmt.Sprintf("%d allowed, %d refused, %d DNS names refused; sent %s, received %s",
+			n.Allowed, n.Refused, n.DNSRefused, humanBytes(int64(n.TxBytes)), humanBytes(int64(n.RxBytes)))})
 	}
 	table(w, []string{"FIELD", "VALUE"}, rows)
 }
