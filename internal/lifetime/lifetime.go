@@ -403,7 +403,10 @@ func (k *Keeper) dropSnapshot(ctx context.Context, id, snap string) {
 // Resume wakes an auto-paused sandbox: it restores the pause's snapshot
 // into the same id (running), restarts its lifetime and returns it. A
 // sandbox the Keeper did not pause is returned as it is (the caller
-// resumes or starts it itself).
+// resumes or starts it itself). The daemon calls Resume, not VM.Start, for
+// an auto-paused sandbox: Start boots it from its disk (its memory is
+// lost), after which Resume finds it running, keeps it and deletes the
+// stale snapshot.
 func (k *Keeper) Resume(ctx context.Context, id string) (*smolvm.VM, error) {
 	if err := smolvm.ValidateID(id); err != nil {
 		return nil, err
@@ -419,14 +422,20 @@ func (k *Keeper) Resume(ctx context.Context, id string) (*smolvm.VM, error) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
-	vm, err := k.resumeFrom(ctx, id, l.Snapshot)
+	vm, stale, err := k.resumeFrom(ctx, id, l.Snapshot)
 	if err != nil {
 		return nil, err
+	}
+	prev := l.Snapshot
+	if stale {
+		k.log.Warn("lifetime: the auto-paused sandbox was started meanwhile; its pause snapshot is stale and is deleted", "vm", id, "snapshot", l.Snapshot)
+		k.dropSnapshot(ctx, id, l.Snapshot)
+		prev = l.Previous
 	}
 	now := k.now()
 	k.mu.Lock()
 	if c, ok := k.l[id]; ok {
-		c.Paused, c.PausedAt, c.Previous, c.Snapshot = false, time.Time{}, l.Snapshot, ""
+		c.Paused, c.PausedAt, c.Previous, c.Snapshot = false, time.Time{}, prev, ""
 		c.LastActive, c.Deadline = now, time.Time{}
 		if c.TTL > 0 {
 			c.Deadline = now.Add(c.TTL)
@@ -440,25 +449,32 @@ func (k *Keeper) Resume(ctx context.Context, id string) (*smolvm.VM, error) {
 	return vm, nil
 }
 
-// resumeFrom restores snap into its sandbox, unless a resume that was not
-// recorded (the daemon died after it) already did.
-func (k *Keeper) resumeFrom(ctx context.Context, id, snap string) (*smolvm.VM, error) {
+// resumeFrom restores snap into its sandbox. A sandbox that runs (or is
+// paused by the SDK) already is not replaced: either a resume that was
+// not recorded restored it (the daemon died after it), or it was started
+// some other way (Start boots it from its disk), and then snap is stale
+// (stale = true) and restoring it would throw away what ran since.
+func (k *Keeper) resumeFrom(ctx context.Context, id, snap string) (vm *smolvm.VM, stale bool, err error) {
 	if vm, err := k.m.Open(ctx, id); err == nil {
 		info, err := vm.Info(ctx)
-		if err == nil && info.RestoredFrom == snap && (info.Status == smolvm.StatusRunning || info.Status == smolvm.StatusPaused) {
+		if err == nil && (info.Status == smolvm.StatusRunning || info.Status == smolvm.StatusPaused) {
+			if info.RestoredFrom != snap {
+				return vm, true, nil
+			}
 			if info.Status == smolvm.StatusPaused {
 				err = vm.Resume(ctx)
 			}
 			if err == nil {
-				return vm, nil
+				return vm, false, nil
 			}
 		}
 		vm.Close()
 		if err != nil {
-			return nil, err
+			return nil, false, err
 		}
 	}
-	return k.m.FromSnapshot(ctx, snap, smolvm.RestoreOptions{Resume: true})
+	vm, err = k.m.FromSnapshot(ctx, snap, smolvm.RestoreOptions{Resume: true})
+	return vm, false, err
 }
 
 // Run is the reaper: every second it pauses or deletes the sandboxes whose
@@ -627,9 +643,6 @@ func (k *Keeper) deleteVM(ctx context.Context, id string, l Lifetime) error {
 // does not run (stopped by someone) has nothing to save: it is left as it
 // is and its deadline ends.
 func (k *Keeper) pauseVM(ctx context.Context, id string, l Lifetime) (Lifetime, error) {
-	if l.Paused {
-		return l, nil // paused already (a deadline after the pause)
-	}
 	vm, err := k.m.Open(ctx, id)
 	if err != nil {
 		return l, err
@@ -638,6 +651,14 @@ func (k *Keeper) pauseVM(ctx context.Context, id string, l Lifetime) (Lifetime, 
 	st, err := vm.Status(ctx)
 	if err != nil {
 		return l, err
+	}
+	if l.Paused {
+		if st != smolvm.StatusRunning && st != smolvm.StatusPaused {
+			return l, nil // paused already (a deadline after the pause)
+		}
+		// Started meanwhile some other way: the pause's snapshot is stale.
+		k.dropSnapshot(ctx, id, l.Snapshot)
+		l.Paused, l.PausedAt, l.Snapshot = false, time.Time{}, ""
 	}
 	switch st {
 	case smolvm.StatusRunning, smolvm.StatusPaused:

@@ -459,6 +459,40 @@ func TestLifetimeRules(t *testing.T) {
 		}
 	})
 
+	t.Run("StartedElsewhereIsNotReplaced", func(t *testing.T) {
+		if err := k.Set(ctx, "pz", time.Second, ActionPause, 0); err != nil {
+			t.Fatal(err)
+		}
+		e.advance(time.Second)
+		if got := e.reap(ctx); len(got) != 1 || got[0].err != nil {
+			t.Fatalf("reap = %+v", got)
+		}
+		l, _ := k.Get("pz")
+		vm, err := e.m.Open(ctx, "pz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer vm.Close()
+		if err := vm.Start(ctx); err != nil { // not through the Keeper: a cold boot from its disk
+			t.Fatal(err)
+		}
+		run(t, ctx, vm, `echo after-start > disk-marker`)
+		rvm, err := k.Resume(ctx, "pz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rvm.Close()
+		if got := run(t, ctx, rvm, `cat disk-marker`); got != "after-start" {
+			t.Errorf("Resume replaced a sandbox started meanwhile: disk-marker %q", got)
+		}
+		if got, _ := k.Get("pz"); got.Paused || got.Snapshot != "" {
+			t.Errorf("after Resume: %+v", got)
+		}
+		if _, err := e.m.GetSnapshot(ctx, l.Snapshot); !errors.Is(err, smolvm.ErrSnapshotNotFound) {
+			t.Errorf("stale pause snapshot %s: %v", l.Snapshot, err)
+		}
+	})
+
 	t.Run("Forget", func(t *testing.T) {
 		if err := k.Set(ctx, "pz", time.Second, ActionPause, 0); err != nil {
 			t.Fatal(err)
