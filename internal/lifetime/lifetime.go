@@ -11,6 +11,11 @@
 // and the tmpfs files it had. The snapshot is an ordinary one (it is
 // listed); it is deleted when the sandbox is paused again or forgotten.
 //
+// The reaper checks a sandbox is still due just before it acts; a call on
+// the sandbox that starts while its pause runs (the snapshot pauses the
+// guest) fails or waits, as with any concurrent pause. Resume waits for a
+// pause in progress on the same sandbox, then restores it.
+//
 // A failed pause or delete is logged, reported to Run's callback and
 // retried with a growing pause (1 s doubling, at most 5 min); the sandbox
 // and its record stay as they were, never removed or marked paused
