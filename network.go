@@ -49,6 +49,10 @@ type NetworkStats struct {
 	Refused     uint64           `json:"refused"`      // connections and flows refused
 	DNSRefused  uint64           `json:"dns_refused"`  // DNS questions refused (name not allowed)
 	LastRefused []NetworkRefusal `json:"last_refused"` // the most recent refusals, oldest first
+	// TxBytes and RxBytes are the bytes of the Ethernet frames the guest
+	// sent and received through the sidecar.
+	TxBytes uint64 `json:"tx_bytes"`
+	RxBytes uint64 `json:"rx_bytes"`
 }
 
 // NetworkRefusal is one refused connection, flow or DNS question.
@@ -130,7 +134,7 @@ func (vm *VM) NetworkStats(ctx context.Context) (NetworkStats, error) {
 		}
 		return NetworkStats{}, err
 	}
-	out := NetworkStats{Allowed: s.Allowed, Refused: s.Refused, DNSRefused: s.DNSRefused}
+	out := NetworkStats{Allowed: s.Allowed, Refused: s.Refused, DNSRefused: s.DNSRefused, TxBytes: s.TxBytes, RxBytes: s.RxBytes}
 	for _, r := range s.LastRefused {
 		out.LastRefused = append(out.LastRefused, NetworkRefusal(r))
 	}

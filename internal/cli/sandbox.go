@@ -25,7 +25,7 @@ func (a *app) sandboxCmd() *cobra.Command {
 		a.simpleCmd("stop", "Shut a sandbox down (its disk is kept)", (*smolvm.VM).Stop),
 		a.simpleCmd("pause", "Freeze a running sandbox", (*smolvm.VM).Pause),
 		a.simpleCmd("resume", "Continue a paused sandbox", (*smolvm.VM).Resume),
-		a.deleteCmd(), a.logsCmd(), a.fileCmd(), a.portCmd(), a.snapshotCmd(), a.shellCmd())
+		a.deleteCmd(), a.logsCmd(), a.fileCmd(), a.portCmd(), a.snapshotCmd(), a.shellCmd(), a.statsCmd())
 	return c
 }
 

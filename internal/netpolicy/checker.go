@@ -31,6 +31,11 @@ type Stats struct {
 	Refused     uint64    `json:"refused"`
 	DNSRefused  uint64    `json:"dns_refused"`
 	LastRefused []Refusal `json:"last_refused,omitempty"`
+	// TxBytes and RxBytes are the bytes of the Ethernet frames the guest
+	// sent and received (the netstack's NIC counters; the Checker leaves
+	// them 0).
+	TxBytes uint64 `json:"tx_bytes,omitempty"`
+	RxBytes uint64 `json:"rx_bytes,omitempty"`
 }
 
 // Checker decides whether a guest may reach a destination. It is safe for

@@ -85,6 +85,7 @@ func (n *Net) control(r io.Reader) Reply {
 	switch req.Op {
 	case "stats":
 		s := n.chk.Stats()
+		s.TxBytes, s.RxBytes = n.frameBytes()
 		return Reply{OK: true, Stats: &s}
 	case "expose":
 		if req.Forward == nil {

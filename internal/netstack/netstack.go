@@ -197,6 +197,16 @@ func New(cfg Config, hostAddrs []netip.Addr, log *slog.Logger) (*Net, error) {
 // Checker returns the policy checker (stats).
 func (n *Net) Checker() *netpolicy.Checker { return n.chk }
 
+// frameBytes returns the bytes of the frames the guest sent (the NIC
+// received) and received (the NIC sent).
+func (n *Net) frameBytes() (tx, rx uint64) {
+	nic, ok := n.stack.NICInfo()[nicID]
+	if !ok {
+		return 0, 0
+	}
+	return nic.Stats.Rx.Bytes.Value(), nic.Stats.Tx.Bytes.Value()
+}
+
 // Run moves frames between conn (QEMU's end of the stream) and the stack
 // until QEMU closes it. It then closes the stack and every forward.
 func (n *Net) Run(conn io.ReadWriteCloser) error {

@@ -159,6 +159,10 @@ func TestFakeGuestPolicy(t *testing.T) {
 	if st := n2.Checker().Stats(); st.Allowed != 1 {
 		t.Errorf("stats %+v", st)
 	}
+	// The frames of that connection were counted both ways.
+	if tx, rx := n2.frameBytes(); tx == 0 || rx == 0 {
+		t.Errorf("frame bytes: guest sent %d, received %d", tx, rx)
+	}
 }
 
 func TestFakeGuestForwardAndDNS(t *testing.T) {

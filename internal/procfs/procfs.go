@@ -1,7 +1,8 @@
 // Package procfs reads /proc: the processes (for finding the VMM of a
 // machine whose launcher died before recording its pid), the mounts
-// (mountinfo, for cgroup detection and for cleaning up chroots) and a
-// process's memory from its smaps (the benchmarks' memory figures).
+// (mountinfo, for cgroup detection and for cleaning up chroots), a
+// process's memory from its smaps (the benchmarks' memory figures, a VM's
+// stats) and its CPU time and start from its stat (a VM's stats).
 package procfs
 
 import (

@@ -48,7 +48,7 @@ func TestParseSmaps(t *testing.T) {
 		t.Fatalf("ParseSmaps = %+v %v, want %+v", m, ok, want)
 	}
 	rollup := "00400000-7ffc1b5ff000 ---p 00000000 00:00 0                          [rollup]\nRss: 9000 kB\nPss: 7000 kB\nPss_Anon: 5000 kB\nPss_File: 2000 kB\n"
-	if m, ok := ParseSmaps([]byte(rollup)); !ok || m != (Memory{Pss: 7000, PssAnon: 5000, PssFile: 2000}) {
+	if m, ok := ParseSmaps([]byte(rollup)); !ok || m != (Memory{Rss: 9000, Pss: 7000, PssAnon: 5000, PssFile: 2000}) {
 		t.Fatalf("rollup = %+v %v", m, ok)
 	}
 	if _, ok := ParseSmaps([]byte("Rss: 4 kB\n")); ok {
@@ -60,7 +60,7 @@ func TestParseSmaps(t *testing.T) {
 // writable+executable mappings.
 func TestRollupAndSmapsOfSelf(t *testing.T) {
 	r, err := Rollup(os.Getpid())
-	if err != nil || r.Pss <= 0 || r.PssAnon <= 0 {
+	if err != nil || r.Pss <= 0 || r.PssAnon <= 0 || r.Rss < r.Pss {
 		t.Fatalf("Rollup(self) = %+v, %v", r, err)
 	}
 	s, err := Smaps(os.Getpid())
@@ -77,7 +77,7 @@ func FuzzParseSmaps(f *testing.F) {
 	f.Add([]byte("Pss: -1 kB\nx-y rwxp\nAnonymous: 99999999999999999999 kB\n"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, _ := ParseSmaps(b)
-		if m.Pss < 0 || m.PssAnon < 0 || m.PssFile < 0 || m.WXAnon < 0 {
+		if m.Rss < 0 || m.Pss < 0 || m.PssAnon < 0 || m.PssFile < 0 || m.WXAnon < 0 {
 			t.Fatalf("negative figure %+v", m)
 		}
 	})

@@ -8,15 +8,17 @@ import (
 )
 
 // Memory is what a process's smaps report, summed over its mappings, in
-// KiB: the proportional set size and its anonymous and file-backed parts
-// (as in smaps_rollup), and the anonymous memory in writable+executable
-// mappings (a JIT's code buffer: QEMU's TCG translation cache).
+// KiB: the resident set size, the proportional set size and its anonymous
+// and file-backed parts (as in smaps_rollup), and the anonymous memory in
+// writable+executable mappings (a JIT's code buffer: QEMU's TCG
+// translation cache).
 type Memory struct {
+	Rss                   int64
 	Pss, PssAnon, PssFile int64
 	WXAnon                int64
 }
 
-// Rollup reads /proc/PID/smaps_rollup: Pss, PssAnon and PssFile (one
+// Rollup reads /proc/PID/smaps_rollup: Rss, Pss, PssAnon and PssFile (one
 // summed mapping, so WXAnon is not known from it).
 func Rollup(pid int) (Memory, error) {
 	return readSmaps(pid, "smaps_rollup")
@@ -71,6 +73,8 @@ func ParseSmaps(b []byte) (m Memory, ok bool) {
 			continue
 		}
 		switch string(key) {
+		case "Rss:":
+			m.Rss += kib
 		case "Pss:":
 			m.Pss += kib
 			ok = true
