@@ -87,7 +87,7 @@ func (vm *VM) Attach(ctx context.Context, spec ExecSpec) (*Session, error) {
 			if inf, ierr := vm.Info(ctx); ierr == nil {
 				img = inf.Image
 			}
-			return nil, &Error{Op: "attach", Message: fmt.Sprintf("attach in vm %s: the guest agent of its image predates interactive commands; rebuild the image (smolvm image build) and create the sandbox again", vm.id),
+			return nil, &Error{Op: "attach", Message: fmt.Sprintf("attach in vm %s: the guest agent of its image predates interactive commands; rebuild the image and create the sandbox again", vm.id),
 				Fix: newFix(FixBuildImage, ArgImage, img), Err: errors.Join(ErrUnsupported, err)}
 		}
 		if ctx.Err() != nil {
