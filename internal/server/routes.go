@@ -27,39 +27,10 @@ const (
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
 	methods := map[string][]string{} // path -> methods
-	add := func(method, path string, c class, h http.HandlerFunc) {
-		methods[path] = append(methods[path], method)
-		mux.Handle(method+" "+path, s.wrap(c, h))
+	for _, rt := range s.table() {
+		methods[rt.path] = append(methods[rt.path], rt.method)
+		mux.Handle(rt.method+" "+rt.path, s.wrap(rt.class, rt.h))
 	}
-	add("GET", "/openapi.json", quick, s.openapi)
-	add("GET", "/v1/health", quick, s.health)
-	add("GET", "/v1/version", quick, s.version)
-	add("POST", "/v1/sandboxes", long, s.createSandbox)
-	add("GET", "/v1/sandboxes", quick, s.listSandboxes)
-	add("GET", "/v1/sandboxes/{id}", quick, s.getSandbox)
-	add("DELETE", "/v1/sandboxes/{id}", long, s.deleteSandbox)
-	add("POST", "/v1/sandboxes/{id}/start", long, s.lifecycle("start"))
-	add("POST", "/v1/sandboxes/{id}/stop", long, s.lifecycle("stop"))
-	add("POST", "/v1/sandboxes/{id}/pause", quick, s.lifecycle("pause"))
-	add("POST", "/v1/sandboxes/{id}/resume", quick, s.lifecycle("resume"))
-	add("POST", "/v1/sandboxes/{id}/timeout", quick, s.setTimeout)
-	add("POST", "/v1/sandboxes/{id}/exec", stream, s.exec)
-	add("POST", "/v1/sandboxes/{id}/exec/stream", stream, s.execStream)
-	add("PUT", "/v1/sandboxes/{id}/files", stream, s.putFile)
-	add("GET", "/v1/sandboxes/{id}/files", stream, s.getFile)
-	add("POST", "/v1/sandboxes/{id}/ports", quick, s.exposePort)
-	add("GET", "/v1/sandboxes/{id}/logs", quick, s.logs)
-	add("POST", "/v1/sandboxes/{id}/snapshots", long, s.createSnapshot)
-	add("GET", "/v1/snapshots", quick, s.listSnapshots)
-	add("GET", "/v1/snapshots/{id}", quick, s.getSnapshot)
-	add("DELETE", "/v1/snapshots/{id}", long, s.deleteSnapshot)
-	add("POST", "/v1/snapshots/{id}/restore", long, s.restore)
-	add("POST", "/v1/snapshots/{id}/fork", long, s.fork)
-	add("GET", "/v1/templates", quick, s.listTemplates)
-	add("POST", "/v1/templates", long, s.buildTemplate)
-	add("DELETE", "/v1/templates/{key}", long, s.deleteTemplate)
-	add("POST", "/v1/templates/gc", long, s.collectTemplates)
-	add("GET", "/v1/events", stream, s.eventStream)
 	for pattern, h := range s.cfg.Extra {
 		method, path, ok := strings.Cut(pattern, " ")
 		if !ok {
@@ -93,6 +64,50 @@ func (s *Server) routes() http.Handler {
 		writeError(w, errCode(codeNotFound, "no such route: "+r.Method+" "+r.URL.Path+" (see GET /openapi.json)"))
 	})
 	return mux
+}
+
+// route is one operation of api/openapi.yaml.
+type route struct {
+	method, path string
+	class        class
+	h            http.HandlerFunc
+}
+
+// table is every operation of the spec the daemon itself serves (the spec's
+// x-smolvm-extra paths come from Config.Extra). TestSpecMatchesRoutes
+// holds the two equal.
+func (s *Server) table() []route {
+	return []route{
+		{"GET", "/openapi.json", quick, s.openapi},
+		{"GET", "/v1/health", quick, s.health},
+		{"GET", "/v1/version", quick, s.version},
+		{"POST", "/v1/sandboxes", long, s.createSandbox},
+		{"GET", "/v1/sandboxes", quick, s.listSandboxes},
+		{"GET", "/v1/sandboxes/{id}", quick, s.getSandbox},
+		{"DELETE", "/v1/sandboxes/{id}", long, s.deleteSandbox},
+		{"POST", "/v1/sandboxes/{id}/start", long, s.lifecycle("start")},
+		{"POST", "/v1/sandboxes/{id}/stop", long, s.lifecycle("stop")},
+		{"POST", "/v1/sandboxes/{id}/pause", quick, s.lifecycle("pause")},
+		{"POST", "/v1/sandboxes/{id}/resume", quick, s.lifecycle("resume")},
+		{"POST", "/v1/sandboxes/{id}/timeout", quick, s.setTimeout},
+		{"POST", "/v1/sandboxes/{id}/exec", stream, s.exec},
+		{"POST", "/v1/sandboxes/{id}/exec/stream", stream, s.execStream},
+		{"PUT", "/v1/sandboxes/{id}/files", stream, s.putFile},
+		{"GET", "/v1/sandboxes/{id}/files", stream, s.getFile},
+		{"POST", "/v1/sandboxes/{id}/ports", quick, s.exposePort},
+		{"GET", "/v1/sandboxes/{id}/logs", quick, s.logs},
+		{"POST", "/v1/sandboxes/{id}/snapshots", long, s.createSnapshot},
+		{"GET", "/v1/snapshots", quick, s.listSnapshots},
+		{"GET", "/v1/snapshots/{id}", quick, s.getSnapshot},
+		{"DELETE", "/v1/snapshots/{id}", long, s.deleteSnapshot},
+		{"POST", "/v1/snapshots/{id}/restore", long, s.restore},
+		{"POST", "/v1/snapshots/{id}/fork", long, s.fork},
+		{"GET", "/v1/templates", quick, s.listTemplates},
+		{"POST", "/v1/templates", long, s.buildTemplate},
+		{"DELETE", "/v1/templates/{key}", long, s.deleteTemplate},
+		{"POST", "/v1/templates/gc", long, s.collectTemplates},
+		{"GET", "/v1/events", stream, s.eventStream},
+	}
 }
 
 // wrap gives a spec operation its deadline, JSON body limit, validation

@@ -126,6 +126,7 @@ type Server struct {
 	// stopping is closed when a graceful shutdown begins: endless streams
 	// (events) end then.
 	stopping chan struct{}
+	tcpAddr  string // the TCP listener's address, once Serve listens
 }
 
 // ErrRunning is wrapped when another daemon serves the data dir.
@@ -294,6 +295,7 @@ func (s *Server) Serve(ctx context.Context, ready func()) error {
 			}
 			tl = tls.NewListener(tl, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
 		}
+		s.tcpAddr = tl.Addr().String()
 		servers = append(servers, s.httpServer(s.requireToken(s.h)))
 		listeners = append(listeners, tl)
 		s.log.Info("listening", "tcp", tl.Addr().String(), "tls", s.cfg.TLSCert != "")
