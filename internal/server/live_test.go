@@ -40,9 +40,9 @@ func (f *fakeLifetimes) Extend(_ context.Context, id string, ttl time.Duration) 
 	f.rec("extend " + id + " " + ttl.String())
 	return nil
 }
-func (f *fakeLifetimes) Touch(id string)                          {}
+func (f *fakeLifetimes) Touch(id string)                           {}
 func (f *fakeLifetimes) Forget(_ context.Context, id string) error { f.rec("forget " + id); return nil }
-func (f *fakeLifetimes) Run(ctx context.Context) error            { <-ctx.Done(); return nil }
+func (f *fakeLifetimes) Run(ctx context.Context) error             { <-ctx.Done(); return nil }
 func (f *fakeLifetimes) has(s string) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -90,6 +90,7 @@ func lastLine(t *testing.T, b []byte) map[string]any {
 // (exactly one wins), and a client that disconnects mid-stream gets its
 // command killed.
 func TestLive(t *testing.T) {
+	t.Parallel()
 	needImages(t)
 	lt := &fakeLifetimes{}
 	d := startDaemon(t, Config{Lifetimes: lt})
