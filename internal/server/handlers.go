@@ -44,6 +44,28 @@ func decode(r *http.Request, v any) error {
 	return errCode(codeInvalidRequest, "request body: "+err.Error())
 }
 
+// sandbox is the handle on the request's sandbox, or false once the
+// error is written.
+func (s *Server) sandbox(w http.ResponseWriter, r *http.Request, id string) (*smolvm.VM, bool) {
+	vm, err := s.vm(r.Context(), id)
+	if err != nil {
+		writeError(w, s.gone(id, err))
+		return nil, false
+	}
+	return vm, true
+}
+
+// decodeReq decodes the JSON body into a T, or returns false once the
+// error is written.
+func decodeReq[T any](w http.ResponseWriter, r *http.Request) (T, bool) {
+	var req T
+	if err := decode(r, &req); err != nil {
+		writeError(w, err)
+		return req, false
+	}
+	return req, true
+}
+
 // vm returns the open handle on sandbox id (one per id, shared by
 // requests: it keeps the agent connection).
 func (s *Server) vm(ctx context.Context, id string) (*smolvm.VM, error) {
@@ -211,9 +233,8 @@ func (s *Server) checkLifetime(timeoutS int, onTimeout string, idleS int) error 
 }
 
 func (s *Server) createSandbox(w http.ResponseWriter, r *http.Request) {
-	var req CreateRequest
-	if err := decode(r, &req); err != nil {
-		writeError(w, err)
+	req, ok := decodeReq[CreateRequest](w, r)
+	if !ok {
 		return
 	}
 	if err := s.checkLifetime(req.TimeoutS, req.OnTimeout, req.IdleTimeoutS); err != nil {
@@ -266,9 +287,8 @@ func (s *Server) listSandboxes(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) info(w http.ResponseWriter, r *http.Request, id string, status int) {
-	vm, err := s.vm(r.Context(), id)
-	if err != nil {
-		writeError(w, s.gone(id, err))
+	vm, ok := s.sandbox(w, r, id)
+	if !ok {
 		return
 	}
 	info, err := vm.Info(r.Context())
@@ -285,9 +305,8 @@ func (s *Server) getSandbox(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) deleteSandbox(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	vm, err := s.vm(r.Context(), id)
-	if err != nil {
-		writeError(w, s.gone(id, err))
+	vm, ok := s.sandbox(w, r, id)
+	if !ok {
 		return
 	}
 	if err := vm.Delete(r.Context()); err != nil {
@@ -311,9 +330,8 @@ func (s *Server) lifecycle(op string) http.HandlerFunc {
 			writeError(w, err)
 			return
 		}
-		vm, err := s.vm(r.Context(), id)
-		if err != nil {
-			writeError(w, s.gone(id, err))
+		vm, ok := s.sandbox(w, r, id)
+		if !ok {
 			return
 		}
 		s.longOp(w, r, http.StatusOK, func(ctx context.Context, step func(string)) (any, error) {
@@ -358,9 +376,8 @@ func (s *Server) setTimeout(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	vm, err := s.vm(r.Context(), id)
-	if err != nil {
-		writeError(w, s.gone(id, err))
+	vm, ok := s.sandbox(w, r, id)
+	if !ok {
 		return
 	}
 	if err := s.cfg.Lifetimes.Extend(r.Context(), id, time.Duration(req.TimeoutS)*time.Second); err != nil {
@@ -413,9 +430,8 @@ func execTimeout(sec float64) (time.Duration, error) {
 
 func (s *Server) exec(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	var req ExecRequest
-	if err := decode(r, &req); err != nil {
-		writeError(w, err)
+	req, ok := decodeReq[ExecRequest](w, r)
+	if !ok {
 		return
 	}
 	if (req.Command == "") == (len(req.Argv) == 0) {
@@ -572,9 +588,8 @@ func (s *Server) putFile(w http.ResponseWriter, r *http.Request) {
 		}
 		mode = os.FileMode(v)
 	}
-	vm, err := s.vm(r.Context(), id)
-	if err != nil {
-		writeError(w, s.gone(id, err))
+	vm, ok := s.sandbox(w, r, id)
+	if !ok {
 		return
 	}
 	body, size := io.Reader(r.Body), r.ContentLength
@@ -612,9 +627,8 @@ func (s *Server) getFile(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	vm, err := s.vm(r.Context(), id)
-	if err != nil {
-		writeError(w, s.gone(id, err))
+	vm, ok := s.sandbox(w, r, id)
+	if !ok {
 		return
 	}
 	// Spooled to a private temp file first: the mode (a header) and the
@@ -653,9 +667,8 @@ func (s *Server) exposePort(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	vm, err := s.vm(r.Context(), id)
-	if err != nil {
-		writeError(w, s.gone(id, err))
+	vm, ok := s.sandbox(w, r, id)
+	if !ok {
 		return
 	}
 	if err := vm.ExposePort(r.Context(), req.HostPort, req.GuestPort); err != nil {
@@ -667,9 +680,8 @@ func (s *Server) exposePort(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) logs(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	vm, err := s.vm(r.Context(), id)
-	if err != nil {
-		writeError(w, s.gone(id, err))
+	vm, ok := s.sandbox(w, r, id)
+	if !ok {
 		return
 	}
 	b, err := vm.Logs(r.Context())
@@ -691,9 +703,8 @@ type SnapshotRequest struct {
 
 func (s *Server) createSnapshot(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	var req SnapshotRequest
-	if err := decode(r, &req); err != nil {
-		writeError(w, err)
+	req, ok := decodeReq[SnapshotRequest](w, r)
+	if !ok {
 		return
 	}
 	typ := smolvm.SnapshotType("")
@@ -710,9 +721,8 @@ func (s *Server) createSnapshot(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	vm, err := s.vm(r.Context(), id)
-	if err != nil {
-		writeError(w, s.gone(id, err))
+	vm, ok := s.sandbox(w, r, id)
+	if !ok {
 		return
 	}
 	s.longOp(w, r, http.StatusCreated, func(ctx context.Context, step func(string)) (any, error) {
@@ -768,15 +778,11 @@ type RestoreRequest struct {
 
 func (s *Server) restore(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	var req RestoreRequest
-	if err := decode(r, &req); err != nil {
-		writeError(w, err)
+	req, ok := decodeReq[RestoreRequest](w, r)
+	if !ok {
 		return
 	}
-	if err := smolvm.ValidateID(id); err != nil {
-		writeError(w, err)
-		return
-	}
+	// The id was checked against the spec (invalid_id); the SDK checks it again.
 	s.longOp(w, r, http.StatusCreated, func(ctx context.Context, step func(string)) (any, error) {
 		vm, err := s.m.FromSnapshot(ctx, id, smolvm.RestoreOptions{Resume: req.Resume, Force: req.Force})
 		if err != nil {
@@ -796,15 +802,11 @@ type ForkRequest struct {
 
 func (s *Server) fork(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	var req ForkRequest
-	if err := decode(r, &req); err != nil {
-		writeError(w, err)
+	req, ok := decodeReq[ForkRequest](w, r)
+	if !ok {
 		return
 	}
-	if err := smolvm.ValidateID(id); err != nil {
-		writeError(w, err)
-		return
-	}
+	// The id was checked against the spec (invalid_id); the SDK checks it again.
 	s.longOp(w, r, http.StatusCreated, func(ctx context.Context, step func(string)) (any, error) {
 		vms, err := s.m.Fork(ctx, id, req.Count, smolvm.ForkOptions{Resume: req.Resume})
 		for _, vm := range vms {
@@ -846,9 +848,8 @@ type TemplateRequest struct {
 }
 
 func (s *Server) buildTemplate(w http.ResponseWriter, r *http.Request) {
-	var req TemplateRequest
-	if err := decode(r, &req); err != nil {
-		writeError(w, err)
+	req, ok := decodeReq[TemplateRequest](w, r)
+	if !ok {
 		return
 	}
 	s.longOp(w, r, http.StatusCreated, func(ctx context.Context, step func(string)) (any, error) {
