@@ -113,6 +113,14 @@ func (s *Server) drop(id string) {
 	}
 }
 
+// touch tells the lifetime runner that sandbox id is in use (exec, files,
+// lifecycle calls: what idle_timeout_s counts).
+func (s *Server) touch(id string) {
+	if s.cfg.Lifetimes != nil {
+		s.cfg.Lifetimes.Touch(id)
+	}
+}
+
 // gone drops the handle when err says the sandbox no longer exists.
 func (s *Server) gone(id string, err error) error {
 	if errors.Is(err, smolvm.ErrVMNotFound) {
@@ -351,9 +359,7 @@ func (s *Server) lifecycle(op string) http.HandlerFunc {
 				return nil, s.gone(id, err)
 			}
 			s.Publish(event, id)
-			if s.cfg.Lifetimes != nil {
-				s.cfg.Lifetimes.Touch(id)
-			}
+			s.touch(id)
 			return vm.Info(ctx)
 		})
 	}
@@ -458,9 +464,7 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request) {
 	if req.Stdin != "" {
 		opts = append(opts, smolvm.WithStdin([]byte(req.Stdin)))
 	}
-	if s.cfg.Lifetimes != nil {
-		s.cfg.Lifetimes.Touch(id)
-	}
+	s.touch(id)
 	var res *smolvm.Result
 	if req.Command != "" {
 		res, err = vm.Run(ctx, req.Command, opts...)
@@ -538,9 +542,7 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) {
 	if r.ContentLength != 0 {
 		opts = append(opts, smolvm.WithStdinReader(r.Body))
 	}
-	if s.cfg.Lifetimes != nil {
-		s.cfg.Lifetimes.Touch(id)
-	}
+	s.touch(id)
 	var res *smolvm.Result
 	if command != "" {
 		res, err = vm.Run(ctx, command, opts...)
@@ -592,6 +594,7 @@ func (s *Server) putFile(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	s.touch(id)
 	body, size := io.Reader(r.Body), r.ContentLength
 	if size < 0 {
 		// Chunked: spool to a private temp file to learn the size (the
@@ -631,6 +634,7 @@ func (s *Server) getFile(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	s.touch(id)
 	// Spooled to a private temp file first: the mode (a header) and the
 	// guest's verdict on the whole file are known before the first byte
 	// is sent, so a failed read is an error status, not a cut stream.
