@@ -159,7 +159,8 @@ func (s *Server) longOp(w http.ResponseWriter, r *http.Request, status int, fn f
 		return
 	}
 	t0 := time.Now()
-	out := newNDJSON(w)
+	out := s.newNDJSON(w)
+	defer out.close()
 	step := func(name string) {
 		out.send(map[string]any{"type": "progress", "step": name, "elapsed_ms": time.Since(t0).Milliseconds()})
 	}
@@ -182,10 +183,24 @@ type ndjson struct {
 	rc      *http.ResponseController
 	started bool
 	err     error
+	// stalled is called once when a write fails (a client that went away,
+	// or one that stopped reading for WriteStall): the exec stream cancels
+	// its command then.
+	stalled func()
+	stall   time.Duration // Config.WriteStall
 }
 
-func newNDJSON(w http.ResponseWriter) *ndjson {
-	return &ndjson{w: w, rc: http.NewResponseController(w)}
+func (s *Server) newNDJSON(w http.ResponseWriter) *ndjson {
+	return &ndjson{w: w, rc: http.NewResponseController(w), stalled: func() {}, stall: s.cfg.WriteStall}
+}
+
+// close lifts the write deadline (the connection may serve more requests).
+func (n *ndjson) close() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.started {
+		n.rc.SetWriteDeadline(time.Time{})
+	}
 }
 
 func (n *ndjson) send(v any) error {
@@ -204,12 +219,16 @@ func (n *ndjson) send(v any) error {
 		n.w.Header().Set("X-Content-Type-Options", "nosniff")
 		n.w.WriteHeader(http.StatusOK)
 	}
-	if _, err := n.w.Write(append(b, '\n')); err != nil {
-		n.err = err
-		return err
+	n.rc.SetWriteDeadline(time.Now().Add(n.stall))
+	_, err = n.w.Write(append(b, '\n'))
+	if err == nil {
+		err = n.rc.Flush()
 	}
-	n.err = n.rc.Flush()
-	return n.err
+	if err != nil {
+		n.err = err
+		n.stalled()
+	}
+	return err
 }
 
 // CreateRequest is POST /v1/sandboxes: a smolvm.Config plus the daemon's
@@ -535,7 +554,9 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) {
 	}
 	// Read the body (stdin) while the response is written.
 	http.NewResponseController(w).EnableFullDuplex()
-	out := newNDJSON(w)
+	out := s.newNDJSON(w)
+	defer out.close()
+	out.stalled = cancel // a client that stopped reading: kill the command
 	opts := []smolvm.RunOption{smolvm.WithTimeout(timeout), smolvm.WithEnv(env), smolvm.WithWorkdir(q.Get("cwd")),
 		smolvm.WithOutputLimit(1), // the events carry the output; the Result keeps none of it
 		smolvm.WithStdout(streamWriter{out, "stdout"}), smolvm.WithStderr(streamWriter{out, "stderr"})}

@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -93,7 +94,7 @@ func TestLive(t *testing.T) {
 	t.Parallel()
 	needImages(t)
 	lt := &fakeLifetimes{}
-	d := startDaemon(t, Config{Lifetimes: lt})
+	d := startDaemon(t, Config{Lifetimes: lt, WriteStall: 2 * time.Second})
 	sp := loadSpec(t)
 	c := d.client
 	ctx := context.Background()
@@ -252,6 +253,35 @@ func TestLive(t *testing.T) {
 				t.Fatalf("the command still runs 15 s after its client went away: %+v", r)
 			}
 			time.Sleep(200 * time.Millisecond)
+		}
+	})
+
+	t.Run("StalledClientKillsCommand", func(t *testing.T) {
+		// A client that stops reading an endless stream: after WriteStall
+		// the write fails, the command is killed, and the sandbox's
+		// other calls go on.
+		conn, err := net.Dial("unix", d.s.Socket())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		q := url.Values{"command": {"echo $$ > /tmp/spid; exec cat /dev/zero"}}
+		fmt.Fprintf(conn, "POST /v1/sandboxes/c1/exec/stream?%s HTTP/1.1\r\nHost: smolvm\r\nContent-Length: 0\r\n\r\n", q.Encode())
+		// Never read. Wait for the pid file, then for the command to die.
+		// (Without the stall bound the stuck stream would also block these
+		// calls: the agent connection is shared; hence their timeout.)
+		pc := &http.Client{Transport: c.Transport, Timeout: 15 * time.Second}
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			_, b := sp.call(t, pc, "POST", "/v1/sandboxes/c1/exec", jsonBody(map[string]any{"command": "test -s /tmp/spid || { echo nopid; exit; }; kill -0 $(cat /tmp/spid) 2>/dev/null && echo alive || echo gone"}))
+			r := decodeAs[ExecResult](t, b)
+			if r.Stdout == "gone\n" {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the command of a client that stopped reading still runs after 30 s: %+v", r)
+			}
+			time.Sleep(300 * time.Millisecond)
 		}
 	})
 

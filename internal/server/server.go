@@ -63,6 +63,13 @@ type Config struct {
 	// ShutdownTimeout bounds how long a graceful shutdown waits for
 	// in-flight requests (default 30 s).
 	ShutdownTimeout time.Duration
+	// WriteStall bounds how long one streamed event (exec output, progress)
+	// may wait for a client that does not read (default 30 s); then the
+	// request ends and an exec's command is killed. A command's output is
+	// read from the guest only as fast as the client takes it, and the
+	// agent connection is shared by every call on the sandbox: a stuck
+	// client must not hold the others for longer.
+	WriteStall time.Duration
 	// Lifetimes, when set, runs sandbox lifetimes (its Run runs with Serve).
 	Lifetimes Lifetimes
 	// Extra mounts handlers of other packages: the key is a net/http
@@ -93,6 +100,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.LongTimeout <= 0 {
 		c.LongTimeout = defaultLongTimeout
+	}
+	if c.WriteStall <= 0 {
+		c.WriteStall = 30 * time.Second
 	}
 	if c.ShutdownTimeout <= 0 {
 		c.ShutdownTimeout = 30 * time.Second
