@@ -439,6 +439,10 @@ type ExecResult struct {
 	DurationMS int64  `json:"duration_ms"`
 }
 
+// MaxOutputLimit bounds an exec's output_limit: the JSON result holds the
+// output in the daemon's memory (twice: stdout and stderr).
+const MaxOutputLimit = 64 << 20
+
 // DefaultExecTimeout is the timeout of a command that asks for none.
 const DefaultExecTimeout = 10 * time.Minute
 
@@ -468,8 +472,8 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	if req.OutputLimit < 0 {
-		writeError(w, errCode(codeInvalidRequest, "output_limit must not be negative"))
+	if req.OutputLimit < 0 || req.OutputLimit > MaxOutputLimit {
+		writeError(w, errCode(codeInvalidRequest, fmt.Sprintf("output_limit must be between 0 (the default, %d) and %d bytes; for more, use exec/stream", smolvm.DefaultOutputLimit, MaxOutputLimit)))
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), timeout+ExecGrace)
