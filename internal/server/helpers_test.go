@@ -68,7 +68,7 @@ type daemon struct {
 
 // startDaemon runs a Server for cfg until the test ends (a fresh data dir
 // when cfg has none).
-func startDaemon(t *testing.T, cfg Config) *daemon {
+func startDaemon(t *testing.T, cfg Config, mount ...func(*Server)) *daemon {
 	t.Helper()
 	if cfg.Options.DataDir == "" {
 		cfg.Options.DataDir = t.TempDir()
@@ -80,6 +80,9 @@ func startDaemon(t *testing.T, cfg Config) *daemon {
 	s, err := New(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
+	}
+	for _, f := range mount {
+		f(s)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	d := &daemon{s: s, cancel: cancel, done: make(chan error, 1), client: unixClient(s.Socket())}

@@ -152,7 +152,7 @@ func TestToken(t *testing.T) {
 	dataDir := t.TempDir()
 	extra := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("extra " + r.PathValue("id"))) })
 	d := startDaemon(t, Config{Options: smolvm.Options{DataDir: dataDir}, Listen: "127.0.0.1:0",
-		Extra: map[string]http.Handler{"/metrics": extra, "GET /v1/sandboxes/{id}/stats": extra}})
+		Extra: map[string]http.Handler{"/metrics": extra}}, func(s *Server) { s.Mount("GET /v1/sandboxes/{id}/stats", extra) })
 	// The token file was made 0600.
 	st, err := os.Stat(filepath.Join(dataDir, "api-token"))
 	if err != nil || st.Mode().Perm() != 0o600 {
