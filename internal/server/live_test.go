@@ -73,6 +73,25 @@ func execEvents(t *testing.T, b []byte) (stdout, stderr string, last map[string]
 	return o.String(), e.String(), last
 }
 
+// waitGone waits until the guest process whose pid is in pidFile (in c1)
+// is gone.
+func waitGone(t *testing.T, sp *spec, c *http.Client, pidFile string, within time.Duration, why string) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	cmd := fmt.Sprintf("test -s %[1]s || { echo nopid; exit; }; kill -0 $(cat %[1]s) 2>/dev/null && echo alive || echo gone", pidFile)
+	for {
+		_, b := sp.call(t, c, "POST", "/v1/sandboxes/c1/exec", jsonBody(map[string]any{"command": cmd}))
+		r := decodeAs[ExecResult](t, b)
+		if r.Stdout == "gone\n" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the command still runs %v after %s: %+v", within, why, r)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
 // lastLine decodes the last NDJSON line of a long operation.
 func lastLine(t *testing.T, b []byte) map[string]any {
 	t.Helper()
@@ -242,18 +261,7 @@ func TestLive(t *testing.T) {
 		}
 		cancel() // the client goes away mid-stream
 		resp.Body.Close()
-		deadline := time.Now().Add(15 * time.Second)
-		for {
-			_, b := sp.call(t, c, "POST", "/v1/sandboxes/c1/exec", jsonBody(map[string]any{"command": "kill -0 $(cat /tmp/pid) 2>/dev/null && echo alive || echo gone"}))
-			r := decodeAs[ExecResult](t, b)
-			if r.Stdout == "gone\n" {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("the command still runs 15 s after its client went away: %+v", r)
-			}
-			time.Sleep(200 * time.Millisecond)
-		}
+		waitGone(t, sp, c, "/tmp/pid", 15*time.Second, "its client went away")
 	})
 
 	t.Run("StalledClientKillsCommand", func(t *testing.T) {
@@ -271,18 +279,7 @@ func TestLive(t *testing.T) {
 		// (Without the stall bound the stuck stream would also block these
 		// calls: the agent connection is shared; hence their timeout.)
 		pc := &http.Client{Transport: c.Transport, Timeout: 15 * time.Second}
-		deadline := time.Now().Add(30 * time.Second)
-		for {
-			_, b := sp.call(t, pc, "POST", "/v1/sandboxes/c1/exec", jsonBody(map[string]any{"command": "test -s /tmp/spid || { echo nopid; exit; }; kill -0 $(cat /tmp/spid) 2>/dev/null && echo alive || echo gone"}))
-			r := decodeAs[ExecResult](t, b)
-			if r.Stdout == "gone\n" {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("the command of a client that stopped reading still runs after 30 s: %+v", r)
-			}
-			time.Sleep(300 * time.Millisecond)
-		}
+		waitGone(t, sp, pc, "/tmp/spid", 30*time.Second, "its client stopped reading")
 	})
 
 	// Snapshot, then two clients restore it at once: exactly one wins.
