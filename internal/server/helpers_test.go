@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -22,7 +21,6 @@ import (
 	"github.com/getkin/kin-openapi/routers"
 	"github.com/getkin/kin-openapi/routers/gorillamux"
 
-	"github.com/smolvm-go/smolvm"
 	"github.com/smolvm-go/smolvm/internal/image"
 	"github.com/smolvm-go/smolvm/internal/testutil"
 )
@@ -268,6 +266,3 @@ func wantError(t *testing.T, what string, resp *http.Response, b []byte, status 
 	}
 	return e
 }
-
-var _ = fmt.Sprintf
-var _ = smolvm.ErrorCode
