@@ -194,14 +194,21 @@ func (s *Server) newNDJSON(w http.ResponseWriter) *ndjson {
 	return &ndjson{w: w, rc: http.NewResponseController(w), stalled: func() {}, stall: s.cfg.WriteStall}
 }
 
-// close lifts the write deadline (the connection may serve more requests).
+// close lifts the write deadline (the connection may serve more
+// requests) and makes later sends no-ops: a step logged after the handler
+// returned must not touch its ResponseWriter.
 func (n *ndjson) close() {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.started {
 		n.rc.SetWriteDeadline(time.Time{})
 	}
+	if n.err == nil {
+		n.err = errStreamClosed
+	}
 }
+
+var errStreamClosed = errors.New("stream closed")
 
 func (n *ndjson) send(v any) error {
 	b, err := json.Marshal(v)
