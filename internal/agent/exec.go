@@ -122,9 +122,15 @@ func (t *procTable) start(path string, argv []string, attr *syscall.ProcAttr) (i
 	return pid, ch, nil
 }
 
-// drainGrace is how long output is still collected after the process
-// exited, for pipes held open by its background children.
+// drainGrace is how long output is still awaited after the process
+// exited, for pipes held open by its background children. What is in the
+// pipes then is still collected (see pump.run).
 const drainGrace = 200 * time.Millisecond
+
+// drainMax bounds what is collected from a pipe after drainGrace: the most
+// a pipe holds by default (fs.pipe-max-size), so nothing the process wrote
+// before it exited is lost unless it grew its pipe past that.
+const drainMax = 1 << 20
 
 func (ss *session) startExec(id uint64, req agentproto.ExecRequest) {
 	ctx, cancel := context.WithCancel(ss.ctx)
@@ -223,18 +229,16 @@ func (s *Server) execute(ctx context.Context, req agentproto.ExecRequest, out fu
 	} else {
 		p.feedStdin(req.Stdin)
 	}
-	var detached atomic.Bool // set once the exit was reported: drop later output
-	dones := []chan struct{}{pumpOutput(p.outR, agentproto.StreamStdout, out, &detached)}
+	pumps := []*pump{startPump(p.outR, agentproto.StreamStdout, out)}
 	if p.errR != nil {
-		dones = append(dones, pumpOutput(p.errR, agentproto.StreamStderr, out, &detached))
+		pumps = append(pumps, startPump(p.errR, agentproto.StreamStderr, out))
 	}
 	res, ws := waitExit(ctx, pid, wait, req.TimeoutMS, p.signal)
 	ip.exited() // its pid may be reused from now on: no more signals
 	if !p.tty {
 		closeFile(p.stdinW) // unblock a writer stuck on a process that stopped reading
 	}
-	drainOutput(dones...)
-	detached.Store(true)
+	drainOutput(pumps...)
 	if p.tty {
 		closeFile(p.outR) // the terminal's master: its last holders get a hangup
 	}
@@ -390,25 +394,84 @@ func (p *execPipes) feedStdin(data []byte) {
 	}()
 }
 
-// pumpOutput sends what r yields to out as stream until r ends, dropping it
-// once detached is set; it closes r. The channel is closed when it is done.
-func pumpOutput(r *os.File, stream string, out func(stream string, data []byte), detached *atomic.Bool) chan struct{} {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		defer r.Close()
-		buf := make([]byte, agentproto.MaxOutputChunk)
-		for {
-			n, err := r.Read(buf)
-			if n > 0 && !detached.Load() {
-				out(stream, append([]byte(nil), buf[:n]...))
-			}
-			if err != nil {
-				return
-			}
+// pump sends what a command's output pipe (or terminal) yields to out.
+type pump struct {
+	r       *os.File
+	stream  string
+	out     func(stream string, data []byte)
+	drained chan struct{} // closed once it sends no more
+	// detached is set when drainOutput stopped waiting for a reader
+	// without a deadline: its later output is dropped.
+	detached atomic.Bool
+}
+
+// startPump sends what r yields to out as stream until the output is
+// drained (see pump.run); it closes r at its end.
+func startPump(r *os.File, stream string, out func(stream string, data []byte)) *pump {
+	pp := &pump{r: r, stream: stream, out: out, drained: make(chan struct{})}
+	go pp.run()
+	return pp
+}
+
+// run reads until the end of the output: EOF, which comes once the
+// process and every child holding the pipe exited, or the read deadline
+// drainOutput sets when the process exited. At that deadline background
+// children still hold the pipe: what the pipe holds then is sent (read
+// without waiting, at most drainMax bytes), and later output is read and
+// dropped until EOF, so that those children never block on a full pipe.
+// Nothing is sent after drained is closed.
+func (pp *pump) run() {
+	defer pp.r.Close()
+	buf := make([]byte, agentproto.MaxOutputChunk)
+	drained := false
+	for {
+		n, err := pp.r.Read(buf)
+		if n > 0 && !drained && !pp.detached.Load() {
+			pp.out(pp.stream, append([]byte(nil), buf[:n]...))
 		}
-	}()
-	return done
+		if err == nil {
+			continue
+		}
+		if drained || !errors.Is(err, os.ErrDeadlineExceeded) {
+			break
+		}
+		pp.sendBuffered(buf)
+		drained = true
+		close(pp.drained)
+	}
+	if !drained {
+		close(pp.drained)
+	}
+}
+
+// sendBuffered sends what the pipe holds now without waiting for more
+// (at most drainMax bytes: a background child may keep writing), and
+// clears the read deadline.
+func (pp *pump) sendBuffered(buf []byte) {
+	if pp.r.SetReadDeadline(time.Time{}) != nil {
+		return
+	}
+	rc, err := pp.r.SyscallConn()
+	if err != nil {
+		return
+	}
+	var avail int
+	if rc.Control(func(fd uintptr) { avail, err = unix.IoctlGetInt(int(fd), unix.TIOCINQ) }) != nil || err != nil {
+		return
+	}
+	for left := min(avail, drainMax); left > 0; {
+		var n int
+		// One non-blocking read (the descriptor is non-blocking: the
+		// runtime polls it): returning true never waits.
+		if rc.Read(func(fd uintptr) bool {
+			n, err = unix.Read(int(fd), buf[:min(left, len(buf))])
+			return true
+		}) != nil || err != nil || n <= 0 {
+			return
+		}
+		pp.out(pp.stream, append([]byte(nil), buf[:n]...))
+		left -= n
+	}
 }
 
 // waitExit waits for the process pid to exit. When timeoutMS (if above 0)
@@ -438,17 +501,32 @@ func waitExit(ctx context.Context, pid int, wait <-chan syscall.WaitStatus, time
 	return res, ws
 }
 
-// drainOutput waits for the output pumps to collect what is still in the
-// pipes. Background processes may hold them open: after drainGrace it stops
-// waiting (they keep draining; the caller then drops their output).
-func drainOutput(dones ...chan struct{}) {
-	grace := time.NewTimer(drainGrace)
-	defer grace.Stop()
-	for _, d := range dones {
+// drainOutput waits until the pumps sent the process's output: to EOF,
+// or when background processes hold the pipes open, what the pipes hold
+// drainGrace after now. The pipes and the terminal master are in the
+// runtime's poller, so their read deadlines end a waiting read; should
+// one not take a deadline (a descriptor outside the poller), drainOutput
+// stops waiting for it after drainGrace and its later output is dropped.
+func drainOutput(pumps ...*pump) {
+	deadline := time.Now().Add(drainGrace)
+	var grace <-chan time.Time
+	for _, pp := range pumps {
+		// A pump at EOF closed its reader already; only a descriptor
+		// outside the poller takes no deadline.
+		if err := pp.r.SetReadDeadline(deadline); errors.Is(err, os.ErrNoDeadline) && grace == nil {
+			t := time.NewTimer(drainGrace)
+			defer t.Stop()
+			grace = t.C
+		}
+	}
+	for _, pp := range pumps {
 		select {
-		case <-d:
-		case <-grace.C:
-			grace.Reset(0)
+		case <-pp.drained:
+		case <-grace:
+			for _, pp := range pumps {
+				pp.detached.Store(true)
+			}
+			return
 		}
 	}
 }
