@@ -310,10 +310,8 @@ func (m *Manager) addPoolMember(ctx context.Context, cfg Config, tag string) (er
 	// Warm the guest paths a claim's first command takes (under TCG the
 	// code is translated per VMM process, on first use): one command. It
 	// leaves nothing behind in the guest.
-	if res, err := vm.Run(ctx, "true", WithTimeout(poolWarmTimeout)); err != nil {
+	if err := vm.warmUp(ctx, poolWarmTimeout); err != nil {
 		return fmt.Errorf("warming pool member %s: %w", vm.id, err)
-	} else if !res.OK() {
-		return fmt.Errorf("warming pool member %s: exit %d", vm.id, res.ExitCode)
 	}
 	vm.closeClient()
 	return vm.Pause(ctx)

@@ -269,7 +269,15 @@ func (t *templateBuildOp) deleteBuilder(ctx context.Context) error {
 	return err
 }
 
-// boot boots the builder and checks that it runs the shape's image.
+// warmUpTimeout bounds the command a builder runs before its snapshot.
+const warmUpTimeout = 60 * time.Second
+
+// boot boots the builder, checks that it runs the shape's image, and runs
+// one command in it: the snapshot then holds a guest that has run one
+// (the exec path's files in its page cache, the agent's exec machinery
+// set up), as a pool member's and the restore benchmark's source do.
+// Without it a template create's first command took 190-220 ms against
+// 95-125 ms with it (TCG).
 func (t *templateBuildOp) boot(ctx context.Context) error {
 	if err := t.vm.Start(ctx); err != nil {
 		return err
@@ -280,6 +288,24 @@ func (t *templateBuildOp) boot(ctx context.Context) error {
 	}
 	if imageID(img) != t.shape.ImageID {
 		return fmt.Errorf("image %s changed while its template was being built; create again", t.shape.Image)
+	}
+	if err := t.vm.warmUp(ctx, warmUpTimeout); err != nil {
+		return fmt.Errorf("template builder: %w", err)
+	}
+	return nil
+}
+
+// warmUp runs one command ("true", which leaves nothing behind) in the
+// guest, with a bound: a template's builder and a pool member do before
+// their guest is kept, so that a restore's first command finds its paths
+// warm.
+func (vm *VM) warmUp(ctx context.Context, timeout time.Duration) error {
+	res, err := vm.Run(ctx, "true", WithTimeout(timeout))
+	if err != nil {
+		return fmt.Errorf("the warm-up command in vm %s: %w", vm.id, err)
+	}
+	if !res.OK() {
+		return fmt.Errorf("the warm-up command (true) in vm %s exited %d", vm.id, res.ExitCode)
 	}
 	return nil
 }
