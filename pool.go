@@ -208,6 +208,13 @@ func (m *Manager) FillPools(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// FillPool is FillPools for the one pool of imageName and opts (the shape
+// SetPool was given): other pools are left as they are. A pool that has no
+// size (none was set, or 0) is drained.
+func (m *Manager) FillPool(ctx context.Context, imageName string, opts TemplateOptions) error {
+	return m.fillPool(ctx, imageName, opts)
+}
+
 // fillPool fills one pool under its filler lock, reading its size again
 // once it holds the lock (a SetPool may have changed it meanwhile).
 func (m *Manager) fillPool(ctx context.Context, imageName string, opts TemplateOptions) error {
