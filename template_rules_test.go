@@ -355,6 +355,11 @@ func TestTemplateRules(t *testing.T) {
 		for _, v := range vms {
 			if strings.HasPrefix(v.ID, "template-build-") {
 				name = v.ID
+				if !v.TemplateBuilder || v.Pool {
+					t.Errorf("builder %s: Info.TemplateBuilder %v, Pool %v (sandbox ls shows it)", v.ID, v.TemplateBuilder, v.Pool)
+				}
+			} else if v.TemplateBuilder {
+				t.Errorf("%s is marked a template builder", v.ID)
 			}
 		}
 		if name == "" {
