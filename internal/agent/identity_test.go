@@ -126,6 +126,48 @@ func TestWriteIdentityFiles(t *testing.T) {
 	}
 }
 
+// TestPersistIdentityFiles: before a sync the links become regular files
+// with the values (a boot from the disk alone reads them); a later change
+// makes them links again.
+func TestPersistIdentityFiles(t *testing.T) {
+	root := newRoot(t)
+	os.Remove(filepath.Join(root, "etc/hosts"))
+	if _, err := writeIdentityFiles(root, "vm-p", testMachineID, t.Logf); err != nil {
+		t.Fatal(err)
+	}
+	persistIdentityFiles(root, t.Logf)
+	for name, want := range map[string]string{"hostname": "vm-p\n", "machine-id": testMachineID + "\n", "hosts": "127.0.1.1\tvm-p\n"} {
+		p := filepath.Join(root, "etc", name)
+		if st, err := os.Lstat(p); err != nil || !st.Mode().IsRegular() || st.Mode().Perm() != identityFileMode[name] {
+			t.Errorf("/etc/%s after persist: %v, %v; want a regular file, mode %v", name, st.Mode(), err, identityFileMode[name])
+		}
+		if got := readString(t, p); !strings.Contains(got, want) {
+			t.Errorf("/etc/%s = %q, want %q in it", name, got, want)
+		}
+	}
+	noTemps(t, filepath.Join(root, "etc"))
+	// A boot from that disk: /run is empty, the name is on disk.
+	os.RemoveAll(filepath.Join(root, identityDir))
+	if got := bootHostname(BootConfig{Hostname: "smolvm"}, filepath.Join(root, "etc/hostname")); got != "vm-p" {
+		t.Errorf("boot hostname from the persisted disk = %q, want vm-p", got)
+	}
+	if _, err := writeIdentityFiles(root, "vm-q", testMachineID2, t.Logf); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := os.Readlink(filepath.Join(root, "etc/machine-id")); err != nil || l != "../run/smolvm-identity/machine-id" {
+		t.Errorf("machine-id after a new identity: link %q, %v", l, err)
+	}
+	if readString(t, filepath.Join(root, "etc/hostname")) != "vm-q\n" {
+		t.Error("new hostname not behind the link")
+	}
+	// Dangling links (nothing in /run) are left as they are.
+	os.RemoveAll(filepath.Join(root, identityDir))
+	persistIdentityFiles(root, t.Logf)
+	if _, err := os.Readlink(filepath.Join(root, "etc/hostname")); err != nil {
+		t.Errorf("a dangling link was replaced: %v", err)
+	}
+}
+
 // TestWriteHostsIsTheAgents: the agent's /etc/hosts moves to /run and
 // follows the name, also from a dangling link (a reboot); an image's own
 // is never touched.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"os"
@@ -189,6 +190,43 @@ func putIdentityFile(root, name, content string) (bind bool, err error) {
 	}
 	st, serr := os.Lstat(etcPath)
 	return serr == nil && st.Mode().IsRegular(), nil
+}
+
+// persistIdentityFiles puts the identity files back on root's disk before
+// a sync (the host syncs before a disk snapshot and a stop): each /etc link
+// to /run/smolvm-identity becomes a regular file with its content (temp,
+// rename). A boot from the disk alone (a disk snapshot restored, maybe
+// paused before the host can speak) then finds the VM's name and
+// machine-id as it did before they moved to tmpfs. The next set_identity
+// that changes one makes it a link again.
+func persistIdentityFiles(root string, logf func(string, ...any)) {
+	for _, name := range []string{"hostname", "machine-id", "hosts"} {
+		etcPath := filepath.Join(root, "etc", name)
+		if l, err := os.Readlink(etcPath); err != nil || l != "../"+identityDir+"/"+name {
+			continue
+		}
+		b, err := readSmallFile(filepath.Join(root, identityDir, name))
+		if err != nil {
+			continue // dangling: nothing to keep
+		}
+		if err := replaceIfChanged(etcPath, string(b), identityFileMode[name]); err != nil {
+			logf("sync: keeping /etc/%s on disk: %v", name, err)
+		}
+	}
+}
+
+// readSmallFile reads an identity file (a few bytes; more is refused).
+func readSmallFile(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, 4097))
+	if err == nil && len(b) > 4096 {
+		err = fmt.Errorf("%s: over 4096 bytes", path)
+	}
+	return b, err
 }
 
 // replaceIfChanged atomically replaces path with content unless it holds
