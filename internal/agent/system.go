@@ -68,14 +68,13 @@ func (s *Server) setIdentity(req agentproto.SetIdentityRequest) error {
 		return errUnsupported
 	}
 	// Entropy first: whatever is drawn from here on differs between VMs
-	// restored from one memory image.
+	// restored from one memory image. Clones of one snapshot share the
+	// CRNG state: reseed it now from the (now different) input pool
+	// rather than at the next interval.
 	if len(req.Seed) > 0 {
 		if err := addEntropy(req.Seed); err != nil {
 			return fmt.Errorf("set_identity: seed: %w", err)
 		}
-		// Clones of one snapshot share the CRNG state: reseed it now from
-		// the (now different) input pool rather than at the next interval.
-		reseedCRNG()
 	}
 	if req.Hostname != "" {
 		if err := unix.Sethostname([]byte(req.Hostname)); err != nil {
@@ -274,19 +273,6 @@ func bindFromRun(name string) error {
 	return unix.Mount("/"+identityDir+"/"+name, etc, "", unix.MS_BIND, "")
 }
 
-func reseedCRNG() {
-	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
-	if err != nil {
-		return
-	}
-	defer f.Close()
-	if conn, err := f.SyscallConn(); err == nil {
-		conn.Control(func(fd uintptr) {
-			unix.Syscall(unix.SYS_IOCTL, fd, unix.RNDRESEEDCRNG, 0)
-		})
-	}
-}
-
 // setMAC sets an interface's hardware address (SIOCSIFHWADDR).
 func setMAC(ifname, mac string) error {
 	hw, err := net.ParseMAC(mac)
@@ -325,15 +311,18 @@ func setMAC(ifname, mac string) error {
 }
 
 // addEntropy mixes seed into the kernel pool: written to /dev/urandom (not
-// credited) and, where permitted, added with RNDADDENTROPY (credited).
+// credited) and, where permitted, added with RNDADDENTROPY (credited);
+// then it reseeds the CRNG (RNDRESEEDCRNG, best effort). Raw system calls
+// on one descriptor: under TCG every call after a restore is slow, and
+// this runs on the path from restore to first command.
 func addEntropy(seed []byte) error {
-	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	fd, err := unix.Open("/dev/urandom", unix.O_WRONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return err
+		return &fs.PathError{Op: "open", Path: "/dev/urandom", Err: err}
 	}
-	defer f.Close()
-	if _, err := f.Write(seed); err != nil {
-		return err
+	defer unix.Close(fd)
+	if _, err := unix.Write(fd, seed); err != nil {
+		return &fs.PathError{Op: "write", Path: "/dev/urandom", Err: err}
 	}
 	// struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
 	n := min(len(seed), 512)
@@ -341,21 +330,12 @@ func addEntropy(seed []byte) error {
 	*(*int32)(unsafe.Pointer(&buf[0])) = int32(n * 8)
 	*(*int32)(unsafe.Pointer(&buf[4])) = int32(n)
 	copy(buf[8:], seed[:n])
-	conn, err := f.SyscallConn()
-	if err != nil {
-		return nil
-	}
-	var ioErr error
-	_ = conn.Control(func(fd uintptr) {
-		_, _, e := unix.Syscall(unix.SYS_IOCTL, fd, unix.RNDADDENTROPY, uintptr(unsafe.Pointer(&buf[0])))
-		if e != 0 {
-			ioErr = e
-		}
-	})
+	_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.RNDADDENTROPY, uintptr(unsafe.Pointer(&buf[0])))
 	runtime.KeepAlive(buf)
-	if ioErr != nil && !errors.Is(ioErr, syscall.EPERM) {
-		return ioErr
+	if e != 0 && e != unix.EPERM {
+		return e
 	}
+	unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.RNDRESEEDCRNG, 0)
 	return nil
 }
 
