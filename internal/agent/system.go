@@ -110,8 +110,10 @@ func (s *Server) setIdentity(req agentproto.SetIdentityRequest) error {
 // derived from the host's record and rewritten at every boot and restore
 // before any command runs, so nothing of them needs to persist. A new
 // value replaces its file there atomically (temp, rename). The point is
-// speed: under TCG the first create and rename on the root's ext4 after
-// a restore cost 65-130 ms of a template create, the same on tmpfs 25-30 ms.
+// speed: under TCG the first creates and renames after a restore are slow
+// (the kernel's code is translated anew in each VMM process); in one
+// paired run of template creates the identity files took 84-132 ms on the
+// root's ext4 and 24-32 ms on tmpfs (40-85 ms in later, busier runs).
 //
 // When /etc refuses the symlink (a read-only root), binds names the
 // files of /etc that exist and must be covered by their /run copy (as
