@@ -102,9 +102,10 @@ func checkDistinct(t testing.TB, ids map[string]guestIdentity) {
 }
 
 // TestIdentityOnReadOnlyRoot: a guest whose root file system is read-only
-// still shows a clone its own identity in /etc: the agent writes the files
-// to /run and binds them over /etc/hostname and /etc/machine-id, so no
-// file keeps the source VM's name or machine-id.
+// still shows a clone its own identity in /etc: the agent keeps the files
+// in /run (behind /etc links made while the root was writable, or bound
+// over /etc/hostname and /etc/machine-id), so no file keeps the source
+// VM's name or machine-id.
 func TestIdentityOnReadOnlyRoot(t *testing.T) {
 	m := newManager(t)
 	ctx := testCtx(t)

@@ -208,6 +208,13 @@ func (m *Manager) FillPools(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// FillPool is FillPools for the one pool of imageName and opts (the shape
+// SetPool was given): other pools are left as they are. A pool that has no
+// size (none was set, or 0) is drained.
+func (m *Manager) FillPool(ctx context.Context, imageName string, opts TemplateOptions) error {
+	return m.fillPool(ctx, imageName, opts)
+}
+
 // fillPool fills one pool under its filler lock, reading its size again
 // once it holds the lock (a SetPool may have changed it meanwhile).
 func (m *Manager) fillPool(ctx context.Context, imageName string, opts TemplateOptions) error {
@@ -310,10 +317,8 @@ func (m *Manager) addPoolMember(ctx context.Context, cfg Config, tag string) (er
 	// Warm the guest paths a claim's first command takes (under TCG the
 	// code is translated per VMM process, on first use): one command. It
 	// leaves nothing behind in the guest.
-	if res, err := vm.Run(ctx, "true", WithTimeout(poolWarmTimeout)); err != nil {
+	if err := vm.warmUp(ctx, poolWarmTimeout); err != nil {
 		return fmt.Errorf("warming pool member %s: %w", vm.id, err)
-	} else if !res.OK() {
-		return fmt.Errorf("warming pool member %s: exit %d", vm.id, res.ExitCode)
 	}
 	vm.closeClient()
 	return vm.Pause(ctx)

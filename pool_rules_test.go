@@ -147,6 +147,37 @@ func TestPoolRules(t *testing.T) {
 		}
 	})
 
+	t.Run("FillPoolFillsOnlyItsPool", func(t *testing.T) {
+		// What `template pool IMAGE --size N` runs: the pool named fills;
+		// another pool that is short stays as it is.
+		other := opts
+		other.MemoryMiB = 288
+		if err := m.SetPool(ctx, "busybox", other, 1); err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			if err := m.SetPool(ctx, "busybox", other, 0); err != nil {
+				t.Errorf("removing the other pool: %v", err)
+			}
+		}()
+		if err := m.FillPool(ctx, "busybox", opts); err != nil {
+			t.Fatal(err)
+		}
+		l, err := m.Pools(ctx)
+		if err != nil || len(l) != 2 {
+			t.Fatalf("Pools = %+v, %v; want two", l, err)
+		}
+		for _, p := range l {
+			want := p.Size
+			if p.Options.MemoryMiB == other.MemoryMiB {
+				want = 0
+			}
+			if p.Ready != want {
+				t.Errorf("pool of %d MiB: %d ready, want %d", p.Options.MemoryMiB, p.Ready, want)
+			}
+		}
+	})
+
 	t.Run("ClaimAtomicAcrossManagers", func(t *testing.T) {
 		// Two Managers (as two processes), four creates at once, two
 		// members: each member goes to one VM, the others restore the

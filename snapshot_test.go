@@ -58,6 +58,10 @@ func TestSnapshotTypesPreserveState(t *testing.T) {
 			// Put the guest clock an hour behind: the restore must set it
 			// before the first command runs.
 			mustOK(t, vm, "date -s @$(( $(date +%s) - 3600 )) >/dev/null")
+			srcInfo, err := vm.Info(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
 			snap, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "s-" + string(typ), Type: typ})
 			if err != nil {
 				t.Fatal(err)
@@ -88,6 +92,12 @@ func TestSnapshotTypesPreserveState(t *testing.T) {
 			guest, _ := strconv.ParseInt(mustOK(t, restored, "date +%s"), 10, 64)
 			if d := time.Now().Unix() - guest; d > 5 || d < -5 {
 				t.Errorf("guest clock off by %ds in the first command after restore", d)
+			}
+			// Its own names, also when it booted from the disk alone (the
+			// agent keeps them on tmpfs and puts them back on the disk
+			// when the host syncs it before a disk snapshot).
+			if got, want := mustOK(t, restored, "hostname; cat /etc/hostname /etc/machine-id"), vm.ID()+"\n"+vm.ID()+"\n"+srcInfo.MachineID; got != want {
+				t.Errorf("%s restore: hostname, /etc/hostname, /etc/machine-id = %q, want %q", typ, got, want)
 			}
 			tmpfs, proc, disk := checkWorkload(t, restored)
 			wantMem := typ != smolvm.SnapshotDisk

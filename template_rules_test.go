@@ -2,9 +2,11 @@ package smolvm_test
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/smolvm-go/smolvm"
@@ -235,6 +237,14 @@ func TestTemplateRules(t *testing.T) {
 		if st, _ := vm.Status(ctx); st != smolvm.StatusCreated {
 			t.Errorf("status %s, want created", st)
 		}
+		// The failure is remembered for a while: a create in that time
+		// gets it back without a second builder; an explicit build retries.
+		if err := vm.Start(ctx); !errors.Is(err, smolvm.ErrBoot) || !strings.Contains(err.Error(), "not tried again") {
+			t.Fatalf("Start right after a failed build = %v, want the remembered failure (ErrBoot)", err)
+		}
+		if _, err := m.BuildTemplate(ctx, "busybox", smolvm.TemplateOptions{MemoryMiB: 300, NoNetwork: true, Backend: smolvm.BackendName(fakebackend.Name)}); err != nil {
+			t.Fatalf("BuildTemplate after the fault: %v", err)
+		}
 		// Another shape: its own template, never a wrong shape.
 		if err := vm.Start(ctx); err != nil {
 			t.Fatalf("Start after the fault: %v", err)
@@ -244,6 +254,43 @@ func TestTemplateRules(t *testing.T) {
 			t.Errorf("a 300 MiB VM: template %s (first %s), %d MiB; templates %+v", info.Template, tmpl.Key, info.MemoryMiB, l)
 		}
 		vm.Delete(ctx)
+	})
+
+	t.Run("FailedBuildNotRetriedByEachWaiter", func(t *testing.T) {
+		// Three creates of a new shape at once, its build fails once: one
+		// builder ran; the others return its failure instead of building
+		// again in turn (a second build would succeed: the fault is spent).
+		remove := fake.Fail(fakebackend.OpSnapshot, "", 1)
+		defer remove()
+		var wg sync.WaitGroup
+		errs := make([]error, 3)
+		for i := range errs {
+			c := cfg(fmt.Sprintf("w%d", i))
+			c.MemoryMiB = 310
+			vm, err := m.New(ctx, c)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() { vm.Delete(ctx); vm.Close() }()
+			wg.Go(func() { errs[i] = vm.Start(ctx) })
+		}
+		wg.Wait()
+		remembered := 0
+		for i, err := range errs {
+			if err == nil {
+				t.Errorf("create %d succeeded: a waiter built the template again", i)
+			} else if errors.Is(err, smolvm.ErrBoot) && strings.Contains(err.Error(), "not tried again") {
+				remembered++
+			}
+		}
+		if remembered != len(errs)-1 {
+			t.Errorf("%d creates returned the remembered failure, want %d (one built): %v", remembered, len(errs)-1, errs)
+		}
+		for _, l := range templates(t) {
+			if l.Shape.MemoryMiB == 310 {
+				t.Errorf("a waiter built the template again after the failure: %+v", l)
+			}
+		}
 	})
 
 	t.Run("DeleteRuleAndSecondStart", func(t *testing.T) {
@@ -308,6 +355,11 @@ func TestTemplateRules(t *testing.T) {
 		for _, v := range vms {
 			if strings.HasPrefix(v.ID, "template-build-") {
 				name = v.ID
+				if !v.TemplateBuilder || v.Pool {
+					t.Errorf("builder %s: Info.TemplateBuilder %v, Pool %v (sandbox ls shows it)", v.ID, v.TemplateBuilder, v.Pool)
+				}
+			} else if v.TemplateBuilder {
+				t.Errorf("%s is marked a template builder", v.ID)
 			}
 		}
 		if name == "" {

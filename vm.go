@@ -97,6 +97,11 @@ type Info struct {
 	// channels, the VMM's control socket).
 	RunDir     string `json:"run_dir"`
 	ConsoleLog string `json:"console_log"`
+
+	// TemplateBuilder says the VM is booting to become a template (see
+	// TemplateInfo): made and deleted by the build, not a sandbox of its
+	// own.
+	TemplateBuilder bool `json:"template_builder,omitempty"`
 }
 
 // ID returns the VM id.
@@ -338,7 +343,8 @@ func (m *Manager) info(rec store.VM) Info {
 		Network: rec.Machine.Network, PortForwards: pfs, PID: rec.PID, CreatedAt: rec.CreatedAt,
 		Hostname: hostnameFor(rec.ID), MachineID: rec.Machine.MachineID,
 		RestoredFrom: rec.RestoredFrom, Template: rec.Template, Pool: strings.HasPrefix(rec.ID, poolPrefix), LastError: rec.LastError, Dir: rec.Machine.Dir, RunDir: rec.Machine.RunDir,
-		ConsoleLog: filepath.Join(rec.Machine.Dir, "console.log"),
+		ConsoleLog:      filepath.Join(rec.Machine.Dir, "console.log"),
+		TemplateBuilder: strings.HasPrefix(rec.ID, builderPrefix),
 	}
 	if rec.Machine.Network {
 		info.MAC = rec.Machine.MAC

@@ -71,6 +71,12 @@ func TestWriteIdentityFiles(t *testing.T) {
 	if err != nil || st.Mode().Perm() != 0o444 {
 		t.Errorf("machine-id mode %v, %v; want 0444", st.Mode(), err)
 	}
+	// The values are on the agent's tmpfs, /etc links to them.
+	for _, name := range []string{"hostname", "machine-id"} {
+		if l, err := os.Readlink(filepath.Join(root, "etc", name)); err != nil || l != "../run/smolvm-identity/"+name {
+			t.Errorf("/etc/%s links to %q (%v), want ../run/smolvm-identity/%s", name, l, err, name)
+		}
+	}
 	// The image's own /etc/hosts is left alone.
 	if got := readString(t, filepath.Join(root, "etc/hosts")); strings.Contains(got, "vm-1") {
 		t.Errorf("the image's /etc/hosts was rewritten: %q", got)
@@ -102,6 +108,93 @@ func TestWriteIdentityFiles(t *testing.T) {
 		t.Error("an empty request changed the identity files")
 	}
 	noTemps(t, filepath.Join(root, "etc"))
+	noTemps(t, filepath.Join(root, identityDir))
+
+	// After a reboot /run is empty: the links dangle until the host gives
+	// the identity again, which then lands in /run behind the same links.
+	if err := os.RemoveAll(filepath.Join(root, "run", "smolvm-identity")); err != nil {
+		t.Fatal(err)
+	}
+	if got := bootHostname(BootConfig{Hostname: "smolvm"}, filepath.Join(root, "etc/hostname")); got != "smolvm" {
+		t.Errorf("boot hostname with a dangling link = %q, want the default", got)
+	}
+	if _, err := writeIdentityFiles(root, "vm-3", testMachineID, logf); err != nil {
+		t.Fatal(err)
+	}
+	if readString(t, idPath) != testMachineID+"\n" || readString(t, filepath.Join(root, "etc/hostname")) != "vm-3\n" {
+		t.Error("identity not restored behind the links after a reboot")
+	}
+}
+
+// TestPersistIdentityFiles: before a sync the links become regular files
+// with the values (a boot from the disk alone reads them); a later change
+// makes them links again.
+func TestPersistIdentityFiles(t *testing.T) {
+	root := newRoot(t)
+	os.Remove(filepath.Join(root, "etc/hosts"))
+	if _, err := writeIdentityFiles(root, "vm-p", testMachineID, t.Logf); err != nil {
+		t.Fatal(err)
+	}
+	persistIdentityFiles(root, t.Logf)
+	for name, want := range map[string]string{"hostname": "vm-p\n", "machine-id": testMachineID + "\n", "hosts": "127.0.1.1\tvm-p\n"} {
+		p := filepath.Join(root, "etc", name)
+		if st, err := os.Lstat(p); err != nil || !st.Mode().IsRegular() || st.Mode().Perm() != identityFileMode[name] {
+			t.Errorf("/etc/%s after persist: %v, %v; want a regular file, mode %v", name, st.Mode(), err, identityFileMode[name])
+		}
+		if got := readString(t, p); !strings.Contains(got, want) {
+			t.Errorf("/etc/%s = %q, want %q in it", name, got, want)
+		}
+	}
+	noTemps(t, filepath.Join(root, "etc"))
+	// A boot from that disk: /run is empty, the name is on disk.
+	os.RemoveAll(filepath.Join(root, identityDir))
+	if got := bootHostname(BootConfig{Hostname: "smolvm"}, filepath.Join(root, "etc/hostname")); got != "vm-p" {
+		t.Errorf("boot hostname from the persisted disk = %q, want vm-p", got)
+	}
+	if _, err := writeIdentityFiles(root, "vm-q", testMachineID2, t.Logf); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := os.Readlink(filepath.Join(root, "etc/machine-id")); err != nil || l != "../run/smolvm-identity/machine-id" {
+		t.Errorf("machine-id after a new identity: link %q, %v", l, err)
+	}
+	if readString(t, filepath.Join(root, "etc/hostname")) != "vm-q\n" {
+		t.Error("new hostname not behind the link")
+	}
+	// Dangling links (nothing in /run) are left as they are.
+	os.RemoveAll(filepath.Join(root, identityDir))
+	persistIdentityFiles(root, t.Logf)
+	if _, err := os.Readlink(filepath.Join(root, "etc/hostname")); err != nil {
+		t.Errorf("a dangling link was replaced: %v", err)
+	}
+}
+
+// TestWriteHostsIsTheAgents: the agent's /etc/hosts moves to /run and
+// follows the name, also from a dangling link (a reboot); an image's own
+// is never touched.
+func TestWriteHostsIsTheAgents(t *testing.T) {
+	root := newRoot(t)
+	hosts := filepath.Join(root, "etc/hosts")
+	os.Remove(hosts) // none: the agent writes its own
+	writeHosts(root, "boot")
+	if got := readString(t, hosts); !strings.HasPrefix(got, "# smolvm-agent\n") || !strings.Contains(got, "127.0.1.1\tboot\n") {
+		t.Errorf("/etc/hosts = %q", got)
+	}
+	if l, err := os.Readlink(hosts); err != nil || l != "../run/smolvm-identity/hosts" {
+		t.Errorf("/etc/hosts links to %q (%v)", l, err)
+	}
+	os.RemoveAll(filepath.Join(root, identityDir))
+	writeHosts(root, "again")
+	if got := readString(t, hosts); !strings.Contains(got, "127.0.1.1\tagain\n") {
+		t.Errorf("/etc/hosts after a reboot = %q", got)
+	}
+	noTemps(t, filepath.Join(root, "etc"))
+
+	own := newRoot(t) // the image's own file
+	writeHosts(own, "vm")
+	if st, err := os.Lstat(filepath.Join(own, "etc/hosts")); err != nil || !st.Mode().IsRegular() ||
+		strings.Contains(readString(t, filepath.Join(own, "etc/hosts")), "\tvm\n") {
+		t.Errorf("the image's own /etc/hosts was replaced (%v)", err)
+	}
 }
 
 // TestWriteIdentityFilesHostsAndDbus: the agent's own /etc/hosts follows
@@ -110,8 +203,7 @@ func TestWriteIdentityFiles(t *testing.T) {
 func TestWriteIdentityFilesHostsAndDbus(t *testing.T) {
 	root := newRoot(t)
 	hosts := filepath.Join(root, "etc/hosts")
-	writeHosts(hosts+".new", "old") // the agent's own file
-	os.Rename(hosts+".new", hosts)
+	os.WriteFile(hosts, []byte("# smolvm-agent\n127.0.1.1\told\n"), 0o644) // the agent's own file, as an older agent left it
 	dbus := filepath.Join(root, "var/lib/dbus")
 	os.MkdirAll(dbus, 0o755)
 	os.WriteFile(filepath.Join(dbus, "machine-id"), []byte(testMachineID2+"\n"), 0o444)
@@ -137,9 +229,10 @@ func TestWriteIdentityFilesHostsAndDbus(t *testing.T) {
 	}
 }
 
-// TestWriteIdentityFilesFallsBackToRun: when /etc refuses a file (in a
-// guest: a read-only root), the value goes to /run, and the caller is told
-// to bind the /run copy over the /etc file only when that is a regular file.
+// TestWriteIdentityFilesFallsBackToRun: when /etc refuses the link (in a
+// guest: a read-only root), the value is in /run all the same, and the
+// caller is told to bind the /run copy over the /etc file only when that
+// is a regular file.
 func TestWriteIdentityFilesFallsBackToRun(t *testing.T) {
 	root := newRoot(t)
 	os.Mkdir(filepath.Join(root, "etc/machine-id"), 0o755) // in the way of the rename
@@ -150,10 +243,11 @@ func TestWriteIdentityFilesFallsBackToRun(t *testing.T) {
 	if len(binds) != 0 {
 		t.Errorf("bind over a directory requested: %v", binds)
 	}
-	if got := readString(t, filepath.Join(root, "run/machine-id")); got != testMachineID+"\n" {
-		t.Errorf("/run/machine-id = %q", got)
+	if got := readString(t, filepath.Join(root, identityDir, "machine-id")); got != testMachineID+"\n" {
+		t.Errorf("/run/smolvm-identity/machine-id = %q", got)
 	}
-	noTemps(t, filepath.Join(root, "run"))
+	noTemps(t, filepath.Join(root, identityDir))
+	noTemps(t, filepath.Join(root, "etc"))
 
 	// Regular files that cannot be replaced: covered by their /run copy.
 	// A rename over a mount point fails (EBUSY) as one on a read-only root
@@ -177,11 +271,11 @@ func TestWriteIdentityFilesFallsBackToRun(t *testing.T) {
 	if err != nil || strings.Join(binds, ",") != "hostname,machine-id" {
 		t.Errorf("binds %v (%v), want hostname,machine-id", binds, err)
 	}
-	if got := readString(t, filepath.Join(root, "run/hostname")); got != "vm-ro\n" {
-		t.Errorf("/run/hostname = %q", got)
+	if got := readString(t, filepath.Join(root, identityDir, "hostname")); got != "vm-ro\n" {
+		t.Errorf("/run/smolvm-identity/hostname = %q", got)
 	}
-	if got := readString(t, filepath.Join(root, "run/machine-id")); got != testMachineID+"\n" {
-		t.Errorf("/run/machine-id = %q", got)
+	if got := readString(t, filepath.Join(root, identityDir, "machine-id")); got != testMachineID+"\n" {
+		t.Errorf("/run/smolvm-identity/machine-id = %q", got)
 	}
 	noTemps(t, etc)
 

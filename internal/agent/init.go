@@ -226,7 +226,7 @@ func initSystem() (BootConfig, error) {
 	if err := unix.Sethostname([]byte(cfg.Hostname)); err != nil {
 		initLogf("sethostname: %v", err)
 	}
-	writeHosts("/etc/hosts", cfg.Hostname)
+	writeHosts("/", cfg.Hostname)
 	if cfg.Net {
 		if err := configureNetwork(cfg, "/etc/resolv.conf"); err != nil {
 			initLogf("network: %v", err)
@@ -345,23 +345,23 @@ func switchRoot(dev, fstype string) error {
 	return unix.Chdir("/")
 }
 
-// writeHosts writes the hosts file at path unless the image has its own
-// (or it already says this).
-func writeHosts(path, hostname string) {
+// writeHosts writes root's /etc/hosts (putIdentityFile: on the agent's
+// tmpfs) unless the image has its own (or it already says this).
+func writeHosts(root, hostname string) {
 	const marker = "# smolvm-agent"
-	if b, err := os.ReadFile(path); err == nil && !strings.HasPrefix(string(b), marker) {
+	if b, err := os.ReadFile(filepath.Join(root, "etc", "hosts")); err == nil && !strings.HasPrefix(string(b), marker) {
 		return
 	}
 	content := marker + "\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t" + hostname + "\n"
-	_ = os.MkdirAll(filepath.Dir(path), 0o755)
-	_ = replaceIfChanged(path, content, 0o644)
+	_, _ = putIdentityFile(root, "hosts", content)
 }
 
 // bootHostname is the hostname set at boot: smol.hostname when the
 // command line has it (VMs created before identity moved to set_identity,
-// and their snapshots), else the root's /etc/hostname (what set_identity
-// wrote last, so a restarted VM keeps its name before the host speaks),
-// else "smolvm". Nothing VM-specific comes from the command line any
+// and their snapshots), else the root's /etc/hostname when it can be read
+// (a root whose identity files are not yet on tmpfs: set_identity keeps
+// them in /run, so after a reboot the link dangles until the host gives
+// the name again, before any command runs), else "smolvm". Nothing VM-specific comes from the command line any
 // more: a template's /proc/cmdline names no VM.
 func bootHostname(cfg BootConfig, etcHostname string) string {
 	if cfg.HostnameGiven {

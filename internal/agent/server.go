@@ -416,7 +416,13 @@ func (s *Server) newHandlers() map[string]handler {
 			r.reply(func() (string, any, error) { return agentproto.TypeEnv, agentproto.EnvData{Env: s.getEnv()}, nil })
 		},
 		agentproto.TypeSync: func(r request) {
-			r.reply(func() (string, any, error) { syscall.Sync(); return agentproto.TypeOK, nil, nil })
+			r.reply(func() (string, any, error) {
+				if s.opts.System {
+					persistIdentityFiles("/", s.logf) // the disk alone must name the VM
+				}
+				syscall.Sync()
+				return agentproto.TypeOK, nil, nil
+			})
 		},
 		// Inline, not in the background: every request read after it on
 		// this session sees the new clock, so the host need not wait for

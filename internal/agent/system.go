@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"os"
@@ -67,14 +68,13 @@ func (s *Server) setIdentity(req agentproto.SetIdentityRequest) error {
 		return errUnsupported
 	}
 	// Entropy first: whatever is drawn from here on differs between VMs
-	// restored from one memory image.
+	// restored from one memory image. Clones of one snapshot share the
+	// CRNG state: reseed it now from the (now different) input pool
+	// rather than at the next interval.
 	if len(req.Seed) > 0 {
 		if err := addEntropy(req.Seed); err != nil {
 			return fmt.Errorf("set_identity: seed: %w", err)
 		}
-		// Clones of one snapshot share the CRNG state: reseed it now from
-		// the (now different) input pool rather than at the next interval.
-		reseedCRNG()
 	}
 	if req.Hostname != "" {
 		if err := unix.Sethostname([]byte(req.Hostname)); err != nil {
@@ -102,34 +102,36 @@ func (s *Server) setIdentity(req agentproto.SetIdentityRequest) error {
 // its identity, under root ("/" in the guest): /etc/hostname and, when it
 // is the agent's own, /etc/hosts; /etc/machine-id, and dbus's copy when it
 // is a file of its own. A file already holding the value is not written
-// again (a VM restarted or resumed keeps its identity at no cost); a new
-// value replaces the file atomically (replaceIfChanged: temp, rename).
+// again (a VM restarted or resumed keeps its identity at no cost).
 //
-// When /etc refuses a file (a read-only root), the value goes to /run
-// (the agent's tmpfs) instead, and binds names the files of /etc that
-// exist and must be covered by their /run copy (as systemd does for
-// machine-id), so that no file keeps the name or id of the VM a snapshot
-// was taken of.
+// The values live on the agent's tmpfs, in /run/smolvm-identity, and
+// /etc/NAME is a symlink to its file there (putIdentityFile), as a
+// container runtime mounts these files from outside the image: they are
+// derived from the host's record and rewritten at every boot and restore
+// before any command runs, so nothing of them needs to persist. A new
+// value replaces its file there atomically (temp, rename). The point is
+// speed: under TCG the first creates and renames after a restore are slow
+// (the kernel's code is translated anew in each VMM process); in one
+// paired run of template creates the identity files took 84-132 ms on the
+// root's ext4 and 24-32 ms on tmpfs (40-85 ms in later, busier runs).
+//
+// When /etc refuses the symlink (a read-only root), binds names the
+// files of /etc that exist and must be covered by their /run copy (as
+// systemd does for machine-id), so that no file keeps the name or id of
+// the VM a snapshot was taken of.
 func writeIdentityFiles(root, hostname, machineID string, logf func(string, ...any)) (binds []string, err error) {
 	put := func(name, content string) error {
-		etcPath := filepath.Join(root, "etc", name)
-		err := replaceIfChanged(etcPath, content, identityFileMode[name])
-		if err == nil {
-			return nil
-		}
-		if rerr := replaceIfChanged(filepath.Join(root, "run", name), content, identityFileMode[name]); rerr != nil {
-			return fmt.Errorf("%s: %v; %v", name, err, rerr)
-		}
-		if st, serr := os.Lstat(etcPath); serr == nil && st.Mode().IsRegular() {
+		bind, err := putIdentityFile(root, name, content)
+		if bind {
 			binds = append(binds, name)
 		}
-		return nil
+		return err
 	}
 	if hostname != "" {
 		if err := put("hostname", hostname+"\n"); err != nil {
 			logf("set_identity: %v", err) // the kernel's hostname is set
 		}
-		writeHosts(filepath.Join(root, "etc", "hosts"), hostname)
+		writeHosts(root, hostname)
 	}
 	if machineID == "" {
 		return binds, nil
@@ -149,8 +151,84 @@ func writeIdentityFiles(root, hostname, machineID string, logf func(string, ...a
 	return binds, nil
 }
 
-// identityFileMode is the mode of each identity file in /etc.
-var identityFileMode = map[string]fs.FileMode{"hostname": 0o644, "machine-id": 0o444}
+// identityDir holds the identity files, under the root: on the agent's
+// tmpfs.
+const identityDir = "run/smolvm-identity"
+
+// identityFileMode is the mode of each identity file.
+var identityFileMode = map[string]fs.FileMode{"hostname": 0o644, "machine-id": 0o444, "hosts": 0o644}
+
+// putIdentityFile makes root/etc/NAME read content: the value goes to
+// root/run/smolvm-identity/NAME (replaceIfChanged), and /etc/NAME becomes
+// a relative symlink to it unless it is one already (a temp symlink renamed
+// over it: a reader sees the old file or the new link, never neither).
+// When /etc refuses the link and /etc/NAME is a regular file, bind says
+// the caller must cover it with the /run file. The error is only that the
+// value could not be written at all.
+func putIdentityFile(root, name, content string) (bind bool, err error) {
+	dir := filepath.Join(root, identityDir)
+	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+		return false, fmt.Errorf("%s: %w", name, err)
+	}
+	if err := replaceIfChanged(filepath.Join(dir, name), content, identityFileMode[name]); err != nil {
+		return false, fmt.Errorf("%s: %w", name, err)
+	}
+	etcPath := filepath.Join(root, "etc", name)
+	target := "../" + identityDir + "/" + name
+	if l, err := os.Readlink(etcPath); err == nil && l == target {
+		return false, nil
+	}
+	tmp := etcPath + ".smolvm-link"
+	_ = os.Remove(tmp)
+	err = os.Symlink(target, tmp)
+	if err == nil {
+		if err = os.Rename(tmp, etcPath); err != nil {
+			os.Remove(tmp)
+		}
+	}
+	if err == nil {
+		return false, nil
+	}
+	st, serr := os.Lstat(etcPath)
+	return serr == nil && st.Mode().IsRegular(), nil
+}
+
+// persistIdentityFiles puts the identity files back on root's disk before
+// a sync (the host syncs before a disk snapshot and a stop): each /etc link
+// to /run/smolvm-identity becomes a regular file with its content (temp,
+// rename). A boot from the disk alone (a disk snapshot restored, maybe
+// paused before the host can speak) then finds the VM's name and
+// machine-id as it did before they moved to tmpfs. The next set_identity
+// that changes one makes it a link again.
+func persistIdentityFiles(root string, logf func(string, ...any)) {
+	for _, name := range []string{"hostname", "machine-id", "hosts"} {
+		etcPath := filepath.Join(root, "etc", name)
+		if l, err := os.Readlink(etcPath); err != nil || l != "../"+identityDir+"/"+name {
+			continue
+		}
+		b, err := readSmallFile(filepath.Join(root, identityDir, name))
+		if err != nil {
+			continue // dangling: nothing to keep
+		}
+		if err := replaceIfChanged(etcPath, string(b), identityFileMode[name]); err != nil {
+			logf("sync: keeping /etc/%s on disk: %v", name, err)
+		}
+	}
+}
+
+// readSmallFile reads an identity file (a few bytes; more is refused).
+func readSmallFile(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, 4097))
+	if err == nil && len(b) > 4096 {
+		err = fmt.Errorf("%s: over 4096 bytes", path)
+	}
+	return b, err
+}
 
 // replaceIfChanged atomically replaces path with content unless it holds
 // exactly that already: a temp file in the same directory, renamed over
@@ -158,10 +236,8 @@ var identityFileMode = map[string]fs.FileMode{"hostname": 0o644, "machine-id": 0
 //
 // Unlike atomicWrite it does not fsync: these files are derived from the
 // host's record and rewritten by set_identity at every boot and restore
-// before any command runs, so a crash that loses them loses nothing; and
-// under TCG the two fsyncs (file, directory) per file cost about 300 ms on
-// the path from restore to first command, which templates exist to make
-// short.
+// before any command runs, so a crash that loses them loses nothing (and
+// most live on tmpfs, see writeIdentityFiles).
 func replaceIfChanged(path, content string, mode fs.FileMode) error {
 	if st, err := os.Lstat(path); err == nil && st.Mode().IsRegular() && st.Size() == int64(len(content)) {
 		if b, err := os.ReadFile(path); err == nil && string(b) == content && st.Mode().Perm() == mode {
@@ -191,25 +267,12 @@ func replaceIfChanged(path, content string, mode fs.FileMode) error {
 }
 
 // bindFromRun covers /etc/NAME, on a root that cannot be written, with
-// /run/NAME (a new bind each time: an old one would show the file that
-// the rename in /run replaced).
+// /run/smolvm-identity/NAME (a new bind each time: an old one would show
+// the file that the rename in /run replaced).
 func bindFromRun(name string) error {
 	etc := "/etc/" + name
 	_ = unix.Unmount(etc, unix.MNT_DETACH)
-	return unix.Mount("/run/"+name, etc, "", unix.MS_BIND, "")
-}
-
-func reseedCRNG() {
-	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
-	if err != nil {
-		return
-	}
-	defer f.Close()
-	if conn, err := f.SyscallConn(); err == nil {
-		conn.Control(func(fd uintptr) {
-			unix.Syscall(unix.SYS_IOCTL, fd, unix.RNDRESEEDCRNG, 0)
-		})
-	}
+	return unix.Mount("/"+identityDir+"/"+name, etc, "", unix.MS_BIND, "")
 }
 
 // setMAC sets an interface's hardware address (SIOCSIFHWADDR).
@@ -217,6 +280,15 @@ func setMAC(ifname, mac string) error {
 	hw, err := net.ParseMAC(mac)
 	if err != nil || len(hw) != 6 {
 		return invalid("invalid mac %q", mac)
+	}
+	// No such interface (a VM without network): nothing to set. Checked
+	// in sysfs first, because the ioctl on a missing name makes the kernel
+	// exec modprobe for it (netdev-NAME), about 100 ms of a template
+	// create under TCG; and net.InterfaceByName dumps every link.
+	if _, err := os.Stat("/sys/class/net"); err == nil {
+		if _, err := os.Stat("/sys/class/net/" + ifname); errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
 	}
 	if ifi, err := net.InterfaceByName(ifname); err == nil && bytes.Equal(ifi.HardwareAddr, hw) {
 		return nil // already (a cold boot: the VMM gave it)
@@ -241,15 +313,18 @@ func setMAC(ifname, mac string) error {
 }
 
 // addEntropy mixes seed into the kernel pool: written to /dev/urandom (not
-// credited) and, where permitted, added with RNDADDENTROPY (credited).
+// credited) and, where permitted, added with RNDADDENTROPY (credited);
+// then it reseeds the CRNG (RNDRESEEDCRNG, best effort). Raw system calls
+// on one descriptor: under TCG every call after a restore is slow, and
+// this runs on the path from restore to first command.
 func addEntropy(seed []byte) error {
-	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	fd, err := unix.Open("/dev/urandom", unix.O_WRONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return err
+		return &fs.PathError{Op: "open", Path: "/dev/urandom", Err: err}
 	}
-	defer f.Close()
-	if _, err := f.Write(seed); err != nil {
-		return err
+	defer unix.Close(fd)
+	if _, err := unix.Write(fd, seed); err != nil {
+		return &fs.PathError{Op: "write", Path: "/dev/urandom", Err: err}
 	}
 	// struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
 	n := min(len(seed), 512)
@@ -257,21 +332,12 @@ func addEntropy(seed []byte) error {
 	*(*int32)(unsafe.Pointer(&buf[0])) = int32(n * 8)
 	*(*int32)(unsafe.Pointer(&buf[4])) = int32(n)
 	copy(buf[8:], seed[:n])
-	conn, err := f.SyscallConn()
-	if err != nil {
-		return nil
-	}
-	var ioErr error
-	_ = conn.Control(func(fd uintptr) {
-		_, _, e := unix.Syscall(unix.SYS_IOCTL, fd, unix.RNDADDENTROPY, uintptr(unsafe.Pointer(&buf[0])))
-		if e != 0 {
-			ioErr = e
-		}
-	})
+	_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.RNDADDENTROPY, uintptr(unsafe.Pointer(&buf[0])))
 	runtime.KeepAlive(buf)
-	if ioErr != nil && !errors.Is(ioErr, syscall.EPERM) {
-		return ioErr
+	if e != 0 && e != unix.EPERM {
+		return e
 	}
+	unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.RNDRESEEDCRNG, 0)
 	return nil
 }
 

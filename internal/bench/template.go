@@ -83,13 +83,13 @@ type warmPool struct {
 	Drain func(ctx context.Context, m *smolvm.Manager, cfg smolvm.Config) error
 }
 
-// sdkPool is the SDK's warm pool (Manager.SetPool, FillPools).
+// sdkPool is the SDK's warm pool (Manager.SetPool, FillPool).
 var sdkPool = &warmPool{
 	Fill: func(ctx context.Context, m *smolvm.Manager, cfg smolvm.Config, n int) error {
 		if err := m.SetPool(ctx, cfg.Image, poolOptions(cfg), n); err != nil {
 			return err
 		}
-		return m.FillPools(ctx)
+		return m.FillPool(ctx, cfg.Image, poolOptions(cfg))
 	},
 	Drain: func(ctx context.Context, m *smolvm.Manager, cfg smolvm.Config) error {
 		return m.SetPool(ctx, cfg.Image, poolOptions(cfg), 0)

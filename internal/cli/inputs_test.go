@@ -120,3 +120,20 @@ func TestHostPortString(t *testing.T) {
 		}
 	}
 }
+
+// TestIsSandbox: ls, delete --all and completion leave out pool members
+// and template builders.
+func TestIsSandbox(t *testing.T) {
+	for _, c := range []struct {
+		i    smolvm.Info
+		want bool
+	}{
+		{smolvm.Info{ID: "a"}, true},
+		{smolvm.Info{ID: "pool-1234abcd-0123456789ab", Pool: true}, false},
+		{smolvm.Info{ID: "template-build-0123", TemplateBuilder: true}, false},
+	} {
+		if got := isSandbox(c.i); got != c.want {
+			t.Errorf("isSandbox(%s) = %v, want %v", c.i.ID, got, c.want)
+		}
+	}
+}

@@ -38,7 +38,7 @@ func (a *app) completeVMs(cmd *cobra.Command, args []string, _ string) ([]string
 	a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
 		infos, err := m.List(ctx)
 		for _, i := range infos {
-			if !i.Pool {
+			if isSandbox(i) {
 				ids = append(ids, i.ID)
 			}
 		}
@@ -46,6 +46,11 @@ func (a *app) completeVMs(cmd *cobra.Command, args []string, _ string) ([]string
 	})
 	return ids, cobra.ShellCompDirectiveNoFileComp
 }
+
+// isSandbox says whether i is a sandbox of the user's: not a warm pool's
+// member, nor the VM a template build boots (ls, delete --all and
+// completion leave those out).
+func isSandbox(i smolvm.Info) bool { return !i.Pool && !i.TemplateBuilder }
 
 func (a *app) createCmd() *cobra.Command {
 	var cfg smolvm.Config
@@ -249,7 +254,7 @@ func (a *app) listCmd() *cobra.Command {
 				}
 				shown := []smolvm.Info{}
 				for _, i := range infos {
-					if !i.Pool && (all || i.Status == smolvm.StatusRunning || i.Status == smolvm.StatusPaused) {
+					if isSandbox(i) && (all || i.Status == smolvm.StatusRunning || i.Status == smolvm.StatusPaused) {
 						shown = append(shown, i)
 					}
 				}
@@ -457,8 +462,8 @@ func (a *app) deleteCmd() *cobra.Command {
 					}
 					ids = nil
 					for _, i := range infos {
-						if i.Pool {
-							continue // the pool's: smolvm template pool IMAGE --size 0
+						if !isSandbox(i) {
+							continue // the pool's (smolvm template pool IMAGE --size 0) or a template build's
 						}
 						ids = append(ids, i.ID)
 					}

@@ -116,7 +116,8 @@ the disks of stopped ones are made independent of it first, so they keep working
 }
 
 // poolCmd is `smolvm template pool IMAGE --size N`, `pool ls` and `pool
-// fill`: the warm pools (smolvm.Manager's SetPool, Pools, FillPools).
+// fill`: the warm pools (smolvm.Manager's SetPool, FillPool, Pools,
+// FillPools).
 func (a *app) poolCmd() *cobra.Command {
 	var opts smolvm.TemplateOptions
 	var size int
@@ -135,7 +136,7 @@ fills the pool before it returns.`,
 					return err
 				}
 				if size > 0 {
-					if err := m.FillPools(ctx); err != nil {
+					if err := m.FillPool(ctx, args[0], opts); err != nil { // this pool only
 						return err
 					}
 				}
