@@ -52,6 +52,7 @@ func (s *Server) sandbox(w http.ResponseWriter, r *http.Request, id string) (*sm
 		writeError(w, s.gone(id, err))
 		return nil, false
 	}
+	s.touch(id) // every call on a sandbox is activity (idle_timeout_s)
 	return vm, true
 }
 
@@ -119,6 +120,39 @@ func (s *Server) touch(id string) {
 	if s.cfg.Lifetimes != nil {
 		s.cfg.Lifetimes.Touch(id)
 	}
+}
+
+// expired is the lifetime runner's report: a sandbox's lifetime ran out
+// and it was paused (stopped, its memory in a snapshot) or deleted. The
+// daemon's handle on it is dropped (the next call opens it again) and
+// sandbox.expired is published; a failed attempt is logged (the runner
+// retries it).
+func (s *Server) expired(id, action string, err error) {
+	if err != nil {
+		s.log.Warn("lifetime: expiry failed; retrying", "vm", id, "action", action, "err", err)
+		return
+	}
+	s.log.Info("lifetime: sandbox expired", "vm", id, "action", action)
+	s.drop(id)
+	s.Publish("sandbox.expired", id)
+}
+
+// wake resumes or starts sandbox id: one the lifetime runner paused is
+// restored from its pause's snapshot (its memory comes back), any other
+// goes through start (VM.Start) or resume (VM.Resume).
+func (s *Server) wake(ctx context.Context, vm *smolvm.VM, op string) (*smolvm.VM, error) {
+	if lt := s.cfg.Lifetimes; lt != nil && lt.AutoPaused(vm.ID()) {
+		nvm, err := lt.Resume(ctx, vm.ID())
+		if err != nil {
+			return nil, err
+		}
+		s.keep(nvm)
+		return nvm, nil
+	}
+	if op == "start" {
+		return vm, vm.Start(ctx)
+	}
+	return vm, vm.Resume(ctx)
 }
 
 // gone drops the handle when err says the sandbox no longer exists.
@@ -372,14 +406,12 @@ func (s *Server) lifecycle(op string) http.HandlerFunc {
 			step(op)
 			var err error
 			switch op {
-			case "start":
-				err = vm.Start(ctx)
+			case "start", "resume":
+				vm, err = s.wake(ctx, vm, op)
 			case "stop":
 				err = vm.Stop(ctx)
 			case "pause":
 				err = vm.Pause(ctx)
-			case "resume":
-				err = vm.Resume(ctx)
 			}
 			if err != nil {
 				return nil, s.gone(id, err)

@@ -43,7 +43,14 @@ func (f *fakeLifetimes) Extend(_ context.Context, id string, ttl time.Duration) 
 }
 func (f *fakeLifetimes) Touch(id string)                           {}
 func (f *fakeLifetimes) Forget(_ context.Context, id string) error { f.rec("forget " + id); return nil }
-func (f *fakeLifetimes) Run(ctx context.Context) error             { <-ctx.Done(); return nil }
+func (f *fakeLifetimes) AutoPaused(id string) bool                 { return false }
+func (f *fakeLifetimes) Resume(ctx context.Context, id string) (*smolvm.VM, error) {
+	return nil, fmt.Errorf("fakeLifetimes.Resume(%s): not auto-paused", id)
+}
+func (f *fakeLifetimes) Run(ctx context.Context, _ func(id, action string, err error)) error {
+	<-ctx.Done()
+	return nil
+}
 func (f *fakeLifetimes) has(s string) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
