@@ -52,14 +52,14 @@ SIGTERM or SIGINT shut it down gracefully; sandboxes keep running. The API: GET 
 				}
 				cfg.Token = strings.TrimSpace(string(b))
 			}
-			cfg.Version = version
+			cfg.Version = cliVersion()
 			ctx := cmd.Context()
 			s, err := server.New(ctx, cfg)
 			if err != nil {
 				return err
 			}
 			defer s.Close()
-			if err := wireDaemon(s, version, cfg.Options.Logger); err != nil {
+			if err := wireDaemon(s, cfg.Version, cfg.Options.Logger); err != nil {
 				return err
 			}
 			return s.Serve(ctx, func() {

@@ -22,6 +22,7 @@ import (
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 
 	"github.com/smolvm-go/smolvm"
+	"github.com/smolvm-go/smolvm/internal/fixtext"
 )
 
 // Name is the MCP implementation name the server announces.
@@ -80,16 +81,9 @@ func HTTPHandler(m *smolvm.Manager, version string) http.Handler {
 	return http.NewCrossOriginProtection().Handler(h)
 }
 
-// recovery is the CLI's words for the fix err carries ("" for none).
-// TODO(merge): return fixtext.Text(err) once internal/fixtext (helper A)
-// is in; until then the SDK's neutral words.
-func recovery(err error) string {
-	f, _ := smolvm.FixOf(err)
-	if f.IsZero() {
-		return ""
-	}
-	return f.String()
-}
+// recovery is the CLI's words for the fix err carries ("" for none): the
+// same text as the HTTP API's and `--json`'s.
+func recovery(err error) string { return fixtext.Text(err) }
 
 // ErrorBody is the text of a failed tool call, the same shape as the HTTP
 // API's errors: {"error":{"code","message","recovery"}}.
