@@ -43,7 +43,9 @@ Client configuration (Claude Desktop, Cursor, ...):
 				return err
 			}
 			return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
-				s := mcpserver.New(m, cliVersion())
+				// A create may claim a warm pool member: refill as the
+				// CLI's creates do (a detached filler).
+				s := mcpserver.New(m, cliVersion(), mcpserver.AfterCreate(func() { a.refillPools(ctx, m) }))
 				err := s.Run(ctx, &mcp.IOTransport{Reader: os.Stdin, Writer: out, MaxLineLength: mcpMaxLine})
 				if ctx.Err() != nil {
 					return nil // SIGINT/SIGTERM: a normal end

@@ -96,7 +96,7 @@ func wireDaemon(s *server.Server, version string, log *slog.Logger) error {
 	s.SetLifetimes(keeper{k})
 	s.Use(metrics.Middleware)
 	s.Mount("/metrics", metrics.Handler(m))
-	s.Mount("/mcp", mcpserver.HTTPHandler(m, version))
+	s.Mount("/mcp", mcpserver.HTTPHandler(m, version, mcpserver.AfterCreate(s.RefillPools)))
 	s.Mount("GET /v1/sandboxes/{id}/exec/ws", wsexec.Handler(func(r *http.Request) (*smolvm.VM, error) {
 		return s.VM(r.Context(), r.PathValue("id"))
 	}, wsexec.WithErrorWriter(func(w http.ResponseWriter, _ *http.Request, err error) { server.WriteError(w, err) })))

@@ -46,7 +46,7 @@ const MaxRequestBytes = 4 << 20
 // version as announced to clients. The server keeps no state of its own:
 // sandboxes and snapshots it creates outlive the session (they are the
 // SDK's, listed by `smolvm sandbox list`).
-func New(m *smolvm.Manager, version string) *mcp.Server {
+func New(m *smolvm.Manager, version string, opts ...Option) *mcp.Server {
 	s := mcp.NewServer(&mcp.Implementation{Name: Name, Title: "SmolVM sandboxes", Version: version},
 		&mcp.ServerOptions{
 			Instructions: instructions,
@@ -54,6 +54,9 @@ func New(m *smolvm.Manager, version string) *mcp.Server {
 			Capabilities: &mcp.ServerCapabilities{},
 		})
 	t := &tools{m: m}
+	for _, o := range opts {
+		o(t)
+	}
 	t.register(s)
 	s.AddReceivingMiddleware(errorResults)
 	return s
@@ -72,14 +75,22 @@ const instructions = `SmolVM gives you disposable Linux sandboxes (microVMs). Cr
 // refused, and on a loopback TCP address a Host header that is not loopback
 // is refused (DNS rebinding). Authentication is the mounting server's job
 // (the daemon's unix socket or bearer token).
-func HTTPHandler(m *smolvm.Manager, version string) http.Handler {
-	s := New(m, version)
+func HTTPHandler(m *smolvm.Manager, version string, opts ...Option) http.Handler {
+	s := New(m, version, opts...)
 	h := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return s }, &mcp.StreamableHTTPOptions{
 		Stateless:           true,
 		MaxRequestBodyBytes: MaxRequestBytes,
 	})
 	return http.NewCrossOriginProtection().Handler(h)
 }
+
+// Option configures New and HTTPHandler.
+type Option func(*tools)
+
+// AfterCreate calls fn after each sandbox_create that started its sandbox
+// (a start may claim a warm pool member: fn refills the pools, as the CLI
+// does after its creates). fn must not block.
+func AfterCreate(fn func()) Option { return func(t *tools) { t.afterCreate = fn } }
 
 // recovery is the CLI's words for the fix err carries ("" for none): the
 // same text as the HTTP API's and `--json`'s.

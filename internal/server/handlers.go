@@ -151,7 +151,11 @@ func (s *Server) wake(ctx context.Context, vm *smolvm.VM, op string) (*smolvm.VM
 		return nvm, nil
 	}
 	if op == "start" {
-		return vm, vm.Start(ctx)
+		err := vm.Start(ctx)
+		if err == nil {
+			s.RefillPools() // the start may have claimed a warm pool member
+		}
+		return vm, err
 	}
 	return vm, vm.Resume(ctx)
 }
@@ -342,6 +346,7 @@ func (s *Server) createSandbox(w http.ResponseWriter, r *http.Request) {
 				return nil, err
 			}
 			s.Publish("sandbox.started", vm.ID())
+			s.RefillPools() // the start may have claimed a warm pool member
 		}
 		if req.TimeoutS > 0 || req.IdleTimeoutS > 0 {
 			action := req.OnTimeout

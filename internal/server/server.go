@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -147,7 +148,8 @@ type Server struct {
 	// stopping is closed when a graceful shutdown begins: endless streams
 	// (events) end then.
 	stopping chan struct{}
-	tcpAddr  string // the TCP listener's address, once Serve listens
+	tcpAddr  string      // the TCP listener's address, once Serve listens
+	filling  atomic.Bool // a warm pool refill runs (RefillPools)
 }
 
 // ErrRunning is wrapped when another daemon serves the data dir.
