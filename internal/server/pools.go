@@ -10,43 +10,50 @@ const poolFillTimeout = 10 * time.Minute
 
 // RefillPools brings the warm pools back to their size in the background
 // after a create that may have claimed a member (as the CLI does after
-// its creates): at most one refill runs at a time (a request while one
-// runs is dropped: the running one fills the pools anyway), each within
-// 10 minutes, cancelled when the daemon shuts down; its outcome is
-// logged. Nothing runs when every pool is full.
+// its creates). One refill runs at a time; a call while one runs makes it
+// go round once more (a claim it may have missed). Each round is bounded
+// by 10 minutes and cancelled when the daemon shuts down; a failure is
+// logged. FillPools finds full pools full (for a data dir without pools
+// it is one store query).
 func (s *Server) RefillPools() {
+	s.refillAgain.Store(true)
 	if !s.filling.CompareAndSwap(false, true) {
 		return
 	}
 	go func() {
-		defer s.filling.Store(false)
-		ctx, cancel := context.WithTimeout(context.Background(), poolFillTimeout)
-		defer cancel()
-		go func() {
-			select {
-			case <-s.stopping:
-				cancel()
-			case <-ctx.Done():
+		for {
+			for s.refillAgain.Swap(false) {
+				s.fillPools()
 			}
-		}()
-		pools, err := s.m.Pools(ctx)
-		if err != nil {
-			s.log.Warn("warm pools: cannot list them", "err", err)
-			return
+			s.filling.Store(false)
+			// A call between the last round and the Store above.
+			if !s.refillAgain.Load() || !s.filling.CompareAndSwap(false, true) {
+				return
+			}
 		}
-		short := false
-		for _, p := range pools {
-			short = short || p.Ready < p.Size
-		}
-		if !short {
-			return
-		}
-		start := time.Now()
-		s.log.Info("warm pools: refilling")
-		if err := s.m.FillPools(ctx); err != nil {
-			s.log.Warn("warm pools: refill failed", "err", err, "elapsed", time.Since(start).Round(time.Millisecond))
-			return
-		}
-		s.log.Info("warm pools: refilled", "elapsed", time.Since(start).Round(time.Millisecond))
 	}()
+}
+
+// fillPools is one refill round.
+func (s *Server) fillPools() {
+	ctx, cancel := context.WithTimeout(context.Background(), poolFillTimeout)
+	defer cancel()
+	select {
+	case <-s.stopping:
+		return
+	default:
+	}
+	go func() {
+		select {
+		case <-s.stopping:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	start := time.Now()
+	if err := s.m.FillPools(ctx); err != nil {
+		s.log.Warn("warm pools: refill failed", "err", err, "elapsed", time.Since(start).Round(time.Millisecond))
+		return
+	}
+	s.log.Debug("warm pools: full", "elapsed", time.Since(start).Round(time.Millisecond))
 }

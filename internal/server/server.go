@@ -147,9 +147,10 @@ type Server struct {
 
 	// stopping is closed when a graceful shutdown begins: endless streams
 	// (events) end then.
-	stopping chan struct{}
-	tcpAddr  string      // the TCP listener's address, once Serve listens
-	filling  atomic.Bool // a warm pool refill runs (RefillPools)
+	stopping    chan struct{}
+	tcpAddr     string      // the TCP listener's address, once Serve listens
+	filling     atomic.Bool // a warm pool refill runs (RefillPools)
+	refillAgain atomic.Bool // RefillPools was called since the last round began
 }
 
 // ErrRunning is wrapped when another daemon serves the data dir.
