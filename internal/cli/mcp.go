@@ -43,7 +43,9 @@ Client configuration (Claude Desktop, Cursor, ...):
 				return err
 			}
 			return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
-				s := mcpserver.New(m, mcpVersion())
+				// A create may claim a warm pool member: refill as the
+				// CLI's creates do (a detached filler).
+				s := mcpserver.New(m, cliVersion(), mcpserver.AfterCreate(func() { a.refillPools(ctx, m) }))
 				err := s.Run(ctx, &mcp.IOTransport{Reader: os.Stdin, Writer: out, MaxLineLength: mcpMaxLine})
 				if ctx.Err() != nil {
 					return nil // SIGINT/SIGTERM: a normal end
@@ -78,9 +80,12 @@ type mcpNopCloser struct{ io.Writer }
 
 func (mcpNopCloser) Close() error { return nil }
 
-// mcpVersion is this build's module version ("dev" for a source build).
-// TODO(merge): use the daemon's version (helper A's `version` in serve.go).
-func mcpVersion() string {
+// cliVersion is the CLI's version (serve.go's, set by the build), else
+// this build's module version ("dev" for a source build).
+func cliVersion() string {
+	if version != "dev" {
+		return version
+	}
 	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
 		return bi.Main.Version
 	}

@@ -1,14 +1,22 @@
 package cli
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
+	"net/http"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/smolvm-go/smolvm"
+	"github.com/smolvm-go/smolvm/internal/lifetime"
+	"github.com/smolvm-go/smolvm/internal/mcpserver"
+	"github.com/smolvm-go/smolvm/internal/metrics"
 	"github.com/smolvm-go/smolvm/internal/server"
+	"github.com/smolvm-go/smolvm/internal/wsexec"
 )
 
 // version is the daemon's reported version (set by the build, -ldflags -X).
@@ -44,13 +52,16 @@ SIGTERM or SIGINT shut it down gracefully; sandboxes keep running. The API: GET 
 				}
 				cfg.Token = strings.TrimSpace(string(b))
 			}
-			cfg.Version = version
+			cfg.Version = cliVersion()
 			ctx := cmd.Context()
 			s, err := server.New(ctx, cfg)
 			if err != nil {
 				return err
 			}
 			defer s.Close()
+			if err := wireDaemon(s, cfg.Version, cfg.Options.Logger); err != nil {
+				return err
+			}
 			return s.Serve(ctx, func() {
 				a.logger().Info("smolvm serve ready", "socket", s.Socket(), "pid", os.Getpid())
 			})
@@ -64,4 +75,65 @@ SIGTERM or SIGINT shut it down gracefully; sandboxes keep running. The API: GET 
 	f.StringVar(&cfg.Socket, "socket", "", "unix socket path (default: --print-socket's)")
 	f.BoolVar(&printSocket, "print-socket", false, "print the unix socket path and exit")
 	return cmd
+}
+
+// wireDaemon gives the daemon the packages it mounts: the lifetime runner
+// (internal/lifetime), /metrics and the request metrics around every
+// route (internal/metrics), /mcp (internal/mcpserver, with its own body
+// cap and deadlines), the interactive exec WebSocket (internal/wsexec, no
+// deadline: it lasts as long as its command) and a sandbox's stats. All
+// of them are behind the daemon's auth (the socket's 0600, the TCP
+// token).
+func wireDaemon(s *server.Server, version string, log *slog.Logger) error {
+	m := s.Manager()
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	k, err := lifetime.New(m, log)
+	if err != nil {
+		return err
+	}
+	s.SetLifetimes(keeper{k})
+	s.Use(metrics.Middleware)
+	s.Mount("/metrics", metrics.Handler(m))
+	s.Mount("/mcp", mcpserver.HTTPHandler(m, version, mcpserver.AfterCreate(s.RefillPools)))
+	s.Mount("GET /v1/sandboxes/{id}/exec/ws", wsexec.Handler(func(r *http.Request) (*smolvm.VM, error) {
+		return s.VM(r.Context(), r.PathValue("id"))
+	}, wsexec.WithErrorWriter(func(w http.ResponseWriter, _ *http.Request, err error) { server.WriteError(w, err) })))
+	s.Mount("GET /v1/sandboxes/{id}/stats", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), statsTimeout)
+		defer cancel()
+		vm, err := s.VM(ctx, r.PathValue("id"))
+		if err != nil {
+			server.WriteError(w, err)
+			return
+		}
+		st, err := vm.Stats(ctx)
+		if err != nil {
+			server.WriteError(w, err)
+			return
+		}
+		server.WriteJSON(w, http.StatusOK, st)
+	}))
+	return nil
+}
+
+// statsTimeout bounds GET /v1/sandboxes/{id}/stats (a quick call).
+const statsTimeout = 60 * time.Second
+
+// keeper adapts a lifetime.Keeper to server.Lifetimes (the daemon speaks
+// the API's strings; the Keeper its Action).
+type keeper struct{ *lifetime.Keeper }
+
+func (k keeper) Set(ctx context.Context, id string, ttl time.Duration, action string, idle time.Duration) error {
+	return k.Keeper.Set(ctx, id, ttl, lifetime.Action(action), idle)
+}
+
+func (k keeper) AutoPaused(id string) bool {
+	l, ok := k.Get(id)
+	return ok && l.Paused
+}
+
+func (k keeper) Run(ctx context.Context, expired func(id, action string, err error)) error {
+	return k.Keeper.Run(ctx, func(id string, a lifetime.Action, err error) { expired(id, string(a), err) })
 }

@@ -274,7 +274,12 @@ func TestToolErrors(t *testing.T) {
 	wantCode(t, "bad snapshot id", callErr(t, cs, "snapshot_restore", obj{"snapshot_id": "../x"}), "invalid_id", false)
 	wantCode(t, "bad vm_id", callErr(t, cs, "snapshot_list", obj{"vm_id": "A"}), "invalid_id", false)
 	wantCode(t, "missing sandbox", callErr(t, cs, "sandbox_exec", obj{"sandbox_id": "nope", "command": "true"}), "vm_not_found", true)
-	wantCode(t, "missing sandbox", callErr(t, cs, "sandbox_pause", obj{"sandbox_id": "nope"}), "vm_not_found", true)
+	e0 := callErr(t, cs, "sandbox_pause", obj{"sandbox_id": "nope"})
+	wantCode(t, "missing sandbox", e0, "vm_not_found", true)
+	// The CLI's words (internal/fixtext), as the HTTP API's recovery.
+	if !strings.Contains(e0.Recovery, "smolvm sandbox list") {
+		t.Errorf("missing sandbox: recovery %q is not the CLI's words", e0.Recovery)
+	}
 	e := callErr(t, cs, "snapshot_restore", obj{"snapshot_id": "nope"})
 	wantCode(t, "missing snapshot", e, "snapshot_not_found", true)
 	if !strings.Contains(e.Recovery, "snapshot") {

@@ -22,6 +22,7 @@ import (
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 
 	"github.com/smolvm-go/smolvm"
+	"github.com/smolvm-go/smolvm/internal/fixtext"
 )
 
 // Name is the MCP implementation name the server announces.
@@ -45,7 +46,7 @@ const MaxRequestBytes = 4 << 20
 // version as announced to clients. The server keeps no state of its own:
 // sandboxes and snapshots it creates outlive the session (they are the
 // SDK's, listed by `smolvm sandbox list`).
-func New(m *smolvm.Manager, version string) *mcp.Server {
+func New(m *smolvm.Manager, version string, opts ...Option) *mcp.Server {
 	s := mcp.NewServer(&mcp.Implementation{Name: Name, Title: "SmolVM sandboxes", Version: version},
 		&mcp.ServerOptions{
 			Instructions: instructions,
@@ -53,6 +54,9 @@ func New(m *smolvm.Manager, version string) *mcp.Server {
 			Capabilities: &mcp.ServerCapabilities{},
 		})
 	t := &tools{m: m}
+	for _, o := range opts {
+		o(t)
+	}
 	t.register(s)
 	s.AddReceivingMiddleware(errorResults)
 	return s
@@ -71,8 +75,8 @@ const instructions = `SmolVM gives you disposable Linux sandboxes (microVMs). Cr
 // refused, and on a loopback TCP address a Host header that is not loopback
 // is refused (DNS rebinding). Authentication is the mounting server's job
 // (the daemon's unix socket or bearer token).
-func HTTPHandler(m *smolvm.Manager, version string) http.Handler {
-	s := New(m, version)
+func HTTPHandler(m *smolvm.Manager, version string, opts ...Option) http.Handler {
+	s := New(m, version, opts...)
 	h := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return s }, &mcp.StreamableHTTPOptions{
 		Stateless:           true,
 		MaxRequestBodyBytes: MaxRequestBytes,
@@ -80,16 +84,17 @@ func HTTPHandler(m *smolvm.Manager, version string) http.Handler {
 	return http.NewCrossOriginProtection().Handler(h)
 }
 
-// recovery is the CLI's words for the fix err carries ("" for none).
-// TODO(merge): return fixtext.Text(err) once internal/fixtext (helper A)
-// is in; until then the SDK's neutral words.
-func recovery(err error) string {
-	f, _ := smolvm.FixOf(err)
-	if f.IsZero() {
-		return ""
-	}
-	return f.String()
-}
+// Option configures New and HTTPHandler.
+type Option func(*tools)
+
+// AfterCreate calls fn after each sandbox_create that started its sandbox
+// (a start may claim a warm pool member: fn refills the pools, as the CLI
+// does after its creates). fn must not block.
+func AfterCreate(fn func()) Option { return func(t *tools) { t.afterCreate = fn } }
+
+// recovery is the CLI's words for the fix err carries ("" for none): the
+// same text as the HTTP API's and `--json`'s.
+func recovery(err error) string { return fixtext.Text(err) }
 
 // ErrorBody is the text of a failed tool call, the same shape as the HTTP
 // API's errors: {"error":{"code","message","recovery"}}.

@@ -42,7 +42,10 @@ const (
 	maxList    = 64 // allow-list entries
 )
 
-type tools struct{ m *smolvm.Manager }
+type tools struct {
+	m           *smolvm.Manager
+	afterCreate func() // AfterCreate's (may be nil)
+}
 
 // Sandbox is a sandbox as the tools report it (the SDK's smolvm.Info field
 // names; host paths left out).
@@ -350,6 +353,9 @@ func (t *tools) create(ctx context.Context, in CreateInput) (Sandbox, error) {
 			vm.Delete(context.WithoutCancel(ctx))
 		}
 		return Sandbox{}, err
+	}
+	if t.afterCreate != nil {
+		t.afterCreate()
 	}
 	return info(ctx, vm)
 }

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/smolvm-go/smolvm"
@@ -52,6 +53,7 @@ func (s *Server) sandbox(w http.ResponseWriter, r *http.Request, id string) (*sm
 		writeError(w, s.gone(id, err))
 		return nil, false
 	}
+	s.touch(id) // every call on a sandbox is activity (idle_timeout_s)
 	return vm, true
 }
 
@@ -119,6 +121,43 @@ func (s *Server) touch(id string) {
 	if s.cfg.Lifetimes != nil {
 		s.cfg.Lifetimes.Touch(id)
 	}
+}
+
+// expired is the lifetime runner's report: a sandbox's lifetime ran out
+// and it was paused (stopped, its memory in a snapshot) or deleted. The
+// daemon's handle on it is dropped (the next call opens it again) and
+// sandbox.expired is published; a failed attempt is logged (the runner
+// retries it).
+func (s *Server) expired(id, action string, err error) {
+	if err != nil {
+		s.log.Warn("lifetime: expiry failed; retrying", "vm", id, "action", action, "err", err)
+		return
+	}
+	s.log.Info("lifetime: sandbox expired", "vm", id, "action", action)
+	s.drop(id)
+	s.Publish("sandbox.expired", id)
+}
+
+// wake resumes or starts sandbox id: one the lifetime runner paused is
+// restored from its pause's snapshot (its memory comes back), any other
+// goes through start (VM.Start) or resume (VM.Resume).
+func (s *Server) wake(ctx context.Context, vm *smolvm.VM, op string) (*smolvm.VM, error) {
+	if lt := s.cfg.Lifetimes; lt != nil && lt.AutoPaused(vm.ID()) {
+		nvm, err := lt.Resume(ctx, vm.ID())
+		if err != nil {
+			return nil, err
+		}
+		s.keep(nvm)
+		return nvm, nil
+	}
+	if op == "start" {
+		err := vm.Start(ctx)
+		if err == nil {
+			s.RefillPools() // the start may have claimed a warm pool member
+		}
+		return vm, err
+	}
+	return vm, vm.Resume(ctx)
 }
 
 // gone drops the handle when err says the sandbox no longer exists.
@@ -215,6 +254,16 @@ func (n *ndjson) send(v any) error {
 	if err != nil {
 		return err
 	}
+	return n.write(append(b, '\n'))
+}
+
+// begin sends the status and headers before any event: a client that
+// streams its request body (exec/stream's stdin) waits for them.
+func (n *ndjson) begin() error { return n.write(nil) }
+
+// write starts the stream when it has not started and writes b (one
+// event line, or nothing), within the stall bound.
+func (n *ndjson) write(b []byte) error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.err != nil {
@@ -227,7 +276,7 @@ func (n *ndjson) send(v any) error {
 		n.w.WriteHeader(http.StatusOK)
 	}
 	n.rc.SetWriteDeadline(time.Now().Add(n.stall))
-	_, err = n.w.Write(append(b, '\n'))
+	_, err := n.w.Write(b)
 	if err == nil {
 		err = n.rc.Flush()
 	}
@@ -297,6 +346,7 @@ func (s *Server) createSandbox(w http.ResponseWriter, r *http.Request) {
 				return nil, err
 			}
 			s.Publish("sandbox.started", vm.ID())
+			s.RefillPools() // the start may have claimed a warm pool member
 		}
 		if req.TimeoutS > 0 || req.IdleTimeoutS > 0 {
 			action := req.OnTimeout
@@ -372,14 +422,12 @@ func (s *Server) lifecycle(op string) http.HandlerFunc {
 			step(op)
 			var err error
 			switch op {
-			case "start":
-				err = vm.Start(ctx)
+			case "start", "resume":
+				vm, err = s.wake(ctx, vm, op)
 			case "stop":
 				err = vm.Stop(ctx)
 			case "pause":
 				err = vm.Pause(ctx)
-			case "resume":
-				err = vm.Resume(ctx)
 			}
 			if err != nil {
 				return nil, s.gone(id, err)
@@ -563,38 +611,68 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) {
 		writeError(w, s.gone(id, err))
 		return
 	}
-	// Read the body (stdin) while the response is written.
-	http.NewResponseController(w).EnableFullDuplex()
+	s.touch(id)
+	// An interactive session (VM.Attach): stdin streams to the command as
+	// the body arrives, EOF closes it. Its context ends with the request's
+	// (a client that disconnects), a stalled client or the handler: the
+	// guest then kills the command's process group.
+	sctx, kill := context.WithCancel(ctx)
+	defer kill()
+	start := time.Now()
+	sess, err := vm.Attach(sctx, smolvm.ExecSpec{Shell: command, Argv: argv, Env: env, Cwd: q.Get("cwd")})
+	if err != nil {
+		writeError(w, s.gone(id, err))
+		return
+	}
+	defer sess.Close()
+	rc := http.NewResponseController(w)
+	rc.EnableFullDuplex() // read the body (stdin) while the response is written
 	out := s.newNDJSON(w)
 	defer out.close()
-	out.stalled = cancel // a client that stopped reading: kill the command
-	opts := []smolvm.RunOption{smolvm.WithTimeout(timeout), smolvm.WithEnv(env), smolvm.WithWorkdir(q.Get("cwd")),
-		smolvm.WithOutputLimit(1), // the events carry the output; the Result keeps none of it
-		smolvm.WithStdout(streamWriter{out, "stdout"}), smolvm.WithStderr(streamWriter{out, "stderr"})}
-	if r.ContentLength != 0 {
-		opts = append(opts, smolvm.WithStdinReader(r.Body))
+	out.stalled = kill // a client that stopped reading: kill the command
+	out.begin()        // the command runs: 200 and the headers now
+	stdinDone := make(chan struct{})
+	go func() {
+		defer close(stdinDone)
+		if r.ContentLength != 0 {
+			io.Copy(sess.Stdin, r.Body)
+		}
+		sess.Stdin.Close()
+	}()
+	var outputs sync.WaitGroup
+	for typ, rd := range map[string]io.Reader{"stdout": sess.Stdout, "stderr": sess.Stderr} {
+		outputs.Go(func() { io.Copy(streamWriter{out, typ}, rd) })
 	}
-	s.touch(id)
-	var res *smolvm.Result
-	if command != "" {
-		res, err = vm.Run(ctx, command, opts...)
-	} else {
-		res, err = vm.RunArgs(ctx, argv, opts...)
+	// The timeout: the command's process group is killed (as the guest
+	// does for POST .../exec).
+	var timedOut atomic.Bool
+	timer := time.AfterFunc(timeout, func() {
+		timedOut.Store(true)
+		tctx, cancel := context.WithTimeout(sctx, 10*time.Second)
+		defer cancel()
+		if sess.SignalName(tctx, "SIGKILL") != nil {
+			kill()
+		}
+	})
+	defer timer.Stop()
+	outputs.Wait()
+	code, err := sess.Wait()
+	timer.Stop()
+	// The body may not be read once the handler returns: a read still
+	// waiting for the client (the command exited before its stdin ended)
+	// is cut.
+	select {
+	case <-stdinDone:
+	default:
+		rc.SetReadDeadline(time.Now())
+		<-stdinDone
 	}
 	if err != nil {
-		err = s.gone(id, err)
-		out.mu.Lock()
-		started := out.started
-		out.mu.Unlock()
-		if !started {
-			writeError(w, err)
-			return
-		}
-		d, _ := detail(err)
+		d, _ := detail(s.gone(id, err))
 		out.send(map[string]any{"type": "error", "error": d})
 		return
 	}
-	out.send(map[string]any{"type": "exit", "exit_code": res.ExitCode, "timed_out": res.TimedOut, "duration_ms": res.Duration.Milliseconds()})
+	out.send(map[string]any{"type": "exit", "exit_code": code, "timed_out": timedOut.Load(), "duration_ms": time.Since(start).Milliseconds()})
 }
 
 // guestPath reads the path query: an absolute guest path.

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -43,7 +44,14 @@ func (f *fakeLifetimes) Extend(_ context.Context, id string, ttl time.Duration) 
 }
 func (f *fakeLifetimes) Touch(id string)                           {}
 func (f *fakeLifetimes) Forget(_ context.Context, id string) error { f.rec("forget " + id); return nil }
-func (f *fakeLifetimes) Run(ctx context.Context) error             { <-ctx.Done(); return nil }
+func (f *fakeLifetimes) AutoPaused(id string) bool                 { return false }
+func (f *fakeLifetimes) Resume(ctx context.Context, id string) (*smolvm.VM, error) {
+	return nil, fmt.Errorf("fakeLifetimes.Resume(%s): not auto-paused", id)
+}
+func (f *fakeLifetimes) Run(ctx context.Context, _ func(id, action string, err error)) error {
+	<-ctx.Done()
+	return nil
+}
 func (f *fakeLifetimes) has(s string) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -262,6 +270,64 @@ func TestLive(t *testing.T) {
 		cancel() // the client goes away mid-stream
 		resp.Body.Close()
 		waitGone(t, sp, c, "/tmp/pid", 15*time.Second, "its client went away")
+	})
+
+	t.Run("StreamsStdin", func(t *testing.T) {
+		// The command answers each line before the client sends the next:
+		// stdin reaches it while the request body is still open.
+		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		pr, pw := io.Pipe()
+		defer pw.Close()
+		go func() { <-sctx.Done(); pw.CloseWithError(sctx.Err()) }()
+		q := url.Values{"command": {"while read l; do echo got:$l; done; echo eof"}}
+		req, _ := http.NewRequestWithContext(sctx, "POST", "http://smolvm/v1/sandboxes/c1/exec/stream?"+q.Encode(), pr)
+		req.Header.Set("Content-Type", "application/octet-stream")
+		// (Go's client may hold the request headers until the body's
+		// first chunk.)
+		go pw.Write([]byte("a\n"))
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != 200 {
+			b, _ := io.ReadAll(resp.Body)
+			t.Fatalf("exec stream: %d %s", resp.StatusCode, b)
+		}
+		events := bufio.NewReader(resp.Body)
+		next := func() map[string]any {
+			line, err := events.ReadString('\n')
+			var ev map[string]any
+			if err != nil || json.Unmarshal([]byte(line), &ev) != nil {
+				t.Fatalf("event: %q %v", line, err)
+			}
+			return ev
+		}
+		for _, w := range []string{"a", "b"} {
+			if w != "a" {
+				pw.Write([]byte(w + "\n"))
+			}
+			ev := next()
+			if ev["type"] != "stdout" || ev["data"] != base64.StdEncoding.EncodeToString([]byte("got:"+w+"\n")) {
+				t.Fatalf("after %q: %v", w, ev)
+			}
+		}
+		pw.Close() // EOF closes the command's stdin
+		if ev := next(); ev["data"] != base64.StdEncoding.EncodeToString([]byte("eof\n")) {
+			t.Fatalf("after EOF: %v", ev)
+		}
+		if ev := next(); ev["type"] != "exit" || ev["exit_code"] != float64(0) || ev["timed_out"] != false {
+			t.Fatalf("exit: %v", ev)
+		}
+		// Its timeout kills it.
+		q = url.Values{"command": {"echo $$ > /tmp/tpid; exec sleep 300"}, "timeout_s": {"1"}}
+		resp2, b := sp.call(t, c, "POST", "/v1/sandboxes/c1/exec/stream?"+q.Encode(), nil)
+		wantStatus(t, "exec stream timeout", resp2, b, 200)
+		if _, _, last := execEvents(t, b); last["type"] != "exit" || last["timed_out"] != true {
+			t.Errorf("exec stream timeout: %s", b)
+		}
+		waitGone(t, sp, c, "/tmp/tpid", 15*time.Second, "its timeout")
 	})
 
 	t.Run("StalledClientKillsCommand", func(t *testing.T) {

@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -28,14 +29,23 @@ import (
 )
 
 // Lifetimes runs sandbox lifetimes (create's timeout_s / on_timeout /
-// idle_timeout_s, POST .../timeout): internal/lifetime implements it; the
-// daemon works without one (lifetimes are then refused).
+// idle_timeout_s, POST .../timeout): internal/lifetime implements it (the
+// CLI's `serve` adapts its Keeper); the daemon works without one
+// (lifetimes are then refused).
 type Lifetimes interface {
 	Set(ctx context.Context, id string, ttl time.Duration, action string, idle time.Duration) error
 	Extend(ctx context.Context, id string, ttl time.Duration) error
 	Touch(id string)
 	Forget(ctx context.Context, id string) error
-	Run(ctx context.Context) error
+	// AutoPaused says the runner paused sandbox id (it is stopped, its
+	// memory in a snapshot): start and resume wake it with Resume.
+	AutoPaused(id string) bool
+	// Resume wakes an auto-paused sandbox (restores its memory) and
+	// returns it running.
+	Resume(ctx context.Context, id string) (*smolvm.VM, error)
+	// Run acts on the lifetimes until ctx ends; expired is called after
+	// each action ("pause" or "delete") with its error (nil: done).
+	Run(ctx context.Context, expired func(id, action string, err error)) error
 }
 
 // Config is the daemon's configuration: one struct for the flags and the
@@ -127,6 +137,7 @@ type Server struct {
 	lock   *os.File
 	token  []byte
 	events *broker
+	mw     []func(http.Handler) http.Handler
 	h      http.Handler
 	hOnce  sync.Once
 	val    *validator
@@ -136,8 +147,10 @@ type Server struct {
 
 	// stopping is closed when a graceful shutdown begins: endless streams
 	// (events) end then.
-	stopping chan struct{}
-	tcpAddr  string // the TCP listener's address, once Serve listens
+	stopping    chan struct{}
+	tcpAddr     string      // the TCP listener's address, once Serve listens
+	filling     atomic.Bool // a warm pool refill runs (RefillPools)
+	refillAgain atomic.Bool // RefillPools was called since the last round began
 }
 
 // ErrRunning is wrapped when another daemon serves the data dir.
@@ -276,9 +289,30 @@ func readPrivate(path string) ([]byte, error) {
 // Handler is built on first use (by Serve at the latest): Mount what
 // goes in before.
 func (s *Server) Handler() http.Handler {
-	s.hOnce.Do(func() { s.h = s.routes() })
+	s.hOnce.Do(func() {
+		s.h = s.routes()
+		for _, mw := range s.mw {
+			s.h = mw(s.h)
+		}
+	})
 	return s.h
 }
+
+// Use wraps the whole handler (every route, mounted ones too) in mw, as
+// metrics.Middleware; the last Use is the outermost. Call it before
+// Handler or Serve.
+func (s *Server) Use(mw func(http.Handler) http.Handler) { s.mw = append(s.mw, mw) }
+
+// SetLifetimes sets Config.Lifetimes once the Server (its Manager) exists:
+// the lifetime runner needs the Manager. Call it before Serve.
+func (s *Server) SetLifetimes(l Lifetimes) { s.cfg.Lifetimes = l }
+
+// WriteError writes err in the API's one error shape, with its status
+// (for the handlers mounted from other packages).
+func WriteError(w http.ResponseWriter, err error) { writeError(w, err) }
+
+// WriteJSON writes v as a JSON response with status.
+func WriteJSON(w http.ResponseWriter, status int, v any) { writeJSON(w, status, v) }
 
 // Mount adds a handler of another package (as Config.Extra does) for
 // handlers that need the Server (its Manager, VM, Publish). Call it before
@@ -293,7 +327,16 @@ func (s *Server) Mount(pattern string, h http.Handler) {
 // VM is the daemon's shared handle on sandbox id (its agent connection is
 // shared by every request): for the handlers mounted from other packages.
 // Do not Close it.
-func (s *Server) VM(ctx context.Context, id string) (*smolvm.VM, error) { return s.vm(ctx, id) }
+// A call through it is activity on the sandbox (its idle timeout starts
+// again).
+func (s *Server) VM(ctx context.Context, id string) (*smolvm.VM, error) {
+	vm, err := s.vm(ctx, id)
+	if err != nil {
+		return nil, s.gone(id, err)
+	}
+	s.touch(id)
+	return vm, nil
+}
 
 // Publish sends a lifecycle event to /v1/events subscribers (the lifetime
 // runner publishes sandbox.expired).
@@ -346,7 +389,7 @@ func (s *Server) Serve(ctx context.Context, ready func()) error {
 	}
 	if s.cfg.Lifetimes != nil {
 		go func() {
-			if err := s.cfg.Lifetimes.Run(ctx); err != nil && ctx.Err() == nil {
+			if err := s.cfg.Lifetimes.Run(ctx, s.expired); err != nil && ctx.Err() == nil {
 				s.log.Error("lifetimes stopped", "err", err)
 			}
 		}()

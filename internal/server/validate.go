@@ -56,6 +56,13 @@ func (v *validator) request(r *http.Request) error {
 		Options: &openapi3filter.Options{AuthenticationFunc: openapi3filter.NoopAuthenticationFunc, MultiError: false}}
 	if rawBody(r) || !isJSON(r.Header.Get("Content-Type")) {
 		in.Options.ExcludeRequestBody = true
+		// kin-openapi's security check reads the whole body into memory
+		// (for authentication functions that read it; ours does not):
+		// a file upload would be held whole, and a command's streamed
+		// stdin never reach it. It sees no body.
+		body := r.Body
+		r.Body = http.NoBody
+		defer func() { r.Body = body }()
 	}
 	err = openapi3filter.ValidateRequest(r.Context(), in)
 	if err == nil {
