@@ -104,6 +104,11 @@ type Info struct {
 	TemplateBuilder bool `json:"template_builder,omitempty"`
 }
 
+// IsSandbox says whether the VM is a sandbox of the user's: not a warm pool's
+// paused member and not a template's builder, which the SDK makes and removes
+// itself. Listings meant for people (the CLI, the API, MCP) show only these.
+func (i Info) IsSandbox() bool { return !i.Pool && !i.TemplateBuilder }
+
 // ID returns the VM id.
 func (vm *VM) ID() string { return vm.id }
 

@@ -47,10 +47,7 @@ func (a *app) completeVMs(cmd *cobra.Command, args []string, _ string) ([]string
 	return ids, cobra.ShellCompDirectiveNoFileComp
 }
 
-// isSandbox says whether i is a sandbox of the user's: not a warm pool's
-// member, nor the VM a template build boots (ls, delete --all and
-// completion leave those out).
-func isSandbox(i smolvm.Info) bool { return !i.Pool && !i.TemplateBuilder }
+func isSandbox(i smolvm.Info) bool { return i.IsSandbox() }
 
 func (a *app) createCmd() *cobra.Command {
 	var cfg smolvm.Config

@@ -367,7 +367,7 @@ func (t *tools) list(ctx context.Context, _ struct{}) (Sandboxes, error) {
 	}
 	out := Sandboxes{Sandboxes: []Sandbox{}}
 	for _, i := range infos {
-		if !i.Pool { // warm pool members are not sandboxes of their own
+		if i.IsSandbox() { // warm pool members and template builders are not sandboxes of their own
 			out.Sandboxes = append(out.Sandboxes, sandboxOf(i))
 		}
 	}

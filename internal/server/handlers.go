@@ -362,10 +362,16 @@ func (s *Server) createSandbox(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) listSandboxes(w http.ResponseWriter, r *http.Request) {
-	infos, err := s.m.List(r.Context())
+	all, err := s.m.List(r.Context())
 	if err != nil {
 		writeError(w, err)
 		return
+	}
+	infos := []smolvm.Info{}
+	for _, i := range all {
+		if i.IsSandbox() { // warm pool members and template builders are the SDK's own
+			infos = append(infos, i)
+		}
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"sandboxes": infos})
 }
