@@ -344,7 +344,8 @@ class SmolVM:
             body["cwd"] = cwd
         if stdin is not None:
             body["stdin"] = stdin.decode("utf-8") if isinstance(stdin, bytes) else stdin
-        limit = None if timeout is None else float(timeout) + _EXEC_GRACE
+        # the daemon's default command timeout is 600 s
+        limit = (600.0 if not timeout else float(timeout)) + _EXEC_GRACE
         return CommandResult.from_json(self._client.call("POST", self._path("/exec"), body=body, timeout=limit))
 
     def stream(

@@ -133,13 +133,14 @@ class SmolVMManager:
             )
         )
 
-    def fork(self, snapshot_id: str, count: int = 1) -> List[SmolVM]:
-        """Start ``count`` new sandboxes from a snapshot (each a clone with
-        its own identity); the objects returned own them."""
+    def fork(self, snapshot_id: str, count: int = 1, *, resume_vm: bool = False) -> List[SmolVM]:
+        """Make ``count`` new sandboxes from a snapshot (each a clone with
+        its own identity), paused unless ``resume_vm``; the objects
+        returned own them (their ``with`` block deletes them)."""
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise ValidationError(f"count must be a positive integer, got {count!r}", code="invalid_request")
         doc = self._client.call(
-            "POST", "/v1/snapshots/" + _q(snapshot_id) + "/fork", body={"count": count}, timeout=_client.LONG_TIMEOUT
+            "POST", "/v1/snapshots/" + _q(snapshot_id) + "/fork", body={"count": count, "resume": bool(resume_vm)}, timeout=_client.LONG_TIMEOUT
         )
         return [
             SmolVM(data_dir=self.data_dir, _info=VMInfo.from_json(d), _owned=True) for d in _list(doc, "sandboxes")

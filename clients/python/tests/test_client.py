@@ -1,0 +1,230 @@
+"""The client's behaviour beyond the seed page, against a real daemon and
+real VMs: run results and timeouts, errors and their codes, the context
+manager, pause/resume and status, files, streaming exec, fork, templates,
+and several clients starting the daemon at once. One sandbox is shared by
+the tests that only run commands in it."""
+
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _support import ROOT, Env, pids_mentioning, stop_pid  # noqa: E402
+
+from smolvm import (  # noqa: E402
+    SmolVM,
+    SmolVMError,
+    SmolVMManager,
+    SnapshotNotFoundError,
+    SnapshotType,
+    ValidationError,
+    VMNotFoundError,
+    VMNotRunningError,
+    VMState,
+)
+
+env = None
+shared = None
+
+
+def setUpModule():
+    global env, shared
+    env = Env()
+    shared = SmolVM()
+    shared.start()
+
+
+def tearDownModule():
+    try:
+        if shared is not None:
+            shared.delete()
+    finally:
+        if env is not None:
+            env.close()
+
+
+class Run(unittest.TestCase):
+    def test_result(self):
+        r = shared.run("echo out; echo err >&2; exit 3")
+        self.assertEqual((r.exit_code, r.ok, r.output, r.stdout, r.stderr), (3, False, "out", "out\n", "err\n"))
+        self.assertTrue(shared.run("true").ok)
+
+    def test_timeout_is_a_result(self):
+        t = time.monotonic()
+        r = shared.run("sleep 30", timeout=1)
+        self.assertTrue(r.timed_out, r)
+        self.assertFalse(r.ok)
+        self.assertLess(time.monotonic() - t, 20)
+
+    def test_env_cwd_stdin(self):
+        r = shared.run('echo "$GREETING $(pwd)"; cat', env={"GREETING": "hi"}, cwd="/tmp", stdin="piped")
+        self.assertEqual(r.stdout, "hi /tmp\npiped")
+
+    def test_stream(self):
+        events = list(shared.stream("echo out; echo err >&2; exit 5"))
+        out = b"".join(e.data for e in events if e.kind == "stdout")
+        err = b"".join(e.data for e in events if e.kind == "stderr")
+        self.assertEqual((out, err), (b"out\n", b"err\n"))
+        self.assertEqual(events[-1].kind, "exit")
+        self.assertEqual(events[-1].exit_code, 5)
+
+    def test_stream_stdin_and_argv(self):
+        data = os.urandom(200_000)
+        events = list(shared.stream(["sha256sum"], stdin=data))
+        out = b"".join(e.data for e in events if e.kind == "stdout")
+        self.assertEqual(out.split()[0].decode(), hashlib.sha256(data).hexdigest())
+        self.assertEqual(events[-1].exit_code, 0)
+
+    def test_stream_output_arrives_while_running(self):
+        t = time.monotonic()
+        it = shared.stream("echo first; sleep 3; echo second")
+        first = next(it)
+        self.assertEqual(first.data, b"first\n")
+        self.assertLess(time.monotonic() - t, 2.5, "the first line waited for the command's end")
+        rest = list(it)
+        self.assertEqual(rest[-1].exit_code, 0)
+
+
+class Files(unittest.TestCase):
+    def test_write_read(self):
+        data = os.urandom(1 << 20)
+        shared.write_file("/tmp/blob", data, mode=0o600)
+        self.assertEqual(shared.read_file("/tmp/blob"), data)
+        self.assertEqual(shared.run("stat -c %a /tmp/blob").output, "600")
+
+    def test_upload_download(self):
+        with tempfile.TemporaryDirectory() as d:
+            src = os.path.join(d, "src.bin")
+            data = os.urandom(3 << 20)
+            with open(src, "wb") as f:
+                f.write(data)
+            guest = shared.upload_file(src, "/root/deep/dir/")
+            self.assertEqual(guest, "/root/deep/dir/src.bin")
+            self.assertEqual(shared.run("sha256sum /root/deep/dir/src.bin").output.split()[0],
+                             hashlib.sha256(data).hexdigest())
+            dst = shared.download_file(guest, os.path.join(d, "out", "copy.bin"))
+            with open(dst, "rb") as f:
+                self.assertEqual(f.read(), data)
+            # guest data lands private on the host
+            self.assertEqual(stat.S_IMODE(os.stat(dst).st_mode), 0o600)
+
+    def test_missing_file_is_an_error(self):
+        with self.assertRaises(SmolVMError):
+            shared.read_file("/no/such/file")
+
+
+class Errors(unittest.TestCase):
+    def test_not_found(self):
+        with self.assertRaises(VMNotFoundError) as cm:
+            SmolVM.from_id("no-such-vm")
+        e = cm.exception
+        self.assertEqual((e.code, e.status), ("vm_not_found", 404))
+        self.assertIn("no-such-vm", e.message)
+        self.assertTrue(e.recovery)
+        with self.assertRaises(SnapshotNotFoundError):
+            SmolVMManager().delete_snapshot("missing-snapshot")
+
+    def test_invalid_ids(self):
+        for bad in ("Bad ID", "../escape", "a" * 65, "-x"):
+            with self.assertRaises(ValidationError, msg=bad) as cm:
+                shared.snapshot(snapshot_id=bad)
+            self.assertIsInstance(cm.exception, ValueError)
+            self.assertEqual(cm.exception.status, 422)
+            with self.assertRaises(ValidationError, msg=bad):
+                SmolVM.from_snapshot(bad)
+        self.assertEqual(shared.status, VMState.RUNNING)  # nothing happened to it
+
+    def test_snapshot_type_checked(self):
+        with self.assertRaises(ValueError) as cm:
+            shared.snapshot(snapshot_type="bogus")
+        self.assertIn("'full', 'diff', 'disk'", str(cm.exception))
+
+    def test_not_running(self):
+        vm = SmolVM()  # created, never started: no boot
+        try:
+            self.assertEqual(vm.status, VMState.CREATED)
+            with self.assertRaises(VMNotRunningError) as cm:
+                vm.run("true")
+            self.assertEqual(cm.exception.status, 409)
+            self.assertTrue(cm.exception.recovery)
+        finally:
+            vm.delete()
+        with self.assertRaises(VMNotFoundError):
+            SmolVM.from_id(vm.vm_id)
+
+    def test_unsupported_options_refused(self):
+        with self.assertRaises(ValueError):
+            SmolVM(mounts=["/tmp"])
+        with self.assertRaises(ValueError):
+            SmolVM(vm_id="x", image="debian")
+
+
+class Lifecycle(unittest.TestCase):
+    def test_context_manager(self):
+        with SmolVM() as vm:
+            self.assertEqual(vm.status, VMState.RUNNING)
+            self.assertEqual(vm.run("hostname").output, vm.vm_id)
+            vid = vm.vm_id
+        # owned: stopped and deleted on exit
+        with self.assertRaises(VMNotFoundError):
+            SmolVM.from_id(vid)
+
+    def test_pause_resume_status(self):
+        vm = SmolVM.from_id(shared.vm_id)
+        vm.pause()
+        self.assertIs(shared.status, VMState.PAUSED)
+        self.assertEqual(str(shared.status), "VMState.PAUSED")
+        shared.start()  # resumes a paused sandbox
+        self.assertIs(shared.status, VMState.RUNNING)
+        self.assertTrue(shared.run("true").ok)
+
+    def test_fork_and_templates(self):
+        snap = shared.snapshot(resume_source=True)
+        self.assertEqual(shared.status, VMState.RUNNING)
+        self.assertEqual(snap.snapshot_type, SnapshotType.FULL)
+        sdk = SmolVMManager()
+        clones = sdk.fork(snap.snapshot_id, count=2, resume_vm=True)
+        try:
+            self.assertEqual(len({c.vm_id for c in clones}), 2)
+            for c in clones:
+                self.assertEqual(c.run("hostname").output, c.vm_id)
+        finally:
+            for c in clones:
+                c.delete()
+            sdk.delete_snapshot(snap.snapshot_id)
+        self.assertTrue(any(t.image == "debian" for t in sdk.list_templates()))
+
+
+class Autostart(unittest.TestCase):
+    def test_clients_starting_at_once_share_one_daemon(self):
+        """Three fresh processes find no daemon for a new data dir and all
+        start one: exactly one serves, every client gets its answer."""
+        with tempfile.TemporaryDirectory(prefix="smolvm-py-race-") as d:
+            data = os.path.join(d, "data")
+            code = "import sys; from smolvm import SmolVMManager; print(len(SmolVMManager(data_dir=sys.argv[1]).list_snapshots()))"
+            e = dict(os.environ, PYTHONPATH=ROOT)
+            procs = [
+                subprocess.Popen([sys.executable, "-c", code, data], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                for _ in range(3)
+            ]
+            try:
+                for p in procs:
+                    out, err = p.communicate(timeout=120)
+                    self.assertEqual((p.returncode, out.strip()), (0, b"0"), err.decode("utf-8", "replace"))
+                daemons = pids_mentioning(data)
+                self.assertEqual(len(daemons), 1, daemons)
+            finally:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                for pid in pids_mentioning(data):
+                    stop_pid(pid)
+
+
+if __name__ == "__main__":
+    unittest.main()
