@@ -937,7 +937,7 @@ func (m *Manager) runSteps(ctx context.Context, op string, attrs []any, list ...
 			if err := do(ctx); err != nil {
 				return err
 			}
-			m.log.Debug(op, append(attrs, "step", name, "elapsed", time.Since(t0))...)
+			m.log.DebugContext(ctx, op, append(attrs, "step", name, "elapsed", time.Since(t0))...)
 			return nil
 		}
 	}

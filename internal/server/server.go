@@ -1,0 +1,405 @@
+// Package server is `smolvm serve`: the HTTP API daemon. Every handler
+// calls the SDK (smolvm.Manager, *smolvm.VM), so the CLI, the SDK and the
+// daemon share state and locks. The contract is api/openapi.yaml; requests
+// are validated against it before a handler runs.
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/smolvm-go/smolvm"
+	"github.com/smolvm-go/smolvm/internal/fsutil"
+)
+
+// Lifetimes runs sandbox lifetimes (create's timeout_s / on_timeout /
+// idle_timeout_s, POST .../timeout): internal/lifetime implements it; the
+// daemon works without one (lifetimes are then refused).
+type Lifetimes interface {
+	Set(ctx context.Context, id string, ttl time.Duration, action string, idle time.Duration) error
+	Extend(ctx context.Context, id string, ttl time.Duration) error
+	Touch(id string)
+	Forget(ctx context.Context, id string) error
+	Run(ctx context.Context) error
+}
+
+// Config is the daemon's configuration: one struct for the flags and the
+// tests.
+type Config struct {
+	// Options open the Manager (DataDir, ImageDir, RunDir...). Its Logger,
+	// when set, is the daemon's log.
+	Options smolvm.Options
+	// Socket is the unix socket path; empty: smolvm.APISocketPath(Options).
+	Socket string
+	// Listen adds a TCP listener ("127.0.0.1:PORT"); every request on it
+	// needs the bearer Token. A non-loopback address needs TLSCert and
+	// TLSKey.
+	Listen          string
+	TLSCert, TLSKey string
+	// Token is the bearer token for TCP; empty: $SMOLVM_API_TOKEN, else
+	// <DataDir>/api-token (created 0600 with 32 random bytes, hex).
+	Token string
+	// MaxBodyBytes bounds JSON request bodies (default 1 MiB).
+	MaxBodyBytes int64
+	// RequestTimeout bounds quick calls (default 60 s); LongTimeout long
+	// operations: create, start, restore, fork, snapshot, template build
+	// (default 10 min). An exec gets its own timeout_s plus ExecGrace.
+	RequestTimeout, LongTimeout time.Duration
+	// ShutdownTimeout bounds how long a graceful shutdown waits for
+	// in-flight requests (default 30 s).
+	ShutdownTimeout time.Duration
+	// Lifetimes, when set, runs sandbox lifetimes (its Run runs with Serve).
+	Lifetimes Lifetimes
+	// Extra mounts handlers of other packages: the key is a net/http
+	// pattern ("/metrics", "/mcp", "GET /v1/sandboxes/{id}/exec/ws").
+	// They are behind the same auth, and outside the spec's validation.
+	Extra map[string]http.Handler
+	// Version is reported by /v1/health and /v1/version.
+	Version string
+}
+
+const (
+	defaultMaxBody        = 1 << 20
+	defaultRequestTimeout = 60 * time.Second
+	defaultLongTimeout    = 10 * time.Minute
+	// ExecGrace is added to an exec's timeout_s for its request deadline.
+	ExecGrace = 30 * time.Second
+	// maxExecTimeout bounds an exec's timeout_s (and one without: the
+	// request deadline of an exec that asks for none).
+	maxExecTimeout = 24 * time.Hour
+)
+
+func (c Config) withDefaults() Config {
+	if c.MaxBodyBytes <= 0 {
+		c.MaxBodyBytes = defaultMaxBody
+	}
+	if c.RequestTimeout <= 0 {
+		c.RequestTimeout = defaultRequestTimeout
+	}
+	if c.LongTimeout <= 0 {
+		c.LongTimeout = defaultLongTimeout
+	}
+	if c.ShutdownTimeout <= 0 {
+		c.ShutdownTimeout = 30 * time.Second
+	}
+	if c.Options.Logger == nil {
+		c.Options.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	}
+	if c.Socket == "" {
+		c.Socket = smolvm.APISocketPath(c.Options)
+	}
+	if c.Version == "" {
+		c.Version = "dev"
+	}
+	return c
+}
+
+// Server is a running daemon's state.
+type Server struct {
+	cfg    Config
+	log    *slog.Logger
+	m      *smolvm.Manager
+	lock   *os.File
+	token  []byte
+	events *broker
+	h      http.Handler
+	val    *validator
+
+	mu  sync.Mutex
+	vms map[string]*smolvm.VM // open handles (agent connections), by id
+
+	// stopping is closed when a graceful shutdown begins: endless streams
+	// (events) end then.
+	stopping chan struct{}
+	tcpAddr  string // the TCP listener's address, once Serve listens
+}
+
+// ErrRunning is wrapped when another daemon serves the data dir.
+var ErrRunning = errors.New("a smolvm daemon already serves this data dir")
+
+// New takes the data dir's daemon lock, opens the Manager and reconciles
+// the state with what runs. Close releases it.
+func New(ctx context.Context, cfg Config) (*Server, error) {
+	cfg = cfg.withDefaults()
+	s := &Server{cfg: cfg, log: cfg.Options.Logger, events: newBroker(), vms: map[string]*smolvm.VM{}, stopping: make(chan struct{})}
+	opts := cfg.Options
+	opts.Logger = slog.New(progressHandler{cfg.Options.Logger.Handler()})
+	m, err := smolvm.NewManager(ctx, opts)
+	if err != nil {
+		return nil, err
+	}
+	s.m = m
+	if s.lock, err = lockDataDir(m.DataDir()); err != nil {
+		m.Close()
+		return nil, err
+	}
+	if cfg.Listen != "" {
+		if err := s.checkListen(); err != nil {
+			s.Close()
+			return nil, err
+		}
+		if s.token, err = loadToken(cfg.Token, m.DataDir()); err != nil {
+			s.Close()
+			return nil, err
+		}
+	}
+	n, removed, err := m.Reconcile(ctx)
+	if err != nil {
+		s.Close()
+		return nil, err
+	}
+	s.log.Info("state reconciled", "vms", n, "leftovers_removed", removed)
+	if s.val, err = newValidator(); err != nil {
+		s.Close()
+		return nil, err
+	}
+	s.h = s.routes()
+	return s, nil
+}
+
+// lockDataDir takes <DataDir>/serve.lock (flock, held while the daemon
+// runs) and writes our pid in it; a held lock names its holder.
+func lockDataDir(dataDir string) (*os.File, error) {
+	path := filepath.Join(dataDir, "serve.lock")
+	f, err := fsutil.TryLock(path)
+	if errors.Is(err, fsutil.ErrBusy) {
+		pid := "unknown"
+		if b, rerr := os.ReadFile(path); rerr == nil && len(b) > 0 && len(b) < 32 {
+			pid = strings.TrimSpace(string(b))
+		}
+		return nil, &smolvm.Error{Op: "serve", Message: fmt.Sprintf("a smolvm daemon (pid %s) already serves %s", pid, dataDir),
+			Fix: smolvm.Fix{Action: smolvm.FixKillProcess, Args: map[string]string{smolvm.ArgPID: pid}}, Err: ErrRunning}
+	}
+	if err != nil {
+		return nil, err
+	}
+	f.Truncate(0)
+	f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	return f, nil
+}
+
+// checkListen refuses a non-loopback TCP address without TLS.
+func (s *Server) checkListen() error {
+	host, _, err := net.SplitHostPort(s.cfg.Listen)
+	if err != nil {
+		return &smolvm.Error{Op: "serve", Message: fmt.Sprintf("--listen %q: %v", s.cfg.Listen, err), Err: smolvm.ErrInvalidConfig}
+	}
+	if (s.cfg.TLSCert == "") != (s.cfg.TLSKey == "") {
+		return &smolvm.Error{Op: "serve", Message: "--tls-cert and --tls-key go together", Err: smolvm.ErrInvalidConfig}
+	}
+	ip := net.ParseIP(host)
+	loopback := host == "localhost" || (ip != nil && ip.IsLoopback())
+	if !loopback && s.cfg.TLSCert == "" {
+		return &smolvm.Error{Op: "serve", Message: fmt.Sprintf("--listen %s is not a loopback address: it needs --tls-cert and --tls-key (the bearer token must not cross a network in clear)", s.cfg.Listen),
+			Err: smolvm.ErrInvalidConfig}
+	}
+	return nil
+}
+
+// loadToken: the configured token, else $SMOLVM_API_TOKEN, else the
+// token file (created 0600, atomically, when missing).
+func loadToken(tok, dataDir string) ([]byte, error) {
+	if tok == "" {
+		tok = os.Getenv("SMOLVM_API_TOKEN")
+	}
+	if tok == "" {
+		path := filepath.Join(dataDir, "api-token")
+		b, err := readPrivate(path)
+		switch {
+		case err == nil:
+			tok = strings.TrimSpace(string(b))
+		case errors.Is(err, os.ErrNotExist):
+			raw := make([]byte, 32)
+			rand.Read(raw)
+			tok = hex.EncodeToString(raw)
+			if err := fsutil.WriteFile(path, []byte(tok+"\n"), 0o600); err != nil {
+				return nil, err
+			}
+		default:
+			return nil, err
+		}
+	}
+	if len(tok) < 16 {
+		return nil, &smolvm.Error{Op: "serve", Message: "the API token is shorter than 16 characters", Err: smolvm.ErrInvalidConfig}
+	}
+	return []byte(tok), nil
+}
+
+// readPrivate reads a token file that must be a regular file of ours with
+// no group or other permission.
+func readPrivate(path string) ([]byte, error) {
+	st, err := os.Lstat(path)
+	if err != nil {
+		return nil, err
+	}
+	if !st.Mode().IsRegular() || st.Mode().Perm()&0o077 != 0 || !ownedByUs(st) {
+		return nil, &smolvm.Error{Op: "serve", Message: fmt.Sprintf("token file %s must be a regular file of this user with mode 0600", path),
+			Fix: smolvm.Fix{Action: smolvm.FixEditOption, Args: map[string]string{smolvm.ArgOption: "api-token", smolvm.ArgHint: "chmod 600 " + path + " (or remove it: a new one is made)"}},
+			Err: smolvm.ErrInvalidConfig}
+	}
+	return os.ReadFile(path)
+}
+
+// Handler is the daemon's whole HTTP handler (auth is per listener: see
+// Serve).
+func (s *Server) Handler() http.Handler { return s.h }
+
+// Publish sends a lifecycle event to /v1/events subscribers (the lifetime
+// runner publishes sandbox.expired).
+func (s *Server) Publish(typ, id string) { s.events.publish(Event{Type: typ, ID: id}) }
+
+// Manager is the daemon's SDK manager (for the packages mounted in Extra).
+func (s *Server) Manager() *smolvm.Manager { return s.m }
+
+// Socket is the unix socket path the daemon listens on.
+func (s *Server) Socket() string { return s.cfg.Socket }
+
+// Serve listens on the unix socket (and TCP when configured) until ctx is
+// done, then shuts down gracefully: no new connections, in-flight requests
+// get ShutdownTimeout to finish, sandboxes keep running. ready, when not
+// nil, is called once the listeners accept.
+func (s *Server) Serve(ctx context.Context, ready func()) error {
+	ul, err := listenUnix(s.cfg.Socket)
+	if err != nil {
+		return err
+	}
+	servers := []*http.Server{s.httpServer(s.h)}
+	listeners := []net.Listener{ul}
+	if s.cfg.Listen != "" {
+		tl, err := net.Listen("tcp", s.cfg.Listen)
+		if err != nil {
+			ul.Close()
+			return &smolvm.Error{Op: "serve", Message: fmt.Sprintf("listen on %s: %v", s.cfg.Listen, err), Err: err}
+		}
+		if s.cfg.TLSCert != "" {
+			cert, err := tls.LoadX509KeyPair(s.cfg.TLSCert, s.cfg.TLSKey)
+			if err != nil {
+				ul.Close()
+				tl.Close()
+				return &smolvm.Error{Op: "serve", Message: fmt.Sprintf("TLS: %v", err), Err: smolvm.ErrInvalidConfig}
+			}
+			tl = tls.NewListener(tl, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
+		}
+		s.tcpAddr = tl.Addr().String()
+		servers = append(servers, s.httpServer(s.requireToken(s.h)))
+		listeners = append(listeners, tl)
+		s.log.Info("listening", "tcp", tl.Addr().String(), "tls", s.cfg.TLSCert != "")
+	}
+	s.log.Info("listening", "socket", s.cfg.Socket)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, len(servers)+1)
+	for i := range servers {
+		go func() { errc <- servers[i].Serve(listeners[i]) }()
+	}
+	if s.cfg.Lifetimes != nil {
+		go func() {
+			if err := s.cfg.Lifetimes.Run(ctx); err != nil && ctx.Err() == nil {
+				s.log.Error("lifetimes stopped", "err", err)
+			}
+		}()
+	}
+	if ready != nil {
+		ready()
+	}
+	var serveErr error
+	select {
+	case <-ctx.Done():
+	case serveErr = <-errc:
+	}
+	s.log.Info("shutting down; sandboxes keep running")
+	close(s.stopping)
+	sctx, scancel := context.WithTimeout(context.Background(), s.cfg.ShutdownTimeout)
+	defer scancel()
+	for _, hs := range servers {
+		if err := hs.Shutdown(sctx); err != nil {
+			hs.Close()
+		}
+	}
+	os.Remove(s.cfg.Socket)
+	if errors.Is(serveErr, http.ErrServerClosed) {
+		serveErr = nil
+	}
+	return serveErr
+}
+
+func (s *Server) httpServer(h http.Handler) *http.Server {
+	return &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
+		MaxHeaderBytes: 64 << 10, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
+}
+
+// listenUnix listens on path in a private dir (made 0700, or checked to be
+// ours and private), mode 0600. A stale socket (nobody answers) is
+// replaced; the daemon lock says nobody else serves this data dir.
+func listenUnix(path string) (net.Listener, error) {
+	if err := fsutil.PrivateDir(filepath.Dir(path)); err != nil {
+		return nil, &smolvm.Error{Op: "serve", Message: fmt.Sprintf("socket dir %s: %v", filepath.Dir(path), err), Err: err}
+	}
+	if st, err := os.Lstat(path); err == nil {
+		if st.Mode().Type() != os.ModeSocket {
+			return nil, &smolvm.Error{Op: "serve", Message: fmt.Sprintf("%s exists and is not a socket; remove it", path), Err: smolvm.ErrInvalidConfig}
+		}
+		os.Remove(path)
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, &smolvm.Error{Op: "serve", Message: fmt.Sprintf("listen on %s: %v", path, err), Err: err}
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, err
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	return l, nil
+}
+
+// requireToken checks "Authorization: Bearer T" in constant time.
+func (s *Server) requireToken(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if !ok || subtle.ConstantTimeCompare([]byte(got), s.token) != 1 {
+			writeError(w, errCode(codeUnauthorized, "missing or wrong bearer token (Authorization: Bearer <token from SMOLVM_API_TOKEN or <data dir>/api-token>)"))
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// Close closes the VM handles and the Manager and releases the lock. VMs
+// keep running.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	for id, vm := range s.vms {
+		vm.Close()
+		delete(s.vms, id)
+	}
+	s.mu.Unlock()
+	var err error
+	if s.m != nil {
+		err = s.m.Close()
+	}
+	if s.lock != nil {
+		s.lock.Close()
+	}
+	return err
+}
+
+func ownedByUs(st os.FileInfo) bool {
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	return ok && int(sys.Uid) == os.Geteuid()
+}
