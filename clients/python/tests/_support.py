@@ -40,6 +40,8 @@ class Env:
         self.owned = not d
         self.dir = d or tempfile.mkdtemp(prefix="smolvm-py-")
         os.environ["SMOLVM_DATA_DIR"] = os.path.join(self.dir, "data")
+        if self.owned:  # the daemon's socket and log, and the VMs' sockets
+            os.environ["SMOLVM_RUN_DIR"] = os.path.join(self.dir, "run")
         pp = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = ROOT + (os.pathsep + pp if pp else "")
         # Connect (and start the daemon) here, before any example does.
