@@ -25,7 +25,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from .exceptions import APIError, DaemonUnavailableError, SmolVMError, error_from_reply
 
@@ -203,6 +203,59 @@ class Client:
             raise APIError(
                 f"{method} {path}: the daemon's reply is not JSON: {data[:200]!r}", {"status": resp.status}
             ) from None
+
+    def call_progress(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Body = None,
+        on_progress: Optional[Callable[[str, float], None]] = None,
+        timeout: Optional[float] = LONG_TIMEOUT,
+    ) -> Any:
+        """A long operation. With on_progress, the daemon streams its steps
+        (NDJSON): on_progress(step, elapsed_seconds) is called for each, and
+        the result line's body is returned (its error line raised)."""
+        if on_progress is None:
+            return self.call(method, path, body=body, timeout=timeout)
+        conn, resp = self.open(
+            method, path, body=body, headers={"Accept": "application/x-ndjson"}, timeout=timeout
+        )
+        try:
+            if "ndjson" not in (resp.getheader("Content-Type") or ""):
+                data = _read_bounded(resp, MAX_JSON_REPLY)
+                return json.loads(data) if data.strip() else None
+            while True:
+                line = resp.readline(MAX_JSON_REPLY + 1)
+                if not line:
+                    raise APIError(f"{method} {path}: the daemon ended its progress stream without a result")
+                if len(line) > MAX_JSON_REPLY:
+                    raise APIError(f"{method} {path}: a progress line over the client's limit")
+                if not line.strip():
+                    continue
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    raise APIError(f"{method} {path}: a progress line that is not JSON: {line[:200]!r}") from None
+                if not isinstance(ev, dict):
+                    raise APIError(f"{method} {path}: a progress line that is not an object")
+                kind = ev.get("type")
+                if kind == "progress":
+                    ms = ev.get("elapsed_ms")
+                    secs = ms / 1000.0 if isinstance(ms, (int, float)) and not isinstance(ms, bool) else 0.0
+                    on_progress(str(ev.get("step", ""))[:1000], secs)
+                elif kind == "result":
+                    return ev.get("body")
+                elif kind == "error":
+                    st = ev.get("status")
+                    raise error_from_reply(
+                        st if isinstance(st, int) and not isinstance(st, bool) else 500,
+                        json.dumps({"error": ev.get("error")}).encode(),
+                    )
+        except (OSError, http.client.HTTPException) as e:
+            raise self._unreachable(e) from None
+        finally:
+            conn.close()
 
     def health(self, timeout: float = 5.0) -> bool:
         try:

@@ -8,7 +8,7 @@ import tempfile
 import threading
 import urllib.parse
 from pathlib import Path, PurePosixPath
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Union
 
 from . import _client
 from .exceptions import (
@@ -179,6 +179,7 @@ class SmolVM:
         ssh_user: str = "root",
         ssh_key_path: Optional[str] = None,
         comm_channel: Optional[str] = None,
+        on_progress: Optional[Callable[[str, float], None]] = None,
     ) -> "SmolVM":
         """Recreate the snapshot's sandbox (same id) with the saved state.
 
@@ -202,11 +203,11 @@ class SmolVM:
                     {"snapshot_id": snapshot_id, "requested_backend": backend, "snapshot_backend": snap.backend},
                     code="invalid_config",
                 )
-        doc = c.call(
+        doc = c.call_progress(
             "POST",
             "/v1/snapshots/" + _q(snapshot_id) + "/restore",
             body={"resume": bool(resume_vm), "force": bool(force)},
-            timeout=_client.LONG_TIMEOUT,
+            on_progress=on_progress,
         )
         return cls(data_dir=data_dir, _info=VMInfo.from_json(doc), _owned=False)
 
@@ -254,16 +255,23 @@ class SmolVM:
 
     # -- lifecycle -----------------------------------------------------------
 
-    def start(self, boot_timeout: float = 30.0, *, on_progress: Any = None) -> "SmolVM":
+    def start(
+        self, boot_timeout: float = 30.0, *, on_progress: Optional[Callable[[str, float], None]] = None
+    ) -> "SmolVM":
         """Boot the sandbox (restored from its image's template when it has
-        one), or resume it when paused; nothing when it runs. boot_timeout
-        is accepted for compatibility: the sandbox's own boot bound applies."""
+        one), or resume it when paused; nothing when it runs.
+        on_progress(step, elapsed_seconds) hears each step as it happens.
+        boot_timeout is accepted for compatibility: the sandbox's own boot
+        bound applies."""
         st = self.status
         if st == VMState.RUNNING:
             return self
         if st == VMState.PAUSED:
             return self.resume()
-        return self._lifecycle("start")
+        self._info = VMInfo.from_json(
+            self._client.call_progress("POST", self._path("/start"), on_progress=on_progress)
+        )
+        return self
 
     def stop(self, timeout: float = 3.0) -> "SmolVM":
         """Stop the sandbox (nothing when it is not running or paused)."""

@@ -6,6 +6,7 @@ the tests that only run commands in it."""
 
 import hashlib
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -16,8 +17,11 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _support import ROOT, Env, pids_mentioning, stop_pid  # noqa: E402
 
+from smolvm import _client  # noqa: E402
+
 from smolvm import (  # noqa: E402
     SmolVM,
+    UnauthorizedError,
     SmolVMError,
     SmolVMManager,
     SnapshotNotFoundError,
@@ -165,6 +169,21 @@ class Errors(unittest.TestCase):
 
 
 class Lifecycle(unittest.TestCase):
+    def test_start_reports_progress(self):
+        vm = SmolVM()
+        try:
+            steps = []
+            vm.start(on_progress=lambda step, secs: steps.append((step, secs)))
+            self.assertEqual(vm.info.status, VMState.RUNNING)
+            self.assertTrue(steps, "no progress line")
+            self.assertTrue(all(isinstance(s, str) and s and t >= 0 for s, t in steps), steps)
+            self.assertTrue(vm.run("true").ok)
+        finally:
+            vm.delete()
+        # an error line of a progress stream is raised as its code says
+        with self.assertRaises(SnapshotNotFoundError):
+            SmolVM.from_snapshot("missing-snapshot", on_progress=lambda *a: None)
+
     def test_context_manager(self):
         with SmolVM() as vm:
             self.assertEqual(vm.status, VMState.RUNNING)
@@ -224,6 +243,43 @@ class Autostart(unittest.TestCase):
                         p.kill()
                 for pid in pids_mentioning(data):
                     stop_pid(pid)
+
+
+class TCP(unittest.TestCase):
+    def test_token_over_loopback(self):
+        """SMOLVM_API_URL + SMOLVM_API_TOKEN reach a daemon on TCP; a wrong
+        token is UnauthorizedError; the client never starts a TCP daemon."""
+        with tempfile.TemporaryDirectory(prefix="smolvm-py-tcp-") as d:
+            data = os.path.join(d, "data")
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            token = os.urandom(16).hex()
+            daemon = subprocess.Popen(
+                [_client.find_binary(), "--data-dir", data, "serve", "--listen", f"127.0.0.1:{port}"],
+                env=dict(os.environ, SMOLVM_API_TOKEN=token),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )
+            try:
+                url = f"http://127.0.0.1:{port}"
+                c = _client.Client(url=url, token=token)
+                deadline = time.monotonic() + 30
+                while not c.health() and time.monotonic() < deadline:
+                    self.assertIsNone(daemon.poll(), daemon.stderr.read().decode() if daemon.poll() is not None else "")
+                    time.sleep(0.05)
+                code = "from smolvm import SmolVMManager; m = SmolVMManager(); print(m.version()['api_version'], len(m.list_snapshots()))"
+                e = dict(os.environ, PYTHONPATH=ROOT, SMOLVM_API_URL=url, SMOLVM_API_TOKEN=token)
+                p = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, timeout=60)
+                self.assertEqual((p.returncode, p.stdout.strip()), (0, b"1 0"), p.stderr.decode())
+                with self.assertRaises(UnauthorizedError) as cm:
+                    _client.Client(url=url, token="wrong").call("GET", "/v1/snapshots")
+                self.assertEqual(cm.exception.status, 401)
+                with self.assertRaises(UnauthorizedError):
+                    _client.Client(url=url).call("GET", "/v1/snapshots")
+            finally:
+                stop_pid(daemon.pid)
+                daemon.wait(timeout=30)
+                daemon.stderr.close()
 
 
 if __name__ == "__main__":
