@@ -1,9 +1,11 @@
 """The SmolVM class: one sandbox, driven through the smolvm daemon."""
 
 import base64
+import http.client
 import json
 import os as _os
 import shlex
+import socket
 import tempfile
 import threading
 import urllib.parse
@@ -13,6 +15,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 from . import _client
 from .exceptions import (
     APIError,
+    OperationTimeoutError,
     SmolVMError,
     ValidationError,
     VMNotFoundError,
@@ -384,11 +387,14 @@ class SmolVM:
             q.append(("cwd", cwd))
         for k, v in (env or {}).items():
             q.append(("env", f"{k}={v}"))
-        return self._stream(self._path("/exec/stream") + "?" + urllib.parse.urlencode(q), stdin)
+        # a bound on each wait for the next event: the command's own
+        # timeout (the daemon's default 600 s) plus a grace
+        idle = (600.0 if not timeout else float(timeout)) + _EXEC_GRACE
+        return self._stream(self._path("/exec/stream") + "?" + urllib.parse.urlencode(q), stdin, idle)
 
-    def _stream(self, path: str, stdin: Any) -> Iterator[ExecEvent]:
+    def _stream(self, path: str, stdin: Any, idle: float) -> Iterator[ExecEvent]:
         c = self._client
-        conn = c._connection(None)
+        conn = c._connection(idle)
         writer: Optional[threading.Thread] = None
         try:
             try:
@@ -411,14 +417,12 @@ class SmolVM:
                         writer = threading.Thread(target=_send_chunked, args=(conn.sock, stdin), daemon=True)
                         writer.start()
                 resp = conn.getresponse()
-            except (OSError, Exception) as e:  # noqa: BLE001 - any transport failure
-                if isinstance(e, SmolVMError):
-                    raise
+            except (OSError, http.client.HTTPException) as e:
                 raise c._unreachable(e) from None
             if not 200 <= resp.status < 300:
                 raise error_from_reply(resp.status, resp.read(64 << 10))
             while True:
-                line = resp.readline(_MAX_EVENT_LINE + 1)
+                line = self._readline(resp, idle)
                 if not line:
                     raise APIError("the daemon ended the exec stream without an exit event")
                 if len(line) > _MAX_EVENT_LINE:
@@ -455,6 +459,16 @@ class SmolVM:
                 # other event types (keep-alives, future ones) are skipped
         finally:
             conn.close()
+
+    def _readline(self, resp: Any, idle: float) -> bytes:
+        try:
+            return resp.readline(_MAX_EVENT_LINE + 1)
+        except socket.timeout:
+            raise OperationTimeoutError(
+                f"no event from the daemon's exec stream in {idle:.0f} s", code="timeout"
+            ) from None
+        except (OSError, http.client.HTTPException) as e:
+            raise self._client._unreachable(e) from None
 
     # -- snapshots -----------------------------------------------------------
 

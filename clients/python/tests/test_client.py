@@ -57,6 +57,9 @@ class Run(unittest.TestCase):
         r = shared.run("echo out; echo err >&2; exit 3")
         self.assertEqual((r.exit_code, r.ok, r.output, r.stdout, r.stderr), (3, False, "out", "out\n", "err\n"))
         self.assertTrue(shared.run("true").ok)
+        # the seed page's Alpine lines on our Debian image: a result, not an exception
+        apk = shared.run("apk add python3")
+        self.assertEqual((apk.ok, apk.exit_code), (False, 127))
 
     def test_timeout_is_a_result(self):
         t = time.monotonic()
@@ -277,8 +280,12 @@ class TCP(unittest.TestCase):
                 with self.assertRaises(UnauthorizedError):
                     _client.Client(url=url).call("GET", "/v1/snapshots")
             finally:
-                stop_pid(daemon.pid)
-                daemon.wait(timeout=30)
+                daemon.terminate()  # our child: wait() reaps it
+                try:
+                    daemon.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    daemon.kill()
+                    daemon.wait()
                 daemon.stderr.close()
 
 
