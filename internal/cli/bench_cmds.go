@@ -106,3 +106,23 @@ func (a *app) benchSnapshotCmd() *cobra.Command {
 	c.Flags().IntVar(&f.touchMiB, "touch", 64, "MiB of random data the guest writes to tmpfs before the snapshot")
 	return c
 }
+
+func (a *app) benchAPICmd() *cobra.Command {
+	var f benchFlags
+	var clients, execs, sandboxes int
+	c := &cobra.Command{
+		Use:   "api",
+		Short: "The HTTP API daemon: exec round trip through the API vs the SDK's Run; concurrent clients' errors and p50/p99",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.runBench(cmd, &f, func(ctx context.Context, o bench.Options) (bench.Report, error) {
+				return bench.API(ctx, o, clients, execs, sandboxes)
+			})
+		},
+	}
+	f.register(c)
+	c.Flags().IntVar(&clients, "clients", 50, "concurrent clients in the load")
+	c.Flags().IntVar(&execs, "execs", 20, "execs per client in the load")
+	c.Flags().IntVar(&sandboxes, "sandboxes", 4, "sandboxes the load is spread over")
+	return c
+}

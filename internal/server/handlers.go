@@ -44,6 +44,28 @@ func decode(r *http.Request, v any) error {
 	return errCode(codeInvalidRequest, "request body: "+err.Error())
 }
 
+// sandbox is the handle on the request's sandbox, or false once the
+// error is written.
+func (s *Server) sandbox(w http.ResponseWriter, r *http.Request, id string) (*smolvm.VM, bool) {
+	vm, err := s.vm(r.Context(), id)
+	if err != nil {
+		writeError(w, s.gone(id, err))
+		return nil, false
+	}
+	return vm, true
+}
+
+// decodeReq decodes the JSON body into a T, or returns false once the
+// error is written.
+func decodeReq[T any](w http.ResponseWriter, r *http.Request) (T, bool) {
+	var req T
+	if err := decode(r, &req); err != nil {
+		writeError(w, err)
+		return req, false
+	}
+	return req, true
+}
+
 // vm returns the open handle on sandbox id (one per id, shared by
 // requests: it keeps the agent connection).
 func (s *Server) vm(ctx context.Context, id string) (*smolvm.VM, error) {
@@ -88,6 +110,14 @@ func (s *Server) drop(id string) {
 	s.mu.Unlock()
 	if vm != nil {
 		vm.Close()
+	}
+}
+
+// touch tells the lifetime runner that sandbox id is in use (exec, files,
+// lifecycle calls: what idle_timeout_s counts).
+func (s *Server) touch(id string) {
+	if s.cfg.Lifetimes != nil {
+		s.cfg.Lifetimes.Touch(id)
 	}
 }
 
@@ -211,9 +241,8 @@ func (s *Server) checkLifetime(timeoutS int, onTimeout string, idleS int) error 
 }
 
 func (s *Server) createSandbox(w http.ResponseWriter, r *http.Request) {
-	var req CreateRequest
-	if err := decode(r, &req); err != nil {
-		writeError(w, err)
+	req, ok := decodeReq[CreateRequest](w, r)
+	if !ok {
 		return
 	}
 	if err := s.checkLifetime(req.TimeoutS, req.OnTimeout, req.IdleTimeoutS); err != nil {
@@ -266,9 +295,8 @@ func (s *Server) listSandboxes(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) info(w http.ResponseWriter, r *http.Request, id string, status int) {
-	vm, err := s.vm(r.Context(), id)
-	if err != nil {
-		writeError(w, s.gone(id, err))
+	vm, ok := s.sandbox(w, r, id)
+	if !ok {
 		return
 	}
 	info, err := vm.Info(r.Context())
@@ -285,9 +313,8 @@ func (s *Server) getSandbox(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) deleteSandbox(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	vm, err := s.vm(r.Context(), id)
-	if err != nil {
-		writeError(w, s.gone(id, err))
+	vm, ok := s.sandbox(w, r, id)
+	if !ok {
 		return
 	}
 	if err := vm.Delete(r.Context()); err != nil {
@@ -311,9 +338,8 @@ func (s *Server) lifecycle(op string) http.HandlerFunc {
 			writeError(w, err)
 			return
 		}
-		vm, err := s.vm(r.Context(), id)
-		if err != nil {
-			writeError(w, s.gone(id, err))
+		vm, ok := s.sandbox(w, r, id)
+		if !ok {
 			return
 		}
 		s.longOp(w, r, http.StatusOK, func(ctx context.Context, step func(string)) (any, error) {
@@ -333,9 +359,7 @@ func (s *Server) lifecycle(op string) http.HandlerFunc {
 				return nil, s.gone(id, err)
 			}
 			s.Publish(event, id)
-			if s.cfg.Lifetimes != nil {
-				s.cfg.Lifetimes.Touch(id)
-			}
+			s.touch(id)
 			return vm.Info(ctx)
 		})
 	}
@@ -358,9 +382,8 @@ func (s *Server) setTimeout(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	vm, err := s.vm(r.Context(), id)
-	if err != nil {
-		writeError(w, s.gone(id, err))
+	vm, ok := s.sandbox(w, r, id)
+	if !ok {
 		return
 	}
 	if err := s.cfg.Lifetimes.Extend(r.Context(), id, time.Duration(req.TimeoutS)*time.Second); err != nil {
@@ -413,9 +436,8 @@ func execTimeout(sec float64) (time.Duration, error) {
 
 func (s *Server) exec(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	var req ExecRequest
-	if err := decode(r, &req); err != nil {
-		writeError(w, err)
+	req, ok := decodeReq[ExecRequest](w, r)
+	if !ok {
 		return
 	}
 	if (req.Command == "") == (len(req.Argv) == 0) {
@@ -442,9 +464,7 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request) {
 	if req.Stdin != "" {
 		opts = append(opts, smolvm.WithStdin([]byte(req.Stdin)))
 	}
-	if s.cfg.Lifetimes != nil {
-		s.cfg.Lifetimes.Touch(id)
-	}
+	s.touch(id)
 	var res *smolvm.Result
 	if req.Command != "" {
 		res, err = vm.Run(ctx, req.Command, opts...)
@@ -522,9 +542,7 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) {
 	if r.ContentLength != 0 {
 		opts = append(opts, smolvm.WithStdinReader(r.Body))
 	}
-	if s.cfg.Lifetimes != nil {
-		s.cfg.Lifetimes.Touch(id)
-	}
+	s.touch(id)
 	var res *smolvm.Result
 	if command != "" {
 		res, err = vm.Run(ctx, command, opts...)
@@ -572,11 +590,11 @@ func (s *Server) putFile(w http.ResponseWriter, r *http.Request) {
 		}
 		mode = os.FileMode(v)
 	}
-	vm, err := s.vm(r.Context(), id)
-	if err != nil {
-		writeError(w, s.gone(id, err))
+	vm, ok := s.sandbox(w, r, id)
+	if !ok {
 		return
 	}
+	s.touch(id)
 	body, size := io.Reader(r.Body), r.ContentLength
 	if size < 0 {
 		// Chunked: spool to a private temp file to learn the size (the
@@ -612,11 +630,11 @@ func (s *Server) getFile(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	vm, err := s.vm(r.Context(), id)
-	if err != nil {
-		writeError(w, s.gone(id, err))
+	vm, ok := s.sandbox(w, r, id)
+	if !ok {
 		return
 	}
+	s.touch(id)
 	// Spooled to a private temp file first: the mode (a header) and the
 	// guest's verdict on the whole file are known before the first byte
 	// is sent, so a failed read is an error status, not a cut stream.
@@ -653,9 +671,8 @@ func (s *Server) exposePort(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	vm, err := s.vm(r.Context(), id)
-	if err != nil {
-		writeError(w, s.gone(id, err))
+	vm, ok := s.sandbox(w, r, id)
+	if !ok {
 		return
 	}
 	if err := vm.ExposePort(r.Context(), req.HostPort, req.GuestPort); err != nil {
@@ -667,9 +684,8 @@ func (s *Server) exposePort(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) logs(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	vm, err := s.vm(r.Context(), id)
-	if err != nil {
-		writeError(w, s.gone(id, err))
+	vm, ok := s.sandbox(w, r, id)
+	if !ok {
 		return
 	}
 	b, err := vm.Logs(r.Context())
@@ -691,9 +707,8 @@ type SnapshotRequest struct {
 
 func (s *Server) createSnapshot(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	var req SnapshotRequest
-	if err := decode(r, &req); err != nil {
-		writeError(w, err)
+	req, ok := decodeReq[SnapshotRequest](w, r)
+	if !ok {
 		return
 	}
 	typ := smolvm.SnapshotType("")
@@ -710,9 +725,8 @@ func (s *Server) createSnapshot(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	vm, err := s.vm(r.Context(), id)
-	if err != nil {
-		writeError(w, s.gone(id, err))
+	vm, ok := s.sandbox(w, r, id)
+	if !ok {
 		return
 	}
 	s.longOp(w, r, http.StatusCreated, func(ctx context.Context, step func(string)) (any, error) {
@@ -768,15 +782,11 @@ type RestoreRequest struct {
 
 func (s *Server) restore(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	var req RestoreRequest
-	if err := decode(r, &req); err != nil {
-		writeError(w, err)
+	req, ok := decodeReq[RestoreRequest](w, r)
+	if !ok {
 		return
 	}
-	if err := smolvm.ValidateID(id); err != nil {
-		writeError(w, err)
-		return
-	}
+	// The id was checked against the spec (invalid_id); the SDK checks it again.
 	s.longOp(w, r, http.StatusCreated, func(ctx context.Context, step func(string)) (any, error) {
 		vm, err := s.m.FromSnapshot(ctx, id, smolvm.RestoreOptions{Resume: req.Resume, Force: req.Force})
 		if err != nil {
@@ -796,15 +806,11 @@ type ForkRequest struct {
 
 func (s *Server) fork(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	var req ForkRequest
-	if err := decode(r, &req); err != nil {
-		writeError(w, err)
+	req, ok := decodeReq[ForkRequest](w, r)
+	if !ok {
 		return
 	}
-	if err := smolvm.ValidateID(id); err != nil {
-		writeError(w, err)
-		return
-	}
+	// The id was checked against the spec (invalid_id); the SDK checks it again.
 	s.longOp(w, r, http.StatusCreated, func(ctx context.Context, step func(string)) (any, error) {
 		vms, err := s.m.Fork(ctx, id, req.Count, smolvm.ForkOptions{Resume: req.Resume})
 		for _, vm := range vms {
@@ -846,9 +852,8 @@ type TemplateRequest struct {
 }
 
 func (s *Server) buildTemplate(w http.ResponseWriter, r *http.Request) {
-	var req TemplateRequest
-	if err := decode(r, &req); err != nil {
-		writeError(w, err)
+	req, ok := decodeReq[TemplateRequest](w, r)
+	if !ok {
 		return
 	}
 	s.longOp(w, r, http.StatusCreated, func(ctx context.Context, step func(string)) (any, error) {

@@ -40,9 +40,9 @@ func (f *fakeLifetimes) Extend(_ context.Context, id string, ttl time.Duration) 
 	f.rec("extend " + id + " " + ttl.String())
 	return nil
 }
-func (f *fakeLifetimes) Touch(id string)                          {}
+func (f *fakeLifetimes) Touch(id string)                           {}
 func (f *fakeLifetimes) Forget(_ context.Context, id string) error { f.rec("forget " + id); return nil }
-func (f *fakeLifetimes) Run(ctx context.Context) error            { <-ctx.Done(); return nil }
+func (f *fakeLifetimes) Run(ctx context.Context) error             { <-ctx.Done(); return nil }
 func (f *fakeLifetimes) has(s string) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -90,6 +90,7 @@ func lastLine(t *testing.T, b []byte) map[string]any {
 // (exactly one wins), and a client that disconnects mid-stream gets its
 // command killed.
 func TestLive(t *testing.T) {
+	t.Parallel()
 	needImages(t)
 	lt := &fakeLifetimes{}
 	d := startDaemon(t, Config{Lifetimes: lt})
@@ -324,15 +325,28 @@ func TestLive(t *testing.T) {
 	resp, b = sp.call(t, c, "DELETE", "/v1/sandboxes/c2", nil)
 	wantStatus(t, "delete c2", resp, b, 204)
 
+	// Templates: build one (a builder VM boots), list it, delete it.
+	resp, b = sp.call(t, c, "POST", "/v1/templates", jsonBody(map[string]any{"image": "busybox", "memory_mib": 192, "no_network": true}), "Accept", "application/x-ndjson")
+	wantStatus(t, "build template", resp, b, 200)
+	last = lastLine(t, b)
+	if last["type"] != "result" || last["status"] != float64(201) {
+		t.Fatalf("build template: %s", b)
+	}
+	key := last["body"].(map[string]any)["key"].(string)
 	resp, b = sp.call(t, c, "GET", "/v1/templates", nil)
 	wantStatus(t, "templates", resp, b, 200)
+	if !bytes.Contains(b, []byte(key)) {
+		t.Errorf("template %s not listed: %s", key, b)
+	}
 	resp, b = sp.call(t, c, "POST", "/v1/templates", jsonBody(map[string]any{"image": "no-such-image"}))
 	if resp.StatusCode < 400 {
 		t.Errorf("template of a missing image: %s", b)
 	}
-	resp, b = sp.call(t, c, "DELETE", "/v1/templates/0123456789abcdef", nil)
-	if resp.StatusCode != 404 && resp.StatusCode != 422 {
-		t.Errorf("delete missing template: %d %s", resp.StatusCode, b)
+	resp, b = sp.call(t, c, "DELETE", "/v1/templates/"+key, nil)
+	wantStatus(t, "delete template", resp, b, 204)
+	resp, b = sp.call(t, c, "DELETE", "/v1/templates/"+key, nil)
+	if resp.StatusCode != 404 {
+		t.Errorf("delete a deleted template: %d %s", resp.StatusCode, b)
 	}
 	resp, b = sp.call(t, c, "POST", "/v1/templates/gc", nil)
 	wantStatus(t, "templates gc", resp, b, 200)

@@ -17,8 +17,8 @@ type class int
 
 const (
 	quick  class = iota // RequestTimeout
-	long                // LongTimeout
-	stream              // its own (exec: timeout_s + grace; events, files: none but the client's)
+	long                // LongTimeout (also file transfers)
+	stream              // its own: exec timeout_s + ExecGrace; events until the client leaves or shutdown
 )
 
 // routes builds the mux: each operation of api/openapi.yaml, the Extra
@@ -92,8 +92,8 @@ func (s *Server) table() []route {
 		{"POST", "/v1/sandboxes/{id}/timeout", quick, s.setTimeout},
 		{"POST", "/v1/sandboxes/{id}/exec", stream, s.exec},
 		{"POST", "/v1/sandboxes/{id}/exec/stream", stream, s.execStream},
-		{"PUT", "/v1/sandboxes/{id}/files", stream, s.putFile},
-		{"GET", "/v1/sandboxes/{id}/files", stream, s.getFile},
+		{"PUT", "/v1/sandboxes/{id}/files", long, s.putFile},
+		{"GET", "/v1/sandboxes/{id}/files", long, s.getFile},
 		{"POST", "/v1/sandboxes/{id}/ports", quick, s.exposePort},
 		{"GET", "/v1/sandboxes/{id}/logs", quick, s.logs},
 		{"POST", "/v1/sandboxes/{id}/snapshots", long, s.createSnapshot},

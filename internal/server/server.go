@@ -158,6 +158,12 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 			return nil, err
 		}
 	}
+	// Transfers spooled by a daemon that died (handlers.go: putFile, getFile).
+	spooled, _ := filepath.Glob(filepath.Join(m.DataDir(), ".upload-*"))
+	down, _ := filepath.Glob(filepath.Join(m.DataDir(), ".download-*"))
+	for _, f := range append(spooled, down...) {
+		os.Remove(f)
+	}
 	n, removed, err := m.Reconcile(ctx)
 	if err != nil {
 		s.Close()

@@ -150,7 +150,9 @@ func TestBadInput(t *testing.T) {
 // wrong ones are 401 in the error shape); the unix socket needs none.
 func TestToken(t *testing.T) {
 	dataDir := t.TempDir()
-	d := startDaemon(t, Config{Options: smolvm.Options{DataDir: dataDir}, Listen: "127.0.0.1:0"})
+	extra := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("extra " + r.PathValue("id"))) })
+	d := startDaemon(t, Config{Options: smolvm.Options{DataDir: dataDir}, Listen: "127.0.0.1:0",
+		Extra: map[string]http.Handler{"/metrics": extra, "GET /v1/sandboxes/{id}/stats": extra}})
 	// The token file was made 0600.
 	st, err := os.Stat(filepath.Join(dataDir, "api-token"))
 	if err != nil || st.Mode().Perm() != 0o600 {
@@ -183,6 +185,29 @@ func TestToken(t *testing.T) {
 	}
 	resp, b := get("Bearer " + strings.TrimSpace(string(tok)))
 	wantStatus(t, "right token", resp, b, 200)
+	// Handlers mounted from other packages are behind the same check.
+	for _, path := range []string{"/metrics", "/v1/sandboxes/x1/stats"} {
+		req, _ := http.NewRequest("GET", "http://"+addr+path, nil)
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 401 {
+			t.Errorf("%s without a token: %d", path, resp.StatusCode)
+		}
+		req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
+		resp, err = c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var buf bytes.Buffer
+		buf.ReadFrom(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || !strings.HasPrefix(buf.String(), "extra") {
+			t.Errorf("%s with the token: %d %q", path, resp.StatusCode, buf.String())
+		}
+	}
 	resp, b = sp.call(t, d.client, "GET", "/v1/health", nil)
 	wantStatus(t, "unix socket, no token", resp, b, 200)
 	// The socket is 0600.
