@@ -279,6 +279,11 @@ class TCP(unittest.TestCase):
                 self.assertEqual(cm.exception.status, 401)
                 with self.assertRaises(UnauthorizedError):
                     _client.Client(url=url).call("GET", "/v1/snapshots")
+                # through the environment, a wrong token says so (not "no daemon")
+                e["SMOLVM_API_TOKEN"] = "wrong"
+                p = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, timeout=60)
+                self.assertNotEqual(p.returncode, 0)
+                self.assertIn(b"UnauthorizedError", p.stderr)
             finally:
                 daemon.terminate()  # our child: wait() reaps it
                 try:
