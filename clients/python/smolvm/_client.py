@@ -25,7 +25,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from .exceptions import APIError, DaemonUnavailableError, SmolVMError, error_from_reply
 
@@ -225,20 +225,7 @@ class Client:
             if "ndjson" not in (resp.getheader("Content-Type") or ""):
                 data = _read_bounded(resp, MAX_JSON_REPLY)
                 return json.loads(data) if data.strip() else None
-            while True:
-                line = resp.readline(MAX_JSON_REPLY + 1)
-                if not line:
-                    raise APIError(f"{method} {path}: the daemon ended its progress stream without a result")
-                if len(line) > MAX_JSON_REPLY:
-                    raise APIError(f"{method} {path}: a progress line over the client's limit")
-                if not line.strip():
-                    continue
-                try:
-                    ev = json.loads(line)
-                except ValueError:
-                    raise APIError(f"{method} {path}: a progress line that is not JSON: {line[:200]!r}") from None
-                if not isinstance(ev, dict):
-                    raise APIError(f"{method} {path}: a progress line that is not an object")
+            for ev in ndjson_events(lambda: resp.readline(MAX_JSON_REPLY + 1), MAX_JSON_REPLY, f"{method} {path}"):
                 kind = ev.get("type")
                 if kind == "progress":
                     ms = ev.get("elapsed_ms")
@@ -252,6 +239,7 @@ class Client:
                         st if isinstance(st, int) and not isinstance(st, bool) else 500,
                         json.dumps({"error": ev.get("error")}).encode(),
                     )
+            raise APIError(f"{method} {path}: the daemon ended its progress stream without a result")
         except (OSError, http.client.HTTPException) as e:
             raise self._unreachable(e) from None
         finally:
@@ -263,6 +251,28 @@ class Client:
         except SmolVMError:
             return False
         return isinstance(doc, dict) and doc.get("ok") is True
+
+
+def ndjson_events(readline: Callable[[], bytes], limit: int, what: str) -> Iterator[Dict[str, Any]]:
+    """The objects of an NDJSON reply, one a line, until its end. readline
+    returns at most limit+1 bytes; a longer line, a line that is not a
+    JSON object, is APIError (the daemon's replies are checked, not
+    trusted)."""
+    while True:
+        line = readline()
+        if not line:
+            return
+        if len(line) > limit:
+            raise APIError(f"{what}: the daemon sent a line over {limit} bytes")
+        if not line.strip():
+            continue
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            raise APIError(f"{what}: the daemon sent a line that is not JSON: {line[:200]!r}") from None
+        if not isinstance(ev, dict):
+            raise APIError(f"{what}: the daemon sent a line that is not an object: {line[:200]!r}")
+        yield ev
 
 
 def _chunks(f: Any) -> Iterable[bytes]:

@@ -421,20 +421,7 @@ class SmolVM:
                 raise c._unreachable(e) from None
             if not 200 <= resp.status < 300:
                 raise error_from_reply(resp.status, resp.read(64 << 10))
-            while True:
-                line = self._readline(resp, idle)
-                if not line:
-                    raise APIError("the daemon ended the exec stream without an exit event")
-                if len(line) > _MAX_EVENT_LINE:
-                    raise APIError("the daemon sent an exec event line over 1 MiB")
-                if not line.strip():
-                    continue
-                try:
-                    ev = json.loads(line)
-                except ValueError:
-                    raise APIError(f"the daemon sent an exec event that is not JSON: {line[:200]!r}") from None
-                if not isinstance(ev, dict):
-                    raise APIError(f"the daemon sent an exec event that is not an object: {line[:200]!r}")
+            for ev in _client.ndjson_events(lambda: self._readline(resp, idle), _MAX_EVENT_LINE, "exec stream"):
                 kind = ev.get("type")
                 if kind in ("stdout", "stderr"):
                     try:
@@ -445,7 +432,7 @@ class SmolVM:
                 elif kind == "exit":
                     code = ev.get("exit_code")
                     if not isinstance(code, int) or isinstance(code, bool):
-                        raise APIError(f"the daemon sent an exit event without an exit code: {line[:200]!r}")
+                        raise APIError(f"the daemon sent an exit event without an exit code: {ev!r:.200}")
                     dur = ev.get("duration_ms")
                     yield ExecEvent(
                         "exit",
@@ -457,6 +444,7 @@ class SmolVM:
                 elif kind == "error":
                     raise error_from_reply(resp.status, json.dumps(ev).encode())
                 # other event types (keep-alives, future ones) are skipped
+            raise APIError("the daemon ended the exec stream without an exit event")
         finally:
             conn.close()
 

@@ -210,6 +210,9 @@ class Lifecycle(unittest.TestCase):
         self.assertEqual(shared.status, VMState.RUNNING)
         self.assertEqual(snap.snapshot_type, SnapshotType.FULL)
         sdk = SmolVMManager()
+        with self.assertRaises(SmolVMError) as cm:
+            SmolVM.from_snapshot(snap.snapshot_id, backend="firecracker")
+        self.assertIn("does not match the snapshot backend", cm.exception.message)
         clones = sdk.fork(snap.snapshot_id, count=2, resume_vm=True)
         try:
             self.assertEqual(len({c.vm_id for c in clones}), 2)

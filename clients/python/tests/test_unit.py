@@ -120,6 +120,21 @@ class Parsing(unittest.TestCase):
             SnapshotType.coerce("bogus")
 
 
+class NDJSON(unittest.TestCase):
+    def events(self, data, limit=64):
+        import io
+
+        buf = io.BytesIO(data)
+        return list(_client.ndjson_events(lambda: buf.readline(limit + 1), limit, "test"))
+
+    def test_lines(self):
+        self.assertEqual(self.events(b'{"a":1}\n\n{"b":2}'), [{"a": 1}, {"b": 2}])
+        self.assertEqual(self.events(b""), [])
+        for bad in (b"not json\n", b"[1,2]\n", b'{"a":"' + b"x" * 100 + b'"}\n', b"\xff\n"):
+            with self.assertRaises(smolvm.APIError, msg=bad):
+                self.events(bad)
+
+
 class Endpoints(unittest.TestCase):
     def test_urls(self):
         c = _client.Client(url="http://127.0.0.1:8080", token="t")
