@@ -1,5 +1,6 @@
 """The SmolVM class: one sandbox, driven through the smolvm daemon."""
 
+import asyncio
 import base64
 import http.client
 import json
@@ -320,6 +321,26 @@ class SmolVM:
                     self.stop()
         finally:
             self.close()
+
+    # -- asyncio twins (the calls run in a worker thread) --------------------
+
+    async def async_start(self, boot_timeout: float = 30.0) -> "SmolVM":
+        return await asyncio.to_thread(self.start, boot_timeout)
+
+    async def async_stop(self, timeout: float = 3.0) -> "SmolVM":
+        return await asyncio.to_thread(self.stop, timeout)
+
+    async def async_delete(self) -> None:
+        await asyncio.to_thread(self.delete)
+
+    async def async_run(self, command: str, timeout: Optional[float] = 30, shell: str = "login") -> CommandResult:
+        return await asyncio.to_thread(self.run, command, timeout, shell)
+
+    async def __aenter__(self) -> "SmolVM":
+        return await asyncio.to_thread(self.__enter__)
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await asyncio.to_thread(self.__exit__, *exc)
 
     def __repr__(self) -> str:
         return f"SmolVM(vm_id={self._info.vm_id!r}, status={self._info.status.value!r})"

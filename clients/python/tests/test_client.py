@@ -4,6 +4,7 @@ manager, pause/resume and status, files, streaming exec, fork, templates,
 and several clients starting the daemon at once. One sandbox is shared by
 the tests that only run commands in it."""
 
+import asyncio
 import hashlib
 import os
 import socket
@@ -193,6 +194,17 @@ class Lifecycle(unittest.TestCase):
             self.assertEqual(vm.run("hostname").output, vm.vm_id)
             vid = vm.vm_id
         # owned: stopped and deleted on exit
+        with self.assertRaises(VMNotFoundError):
+            SmolVM.from_id(vid)
+
+    def test_async(self):
+        async def main():
+            async with SmolVM() as vm:
+                r = await vm.async_run("echo async")
+                return vm.vm_id, r.output
+
+        vid, out = asyncio.run(main())
+        self.assertEqual(out, "async")
         with self.assertRaises(VMNotFoundError):
             SmolVM.from_id(vid)
 
