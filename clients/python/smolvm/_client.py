@@ -300,13 +300,17 @@ _clients_lock = threading.Lock()
 
 
 def find_binary() -> Optional[str]:
-    """The smolvm binary: $SMOLVM_BIN, else smolvm on PATH."""
-    b = os.environ.get("SMOLVM_BIN")
-    if b:
-        return b
+    """The smolvm binary, as an absolute path (the daemon starts in /):
+    $SMOLVM_BIN, else smolvm on PATH."""
     import shutil
 
-    return shutil.which("smolvm")
+    b = os.environ.get("SMOLVM_BIN")
+    if b:
+        if os.sep not in b:
+            return shutil.which(b) or b
+        return os.path.abspath(b)
+    found = shutil.which("smolvm")
+    return os.path.abspath(found) if found else None
 
 
 def _global_args(data_dir: Optional[str]) -> List[str]:
@@ -451,7 +455,17 @@ def _start_daemon(client: Client, binary: str, data_dir: Optional[str]) -> None:
         time.sleep(pause)
         pause = min(pause * 2, 0.25)
     code = proc.poll()
-    state = "is still starting" if code is None else f"exited with status {code}"
+    if code is None:
+        # it never answered: stop it rather than leave it running unseen
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        state = "did not answer and was stopped"
+    else:
+        state = f"exited with status {code}"
     raise DaemonUnavailableError(
         f"started '{binary} serve' but no daemon answered on {sock} within {limit:.0f} s (it {state}); "
         f"its log {log} ends with:\n{_log_tail(log)}",

@@ -45,7 +45,12 @@ class Env:
         pp = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = ROOT + (os.pathsep + pp if pp else "")
         # Connect (and start the daemon) here, before any example does.
-        self.sdk = SmolVMManager()
+        try:
+            self.sdk = SmolVMManager()
+        except BaseException:
+            if self.owned:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            raise
 
     def close(self) -> None:
         if not self.owned:

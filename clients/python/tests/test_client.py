@@ -40,17 +40,11 @@ shared = None
 def setUpModule():
     global env, shared
     env = Env()
+    # module cleanups run even when setUpModule fails (last added, first run)
+    unittest.addModuleCleanup(env.close)
     shared = SmolVM()
+    unittest.addModuleCleanup(shared.delete)
     shared.start()
-
-
-def tearDownModule():
-    try:
-        if shared is not None:
-            shared.delete()
-    finally:
-        if env is not None:
-            env.close()
 
 
 class Run(unittest.TestCase):

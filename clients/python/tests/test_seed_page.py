@@ -38,11 +38,8 @@ env = None
 def setUpModule():
     global env
     env = Env()
-
-
-def tearDownModule():
-    if env is not None:
-        env.close()
+    # module cleanups run even when setUpModule fails
+    unittest.addModuleCleanup(env.close)
 
 
 class SeedPage(unittest.TestCase):
