@@ -375,7 +375,15 @@ class SmolVM:
         if cwd:
             body["cwd"] = cwd
         if stdin is not None:
-            body["stdin"] = stdin.decode("utf-8") if isinstance(stdin, bytes) else stdin
+            if isinstance(stdin, bytes):
+                try:
+                    stdin = stdin.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValidationError(
+                        "run(stdin=...) takes text; send binary input with stream(..., stdin=bytes)",
+                        code="invalid_request",
+                    ) from None
+            body["stdin"] = stdin
         # the daemon's default command timeout is 600 s
         limit = (600.0 if not timeout else float(timeout)) + _EXEC_GRACE
         return CommandResult.from_json(self._client.call("POST", self._path("/exec"), body=body, timeout=limit))

@@ -82,6 +82,16 @@ class Run(unittest.TestCase):
         self.assertEqual(out.split()[0].decode(), hashlib.sha256(data).hexdigest())
         self.assertEqual(events[-1].exit_code, 0)
 
+    def test_stream_left_early_kills_the_command(self):
+        it = shared.stream("echo $$; exec sleep 120")
+        pid = int(next(it).data.strip())
+        self.assertEqual(shared.run(f"kill -0 {pid}").exit_code, 0)
+        it.close()  # leaving the loop closes the request
+        deadline = time.monotonic() + 15
+        while shared.run(f"kill -0 {pid}").ok and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.assertFalse(shared.run(f"kill -0 {pid}").ok, "the command outlived its stream")
+
     def test_stream_output_arrives_while_running(self):
         t = time.monotonic()
         it = shared.stream("echo first; sleep 3; echo second")
