@@ -30,7 +30,11 @@ SIGTERM or SIGINT shut it down gracefully; sandboxes keep running. The API: GET 
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cfg.Options = a.options()
 			if printSocket {
-				fmt.Fprintln(a.stdout, smolvm.APISocketPath(cfg.Options))
+				sock := cfg.Socket
+				if sock == "" {
+					sock = smolvm.APISocketPath(cfg.Options)
+				}
+				fmt.Fprintln(a.stdout, sock)
 				return nil
 			}
 			if tokenFile != "" && os.Getenv("SMOLVM_API_TOKEN") == "" {

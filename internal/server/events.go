@@ -12,13 +12,12 @@ type Event struct {
 	Time time.Time `json:"time"`
 }
 
-// eventQueue bounds what one slow subscriber may hold: past it, its oldest
-// events are dropped (it is told with a "dropped" count on its next event).
+// eventQueue bounds what one slow subscriber may hold: past it, new events
+// are not queued for it (publishing never waits for a subscriber).
 const eventQueue = 256
 
 type subscriber struct {
-	ch      chan Event
-	dropped int
+	ch chan Event
 }
 
 // broker fans events out to the subscribers of /v1/events. Publishing
@@ -51,8 +50,7 @@ func (b *broker) publish(e Event) {
 	for s := range b.subs {
 		select {
 		case s.ch <- e:
-		default:
-			s.dropped++
+		default: // a subscriber 256 events behind misses this one
 		}
 	}
 }

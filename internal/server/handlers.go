@@ -159,7 +159,8 @@ func (s *Server) longOp(w http.ResponseWriter, r *http.Request, status int, fn f
 		return
 	}
 	t0 := time.Now()
-	out := newNDJSON(w)
+	out := s.newNDJSON(w)
+	defer out.close()
 	step := func(name string) {
 		out.send(map[string]any{"type": "progress", "step": name, "elapsed_ms": time.Since(t0).Milliseconds()})
 	}
@@ -182,11 +183,32 @@ type ndjson struct {
 	rc      *http.ResponseController
 	started bool
 	err     error
+	// stalled is called once when a write fails (a client that went away,
+	// or one that stopped reading for WriteStall): the exec stream cancels
+	// its command then.
+	stalled func()
+	stall   time.Duration // Config.WriteStall
 }
 
-func newNDJSON(w http.ResponseWriter) *ndjson {
-	return &ndjson{w: w, rc: http.NewResponseController(w)}
+func (s *Server) newNDJSON(w http.ResponseWriter) *ndjson {
+	return &ndjson{w: w, rc: http.NewResponseController(w), stalled: func() {}, stall: s.cfg.WriteStall}
 }
+
+// close lifts the write deadline (the connection may serve more
+// requests) and makes later sends no-ops: a step logged after the handler
+// returned must not touch its ResponseWriter.
+func (n *ndjson) close() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.started {
+		n.rc.SetWriteDeadline(time.Time{})
+	}
+	if n.err == nil {
+		n.err = errStreamClosed
+	}
+}
+
+var errStreamClosed = errors.New("stream closed")
 
 func (n *ndjson) send(v any) error {
 	b, err := json.Marshal(v)
@@ -204,12 +226,16 @@ func (n *ndjson) send(v any) error {
 		n.w.Header().Set("X-Content-Type-Options", "nosniff")
 		n.w.WriteHeader(http.StatusOK)
 	}
-	if _, err := n.w.Write(append(b, '\n')); err != nil {
-		n.err = err
-		return err
+	n.rc.SetWriteDeadline(time.Now().Add(n.stall))
+	_, err = n.w.Write(append(b, '\n'))
+	if err == nil {
+		err = n.rc.Flush()
 	}
-	n.err = n.rc.Flush()
-	return n.err
+	if err != nil {
+		n.err = err
+		n.stalled()
+	}
+	return err
 }
 
 // CreateRequest is POST /v1/sandboxes: a smolvm.Config plus the daemon's
@@ -420,6 +446,10 @@ type ExecResult struct {
 	DurationMS int64  `json:"duration_ms"`
 }
 
+// MaxOutputLimit bounds an exec's output_limit: the JSON result holds the
+// output in the daemon's memory (twice: stdout and stderr).
+const MaxOutputLimit = 64 << 20
+
 // DefaultExecTimeout is the timeout of a command that asks for none.
 const DefaultExecTimeout = 10 * time.Minute
 
@@ -449,8 +479,8 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	if req.OutputLimit < 0 {
-		writeError(w, errCode(codeInvalidRequest, "output_limit must not be negative"))
+	if req.OutputLimit < 0 || req.OutputLimit > MaxOutputLimit {
+		writeError(w, errCode(codeInvalidRequest, fmt.Sprintf("output_limit must be between 0 (the default, %d) and %d bytes; for more, use exec/stream", smolvm.DefaultOutputLimit, MaxOutputLimit)))
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), timeout+ExecGrace)
@@ -535,7 +565,9 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) {
 	}
 	// Read the body (stdin) while the response is written.
 	http.NewResponseController(w).EnableFullDuplex()
-	out := newNDJSON(w)
+	out := s.newNDJSON(w)
+	defer out.close()
+	out.stalled = cancel // a client that stopped reading: kill the command
 	opts := []smolvm.RunOption{smolvm.WithTimeout(timeout), smolvm.WithEnv(env), smolvm.WithWorkdir(q.Get("cwd")),
 		smolvm.WithOutputLimit(1), // the events carry the output; the Result keeps none of it
 		smolvm.WithStdout(streamWriter{out, "stdout"}), smolvm.WithStderr(streamWriter{out, "stderr"})}

@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -22,7 +21,6 @@ import (
 	"github.com/getkin/kin-openapi/routers"
 	"github.com/getkin/kin-openapi/routers/gorillamux"
 
-	"github.com/smolvm-go/smolvm"
 	"github.com/smolvm-go/smolvm/internal/image"
 	"github.com/smolvm-go/smolvm/internal/testutil"
 )
@@ -68,7 +66,7 @@ type daemon struct {
 
 // startDaemon runs a Server for cfg until the test ends (a fresh data dir
 // when cfg has none).
-func startDaemon(t *testing.T, cfg Config) *daemon {
+func startDaemon(t *testing.T, cfg Config, mount ...func(*Server)) *daemon {
 	t.Helper()
 	if cfg.Options.DataDir == "" {
 		cfg.Options.DataDir = t.TempDir()
@@ -80,6 +78,9 @@ func startDaemon(t *testing.T, cfg Config) *daemon {
 	s, err := New(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
+	}
+	for _, f := range mount {
+		f(s)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	d := &daemon{s: s, cancel: cancel, done: make(chan error, 1), client: unixClient(s.Socket())}
@@ -265,6 +266,3 @@ func wantError(t *testing.T, what string, resp *http.Response, b []byte, status 
 	}
 	return e
 }
-
-var _ = fmt.Sprintf
-var _ = smolvm.ErrorCode

@@ -63,6 +63,13 @@ type Config struct {
 	// ShutdownTimeout bounds how long a graceful shutdown waits for
 	// in-flight requests (default 30 s).
 	ShutdownTimeout time.Duration
+	// WriteStall bounds how long one streamed event (exec output, progress)
+	// may wait for a client that does not read (default 30 s); then the
+	// request ends and an exec's command is killed. A command's output is
+	// read from the guest only as fast as the client takes it, and the
+	// agent connection is shared by every call on the sandbox: a stuck
+	// client must not hold the others for longer.
+	WriteStall time.Duration
 	// Lifetimes, when set, runs sandbox lifetimes (its Run runs with Serve).
 	Lifetimes Lifetimes
 	// Extra mounts handlers of other packages: the key is a net/http
@@ -94,6 +101,9 @@ func (c Config) withDefaults() Config {
 	if c.LongTimeout <= 0 {
 		c.LongTimeout = defaultLongTimeout
 	}
+	if c.WriteStall <= 0 {
+		c.WriteStall = 30 * time.Second
+	}
 	if c.ShutdownTimeout <= 0 {
 		c.ShutdownTimeout = 30 * time.Second
 	}
@@ -118,6 +128,7 @@ type Server struct {
 	token  []byte
 	events *broker
 	h      http.Handler
+	hOnce  sync.Once
 	val    *validator
 
 	mu  sync.Mutex
@@ -174,7 +185,6 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		s.Close()
 		return nil, err
 	}
-	s.h = s.routes()
 	return s, nil
 }
 
@@ -263,7 +273,27 @@ func readPrivate(path string) ([]byte, error) {
 
 // Handler is the daemon's whole HTTP handler (auth is per listener: see
 // Serve).
-func (s *Server) Handler() http.Handler { return s.h }
+// Handler is built on first use (by Serve at the latest): Mount what
+// goes in before.
+func (s *Server) Handler() http.Handler {
+	s.hOnce.Do(func() { s.h = s.routes() })
+	return s.h
+}
+
+// Mount adds a handler of another package (as Config.Extra does) for
+// handlers that need the Server (its Manager, VM, Publish). Call it before
+// Handler or Serve.
+func (s *Server) Mount(pattern string, h http.Handler) {
+	if s.cfg.Extra == nil {
+		s.cfg.Extra = map[string]http.Handler{}
+	}
+	s.cfg.Extra[pattern] = h
+}
+
+// VM is the daemon's shared handle on sandbox id (its agent connection is
+// shared by every request): for the handlers mounted from other packages.
+// Do not Close it.
+func (s *Server) VM(ctx context.Context, id string) (*smolvm.VM, error) { return s.vm(ctx, id) }
 
 // Publish sends a lifecycle event to /v1/events subscribers (the lifetime
 // runner publishes sandbox.expired).
@@ -284,7 +314,8 @@ func (s *Server) Serve(ctx context.Context, ready func()) error {
 	if err != nil {
 		return err
 	}
-	servers := []*http.Server{s.httpServer(s.h)}
+	h := s.Handler()
+	servers := []*http.Server{s.httpServer(h)}
 	listeners := []net.Listener{ul}
 	if s.cfg.Listen != "" {
 		tl, err := net.Listen("tcp", s.cfg.Listen)
@@ -302,7 +333,7 @@ func (s *Server) Serve(ctx context.Context, ready func()) error {
 			tl = tls.NewListener(tl, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
 		}
 		s.tcpAddr = tl.Addr().String()
-		servers = append(servers, s.httpServer(s.requireToken(s.h)))
+		servers = append(servers, s.httpServer(s.requireToken(h)))
 		listeners = append(listeners, tl)
 		s.log.Info("listening", "tcp", tl.Addr().String(), "tls", s.cfg.TLSCert != "")
 	}

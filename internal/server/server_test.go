@@ -3,15 +3,23 @@ package server
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
 	"fmt"
+	"math/big"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/smolvm-go/smolvm"
 	"github.com/smolvm-go/smolvm/internal/fixtext"
@@ -152,7 +160,7 @@ func TestToken(t *testing.T) {
 	dataDir := t.TempDir()
 	extra := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("extra " + r.PathValue("id"))) })
 	d := startDaemon(t, Config{Options: smolvm.Options{DataDir: dataDir}, Listen: "127.0.0.1:0",
-		Extra: map[string]http.Handler{"/metrics": extra, "GET /v1/sandboxes/{id}/stats": extra}})
+		Extra: map[string]http.Handler{"/metrics": extra}}, func(s *Server) { s.Mount("GET /v1/sandboxes/{id}/stats", extra) })
 	// The token file was made 0600.
 	st, err := os.Stat(filepath.Join(dataDir, "api-token"))
 	if err != nil || st.Mode().Perm() != 0o600 {
@@ -278,5 +286,56 @@ func FuzzDecode(f *testing.F) {
 	})
 }
 
-var _ = sort.Strings
-var _ net.Conn
+// TestTLS: with a certificate the TCP listener speaks TLS only (a plain
+// HTTP request gets no answer), and still needs the token.
+func TestTLS(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	pool := writeSelfSigned(t, certFile, keyFile)
+	d := startDaemon(t, Config{Listen: "127.0.0.1:0", TLSCert: certFile, TLSKey: keyFile, Token: "0123456789abcdef0123"})
+	addr := d.s.tcpAddr
+	c := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	req, _ := http.NewRequest("GET", "https://"+addr+"/v1/health", nil)
+	req.Header.Set("Authorization", "Bearer 0123456789abcdef0123")
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.TLS == nil {
+		t.Errorf("TLS with the token: %d %v", resp.StatusCode, resp.TLS)
+	}
+	req.Header.Del("Authorization")
+	if resp, err := c.Do(req); err != nil || resp.StatusCode != 401 {
+		t.Errorf("TLS without the token: %v %v", resp, err)
+	}
+	plain, err := (&http.Client{}).Get("http://" + addr + "/v1/health")
+	if err == nil && plain.StatusCode == 200 {
+		t.Errorf("plain HTTP answered 200 on the TLS listener")
+	}
+}
+
+// writeSelfSigned writes a certificate for 127.0.0.1 and its key, and
+// returns a pool that trusts it.
+func writeSelfSigned(t *testing.T, certFile, keyFile string) *x509.CertPool {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "smolvm test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, _ := x509.MarshalECPrivateKey(key)
+	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600)
+	cert, _ := x509.ParseCertificate(der)
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return pool
+}
