@@ -268,49 +268,84 @@ class Autostart(unittest.TestCase):
 
 
 class TCP(unittest.TestCase):
-    def test_token_over_loopback(self):
-        """SMOLVM_API_URL + SMOLVM_API_TOKEN reach a daemon on TCP; a wrong
-        token is UnauthorizedError; the client never starts a TCP daemon."""
-        with tempfile.TemporaryDirectory(prefix="smolvm-py-tcp-") as d:
-            data = os.path.join(d, "data")
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            token = os.urandom(16).hex()
-            daemon = subprocess.Popen(
-                [_client.find_binary(), "--data-dir", data, "serve", "--listen", f"127.0.0.1:{port}"],
-                env=dict(os.environ, SMOLVM_API_TOKEN=token),
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            )
+    """SMOLVM_API_URL + SMOLVM_API_TOKEN reach a real daemon on TCP (plain
+    on loopback, and TLS with SMOLVM_API_CA); the client never starts one."""
+
+    def daemon(self, d, extra):
+        """Start `smolvm serve --listen` on a free loopback port for a data
+        dir of its own; return (url, token, Popen). Stopped on cleanup."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        token = os.urandom(16).hex()
+        p = subprocess.Popen(
+            [_client.find_binary(), "--data-dir", os.path.join(d, "data"), "serve",
+             "--listen", f"127.0.0.1:{port}", *extra],
+            env=dict(os.environ, SMOLVM_API_TOKEN=token),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+        def stop():
+            p.terminate()  # our child: wait() reaps it
             try:
-                url = f"http://127.0.0.1:{port}"
-                c = _client.Client(url=url, token=token)
-                deadline = time.monotonic() + 30
-                while not c.health() and time.monotonic() < deadline:
-                    self.assertIsNone(daemon.poll(), daemon.stderr.read().decode() if daemon.poll() is not None else "")
-                    time.sleep(0.05)
-                code = "from smolvm import SmolVMManager; m = SmolVMManager(); print(m.version()['api_version'], len(m.list_snapshots()))"
-                e = dict(os.environ, PYTHONPATH=ROOT, SMOLVM_API_URL=url, SMOLVM_API_TOKEN=token)
-                p = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, timeout=60)
-                self.assertEqual((p.returncode, p.stdout.strip()), (0, b"1 0"), p.stderr.decode())
-                with self.assertRaises(UnauthorizedError) as cm:
-                    _client.Client(url=url, token="wrong").call("GET", "/v1/snapshots")
-                self.assertEqual(cm.exception.status, 401)
-                with self.assertRaises(UnauthorizedError):
-                    _client.Client(url=url).call("GET", "/v1/snapshots")
-                # through the environment, a wrong token says so (not "no daemon")
-                e["SMOLVM_API_TOKEN"] = "wrong"
-                p = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, timeout=60)
-                self.assertNotEqual(p.returncode, 0)
-                self.assertIn(b"UnauthorizedError", p.stderr)
-            finally:
-                daemon.terminate()  # our child: wait() reaps it
-                try:
-                    daemon.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    daemon.kill()
-                    daemon.wait()
-                daemon.stderr.close()
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+        self.addCleanup(stop)
+        # it serves TCP once its unix socket answers (it listens on both)
+        sock = subprocess.run(
+            [_client.find_binary(), "--data-dir", os.path.join(d, "data"), "serve", "--print-socket"],
+            capture_output=True, check=True,
+        ).stdout.decode().strip()
+        c = _client.Client(socket_path=sock)
+        deadline = time.monotonic() + 30
+        while p.poll() is None and not c.health() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertIsNone(p.poll(), "the TCP daemon exited")
+        scheme = "https" if extra else "http"
+        return f"{scheme}://127.0.0.1:{port}", token, p
+
+    def client_says(self, **env):
+        code = ("from smolvm import SmolVMManager; m = SmolVMManager(); "
+                "print(m.version()['api_version'], len(m.list_snapshots()))")
+        e = dict(os.environ, PYTHONPATH=ROOT)
+        e.pop("SMOLVM_API_CA", None)
+        e.update(env)
+        return subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, timeout=60)
+
+    def test_token_over_loopback(self):
+        with tempfile.TemporaryDirectory(prefix="smolvm-py-tcp-") as d:
+            url, token, _ = self.daemon(d, [])
+            p = self.client_says(SMOLVM_API_URL=url, SMOLVM_API_TOKEN=token)
+            self.assertEqual((p.returncode, p.stdout.strip()), (0, b"1 0"), p.stderr.decode())
+            with self.assertRaises(UnauthorizedError) as cm:
+                _client.Client(url=url, token="wrong").call("GET", "/v1/snapshots")
+            self.assertEqual(cm.exception.status, 401)
+            with self.assertRaises(UnauthorizedError):
+                _client.Client(url=url).call("GET", "/v1/snapshots")
+            # through the environment, a wrong token says so (not "no daemon")
+            p = self.client_says(SMOLVM_API_URL=url, SMOLVM_API_TOKEN="wrong")
+            self.assertNotEqual(p.returncode, 0)
+            self.assertIn(b"UnauthorizedError", p.stderr)
+
+    def test_tls(self):
+        with tempfile.TemporaryDirectory(prefix="smolvm-py-tls-") as d:
+            cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                 "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                 "-addext", "subjectAltName=IP:127.0.0.1"],
+                check=True, capture_output=True,
+            )
+            url, token, _ = self.daemon(d, ["--tls-cert", cert, "--tls-key", key])
+            p = self.client_says(SMOLVM_API_URL=url, SMOLVM_API_TOKEN=token, SMOLVM_API_CA=cert)
+            self.assertEqual((p.returncode, p.stdout.strip()), (0, b"1 0"), p.stderr.decode())
+            # without the CA the certificate is not trusted: refused, not used
+            p = self.client_says(SMOLVM_API_URL=url, SMOLVM_API_TOKEN=token)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertIn(b"CERTIFICATE_VERIFY_FAILED", p.stderr)
 
 
 if __name__ == "__main__":
