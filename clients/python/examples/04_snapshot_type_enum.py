@@ -1,0 +1,3 @@
+from smolvm import SnapshotType
+
+snapshot = vm.snapshot(snapshot_type=SnapshotType.DIFF)

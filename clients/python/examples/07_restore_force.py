@@ -1,0 +1,1 @@
+vm = SmolVM.from_snapshot("my-checkpoint", resume_vm=True, force=True)

@@ -1,0 +1,1 @@
+snapshots = sdk.list_snapshots(vm_id="my-vm")
