@@ -23,6 +23,10 @@ var (
 	ErrSnapshotRestored    = errors.New("snapshot already restored")
 	ErrSnapshotCorrupt     = errors.New("snapshot artifact corrupt")
 	ErrBackingImageMissing = errors.New("backing image missing")
+	// ErrHostIncompatible: a memory snapshot taken on another host (another
+	// accelerator, VMM major version, machine type, or under KVM another
+	// CPU vendor or missing CPU flags) cannot be loaded here.
+	ErrHostIncompatible = errors.New("snapshot was taken on an incompatible host")
 	// ErrTimeout: the host stopped waiting for the guest (a command past
 	// its WithTimeout plus a grace, or an agent request past its
 	// host-side deadline). A command the guest itself killed at its
@@ -92,6 +96,7 @@ var errorCodes = []struct {
 	{ErrSnapshotRestored, "snapshot_already_restored"},
 	{ErrSnapshotCorrupt, "snapshot_corrupt"},
 	{ErrBackingImageMissing, "backing_image_missing"},
+	{ErrHostIncompatible, "host_incompatible"},
 	{ErrTimeout, "timeout"},
 	{ErrGuestProtocol, "guest_protocol"},
 }

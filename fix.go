@@ -59,6 +59,10 @@ const (
 	// FixCollectTemplates: delete the stale templates
 	// (Manager.CollectTemplates).
 	FixCollectTemplates FixAction = "collect_templates"
+	// FixNewFromImage: the snapshot ArgSnapshot cannot be restored on this
+	// host: create a new VM from the image ArgImage (a cold boot; the
+	// snapshot's memory is not used).
+	FixNewFromImage FixAction = "new_from_image"
 
 	// FixSetOption: set the option ArgOption (a Config, Options or
 	// SnapshotOptions field, or "Fork.n") to ArgValue, to one of
@@ -219,6 +223,9 @@ var neutralFix = map[FixAction]func(Fix) string{
 	FixListImages:       func(Fix) string { return "list images" },
 	FixListTemplates:    func(Fix) string { return "list templates" },
 	FixCollectTemplates: func(Fix) string { return "delete the stale templates" },
+	FixNewFromImage: func(f Fix) string {
+		return "create a new VM from image " + f.Arg(ArgImage) + " (snapshot " + f.Arg(ArgSnapshot) + " needs a compatible host)"
+	},
 	FixSetOption: func(f Fix) string {
 		s := "set " + f.Arg(ArgOption)
 		switch {

@@ -175,9 +175,13 @@ func (f *forkOp) checkMemory(context.Context) error {
 	return f.m.checkForkMemory(f.snapshotID, f.man.Result, f.man.Spec.MemoryMiB, f.n)
 }
 
-func (f *forkOp) findBackend(context.Context) (err error) {
-	f.b, err = f.m.backend(f.man.Backend)
-	return err
+// findBackend finds the snapshot's backend and checks that it can load the
+// snapshot on this host (checkHost) before any clone is recorded.
+func (f *forkOp) findBackend(ctx context.Context) (err error) {
+	if f.b, err = f.m.backend(f.man.Backend); err != nil {
+		return err
+	}
+	return f.m.checkHost(ctx, "fork", f.man, f.b)
 }
 
 // register records every clone, in one transaction, before any starts: none

@@ -434,12 +434,16 @@ func (op *snapshotOp) unresumeSource(ctx context.Context) error {
 }
 
 // writeManifest hashes the artifacts and writes the manifest next to them.
-func (op *snapshotOp) writeManifest(context.Context) error {
+func (op *snapshotOp) writeManifest(ctx context.Context) error {
 	arts, size, err := snapshot.Describe(op.tmp, op.res.Artifacts)
 	if err != nil {
 		return err
 	}
-	op.man = snapshot.Manifest{FormatVersion: snapshot.FormatVersion, ID: op.id, VMID: op.vm.id, Backend: op.b.Name(),
+	host, err := op.m.hostRecord(ctx, op.b, op.rec)
+	if err != nil {
+		return err
+	}
+	op.man = snapshot.Manifest{Host: host, FormatVersion: snapshot.FormatVersion, ID: op.id, VMID: op.vm.id, Backend: op.b.Name(),
 		Type: op.kind, CreatedAt: op.row.CreatedAt, VMConfig: op.rec.Config, Spec: op.rec.Machine.Spec,
 		Result: op.res, Artifacts: arts, BaseImage: op.res.BaseImage, SizeBytes: size}
 	return snapshot.WriteManifest(op.tmp, op.man)
@@ -715,6 +719,9 @@ func (r *restoreOp) verify(ctx context.Context) error {
 	}
 	b, err := r.m.backend(man.Backend)
 	if err != nil {
+		return err
+	}
+	if err := r.m.checkHost(ctx, "restore", man, b); err != nil {
 		return err
 	}
 	r.man, r.b, r.vmID = man, b, man.VMID

@@ -455,6 +455,9 @@ func (vm *VM) startFromTemplate(ctx context.Context, rec store.VM, b backend.Bac
 	if err != nil {
 		return err
 	}
+	if err := vm.m.checkHost(ctx, "start", man, b); err != nil {
+		return err
+	}
 	vm.closeClient()
 	c := &cloneOp{m: vm.m, b: b, res: man.Result, snapDir: filepath.Join(vm.m.snapRoot(), tmpl.ID), kind: man.Type,
 		id: vm.id, resume: true, locks: heldLocks{dataDir: vm.m.opts.DataDir},

@@ -128,3 +128,40 @@ func cpuFlags(path string) (map[string]bool, error) {
 	}
 	return flags, sc.Err()
 }
+
+// CPU is the first processor of /proc/cpuinfo: vendor_id, model name and
+// flags (sorted as the kernel lists them).
+type CPU struct {
+	Vendor string
+	Model  string
+	Flags  []string
+}
+
+// ReadCPU reads the first processor's vendor, model name and flags.
+func ReadCPU(env Env) (CPU, error) {
+	var c CPU
+	b, err := os.ReadFile(env.CPUInfo)
+	if err != nil {
+		return c, err
+	}
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		if sc.Text() == "" && c.Vendor != "" {
+			break // end of the first processor
+		}
+		k, v, ok := strings.Cut(sc.Text(), ":")
+		if !ok {
+			continue
+		}
+		switch strings.TrimSpace(k) {
+		case "vendor_id":
+			c.Vendor = strings.TrimSpace(v)
+		case "model name":
+			c.Model = strings.TrimSpace(v)
+		case "flags":
+			c.Flags = strings.Fields(v)
+		}
+	}
+	return c, sc.Err()
+}

@@ -51,3 +51,21 @@ func TestFreeSpace(t *testing.T) {
 		t.Errorf("FreeSpace(existing) at %q, %v", at, err)
 	}
 }
+
+// TestReadCPU reads the first processor's vendor, model and flags, and
+// stops there.
+func TestReadCPU(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "cpuinfo")
+	info := "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) CPU\nflags\t\t: fpu vme sse2\n\n" +
+		"processor\t: 1\nvendor_id\t: Other\nmodel name\t: other\nflags\t\t: fpu\n"
+	if err := os.WriteFile(p, []byte(info), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := ReadCPU(Env{CPUInfo: p})
+	if err != nil || c.Vendor != "GenuineIntel" || c.Model != "Intel(R) Xeon(R) CPU" || strings.Join(c.Flags, " ") != "fpu vme sse2" {
+		t.Fatalf("ReadCPU = %+v, %v", c, err)
+	}
+	if _, err := ReadCPU(Env{CPUInfo: filepath.Join(t.TempDir(), "none")}); err == nil {
+		t.Fatal("ReadCPU of a missing file: no error")
+	}
+}

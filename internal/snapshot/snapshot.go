@@ -23,7 +23,8 @@ import (
 )
 
 // FormatVersion is the manifest format this code writes and reads.
-const FormatVersion = 1
+// Format 2 added Host; format 1 manifests (no Host) are still read.
+const FormatVersion = 2
 
 // ManifestName is the manifest's file name inside a snapshot dir.
 const ManifestName = "manifest.json"
@@ -54,6 +55,21 @@ type Manifest struct {
 	Artifacts     []Artifact             `json:"artifacts"`
 	BaseImage     string                 `json:"base_image,omitempty"` // diff: the disk's backing file
 	SizeBytes     int64                  `json:"size_bytes"`           // allocated on disk
+	// Host is what the snapshot's state depends on in the host that took
+	// it (format 2; nil for a backend that describes no host, and in
+	// format 1 manifests). Restore compares it with this host.
+	Host *Host `json:"host,omitempty"`
+}
+
+// Host is the backend's description of the host (backend.Host) plus the
+// guest the snapshot ran: the kernel and the image's root filesystem,
+// by digest, when the VM's image was still the one in the cache.
+type Host struct {
+	backend.Host
+	Image         string `json:"image,omitempty"`          // image name
+	ImageSHA256   string `json:"image_sha256,omitempty"`   // digest of its root filesystem
+	KernelRelease string `json:"kernel_release,omitempty"` // uname -r of the guest kernel
+	KernelSHA256  string `json:"kernel_sha256,omitempty"`  // digest of the kernel image
 }
 
 // Errors.

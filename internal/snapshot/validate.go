@@ -147,6 +147,36 @@ func (m Manifest) Validate() error {
 	if len(m.VMConfig) > 0 && !json.Valid(m.VMConfig) {
 		return corrupt("has an invalid vm_config")
 	}
+	if m.Host != nil {
+		if m.FormatVersion < 2 {
+			return corrupt("has a host section in format %d (added in format 2)", m.FormatVersion)
+		}
+		if err := m.Host.validate(); err != nil {
+			return corrupt("has an invalid host section: %v", err)
+		}
+	}
+	return nil
+}
+
+// validate checks a Host read from a manifest: the backend's part
+// (backend.Host.Validate) and bounded, well-formed guest fields.
+func (h Host) validate() error {
+	if err := h.Host.Validate(); err != nil {
+		return err
+	}
+	if h.Image != "" {
+		if err := backend.ValidateID(h.Image); err != nil {
+			return fmt.Errorf("image name: %v", err)
+		}
+	}
+	for _, d := range []string{h.ImageSHA256, h.KernelSHA256} {
+		if d != "" && !validSHA256(d) {
+			return fmt.Errorf("malformed sha256 %q", d)
+		}
+	}
+	if len(h.KernelRelease) > 128 || strings.ContainsFunc(h.KernelRelease, func(r rune) bool { return r <= ' ' || r > '~' }) {
+		return fmt.Errorf("malformed kernel release %q", h.KernelRelease)
+	}
 	return nil
 }
 

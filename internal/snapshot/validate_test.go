@@ -30,6 +30,39 @@ func testManifest(id string, arts []Artifact) Manifest {
 		Result: res, Artifacts: arts}
 }
 
+// testHost is a valid Host section.
+func testHost() *Host {
+	return &Host{Host: backend.Host{Accel: backend.AccelKVM, VMM: "qemu", VMMVersion: "10.0.2", MachineType: "microvm",
+		CPUModelArg: "host", CPUVendor: "GenuineIntel", CPUModel: "Intel(R) Xeon(R)", CPUFlags: []string{"fpu", "sse4_2", "avx2"}},
+		Image: "debian", ImageSHA256: sum("rootfs"), KernelRelease: "6.1.0-40-cloud-amd64", KernelSHA256: sum("kernel")}
+}
+
+// TestManifestHostFormats: a format 2 manifest with a Host and a format 1
+// manifest without one (written before Host existed) both parse; the
+// Host survives a round trip.
+func TestManifestHostFormats(t *testing.T) {
+	arts := []Artifact{{Role: "memory", Name: "memory.raw", Size: 4, SHA256: sum("m")}, {Role: "state", Name: "state.bin", Size: 4, SHA256: sum("s")}}
+	m := testManifest("s1", arts)
+	m.Host = testHost()
+	data, _ := json.Marshal(m)
+	got, err := ParseManifest(data)
+	if err != nil {
+		t.Fatalf("format 2 with host: %v", err)
+	}
+	if got.Host == nil || got.Host.CPUVendor != "GenuineIntel" || got.Host.VMMVersion != "10.0.2" || got.Host.ImageSHA256 != sum("rootfs") || !Same(got, m) {
+		t.Fatalf("host did not round-trip: %+v", got.Host)
+	}
+	old := testManifest("s1", arts)
+	old.FormatVersion = 1
+	data, _ = json.Marshal(old)
+	if !strings.Contains(string(data), `"format_version":1`) || strings.Contains(string(data), `"host"`) {
+		t.Fatalf("not a format 1 manifest: %s", data)
+	}
+	if _, err := ParseManifest(data); err != nil {
+		t.Fatalf("format 1 manifest refused: %v", err)
+	}
+}
+
 // TestKnownArtifactsMatchQEMU: the known set is what the QEMU backend
 // declared when it registered, and that is what it writes.
 func TestKnownArtifactsMatchQEMU(t *testing.T) {
@@ -78,6 +111,16 @@ func TestManifestValidation(t *testing.T) {
 		{"format_version -7", func(m *Manifest) { m.FormatVersion = -7 }, ErrCorrupt},
 		{"format_version 0", func(m *Manifest) { m.FormatVersion = 0 }, ErrCorrupt},
 		{"format_version newer", func(m *Manifest) { m.FormatVersion = FormatVersion + 1 }, ErrNewer},
+		{"host in format 1", func(m *Manifest) { m.FormatVersion, m.Host = 1, testHost() }, ErrCorrupt},
+		{"host accel", func(m *Manifest) { m.Host = testHost(); m.Host.Accel = "hvf" }, ErrCorrupt},
+		{"host version", func(m *Manifest) { m.Host = testHost(); m.Host.VMMVersion = "10" }, ErrCorrupt},
+		{"host long model", func(m *Manifest) { m.Host = testHost(); m.Host.CPUModel = strings.Repeat("x", 257) }, ErrCorrupt},
+		{"host control char", func(m *Manifest) { m.Host = testHost(); m.Host.CPUVendor = "Intel\n" }, ErrCorrupt},
+		{"host flag", func(m *Manifest) { m.Host = testHost(); m.Host.CPUFlags = []string{"sse2", "a b"} }, ErrCorrupt},
+		{"host flags", func(m *Manifest) { m.Host = testHost(); m.Host.CPUFlags = make([]string, backend.MaxHostFlags+1) }, ErrCorrupt},
+		{"host digest", func(m *Manifest) { m.Host = testHost(); m.Host.ImageSHA256 = "abc" }, ErrCorrupt},
+		{"host image", func(m *Manifest) { m.Host = testHost(); m.Host.Image = "../x" }, ErrCorrupt},
+		{"host kernel release", func(m *Manifest) { m.Host = testHost(); m.Host.KernelRelease = "6.1 x" }, ErrCorrupt},
 		{"vm id traversal", func(m *Manifest) { m.VMID, m.Spec.ID = "../x", "../x" }, ErrCorrupt},
 		{"snapshot id", func(m *Manifest) { m.ID = "A B" }, ErrCorrupt},
 		{"backend", func(m *Manifest) { m.Backend = "vbox" }, ErrCorrupt},

@@ -94,6 +94,7 @@ type Host struct {
 	mu       sync.Mutex
 	machines map[string]*machine // by RunDir
 	faults   []*fault
+	describe func(*backend.Host) // SetHostInfo: changes what DescribeHost reports
 }
 
 // Default is the Host the registered "fake" backend uses.

@@ -53,6 +53,10 @@ type Backend struct {
 	cgOnce sync.Once
 	cg     cgroup.Support
 
+	versionOnce sync.Once // DescribeHost: qemu --version, asked once
+	version     string
+	versionErr  error
+
 	// slirp launches QEMU's built-in slirp instead of the sidecar: no
 	// network policy. Only the tests' throughput comparison sets it.
 	slirp bool
