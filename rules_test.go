@@ -13,6 +13,7 @@ import (
 
 	"github.com/smolvm-go/smolvm"
 	"github.com/smolvm-go/smolvm/internal/backend/fakebackend" // registers "fake"
+	"github.com/smolvm-go/smolvm/internal/snapshot"
 )
 
 // TestRules tests the SDK's rules on snapshots (restore-once, rollback of a
@@ -229,6 +230,38 @@ func testRules(t *testing.T, e *rulesEnv) {
 	if _, err := src.Snapshot(ctx, smolvm.SnapshotOptions{ID: "s1"}); err != nil {
 		t.Fatalf("Snapshot: %v", err)
 	}
+
+	t.Run("ManifestRecordsHost", func(t *testing.T) {
+		// The manifest on disk carries the Host section with this
+		// machine's values: accelerator as the VM ran, and for QEMU its
+		// version (from qemu --version) and machine type.
+		man, err := snapshot.ReadManifest(filepath.Join(e.dataDir, "snapshots", "s1"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := src.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := man.Host
+		if man.FormatVersion != snapshot.FormatVersion || h == nil || string(h.Accel) != info.Accel || h.VMM != e.backend ||
+			h.CPUVendor == "" || h.Image != e.cfg.Image || h.ImageSHA256 == "" || h.KernelSHA256 == "" || h.KernelRelease == "" {
+			t.Fatalf("manifest host = %+v (format %d, vm accel %s)", h, man.FormatVersion, info.Accel)
+		}
+		if (h.Accel == "kvm") != (len(h.CPUFlags) > 0) {
+			t.Errorf("cpu flags %v under %s: recorded under kvm only", h.CPUFlags, h.Accel)
+		}
+		if e.backend == string(smolvm.BackendQEMU) {
+			out, err := exec.Command("qemu-system-x86_64", "--version").Output()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := strings.Fields(string(out)); len(want) < 4 || h.VMMVersion != want[3] || h.MachineType != "microvm" {
+				t.Errorf("qemu host = version %q machine %q; qemu says %q, want machine microvm", h.VMMVersion, h.MachineType, out)
+			}
+			t.Logf("recorded host: %+v", *h)
+		}
+	})
 
 	t.Run("RestoreOnceAcrossManagers", func(t *testing.T) {
 		// Two Managers (two processes) restore one snapshot at once:

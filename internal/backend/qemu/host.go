@@ -23,32 +23,43 @@ func parseVersion(line string) (string, error) {
 	return m[1], nil
 }
 
+// qemuVersion is the QEMU version, asked once per Backend (a failure,
+// such as a cancelled ctx, is not kept: the next call asks again).
+func (b *Backend) qemuVersion(ctx context.Context) (string, error) {
+	b.versionMu.Lock()
+	defer b.versionMu.Unlock()
+	if b.version != "" {
+		return b.version, nil
+	}
+	p, err := b.qemuBinary()
+	if err != nil {
+		return "", err
+	}
+	line, err := hostprobe.Version(ctx, p)
+	if err != nil {
+		return "", err
+	}
+	v, err := parseVersion(line)
+	if err == nil {
+		b.version = v
+	}
+	return v, err
+}
+
 // DescribeHost implements backend.HostDescriber: the QEMU version (asked
 // once per Backend), the machine type, the -cpu model a VM under accel
 // gets, and the host CPU; the host CPU flags only under KVM (under TCG the
 // guest sees QEMU's "max" model, fixed by the QEMU version).
 func (b *Backend) DescribeHost(ctx context.Context, accel backend.Accel) (backend.Host, error) {
-	b.versionOnce.Do(func() {
-		p, err := b.qemuBinary()
-		if err != nil {
-			b.versionErr = err
-			return
-		}
-		line, err := hostprobe.Version(ctx, p)
-		if err != nil {
-			b.versionErr = err
-			return
-		}
-		b.version, b.versionErr = parseVersion(line)
-	})
-	if b.versionErr != nil {
-		return backend.Host{}, b.versionErr
+	version, err := b.qemuVersion(ctx)
+	if err != nil {
+		return backend.Host{}, err
 	}
 	cpu, err := hostprobe.ReadCPU(defaultHost)
 	if err != nil {
 		return backend.Host{}, fmt.Errorf("qemu: reading the host cpu: %w", err)
 	}
-	h := backend.Host{Accel: accel, VMM: "qemu", VMMVersion: b.version, MachineType: b.opts.Machine,
+	h := backend.Host{Accel: accel, VMM: "qemu", VMMVersion: version, MachineType: b.opts.Machine,
 		CPUModelArg: cpuModel(accel), CPUVendor: cpu.Vendor, CPUModel: cpu.Model}
 	if accel == backend.AccelKVM {
 		h.CPUFlags = cpu.Flags

@@ -53,9 +53,8 @@ type Backend struct {
 	cgOnce sync.Once
 	cg     cgroup.Support
 
-	versionOnce sync.Once // DescribeHost: qemu --version, asked once
-	version     string
-	versionErr  error
+	versionMu sync.Mutex // DescribeHost: qemu --version, asked once
+	version   string
 
 	// slirp launches QEMU's built-in slirp instead of the sidecar: no
 	// network policy. Only the tests' throughput comparison sets it.
