@@ -4,10 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -40,17 +37,7 @@ func (f *failingRestore) Restore(ctx context.Context, req backend.RestoreRequest
 func TestForkRemovesFailedClone(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	dir, err := os.MkdirTemp("/tmp", "smvfi")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
-	m, err := NewManager(ctx, Options{DataDir: filepath.Join(dir, "data"), RunDir: filepath.Join(dir, "run"),
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m := newTempManager(t, ctx, "smvfi")
 	reg, _ := backend.Lookup(DefaultBackend)
 	real, err := reg.New(backend.Options{Logger: m.log})
 	if err != nil {

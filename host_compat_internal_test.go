@@ -17,6 +17,24 @@ import (
 	"github.com/smolvm-go/smolvm/internal/snapshot"
 )
 
+// newTempManager is a Manager on a fresh data dir under /tmp (short: the
+// run dir holds unix sockets), removed with the Manager at the test's end.
+func newTempManager(t *testing.T, ctx context.Context, prefix string) *Manager {
+	t.Helper()
+	dir, err := os.MkdirTemp("/tmp", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	m, err := NewManager(ctx, Options{DataDir: filepath.Join(dir, "data"), RunDir: filepath.Join(dir, "run"),
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m
+}
+
 // TestHostCompatRules (fake backend, milliseconds): a new snapshot's
 // manifest carries the Host the backend describes; a restore, fork or
 // template start on a host that differs unsafely (accelerator, VMM major
@@ -27,17 +45,7 @@ func TestHostCompatRules(t *testing.T) {
 	t.Setenv("SMOLVM_COLD_BOOT", "") // templates on for "template start" (TestMain turns them off)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	dir, err := os.MkdirTemp("/tmp", "smvhc")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
-	m, err := NewManager(ctx, Options{DataDir: filepath.Join(dir, "data"), RunDir: filepath.Join(dir, "run"),
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m := newTempManager(t, ctx, "smvhc")
 	fake := fakebackend.Default
 	cfg := Config{Name: "hsrc", Image: "busybox", Backend: fakebackend.Name, NoNetwork: true, MemoryMiB: 256, ColdBoot: true}
 	vm, err := m.New(ctx, cfg)
