@@ -53,7 +53,7 @@
 // in its own terms. They wrap sentinels to test with errors.Is: [ErrVMNotFound],
 // [ErrVMNotRunning], [ErrInvalidConfig], [ErrUnsupported], [ErrBoot],
 // [ErrSnapshotNotFound], [ErrSnapshotInUse], [ErrSnapshotRestored],
-// [ErrSnapshotCorrupt], [ErrTimeout], [ErrGuestProtocol], and the others
+// [ErrSnapshotCorrupt], [ErrHostIncompatible], [ErrTimeout], [ErrGuestProtocol], and the others
 // declared with them. [ErrorCode] gives each a stable code string. A
 // [*ForkError] lists the clones that failed; errors.Is sees each one's
 // cause.

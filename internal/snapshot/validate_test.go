@@ -214,6 +214,10 @@ func FuzzParseManifest(f *testing.F) {
 	f.Add([]byte(strings.Replace(string(data), "memory.raw", "../../secret", -1)))
 	f.Add([]byte(strings.Replace(string(data), sum("m"), "abc", -1)))
 	f.Add([]byte(`{"format_version":-7}`))
+	m.Host = testHost()
+	withHost, _ := json.Marshal(m)
+	f.Add(withHost)
+	f.Add([]byte(strings.Replace(string(withHost), `"sse4_2"`, `"a\u0000b"`, 1)))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		m, err := ParseManifest(data)
 		if err != nil {
