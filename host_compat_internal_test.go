@@ -138,8 +138,28 @@ func TestHostCompatRules(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer second.Delete(context.Background())
-		if err := second.Start(ctx); !errors.Is(err, ErrHostIncompatible) || !strings.Contains(err.Error(), "this host has 3.1.0") {
-			t.Fatalf("Start from a template of another host: %v, want ErrHostIncompatible", err)
+		err = second.Start(ctx)
+		if f, _ := FixOf(err); !errors.Is(err, ErrHostIncompatible) || !strings.Contains(err.Error(), "this host has 3.1.0") ||
+			f.Action != FixSetOption || f.Arg(ArgOption) != "ColdBoot" {
+			t.Fatalf("Start from a template of another host: %v, want ErrHostIncompatible with the fix ColdBoot", err)
+		}
+		if info, err := second.Info(ctx); err != nil || info.Status != StatusCreated {
+			t.Fatalf("vm after a refused template start: %+v, %v; want created", info, err)
+		}
+		// The way out named in the message: delete the template; the
+		// next start builds one on this host.
+		ts, err := m.ListTemplates(ctx)
+		if err != nil || len(ts) != 1 {
+			t.Fatalf("templates: %v, %v", ts, err)
+		}
+		if err := first.Delete(ctx); err != nil { // restored from it: it holds the template
+			t.Fatal(err)
+		}
+		if err := m.DeleteTemplate(ctx, ts[0].Key); err != nil {
+			t.Fatal(err)
+		}
+		if err := second.Start(ctx); err != nil {
+			t.Fatalf("start after deleting the template: %v", err)
 		}
 	})
 

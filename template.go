@@ -456,6 +456,14 @@ func (vm *VM) startFromTemplate(ctx context.Context, rec store.VM, b backend.Bac
 		return err
 	}
 	if err := vm.m.checkHost(ctx, "start", man, b); err != nil {
+		// Another VM from the image would restore the same template: the
+		// way out is a cold boot, or a new template built on this host.
+		var e *Error
+		if errors.As(err, &e) && errors.Is(err, ErrHostIncompatible) {
+			e.Message = fmt.Sprintf("template %s: %s; delete the template (DeleteTemplate) and the next start builds one on this host",
+				tmpl.TemplateKey[:12], e.Message)
+			e.Fix = newFix(FixSetOption, ArgOption, "ColdBoot", ArgValue, "true")
+		}
 		return err
 	}
 	vm.closeClient()
