@@ -87,7 +87,7 @@ func statusOf(code string) int {
 	switch code {
 	case "vm_not_found", "snapshot_not_found", "template_not_found", codeNotFound:
 		return http.StatusNotFound
-	case "vm_exists", "snapshot_exists", "snapshot_in_use", "snapshot_already_restored", "vm_not_running":
+	case "vm_exists", "snapshot_exists", "snapshot_in_use", "snapshot_already_restored", "vm_not_running", "host_incompatible":
 		return http.StatusConflict
 	case "invalid_config", "invalid_id", codeInvalidRequest:
 		return http.StatusUnprocessableEntity

@@ -56,7 +56,7 @@ func TestSpecMatchesRoutes(t *testing.T) {
 func TestErrorStatuses(t *testing.T) {
 	cases := map[error]int{
 		smolvm.ErrVMNotFound: 404, smolvm.ErrSnapshotNotFound: 404,
-		smolvm.ErrVMExists: 409, smolvm.ErrSnapshotExists: 409, smolvm.ErrSnapshotInUse: 409, smolvm.ErrSnapshotRestored: 409, smolvm.ErrVMNotRunning: 409,
+		smolvm.ErrVMExists: 409, smolvm.ErrSnapshotExists: 409, smolvm.ErrSnapshotInUse: 409, smolvm.ErrSnapshotRestored: 409, smolvm.ErrVMNotRunning: 409, smolvm.ErrHostIncompatible: 409,
 		smolvm.ErrInvalidConfig: 422, smolvm.ErrInvalidID: 422,
 		smolvm.ErrImageNotBuilt: 503, smolvm.ErrUnsupported: 503,
 		smolvm.ErrTimeout: 504, context.DeadlineExceeded: 504,
