@@ -54,6 +54,7 @@ func TestFixWords(t *testing.T) {
 		{fx(smolvm.FixRestoreBaseImage, smolvm.ArgPath, "/img/rootfs"), "restore the base image (smolvm image build), or take a full snapshot (--snapshot-type full) next time"},
 		{fx(smolvm.FixBuildImage, smolvm.ArgImage, "debian"), "smolvm image build debian"},
 		{fx(smolvm.FixCollectTemplates), "smolvm template gc"},
+		{fx(smolvm.FixNewFromImage, smolvm.ArgImage, "debian", snap, "s1"), "smolvm sandbox create --image debian (snapshot s1 can only be restored on a host with the same accelerator, VMM major version and machine type)"},
 		{fx(smolvm.FixListTemplates), "smolvm template ls"},
 		{fx(smolvm.FixBuildImage, smolvm.ArgImage, "busybox", smolvm.ArgKernel, "minimal"), "smolvm image build busybox --kernel minimal"},
 		{fx(smolvm.FixListImages), "smolvm image ls"},

@@ -101,7 +101,7 @@ var Words = map[smolvm.FixAction]func(smolvm.Fix) string{
 	smolvm.FixCollectTemplates: func(smolvm.Fix) string { return "smolvm template gc" },
 	smolvm.FixNewFromImage: func(f smolvm.Fix) string {
 		return "smolvm sandbox create --image " + f.Arg(smolvm.ArgImage) + " (snapshot " + f.Arg(smolvm.ArgSnapshot) +
-			" can only be restored on a host with the same accelerator, QEMU major version and machine type)"
+			" can only be restored on a host with the same accelerator, VMM major version and machine type)"
 	},
 	smolvm.FixSetOption: func(f smolvm.Fix) string {
 		s := "use " + flag(f.Arg(smolvm.ArgOption)) + " "
