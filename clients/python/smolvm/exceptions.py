@@ -105,6 +105,14 @@ class SnapshotInUseError(SmolVMError):
     default_code = "snapshot_in_use"
 
 
+class HostIncompatibleError(SmolVMError):
+    """The snapshot was made on a host this one cannot restore it on (another
+    accelerator, VMM major version, machine type or CPU); the message says
+    what differs."""
+
+    default_code = "host_incompatible"
+
+
 class SnapshotAlreadyRestoredError(SmolVMError):
     """The snapshot was restored before; pass ``force=True`` to restore it again."""
 
@@ -182,6 +190,7 @@ ERROR_CLASSES = {
     "snapshot_exists": SnapshotAlreadyExistsError,
     "snapshot_not_found": SnapshotNotFoundError,
     "snapshot_in_use": SnapshotInUseError,
+    "host_incompatible": HostIncompatibleError,
     "snapshot_already_restored": SnapshotAlreadyRestoredError,
     "snapshot_corrupt": SnapshotCorruptError,
     "backing_image_missing": BackingImageMissingError,

@@ -43,6 +43,7 @@ class ErrorMapping(unittest.TestCase):
             "invalid_request": smolvm.ValidationError,
             "image_not_built": smolvm.ImageError,
             "unsupported": smolvm.UnsupportedError,
+            "host_incompatible": smolvm.HostIncompatibleError,
             "timeout": smolvm.OperationTimeoutError,
             "guest_protocol": smolvm.GuestProtocolError,
             "unauthorized": smolvm.UnauthorizedError,
