@@ -121,6 +121,9 @@ func TestHostCompatRules(t *testing.T) {
 	}
 
 	t.Run("template start", func(t *testing.T) {
+		// A template is keyed by what its memory image depends on of the
+		// host: after a VMM major upgrade a create builds a new template
+		// (never a refused restore) and the old one is stale.
 		tcfg := cfg
 		tcfg.Name, tcfg.ColdBoot = "ht1", false
 		first, err := m.New(ctx, tcfg) // its first Start builds the template
@@ -131,6 +134,10 @@ func TestHostCompatRules(t *testing.T) {
 		if err := first.Start(ctx); err != nil {
 			t.Fatal(err)
 		}
+		before, err := m.ListTemplates(ctx)
+		if err != nil || len(before) != 1 || before[0].Stale {
+			t.Fatalf("templates before the upgrade: %+v, %v", before, err)
+		}
 		defer fake.SetHostInfo(func(h *backend.Host) { h.VMMVersion = "3.1.0" })()
 		tcfg.Name = "ht2"
 		second, err := m.New(ctx, tcfg)
@@ -138,28 +145,34 @@ func TestHostCompatRules(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer second.Delete(context.Background())
-		err = second.Start(ctx)
-		if f, _ := FixOf(err); !errors.Is(err, ErrHostIncompatible) || !strings.Contains(err.Error(), "this host has 3.1.0") ||
-			f.Action != FixSetOption || f.Arg(ArgOption) != "ColdBoot" {
-			t.Fatalf("Start from a template of another host: %v, want ErrHostIncompatible with the fix ColdBoot", err)
-		}
-		if info, err := second.Info(ctx); err != nil || info.Status != StatusCreated {
-			t.Fatalf("vm after a refused template start: %+v, %v; want created", info, err)
-		}
-		// The way out named in the message: delete the template; the
-		// next start builds one on this host.
-		ts, err := m.ListTemplates(ctx)
-		if err != nil || len(ts) != 1 {
-			t.Fatalf("templates: %v, %v", ts, err)
-		}
-		if err := first.Delete(ctx); err != nil { // restored from it: it holds the template
-			t.Fatal(err)
-		}
-		if err := m.DeleteTemplate(ctx, ts[0].Key); err != nil {
-			t.Fatal(err)
-		}
 		if err := second.Start(ctx); err != nil {
-			t.Fatalf("start after deleting the template: %v", err)
+			t.Fatalf("Start after a VMM major upgrade: %v, want a new template built", err)
+		}
+		if info, err := second.Info(ctx); err != nil || info.Status != StatusRunning || info.RestoredFrom == before[0].SnapshotID {
+			t.Fatalf("vm after the upgrade: %+v, %v; want running, not from the old template", info, err)
+		}
+		after, err := m.ListTemplates(ctx)
+		if err != nil || len(after) != 2 {
+			t.Fatalf("templates after the upgrade: %+v, %v; want the old (stale) and a new one", after, err)
+		}
+		for _, ti := range after {
+			old := ti.Key == before[0].Key
+			if ti.Stale != old || (old && !strings.Contains(ti.StaleReason, "made on another host")) {
+				t.Errorf("template %s (old %v): stale %v %q", ti.Key[:12], old, ti.Stale, ti.StaleReason)
+			}
+		}
+		// An old template restored directly (its key no longer matches any
+		// create) is still refused by the host check.
+		snap, err := m.loadSnapshot(ctx, before[0].SnapshotID, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := m.backend(fakebackend.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := m.checkHost(ctx, "start", snap, b); !errors.Is(err, ErrHostIncompatible) {
+			t.Fatalf("host check of the old template: %v, want ErrHostIncompatible", err)
 		}
 	})
 

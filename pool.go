@@ -161,7 +161,7 @@ func (m *Manager) Pools(ctx context.Context) ([]PoolInfo, error) {
 			continue
 		}
 		_, tag := poolKey(cfg)
-		key, err := m.poolTemplateKey(cfg) // members of an older template are not ready
+		key, err := m.poolTemplateKey(ctx, cfg) // members of an older template are not ready
 		if err != nil {
 			out = append(out, info)
 			continue
@@ -245,7 +245,7 @@ func (m *Manager) fillPool(ctx context.Context, imageName string, opts TemplateO
 	if size == 0 {
 		return m.drainPool(ctx, tag, nil)
 	}
-	key, err := m.poolTemplateKey(cfg)
+	key, err := m.poolTemplateKey(ctx, cfg)
 	if err != nil {
 		return err
 	}
@@ -272,7 +272,7 @@ func (m *Manager) fillPool(ctx context.Context, imageName string, opts TemplateO
 
 // poolTemplateKey is the key of the template a pool's members are
 // restored from now (it changes when the image is rebuilt).
-func (m *Manager) poolTemplateKey(cfg Config) (string, error) {
+func (m *Manager) poolTemplateKey(ctx context.Context, cfg Config) (string, error) {
 	img, err := m.openImage(cfg.Image)
 	if err != nil {
 		return "", err
@@ -281,7 +281,7 @@ func (m *Manager) poolTemplateKey(cfg Config) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	shape, err := m.templateShape(cfg, b, img)
+	shape, err := m.templateShape(ctx, cfg, b, img)
 	if err != nil {
 		return "", err
 	}

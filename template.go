@@ -32,7 +32,7 @@ import (
 
 // templateKeyVersion versions TemplateShape's key: bump it when what a
 // template depends on changes, and every old template becomes stale.
-const templateKeyVersion = 1
+const templateKeyVersion = 2
 
 // TemplateShape is what a template is keyed by: the image's content and
 // the VM's shape. Two VMs with equal shapes restore the same template.
@@ -51,6 +51,11 @@ type TemplateShape struct {
 	// KernelArgs is the guest kernel command line without the VM's own
 	// identity (its hostname).
 	KernelArgs string `json:"kernel_args"`
+	// Host is what the memory image depends on of the host it is made on
+	// (backend.Host.TemplateKey; empty for a backend that does not describe
+	// its host): after a VMM upgrade that cannot load the old state, creates
+	// build a new template and the old one is stale.
+	Host string `json:"host,omitempty"`
 }
 
 // Key is the shape's content key: sha256 of its JSON, in hex.
@@ -127,7 +132,7 @@ func (m *Manager) usesTemplate(cfg Config, b backend.Backend) bool {
 }
 
 // templateShape is the shape a VM with cfg (defaulted) has on b.
-func (m *Manager) templateShape(cfg Config, b backend.Backend, img image.Image) (TemplateShape, error) {
+func (m *Manager) templateShape(ctx context.Context, cfg Config, b backend.Backend, img image.Image) (TemplateShape, error) {
 	accel := cfg.Accel
 	if r, ok := backend.As[backend.AccelResolver](b); ok {
 		a, err := r.ResolveAccel(cfg.Accel)
@@ -143,9 +148,26 @@ func (m *Manager) templateShape(cfg Config, b backend.Backend, img image.Image) 
 			args = append(args, a)
 		}
 	}
+	host, err := templateHost(ctx, b, accel)
+	if err != nil {
+		return TemplateShape{}, err
+	}
 	return TemplateShape{Version: templateKeyVersion, Image: img.Name, ImageID: imageID(img), Backend: b.Name(),
 		Accel: accel, MemoryMiB: cfg.MemoryMiB, CPUs: cfg.CPUs, Network: !cfg.NoNetwork,
-		KernelArgs: strings.Join(args, " ")}, nil
+		KernelArgs: strings.Join(args, " "), Host: host}, nil
+}
+
+// templateHost is the Host part of a template's shape on b under accel.
+func templateHost(ctx context.Context, b backend.Backend, accel Accel) (string, error) {
+	d, ok := backend.As[backend.HostDescriber](b)
+	if !ok {
+		return "", nil
+	}
+	h, err := d.DescribeHost(ctx, accel)
+	if err != nil {
+		return "", fmt.Errorf("describing this host for a template: %w", err)
+	}
+	return h.TemplateKey(), nil
 }
 
 // acquireTemplate returns the template of shape, building it when there is
@@ -437,7 +459,7 @@ func (vm *VM) startFromTemplate(ctx context.Context, rec store.VM, b backend.Bac
 	if err != nil {
 		return err
 	}
-	shape, err := vm.m.templateShape(cfg, b, img)
+	shape, err := vm.m.templateShape(ctx, cfg, b, img)
 	if err != nil {
 		return err
 	}
@@ -491,7 +513,7 @@ type templateUse struct {
 	before          store.VM
 }
 
-func (m *Manager) templateInfo(ctx context.Context, s store.Snapshot, images map[string]string) TemplateInfo {
+func (m *Manager) templateInfo(ctx context.Context, s store.Snapshot, images, hosts map[string]string) TemplateInfo {
 	info := TemplateInfo{Key: s.TemplateKey, SnapshotID: s.ID, CreatedAt: s.CreatedAt, SizeBytes: s.SizeBytes, Uses: s.RestoreCount}
 	if err := json.Unmarshal(s.Template, &info.Shape); err != nil {
 		info.Stale, info.StaleReason = true, "its description is unreadable"
@@ -514,9 +536,32 @@ func (m *Manager) templateInfo(ctx context.Context, s store.Snapshot, images map
 			info.Stale, info.StaleReason = true, "image "+info.Shape.Image+" is no longer built"
 		} else if cur != info.Shape.ImageID {
 			info.Stale, info.StaleReason = true, "image "+info.Shape.Image+" was rebuilt (new kernel, agent or root filesystem)"
+		} else if host, ok := m.currentTemplateHost(ctx, info.Shape, hosts); ok && host != info.Shape.Host {
+			info.Stale, info.StaleReason = true, fmt.Sprintf("made on another host (%s; this host: %s)", info.Shape.Host, host)
 		}
 	}
 	return info
+}
+
+// currentTemplateHost is the Host part a template of shape would have on
+// this host now (memoized in hosts by backend and accelerator); ok is false
+// when it cannot be told (the backend is not registered here, or does not
+// answer), and then the template is not called stale for it.
+func (m *Manager) currentTemplateHost(ctx context.Context, shape TemplateShape, hosts map[string]string) (string, bool) {
+	k := shape.Backend + "\x00" + string(shape.Accel)
+	if h, ok := hosts[k]; ok {
+		return h, true
+	}
+	b, err := m.backend(shape.Backend)
+	if err != nil {
+		return "", false
+	}
+	h, err := templateHost(ctx, b, shape.Accel)
+	if err != nil {
+		return "", false
+	}
+	hosts[k] = h
+	return h, true
 }
 
 // ListTemplates lists the templates, oldest first, each with whether it is
@@ -526,10 +571,10 @@ func (m *Manager) ListTemplates(ctx context.Context) ([]TemplateInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	images := map[string]string{}
+	images, hosts := map[string]string{}, map[string]string{}
 	out := make([]TemplateInfo, 0, len(rows))
 	for _, r := range rows {
-		out = append(out, m.templateInfo(ctx, r, images))
+		out = append(out, m.templateInfo(ctx, r, images, hosts))
 	}
 	return out, nil
 }
@@ -554,7 +599,7 @@ func (m *Manager) BuildTemplate(ctx context.Context, imageName string, opts Temp
 	if !b.Capabilities().MemorySnapshot {
 		return TemplateInfo{}, newErr("template", ErrUnsupported, Fix{}, fmt.Sprintf("the %s backend cannot take memory snapshots, which templates are", b.Name()))
 	}
-	shape, err := m.templateShape(cfg, b, img)
+	shape, err := m.templateShape(ctx, cfg, b, img)
 	if err != nil {
 		return TemplateInfo{}, err
 	}
@@ -565,7 +610,7 @@ func (m *Manager) BuildTemplate(ctx context.Context, imageName string, opts Temp
 	if err != nil {
 		return TemplateInfo{}, err
 	}
-	return m.templateInfo(ctx, s, map[string]string{}), nil
+	return m.templateInfo(ctx, s, map[string]string{}, map[string]string{}), nil
 }
 
 // findTemplate resolves a key or a unique prefix of one (at least 8 hex

@@ -3,6 +3,7 @@ package backend
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -23,6 +24,22 @@ type Host struct {
 	// hardware acceleration only (under TCG the guest's CPU is the VMM's
 	// model, fixed by VMM version and machine type).
 	CPUFlags []string `json:"cpu_flags,omitempty"`
+}
+
+// TemplateKey is the part of h a memory image made on this host depends
+// on, as a string for a template's key: what CompareHost refuses when it
+// differs (accelerator, VMM, its major version, machine type; under KVM the
+// CPU vendor and flags). A host that changes any of it gets new templates
+// instead of refused restores.
+func (h Host) TemplateKey() string {
+	v, _ := versionParts(h.VMMVersion)
+	key := fmt.Sprintf("%s %s %d %s", h.Accel, h.VMM, v[0], h.MachineType)
+	if h.Accel == AccelKVM {
+		flags := slices.Clone(h.CPUFlags)
+		slices.Sort(flags)
+		key += " " + h.CPUVendor + " " + strings.Join(flags, ",")
+	}
+	return key
 }
 
 // HostDescriber is implemented by backends whose memory snapshots depend

@@ -67,3 +67,42 @@ func TestHostValidate(t *testing.T) {
 		}
 	}
 }
+
+func TestHostTemplateKey(t *testing.T) {
+	base := Host{Accel: AccelKVM, VMM: "qemu", VMMVersion: "10.0.2", MachineType: "microvm",
+		CPUVendor: "AuthenticAMD", CPUModel: "AMD EPYC", CPUFlags: []string{"sse4_2", "avx2"}}
+	same := []func(*Host){
+		func(h *Host) { h.VMMVersion = "10.1.0" },                 // minor/patch: the state loads
+		func(h *Host) { h.CPUModel = "AMD EPYC 9004" },            // model name only
+		func(h *Host) { h.CPUFlags = []string{"avx2", "sse4_2"} }, // order
+	}
+	differ := []func(*Host){
+		func(h *Host) { h.VMMVersion = "9.2.0" },
+		func(h *Host) { h.Accel = AccelTCG },
+		func(h *Host) { h.MachineType = "q35" },
+		func(h *Host) { h.VMM = "firecracker" },
+		func(h *Host) { h.CPUVendor = "GenuineIntel" },
+		func(h *Host) { h.CPUFlags = []string{"sse4_2"} },
+	}
+	for i, edit := range same {
+		h := base
+		edit(&h)
+		if h.TemplateKey() != base.TemplateKey() {
+			t.Errorf("same %d: %q != %q", i, h.TemplateKey(), base.TemplateKey())
+		}
+	}
+	for i, edit := range differ {
+		h := base
+		edit(&h)
+		if h.TemplateKey() == base.TemplateKey() {
+			t.Errorf("differ %d: both %q", i, h.TemplateKey())
+		}
+	}
+	// Under TCG the host CPU does not reach the guest: not in the key.
+	tcg, other := base, base
+	tcg.Accel, other.Accel = AccelTCG, AccelTCG
+	other.CPUVendor, other.CPUFlags = "GenuineIntel", nil
+	if tcg.TemplateKey() != other.TemplateKey() {
+		t.Errorf("tcg keys differ by host cpu: %q %q", tcg.TemplateKey(), other.TemplateKey())
+	}
+}
