@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"time"
@@ -248,8 +249,10 @@ func extractArtifact(r io.Reader, packed int64, path string, a Artifact, buf []b
 		}
 		h.Write(rec[:])
 		c, err := io.CopyBuffer(io.MultiWriter(io.NewOffsetWriter(f, off), h), io.LimitReader(lr, n), buf)
-		if err != nil {
-			return err
+		if pe := (*fs.PathError)(nil); errors.As(err, &pe) {
+			return err // writing here failed: the archive is not at fault
+		} else if err != nil {
+			return truncated(a.Name, err)
 		}
 		if c != n {
 			return truncated(a.Name, io.ErrUnexpectedEOF)

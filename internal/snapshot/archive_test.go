@@ -1,20 +1,17 @@
 package snapshot
 
 import (
-	"archive/tar"
 	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
-	"io"
 	"os"
 	"path/filepath"
 	"testing"
 
-	"github.com/klauspost/compress/zstd"
-
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/backend/qemu"
+	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
 // qcow2Header is a minimal qcow2 v3 header: backing file name (if any)
@@ -82,37 +79,8 @@ func export(t testing.TB, dir string, m Manifest) []byte {
 	return buf.Bytes()
 }
 
-// rewrite decodes an archive, passes each entry through fn (nil drops
-// it), and encodes the result.
 func rewrite(t testing.TB, archive []byte, fn func(name string, data []byte) (string, []byte)) []byte {
-	zr, err := zstd.NewReader(bytes.NewReader(archive))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer zr.Close()
-	tr := tar.NewReader(zr)
-	var out bytes.Buffer
-	zw, _ := zstd.NewWriter(&out)
-	tw := tar.NewWriter(zw)
-	for {
-		hdr, err := tr.Next()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		data, _ := io.ReadAll(tr)
-		name, data := fn(hdr.Name, data)
-		if data == nil {
-			continue
-		}
-		tw.WriteHeader(&tar.Header{Name: name, Mode: 0o600, Size: int64(len(data)), Typeflag: tar.TypeReg})
-		tw.Write(data)
-	}
-	tw.Close()
-	zw.Close()
-	return out.Bytes()
+	return testutil.RewriteArchive(t, archive, fn)
 }
 
 // rewriteManifest changes the archive's manifest with mod.
@@ -202,6 +170,7 @@ func TestArchiveHostile(t *testing.T) {
 		{"unknown format version", rewriteManifest(t, good, func(m *Manifest) { m.FormatVersion = FormatVersion + 1 }), ErrNewer},
 		{"format version 0", rewriteManifest(t, good, func(m *Manifest) { m.FormatVersion = 0 }), ErrCorrupt},
 		{"truncated", good[:len(good)/2], ErrCorrupt},
+		{"truncated in an artifact", good[:len(good)-len(good)/8], ErrCorrupt},
 		{"empty", nil, ErrCorrupt},
 		{"extra entry", rewrite(t, good, func(name string, data []byte) (string, []byte) {
 			if name == qemu.DiskFile {
