@@ -76,9 +76,10 @@ func extents(f *os.File, size int64) ([][2]int64, error) {
 			hole = size
 		}
 		hole = min(hole, size)
-		if hole > data {
-			out = append(out, [2]int64{data, hole - data})
+		if hole <= data {
+			break // the file shrank meanwhile
 		}
+		out = append(out, [2]int64{data, hole - data})
 		off = hole
 	}
 	return out, nil
