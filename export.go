@@ -148,16 +148,34 @@ func (op *importOp) readManifest(context.Context) error {
 	return nil
 }
 
-// checkBase refuses a diff snapshot whose base image this host lacks,
-// before anything is written.
+// checkBase refuses, before anything is written, a diff snapshot whose
+// base image this host lacks (ErrBackingImageMissing naming it), and a
+// manifest whose host files (base image, kernel, initrd, base disk) are
+// files of this host outside its image cache: a restore would hand them
+// to QEMU, and so to the guest.
 func (op *importOp) checkBase(context.Context) error {
-	if op.man.BaseImage == "" {
-		return nil
+	if b := op.man.BaseImage; b != "" {
+		if _, err := os.Stat(b); err != nil {
+			return &Error{Op: "snapshot import",
+				Message: fmt.Sprintf("snapshot %s is a diff snapshot and its base image %s is not on this host; import it where that image is, or export a full snapshot", op.man.ID, b),
+				Fix:     newFix(FixRestoreBaseImage, ArgPath, b), Err: ErrBackingImageMissing}
+		}
 	}
-	if _, err := os.Stat(op.man.BaseImage); err != nil {
-		return &Error{Op: "snapshot import",
-			Message: fmt.Sprintf("snapshot %s is a diff snapshot and its base image %s is not on this host; import it where that image is, or export a full snapshot", op.man.ID, op.man.BaseImage),
-			Fix:     newFix(FixRestoreBaseImage, ArgPath, op.man.BaseImage), Err: ErrBackingImageMissing}
+	cache, err := filepath.EvalSymlinks(op.m.opts.ImageDir)
+	if err != nil {
+		cache = filepath.Clean(op.m.opts.ImageDir)
+	}
+	for _, p := range []string{op.man.BaseImage, op.man.Spec.Kernel, op.man.Spec.Initrd, op.man.Spec.BaseDisk} {
+		if p == "" {
+			continue
+		}
+		real, err := filepath.EvalSymlinks(p)
+		if err != nil {
+			continue // not on this host: nothing of it can be read; restore says what is missing
+		}
+		if rel, err := filepath.Rel(cache, real); err != nil || !filepath.IsLocal(rel) {
+			return fmt.Errorf("%w: the manifest names host file %s, which is outside this host's image cache %s", snapshot.ErrCorrupt, p, cache)
+		}
 	}
 	return nil
 }

@@ -94,9 +94,9 @@ func rewriteManifest(t *testing.T, archive []byte, mod func(m map[string]any)) [
 	})
 }
 
-// withForeignBacking rewrites the disk's qcow2 header to name /etc/passwd
-// as its backing file, and the manifest's digest to match.
-func withForeignBacking(t *testing.T, archive []byte) []byte {
+// withForeignBacking rewrites the disk's qcow2 header to name backing as
+// its backing file, and the manifest's digest to match.
+func withForeignBacking(t *testing.T, archive []byte, backing string) []byte {
 	var digest string
 	out := testutil.RewriteArchive(t, archive, func(name string, data []byte) (string, []byte) {
 		if name != "disk.qcow2" {
@@ -108,7 +108,7 @@ func withForeignBacking(t *testing.T, archive []byte) []byte {
 			t.Fatal("the disk's first extent does not hold its header")
 		}
 		hdr := p[16:]
-		const at, backing = 3072, "/etc/passwd"
+		const at = 3072
 		binary.BigEndian.PutUint64(hdr[8:], at)
 		binary.BigEndian.PutUint32(hdr[16:], uint32(len(backing)))
 		copy(hdr[at:], backing)
@@ -143,7 +143,14 @@ func hostileImports(t *testing.T, full, diff []byte) {
 			m["result"].(map[string]any)["artifacts"].([]any)[0].(map[string]any)["name"] = "../x"
 		}), smolvm.ErrSnapshotCorrupt, "../x"},
 		{"wrong digest", flipped, smolvm.ErrSnapshotCorrupt, "checksum"},
-		{"foreign backing file", withForeignBacking(t, full), smolvm.ErrSnapshotCorrupt, "/etc/passwd"},
+		{"foreign backing file", withForeignBacking(t, full, "/etc/passwd"), smolvm.ErrSnapshotCorrupt, "/etc/passwd"},
+		{"base image outside the image cache", rewriteManifest(t, withForeignBacking(t, diff, "/etc/passwd"), func(m map[string]any) {
+			m["base_image"] = "/etc/passwd"
+			m["result"].(map[string]any)["base_image"] = "/etc/passwd"
+		}), smolvm.ErrSnapshotCorrupt, "outside this host's image cache"},
+		{"kernel outside the image cache", rewriteManifest(t, full, func(m map[string]any) {
+			m["spec"].(map[string]any)["kernel"] = "/etc/shadow"
+		}), smolvm.ErrSnapshotCorrupt, "/etc/shadow"},
 		{"unknown format version", rewriteManifest(t, full, func(m map[string]any) { m["format_version"] = 99 }), smolvm.ErrUnsupported, "format 99"},
 		{"truncated", full[:len(full)*2/3], smolvm.ErrSnapshotCorrupt, "truncated"},
 		{"diff without its base image", rewriteManifest(t, diff, func(m map[string]any) {
