@@ -290,7 +290,8 @@ var ErrForeignBacking = errors.New("qcow2 artifact points outside the snapshot")
 // CheckQcow2 reads the qcow2 header of path and returns its backing file
 // ("" for none). It refuses (ErrForeignBacking) encryption, an external
 // data file, unknown incompatible features, a backing format other than
-// qcow2 or raw, and a backing file other than allowed ("" allows none).
+// qcow2 or raw or none given (QEMU would probe the backing file), and a
+// backing file other than allowed ("" allows none).
 // A file that is not qcow2 is refused (ErrCorrupt).
 func CheckQcow2(path, allowed string) (string, error) {
 	f, err := os.Open(path)
@@ -329,6 +330,7 @@ func CheckQcow2(path, allowed string) (string, error) {
 		return "", foreign("is qcow2 version %d", version)
 	}
 	// Header extensions: refuse an external data file; check the backing format.
+	backFmt := false
 	for n := 0; ; n++ {
 		var ext [8]byte
 		if n > 256 || extAt > qcow2MaxHeaderLen {
@@ -355,6 +357,7 @@ func CheckQcow2(path, allowed string) (string, error) {
 			if s := string(v); s != "qcow2" && s != "raw" {
 				return "", foreign("has backing format %q", s)
 			}
+			backFmt = true
 		}
 		extAt += 8 + (uint64(l)+7)&^7
 	}
@@ -370,6 +373,9 @@ func CheckQcow2(path, allowed string) (string, error) {
 	}
 	if allowed == "" || !bytes.Equal(name, []byte(allowed)) {
 		return "", foreign("names backing file %q; the manifest allows %q", name, allowed)
+	}
+	if !backFmt {
+		return "", foreign("names backing file %q without its format (QEMU would probe it)", name)
 	}
 	return string(name), nil
 }
