@@ -21,6 +21,7 @@ import (
 // cache). Hostile archives built from the real export are refused with
 // the right sentinel, and nothing is listed or left in the data dir.
 func TestExportImport(t *testing.T) {
+	t.Parallel() // its own VMs and data dirs: runs beside the other parallel VM tests
 	ctx := testCtx(t)
 	src := newManager(t)
 	vm := boot(t, src, smolvm.Config{Name: "travel", Image: "busybox", NoNetwork: true})
