@@ -13,7 +13,7 @@ import (
 
 func (a *app) snapshotCmd() *cobra.Command {
 	c := &cobra.Command{Use: "snapshot", Aliases: []string{"snap"}, Short: "Save sandboxes and bring them back"}
-	c.AddCommand(a.snapshotCreateCmd(), a.snapshotRestoreCmd(), a.snapshotListCmd(), a.snapshotDeleteCmd(), a.snapshotInspectCmd())
+	c.AddCommand(a.snapshotCreateCmd(), a.snapshotRestoreCmd(), a.snapshotListCmd(), a.snapshotDeleteCmd(), a.snapshotInspectCmd(), a.snapshotExportCmd(), a.snapshotImportCmd())
 	return c
 }
 

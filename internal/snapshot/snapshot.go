@@ -16,8 +16,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
@@ -94,29 +92,20 @@ func Digest(path string) (string, int64, error) {
 		return "", 0, err
 	}
 	size := st.Size()
+	ext, err := extents(f, size)
+	if err != nil {
+		return "", 0, err
+	}
 	h := sha256.New()
 	var hdr [16]byte
 	buf := make([]byte, 1<<20)
-	off := int64(0)
-	for off < size {
-		data, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
-		if err != nil {
-			if errors.Is(err, unix.ENXIO) {
-				break // only a hole remains
-			}
-			data = off // filesystem without SEEK_DATA: treat all as data
-		}
-		hole, err := unix.Seek(int(f.Fd()), data, unix.SEEK_HOLE)
-		if err != nil {
-			hole = size
-		}
-		binary.BigEndian.PutUint64(hdr[:8], uint64(data))
-		binary.BigEndian.PutUint64(hdr[8:], uint64(hole-data))
+	for _, e := range ext {
+		binary.BigEndian.PutUint64(hdr[:8], uint64(e[0]))
+		binary.BigEndian.PutUint64(hdr[8:], uint64(e[1]))
 		h.Write(hdr[:])
-		if _, err := io.CopyBuffer(h, io.NewSectionReader(f, data, hole-data), buf); err != nil {
+		if _, err := io.CopyBuffer(h, io.NewSectionReader(f, e[0], e[1]), buf); err != nil {
 			return "", 0, err
 		}
-		off = hole
 	}
 	binary.BigEndian.PutUint64(hdr[:8], uint64(size))
 	h.Write(hdr[:8])

@@ -1,0 +1,178 @@
+package smolvm_test
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/smolvm-go/smolvm"
+	"github.com/smolvm-go/smolvm/internal/testutil"
+)
+
+// TestExportImport: a full snapshot exported, imported into a fresh data
+// dir (same image cache) and restored has its running process and tmpfs
+// file back; a diff snapshot travels too (its base image is in the shared
+// cache). Hostile archives built from the real export are refused with
+// the right sentinel, and nothing is listed or left in the data dir.
+func TestExportImport(t *testing.T) {
+	t.Parallel() // its own VMs and data dirs: runs beside the other parallel VM tests
+	ctx := testCtx(t)
+	src := newManager(t)
+	vm := boot(t, src, smolvm.Config{Name: "travel", Image: "busybox", NoNetwork: true})
+	startWorkload(t, vm)
+	if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "d1", Type: smolvm.SnapshotDiff, ResumeSource: true}); err != nil {
+		t.Fatal(err)
+	}
+	info, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "f1", Type: smolvm.SnapshotFull})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var full, diff bytes.Buffer
+	t0 := time.Now()
+	if err := src.ExportSnapshot(ctx, "f1", &full); err != nil {
+		t.Fatal(err)
+	}
+	exportTime := time.Since(t0)
+	if err := src.ExportSnapshot(ctx, "d1", &diff); err != nil {
+		t.Fatal(err)
+	}
+	src.Close()
+	vm.Close()
+
+	dst := newManager(t)
+	t0 = time.Now()
+	got, err := dst.ImportSnapshot(ctx, bytes.NewReader(full.Bytes()), smolvm.ImportOptions{SnapshotID: "moved"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("full snapshot: %d bytes allocated, export %d bytes in %v, import in %v", info.SizeBytes, full.Len(), exportTime, time.Since(t0))
+	if got.ID != "moved" || got.VMID != info.VMID || got.Type != smolvm.SnapshotFull {
+		t.Fatalf("imported %+v", got)
+	}
+	if _, err := dst.ImportSnapshot(ctx, bytes.NewReader(full.Bytes()), smolvm.ImportOptions{SnapshotID: "moved"}); !errors.Is(err, smolvm.ErrSnapshotExists) {
+		t.Fatalf("second import under the same id: %v", err)
+	}
+	if err := dst.VerifySnapshot(ctx, "moved"); err != nil {
+		t.Fatal(err)
+	}
+	restored, err := dst.FromSnapshot(ctx, "moved", smolvm.RestoreOptions{Resume: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tmpfs, proc, disk := checkWorkload(t, restored); !tmpfs || !proc || !disk {
+		t.Errorf("restore of the imported snapshot: tmpfs=%v process=%v disk=%v", tmpfs, proc, disk)
+	}
+	restored.Delete(ctx)
+	restored.Close()
+	if _, err := dst.ImportSnapshot(ctx, bytes.NewReader(diff.Bytes()), smolvm.ImportOptions{}); err != nil {
+		t.Fatalf("diff import with its base image present: %v", err)
+	}
+	if err := dst.VerifySnapshot(ctx, "d1"); err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("hostile", func(t *testing.T) { hostileImports(t, full.Bytes(), diff.Bytes()) })
+}
+
+func rewriteManifest(t *testing.T, archive []byte, mod func(m map[string]any)) []byte {
+	return testutil.RewriteArchive(t, archive, func(name string, data []byte) (string, []byte) {
+		if name != "manifest.json" {
+			return name, data
+		}
+		var m map[string]any
+		if err := json.Unmarshal(data, &m); err != nil {
+			t.Fatal(err)
+		}
+		mod(m)
+		data, _ = json.Marshal(m)
+		return name, data
+	})
+}
+
+// withForeignBacking rewrites the disk's qcow2 header to name backing as
+// its backing file, and the manifest's digest to match.
+func withForeignBacking(t *testing.T, archive []byte, backing string) []byte {
+	var digest string
+	out := testutil.RewriteArchive(t, archive, func(name string, data []byte) (string, []byte) {
+		if name != "disk.qcow2" {
+			return name, data
+		}
+		data = bytes.Clone(data)
+		p := data[8:] // first extent: offset, length, bytes from offset 0
+		if binary.BigEndian.Uint64(p) != 0 || binary.BigEndian.Uint64(p[8:]) < 4096 {
+			t.Fatal("the disk's first extent does not hold its header")
+		}
+		hdr := p[16:]
+		const at = 3072
+		binary.BigEndian.PutUint64(hdr[8:], at)
+		binary.BigEndian.PutUint32(hdr[16:], uint32(len(backing)))
+		copy(hdr[at:], backing)
+		digest = testutil.PackedDigest(data)
+		return name, data
+	})
+	return rewriteManifest(t, out, func(m map[string]any) {
+		for _, a := range m["artifacts"].([]any) {
+			if a := a.(map[string]any); a["name"] == "disk.qcow2" {
+				a["sha256"] = digest
+			}
+		}
+	})
+}
+
+func hostileImports(t *testing.T, full, diff []byte) {
+	flipped := testutil.RewriteArchive(t, full, func(name string, data []byte) (string, []byte) {
+		if name == "memory.raw" || name == "state.bin" {
+			data = bytes.Clone(data)
+			data[len(data)-1] ^= 1
+		}
+		return name, data
+	})
+	cases := []struct {
+		name    string
+		archive []byte
+		want    error
+		naming  string
+	}{
+		{"manifest names ../x", rewriteManifest(t, full, func(m map[string]any) {
+			m["artifacts"].([]any)[0].(map[string]any)["name"] = "../x"
+			m["result"].(map[string]any)["artifacts"].([]any)[0].(map[string]any)["name"] = "../x"
+		}), smolvm.ErrSnapshotCorrupt, "../x"},
+		{"wrong digest", flipped, smolvm.ErrSnapshotCorrupt, "checksum"},
+		{"foreign backing file", withForeignBacking(t, full, "/etc/passwd"), smolvm.ErrSnapshotCorrupt, "/etc/passwd"},
+		{"base image outside the image cache", rewriteManifest(t, withForeignBacking(t, diff, "/etc/passwd"), func(m map[string]any) {
+			m["base_image"] = "/etc/passwd"
+			m["result"].(map[string]any)["base_image"] = "/etc/passwd"
+		}), smolvm.ErrSnapshotCorrupt, "outside this host's image cache"},
+		{"kernel outside the image cache", rewriteManifest(t, full, func(m map[string]any) {
+			m["spec"].(map[string]any)["kernel"] = "/etc/shadow"
+		}), smolvm.ErrSnapshotCorrupt, "/etc/shadow"},
+		{"unknown format version", rewriteManifest(t, full, func(m map[string]any) { m["format_version"] = 99 }), smolvm.ErrUnsupported, "format 99"},
+		{"truncated", full[:len(full)*2/3], smolvm.ErrSnapshotCorrupt, "truncated"},
+		{"diff without its base image", rewriteManifest(t, diff, func(m map[string]any) {
+			m["base_image"] = "/nonexistent/rootfs.ext4"
+			m["result"].(map[string]any)["base_image"] = "/nonexistent/rootfs.ext4"
+		}), smolvm.ErrBackingImageMissing, "/nonexistent/rootfs.ext4"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			ctx := testCtx(t)
+			m := newManager(t)
+			_, err := m.ImportSnapshot(ctx, bytes.NewReader(c.archive), smolvm.ImportOptions{})
+			if !errors.Is(err, c.want) || !strings.Contains(err.Error(), c.naming) {
+				t.Fatalf("err = %v; want %v naming %q", err, c.want, c.naming)
+			}
+			if l, _ := m.ListSnapshots(ctx, smolvm.SnapshotFilter{}); len(l) != 0 {
+				t.Errorf("listed after a refused import: %+v", l)
+			}
+			if ents, _ := os.ReadDir(filepath.Join(m.DataDir(), "snapshots")); len(ents) != 0 {
+				t.Errorf("left in the data dir: %v", ents)
+			}
+		})
+	}
+}
