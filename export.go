@@ -145,7 +145,45 @@ func (op *importOp) readManifest(context.Context) error {
 	if op.opts.SnapshotID != "" {
 		op.man.ID = op.opts.SnapshotID
 	}
+	dropped, err := narrowImportedNetwork(&op.man)
+	if err != nil {
+		return err
+	}
+	if len(dropped) > 0 {
+		op.m.log.Warn("imported snapshot: its allowed CIDRs and port forwards are not kept (an archive must not open this host's ranges or ports); expose ports again after the restore",
+			"snapshot", op.man.ID, "dropped", dropped)
+	}
 	return nil
+}
+
+// narrowImportedNetwork drops what an archive from elsewhere must not bring
+// to this host: allowed CIDRs (a prefix inside a deny range opens it:
+// 127.0.0.1/32 would let the guest reach this host's loopback services) and
+// port forwards (host ports here). The network mode and allowed domains
+// stay: they only narrow what the guest reaches, and DNS answers never open
+// a deny range. It says what it dropped.
+func narrowImportedNetwork(man *snapshot.Manifest) ([]string, error) {
+	var dropped []string
+	for _, c := range man.Spec.NetPolicy.AllowCIDRs {
+		dropped = append(dropped, "allow-cidr "+c)
+	}
+	for _, pf := range man.Spec.PortForwards {
+		dropped = append(dropped, fmt.Sprintf("port forward %d:%d", pf.HostPort, pf.GuestPort))
+	}
+	man.Spec.NetPolicy.AllowCIDRs, man.Spec.PortForwards = nil, nil
+	if len(man.VMConfig) > 0 {
+		var cfg Config
+		if err := json.Unmarshal(man.VMConfig, &cfg); err != nil {
+			return nil, newErr("snapshot import", ErrSnapshotCorrupt, Fix{}, fmt.Sprintf("snapshot %s: its vm config is unreadable: %v", man.ID, err))
+		}
+		cfg.Network.AllowCIDRs, cfg.PortForwards = nil, nil
+		b, err := json.Marshal(cfg)
+		if err != nil {
+			return nil, err
+		}
+		man.VMConfig = b
+	}
+	return dropped, nil
 }
 
 // checkBase refuses, before anything is written, a diff snapshot whose
