@@ -223,7 +223,7 @@ func (op *importOp) reserve(ctx context.Context) error {
 	if err := op.m.store.ReserveSnapshot(ctx, op.row); err != nil {
 		if errors.Is(err, store.ErrExists) {
 			return newErr("snapshot import", ErrSnapshotExists, newFix(FixChooseSnapshotID, ArgSnapshot, op.man.ID),
-				fmt.Sprintf("snapshot %q already exists: import it under another id (--snapshot-id)", op.man.ID))
+				fmt.Sprintf("snapshot %q already exists: import it under another id", op.man.ID))
 		}
 		return err
 	}

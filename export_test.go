@@ -42,6 +42,11 @@ func TestExportImport(t *testing.T) {
 	if err := src.ExportSnapshot(ctx, "d1", &diff); err != nil {
 		t.Fatal(err)
 	}
+	// The source VM stays paused after the full snapshot: delete it (its
+	// snapshots stay), or its QEMU would outlive the test.
+	if err := vm.Delete(ctx); err != nil {
+		t.Fatal(err)
+	}
 	src.Close()
 	vm.Close()
 
