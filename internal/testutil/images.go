@@ -38,13 +38,7 @@ func EnsureImages(ctx context.Context, names ...string) (string, error) {
 		names = []string{image.Busybox, image.Debian}
 	}
 	ensure.once.Do(func() {
-		dir, err := os.MkdirTemp("", "smolvm-agent-")
-		if err != nil {
-			ensure.err = err
-			return
-		}
-		ensure.agent = filepath.Join(dir, "smolvm-agent")
-		ensure.err = image.BuildAgent(ctx, ModuleRoot(), ensure.agent)
+		ensure.agent, ensure.err = buildTestAgent(ctx)
 		if ensure.err == nil {
 			ensure.err = EnsureNetHelper(ctx)
 		}
@@ -58,6 +52,30 @@ func EnsureImages(ctx context.Context, names ...string) (string, error) {
 		}
 	}
 	return ensure.agent, nil
+}
+
+// buildTestAgent builds the agent into one private dir per user
+// (/tmp/smolvm-test-agent-<euid>, 0700, owner-checked), under a temp name
+// renamed over smolvm-agent: test processes of every package share the
+// path (the builds of one tree are identical, and a rename never leaves a
+// half-written file at it), and nothing piles up per process as a temp dir
+// each did.
+func buildTestAgent(ctx context.Context) (string, error) {
+	dir := filepath.Join(os.TempDir(), "smolvm-test-agent-"+strconv.Itoa(os.Geteuid()))
+	if err := fsutil.PrivateDir(dir); err != nil {
+		return "", err
+	}
+	tmp := filepath.Join(dir, "smolvm-agent.tmp-"+strconv.Itoa(os.Getpid()))
+	if err := image.BuildAgent(ctx, ModuleRoot(), tmp); err != nil {
+		os.Remove(tmp)
+		return "", err
+	}
+	agent := filepath.Join(dir, "smolvm-agent")
+	if err := os.Rename(tmp, agent); err != nil {
+		os.Remove(tmp)
+		return "", err
+	}
+	return agent, nil
 }
 
 var netHelper struct {
