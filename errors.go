@@ -36,6 +36,10 @@ var (
 	// protocol (oversized, malformed, a file that does not match its
 	// announced size). The host refused it; the VM may be compromised.
 	ErrGuestProtocol = errors.New("the guest agent broke the protocol")
+	// ErrNoSpace: the host filesystem that would hold a snapshot (an
+	// import) or a temp file (a flattened export) has too little free
+	// space; nothing was written.
+	ErrNoSpace = errors.New("not enough free disk space")
 )
 
 // ErrUnsafeDir is wrapped when a directory smolvm keeps guest data or
@@ -99,6 +103,7 @@ var errorCodes = []struct {
 	{ErrHostIncompatible, "host_incompatible"},
 	{ErrTimeout, "timeout"},
 	{ErrGuestProtocol, "guest_protocol"},
+	{ErrNoSpace, "no_space"},
 }
 
 func newErr(op string, sentinel error, fix Fix, msg string) *Error {

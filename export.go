@@ -8,10 +8,14 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 
+	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/image"
 	"github.com/smolvm-go/smolvm/internal/snapshot"
 	"github.com/smolvm-go/smolvm/internal/steps"
 	"github.com/smolvm-go/smolvm/internal/store"
+	"golang.org/x/sys/unix"
 )
 
 // ImportOptions configure ImportSnapshot.
@@ -21,6 +25,18 @@ type ImportOptions struct {
 	SnapshotID string
 }
 
+// ExportOptions configure ExportSnapshot.
+type ExportOptions struct {
+	// Flatten makes the archive of a diff snapshot self-contained: its
+	// disk is sent with the base image's data merged in (no backing file),
+	// and the archive's manifest is that of a full snapshot (memory,
+	// device state and a self-contained disk), which restores on a host
+	// without the base image. The archive is larger by the base image's
+	// data the guest's disk uses. A snapshot that names no base image
+	// (full, disk) is sent as it is.
+	Flatten bool
+}
+
 // ExportSnapshot writes snapshot id to w as one self-describing stream: a
 // zstd-compressed tar of its manifest, then each artifact with its holes
 // left out (docs/adr/0023-export-format.md). The snapshot's manifest is
@@ -28,7 +44,21 @@ type ImportOptions struct {
 // snapshot whose files changed fails the export (ErrSnapshotCorrupt)
 // instead of travelling. The snapshot is locked while it is read (a
 // delete waits). On error, w holds a partial stream that import refuses.
-func (m *Manager) ExportSnapshot(ctx context.Context, id string, w io.Writer) error {
+//
+// opts is variadic so that every call written before it existed still
+// compiles: at most one ExportOptions is given (more is ErrInvalidConfig).
+// With Flatten, a diff snapshot's disk is first flattened into a private
+// temp file in the data dir (which must have room for it: ErrNoSpace),
+// and its base image must be on this host, the one it was taken on
+// (ErrBackingImageMissing).
+func (m *Manager) ExportSnapshot(ctx context.Context, id string, w io.Writer, opts ...ExportOptions) error {
+	if len(opts) > 1 {
+		return newErr("snapshot export", ErrInvalidConfig, Fix{}, fmt.Sprintf("snapshot export takes at most one ExportOptions, got %d", len(opts)))
+	}
+	var o ExportOptions
+	if len(opts) == 1 {
+		o = opts[0]
+	}
 	if _, err := m.GetSnapshot(ctx, id); err != nil {
 		return err
 	}
@@ -38,10 +68,27 @@ func (m *Manager) ExportSnapshot(ctx context.Context, id string, w io.Writer) er
 		return err
 	}
 	man, err := m.loadSnapshot(ctx, id, false)
-	if err != nil && !errors.Is(err, ErrBackingImageMissing) { // exporting needs no base image
+	flatten := o.Flatten && man.BaseImage != ""
+	if err != nil && (flatten || !errors.Is(err, ErrBackingImageMissing)) { // exporting as it is needs no base image
 		return err
 	}
-	if err := snapshot.WriteArchive(ctxWriter{ctx, w}, filepath.Join(m.snapRoot(), id), man); err != nil {
+	dir := filepath.Join(m.snapRoot(), id)
+	path := func(a snapshot.Artifact) string { return filepath.Join(dir, a.Name) }
+	if flatten {
+		fl, err := m.flattenForExport(ctx, dir, man)
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(fl.tmp)
+		man = fl.man
+		path = func(a snapshot.Artifact) string {
+			if a.Role == "disk" {
+				return fl.disk
+			}
+			return filepath.Join(dir, a.Name)
+		}
+	}
+	if err := snapshot.WriteArchiveFiles(ctxWriter{ctx, w}, man, path); err != nil {
 		if errors.Is(err, snapshot.ErrCorrupt) {
 			return &Error{Op: "snapshot export", Message: fmt.Sprintf("snapshot %s cannot be exported: %v", id, err),
 				Fix: newFix(FixRetakeSnapshot, ArgSnapshot, id), Err: errors.Join(ErrSnapshotCorrupt, err)}
@@ -49,6 +96,158 @@ func (m *Manager) ExportSnapshot(ctx context.Context, id string, w io.Writer) er
 		return fmt.Errorf("snapshot export %s: %w", id, err)
 	}
 	return nil
+}
+
+// flattened is a diff snapshot's manifest made self-contained for an
+// export, and its flattened disk in a private temp dir.
+type flattened struct {
+	man       snapshot.Manifest
+	tmp, disk string
+}
+
+// flattenForExport flattens the disk of the diff snapshot man (in dir)
+// into a private temp dir under the data dir (the caller removes fl.tmp)
+// and returns the manifest the archive carries: type full (memory, device
+// state, a disk with no backing file: what a full snapshot is), no base
+// image (in the manifest, the backend's result, and the spec's base disk,
+// so a VM restored from it depends on nothing from the image either), the
+// disk's digest, size and the snapshot's allocated size recomputed. The
+// disk's header is checked first: its backing file must be exactly the
+// base image (qemu-img reads what it names).
+func (m *Manager) flattenForExport(ctx context.Context, dir string, man snapshot.Manifest) (fl flattened, err error) {
+	fail := func(err error) (flattened, error) {
+		return flattened{}, &Error{Op: "snapshot export", Message: fmt.Sprintf("snapshot %s cannot be flattened: %v", man.ID, err), Err: err}
+	}
+	b, err := m.backend(man.Backend)
+	if err != nil {
+		return flattened{}, err
+	}
+	fd, ok := backend.As[backend.DiskFlattener](b)
+	if !ok {
+		return fail(fmt.Errorf("backend %s cannot flatten a disk: %w", man.Backend, ErrUnsupported))
+	}
+	i := slices.IndexFunc(man.Artifacts, func(a snapshot.Artifact) bool { return a.Role == "disk" })
+	if i < 0 {
+		return fail(fmt.Errorf("%w: it names base image %s but has no disk", snapshot.ErrCorrupt, man.BaseImage))
+	}
+	src := filepath.Join(dir, man.Artifacts[i].Name)
+	if _, err := snapshot.CheckQcow2(src, man.BaseImage); err != nil {
+		return fail(err)
+	}
+	// The flattened disk holds at most the base image's data plus the
+	// overlay's.
+	need, err := allocated(src, man.BaseImage)
+	if err != nil {
+		return fail(err)
+	}
+	if err := m.checkSpace("snapshot export", m.opts.DataDir, need, "flattening snapshot "+man.ID); err != nil {
+		return flattened{}, err
+	}
+	tmp, err := os.MkdirTemp(m.opts.DataDir, ".export-")
+	if err != nil {
+		return fail(err)
+	}
+	defer func() {
+		if err != nil {
+			os.RemoveAll(tmp)
+		}
+	}()
+	disk := filepath.Join(tmp, man.Artifacts[i].Name)
+	if err := fd.FlattenDisk(ctx, src, disk); err != nil {
+		return fail(err)
+	}
+	if back, err := snapshot.CheckQcow2(disk, ""); err != nil || back != "" {
+		return fail(fmt.Errorf("the flattened disk still has a backing file %q: %v", back, err))
+	}
+	sum, size, err := snapshot.Digest(disk)
+	if err != nil {
+		return fail(err)
+	}
+	st, err := os.Stat(disk)
+	if err != nil {
+		return fail(err)
+	}
+	oldAlloc, err := snapshot.Allocated(src)
+	if err != nil {
+		return fail(err)
+	}
+	newAlloc, err := snapshot.Allocated(disk)
+	if err != nil {
+		return fail(err)
+	}
+	out := man
+	out.Artifacts = slices.Clone(man.Artifacts)
+	out.Artifacts[i] = snapshot.Artifact{Role: "disk", Name: man.Artifacts[i].Name, Size: size, SHA256: sum, MtimeNS: st.ModTime().UnixNano()}
+	out.Type, out.BaseImage, out.Result.BaseImage, out.Spec.BaseDisk = SnapshotFull, "", "", ""
+	out.SizeBytes = max(man.SizeBytes-oldAlloc+newAlloc, newAlloc)
+	if err := out.Validate(); err != nil {
+		return fail(err)
+	}
+	return flattened{man: out, tmp: tmp, disk: disk}, nil
+}
+
+// spaceMargin is what a write of need bytes must leave free besides them:
+// 64 MiB plus 1/32 of need (filesystem metadata, qcow2 clusters, and room
+// for the rest of the host).
+func spaceMargin(need int64) int64 { return 64<<20 + need/32 }
+
+// statfsFree is the space unprivileged writers may use on the filesystem
+// of path.
+func statfsFree(path string) (int64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return 0, err
+	}
+	return int64(st.Bavail) * st.Bsize, nil
+}
+
+// checkSpace refuses (ErrNoSpace) a write of about need bytes, for what,
+// into the filesystem of dir when that has less than need plus
+// spaceMargin free. A filesystem that cannot be asked passes: the write
+// itself then fails if it must.
+func (m *Manager) checkSpace(op, dir string, need int64, what string) error {
+	statfs := m.statfs
+	if statfs == nil {
+		statfs = statfsFree
+	}
+	free, err := statfs(dir)
+	if err != nil {
+		m.log.Debug("free space unknown", "dir", dir, "err", err)
+		return nil
+	}
+	if want := need + spaceMargin(need); free < want {
+		return &Error{Op: op,
+			Message: fmt.Sprintf("%s needs about %d MiB on the filesystem of %s (%d MiB and a margin of %d MiB), which has %d MiB free",
+				what, want>>20, dir, need>>20, spaceMargin(need)>>20, free>>20),
+			Fix: newFix(FixFreeResources, ArgResource, ResourceDisk, ArgPath, dir), Err: ErrNoSpace}
+	}
+	return nil
+}
+
+// importNeed is the space an archive's snapshot takes once extracted: the
+// allocated size its manifest gives, bounded by its artifacts' sizes (a
+// manifest may claim anything; the extents written are bounded by the
+// sizes). A manifest that claims less only passes the check: the
+// extraction then fails on a full disk and removes what it wrote.
+func importNeed(man snapshot.Manifest) int64 {
+	var sum int64
+	for _, a := range man.Artifacts {
+		sum += a.Size + 4096 // the last block of each file
+	}
+	return min(man.SizeBytes, sum)
+}
+
+// allocated is the disk space the files at paths use.
+func allocated(paths ...string) (int64, error) {
+	var n int64
+	for _, p := range paths {
+		a, err := snapshot.Allocated(p)
+		if err != nil {
+			return 0, err
+		}
+		n += a
+	}
+	return n, nil
 }
 
 // ctxWriter stops a copy once its context ends.
@@ -100,6 +299,7 @@ func (m *Manager) ImportSnapshot(ctx context.Context, r io.Reader, opts ImportOp
 		steps.Step{Name: "read manifest", Do: op.readManifest},
 		steps.Step{Name: "lock snapshot", Do: func(ctx context.Context) error { return op.locks.snapshot(ctx, op.man.ID) }},
 		steps.Step{Name: "check base image", Do: op.checkBase},
+		steps.Step{Name: "check free space", Do: op.checkSpace},
 		steps.Step{Name: "sweep interrupted snapshots", Do: func(ctx context.Context) error { m.cleanupSnapshots(ctx); return nil }},
 		steps.Step{Name: "reserve snapshot id", Do: op.reserve, Undo: op.abort},
 		steps.Step{Name: "make temp dir", Do: op.makeTemp, Undo: op.removeTemp},
@@ -187,7 +387,8 @@ func narrowImportedNetwork(man *snapshot.Manifest) ([]string, error) {
 }
 
 // checkBase refuses, before anything is written, a diff snapshot whose
-// base image this host lacks (ErrBackingImageMissing naming it), and a
+// base image this host lacks, or has under that path with another digest
+// (ErrBackingImageMissing naming it; checkBaseDigest), and a
 // manifest whose host files (base image, kernel, initrd, base disk) are
 // files of this host outside its image cache: a restore would hand them
 // to QEMU, and so to the guest.
@@ -197,6 +398,9 @@ func (op *importOp) checkBase(context.Context) error {
 			return &Error{Op: "snapshot import",
 				Message: fmt.Sprintf("snapshot %s is a diff snapshot and its base image %s is not on this host; import it where that image is, or export a full snapshot", op.man.ID, b),
 				Fix:     newFix(FixRestoreBaseImage, ArgPath, b), Err: ErrBackingImageMissing}
+		}
+		if err := op.m.checkBaseDigest("snapshot import", op.man); err != nil {
+			return err
 		}
 	}
 	cache, err := filepath.EvalSymlinks(op.m.opts.ImageDir)
@@ -214,6 +418,48 @@ func (op *importOp) checkBase(context.Context) error {
 		if rel, err := filepath.Rel(cache, real); err != nil || !filepath.IsLocal(rel) {
 			return fmt.Errorf("%w: the manifest names host file %s, which is outside this host's image cache %s", snapshot.ErrCorrupt, p, cache)
 		}
+	}
+	return nil
+}
+
+// checkSpace refuses (ErrNoSpace) an archive whose snapshot the snapshot
+// dir's filesystem has no room for (importNeed plus a margin), before
+// anything is written.
+func (op *importOp) checkSpace(context.Context) error {
+	dir := op.m.snapRoot()
+	if _, err := os.Stat(dir); err != nil {
+		dir = op.m.opts.DataDir // made on the first snapshot, inside it
+	}
+	return op.m.checkSpace("snapshot import", dir, importNeed(op.man), "importing snapshot "+op.man.ID)
+}
+
+// checkBaseDigest refuses (ErrBackingImageMissing) the diff snapshot man
+// when the file at its base image path is not the image it was taken on:
+// the manifest recorded that image's digest (Host.ImageSHA256, when the
+// spec's base disk is the base image), and the disk's overlay only holds
+// the clusters the guest changed, so another image under the same name
+// would give the guest a silently corrupt disk. The digest of the file
+// here is the one the image cache recorded when it built it (a small
+// read; image.RootfsSHA256), and only a file the cache does not describe
+// is hashed. A manifest without a digest (format 1, or an image rebuilt
+// while the VM ran) is checked by path only.
+func (m *Manager) checkBaseDigest(op string, man snapshot.Manifest) error {
+	if man.BaseImage == "" || man.Host == nil || man.Host.ImageSHA256 == "" || filepath.Clean(man.Spec.BaseDisk) != man.BaseImage {
+		return nil
+	}
+	sum, recorded, err := image.RootfsSHA256(m.opts.ImageDir, man.BaseImage)
+	if err != nil {
+		return &Error{Op: op, Message: fmt.Sprintf("snapshot %s: its base image %s cannot be read: %v", man.ID, man.BaseImage, err),
+			Fix: newFix(FixRestoreBaseImage, ArgPath, man.BaseImage), Err: errors.Join(ErrBackingImageMissing, err)}
+	}
+	if !recorded {
+		m.log.Debug("base image hashed: the image cache records no digest for it", "path", man.BaseImage)
+	}
+	if sum != man.Host.ImageSHA256 {
+		return &Error{Op: op,
+			Message: fmt.Sprintf("snapshot %s is a diff snapshot of image %s with sha256 %s, but the base image at %s here has sha256 %s: "+
+				"another image under the same path would corrupt the guest's disk", man.ID, man.Host.Image, man.Host.ImageSHA256, man.BaseImage, sum),
+			Fix: newFix(FixRestoreBaseImage, ArgPath, man.BaseImage), Err: ErrBackingImageMissing}
 	}
 	return nil
 }

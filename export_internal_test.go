@@ -1,15 +1,25 @@
 package smolvm
 
 import (
+	"bytes"
+	"context"
 	"encoding/json"
+	"errors"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/smolvm-go/smolvm/internal/backend"
+	"github.com/smolvm-go/smolvm/internal/backend/fakebackend"
 	"github.com/smolvm-go/smolvm/internal/netpolicy"
 	"github.com/smolvm-go/smolvm/internal/snapshot"
+	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
 // An imported archive keeps its network mode and allowed domains but not
@@ -45,4 +55,150 @@ func TestImportNarrowsNetwork(t *testing.T) {
 		got.Network.AllowCIDRs != nil || got.PortForwards != nil {
 		t.Errorf("config after import: %+v", got)
 	}
+}
+
+// TestImportBaseDigestAndSpace (fake backend, milliseconds): an archive of
+// a diff snapshot whose base image is at the recorded path here but with
+// another digest is refused with ErrBackingImageMissing naming both
+// digests; an archive the snapshot dir's filesystem has no room for is
+// refused with ErrNoSpace and the disk fix; both before anything is
+// written (nothing listed, nothing left); with room, the same archive
+// imports.
+func TestImportBaseDigestAndSpace(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	src := newTempManager(t, ctx, "smvxs")
+	vm, err := src.New(ctx, Config{Name: "xsrc", Image: "busybox", Backend: fakebackend.Name, NoNetwork: true, MemoryMiB: 256, ColdBoot: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vm.Delete(context.Background())
+	if err := vm.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vm.Snapshot(ctx, SnapshotOptions{ID: "x1", Type: SnapshotFull, ResumeSource: true}); err != nil {
+		t.Fatal(err)
+	}
+	man, err := snapshot.ReadManifest(filepath.Join(src.snapRoot(), "x1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if man.Host == nil || man.Host.ImageSHA256 == "" || man.Spec.BaseDisk == "" {
+		t.Fatalf("the fake snapshot records no image digest or base disk: %+v", man.Host)
+	}
+	var archive bytes.Buffer
+	if err := src.ExportSnapshot(ctx, "x1", &archive); err != nil {
+		t.Fatal(err)
+	}
+	refused := func(t *testing.T, m *Manager, a []byte, want error, naming ...string) *Error {
+		t.Helper()
+		_, err := m.ImportSnapshot(ctx, bytes.NewReader(a), ImportOptions{})
+		var e *Error
+		if !errors.Is(err, want) || !errors.As(err, &e) {
+			t.Fatalf("import: %v; want %v", err, want)
+		}
+		for _, n := range naming {
+			if !strings.Contains(err.Error(), n) {
+				t.Errorf("the error does not name %q: %v", n, err)
+			}
+		}
+		if l, _ := m.ListSnapshots(ctx, SnapshotFilter{}); len(l) != 0 {
+			t.Errorf("listed after a refused import: %+v", l)
+		}
+		if ents, _ := os.ReadDir(m.snapRoot()); len(ents) != 0 {
+			t.Errorf("left in the snapshot dir: %v", ents)
+		}
+		return e
+	}
+
+	t.Run("base image with another digest", func(t *testing.T) {
+		other := strings.Repeat("0", 64)
+		diff := testutil.RewriteArchive(t, archive.Bytes(), func(name string, data []byte) (string, []byte) {
+			if name != snapshot.ManifestName {
+				return name, data
+			}
+			var m map[string]any
+			if err := json.Unmarshal(data, &m); err != nil {
+				t.Fatal(err)
+			}
+			m["type"], m["base_image"] = "diff", man.Spec.BaseDisk
+			m["result"].(map[string]any)["base_image"] = man.Spec.BaseDisk
+			m["host"].(map[string]any)["image_sha256"] = other
+			data, _ = json.Marshal(m)
+			return name, data
+		})
+		e := refused(t, newTempManager(t, ctx, "smvxd"), diff, ErrBackingImageMissing, other, man.Host.ImageSHA256, man.Spec.BaseDisk)
+		if e.Fix.Action != FixRestoreBaseImage {
+			t.Errorf("fix %+v", e.Fix)
+		}
+		// The same manifest with the image's own digest passes the check,
+		// which reads the digest the image cache recorded.
+		dm := man
+		dm.Type, dm.BaseImage, dm.Result.BaseImage = SnapshotDiff, man.Spec.BaseDisk, man.Spec.BaseDisk
+		if err := src.checkBaseDigest("restore", dm); err != nil {
+			t.Errorf("the image's own digest: %v", err)
+		}
+		h := *man.Host
+		h.ImageSHA256, dm.Host = other, &h
+		if err := src.checkBaseDigest("restore", dm); !errors.Is(err, ErrBackingImageMissing) {
+			t.Errorf("restore with another digest: %v", err)
+		}
+	})
+
+	t.Run("no space", func(t *testing.T) {
+		dst := newTempManager(t, ctx, "smvxf")
+		var asked string
+		free := int64(1 << 20)
+		dst.statfs = func(p string) (int64, error) { asked = p; return free, nil }
+		e := refused(t, dst, archive.Bytes(), ErrNoSpace, "MiB free")
+		if e.Fix.Action != FixFreeResources || e.Fix.Arg(ArgResource) != ResourceDisk || e.Fix.Arg(ArgPath) != asked {
+			t.Errorf("fix %+v (statfs asked about %s)", e.Fix, asked)
+		}
+		if rel, err := filepath.Rel(dst.opts.DataDir, asked); err != nil || !filepath.IsLocal(rel) && rel != "." {
+			t.Errorf("statfs asked about %s, outside the data dir %s", asked, dst.opts.DataDir)
+		}
+		// With room it imports (without the fake's disk, a tar that import's
+		// qcow2 check refuses).
+		noDisk := testutil.RewriteArchive(t, archive.Bytes(), func(name string, data []byte) (string, []byte) {
+			switch name {
+			case fakebackend.DiskFile:
+				return name, nil
+			case snapshot.ManifestName:
+				var m snapshot.Manifest
+				if err := json.Unmarshal(data, &m); err != nil {
+					t.Fatal(err)
+				}
+				isDisk := func(role string) bool { return role == "disk" }
+				m.Artifacts = slices.DeleteFunc(m.Artifacts, func(a snapshot.Artifact) bool { return isDisk(a.Role) })
+				m.Result.Artifacts = slices.DeleteFunc(m.Result.Artifacts, func(a backend.Artifact) bool { return isDisk(a.Role) })
+				data, _ = json.Marshal(m)
+			}
+			return name, data
+		})
+		free = importNeed(man) + spaceMargin(importNeed(man)) // exactly enough
+		if _, err := dst.ImportSnapshot(ctx, bytes.NewReader(noDisk), ImportOptions{}); err != nil {
+			t.Fatalf("with room: %v", err)
+		}
+	})
+
+	t.Run("rule", func(t *testing.T) {
+		m := newTempManager(t, ctx, "smvxr")
+		m.statfs = func(string) (int64, error) { return 0, errors.New("statfs unsupported") }
+		if err := m.checkSpace("x", "/", 1<<40, "x"); err != nil {
+			t.Errorf("a filesystem that cannot be asked: %v", err)
+		}
+		m.statfs = func(string) (int64, error) { return 100<<20 + spaceMargin(100<<20) - 1, nil }
+		if err := m.checkSpace("x", "/", 100<<20, "x"); !errors.Is(err, ErrNoSpace) {
+			t.Errorf("one byte short: %v", err)
+		}
+		// A manifest's allocated size is bounded by its artifacts' sizes.
+		big := snapshot.Manifest{SizeBytes: 1 << 50, Artifacts: []snapshot.Artifact{{Size: 1 << 20}, {Size: 10}}}
+		if got := importNeed(big); got != 1<<20+10+2*4096 {
+			t.Errorf("importNeed of a manifest claiming 1 PiB: %d", got)
+		}
+		big.SizeBytes = 5000
+		if got := importNeed(big); got != 5000 {
+			t.Errorf("importNeed: %d", got)
+		}
+	})
 }

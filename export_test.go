@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/smolvm-go/smolvm"
+	"github.com/smolvm-go/smolvm/internal/snapshot"
 	"github.com/smolvm-go/smolvm/internal/testutil"
 )
 
@@ -26,6 +27,9 @@ func TestExportImport(t *testing.T) {
 	src := newManager(t)
 	vm := boot(t, src, smolvm.Config{Name: "travel", Image: "busybox", NoNetwork: true})
 	startWorkload(t, vm)
+	// What the base image holds, read from the guest's disk: a flattened
+	// import must give the same bytes with the page cache dropped.
+	baseSum := run(t, vm, "md5sum /bin/busybox").Output()
 	if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "d1", Type: smolvm.SnapshotDiff, ResumeSource: true}); err != nil {
 		t.Fatal(err)
 	}
@@ -33,7 +37,7 @@ func TestExportImport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var full, diff bytes.Buffer
+	var full, diff, flat, fullFlat bytes.Buffer
 	t0 := time.Now()
 	if err := src.ExportSnapshot(ctx, "f1", &full); err != nil {
 		t.Fatal(err)
@@ -41,6 +45,20 @@ func TestExportImport(t *testing.T) {
 	exportTime := time.Since(t0)
 	if err := src.ExportSnapshot(ctx, "d1", &diff); err != nil {
 		t.Fatal(err)
+	}
+	t0 = time.Now()
+	if err := src.ExportSnapshot(ctx, "d1", &flat, smolvm.ExportOptions{Flatten: true}); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("diff snapshot: export %d bytes; flattened %d bytes in %v", diff.Len(), flat.Len(), time.Since(t0))
+	if err := src.ExportSnapshot(ctx, "f1", &fullFlat, smolvm.ExportOptions{Flatten: true}); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(fullFlat.Bytes(), full.Bytes()) {
+		t.Error("flattening a full snapshot changed its archive (it has no backing file: a no-op)")
+	}
+	if left, _ := filepath.Glob(filepath.Join(src.DataDir(), ".export-*")); len(left) != 0 {
+		t.Errorf("the flattened export left %v", left)
 	}
 	// The source VM stays paused after the full snapshot: delete it (its
 	// snapshots stay), or its QEMU would outlive the test.
@@ -82,7 +100,51 @@ func TestExportImport(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	t.Run("flatten", func(t *testing.T) { flattenedImport(t, flat.Bytes(), info.VMID, baseSum) })
 	t.Run("hostile", func(t *testing.T) { hostileImports(t, full.Bytes(), diff.Bytes()) })
+}
+
+// flattenedImport: the flattened archive of a diff snapshot is a full
+// snapshot that names no base image (manifest, backend result, spec);
+// imported into a fresh data dir its disk has no backing file, and its
+// restore has the workload back and reads the base image's files from
+// the flattened disk (page cache dropped). A memory restore needs no
+// kernel or root filesystem on the host; the spec still names the
+// kernel, which a cold boot of the restored VM would use.
+func flattenedImport(t *testing.T, archive []byte, vmID, baseSum string) {
+	ctx := testCtx(t)
+	ar, err := snapshot.OpenArchive(bytes.NewReader(archive))
+	if err != nil {
+		t.Fatal(err)
+	}
+	man := ar.Manifest()
+	ar.Close()
+	if man.Type != smolvm.SnapshotFull || man.BaseImage != "" || man.Result.BaseImage != "" || man.Spec.BaseDisk != "" {
+		t.Fatalf("flattened manifest: type %s, base image %q / %q, base disk %q", man.Type, man.BaseImage, man.Result.BaseImage, man.Spec.BaseDisk)
+	}
+	dst := newManager(t)
+	got, err := dst.ImportSnapshot(ctx, bytes.NewReader(archive), smolvm.ImportOptions{SnapshotID: "flat"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Type != smolvm.SnapshotFull || got.VMID != vmID {
+		t.Fatalf("imported %+v", got)
+	}
+	disk := filepath.Join(dst.DataDir(), "snapshots", "flat", "disk.qcow2")
+	if back, err := snapshot.CheckQcow2(disk, ""); err != nil || back != "" {
+		t.Fatalf("the imported disk has backing file %q (%v)", back, err)
+	}
+	vm, err := dst.FromSnapshot(ctx, "flat", smolvm.RestoreOptions{Resume: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { vm.Delete(ctx); vm.Close() }()
+	if tmpfs, proc, disk := checkWorkload(t, vm); !tmpfs || !proc || !disk {
+		t.Errorf("restore of the flattened snapshot: tmpfs=%v process=%v disk=%v", tmpfs, proc, disk)
+	}
+	if sum := run(t, vm, "sync; echo 3 > /proc/sys/vm/drop_caches; md5sum /bin/busybox").Output(); sum != baseSum || sum == "" {
+		t.Errorf("a base image file read from the flattened disk: %q, want %q", sum, baseSum)
+	}
 }
 
 func rewriteManifest(t *testing.T, archive []byte, mod func(m map[string]any)) []byte {
@@ -163,6 +225,9 @@ func hostileImports(t *testing.T, full, diff []byte) {
 			m["base_image"] = "/nonexistent/rootfs.ext4"
 			m["result"].(map[string]any)["base_image"] = "/nonexistent/rootfs.ext4"
 		}), smolvm.ErrBackingImageMissing, "/nonexistent/rootfs.ext4"},
+		{"diff whose base image here has another digest", rewriteManifest(t, diff, func(m map[string]any) {
+			m["host"].(map[string]any)["image_sha256"] = strings.Repeat("0", 64)
+		}), smolvm.ErrBackingImageMissing, strings.Repeat("0", 64)},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -87,8 +87,8 @@ const (
 	// FixSetEnv: set (or unset) the host environment variable(s) ArgEnv
 	// (comma-separated) as ArgHint says.
 	FixSetEnv FixAction = "set_env"
-	// FixFreeResources: free the host resource ArgResource (ResourceMemory
-	// or ResourceUIDs).
+	// FixFreeResources: free the host resource ArgResource (ResourceMemory,
+	// ResourceUIDs, or ResourceDisk on the filesystem of ArgPath).
 	FixFreeResources FixAction = "free_resources"
 	// FixRemoveDir: a directory is not private (another user may have
 	// planted it): remove it (ArgPath, when known; "the directory named
@@ -129,6 +129,7 @@ const (
 const (
 	ResourceMemory = "memory" // host memory (fork fewer clones)
 	ResourceUIDs   = "uids"   // the uid range VMMs drop to
+	ResourceDisk   = "disk"   // free space on the filesystem of ArgPath
 )
 
 // Fix is a typed recovery: an action and its arguments. The zero Fix
@@ -281,6 +282,8 @@ func freeResources(f Fix) string {
 		return "fork fewer clones, or free host memory"
 	case ResourceUIDs:
 		return "delete unused VMs, or widen the range with SMOLVM_UID_BASE / SMOLVM_UID_COUNT"
+	case ResourceDisk:
+		return "free disk space on the filesystem of " + f.Arg(ArgPath) + " (delete snapshots or VMs no longer needed)"
 	}
 	return "free host " + f.Arg(ArgResource)
 }

@@ -32,6 +32,9 @@ type Manager struct {
 	// memAvailable reports the host's available memory in MiB (Fork's
 	// check); nil reads /proc/meminfo. Tests set it to reach the refusal.
 	memAvailable func() (int64, bool)
+	// statfs reports the free bytes on the filesystem of a path (import's
+	// and a flattened export's check); nil asks statfs(2). Tests set it.
+	statfs func(path string) (int64, error)
 }
 
 // NewManager opens (creating if needed) the data directory in opts.

@@ -600,6 +600,9 @@ func (m *Manager) loadSnapshot(ctx context.Context, id string, full bool) (snaps
 				Fix:     newFix(FixRestoreBaseImage, ArgPath, man.BaseImage),
 				Err:     errors.Join(ErrBackingImageMissing, backend.ErrBackingMissing)}
 		}
+		if err := m.checkBaseDigest("restore", man); err != nil {
+			return man, err
+		}
 	}
 	return man, nil
 }

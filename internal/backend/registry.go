@@ -148,6 +148,15 @@ type Detacher interface {
 	Detach(ctx context.Context, m Machine) error
 }
 
+// DiskFlattener is implemented by backends whose diff snapshots keep the
+// disk as an overlay on the base image (SnapshotResult.BaseImage):
+// FlattenDisk writes the snapshot disk src with its whole backing chain to
+// dst, a new private file that depends on nothing (a self-contained
+// export).
+type DiskFlattener interface {
+	FlattenDisk(ctx context.Context, src, dst string) error
+}
+
 // NetStatser is implemented by backends that filter guest traffic through a
 // network sidecar: NetStats reports what the sidecar of a running machine
 // let through and refused (backend.ErrNotRunning when it is not running).

@@ -76,6 +76,8 @@ func TestFixWords(t *testing.T) {
 		{fx(smolvm.FixSetEnv, smolvm.ArgEnv, "SMOLVM_DATA_DIR", hint, "check permissions of the data dir or set SMOLVM_DATA_DIR"), "check permissions of the data dir or set SMOLVM_DATA_DIR"},
 		{fx(smolvm.FixFreeResources, smolvm.ArgResource, smolvm.ResourceMemory), "fork fewer clones, or free host memory"},
 		{fx(smolvm.FixFreeResources, smolvm.ArgResource, smolvm.ResourceUIDs), "delete unused VMs, or widen the range with SMOLVM_UID_BASE / SMOLVM_UID_COUNT"},
+		{fx(smolvm.FixFreeResources, smolvm.ArgResource, smolvm.ResourceDisk, smolvm.ArgPath, "/var/lib/smolvm"),
+			"free disk space on the filesystem of /var/lib/smolvm (smolvm sandbox snapshot list, then smolvm sandbox snapshot delete ID)"},
 		{fx(smolvm.FixRemoveDir, smolvm.ArgPath, "/run/smolvm", smolvm.ArgEnv, "SMOLVM_RUN_DIR"), "stop the VMs using it, then rm -r /run/smolvm; or set SMOLVM_RUN_DIR to a private directory"},
 		{fx(smolvm.FixRemoveDir, smolvm.ArgEnv, "SMOLVM_RUN_DIR"), "remove the directory named above (another user may have planted it), or set SMOLVM_RUN_DIR to a private directory"},
 		{fx(smolvm.FixRunSetup), "scripts/setup"},

@@ -13,25 +13,28 @@ import (
 	"github.com/smolvm-go/smolvm/internal/fsutil"
 )
 
-// snapshotExportCmd is `snapshot export ID -o FILE|-`.
+// snapshotExportCmd is `snapshot export ID -o FILE|- [--flatten]`.
 func (a *app) snapshotExportCmd() *cobra.Command {
-	var out string
+	var (
+		out  string
+		opts smolvm.ExportOptions
+	)
 	export := &cobra.Command{
-		Use:               "export ID -o FILE|-",
+		Use:               "export ID -o FILE|- [--flatten]",
 		Short:             "Write a snapshot as one archive (zstd tar) to FILE or stdout",
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: a.completeSnapshots,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
 				if out == "-" {
-					return m.ExportSnapshot(ctx, args[0], cmd.OutOrStdout())
+					return m.ExportSnapshot(ctx, args[0], cmd.OutOrStdout(), opts)
 				}
 				start := time.Now()
 				var n int64
 				// Written to a temp file and renamed: a failed export leaves no FILE.
 				err := fsutil.Write(out, func(w io.Writer) (os.FileMode, error) {
 					cw := &countWriter{w: w}
-					err := m.ExportSnapshot(ctx, args[0], cw)
+					err := m.ExportSnapshot(ctx, args[0], cw, opts)
 					n = cw.n
 					return 0o600, err
 				})
@@ -44,6 +47,8 @@ func (a *app) snapshotExportCmd() *cobra.Command {
 		},
 	}
 	export.Flags().StringVarP(&out, "output", "o", "", "archive file, or - for stdout")
+	export.Flags().BoolVar(&opts.Flatten, "flatten", false,
+		"make a diff snapshot self-contained (its base image merged into the disk): it then restores on a host without that image")
 	export.MarkFlagRequired("output")
 	return export
 }

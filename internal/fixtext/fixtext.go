@@ -128,9 +128,15 @@ var Words = map[smolvm.FixAction]func(smolvm.Fix) string{
 	smolvm.FixEditAllowLists: func(smolvm.Fix) string {
 		return "use --allow-domain NAME / --allow-cidr CIDR (see smolvm sandbox create --help)"
 	},
-	smolvm.FixRenameEnv:     func(smolvm.Fix) string { return "rename the variable, e.g. -e MY_VAR=value" },
-	smolvm.FixSetEnv:        neutral,
-	smolvm.FixFreeResources: neutral,
+	smolvm.FixRenameEnv: func(smolvm.Fix) string { return "rename the variable, e.g. -e MY_VAR=value" },
+	smolvm.FixSetEnv:    neutral,
+	smolvm.FixFreeResources: func(f smolvm.Fix) string {
+		if f.Arg(smolvm.ArgResource) == smolvm.ResourceDisk {
+			return "free disk space on the filesystem of " + f.Arg(smolvm.ArgPath) +
+				" (smolvm sandbox snapshot list, then smolvm sandbox snapshot delete ID)"
+		}
+		return f.String()
+	},
 	smolvm.FixRemoveDir: func(f smolvm.Fix) string {
 		if p := f.Arg(smolvm.ArgPath); p != "" {
 			return "stop the VMs using it, then rm -r " + p + "; or set " + f.Arg(smolvm.ArgEnv) + " to a private directory"

@@ -32,6 +32,12 @@ const maxWindow = 64 << 20
 // artifact is hashed as it is sent (Digest's scheme): one whose data no
 // longer matches the manifest fails the export (ErrCorrupt).
 func WriteArchive(w io.Writer, dir string, m Manifest) error {
+	return WriteArchiveFiles(w, m, func(a Artifact) string { return filepath.Join(dir, a.Name) })
+}
+
+// WriteArchiveFiles is WriteArchive with each artifact read from the file
+// path gives (a flattened export sends its disk from a temp file).
+func WriteArchiveFiles(w io.Writer, m Manifest, path func(Artifact) string) error {
 	zw, err := zstd.NewWriter(w, zstd.WithEncoderConcurrency(1))
 	if err != nil {
 		return err
@@ -49,7 +55,7 @@ func WriteArchive(w io.Writer, dir string, m Manifest) error {
 		return err
 	}
 	for _, a := range m.Artifacts {
-		if err := writeArtifact(tw, filepath.Join(dir, a.Name), a, m.CreatedAt); err != nil {
+		if err := writeArtifact(tw, path(a), a, m.CreatedAt); err != nil {
 			return fmt.Errorf("exporting %s: %w", a.Name, err)
 		}
 	}

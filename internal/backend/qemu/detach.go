@@ -45,6 +45,27 @@ func (b *Backend) Detach(ctx context.Context, m backend.Machine) error {
 	return fsutil.SyncDir(m.Dir)
 }
 
+// FlattenDisk implements backend.DiskFlattener: qemu-img convert of the
+// snapshot disk src (qcow2, read with its backing chain) to dst (qcow2,
+// without one), made private. Explicit formats, so nothing is probed; -U
+// because VMs restored from the snapshot hold src open as their backing
+// file (read-only: the file never changes, and the caller holds the
+// snapshot's lock). dst must not exist; it is removed on error.
+func (b *Backend) FlattenDisk(ctx context.Context, src, dst string) error {
+	if _, err := os.Lstat(dst); err == nil {
+		return fmt.Errorf("qemu: flatten disk: %s: %w", dst, os.ErrExist)
+	}
+	if err := b.qemuImg(ctx, "convert", "-U", "-f", "qcow2", "-O", "qcow2", src, dst); err != nil {
+		os.Remove(dst)
+		return fmt.Errorf("qemu: flatten disk: %w", err)
+	}
+	if err := private(dst); err != nil { // qemu-img creates it 0644
+		os.Remove(dst)
+		return err
+	}
+	return nil
+}
+
 // HostTSCkHz is the host TSC frequency in kHz the backend passes to microvm
 // guests under TCG as tsc_early_khz (0 when unknown).
 func HostTSCkHz() int { return hostTSCkHz(defaultHost.CPUInfo) }
