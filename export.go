@@ -113,7 +113,7 @@ type flattened struct {
 // so a VM restored from it depends on nothing from the image either), the
 // disk's digest, size and the snapshot's allocated size recomputed. The
 // disk's header is checked first: its backing file must be exactly the
-// base image (qemu-img reads what it names).
+// base image (qemu-img reads what it names), and its digest.
 func (m *Manager) flattenForExport(ctx context.Context, dir string, man snapshot.Manifest) (fl flattened, err error) {
 	fail := func(err error) (flattened, error) {
 		return flattened{}, &Error{Op: "snapshot export", Message: fmt.Sprintf("snapshot %s cannot be flattened: %v", man.ID, err), Err: err}
@@ -133,6 +133,13 @@ func (m *Manager) flattenForExport(ctx context.Context, dir string, man snapshot
 	src := filepath.Join(dir, man.Artifacts[i].Name)
 	if _, err := snapshot.CheckQcow2(src, man.BaseImage); err != nil {
 		return fail(err)
+	}
+	// The archive sends the flattened disk, re-hashed as it goes: the
+	// source is hashed here (an overlay: the data the guest wrote), so a
+	// changed snapshot fails a flattened export as it fails any other.
+	if sum, _, err := snapshot.Digest(src); err != nil || sum != man.Artifacts[i].SHA256 {
+		return flattened{}, &Error{Op: "snapshot export", Message: fmt.Sprintf("snapshot %s cannot be exported: its disk does not match its checksum (%v)", man.ID, err),
+			Fix: newFix(FixRetakeSnapshot, ArgSnapshot, man.ID), Err: errors.Join(ErrSnapshotCorrupt, snapshot.ErrCorrupt)}
 	}
 	// The flattened disk holds at most the base image's data plus the
 	// overlay's.
