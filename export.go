@@ -112,11 +112,15 @@ type flattened struct {
 // image (in the manifest, the backend's result, and the spec's base disk,
 // so a VM restored from it depends on nothing from the image either), the
 // disk's digest, size and the snapshot's allocated size recomputed. The
-// disk's header is checked first: its backing file must be exactly the
-// base image (qemu-img reads what it names), and its digest.
+// disk's digest is checked first, then its header: its backing file must
+// be exactly the base image (qemu-img reads what it names).
 func (m *Manager) flattenForExport(ctx context.Context, dir string, man snapshot.Manifest) (fl flattened, err error) {
 	fail := func(err error) (flattened, error) {
-		return flattened{}, &Error{Op: "snapshot export", Message: fmt.Sprintf("snapshot %s cannot be flattened: %v", man.ID, err), Err: err}
+		e := &Error{Op: "snapshot export", Message: fmt.Sprintf("snapshot %s cannot be flattened: %v", man.ID, err), Err: err}
+		if errors.Is(err, snapshot.ErrCorrupt) || errors.Is(err, snapshot.ErrForeignBacking) {
+			e.Fix, e.Err = newFix(FixRetakeSnapshot, ArgSnapshot, man.ID), errors.Join(ErrSnapshotCorrupt, err)
+		}
+		return flattened{}, e
 	}
 	b, err := m.backend(man.Backend)
 	if err != nil {
@@ -131,15 +135,16 @@ func (m *Manager) flattenForExport(ctx context.Context, dir string, man snapshot
 		return fail(fmt.Errorf("%w: it names base image %s but has no disk", snapshot.ErrCorrupt, man.BaseImage))
 	}
 	src := filepath.Join(dir, man.Artifacts[i].Name)
-	if _, err := snapshot.CheckQcow2(src, man.BaseImage); err != nil {
-		return fail(err)
-	}
 	// The archive sends the flattened disk, re-hashed as it goes: the
 	// source is hashed here (an overlay: the data the guest wrote), so a
 	// changed snapshot fails a flattened export as it fails any other.
-	if sum, _, err := snapshot.Digest(src); err != nil || sum != man.Artifacts[i].SHA256 {
-		return flattened{}, &Error{Op: "snapshot export", Message: fmt.Sprintf("snapshot %s cannot be exported: its disk does not match its checksum (%v)", man.ID, err),
-			Fix: newFix(FixRetakeSnapshot, ArgSnapshot, man.ID), Err: errors.Join(ErrSnapshotCorrupt, snapshot.ErrCorrupt)}
+	if sum, _, err := snapshot.Digest(src); err != nil {
+		return fail(err)
+	} else if sum != man.Artifacts[i].SHA256 {
+		return fail(fmt.Errorf("%w: %s does not match its checksum (sha256 %s, manifest %s)", snapshot.ErrCorrupt, src, sum[:12], man.Artifacts[i].SHA256[:12]))
+	}
+	if _, err := snapshot.CheckQcow2(src, man.BaseImage); err != nil {
+		return fail(err)
 	}
 	// The flattened disk holds at most the base image's data plus the
 	// overlay's.

@@ -63,27 +63,7 @@ func TestExportImport(t *testing.T) {
 	}
 	// A diff snapshot whose disk changed (its mtime put back, so only a
 	// hash notices) fails a flattened export as it fails any other.
-	d1disk := filepath.Join(src.DataDir(), "snapshots", "d1", "disk.qcow2")
-	st, err := os.Stat(d1disk)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.OpenFile(d1disk, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	last := make([]byte, 1)
-	if _, err := f.ReadAt(last, st.Size()-1); err != nil {
-		t.Fatal(err)
-	}
-	last[0] ^= 1
-	if _, err := f.WriteAt(last, st.Size()-1); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	if err := os.Chtimes(d1disk, st.ModTime(), st.ModTime()); err != nil {
-		t.Fatal(err)
-	}
+	corruptKeepingStat(t, filepath.Join(src.DataDir(), "snapshots", "d1", "disk.qcow2"))
 	if err := src.ExportSnapshot(ctx, "d1", io.Discard, smolvm.ExportOptions{Flatten: true}); !errors.Is(err, smolvm.ErrSnapshotCorrupt) {
 		t.Errorf("flattened export of a changed disk: %v", err)
 	}
