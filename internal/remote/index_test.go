@@ -235,6 +235,11 @@ func TestPushValidates(t *testing.T) {
 			t.Errorf("Push(%q, %v): %v, want ErrInvalid", c.id, c.files, err)
 		}
 	}
+	for _, cs := range []int64{1000, 32 << 10, 96 << 10, 128 << 20} {
+		if _, err := Push(ctx, newMem(), "s", nil, nil, PushOptions{ChunkSize: cs}); !errors.Is(err, ErrInvalid) {
+			t.Errorf("Push with chunk size %d: %v, want ErrInvalid", cs, err)
+		}
+	}
 	if _, err := Push(ctx, newMem(), "s", make([]byte, MaxManifestSize+1), nil, PushOptions{}); !errors.Is(err, ErrInvalid) {
 		t.Errorf("Push of a 1 MiB+1 manifest: %v, want ErrInvalid", err)
 	}

@@ -110,6 +110,12 @@ func Push(ctx context.Context, st Store, id string, manifest []byte, files []Fil
 		return stats, fmt.Errorf("%w: %d files, at most %d", ErrInvalid, len(files), MaxFiles)
 	}
 	cs := chunkSize
+	if opts.ChunkSize != 0 {
+		cs = opts.ChunkSize
+	}
+	if cs < minChunkSize || cs > maxChunkSize || cs&(cs-1) != 0 {
+		return stats, fmt.Errorf("%w: chunk size %d: a power of two from %d to %d", ErrInvalid, cs, minChunkSize, maxChunkSize)
+	}
 	ix := index{Format: indexFormat, ID: id, ChunkSize: cs, Manifest: manifest, Files: make([]indexFile, len(files))}
 	seen := map[string]bool{}
 	slots := make([][]string, len(files)) // per file, per window: the chunk key, "" for a hole

@@ -22,8 +22,8 @@ import (
 // aligned to it.
 const ChunkSize = 4 << 20
 
-// chunkSize is what Push uses; tests and the dedup figure change it to
-// measure other sizes. Pull takes the size from the index (bounded).
+// chunkSize is what Push uses when PushOptions.ChunkSize is zero; tests
+// change it. Pull takes the size from the index (bounded).
 var chunkSize int64 = ChunkSize
 
 // Store is the narrow object-store interface the chunk layer needs (S3 in
@@ -67,6 +67,10 @@ type Progress struct {
 type PushOptions struct {
 	Parallel int            // default 4
 	Progress func(Progress) // called from one goroutine at a time, may be nil
+	// ChunkSize overrides ChunkSize, to measure other sizes (the dedup
+	// figure): a power of two from 64 KiB to 64 MiB; 0 = ChunkSize.
+	// Snapshots pushed with different sizes share no chunks.
+	ChunkSize int64
 }
 
 // PushStats says what a push found and sent.

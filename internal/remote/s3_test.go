@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -196,6 +197,26 @@ func TestS3(t *testing.T) {
 		}
 	})
 
+	t.Run("ChunkSizeOption", func(t *testing.T) {
+		st := openS3(t, srv, "chunksize")
+		files := snapshotFiles(t, privateDir(t))
+		ps, err := Push(ctx, st, "s", nil, files, PushOptions{ChunkSize: 1 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// memory: 4 KiB at 0, 3 MiB at 9 MiB+100 (4 chunks), 5000 bytes at 40 MiB; disk: 6 chunks.
+		if ps.Chunks != 12 {
+			t.Fatalf("push with 1 MiB chunks: %+v, want 12 chunks", ps)
+		}
+		dst := privateDir(t)
+		if _, _, err := Pull(ctx, st, "s", dst, PullOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range files {
+			sameFile(t, f.Path, filepath.Join(dst, f.Name))
+		}
+	})
+
 	t.Run("PushResumes", func(t *testing.T) {
 		defer setChunkSize(64 << 10)()
 		st := openS3(t, srv, "pushresume")
@@ -222,9 +243,17 @@ func TestS3(t *testing.T) {
 		if err != nil || stored < 10 || stored >= 40 {
 			t.Fatalf("after the killed push the store holds %d chunks (%v), want 10..39", stored, err)
 		}
+		// A put the cancelled client gave up on may still land on the server
+		// afterwards (it had the whole body): at most Parallel (2) of them.
 		ps, err := Push(ctx, st, "half", nil, files, PushOptions{})
-		if err != nil || ps.Chunks != 40 || ps.Uploaded != 40-stored {
-			t.Fatalf("re-run: %+v, %v: want %d uploaded", ps, err, 40-stored)
+		if err != nil || ps.Chunks != 40 || ps.Uploaded > 40-stored || ps.Uploaded < 40-stored-2 {
+			t.Fatalf("re-run: %+v, %v: want %d uploaded (2 fewer at most)", ps, err, 40-stored)
+		}
+		if n, _, err := Usage(ctx, st); err != nil || n != 40 {
+			t.Fatalf("after the re-run the store holds %d chunks (%v), want 40", n, err)
+		}
+		if es, err := List(ctx, st); err != nil || len(es) != 1 {
+			t.Fatalf("after the re-run List = %+v, %v", es, err)
 		}
 	})
 
@@ -367,4 +396,42 @@ func setChunkSize(n int64) func() {
 	old := chunkSize
 	chunkSize = n
 	return func() { chunkSize = old }
+}
+
+// BenchmarkPushPull measures push and pull throughput of 64 MiB of
+// incompressible data (16 chunks) against versitygw on this host, each
+// iteration into a fresh prefix (nothing dedups).
+func BenchmarkPushPull(b *testing.B) {
+	srv := s3server.Start(b, "bench")
+	for _, kv := range srv.Env() {
+		k, v, _ := strings.Cut(kv, "=")
+		b.Setenv(k, v)
+	}
+	ctx := context.Background()
+	dir := b.TempDir()
+	p := filepath.Join(dir, "data")
+	os.WriteFile(p, randBytes(64<<20), 0o600)
+	files := []File{{Name: "data", Path: p}}
+	var push, pull time.Duration
+	b.SetBytes(64 << 20)
+	for i := 0; b.Loop(); i++ {
+		st, err := NewS3(ctx, S3Config{URL: fmt.Sprintf("s3://bench/i%d", i), Endpoint: srv.Endpoint})
+		if err != nil {
+			b.Fatal(err)
+		}
+		t0 := time.Now()
+		if _, err := Push(ctx, st, "s", nil, files, PushOptions{}); err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		dst := filepath.Join(b.TempDir(), "d")
+		os.Mkdir(dst, 0o700)
+		if _, _, err := Pull(ctx, st, "s", dst, PullOptions{}); err != nil {
+			b.Fatal(err)
+		}
+		push += t1.Sub(t0)
+		pull += time.Since(t1)
+	}
+	b.ReportMetric(float64(b.N)*64/push.Seconds(), "push-MiB/s")
+	b.ReportMetric(float64(b.N)*64/pull.Seconds(), "pull-MiB/s")
 }
