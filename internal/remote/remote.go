@@ -16,6 +16,8 @@ import (
 	"errors"
 	"io"
 	"time"
+
+	"golang.org/x/sync/errgroup"
 )
 
 // ChunkSize is the size of the raw file data one chunk holds, at offsets
@@ -109,4 +111,21 @@ func parallel(n int) int {
 		return defaultParallel
 	}
 	return min(n, 64)
+}
+
+// forEach runs fn on every job, at most par at a time, and stops at the
+// first error or when ctx ends (its error then).
+func forEach[J any](ctx context.Context, par int, jobs []J, fn func(ctx context.Context, j J) error) error {
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(par)
+	for _, j := range jobs {
+		if gctx.Err() != nil {
+			break
+		}
+		g.Go(func() error { return fn(gctx, j) })
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	return ctx.Err()
 }
