@@ -304,6 +304,34 @@ func TestS3(t *testing.T) {
 		sameFile(t, p, filepath.Join(dst, "disk"))
 	})
 
+	t.Run("PullOverStaleFiles", func(t *testing.T) {
+		st := openS3(t, srv, "stale")
+		files := snapshotFiles(t, privateDir(t))
+		if _, err := Push(ctx, st, "s", nil, files, PushOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		// dir holds other data under the same names: longer, shorter, data where
+		// the snapshot has holes. The pull must end byte-equal with holes punched.
+		dst := privateDir(t)
+		os.WriteFile(filepath.Join(dst, "memory"), randBytes(70<<20), 0o600)
+		os.WriteFile(filepath.Join(dst, "zeros"), randBytes(1<<20), 0o600)
+		os.WriteFile(filepath.Join(dst, "disk"), randBytes(9<<20), 0o600)
+		os.WriteFile(filepath.Join(dst, "empty"), randBytes(10), 0o600)
+		_, pst, err := Pull(ctx, st, "s", dst, PullOptions{})
+		if err != nil || pst.Downloaded != 6 {
+			t.Fatalf("pull over stale files: %+v, %v: want all 6 chunks downloaded", pst, err)
+		}
+		for _, f := range files {
+			sameFile(t, f.Path, filepath.Join(dst, f.Name))
+		}
+		if a := allocated(t, filepath.Join(dst, "memory")); a > 4*ChunkSize {
+			t.Errorf("memory allocates %d bytes after the pull, its data chunks are 4*4 MiB", a)
+		}
+		if a := allocated(t, filepath.Join(dst, "zeros")); a != 0 {
+			t.Errorf("zeros allocates %d bytes after the pull, want a hole", a)
+		}
+	})
+
 	t.Run("CorruptChunk", func(t *testing.T) {
 		defer setChunkSize(64 << 10)()
 		st := openS3(t, srv, "corrupt")
