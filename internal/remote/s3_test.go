@@ -313,7 +313,9 @@ func TestS3(t *testing.T) {
 		// dir holds other data under the same names: longer, shorter, data where
 		// the snapshot has holes. The pull must end byte-equal with holes punched.
 		dst := privateDir(t)
-		os.WriteFile(filepath.Join(dst, "memory"), randBytes(70<<20), 0o600)
+		writeSparse(t, filepath.Join(dst, "memory"), 70<<20, map[int64][]byte{
+			0: randBytes(8192), 5 << 20: randBytes(1 << 20), 20 << 20: randBytes(4096), 41 << 20: randBytes(4096), 68 << 20: randBytes(4096),
+		})
 		os.WriteFile(filepath.Join(dst, "zeros"), randBytes(1<<20), 0o600)
 		os.WriteFile(filepath.Join(dst, "disk"), randBytes(9<<20), 0o600)
 		os.WriteFile(filepath.Join(dst, "empty"), randBytes(10), 0o600)
@@ -403,15 +405,15 @@ func TestS3(t *testing.T) {
 	})
 
 	t.Run("Unreachable", func(t *testing.T) {
-		other := s3server.Start(t, "gone")
-		st, err := NewS3(ctx, S3Config{URL: "s3://gone", Endpoint: other.Endpoint})
-		if err != nil {
-			t.Fatal(err)
-		}
-		other.Stop()
+		// The last subtest: it stops the shared server.
+		st := openS3(t, srv, "roundtrip")
+		srv.Stop()
 		start := time.Now()
 		if _, err := List(ctx, st); !errors.Is(err, ErrUnreachable) {
 			t.Fatalf("List on a stopped server: %v, want ErrUnreachable", err)
+		}
+		if _, _, err := Pull(ctx, st, "snap-1", privateDir(t), PullOptions{}); !errors.Is(err, ErrUnreachable) {
+			t.Fatalf("Pull from a stopped server: %v, want ErrUnreachable", err)
 		}
 		if d := time.Since(start); d > 30*time.Second {
 			t.Fatalf("ErrUnreachable after %s", d)
