@@ -126,25 +126,36 @@ func TestS3(t *testing.T) {
 		files := snapshotFiles(t, src)
 		man := []byte(`{"id":"snap-1"}`)
 		var calls int
-		ps, err := Push(ctx, st, "snap-1", man, files, PushOptions{Progress: func(Progress) { calls++ }})
+		var last Progress
+		ps, err := Push(ctx, st, "snap-1", man, files, PushOptions{Progress: func(p Progress) {
+			if p.Phase != "upload" || p.DoneBytes < last.DoneBytes || p.DoneBytes > p.TotalBytes {
+				t.Errorf("push progress %+v after %+v", p, last)
+			}
+			calls++
+			last = p
+		}})
 		if err != nil {
 			t.Fatal(err)
 		}
 		// memory: chunks 0, 2 (9 MiB+100 .. 12 MiB+100 spans chunks 2 and 3), 3, 10; disk: 2; zeros: none.
-		if ps.Chunks != 6 || ps.Uploaded != 6 || calls == 0 {
-			t.Fatalf("push stats %+v, %d progress calls: want 6 chunks uploaded", ps, calls)
+		if ps.Chunks != 6 || ps.Uploaded != 6 || calls == 0 || last.DoneBytes != last.TotalBytes || last.DoneChunks != last.TotalChunks {
+			t.Fatalf("push stats %+v, %d progress calls, last %+v: want 6 chunks uploaded, progress complete", ps, calls, last)
 		}
 		es, err := List(ctx, st)
 		if err != nil || len(es) != 1 || es[0].ID != "snap-1" || !bytes.Equal(es[0].Manifest, man) || es[0].DataBytes != ps.DataBytes {
 			t.Fatalf("List = %+v, %v", es, err)
 		}
 		dst := privateDir(t)
-		got, pst, err := Pull(ctx, st, "snap-1", dst, PullOptions{})
+		var plast Progress
+		got, pst, err := Pull(ctx, st, "snap-1", dst, PullOptions{Progress: func(p Progress) { plast = p }})
 		if err != nil {
 			t.Fatal(err)
 		}
 		if !bytes.Equal(got, man) || pst.Chunks != 6 || pst.Downloaded != 6 || pst.LogicalBytes != ps.LogicalBytes {
 			t.Fatalf("pull: manifest %q, stats %+v", got, pst)
+		}
+		if plast != (Progress{Phase: "download", DoneBytes: ps.DataBytes, TotalBytes: ps.DataBytes, DoneChunks: 6, TotalChunks: 6}) {
+			t.Fatalf("pull's last progress %+v, want all %d bytes of 6 chunks downloaded", plast, ps.DataBytes)
 		}
 		for _, f := range files {
 			sameFile(t, f.Path, filepath.Join(dst, f.Name))
