@@ -65,9 +65,9 @@ func WriteArchiveFiles(w io.Writer, m Manifest, path func(Artifact) string) erro
 	return zw.Close()
 }
 
-// extents lists f's data extents (offset, length) by SEEK_DATA/SEEK_HOLE;
+// Extents lists f's data extents (offset, length) by SEEK_DATA/SEEK_HOLE;
 // a filesystem without them has one extent, the whole file.
-func extents(f *os.File, size int64) ([][2]int64, error) {
+func Extents(f *os.File, size int64) ([][2]int64, error) {
 	var out [][2]int64
 	for off := int64(0); off < size; {
 		data, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
@@ -104,7 +104,7 @@ func writeArtifact(tw *tar.Writer, path string, a Artifact, mtime time.Time) err
 	if !st.Mode().IsRegular() || st.Size() != a.Size {
 		return fmt.Errorf("%w: %s is not the %d-byte file the manifest describes", ErrCorrupt, path, a.Size)
 	}
-	ext, err := extents(f, a.Size)
+	ext, err := Extents(f, a.Size)
 	if err != nil {
 		return err
 	}

@@ -92,7 +92,7 @@ func Digest(path string) (string, int64, error) {
 		return "", 0, err
 	}
 	size := st.Size()
-	ext, err := extents(f, size)
+	ext, err := Extents(f, size)
 	if err != nil {
 		return "", 0, err
 	}
