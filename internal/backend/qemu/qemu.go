@@ -56,6 +56,10 @@ type Backend struct {
 	versionMu sync.Mutex // DescribeHost: qemu --version, asked once
 	version   string
 
+	overlays overlayCache // fresh restore overlays by backing file (createOverlay)
+	infosMu  sync.Mutex
+	infos    map[diskInfoKey]imageInfo // snapshotDiskInfo
+
 	// slirp launches QEMU's built-in slirp instead of the sidecar: no
 	// network policy. Only the tests' throughput comparison sets it.
 	slirp bool
