@@ -36,6 +36,15 @@ var (
 	// protocol (oversized, malformed, a file that does not match its
 	// announced size). The host refused it; the VM may be compromised.
 	ErrGuestProtocol = errors.New("the guest agent broke the protocol")
+	// ErrRemoteNotFound: no remote snapshot store of that name is
+	// configured (or none is the default).
+	ErrRemoteNotFound = errors.New("remote not found")
+	// ErrRemoteExists: a remote of that name is configured already.
+	ErrRemoteExists = errors.New("remote already exists")
+	// ErrRemoteAuth: the remote store refused the credentials.
+	ErrRemoteAuth = errors.New("remote refused the credentials")
+	// ErrRemoteUnreachable: the remote store did not answer.
+	ErrRemoteUnreachable = errors.New("remote unreachable")
 )
 
 // ErrUnsafeDir is wrapped when a directory smolvm keeps guest data or
@@ -99,6 +108,10 @@ var errorCodes = []struct {
 	{ErrHostIncompatible, "host_incompatible"},
 	{ErrTimeout, "timeout"},
 	{ErrGuestProtocol, "guest_protocol"},
+	{ErrRemoteNotFound, "remote_not_found"},
+	{ErrRemoteExists, "remote_exists"},
+	{ErrRemoteAuth, "remote_auth"},
+	{ErrRemoteUnreachable, "remote_unreachable"},
 }
 
 func newErr(op string, sentinel error, fix Fix, msg string) *Error {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/image"
+	"github.com/smolvm-go/smolvm/internal/remote"
 	"github.com/smolvm-go/smolvm/internal/store"
 )
 
@@ -32,6 +33,10 @@ type Manager struct {
 	// memAvailable reports the host's available memory in MiB (Fork's
 	// check); nil reads /proc/meminfo. Tests set it to reach the refusal.
 	memAvailable func() (int64, bool)
+
+	// openStore opens a remote's object store; nil opens S3 (remote.NewS3).
+	// Tests set it to a fake behind remote.Store.
+	openStore func(context.Context, Remote) (remote.Store, error)
 }
 
 // NewManager opens (creating if needed) the data directory in opts.
