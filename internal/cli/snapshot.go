@@ -13,7 +13,7 @@ import (
 
 func (a *app) snapshotCmd() *cobra.Command {
 	c := &cobra.Command{Use: "snapshot", Aliases: []string{"snap"}, Short: "Save sandboxes and bring them back"}
-	c.AddCommand(a.snapshotCreateCmd(), a.snapshotRestoreCmd(), a.snapshotListCmd(), a.snapshotDeleteCmd(), a.snapshotInspectCmd(), a.snapshotExportCmd(), a.snapshotImportCmd())
+	c.AddCommand(a.snapshotCreateCmd(), a.snapshotRestoreCmd(), a.snapshotListCmd(), a.snapshotDeleteCmd(), a.snapshotInspectCmd(), a.snapshotExportCmd(), a.snapshotImportCmd(), a.snapshotPushCmd(), a.snapshotPullCmd())
 	return c
 }
 
@@ -89,10 +89,13 @@ func (a *app) snapshotRestoreCmd() *cobra.Command {
 
 // snapshotListCmd is `snapshot list`.
 func (a *app) snapshotListCmd() *cobra.Command {
-	var vmID string
+	var vmID, remoteName string
 	list := &cobra.Command{
-		Use: "list", Aliases: []string{"ls"}, Short: "List snapshots", Args: cobra.NoArgs,
+		Use: "list", Aliases: []string{"ls"}, Short: "List snapshots (of this data dir, or with --remote of a remote store)", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if cmd.Flags().Changed("remote") {
+				return a.remoteSnapshotList(cmd, remoteName)
+			}
 			return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
 				snaps, err := m.ListSnapshots(ctx, smolvm.SnapshotFilter{VMID: vmID})
 				if err != nil {
@@ -110,6 +113,7 @@ func (a *app) snapshotListCmd() *cobra.Command {
 		},
 	}
 	list.Flags().StringVar(&vmID, "vm-id", "", "only snapshots of this sandbox")
+	list.Flags().StringVar(&remoteName, "remote", "", "list the snapshots in this remote store instead")
 	return list
 }
 
