@@ -1,0 +1,293 @@
+package smolvm
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/smolvm-go/smolvm/internal/remote"
+)
+
+// MemStore is an in-memory remote.Store for the no-VM rule tests (the
+// claims are proven against versitygw in the VM tests). FailGet, when set,
+// may fail a Get.
+type MemStore struct {
+	mu      sync.Mutex
+	objs    map[string][]byte
+	FailGet func(key string) error
+}
+
+func NewMemStore() *MemStore { return &MemStore{objs: map[string][]byte{}} }
+
+func (s *MemStore) Put(ctx context.Context, key string, r io.Reader, size int64) error {
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.objs[key] = b
+	return nil
+}
+
+func (s *MemStore) Get(ctx context.Context, key string) (io.ReadCloser, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.FailGet != nil {
+		if err := s.FailGet(key); err != nil {
+			return nil, err
+		}
+	}
+	b, ok := s.objs[key]
+	if !ok {
+		return nil, fmt.Errorf("%w: %s", remote.ErrNotFound, key)
+	}
+	return io.NopCloser(bytes.NewReader(b)), nil
+}
+
+func (s *MemStore) Exists(ctx context.Context, key string) (bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.objs[key]
+	return ok, nil
+}
+
+func (s *MemStore) List(ctx context.Context, prefix string) ([]string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for k := range s.objs {
+		if strings.HasPrefix(k, prefix) {
+			out = append(out, k)
+		}
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+func (s *MemStore) Delete(ctx context.Context, key string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.objs, key)
+	return nil
+}
+
+// Keys lists the stored keys with prefix.
+func (s *MemStore) Keys(prefix string) []string { k, _ := s.List(context.Background(), prefix); return k }
+
+// Set replaces an object (a test corrupting the store).
+func (s *MemStore) Set(key string, b []byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.objs[key] = b
+}
+
+// SetRemoteStores makes m open stores[name] for the remote called name
+// (an unknown name is unreachable).
+func SetRemoteStores(m *Manager, stores map[string]remote.Store) {
+	m.openStore = func(_ context.Context, r Remote) (remote.Store, error) {
+		if st, ok := stores[r.Name]; ok {
+			return st, nil
+		}
+		return nil, fmt.Errorf("%w: no store %s", remote.ErrUnreachable, r.Name)
+	}
+}
+
+func remotesManager(t *testing.T) *Manager {
+	t.Helper()
+	dir := t.TempDir()
+	m, err := NewManager(context.Background(), Options{DataDir: dir, RunDir: filepath.Join(dir, "run"), ImageDir: filepath.Join(dir, "images"),
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m
+}
+
+// TestRemotesConfig: remotes.json is written atomically with mode 0600,
+// the first remote is the default, names/URLs/endpoints are validated
+// (credentials in an endpoint refused), and a file that is not ours,
+// open to others, a symlink, of a newer version, with an unknown field
+// (a credential a user added) or inconsistent is refused, not used.
+func TestRemotesConfig(t *testing.T) {
+	ctx := context.Background()
+	m := remotesManager(t)
+	if rs, err := m.Remotes(ctx); err != nil || len(rs) != 0 {
+		t.Fatalf("no config: %v %v", rs, err)
+	}
+	if _, err := m.findRemote(""); !errors.Is(err, ErrRemoteNotFound) || fixAction(err) != FixAddRemote {
+		t.Fatalf("no default remote: %v", err)
+	}
+	if err := m.AddRemote(ctx, Remote{Name: "origin", URL: "s3://bucket-a/snaps", Endpoint: "http://127.0.0.1:7070"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.AddRemote(ctx, Remote{Name: "second", URL: "s3://bucket-b", Region: "eu-west-1"}); err != nil {
+		t.Fatal(err)
+	}
+	rs, err := m.Remotes(ctx)
+	if err != nil || len(rs) != 2 || !rs[0].Default || rs[1].Default || rs[0].Endpoint != "http://127.0.0.1:7070" || rs[1].Region != "eu-west-1" {
+		t.Fatalf("remotes %+v %v", rs, err)
+	}
+	st, err := os.Lstat(m.remotesPath())
+	if err != nil || st.Mode().Perm() != 0o600 || !st.Mode().IsRegular() {
+		t.Fatalf("remotes.json: %v %v", st, err)
+	}
+	ents, _ := os.ReadDir(m.DataDir())
+	for _, e := range ents {
+		if strings.Contains(e.Name(), ".tmp") {
+			t.Errorf("temp file left in the data dir: %s", e.Name())
+		}
+	}
+	for _, c := range []struct {
+		r    Remote
+		want error
+	}{
+		{Remote{Name: "origin", URL: "s3://bucket-c"}, ErrRemoteExists},
+		{Remote{Name: "Bad Name", URL: "s3://bucket-c"}, ErrInvalidID},
+		{Remote{Name: "c", URL: "http://bucket-c"}, ErrInvalidConfig},
+		{Remote{Name: "c", URL: "s3://bucket-c/../x"}, ErrInvalidConfig},
+		{Remote{Name: "c", URL: "s3://bucket-c", Endpoint: "http://AKIA:secret@127.0.0.1:9000"}, ErrInvalidConfig},
+		{Remote{Name: "c", URL: "s3://bucket-c", Endpoint: "http://127.0.0.1:9000/path"}, ErrInvalidConfig},
+		{Remote{Name: "c", URL: "s3://bucket-c", Endpoint: "http://127.0.0.1:9000?x=1"}, ErrInvalidConfig},
+		{Remote{Name: "c", URL: "s3://bucket-c", Endpoint: "ftp://127.0.0.1"}, ErrInvalidConfig},
+		{Remote{Name: "c", URL: "s3://bucket-c", Region: "US EAST"}, ErrInvalidConfig},
+	} {
+		if err := m.AddRemote(ctx, c.r); !errors.Is(err, c.want) {
+			t.Errorf("AddRemote(%+v) = %v, want %v", c.r, err, c.want)
+		}
+	}
+	data, _ := os.ReadFile(m.remotesPath())
+	if bytes.Contains(data, []byte("secret")) || bytes.Contains(data, []byte("bucket-c")) {
+		t.Errorf("a refused remote reached the file: %s", data)
+	}
+	if err := m.SetDefaultRemote(ctx, "second"); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := m.findRemote(""); err != nil || r.Name != "second" {
+		t.Fatalf("default after SetDefaultRemote: %+v %v", r, err)
+	}
+	if err := m.SetDefaultRemote(ctx, "nope"); !errors.Is(err, ErrRemoteNotFound) {
+		t.Errorf("SetDefaultRemote(nope) = %v", err)
+	}
+	if err := m.RemoveRemote(ctx, "second"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.findRemote(""); !errors.Is(err, ErrRemoteNotFound) {
+		t.Errorf("the removed default is still used: %v", err)
+	}
+	if err := m.RemoveRemote(ctx, "second"); !errors.Is(err, ErrRemoteNotFound) || fixAction(err) != FixAddRemote {
+		t.Errorf("RemoveRemote of a missing remote: %v", err)
+	}
+
+	// The file is data: refused, never used, when it is not as written.
+	good, _ := os.ReadFile(m.remotesPath())
+	write := func(b []byte, mode os.FileMode) {
+		os.Remove(m.remotesPath())
+		if err := os.WriteFile(m.remotesPath(), b, mode); err != nil {
+			t.Fatal(err)
+		}
+		os.Chmod(m.remotesPath(), mode)
+	}
+	for _, c := range []struct {
+		name string
+		data string
+		mode os.FileMode
+		want error
+	}{
+		{"open to others", string(good), 0o644, ErrInvalidConfig},
+		{"unknown field", `{"version":1,"remotes":[{"name":"a","url":"s3://bucket-a","secret_key":"x"}]}`, 0o600, ErrInvalidConfig},
+		{"newer version", `{"version":2,"remotes":[]}`, 0o600, ErrUnsupported},
+		{"no version", `{"remotes":[]}`, 0o600, ErrInvalidConfig},
+		{"default not listed", `{"version":1,"default":"b","remotes":[{"name":"a","url":"s3://bucket-a"}]}`, 0o600, ErrInvalidConfig},
+		{"twice", `{"version":1,"remotes":[{"name":"a","url":"s3://bucket-a"},{"name":"a","url":"s3://bucket-b"}]}`, 0o600, ErrInvalidConfig},
+		{"credentials in the endpoint", `{"version":1,"remotes":[{"name":"a","url":"s3://bucket-a","endpoint":"http://k:s@h:1"}]}`, 0o600, ErrInvalidConfig},
+		{"data after it", `{"version":1,"remotes":[]} {}`, 0o600, ErrInvalidConfig},
+		{"too big", `{"version":1,"remotes":[]}` + strings.Repeat(" ", maxRemotesFile), 0o600, ErrInvalidConfig},
+	} {
+		write([]byte(c.data), c.mode)
+		if _, err := m.Remotes(ctx); !errors.Is(err, c.want) || fixAction(err) != FixEditOption {
+			t.Errorf("%s: Remotes = %v, want %v with a fix", c.name, err, c.want)
+		}
+		if err := m.AddRemote(ctx, Remote{Name: "z", URL: "s3://bucket-z"}); err == nil {
+			t.Errorf("%s: AddRemote over a refused file succeeded", c.name)
+		}
+	}
+	os.Remove(m.remotesPath())
+	target := filepath.Join(t.TempDir(), "elsewhere.json")
+	os.WriteFile(target, good, 0o600)
+	if err := os.Symlink(target, m.remotesPath()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Remotes(ctx); !errors.Is(err, ErrInvalidConfig) {
+		t.Errorf("symlinked remotes.json: %v", err)
+	}
+	os.Remove(m.remotesPath())
+	if os.Geteuid() == 0 {
+		write(good, 0o600)
+		os.Chown(m.remotesPath(), 65534, 65534)
+		if _, err := m.Remotes(ctx); !errors.Is(err, ErrInvalidConfig) {
+			t.Errorf("remotes.json of another user: %v", err)
+		}
+	}
+}
+
+func fixAction(err error) FixAction {
+	f, _ := FixOf(err)
+	return f.Action
+}
+
+// TestRemoteErrorsMap: the store's errors come out as the SDK's sentinels
+// with what to do next; a missing remote or snapshot says how to get one.
+func TestRemoteErrorsMap(t *testing.T) {
+	ctx := context.Background()
+	m := remotesManager(t)
+	if _, err := m.ListRemoteSnapshots(ctx, ""); !errors.Is(err, ErrRemoteNotFound) || fixAction(err) != FixAddRemote {
+		t.Errorf("no remote: %v", err)
+	}
+	if err := m.AddRemote(ctx, Remote{Name: "origin", URL: "s3://bucket-a"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.ListRemoteSnapshots(ctx, "other"); !errors.Is(err, ErrRemoteNotFound) || ErrorCode(err) != "remote_not_found" {
+		t.Errorf("unknown remote: %v", err)
+	}
+	st := NewMemStore()
+	SetRemoteStores(m, map[string]remote.Store{"origin": st})
+	for _, c := range []struct {
+		cause error
+		want  error
+		fix   FixAction
+		code  string
+	}{
+		{remote.ErrAuth, ErrRemoteAuth, FixSetEnv, "remote_auth"},
+		{remote.ErrUnreachable, ErrRemoteUnreachable, FixCheckRemote, "remote_unreachable"},
+	} {
+		st.FailGet = func(string) error { return c.cause }
+		st.Set("snapshots/x.json", []byte("{}"))
+		_, err := m.PullSnapshot(ctx, "x", PullOptions{})
+		if !errors.Is(err, c.want) || fixAction(err) != c.fix || ErrorCode(err) != c.code {
+			t.Errorf("%v: pull = %v (code %s)", c.cause, err, ErrorCode(err))
+		}
+	}
+	st.FailGet = nil
+	st.Delete(ctx, "snapshots/x.json")
+	_, err := m.PullSnapshot(ctx, "x", PullOptions{})
+	if f, _ := FixOf(err); !errors.Is(err, ErrSnapshotNotFound) || f.Action != FixListRemoteSnapshots || f.Arg(ArgRemote) != "origin" {
+		t.Errorf("pull of a snapshot the remote lacks: %v (fix %+v)", err, f)
+	}
+	if err := m.DeleteRemoteSnapshot(ctx, "", "x"); !errors.Is(err, ErrSnapshotNotFound) {
+		t.Errorf("delete of a snapshot the remote lacks: %v", err)
+	}
+	if ents, _ := os.ReadDir(m.pullsDir()); len(ents) != 0 {
+		t.Errorf("refused pulls left staging dirs: %v", ents)
+	}
+}
