@@ -13,7 +13,6 @@ import (
 	"sync"
 
 	"github.com/klauspost/compress/zstd"
-	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 
 	"github.com/smolvm-go/smolvm/internal/fsutil"
@@ -188,30 +187,23 @@ func Pull(ctx context.Context, st Store, id, dir string, opts PullOptions) ([]by
 
 	if len(verify) > 0 {
 		rep.start(Progress{Phase: "verify", TotalBytes: verifyBytes, TotalChunks: len(verify)})
-		g, gctx := errgroup.WithContext(ctx)
-		g.SetLimit(par)
-		for _, j := range verify {
-			if gctx.Err() != nil {
-				break
+		err := forEach(ctx, par, verify, func(_ context.Context, j pullJob) error {
+			bp := bufs.Get().(*[]byte)
+			defer bufs.Put(bp)
+			buf := (*bp)[:j.n]
+			if _, err := j.f.ReadAt(buf, j.off); err != nil {
+				return err
 			}
-			g.Go(func() error {
-				bp := bufs.Get().(*[]byte)
-				defer bufs.Put(bp)
-				buf := (*bp)[:j.n]
-				if _, err := j.f.ReadAt(buf, j.off); err != nil {
-					return err
-				}
-				if sum := sha256.Sum256(buf); hex.EncodeToString(sum[:]) != j.key {
-					mu.Lock()
-					fetch = append(fetch, j)
-					fetchBytes += j.n
-					mu.Unlock()
-				}
-				rep.add(j.n, 1)
-				return nil
-			})
-		}
-		if err := g.Wait(); err != nil {
+			if sum := sha256.Sum256(buf); hex.EncodeToString(sum[:]) != j.key {
+				mu.Lock()
+				fetch = append(fetch, j)
+				fetchBytes += j.n
+				mu.Unlock()
+			}
+			rep.add(j.n, 1)
+			return nil
+		})
+		if err != nil {
 			return nil, stats, err
 		}
 	}
@@ -222,34 +214,24 @@ func Pull(ctx context.Context, st Store, id, dir string, opts PullOptions) ([]by
 	}
 	defer dec.Close()
 	rep.start(Progress{Phase: "download", TotalBytes: fetchBytes, TotalChunks: len(fetch)})
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(par)
-	for _, j := range fetch {
-		if gctx.Err() != nil {
-			break
+	err = forEach(ctx, par, fetch, func(gctx context.Context, j pullJob) error {
+		bp := bufs.Get().(*[]byte)
+		defer bufs.Put(bp)
+		raw, packed, err := fetchChunk(gctx, st, dec, j.key, (*bp)[:j.n])
+		if err != nil {
+			return err
 		}
-		g.Go(func() error {
-			bp := bufs.Get().(*[]byte)
-			defer bufs.Put(bp)
-			raw, packed, err := fetchChunk(gctx, st, dec, j.key, (*bp)[:j.n])
-			if err != nil {
-				return err
-			}
-			if _, err := j.f.WriteAt(raw, j.off); err != nil {
-				return err
-			}
-			mu.Lock()
-			stats.Downloaded++
-			stats.DownloadedBytes += packed
-			mu.Unlock()
-			rep.add(j.n, 1)
-			return nil
-		})
-	}
-	if err := g.Wait(); err != nil {
-		return nil, stats, err
-	}
-	if err := ctx.Err(); err != nil {
+		if _, err := j.f.WriteAt(raw, j.off); err != nil {
+			return err
+		}
+		mu.Lock()
+		stats.Downloaded++
+		stats.DownloadedBytes += packed
+		mu.Unlock()
+		rep.add(j.n, 1)
+		return nil
+	})
+	if err != nil {
 		return nil, stats, err
 	}
 	for _, f := range fhs {

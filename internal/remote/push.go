@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/klauspost/compress/zstd"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/smolvm-go/smolvm/internal/snapshot"
 )
@@ -110,6 +109,12 @@ func Push(ctx context.Context, st Store, id string, manifest []byte, files []Fil
 		return stats, fmt.Errorf("%w: %d files, at most %d", ErrInvalid, len(files), MaxFiles)
 	}
 	cs := chunkSize
+	if opts.ChunkSize != 0 {
+		cs = opts.ChunkSize
+	}
+	if cs < minChunkSize || cs > maxChunkSize || cs&(cs-1) != 0 {
+		return stats, fmt.Errorf("%w: chunk size %d: a power of two from %d to %d", ErrInvalid, cs, minChunkSize, maxChunkSize)
+	}
 	ix := index{Format: indexFormat, ID: id, ChunkSize: cs, Manifest: manifest, Files: make([]indexFile, len(files))}
 	seen := map[string]bool{}
 	slots := make([][]string, len(files)) // per file, per window: the chunk key, "" for a hole
@@ -162,59 +167,49 @@ func Push(ctx context.Context, st Store, id string, manifest []byte, files []Fil
 	var mu sync.Mutex // guards stats, slots, claimed
 	claimed := map[string]bool{}
 	bufs := sync.Pool{New: func() any { b := make([]byte, cs); return &b }}
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(parallel(opts.Parallel))
-	for _, w := range windows {
-		if gctx.Err() != nil {
-			break
+	err := forEach(ctx, parallel(opts.Parallel), windows, func(gctx context.Context, w window) error {
+		bp := bufs.Get().(*[]byte)
+		defer bufs.Put(bp)
+		buf := (*bp)[:w.n]
+		if _, err := fhs[w.file].ReadAt(buf, w.off); err != nil {
+			if err == io.EOF {
+				return fmt.Errorf("%s changed while being pushed (shorter than %d bytes)", files[w.file].Path, w.off+w.n)
+			}
+			return err
 		}
-		g.Go(func() error {
-			bp := bufs.Get().(*[]byte)
-			defer bufs.Put(bp)
-			buf := (*bp)[:w.n]
-			if _, err := fhs[w.file].ReadAt(buf, w.off); err != nil {
-				if err == io.EOF {
-					return fmt.Errorf("%s changed while being pushed (shorter than %d bytes)", files[w.file].Path, w.off+w.n)
-				}
-				return err
-			}
-			if allZero(buf) {
-				rep.add(w.n, 1)
-				return nil
-			}
-			sum := sha256.Sum256(buf)
-			key := hex.EncodeToString(sum[:])
-			mu.Lock()
-			slots[w.file][w.slot] = key
-			stats.Chunks++
-			stats.DataBytes += w.n
-			mine := !claimed[key]
-			claimed[key] = true
-			mu.Unlock()
-			if mine {
-				ok, err := st.Exists(gctx, chunkKey(key))
-				if err != nil {
-					return err
-				}
-				if !ok {
-					z := encoder.EncodeAll(buf, nil)
-					if err := st.Put(gctx, chunkKey(key), bytes.NewReader(z), int64(len(z))); err != nil {
-						return err
-					}
-					mu.Lock()
-					stats.Uploaded++
-					stats.UploadedBytes += int64(len(z))
-					mu.Unlock()
-				}
-			}
+		if allZero(buf) {
 			rep.add(w.n, 1)
 			return nil
-		})
-	}
-	if err := g.Wait(); err != nil {
-		return stats, err
-	}
-	if err := ctx.Err(); err != nil {
+		}
+		sum := sha256.Sum256(buf)
+		key := hex.EncodeToString(sum[:])
+		mu.Lock()
+		slots[w.file][w.slot] = key
+		stats.Chunks++
+		stats.DataBytes += w.n
+		mine := !claimed[key]
+		claimed[key] = true
+		mu.Unlock()
+		if mine {
+			ok, err := st.Exists(gctx, chunkKey(key))
+			if err != nil {
+				return err
+			}
+			if !ok {
+				z := encoder.EncodeAll(buf, nil)
+				if err := st.Put(gctx, chunkKey(key), bytes.NewReader(z), int64(len(z))); err != nil {
+					return err
+				}
+				mu.Lock()
+				stats.Uploaded++
+				stats.UploadedBytes += int64(len(z))
+				mu.Unlock()
+			}
+		}
+		rep.add(w.n, 1)
+		return nil
+	})
+	if err != nil {
 		return stats, err
 	}
 	for i := range ix.Files {

@@ -16,14 +16,16 @@ import (
 	"errors"
 	"io"
 	"time"
+
+	"golang.org/x/sync/errgroup"
 )
 
 // ChunkSize is the size of the raw file data one chunk holds, at offsets
 // aligned to it.
 const ChunkSize = 4 << 20
 
-// chunkSize is what Push uses; tests and the dedup figure change it to
-// measure other sizes. Pull takes the size from the index (bounded).
+// chunkSize is what Push uses when PushOptions.ChunkSize is zero; tests
+// change it. Pull takes the size from the index (bounded).
 var chunkSize int64 = ChunkSize
 
 // Store is the narrow object-store interface the chunk layer needs (S3 in
@@ -67,6 +69,10 @@ type Progress struct {
 type PushOptions struct {
 	Parallel int            // default 4
 	Progress func(Progress) // called from one goroutine at a time, may be nil
+	// ChunkSize overrides ChunkSize, to measure other sizes (the dedup
+	// figure): a power of two from 64 KiB to 64 MiB; 0 = ChunkSize.
+	// Snapshots pushed with different sizes share no chunks.
+	ChunkSize int64
 }
 
 // PushStats says what a push found and sent.
@@ -105,4 +111,21 @@ func parallel(n int) int {
 		return defaultParallel
 	}
 	return min(n, 64)
+}
+
+// forEach runs fn on every job, at most par at a time, and stops at the
+// first error or when ctx ends (its error then).
+func forEach[J any](ctx context.Context, par int, jobs []J, fn func(ctx context.Context, j J) error) error {
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(par)
+	for _, j := range jobs {
+		if gctx.Err() != nil {
+			break
+		}
+		g.Go(func() error { return fn(gctx, j) })
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	return ctx.Err()
 }

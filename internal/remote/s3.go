@@ -156,7 +156,9 @@ func (s *s3Store) mapErr(parent, rctx context.Context, what string, err error) e
 	switch minio.ToErrorResponse(err).Code {
 	case "NoSuchKey", "NoSuchBucket", "NotFound", "NoSuchUpload":
 		return fmt.Errorf("%w: %s: %v", ErrNotFound, what, err)
-	case "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "AccountProblem":
+	case "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "AccountProblem",
+		"XAdminUserNotFound": // versitygw's answer (404) to an unknown access key
+
 		return fmt.Errorf("%w: %s on %s: %v", ErrAuth, what, s.endpoint, err)
 	}
 	var op *net.OpError
@@ -195,8 +197,9 @@ func (s *s3Store) Get(ctx context.Context, key string) (io.ReadCloser, error) {
 		if obj != nil {
 			obj.Close()
 		}
+		err = s.mapErr(ctx, rctx, "get "+key, err)
 		cancel()
-		return nil, s.mapErr(ctx, rctx, "get "+key, err)
+		return nil, err
 	}
 	return body{obj, cancel}, nil
 }
