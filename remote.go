@@ -3,6 +3,8 @@ package smolvm
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -12,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"syscall"
 	"time"
 
@@ -19,6 +22,7 @@ import (
 	"github.com/smolvm-go/smolvm/internal/remote"
 	"github.com/smolvm-go/smolvm/internal/snapshot"
 	"github.com/smolvm-go/smolvm/internal/store"
+	"golang.org/x/sys/unix"
 )
 
 // Remote is a snapshot store in an S3-compatible object store: snapshots
@@ -439,11 +443,11 @@ func (m *Manager) PushSnapshot(ctx context.Context, id string, opts PushOptions)
 	if err != nil && !errors.Is(err, ErrBackingImageMissing) { // a push needs no base image
 		return stats, err
 	}
-	manJSON, err := json.Marshal(man)
+	dir := filepath.Join(m.snapRoot(), id)
+	manJSON, err := pushedManifest(dir, man)
 	if err != nil {
 		return stats, err
 	}
-	dir := filepath.Join(m.snapRoot(), id)
 	files := make([]remote.File, 0, len(man.Artifacts))
 	for _, a := range man.Artifacts {
 		files = append(files, remote.File{Name: a.Name, Path: filepath.Join(dir, a.Name)})
@@ -542,6 +546,7 @@ type pullSource struct {
 	id      string
 	opts    PullOptions
 	index   []byte // the manifest as the remote's index holds it
+	extents map[string][][2]int64
 	staging string
 	stats   PullStats
 }
@@ -554,10 +559,11 @@ func (p *pullSource) manifest(ctx context.Context) (snapshot.Manifest, error) {
 	if err != nil {
 		return snapshot.Manifest{}, remoteErr("snapshot pull", p.r, p.id, err)
 	}
-	man, err := snapshot.ParseManifest(e.Manifest)
+	man, ext, err := parsePushed(e.Manifest)
 	if err != nil {
 		return man, err
 	}
+	p.extents = ext
 	if man.ID != p.id {
 		return man, fmt.Errorf("%w: the remote's index %s holds the manifest of snapshot %s", snapshot.ErrCorrupt, p.id, man.ID)
 	}
@@ -610,6 +616,9 @@ func (p *pullSource) extract(ctx context.Context, op *importOp) error {
 			return fmt.Errorf("%w: %s in the staging dir is not a regular file", snapshot.ErrCorrupt, a.Name)
 		}
 		if err := os.Chmod(src, 0o600); err != nil {
+			return err
+		}
+		if err := layOut(src, a.Size, p.extents[a.Name]); err != nil {
 			return err
 		}
 		if err := os.Rename(src, filepath.Join(op.tmp, a.Name)); err != nil {
@@ -692,7 +701,8 @@ func remoteSnapshot(e remote.Entry) RemoteSnapshot {
 		SizeBytes int64        `json:"size_bytes"`
 		CreatedAt time.Time    `json:"created_at"`
 	}
-	if len(e.Manifest) > snapshot.MaxManifestSize || json.Unmarshal(e.Manifest, &man) != nil {
+	var env pushedSnapshot
+	if json.Unmarshal(e.Manifest, &env) != nil || json.Unmarshal(env.Manifest, &man) != nil {
 		return rs
 	}
 	if ValidateID(man.VMID) == nil {
@@ -757,4 +767,200 @@ func (m *Manager) autoPull(ctx context.Context, op, id string) error {
 			Fix: e.Fix, Err: e.Err}
 	}
 	return err
+}
+
+// pushedSnapshot is what PushSnapshot stores as the manifest of a remote
+// snapshot: the snapshot's manifest and each artifact's data extents. A
+// manifest's digests cover the files' data extents and not their holes
+// (snapshot.Digest), while the chunk store keeps all-zero chunks as holes
+// and writes whole chunks: a pull lays each file out as it was (holes
+// punched, zeros written) before the import hashes it against the
+// manifest, and the digest binds the extents, so a wrong list fails.
+type pushedSnapshot struct {
+	Format   int               `json:"smolvm_remote_format"`
+	Manifest json.RawMessage   `json:"manifest"`
+	Extents  map[string]string `json:"extents"` // artifact name: base64 of uvarint pairs (gap after the previous extent, length)
+}
+
+const pushedFormat = 1
+
+// pushedManifest encodes the manifest and the artifacts' extents in dir.
+// Each artifact is hashed again with its extents in one look (the layout
+// of a file with unwritten extents can change after it was first hashed
+// while its data does not); the manifest sent carries these digests.
+func pushedManifest(dir string, man snapshot.Manifest) ([]byte, error) {
+	man.Artifacts = slices.Clone(man.Artifacts)
+	exts := map[string][][2]int64{}
+	for i, a := range man.Artifacts {
+		f, err := os.Open(filepath.Join(dir, a.Name))
+		if err != nil {
+			return nil, err
+		}
+		d, ext, size, err := snapshot.DigestFile(f)
+		f.Close()
+		if err != nil {
+			return nil, err
+		}
+		if size != a.Size {
+			return nil, fmt.Errorf("%w: %s is %d bytes, the manifest says %d", snapshot.ErrCorrupt, a.Name, size, a.Size)
+		}
+		man.Artifacts[i].SHA256, exts[a.Name] = d, ext
+	}
+	manJSON, err := json.Marshal(man)
+	if err != nil {
+		return nil, err
+	}
+	return encodePushed(manJSON, man.Artifacts, exts)
+}
+
+// encodePushed wraps a manifest and its artifacts' extents.
+func encodePushed(manJSON []byte, arts []snapshot.Artifact, exts map[string][][2]int64) ([]byte, error) {
+	ps := pushedSnapshot{Format: pushedFormat, Manifest: manJSON, Extents: map[string]string{}}
+	for _, a := range arts {
+		ext := exts[a.Name]
+		var b []byte
+		end := int64(0)
+		for _, e := range ext {
+			b = binary.AppendUvarint(b, uint64(e[0]-end))
+			b = binary.AppendUvarint(b, uint64(e[1]))
+			end = e[0] + e[1]
+		}
+		ps.Extents[a.Name] = base64.StdEncoding.EncodeToString(b)
+	}
+	return json.Marshal(ps)
+}
+
+// parsePushed decodes a remote snapshot's manifest (hostile): strict,
+// versioned, the manifest validated (snapshot.ParseManifest), extents for
+// exactly its artifacts, in order, inside each file, bounded in number.
+func parsePushed(data []byte) (snapshot.Manifest, map[string][][2]int64, error) {
+	var ps pushedSnapshot
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&ps); err != nil {
+		return snapshot.Manifest{}, nil, fmt.Errorf("%w: the remote snapshot's manifest does not parse: %v", snapshot.ErrCorrupt, err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return snapshot.Manifest{}, nil, fmt.Errorf("%w: the remote snapshot's manifest has data after it", snapshot.ErrCorrupt)
+	}
+	if ps.Format > pushedFormat {
+		return snapshot.Manifest{}, nil, fmt.Errorf("%w: the remote snapshot has format %d; this smolvm reads %d (upgrade smolvm)", snapshot.ErrNewer, ps.Format, pushedFormat)
+	}
+	if ps.Format != pushedFormat {
+		return snapshot.Manifest{}, nil, fmt.Errorf("%w: the remote snapshot has format %d", snapshot.ErrCorrupt, ps.Format)
+	}
+	man, err := snapshot.ParseManifest(ps.Manifest)
+	if err != nil {
+		return man, nil, err
+	}
+	if len(ps.Extents) != len(man.Artifacts) {
+		return man, nil, fmt.Errorf("%w: the remote snapshot lists extents of %d files for %d artifacts", snapshot.ErrCorrupt, len(ps.Extents), len(man.Artifacts))
+	}
+	out := map[string][][2]int64{}
+	for _, a := range man.Artifacts {
+		enc, ok := ps.Extents[a.Name]
+		if !ok {
+			return man, nil, fmt.Errorf("%w: the remote snapshot lists no extents for %s", snapshot.ErrCorrupt, a.Name)
+		}
+		b, err := base64.StdEncoding.DecodeString(enc)
+		if err != nil {
+			return man, nil, fmt.Errorf("%w: the extents of %s do not decode", snapshot.ErrCorrupt, a.Name)
+		}
+		var ext [][2]int64
+		end := int64(0)
+		for len(b) > 0 {
+			gap, n := binary.Uvarint(b)
+			if n <= 0 {
+				return man, nil, fmt.Errorf("%w: the extents of %s do not decode", snapshot.ErrCorrupt, a.Name)
+			}
+			b = b[n:]
+			l, n := binary.Uvarint(b)
+			if n <= 0 {
+				return man, nil, fmt.Errorf("%w: the extents of %s do not decode", snapshot.ErrCorrupt, a.Name)
+			}
+			b = b[n:]
+			if gap > uint64(a.Size) || l == 0 || l > uint64(a.Size) || end+int64(gap) > a.Size-int64(l) {
+				return man, nil, fmt.Errorf("%w: %s has an extent outside its %d bytes", snapshot.ErrCorrupt, a.Name, a.Size)
+			}
+			off := end + int64(gap)
+			ext = append(ext, [2]int64{off, int64(l)})
+			end = off + int64(l)
+		}
+		out[a.Name] = ext
+	}
+	return man, out, nil
+}
+
+// layOut gives the file at path (of size bytes, written by a pull) the
+// data extents ext: holes punched outside them, zeros written into its
+// holes inside them. Its contents do not change where ext says data and
+// become zeros elsewhere.
+func layOut(path string, size int64, ext [][2]int64) error {
+	f, err := os.OpenFile(path, os.O_RDWR|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if st.Size() != size {
+		return fmt.Errorf("%w: %s is %d bytes, the manifest says %d", snapshot.ErrCorrupt, filepath.Base(path), st.Size(), size)
+	}
+	punch := func(off, n int64) error {
+		if n <= 0 {
+			return nil
+		}
+		return unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	}
+	zeros := make([]byte, 1<<20)
+	fill := func(from, to int64) error { // write zeros over [from, to)
+		for from < to {
+			n := min(to-from, int64(len(zeros)))
+			if _, err := f.WriteAt(zeros[:n], from); err != nil {
+				return err
+			}
+			from += n
+		}
+		return nil
+	}
+	// The file's data as written; punching outside ext and filling inside
+	// one extent never changes it inside a later extent.
+	have, err := snapshot.Extents(f, size)
+	if err != nil {
+		return err
+	}
+	end, j := int64(0), 0
+	for _, e := range ext {
+		if err := punch(end, e[0]-end); err != nil {
+			return err
+		}
+		at, stop := e[0], e[0]+e[1]
+		for ; j < len(have) && have[j][0] < stop; j++ {
+			h0, h1 := have[j][0], have[j][0]+have[j][1]
+			if h1 <= at {
+				continue
+			}
+			if h0 > at {
+				if err := fill(at, h0); err != nil {
+					return err
+				}
+			}
+			at = max(at, h1)
+			if h1 > stop {
+				break // this data run goes on into the next extent's range
+			}
+		}
+		if at < stop {
+			if err := fill(at, stop); err != nil {
+				return err
+			}
+		}
+		end = stop
+	}
+	if err := punch(end, size-end); err != nil {
+		return err
+	}
+	return f.Sync()
 }

@@ -3,6 +3,7 @@ package smolvm
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +16,7 @@ import (
 	"testing"
 
 	"github.com/smolvm-go/smolvm/internal/remote"
+	"github.com/smolvm-go/smolvm/internal/snapshot"
 )
 
 // MemStore is an in-memory remote.Store for the no-VM rule tests (the
@@ -82,7 +84,10 @@ func (s *MemStore) Delete(ctx context.Context, key string) error {
 }
 
 // Keys lists the stored keys with prefix.
-func (s *MemStore) Keys(prefix string) []string { k, _ := s.List(context.Background(), prefix); return k }
+func (s *MemStore) Keys(prefix string) []string {
+	k, _ := s.List(context.Background(), prefix)
+	return k
+}
 
 // Set replaces an object (a test corrupting the store).
 func (s *MemStore) Set(key string, b []byte) {
@@ -290,4 +295,32 @@ func TestRemoteErrorsMap(t *testing.T) {
 	if ents, _ := os.ReadDir(m.pullsDir()); len(ents) != 0 {
 		t.Errorf("refused pulls left staging dirs: %v", ents)
 	}
+}
+
+// PushedManifestFor encodes the manifest m (as decoded JSON, which a test
+// may have made hostile) as PushSnapshot sends it: each artifact found in
+// dir gets its digest and extents from there.
+func PushedManifestFor(dir string, m map[string]any) ([]byte, error) {
+	var arts []snapshot.Artifact
+	exts := map[string][][2]int64{}
+	for _, x := range m["artifacts"].([]any) {
+		a := x.(map[string]any)
+		name, _ := a["name"].(string)
+		arts = append(arts, snapshot.Artifact{Name: name})
+		f, err := os.Open(filepath.Join(dir, name))
+		if err != nil {
+			continue // a name the pull must refuse
+		}
+		d, ext, _, err := snapshot.DigestFile(f)
+		f.Close()
+		if err != nil {
+			return nil, err
+		}
+		a["sha256"], exts[name] = d, ext
+	}
+	manJSON, err := json.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	return encodePushed(manJSON, arts, exts)
 }

@@ -1,0 +1,309 @@
+package smolvm_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/smolvm-go/smolvm"
+	"github.com/smolvm-go/smolvm/internal/cli"
+	"github.com/smolvm-go/smolvm/internal/remote"
+	"github.com/smolvm-go/smolvm/internal/snapshot"
+	"github.com/smolvm-go/smolvm/internal/testutil/s3server"
+)
+
+// s3Env sets the store's credentials in this process's environment (the
+// S3 client reads them there, as a user's would be). Only the remote tests
+// read AWS_* variables, so a parallel test is not disturbed.
+var s3EnvMu sync.Mutex
+
+func s3Env(t *testing.T, s *s3server.Server) {
+	s3EnvMu.Lock()
+	defer s3EnvMu.Unlock()
+	for _, kv := range s.Env() {
+		k, v, _ := strings.Cut(kv, "=")
+		os.Setenv(k, v)
+	}
+}
+
+// TestRemoteTwoHosts: two data dirs that share only a real S3 server
+// (versitygw on 127.0.0.1) and the image cache. Host A boots a VM with a
+// running process and a tmpfs file, takes a full snapshot and pushes it (a
+// second push uploads nothing); A's data dir is then deleted entirely.
+// Host B restores the snapshot by id (auto-pulled from its default
+// remote): the process and the file are back; 3 clones forked from it
+// answer. Then remote snapshots rebuilt from B's copy with a manifest
+// naming ../x, a flipped byte, or a qcow2 disk whose header names
+// /etc/passwd are each refused by a pull, which lists nothing and leaves
+// nothing on disk; and the CLI (in-process) adds the remote, lists it,
+// pulls under a new id and pushes. One VM is booted (plus the restore and
+// clones of its snapshot).
+//
+// Network namespaces are not used: both hosts are Managers in this test
+// process on one network (see the report of issue 13).
+func TestRemoteTwoHosts(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	s3 := s3server.Start(t, "smolvm-remote")
+	s3Env(t, s3)
+	url := "s3://" + s3.Bucket + "/fleet"
+
+	// Host A.
+	dirA, err := os.MkdirTemp(testRoot, "hostA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := smolvm.NewManager(ctx, smolvm.Options{DataDir: dirA, ImageDir: testImageDir, RunDir: filepath.Join(testRoot, "run"), Logger: quietLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.AddRemote(ctx, smolvm.Remote{Name: "shared", URL: url, Endpoint: s3.Endpoint}); err != nil {
+		t.Fatal(err)
+	}
+	vm := boot(t, a, smolvm.Config{Name: "traveller", Image: "busybox", NoNetwork: true, MemoryMiB: 256})
+	startWorkload(t, vm)
+	if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "trip", Type: smolvm.SnapshotFull}); err != nil {
+		t.Fatal(err)
+	}
+	var phases []string
+	st, err := a.PushSnapshot(ctx, "trip", smolvm.PushOptions{Progress: func(p smolvm.TransferProgress) {
+		if len(phases) == 0 || phases[len(phases)-1] != p.Phase {
+			phases = append(phases, p.Phase)
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("push: %+v (progress phases %v)", st, phases)
+	if st.Remote != "shared" || st.Chunks == 0 || st.Uploaded != st.Chunks || len(phases) == 0 {
+		t.Fatalf("first push: %+v, progress %v", st, phases)
+	}
+	if st2, err := a.PushSnapshot(ctx, "trip", smolvm.PushOptions{}); err != nil || st2.Uploaded != 0 || st2.Chunks != st.Chunks {
+		t.Fatalf("second push: %+v %v (want 0 chunks uploaded)", st2, err)
+	}
+	if err := vm.Delete(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a.Close()
+	if err := os.RemoveAll(dirA); err != nil {
+		t.Fatal(err)
+	}
+
+	// Host B: only the remote config.
+	b := newManager(t)
+	if _, err := b.FromSnapshot(ctx, "trip", smolvm.RestoreOptions{Resume: true}); !errors.Is(err, smolvm.ErrSnapshotNotFound) {
+		t.Fatalf("restore without a remote: %v, want ErrSnapshotNotFound", err)
+	} else if f, _ := smolvm.FixOf(err); f.Action != smolvm.FixPullSnapshot {
+		t.Errorf("restore without a remote: fix %+v, want one that names pulling", f)
+	}
+	if err := b.AddRemote(ctx, smolvm.Remote{Name: "shared", URL: url, Endpoint: s3.Endpoint}); err != nil {
+		t.Fatal(err)
+	}
+	listed, err := b.ListRemoteSnapshots(ctx, "shared")
+	if err != nil || len(listed) != 1 || listed[0].ID != "trip" || listed[0].VMID != "traveller" || listed[0].Type != smolvm.SnapshotFull || listed[0].PushedAt.IsZero() {
+		t.Fatalf("remote listing: %+v %v", listed, err)
+	}
+	restored, err := b.FromSnapshot(ctx, "trip", smolvm.RestoreOptions{Resume: true}) // auto-pull
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tmpfs, proc, disk := checkWorkload(t, restored); !tmpfs || !proc || !disk {
+		t.Errorf("restore on host B: tmpfs=%v process=%v disk=%v", tmpfs, proc, disk)
+	}
+	if err := b.VerifySnapshot(ctx, "trip"); err != nil {
+		t.Fatal(err)
+	}
+	clones, err := b.Fork(ctx, "trip", 3, smolvm.ForkOptions{Resume: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range clones {
+		if got := mustOK(t, c, "hostname; cat /tmp/marker"); got != c.ID()+"\nin-memory" {
+			t.Errorf("clone %s answers %q", c.ID(), got)
+		}
+		c.Delete(ctx)
+		c.Close()
+	}
+	restored.Delete(ctx)
+	restored.Close()
+
+	// Hostile remote snapshots, rebuilt from B's verified copy.
+	info, err := b.GetSnapshot(ctx, "trip")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Run("hostile", func(t *testing.T) { hostilePulls(t, s3, url, info.Dir) })
+	t.Run("cli", func(t *testing.T) { remoteCLI(t, s3, url) })
+}
+
+// pushVariant pushes the snapshot in dir under id with its manifest and
+// files changed by mod (which gets a private copy of the files).
+// after, when set, changes the files once the manifest has their digests.
+func pushVariant(t *testing.T, st remote.Store, id, dir string, mod func(m map[string]any, tmp string), after func(tmp string)) {
+	t.Helper()
+	ctx := testCtx(t)
+	data, err := os.ReadFile(filepath.Join(dir, snapshot.ManifestName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(data, &m); err != nil {
+		t.Fatal(err)
+	}
+	tmp := t.TempDir()
+	var files []remote.File
+	for _, a := range m["artifacts"].([]any) {
+		name := a.(map[string]any)["name"].(string)
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(tmp, name), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, remote.File{Name: name, Path: filepath.Join(tmp, name)})
+	}
+	m["id"] = id
+	mod(m, tmp)
+	out, err := smolvm.PushedManifestFor(tmp, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after != nil {
+		after(tmp)
+	}
+	if _, err := remote.Push(ctx, st, id, out, files, remote.PushOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func hostilePulls(t *testing.T, s3 *s3server.Server, url, dir string) {
+	ctx := testCtx(t)
+	st, err := remote.NewS3(ctx, remote.S3Config{URL: url, Endpoint: s3.Endpoint})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pushVariant(t, st, "dotdot", dir, func(m map[string]any, _ string) {
+		m["artifacts"].([]any)[0].(map[string]any)["name"] = "../x"
+		m["result"].(map[string]any)["artifacts"].([]any)[0].(map[string]any)["name"] = "../x"
+	}, nil)
+	pushVariant(t, st, "flipped", dir, func(map[string]any, string) {}, func(tmp string) {
+		f, err := os.OpenFile(filepath.Join(tmp, "state.bin"), os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		var b [1]byte
+		f.ReadAt(b[:], 100)
+		b[0] ^= 1
+		f.WriteAt(b[:], 100)
+	})
+	pushVariant(t, st, "backing", dir, func(m map[string]any, tmp string) {
+		p := filepath.Join(tmp, "disk.qcow2")
+		f, err := os.OpenFile(p, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		const at, backing = 3072, "/etc/passwd"
+		var hdr [12]byte
+		binary.BigEndian.PutUint64(hdr[:8], at)
+		binary.BigEndian.PutUint32(hdr[8:], uint32(len(backing)))
+		f.WriteAt(hdr[:], 8)
+		f.WriteAt([]byte(backing), at)
+		f.Close()
+	}, nil)
+	cases := []struct {
+		id     string
+		want   error
+		naming string
+	}{
+		{"dotdot", smolvm.ErrSnapshotCorrupt, "../x"},
+		{"flipped", smolvm.ErrSnapshotCorrupt, "state.bin"},
+		{"backing", smolvm.ErrSnapshotCorrupt, "/etc/passwd"},
+		{"absent", smolvm.ErrSnapshotNotFound, "absent"},
+	}
+	for _, c := range cases {
+		t.Run(c.id, func(t *testing.T) {
+			m := newManager(t)
+			if err := m.AddRemote(ctx, smolvm.Remote{Name: "shared", URL: url, Endpoint: s3.Endpoint}); err != nil {
+				t.Fatal(err)
+			}
+			_, err := m.PullSnapshot(ctx, c.id, smolvm.PullOptions{})
+			if !errors.Is(err, c.want) || !strings.Contains(err.Error(), c.naming) {
+				t.Fatalf("pull %s: %v; want %v naming %q", c.id, err, c.want, c.naming)
+			}
+			if l, _ := m.ListSnapshots(ctx, smolvm.SnapshotFilter{}); len(l) != 0 {
+				t.Errorf("listed after a refused pull: %+v", l)
+			}
+			for _, sub := range []string{"snapshots", "pulls"} {
+				if ents, _ := os.ReadDir(filepath.Join(m.DataDir(), sub)); len(ents) != 0 {
+					t.Errorf("left in %s: %v", sub, ents)
+				}
+			}
+		})
+	}
+}
+
+// remoteCLI drives the CLI in this process: remote add/ls/rm, snapshot
+// list --remote, pull under a new id, push.
+func remoteCLI(t *testing.T, s3 *s3server.Server, url string) {
+	dir := t.TempDir()
+	smol := func(args ...string) (string, string, int) {
+		var out, errb bytes.Buffer
+		code := cli.Main(append([]string{"--data-dir", dir, "--image-dir", testImageDir}, args...), &out, &errb)
+		return out.String(), errb.String(), code
+	}
+	must := func(args ...string) string {
+		t.Helper()
+		out, errs, code := smol(args...)
+		if code != 0 {
+			t.Fatalf("smolvm %s: exit %d: %s%s", strings.Join(args, " "), code, out, errs)
+		}
+		return out + errs
+	}
+	must("remote", "add", "shared", url, "--endpoint", s3.Endpoint)
+	must("remote", "add", "spare", "s3://spare-bucket", "--endpoint", s3.Endpoint)
+	if out := must("remote", "ls"); !strings.Contains(out, "shared") || !strings.Contains(out, "spare") {
+		t.Errorf("remote ls: %s", out)
+	}
+	if out, _, code := smol("remote", "add", "shared", url); code == 0 || !strings.Contains(out, "") {
+		t.Errorf("second add of a name: exit %d", code)
+	}
+	must("remote", "rm", "spare")
+	if out := must("sandbox", "snapshot", "list", "--remote", "shared"); !strings.Contains(out, "trip") || !strings.Contains(out, "traveller") {
+		t.Errorf("snapshot list --remote: %s", out)
+	}
+	out := must("sandbox", "snapshot", "pull", "trip", "--snapshot-id", "trip-b")
+	if !strings.Contains(out, "pulled snapshot trip-b") || !strings.Contains(out, "pull trip: download") {
+		t.Errorf("pull: %s", out)
+	}
+	out = must("sandbox", "snapshot", "push", "trip-b")
+	if !strings.Contains(out, "pushed trip-b to shared") || !strings.Contains(out, " 0 uploaded") {
+		t.Errorf("push of a pulled copy (every chunk already there): %s", out)
+	}
+	if out := must("sandbox", "snapshot", "list", "--remote", "shared"); !strings.Contains(out, "trip-b") {
+		t.Errorf("snapshot list --remote after the push: %s", out)
+	}
+	jout, _, code := smol("--json", "sandbox", "snapshot", "pull", "nope")
+	if code == 0 || !strings.Contains(jout, `"snapshot_not_found"`) || !strings.Contains(jout, "snapshot list --remote shared") {
+		t.Errorf("pull of a missing snapshot: exit %d %s", code, jout)
+	}
+	ctx := context.Background()
+	m, err := smolvm.NewManager(ctx, smolvm.Options{DataDir: dir, ImageDir: testImageDir, Logger: quietLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	for _, id := range []string{"trip-b"} {
+		if err := m.DeleteRemoteSnapshot(ctx, "", id); err != nil {
+			t.Errorf("delete remote %s: %v", id, err)
+		}
+	}
+}
