@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/smolvm-go/smolvm/internal/remote"
 	"github.com/smolvm-go/smolvm/internal/snapshot"
@@ -323,4 +324,76 @@ func PushedManifestFor(dir string, m map[string]any) ([]byte, error) {
 		return nil, err
 	}
 	return encodePushed(manJSON, arts, exts)
+}
+
+// TestAutoPullChoosesDefaultRemote: a restore or fork of a snapshot this
+// data dir lacks asks the default remote, and only it; with no default
+// remote the not-found error names pulling.
+func TestAutoPullChoosesDefaultRemote(t *testing.T) {
+	ctx := context.Background()
+	m := remotesManager(t)
+	if _, err := m.FromSnapshot(ctx, "x", RestoreOptions{}); !errors.Is(err, ErrSnapshotNotFound) || fixAction(err) != FixPullSnapshot {
+		t.Fatalf("no remote: %v", err)
+	}
+	a, b := NewMemStore(), NewMemStore()
+	a.Set("snapshots/x.json", []byte(`{"not":"an index"}`)) // only a has something under that id
+	SetRemoteStores(m, map[string]remote.Store{"a": a, "b": b})
+	for _, r := range []string{"a", "b"} {
+		if err := m.AddRemote(ctx, Remote{Name: r, URL: "s3://bucket-" + r}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := m.SetDefaultRemote(ctx, "b"); err != nil {
+		t.Fatal(err)
+	}
+	_, err := m.Fork(ctx, "x", 1, ForkOptions{})
+	if f, _ := FixOf(err); !errors.Is(err, ErrSnapshotNotFound) || f.Action != FixListRemoteSnapshots || f.Arg(ArgRemote) != "b" ||
+		!strings.Contains(err.Error(), "default remote b") {
+		t.Fatalf("default b (which lacks x): %v (fix %+v)", err, f)
+	}
+	if err := m.SetDefaultRemote(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	_, err = m.FromSnapshot(ctx, "x", RestoreOptions{})
+	if !errors.Is(err, ErrSnapshotCorrupt) || !strings.Contains(err.Error(), "remote a") {
+		t.Fatalf("default a (whose index of x is garbage): %v", err)
+	}
+	if l, _ := m.ListSnapshots(ctx, SnapshotFilter{}); len(l) != 0 {
+		t.Errorf("listed after refused auto-pulls: %+v", l)
+	}
+}
+
+// TestPullStagingSweep: the snapshot sweep removes an interrupted pull's
+// staging dir once it is a day old, and keeps a younger one for a resume.
+func TestPullStagingSweep(t *testing.T) {
+	m := remotesManager(t)
+	old, young := filepath.Join(m.pullsDir(), "old"), filepath.Join(m.pullsDir(), "young")
+	for _, d := range []string{old, young} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(filepath.Join(d, "memory.raw"), []byte("x"), 0o600)
+	}
+	past := time.Now().Add(-pullKeep - time.Hour)
+	os.Chtimes(filepath.Join(old, "memory.raw"), past, past)
+	os.Chtimes(old, past, past)
+	m.cleanupSnapshots(context.Background())
+	if _, err := os.Stat(old); !os.IsNotExist(err) {
+		t.Errorf("a day-old staging dir is kept: %v", err)
+	}
+	if _, err := os.Stat(young); err != nil {
+		t.Errorf("a young staging dir is removed: %v", err)
+	}
+}
+
+// WrapRemoteStores makes m open its remotes' S3 stores through wrap (nil:
+// as they are).
+func WrapRemoteStores(m *Manager, wrap func(remote.Store) remote.Store) {
+	m.openStore = func(ctx context.Context, r Remote) (remote.Store, error) {
+		st, err := remote.NewS3(ctx, remote.S3Config{URL: r.URL, Endpoint: r.Endpoint, Region: r.Region})
+		if err != nil || wrap == nil {
+			return st, err
+		}
+		return wrap(st), nil
+	}
 }
