@@ -10,92 +10,14 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/smolvm-go/smolvm/internal/remote"
 	"github.com/smolvm-go/smolvm/internal/snapshot"
+	"github.com/smolvm-go/smolvm/internal/testutil/memstore"
 )
-
-// MemStore is an in-memory remote.Store for the no-VM rule tests (the
-// claims are proven against versitygw in the VM tests). FailGet, when set,
-// may fail a Get.
-type MemStore struct {
-	mu      sync.Mutex
-	objs    map[string][]byte
-	FailGet func(key string) error
-}
-
-func NewMemStore() *MemStore { return &MemStore{objs: map[string][]byte{}} }
-
-func (s *MemStore) Put(ctx context.Context, key string, r io.Reader, size int64) error {
-	b, err := io.ReadAll(r)
-	if err != nil {
-		return err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.objs[key] = b
-	return nil
-}
-
-func (s *MemStore) Get(ctx context.Context, key string) (io.ReadCloser, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.FailGet != nil {
-		if err := s.FailGet(key); err != nil {
-			return nil, err
-		}
-	}
-	b, ok := s.objs[key]
-	if !ok {
-		return nil, fmt.Errorf("%w: %s", remote.ErrNotFound, key)
-	}
-	return io.NopCloser(bytes.NewReader(b)), nil
-}
-
-func (s *MemStore) Exists(ctx context.Context, key string) (bool, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	_, ok := s.objs[key]
-	return ok, nil
-}
-
-func (s *MemStore) List(ctx context.Context, prefix string) ([]string, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var out []string
-	for k := range s.objs {
-		if strings.HasPrefix(k, prefix) {
-			out = append(out, k)
-		}
-	}
-	sort.Strings(out)
-	return out, nil
-}
-
-func (s *MemStore) Delete(ctx context.Context, key string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	delete(s.objs, key)
-	return nil
-}
-
-// Keys lists the stored keys with prefix.
-func (s *MemStore) Keys(prefix string) []string {
-	k, _ := s.List(context.Background(), prefix)
-	return k
-}
-
-// Set replaces an object (a test corrupting the store).
-func (s *MemStore) Set(key string, b []byte) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.objs[key] = b
-}
 
 // SetRemoteStores makes m open stores[name] for the remote called name
 // (an unknown name is unreachable).
@@ -266,7 +188,7 @@ func TestRemoteErrorsMap(t *testing.T) {
 	if _, err := m.ListRemoteSnapshots(ctx, "other"); !errors.Is(err, ErrRemoteNotFound) || ErrorCode(err) != "remote_not_found" {
 		t.Errorf("unknown remote: %v", err)
 	}
-	st := NewMemStore()
+	st := memstore.New()
 	SetRemoteStores(m, map[string]remote.Store{"origin": st})
 	for _, c := range []struct {
 		cause error
@@ -335,7 +257,7 @@ func TestAutoPullChoosesDefaultRemote(t *testing.T) {
 	if _, err := m.FromSnapshot(ctx, "x", RestoreOptions{}); !errors.Is(err, ErrSnapshotNotFound) || fixAction(err) != FixPullSnapshot {
 		t.Fatalf("no remote: %v", err)
 	}
-	a, b := NewMemStore(), NewMemStore()
+	a, b := memstore.New(), memstore.New()
 	a.Set("snapshots/x.json", []byte(`{"not":"an index"}`)) // only a has something under that id
 	SetRemoteStores(m, map[string]remote.Store{"a": a, "b": b})
 	for _, r := range []string{"a", "b"} {
@@ -396,4 +318,53 @@ func WrapRemoteStores(m *Manager, wrap func(remote.Store) remote.Store) {
 		}
 		return wrap(st), nil
 	}
+}
+
+// FuzzParsePushed: a remote snapshot's manifest (hostile bytes) never
+// panics the parser, and what it accepts has extents in order inside each
+// artifact.
+func FuzzParsePushed(f *testing.F) {
+	man := []byte(`{"format_version":2,"id":"s","vm_id":"v","backend":"qemu","type":"full"}`)
+	f.Add([]byte(`{"smolvm_remote_format":1,"manifest":` + string(man) + `,"extents":{}}`))
+	f.Add([]byte(`{"smolvm_remote_format":1,"manifest":{},"extents":{"state.bin":"AAEBAg=="}}`))
+	f.Add([]byte(`{"smolvm_remote_format":2}`))
+	f.Add([]byte(`{}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		m, ext, err := parsePushed(data)
+		if err != nil {
+			return
+		}
+		for _, a := range m.Artifacts {
+			end := int64(0)
+			for _, e := range ext[a.Name] {
+				if e[0] < end || e[1] <= 0 || e[0]+e[1] > a.Size {
+					t.Fatalf("accepted extent %v of %s (%d bytes) after %d", e, a.Name, a.Size, end)
+				}
+				end = e[0] + e[1]
+			}
+		}
+	})
+}
+
+// FuzzParseRemotes: remotes.json (bytes on disk) never panics the parser,
+// and what it accepts is valid remotes with a listed default.
+func FuzzParseRemotes(f *testing.F) {
+	f.Add([]byte(`{"version":1,"default":"a","remotes":[{"name":"a","url":"s3://bucket-a/p","endpoint":"http://127.0.0.1:9000"}]}`))
+	f.Add([]byte(`{"version":1,"remotes":[]}`))
+	f.Add([]byte(`{"version":2}`))
+	m := &Manager{opts: Options{DataDir: "/nonexistent"}}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		rf, err := m.parseRemotes(data)
+		if err != nil {
+			return
+		}
+		for _, r := range rf.Remotes {
+			if err := validateRemote(r); err != nil {
+				t.Fatalf("accepted %+v: %v", r, err)
+			}
+		}
+		if _, ok := rf.find(rf.Default); rf.Default != "" && !ok {
+			t.Fatalf("accepted default %q not listed", rf.Default)
+		}
+	})
 }
