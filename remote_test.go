@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -39,17 +40,18 @@ func s3Env(t *testing.T, s *s3server.Server) {
 // (versitygw on 127.0.0.1) and the image cache. Host A boots a VM with a
 // running process and a tmpfs file, takes a full snapshot and pushes it (a
 // second push uploads nothing); A's data dir is then deleted entirely.
-// Host B restores the snapshot by id (auto-pulled from its default
-// remote): the process and the file are back; 3 clones forked from it
-// answer. Then remote snapshots rebuilt from B's copy with a manifest
+// Host B is smolvm CLI processes on another data dir: a restore of the
+// snapshot by id fails (not found, a fix naming pulling) until the remote
+// is added, then auto-pulls from the default remote: the process and the
+// file are back; 3 clones forked from it answer with their own hostnames. Then remote snapshots rebuilt from B's copy with a manifest
 // naming ../x, a flipped byte, or a qcow2 disk whose header names
 // /etc/passwd are each refused by a pull, which lists nothing and leaves
 // nothing on disk; and the CLI (in-process) adds the remote, lists it,
 // pulls under a new id and pushes. One VM is booted (plus the restore and
 // clones of its snapshot).
 //
-// Network namespaces are not used: both hosts are Managers in this test
-// process on one network (see the report of issue 13).
+// Network namespaces are not used: test servers bind only loopback, which
+// a namespace does not share; the hosts share the machine's network.
 func TestRemoteTwoHosts(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
@@ -98,43 +100,80 @@ func TestRemoteTwoHosts(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// Host B: only the remote config.
-	b := newManager(t)
-	if _, err := b.FromSnapshot(ctx, "trip", smolvm.RestoreOptions{Resume: true}); !errors.Is(err, smolvm.ErrSnapshotNotFound) {
-		t.Fatalf("restore without a remote: %v, want ErrSnapshotNotFound", err)
-	} else if f, _ := smolvm.FixOf(err); f.Action != smolvm.FixPullSnapshot {
-		t.Errorf("restore without a remote: fix %+v, want one that names pulling", f)
-	}
-	if err := b.AddRemote(ctx, smolvm.Remote{Name: "shared", URL: url, Endpoint: s3.Endpoint}); err != nil {
+	// Host B: smolvm CLI processes on their own data dir, with only the
+	// remote config and the store's credentials in their environment.
+	dirB, err := os.MkdirTemp(testRoot, "hostB")
+	if err != nil {
 		t.Fatal(err)
 	}
-	listed, err := b.ListRemoteSnapshots(ctx, "shared")
-	if err != nil || len(listed) != 1 || listed[0].ID != "trip" || listed[0].VMID != "traveller" || listed[0].Type != smolvm.SnapshotFull || listed[0].PushedAt.IsZero() {
-		t.Fatalf("remote listing: %+v %v", listed, err)
+	t.Cleanup(func() { cleanupAll(dirB) })
+	hostB := func(args ...string) (string, error) {
+		c := exec.CommandContext(ctx, smolvmBinary(t), append([]string{"--data-dir", dirB, "--image-dir", testImageDir}, args...)...)
+		c.Env = append(os.Environ(), s3.Env()...)
+		var stderr bytes.Buffer
+		c.Stderr = &stderr
+		out, err := c.Output() // stdout: one JSON object with --json
+		if err != nil || !strings.Contains(strings.Join(args, " "), "--json") {
+			return string(out) + stderr.String(), err
+		}
+		return string(out), nil
 	}
-	restored, err := b.FromSnapshot(ctx, "trip", smolvm.RestoreOptions{Resume: true}) // auto-pull
+	if out, err := hostB("--json", "sandbox", "snapshot", "restore", "trip", "--resume"); err == nil ||
+		!strings.Contains(out, `"snapshot_not_found"`) || !strings.Contains(out, "snapshot pull trip") {
+		t.Fatalf("restore on B without a remote: %v %s (want snapshot_not_found with a fix that names pulling)", err, out)
+	}
+	if out, err := hostB("remote", "add", "shared", url, "--endpoint", s3.Endpoint); err != nil {
+		t.Fatalf("remote add on B: %v %s", err, out)
+	}
+	if out, err := hostB("sandbox", "snapshot", "list", "--remote", "shared"); err != nil || !strings.Contains(out, "trip") || !strings.Contains(out, "traveller") {
+		t.Fatalf("snapshot list --remote on B: %v %s", err, out)
+	}
+	if out, err := hostB("sandbox", "snapshot", "restore", "trip", "--resume"); err != nil { // auto-pull
+		t.Fatalf("restore on B: %v %s", err, out)
+	} else {
+		t.Logf("host B: %s", out)
+	}
+	b, err := smolvm.NewManager(ctx, smolvm.Options{DataDir: dirB, ImageDir: testImageDir, Logger: quietLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	restored, err := b.Open(ctx, "traveller")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if tmpfs, proc, disk := checkWorkload(t, restored); !tmpfs || !proc || !disk {
 		t.Errorf("restore on host B: tmpfs=%v process=%v disk=%v", tmpfs, proc, disk)
 	}
+	restored.Close()
 	if err := b.VerifySnapshot(ctx, "trip"); err != nil {
 		t.Fatal(err)
 	}
-	clones, err := b.Fork(ctx, "trip", 3, smolvm.ForkOptions{Resume: true})
+	out, err := hostB("--json", "sandbox", "snapshot", "restore", "trip", "--clones", "3", "--resume")
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("fork on B: %v %s", err, out)
 	}
-	for _, c := range clones {
+	var forked struct {
+		Data []smolvm.Info `json:"data"`
+	}
+	if err := json.Unmarshal([]byte(out), &forked); err != nil || len(forked.Data) != 3 {
+		t.Fatalf("fork on B: %v %s", err, out)
+	}
+	for _, i := range forked.Data {
+		c, err := b.Open(ctx, i.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
 		if got := mustOK(t, c, "hostname; cat /tmp/marker"); got != c.ID()+"\nin-memory" {
 			t.Errorf("clone %s answers %q", c.ID(), got)
 		}
-		c.Delete(ctx)
 		c.Close()
 	}
-	restored.Delete(ctx)
-	restored.Close()
+	for _, id := range append([]string{"traveller"}, forked.Data[0].ID, forked.Data[1].ID, forked.Data[2].ID) {
+		if out, err := hostB("sandbox", "delete", id); err != nil {
+			t.Errorf("delete %s on B: %v %s", id, err, out)
+		}
+	}
 
 	// Hostile remote snapshots, rebuilt from B's verified copy.
 	info, err := b.GetSnapshot(ctx, "trip")
