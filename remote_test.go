@@ -1,6 +1,7 @@
 package smolvm_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -8,12 +9,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/smolvm-go/smolvm"
 	"github.com/smolvm-go/smolvm/internal/cli"
@@ -38,21 +41,27 @@ func s3Env(t *testing.T, s *s3server.Server) {
 
 // TestRemoteTwoHosts: two data dirs that share only a real S3 server
 // (versitygw on 127.0.0.1) and the image cache. Host A boots a VM with a
-// running process and a tmpfs file, takes a full snapshot and pushes it (a
-// second push uploads nothing); A's data dir is then deleted entirely.
-// Host B is smolvm CLI processes on another data dir: a restore of the
-// snapshot by id fails (not found, a fix naming pulling) until the remote
-// is added, then auto-pulls from the default remote: the process and the
-// file are back; 3 clones forked from it answer with their own hostnames. Then remote snapshots rebuilt from B's copy with a manifest
-// naming ../x, a flipped byte, or a qcow2 disk whose header names
-// /etc/passwd are each refused by a pull, which lists nothing and leaves
-// nothing on disk; and the CLI (in-process) adds the remote, lists it,
-// pulls under a new id and pushes. One VM is booted (plus the restore and
-// clones of its snapshot).
-//
-// Network namespaces are not used: test servers bind only loopback, which
-// a namespace does not share; the hosts share the machine's network.
+// running process and a tmpfs file, takes a full snapshot and pushes it
+// (a second push uploads nothing); A's data dir is then deleted entirely.
+// Host B is smolvm CLI processes on another data dir, in their own network
+// namespace (ip netns, when this machine allows it; else they share its
+// network and the test says so) whose loopback has the store's address
+// and port: a forwarder there reaches versitygw through a unix socket, so
+// every server stays on loopback. On B a restore of the snapshot by id
+// fails (not found, a fix naming pulling) until the remote is added, then
+// auto-pulls from the default remote: the process and the file are back;
+// 3 clones forked from it answer with their own hostnames. Then remote
+// snapshots rebuilt from B's copy with a manifest naming ../x, a flipped
+// byte, or a qcow2 disk whose header names /etc/passwd are each refused
+// by a pull, which lists nothing and leaves nothing on disk; an
+// interrupted pull resumes; and the CLI (in-process) adds the remote,
+// lists it, pulls under a new id and pushes. One VM is booted (plus the
+// restore and the clones of its snapshot).
 func TestRemoteTwoHosts(t *testing.T) {
+	if os.Getenv("SMOLVM_TEST_CHILD") == "s3-forwarder" {
+		forwardS3() // host B's end of the path to the store, in its namespace
+		return
+	}
 	t.Parallel()
 	ctx := testCtx(t)
 	s3 := s3server.Start(t, "smolvm-remote")
@@ -106,9 +115,11 @@ func TestRemoteTwoHosts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	inB := hostBNamespace(t, s3) // before cleanupAll: the VMs go before the namespace
 	t.Cleanup(func() { cleanupAll(dirB) })
 	hostB := func(args ...string) (string, error) {
-		c := exec.CommandContext(ctx, smolvmBinary(t), append([]string{"--data-dir", dirB, "--image-dir", testImageDir}, args...)...)
+		argv := append(append(inB, smolvmBinary(t), "--data-dir", dirB, "--image-dir", testImageDir), args...)
+		c := exec.CommandContext(ctx, argv[0], argv[1:]...)
 		c.Env = append(os.Environ(), s3.Env()...)
 		var stderr bytes.Buffer
 		c.Stderr = &stderr
@@ -411,5 +422,105 @@ func resumedPull(t *testing.T, s3 *s3server.Server, url string) {
 	}
 	if ents, _ := os.ReadDir(filepath.Join(m.DataDir(), "pulls")); len(ents) != 0 {
 		t.Errorf("staging left after the pull: %v", ents)
+	}
+}
+
+// hostBNamespace makes a network namespace for host B whose loopback
+// carries the store's endpoint (same address and port) to versitygw
+// through a unix socket: no server binds anything but loopback. It
+// returns the command prefix that runs a program there, or nil (and says
+// so) when namespaces cannot be made here. Everything is removed in
+// t.Cleanup.
+func hostBNamespace(t *testing.T, s3 *s3server.Server) []string {
+	t.Helper()
+	name := fmt.Sprintf("smolvm-b%d", os.Getpid())
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Logf("no network namespace for host B (%v: %s): it shares this machine's network", err, out)
+		return nil
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	if out, err := exec.Command("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		t.Fatalf("netns lo up: %v %s", err, out)
+	}
+	if out, err := exec.Command("ip", "netns", "exec", name, "ip", "-o", "link").CombinedOutput(); err != nil || strings.Count(string(out), "\n") != 1 || !strings.Contains(string(out), " lo:") {
+		t.Fatalf("host B's namespace has other links than its loopback: %v %s", err, out)
+	}
+	sock := filepath.Join(t.TempDir(), "s3.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	target := strings.TrimPrefix(s3.Endpoint, "http://")
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				d, err := net.Dial("tcp", target)
+				if err != nil {
+					return
+				}
+				defer d.Close()
+				go io.Copy(d, c)
+				io.Copy(c, d)
+			}()
+		}
+	}()
+	fwd := exec.Command("ip", "netns", "exec", name, os.Args[0], "-test.run=^TestRemoteTwoHosts$")
+	fwd.Env = append(os.Environ(), "SMOLVM_TEST_CHILD=s3-forwarder", "FWD_LISTEN="+target, "FWD_SOCK="+sock)
+	stdout, err := fwd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fwd.Stderr = os.Stderr
+	if err := fwd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fwd.Process.Kill(); fwd.Wait() })
+	ready := make(chan string, 1)
+	go func() {
+		line, _ := bufio.NewReader(stdout).ReadString('\n')
+		ready <- line
+	}()
+	select {
+	case line := <-ready:
+		if !strings.HasPrefix(line, "READY") {
+			t.Fatalf("forwarder in %s: %q", name, line)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("forwarder in %s did not start", name)
+	}
+	t.Logf("host B runs in network namespace %s; the store is reached through a unix socket", name)
+	return []string{"ip", "netns", "exec", name}
+}
+
+// forwardS3 is the forwarder child: it listens on FWD_LISTEN (loopback of
+// its namespace) and carries each connection to the unix socket FWD_SOCK.
+func forwardS3() {
+	ln, err := net.Listen("tcp", os.Getenv("FWD_LISTEN"))
+	if err != nil {
+		fmt.Println("ERR", err)
+		return
+	}
+	fmt.Println("READY")
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			d, err := net.Dial("unix", os.Getenv("FWD_SOCK"))
+			if err != nil {
+				return
+			}
+			defer d.Close()
+			go io.Copy(d, c)
+			io.Copy(c, d)
+		}()
 	}
 }
