@@ -353,16 +353,12 @@ func remoteCLI(t *testing.T, s3 *s3server.Server, url string) {
 	if code == 0 || !strings.Contains(jout, `"snapshot_not_found"`) || !strings.Contains(jout, "snapshot list --remote shared") {
 		t.Errorf("pull of a missing snapshot: exit %d %s", code, jout)
 	}
-	ctx := context.Background()
-	m, err := smolvm.NewManager(ctx, smolvm.Options{DataDir: dir, ImageDir: testImageDir, Logger: quietLogger()})
-	if err != nil {
-		t.Fatal(err)
+	must("sandbox", "snapshot", "delete", "trip-b", "--remote", "shared")
+	if out := must("sandbox", "snapshot", "list", "--remote", "shared"); strings.Contains(out, "trip-b") || !strings.Contains(out, "trip") {
+		t.Errorf("snapshot list --remote after delete --remote: %s", out)
 	}
-	defer m.Close()
-	for _, id := range []string{"trip-b"} {
-		if err := m.DeleteRemoteSnapshot(ctx, "", id); err != nil {
-			t.Errorf("delete remote %s: %v", id, err)
-		}
+	if out := must("sandbox", "snapshot", "list"); !strings.Contains(out, "trip-b") {
+		t.Errorf("delete --remote removed the local snapshot: %s", out)
 	}
 }
 

@@ -119,12 +119,17 @@ func (a *app) snapshotListCmd() *cobra.Command {
 
 // snapshotDeleteCmd is `snapshot delete ID`.
 func (a *app) snapshotDeleteCmd() *cobra.Command {
+	var remoteName string
 	del := &cobra.Command{
-		Use: "delete ID", Aliases: []string{"rm"}, Short: "Delete a snapshot and all its files (permanent)", Args: cobra.ExactArgs(1),
+		Use: "delete ID", Aliases: []string{"rm"}, Short: "Delete a snapshot and all its files (permanent); with --remote, from a remote store", Args: cobra.ExactArgs(1),
 		ValidArgsFunction: a.completeSnapshots,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
-				if err := m.DeleteSnapshot(ctx, args[0]); err != nil {
+				remove := func() error { return m.DeleteSnapshot(ctx, args[0]) }
+				if cmd.Flags().Changed("remote") {
+					remove = func() error { return m.DeleteRemoteSnapshot(ctx, remoteName, args[0]) }
+				}
+				if err := remove(); err != nil {
 					return err
 				}
 				a.print(map[string]string{"deleted": args[0]}, func(w io.Writer) { fmt.Fprintf(w, "deleted %s\n", args[0]) })
@@ -132,6 +137,7 @@ func (a *app) snapshotDeleteCmd() *cobra.Command {
 			})
 		},
 	}
+	del.Flags().StringVar(&remoteName, "remote", "", "delete it from this remote store instead (its index; chunks other snapshots share stay)")
 	return del
 }
 
