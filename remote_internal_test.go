@@ -6,8 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -32,14 +30,7 @@ func SetRemoteStores(m *Manager, stores map[string]remote.Store) {
 
 func remotesManager(t *testing.T) *Manager {
 	t.Helper()
-	dir := t.TempDir()
-	m, err := NewManager(context.Background(), Options{DataDir: dir, RunDir: filepath.Join(dir, "run"), ImageDir: filepath.Join(dir, "images"),
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	return m
+	return newTempManager(t, context.Background(), "remotes")
 }
 
 // TestRemotesConfig: remotes.json is written atomically with mode 0600,

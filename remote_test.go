@@ -453,24 +453,7 @@ func hostBNamespace(t *testing.T, s3 *s3server.Server) []string {
 	}
 	t.Cleanup(func() { ln.Close() })
 	target := strings.TrimPrefix(s3.Endpoint, "http://")
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				d, err := net.Dial("tcp", target)
-				if err != nil {
-					return
-				}
-				defer d.Close()
-				go io.Copy(d, c)
-				io.Copy(c, d)
-			}()
-		}
-	}()
+	go relay(ln, "tcp", target)
 	fwd := exec.Command("ip", "netns", "exec", name, os.Args[0], "-test.run=^TestRemoteTwoHosts$")
 	fwd.Env = append(os.Environ(), "SMOLVM_TEST_CHILD=s3-forwarder", "FWD_LISTEN="+target, "FWD_SOCK="+sock)
 	stdout, err := fwd.StdoutPipe()
@@ -508,6 +491,12 @@ func forwardS3() {
 		return
 	}
 	fmt.Println("READY")
+	relay(ln, "unix", os.Getenv("FWD_SOCK"))
+}
+
+// relay carries each connection ln accepts to a new one to addr, until ln
+// is closed.
+func relay(ln net.Listener, network, addr string) {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -515,7 +504,7 @@ func forwardS3() {
 		}
 		go func() {
 			defer c.Close()
-			d, err := net.Dial("unix", os.Getenv("FWD_SOCK"))
+			d, err := net.Dial(network, addr)
 			if err != nil {
 				return
 			}
