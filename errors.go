@@ -40,6 +40,15 @@ var (
 	// import) or a temp file (a flattened export) has too little free
 	// space; nothing was written.
 	ErrNoSpace = errors.New("not enough free disk space")
+	// ErrRemoteNotFound: no remote snapshot store of that name is
+	// configured (or none is the default).
+	ErrRemoteNotFound = errors.New("remote not found")
+	// ErrRemoteExists: a remote of that name is configured already.
+	ErrRemoteExists = errors.New("remote already exists")
+	// ErrRemoteAuth: the remote store refused the credentials.
+	ErrRemoteAuth = errors.New("remote refused the credentials")
+	// ErrRemoteUnreachable: the remote store did not answer.
+	ErrRemoteUnreachable = errors.New("remote unreachable")
 )
 
 // ErrUnsafeDir is wrapped when a directory smolvm keeps guest data or
@@ -104,6 +113,10 @@ var errorCodes = []struct {
 	{ErrTimeout, "timeout"},
 	{ErrGuestProtocol, "guest_protocol"},
 	{ErrNoSpace, "no_space"},
+	{ErrRemoteNotFound, "remote_not_found"},
+	{ErrRemoteExists, "remote_exists"},
+	{ErrRemoteAuth, "remote_auth"},
+	{ErrRemoteUnreachable, "remote_unreachable"},
 }
 
 func newErr(op string, sentinel error, fix Fix, msg string) *Error {

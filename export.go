@@ -305,9 +305,18 @@ func (m *Manager) ImportSnapshot(ctx context.Context, r io.Reader, opts ImportOp
 			return nil, err
 		}
 	}
-	op := &importOp{m: m, r: ctxReader{ctx, r}, opts: opts, locks: heldLocks{dataDir: m.opts.DataDir}}
+	op := &importOp{m: m, r: ctxReader{ctx, r}, opts: opts, locks: heldLocks{dataDir: m.opts.DataDir}, name: "snapshot import", noun: "archive"}
+	op.readSource = op.readArchive
+	op.extract = func(context.Context) error { return op.ar.Extract(op.tmp) }
+	return op.run(ctx)
+}
+
+// run is the import's steps, shared by ImportSnapshot (an archive) and
+// PullSnapshot (a remote store): only readSource and extract differ.
+func (op *importOp) run(ctx context.Context) (*SnapshotInfo, error) {
+	m := op.m
 	defer op.close()
-	if err := m.runSteps(ctx, "snapshot import", nil,
+	if err := m.runSteps(ctx, op.name, nil,
 		steps.Step{Name: "read manifest", Do: op.readManifest},
 		steps.Step{Name: "lock snapshot", Do: func(ctx context.Context) error { return op.locks.snapshot(ctx, op.man.ID) }},
 		steps.Step{Name: "check base image", Do: op.checkBase},
@@ -337,6 +346,13 @@ type importOp struct {
 	man   snapshot.Manifest
 	row   store.Snapshot
 	tmp   string
+
+	name string // the operation: "snapshot import", "snapshot pull"
+	noun string // what is refused: "archive", "remote snapshot"
+	// readSource returns the incoming manifest, parsed and validated;
+	// extract writes its artifacts into op.tmp.
+	readSource func(context.Context) (snapshot.Manifest, error)
+	extract    func(context.Context) error
 }
 
 func (op *importOp) close() {
@@ -346,14 +362,24 @@ func (op *importOp) close() {
 	}
 }
 
-// readManifest reads and validates the archive's manifest and renames the
-// snapshot when asked.
-func (op *importOp) readManifest(context.Context) error {
+// readArchive reads and validates the archive's manifest.
+func (op *importOp) readArchive(context.Context) (snapshot.Manifest, error) {
 	ar, err := snapshot.OpenArchive(op.r)
+	if err != nil {
+		return snapshot.Manifest{}, err
+	}
+	op.ar = ar
+	return ar.Manifest(), nil
+}
+
+// readManifest reads and validates the incoming manifest and renames the
+// snapshot when asked.
+func (op *importOp) readManifest(ctx context.Context) error {
+	man, err := op.readSource(ctx)
 	if err != nil {
 		return err
 	}
-	op.ar, op.man = ar, ar.Manifest()
+	op.man = man
 	if op.opts.SnapshotID != "" {
 		op.man.ID = op.opts.SnapshotID
 	}
@@ -498,8 +524,6 @@ func (op *importOp) makeTemp(context.Context) error {
 
 func (op *importOp) removeTemp(context.Context) error { return os.RemoveAll(op.tmp) }
 
-func (op *importOp) extract(context.Context) error { return op.ar.Extract(op.tmp) }
-
 // checkDisks reads the header of each disk artifact: qcow2 with no
 // backing file, or exactly the manifest's base image.
 func (op *importOp) checkDisks(context.Context) error {
@@ -561,10 +585,10 @@ func (op *importOp) failed(err error) error {
 	}
 	switch {
 	case errors.Is(err, snapshot.ErrNewer):
-		return &Error{Op: "snapshot import", Message: fmt.Sprintf("snapshot import: %v", err), Err: errors.Join(ErrUnsupported, err)}
+		return &Error{Op: op.name, Message: fmt.Sprintf("%s: %v", op.name, err), Err: errors.Join(ErrUnsupported, err)}
 	case errors.Is(err, snapshot.ErrCorrupt), errors.Is(err, snapshot.ErrForeignBacking):
-		return &Error{Op: "snapshot import", Message: fmt.Sprintf("the archive was refused: %v; nothing was imported", err),
+		return &Error{Op: op.name, Message: fmt.Sprintf("the %s was refused: %v; nothing was imported", op.noun, err),
 			Err: errors.Join(ErrSnapshotCorrupt, err)}
 	}
-	return &Error{Op: "snapshot import", Message: fmt.Sprintf("snapshot import failed: %v; nothing was imported", err), Err: err}
+	return &Error{Op: op.name, Message: fmt.Sprintf("%s failed: %v; nothing was imported", op.name, err), Err: err}
 }

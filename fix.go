@@ -63,6 +63,22 @@ const (
 	// host: create a new VM from the image ArgImage (a cold boot; the
 	// snapshot's memory is not used).
 	FixNewFromImage FixAction = "new_from_image"
+	// FixPullSnapshot: the snapshot ArgSnapshot is not in this data dir:
+	// list the snapshots, or pull it from the remote store that has it
+	// (add that remote first, as the default to pull automatically).
+	FixPullSnapshot FixAction = "pull_snapshot"
+
+	// FixAddRemote: add a remote snapshot store (Manager.AddRemote), named
+	// ArgRemote when given.
+	FixAddRemote FixAction = "add_remote"
+	// FixRemoveRemote: remove the remote ArgRemote, or choose another name.
+	FixRemoveRemote FixAction = "remove_remote"
+	// FixCheckRemote: the remote ArgRemote did not answer: check that its
+	// endpoint ArgValue is up and reachable from this host, or change the
+	// remote.
+	FixCheckRemote FixAction = "check_remote"
+	// FixListRemoteSnapshots: list the snapshots in the remote ArgRemote.
+	FixListRemoteSnapshots FixAction = "list_remote_snapshots"
 
 	// FixSetOption: set the option ArgOption (a Config, Options or
 	// SnapshotOptions field, or "Fork.n") to ArgValue, to one of
@@ -123,6 +139,7 @@ const (
 	ArgBackend  = "backend"
 	ArgDefault  = "default"
 	ArgResource = "resource"
+	ArgRemote   = "remote"
 )
 
 // Values of ArgResource.
@@ -227,6 +244,25 @@ var neutralFix = map[FixAction]func(Fix) string{
 	FixNewFromImage: func(f Fix) string {
 		return "create a new VM from image " + f.Arg(ArgImage) + " (snapshot " + f.Arg(ArgSnapshot) + " needs a compatible host)"
 	},
+	FixPullSnapshot: func(f Fix) string {
+		return "list snapshots; or pull snapshot " + f.Arg(ArgSnapshot) + " from the remote store that has it (add it as the default remote to pull automatically)"
+	},
+	FixAddRemote: func(f Fix) string {
+		if r := f.Arg(ArgRemote); r != "" {
+			return "add a remote named " + r + " (or use a configured one)"
+		}
+		return "add a remote (the first one added is the default)"
+	},
+	FixRemoveRemote: func(f Fix) string {
+		if r := f.Arg(ArgRemote); r != "" {
+			return "remove remote " + r + ", or choose another name"
+		}
+		return "remove a remote"
+	},
+	FixCheckRemote: func(f Fix) string {
+		return "check that the endpoint " + orWord(f.Arg(ArgValue), "(AWS)") + " of remote " + f.Arg(ArgRemote) + " is up and reachable from this host, or change the remote"
+	},
+	FixListRemoteSnapshots: func(f Fix) string { return "list the snapshots in remote " + f.Arg(ArgRemote) },
 	FixSetOption: func(f Fix) string {
 		s := "set " + f.Arg(ArgOption)
 		switch {
@@ -265,6 +301,14 @@ var neutralFix = map[FixAction]func(Fix) string{
 		return "install " + f.Arg(ArgBackend) + " on PATH, or use backend " + f.Arg(ArgDefault)
 	},
 	FixConfigureHost: func(f Fix) string { return hintOr(f, "change the host configuration") },
+}
+
+// orWord is s, or else the word given.
+func orWord(s, otherwise string) string {
+	if s != "" {
+		return s
+	}
+	return otherwise
 }
 
 // hintOr is the fix's ArgHint, or else the words given.

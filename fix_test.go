@@ -26,7 +26,7 @@ var sampleArgs = map[string]string{
 	smolvm.ArgOption: "MemoryMiB", smolvm.ArgValue: "512", smolvm.ArgChoices: "full,diff,disk", smolvm.ArgMin: "1",
 	smolvm.ArgMax: "16", smolvm.ArgOr: "Network", smolvm.ArgHint: "do this", smolvm.ArgEnv: "SMOLVM_RUN_DIR",
 	smolvm.ArgPath: "/run/x", smolvm.ArgPID: "42", smolvm.ArgBackend: "firecracker", smolvm.ArgDefault: "qemu",
-	smolvm.ArgResource: smolvm.ResourceMemory,
+	smolvm.ArgResource: smolvm.ResourceMemory, smolvm.ArgRemote: "origin",
 }
 
 // TestFixNeutralWords: every action has neutral words, which name no

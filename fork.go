@@ -96,6 +96,9 @@ func (m *Manager) Fork(ctx context.Context, snapshotID string, n int, opts ForkO
 			return nil, err
 		}
 	}
+	if err := m.autoPull(ctx, "fork", snapshotID); err != nil {
+		return nil, err
+	}
 	f := &forkOp{m: m, snapshotID: snapshotID, n: n, opts: opts, locks: heldLocks{dataDir: m.opts.DataDir}}
 	// The snapshot's lock is held until every clone runs: a clone still
 	// starting is "created", which DeleteSnapshot would not count as a

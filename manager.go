@@ -14,6 +14,7 @@ import (
 
 	"github.com/smolvm-go/smolvm/internal/backend"
 	"github.com/smolvm-go/smolvm/internal/image"
+	"github.com/smolvm-go/smolvm/internal/remote"
 	"github.com/smolvm-go/smolvm/internal/store"
 )
 
@@ -35,6 +36,10 @@ type Manager struct {
 	// statfs reports the free bytes on the filesystem of a path (import's
 	// and a flattened export's check); nil asks statfs(2). Tests set it.
 	statfs func(path string) (int64, error)
+
+	// openStore opens a remote's object store; nil opens S3 (remote.NewS3).
+	// Tests set it to a fake behind remote.Store.
+	openStore func(context.Context, Remote) (remote.Store, error)
 }
 
 // NewManager opens (creating if needed) the data directory in opts.

@@ -495,6 +495,7 @@ func (m *Manager) cleanupSnapshots(ctx context.Context) (int, error) {
 			removed++
 		}
 	}
+	m.cleanupPulls()
 	n, err := snapshot.Cleanup(m.snapRoot(), func(id string) bool { return busy[id] }, func(id string) bool {
 		_, err := m.store.GetSnapshot(ctx, id)
 		return err == nil
@@ -635,6 +636,9 @@ func FromSnapshot(ctx context.Context, id string, opts RestoreOptions) (*VM, err
 // own and puts the replaced VM's files and record back.
 func (m *Manager) FromSnapshot(ctx context.Context, id string, opts RestoreOptions) (*VM, error) {
 	if err := ValidateID(id); err != nil {
+		return nil, err
+	}
+	if err := m.autoPull(ctx, "restore", id); err != nil {
 		return nil, err
 	}
 	r := &restoreOp{m: m, id: id, opts: opts, locks: heldLocks{dataDir: m.opts.DataDir}}

@@ -106,7 +106,7 @@ func (a *app) rootCmd() *cobra.Command {
 	pf.BoolVarP(&a.verbose, "verbose", "v", false, "log debug details to stderr")
 	pf.StringVar(&a.dataDir, "data-dir", "", "state directory (default $SMOLVM_DATA_DIR or ~/.local/state/smolvm)")
 	pf.StringVar(&a.imageDir, "image-dir", "", "image cache (default $SMOLVM_IMAGE_DIR or ~/.cache/smolvm/images)")
-	root.AddCommand(a.sandboxCmd(), a.imageCmd(), a.templateCmd(), a.doctorCmd(), a.benchCmd(), a.mcpCmd(), a.serveCmd())
+	root.AddCommand(a.sandboxCmd(), a.imageCmd(), a.templateCmd(), a.doctorCmd(), a.benchCmd(), a.mcpCmd(), a.serveCmd(), a.remoteCmd())
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
 		return &smolvm.Error{Message: err.Error(), Fix: usageFix(c.CommandPath() + " --help"), Err: smolvm.ErrInvalidConfig}
 	})

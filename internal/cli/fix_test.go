@@ -81,6 +81,11 @@ func TestFixWords(t *testing.T) {
 		{fx(smolvm.FixRemoveDir, smolvm.ArgPath, "/run/smolvm", smolvm.ArgEnv, "SMOLVM_RUN_DIR"), "stop the VMs using it, then rm -r /run/smolvm; or set SMOLVM_RUN_DIR to a private directory"},
 		{fx(smolvm.FixRemoveDir, smolvm.ArgEnv, "SMOLVM_RUN_DIR"), "remove the directory named above (another user may have planted it), or set SMOLVM_RUN_DIR to a private directory"},
 		{fx(smolvm.FixRunSetup), "scripts/setup"},
+		{fx(smolvm.FixPullSnapshot, snap, "s1"), "smolvm sandbox snapshot list; or smolvm sandbox snapshot pull s1 --remote NAME (smolvm remote add NAME s3://BUCKET/PREFIX --endpoint URL first; the default remote is pulled from automatically)"},
+		{fx(smolvm.FixAddRemote, smolvm.ArgRemote, "origin"), "smolvm remote add origin s3://BUCKET/PREFIX --endpoint URL (smolvm remote ls shows the configured ones)"},
+		{fx(smolvm.FixRemoveRemote, smolvm.ArgRemote, "origin"), "smolvm remote rm origin, or choose another name"},
+		{fx(smolvm.FixCheckRemote, smolvm.ArgRemote, "origin", val, "http://127.0.0.1:9000"), "check that http://127.0.0.1:9000 answers from this host; or smolvm remote rm origin and add it again with the right --endpoint"},
+		{fx(smolvm.FixListRemoteSnapshots, smolvm.ArgRemote, "origin"), "smolvm sandbox snapshot list --remote origin"},
 		{fx(smolvm.FixInstallBackend, smolvm.ArgBackend, "firecracker", smolvm.ArgDefault, "qemu"), "install firecracker on PATH, or use --backend qemu"},
 		{fx(smolvm.FixConfigureHost, hint, "install the jailer of the same Firecracker release next to it"), "install the jailer of the same Firecracker release next to it"},
 		{usageFix("use -e KEY=VALUE"), "use -e KEY=VALUE"},
@@ -153,7 +158,7 @@ func TestFixWordsOfSDKErrors(t *testing.T) {
 		{newVM(smolvm.Config{}), "smolvm image build busybox"},
 		{typeErr, "use --snapshot-type full, diff or disk"},
 		{forkErr, "use --clones between 1 and 64"},
-		{restoreErr, "smolvm sandbox snapshot list"},
+		{restoreErr, "smolvm sandbox snapshot list; or smolvm sandbox snapshot pull missing --remote NAME (smolvm remote add NAME s3://BUCKET/PREFIX --endpoint URL first; the default remote is pulled from automatically)"},
 		{openErr, "smolvm sandbox list --all"},
 	}
 	for i, c := range cases {

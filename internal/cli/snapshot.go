@@ -13,7 +13,7 @@ import (
 
 func (a *app) snapshotCmd() *cobra.Command {
 	c := &cobra.Command{Use: "snapshot", Aliases: []string{"snap"}, Short: "Save sandboxes and bring them back"}
-	c.AddCommand(a.snapshotCreateCmd(), a.snapshotRestoreCmd(), a.snapshotListCmd(), a.snapshotDeleteCmd(), a.snapshotInspectCmd(), a.snapshotExportCmd(), a.snapshotImportCmd())
+	c.AddCommand(a.snapshotCreateCmd(), a.snapshotRestoreCmd(), a.snapshotListCmd(), a.snapshotDeleteCmd(), a.snapshotInspectCmd(), a.snapshotExportCmd(), a.snapshotImportCmd(), a.snapshotPushCmd(), a.snapshotPullCmd())
 	return c
 }
 
@@ -89,10 +89,13 @@ func (a *app) snapshotRestoreCmd() *cobra.Command {
 
 // snapshotListCmd is `snapshot list`.
 func (a *app) snapshotListCmd() *cobra.Command {
-	var vmID string
+	var vmID, remoteName string
 	list := &cobra.Command{
-		Use: "list", Aliases: []string{"ls"}, Short: "List snapshots", Args: cobra.NoArgs,
+		Use: "list", Aliases: []string{"ls"}, Short: "List snapshots (of this data dir, or with --remote of a remote store)", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if cmd.Flags().Changed("remote") {
+				return a.remoteSnapshotList(cmd, remoteName)
+			}
 			return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
 				snaps, err := m.ListSnapshots(ctx, smolvm.SnapshotFilter{VMID: vmID})
 				if err != nil {
@@ -110,17 +113,23 @@ func (a *app) snapshotListCmd() *cobra.Command {
 		},
 	}
 	list.Flags().StringVar(&vmID, "vm-id", "", "only snapshots of this sandbox")
+	list.Flags().StringVar(&remoteName, "remote", "", "list the snapshots in this remote store instead")
 	return list
 }
 
 // snapshotDeleteCmd is `snapshot delete ID`.
 func (a *app) snapshotDeleteCmd() *cobra.Command {
+	var remoteName string
 	del := &cobra.Command{
-		Use: "delete ID", Aliases: []string{"rm"}, Short: "Delete a snapshot and all its files (permanent)", Args: cobra.ExactArgs(1),
+		Use: "delete ID", Aliases: []string{"rm"}, Short: "Delete a snapshot and all its files (permanent); with --remote, from a remote store", Args: cobra.ExactArgs(1),
 		ValidArgsFunction: a.completeSnapshots,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return a.withManager(cmd, func(ctx context.Context, m *smolvm.Manager) error {
-				if err := m.DeleteSnapshot(ctx, args[0]); err != nil {
+				remove := func() error { return m.DeleteSnapshot(ctx, args[0]) }
+				if cmd.Flags().Changed("remote") {
+					remove = func() error { return m.DeleteRemoteSnapshot(ctx, remoteName, args[0]) }
+				}
+				if err := remove(); err != nil {
 					return err
 				}
 				a.print(map[string]string{"deleted": args[0]}, func(w io.Writer) { fmt.Fprintf(w, "deleted %s\n", args[0]) })
@@ -128,6 +137,7 @@ func (a *app) snapshotDeleteCmd() *cobra.Command {
 			})
 		},
 	}
+	del.Flags().StringVar(&remoteName, "remote", "", "delete it from this remote store instead (its index; chunks other snapshots share stay)")
 	return del
 }
 

@@ -103,6 +103,33 @@ var Words = map[smolvm.FixAction]func(smolvm.Fix) string{
 		return "smolvm sandbox create --image " + f.Arg(smolvm.ArgImage) + " (snapshot " + f.Arg(smolvm.ArgSnapshot) +
 			" can only be restored on a host with the same accelerator, VMM major version and machine type)"
 	},
+	smolvm.FixPullSnapshot: func(f smolvm.Fix) string {
+		return "smolvm sandbox snapshot list; or smolvm sandbox snapshot pull " + f.Arg(smolvm.ArgSnapshot) +
+			" --remote NAME (smolvm remote add NAME s3://BUCKET/PREFIX --endpoint URL first; the default remote is pulled from automatically)"
+	},
+	smolvm.FixAddRemote: func(f smolvm.Fix) string {
+		name := f.Arg(smolvm.ArgRemote)
+		if name == "" {
+			name = "NAME"
+		}
+		return "smolvm remote add " + name + " s3://BUCKET/PREFIX --endpoint URL (smolvm remote ls shows the configured ones)"
+	},
+	smolvm.FixRemoveRemote: func(f smolvm.Fix) string {
+		if r := f.Arg(smolvm.ArgRemote); r != "" {
+			return "smolvm remote rm " + r + ", or choose another name"
+		}
+		return "smolvm remote ls; smolvm remote rm NAME"
+	},
+	smolvm.FixCheckRemote: func(f smolvm.Fix) string {
+		e := f.Arg(smolvm.ArgValue)
+		if e == "" {
+			e = "(AWS)"
+		}
+		return "check that " + e + " answers from this host; or smolvm remote rm " + f.Arg(smolvm.ArgRemote) + " and add it again with the right --endpoint"
+	},
+	smolvm.FixListRemoteSnapshots: func(f smolvm.Fix) string {
+		return "smolvm sandbox snapshot list --remote " + f.Arg(smolvm.ArgRemote)
+	},
 	smolvm.FixSetOption: func(f smolvm.Fix) string {
 		s := "use " + flag(f.Arg(smolvm.ArgOption)) + " "
 		switch c := strings.Split(f.Arg(smolvm.ArgChoices), ","); {

@@ -87,15 +87,29 @@ func Digest(path string) (string, int64, error) {
 		return "", 0, err
 	}
 	defer f.Close()
+	d, _, size, err := DigestFile(f)
+	return d, size, err
+}
+
+// DigestFile is Digest of an open file, with the extents it hashed: the
+// layout (SEEK_DATA) of a file with unwritten extents may change while
+// its contents do not, so a caller that sends the layout with the digest
+// takes both from one look.
+func DigestFile(f *os.File) (string, [][2]int64, int64, error) {
 	st, err := f.Stat()
 	if err != nil {
-		return "", 0, err
+		return "", nil, 0, err
 	}
 	size := st.Size()
 	ext, err := Extents(f, size)
 	if err != nil {
-		return "", 0, err
+		return "", nil, 0, err
 	}
+	d, err := digestExtents(f, size, ext)
+	return d, ext, size, err
+}
+
+func digestExtents(f *os.File, size int64, ext [][2]int64) (string, error) {
 	h := sha256.New()
 	var hdr [16]byte
 	buf := make([]byte, 1<<20)
@@ -104,12 +118,12 @@ func Digest(path string) (string, int64, error) {
 		binary.BigEndian.PutUint64(hdr[8:], uint64(e[1]))
 		h.Write(hdr[:])
 		if _, err := io.CopyBuffer(h, io.NewSectionReader(f, e[0], e[1]), buf); err != nil {
-			return "", 0, err
+			return "", err
 		}
 	}
 	binary.BigEndian.PutUint64(hdr[:8], uint64(size))
 	h.Write(hdr[:8])
-	return hex.EncodeToString(h.Sum(nil)), size, nil
+	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 // Describe hashes the files of arts in dir and makes each durable: every
