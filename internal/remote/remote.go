@@ -22,7 +22,7 @@ import (
 
 // ChunkSize is the size of the raw file data one chunk holds, at offsets
 // aligned to it.
-const ChunkSize = 4 << 20
+const ChunkSize = 2 << 20
 
 // chunkSize is what Push uses when PushOptions.ChunkSize is zero; tests
 // change it. Pull takes the size from the index (bounded).
@@ -67,7 +67,7 @@ type Progress struct {
 
 // PushOptions tune Push.
 type PushOptions struct {
-	Parallel int            // default 4
+	Parallel int            // default 8
 	Progress func(Progress) // called from one goroutine at a time, may be nil
 	// ChunkSize overrides ChunkSize, to measure other sizes (the dedup
 	// figure): a power of two from 64 KiB to 64 MiB; 0 = ChunkSize.
@@ -86,7 +86,7 @@ type PushStats struct {
 
 // PullOptions tune Pull.
 type PullOptions struct {
-	Parallel int            // default 4
+	Parallel int            // default 8
 	Progress func(Progress) // called from one goroutine at a time, may be nil
 }
 
@@ -104,7 +104,7 @@ type Entry struct {
 	PushedAt  time.Time
 }
 
-const defaultParallel = 4
+const defaultParallel = 8
 
 func parallel(n int) int {
 	if n <= 0 {
