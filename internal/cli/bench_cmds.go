@@ -126,3 +126,27 @@ func (a *app) benchAPICmd() *cobra.Command {
 	c.Flags().IntVar(&sandboxes, "sandboxes", 4, "sandboxes the load is spread over")
 	return c
 }
+
+func (a *app) benchRemoteCmd() *cobra.Command {
+	var f benchFlags
+	var remoteName string
+	var snapshots int
+	c := &cobra.Command{
+		Use:   "remote",
+		Short: "The remote snapshot store: push and pull throughput, and the store bytes of snapshots of one template (dedup)",
+		Long: `Runs against a remote added with 'smolvm remote add' (credentials from the usual AWS
+environment variables or file), under a fresh prefix of it, with two private data dirs
+of its own (host A pushes, host B pulls). The chunks it pushed stay in the store under
+that prefix (printed at the end).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.runBench(cmd, &f, func(ctx context.Context, o bench.Options) (bench.Report, error) {
+				return bench.Remote(ctx, o, remoteName, snapshots)
+			})
+		},
+	}
+	f.register(c)
+	c.Flags().StringVar(&remoteName, "remote", "", "remote to measure (default: the default remote)")
+	c.Flags().IntVar(&snapshots, "snapshots", 10, "snapshots of one template to push for the dedup figure")
+	return c
+}
