@@ -85,9 +85,9 @@ func message(err error) string {
 // statusOf is the HTTP status of an error code (api12.md).
 func statusOf(code string) int {
 	switch code {
-	case "vm_not_found", "snapshot_not_found", "template_not_found", codeNotFound:
+	case "vm_not_found", "snapshot_not_found", "template_not_found", "remote_not_found", codeNotFound:
 		return http.StatusNotFound
-	case "vm_exists", "snapshot_exists", "snapshot_in_use", "snapshot_already_restored", "vm_not_running", "host_incompatible":
+	case "vm_exists", "snapshot_exists", "snapshot_in_use", "snapshot_already_restored", "vm_not_running", "host_incompatible", "remote_exists":
 		return http.StatusConflict
 	case "invalid_config", "invalid_id", codeInvalidRequest:
 		return http.StatusUnprocessableEntity
@@ -101,6 +101,10 @@ func statusOf(code string) int {
 		return http.StatusServiceUnavailable
 	case codeTimeout:
 		return http.StatusGatewayTimeout
+	case "remote_auth", "remote_unreachable": // a restore or fork pulling from the daemon's remote store
+		return http.StatusBadGateway
+	case "no_space":
+		return http.StatusInsufficientStorage
 	case "canceled":
 		return 499 // the client went away; nobody reads it
 	}

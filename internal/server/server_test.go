@@ -60,6 +60,7 @@ func TestErrorStatuses(t *testing.T) {
 		smolvm.ErrInvalidConfig: 422, smolvm.ErrInvalidID: 422,
 		smolvm.ErrImageNotBuilt: 503, smolvm.ErrUnsupported: 503,
 		smolvm.ErrTimeout: 504, context.DeadlineExceeded: 504,
+		smolvm.ErrRemoteNotFound: 404, smolvm.ErrRemoteExists: 409, smolvm.ErrRemoteAuth: 502, smolvm.ErrRemoteUnreachable: 502, smolvm.ErrNoSpace: 507,
 		smolvm.ErrBoot: 500, smolvm.ErrGuestProtocol: 500, errors.New("other"): 500,
 	}
 	for err, want := range cases {

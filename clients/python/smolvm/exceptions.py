@@ -129,6 +129,19 @@ class BackingImageMissingError(SmolVMError):
     default_code = "backing_image_missing"
 
 
+class RemoteError(SmolVMError):
+    """The daemon's remote snapshot store (asked for a snapshot this host does
+    not have) refused its credentials or did not answer."""
+
+    default_code = "remote_unreachable"
+
+
+class NoSpaceError(SmolVMError):
+    """Too little free disk on the daemon's host for the snapshot; nothing was written."""
+
+    default_code = "no_space"
+
+
 class TemplateNotFoundError(SmolVMError):
     default_code = "template_not_found"
 
@@ -194,6 +207,9 @@ ERROR_CLASSES = {
     "snapshot_already_restored": SnapshotAlreadyRestoredError,
     "snapshot_corrupt": SnapshotCorruptError,
     "backing_image_missing": BackingImageMissingError,
+    "remote_auth": RemoteError,
+    "remote_unreachable": RemoteError,
+    "no_space": NoSpaceError,
     "template_not_found": TemplateNotFoundError,
     "image_not_built": ImageError,
     "unsupported": UnsupportedError,

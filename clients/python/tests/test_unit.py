@@ -51,6 +51,9 @@ class ErrorMapping(unittest.TestCase):
             "backing_image_missing": smolvm.BackingImageMissingError,
             "snapshot_corrupt": smolvm.SnapshotCorruptError,
             "boot_failed": smolvm.BootError,
+            "remote_auth": smolvm.RemoteError,
+            "remote_unreachable": smolvm.RemoteError,
+            "no_space": smolvm.NoSpaceError,
             "not_found": smolvm.APIError,
             "something_new": smolvm.SmolVMError,
         }
