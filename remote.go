@@ -682,6 +682,9 @@ type RemoteSnapshot struct {
 	DataBytes int64        `json:"data_bytes"` // bytes in its data chunks
 	CreatedAt time.Time    `json:"created_at"`
 	PushedAt  time.Time    `json:"pushed_at"`
+	// Host is the host section of the snapshot's manifest, only when the
+	// whole manifest passes validation (snapshot.ParseManifest).
+	Host *SnapshotHost `json:"host,omitempty"`
 }
 
 // ListRemoteSnapshots lists the snapshots in a remote store ("" for the
@@ -731,6 +734,9 @@ func remoteSnapshot(e remote.Entry) RemoteSnapshot {
 		rs.SizeBytes = man.SizeBytes
 	}
 	rs.CreatedAt = man.CreatedAt
+	if full, err := snapshot.ParseManifest(env.Manifest); err == nil {
+		rs.Host = snapshotHost(full.Host)
+	}
 	return rs
 }
 

@@ -96,6 +96,37 @@ type SnapshotInfo struct {
 	Artifacts    SnapshotArtifacts `json:"artifacts"`
 	Dir          string            `json:"dir"`
 	MemoryMiB    int               `json:"memory_mib"`
+	// Host is what a memory snapshot needs of the host that restores it
+	// (recorded by format-2 manifests; nil otherwise): a scheduler places a
+	// restore on a host that matches (docs/scale-out.md).
+	Host *SnapshotHost `json:"host,omitempty"`
+}
+
+// SnapshotHost describes the host a snapshot was taken on, as its
+// manifest records it: restore refuses a host that differs unsafely
+// (ErrHostIncompatible).
+type SnapshotHost struct {
+	Accel         string   `json:"accel"`
+	VMM           string   `json:"vmm"`
+	VMMVersion    string   `json:"vmm_version"`
+	MachineType   string   `json:"machine_type"`
+	CPUVendor     string   `json:"cpu_vendor,omitempty"`
+	CPUModel      string   `json:"cpu_model,omitempty"`
+	CPUFlags      []string `json:"cpu_flags,omitempty"` // under hardware acceleration only
+	Image         string   `json:"image,omitempty"`
+	ImageSHA256   string   `json:"image_sha256,omitempty"`
+	KernelRelease string   `json:"kernel_release,omitempty"`
+}
+
+// snapshotHost is the SDK's view of a manifest's host section (nil when
+// it has none).
+func snapshotHost(h *snapshot.Host) *SnapshotHost {
+	if h == nil {
+		return nil
+	}
+	return &SnapshotHost{Accel: string(h.Accel), VMM: h.VMM, VMMVersion: h.VMMVersion, MachineType: h.MachineType,
+		CPUVendor: h.CPUVendor, CPUModel: h.CPUModel, CPUFlags: h.CPUFlags, Image: h.Image, ImageSHA256: h.ImageSHA256,
+		KernelRelease: h.KernelRelease}
 }
 
 func (m *Manager) snapRoot() string { return filepath.Join(m.opts.DataDir, "snapshots") }
@@ -108,6 +139,7 @@ func (m *Manager) snapInfo(s store.Snapshot) SnapshotInfo {
 	var man snapshot.Manifest
 	if json.Unmarshal(s.Manifest, &man) == nil {
 		info.MemoryMiB = man.Spec.MemoryMiB
+		info.Host = snapshotHost(man.Host)
 		for _, a := range man.Artifacts {
 			p := filepath.Join(dir, a.Name)
 			switch a.Role {
