@@ -225,7 +225,8 @@ func PushedManifestFor(dir string, m map[string]any) ([]byte, error) {
 		if err != nil {
 			continue // a name the pull must refuse
 		}
-		d, ext, _, err := snapshot.DigestFile(f)
+		format, _ := m["format_version"].(float64)
+		d, ext, _, err := snapshot.DigestFile(f, int(format))
 		f.Close()
 		if err != nil {
 			return nil, err
