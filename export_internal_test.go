@@ -239,18 +239,20 @@ func rewriteSnapshot(t *testing.T, ctx context.Context, m *Manager, id string, m
 	}
 }
 
-// asLegacy rewrites snapshot id of m as an older build wrote it: format 2,
-// each digest the extent digest (snapshot.LegacyDigest).
-func asLegacy(t *testing.T, ctx context.Context, m *Manager, id string) {
+// redescribe rewrites snapshot id of m as a build writing manifest format
+// would have: each artifact's digest (snapshot.DigestFormat: the extent
+// digest below format 3), size and mtime of the file as it is now.
+func redescribe(t *testing.T, ctx context.Context, m *Manager, id string, format int) {
 	t.Helper()
 	rewriteSnapshot(t, ctx, m, id, func(dir string, man *snapshot.Manifest) {
-		man.FormatVersion = 2
+		man.FormatVersion = format
 		for i, a := range man.Artifacts {
-			d, _, err := snapshot.LegacyDigest(filepath.Join(dir, a.Name))
-			if err != nil {
-				t.Fatal(err)
+			d, size, err := snapshot.DigestFormat(filepath.Join(dir, a.Name), format)
+			st, serr := os.Stat(filepath.Join(dir, a.Name))
+			if err != nil || serr != nil {
+				t.Fatal(err, serr)
 			}
-			man.Artifacts[i].SHA256 = d
+			man.Artifacts[i].SHA256, man.Artifacts[i].Size, man.Artifacts[i].MtimeNS = d, size, st.ModTime().UnixNano()
 		}
 	})
 }
@@ -289,7 +291,7 @@ func TestImportLegacyFormat(t *testing.T) {
 	if _, err := vm.Snapshot(ctx, SnapshotOptions{ID: "l1", Type: SnapshotFull, ResumeSource: true}); err != nil {
 		t.Fatal(err)
 	}
-	asLegacy(t, ctx, src, "l1")
+	redescribe(t, ctx, src, "l1", 2)
 	if _, err := src.loadSnapshot(ctx, "l1", true); err != nil {
 		t.Fatalf("full verify of a format 2 snapshot: %v", err)
 	}
