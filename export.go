@@ -138,7 +138,7 @@ func (m *Manager) flattenForExport(ctx context.Context, dir string, man snapshot
 	// The archive sends the flattened disk, re-hashed as it goes: the
 	// source is hashed here (an overlay: the data the guest wrote), so a
 	// changed snapshot fails a flattened export as it fails any other.
-	if sum, _, err := snapshot.Digest(src); err != nil {
+	if sum, _, err := snapshot.DigestFormat(src, man.FormatVersion); err != nil {
 		return fail(err)
 	} else if sum != man.Artifacts[i].SHA256 {
 		return fail(fmt.Errorf("%w: %s does not match its checksum (sha256 %s, manifest %s)", snapshot.ErrCorrupt, src, sum[:12], man.Artifacts[i].SHA256[:12]))
@@ -171,7 +171,7 @@ func (m *Manager) flattenForExport(ctx context.Context, dir string, man snapshot
 	if back, err := snapshot.CheckQcow2(disk, ""); err != nil || back != "" {
 		return fail(fmt.Errorf("the flattened disk still has a backing file %q: %v", back, err))
 	}
-	sum, size, err := snapshot.Digest(disk)
+	sum, size, err := snapshot.DigestFormat(disk, man.FormatVersion) // the manifest's other digests are of its format
 	if err != nil {
 		return fail(err)
 	}
@@ -540,18 +540,28 @@ func (op *importOp) checkDisks(context.Context) error {
 
 // writeManifest hashes the written files (and fsyncs them) as a snapshot
 // create does, and writes this host's manifest: the same data, local
-// mtimes, and the id asked for.
+// mtimes, and the id asked for. A manifest of an older format (its
+// digests bound to the files' layout, snapshot.LegacyDigest) is checked
+// with its own digests first and written in this format, with content
+// digests, so the imported snapshot no longer depends on the layout.
 func (op *importOp) writeManifest(context.Context) error {
+	legacy := op.man.FormatVersion < snapshot.FormatVersion
+	if legacy {
+		if err := snapshot.Verify(op.tmp, op.man, true); err != nil {
+			return fmt.Errorf("%w (hashed once written on this host)", err)
+		}
+	}
 	arts, size, err := snapshot.Describe(op.tmp, op.man.Result.Artifacts)
 	if err != nil {
 		return err
 	}
 	for i, a := range arts {
-		if a.SHA256 != op.man.Artifacts[i].SHA256 || a.Name != op.man.Artifacts[i].Name {
+		if a.Name != op.man.Artifacts[i].Name || (!legacy && a.SHA256 != op.man.Artifacts[i].SHA256) {
 			return fmt.Errorf("%w: %s hashes differently once written on this host", snapshot.ErrCorrupt, a.Name)
 		}
 	}
 	op.man.Artifacts, op.man.SizeBytes = arts, size
+	op.man.FormatVersion = snapshot.FormatVersion
 	if err := op.man.Validate(); err != nil {
 		return err
 	}

@@ -68,14 +68,7 @@ func TestImportBaseDigestAndSpace(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	src := newTempManager(t, ctx, "smvxs")
-	vm, err := src.New(ctx, Config{Name: "xsrc", Image: "busybox", Backend: fakebackend.Name, NoNetwork: true, MemoryMiB: 256, ColdBoot: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer vm.Delete(context.Background())
-	if err := vm.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	vm := startFakeVM(t, ctx, src, "xsrc")
 	if _, err := vm.Snapshot(ctx, SnapshotOptions{ID: "x1", Type: SnapshotFull, ResumeSource: true}); err != nil {
 		t.Fatal(err)
 	}
@@ -157,24 +150,8 @@ func TestImportBaseDigestAndSpace(t *testing.T) {
 		if rel, err := filepath.Rel(dst.opts.DataDir, asked); err != nil || !filepath.IsLocal(rel) && rel != "." {
 			t.Errorf("statfs asked about %s, outside the data dir %s", asked, dst.opts.DataDir)
 		}
-		// With room it imports (without the fake's disk, a tar that import's
-		// qcow2 check refuses).
-		noDisk := testutil.RewriteArchive(t, archive.Bytes(), func(name string, data []byte) (string, []byte) {
-			switch name {
-			case fakebackend.DiskFile:
-				return name, nil
-			case snapshot.ManifestName:
-				var m snapshot.Manifest
-				if err := json.Unmarshal(data, &m); err != nil {
-					t.Fatal(err)
-				}
-				isDisk := func(role string) bool { return role == "disk" }
-				m.Artifacts = slices.DeleteFunc(m.Artifacts, func(a snapshot.Artifact) bool { return isDisk(a.Role) })
-				m.Result.Artifacts = slices.DeleteFunc(m.Result.Artifacts, func(a backend.Artifact) bool { return isDisk(a.Role) })
-				data, _ = json.Marshal(m)
-			}
-			return name, data
-		})
+		// With room it imports.
+		noDisk := withoutFakeDisk(t, archive.Bytes())
 		free = importNeed(man) + spaceMargin(importNeed(man)) // exactly enough
 		if _, err := dst.ImportSnapshot(ctx, bytes.NewReader(noDisk), ImportOptions{}); err != nil {
 			t.Fatalf("with room: %v", err)
@@ -201,4 +178,141 @@ func TestImportBaseDigestAndSpace(t *testing.T) {
 			t.Errorf("importNeed: %d", got)
 		}
 	})
+}
+
+// startFakeVM starts a VM of the fake backend in m, deleted at the end of
+// the test.
+func startFakeVM(t *testing.T, ctx context.Context, m *Manager, name string) *VM {
+	t.Helper()
+	vm, err := m.New(ctx, Config{Name: name, Image: "busybox", Backend: fakebackend.Name, NoNetwork: true, MemoryMiB: 256, ColdBoot: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { vm.Delete(context.Background()) })
+	if err := vm.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return vm
+}
+
+// withoutFakeDisk drops the fake backend's disk from an archive (a tar,
+// which import's qcow2 check refuses) and from its manifest.
+func withoutFakeDisk(t *testing.T, archive []byte) []byte {
+	return testutil.RewriteArchive(t, archive, func(name string, data []byte) (string, []byte) {
+		switch name {
+		case fakebackend.DiskFile:
+			return name, nil
+		case snapshot.ManifestName:
+			var m snapshot.Manifest
+			if err := json.Unmarshal(data, &m); err != nil {
+				t.Fatal(err)
+			}
+			isDisk := func(role string) bool { return role == "disk" }
+			m.Artifacts = slices.DeleteFunc(m.Artifacts, func(a snapshot.Artifact) bool { return isDisk(a.Role) })
+			m.Result.Artifacts = slices.DeleteFunc(m.Result.Artifacts, func(a backend.Artifact) bool { return isDisk(a.Role) })
+			data, _ = json.Marshal(m)
+		}
+		return name, data
+	})
+}
+
+// rewriteSnapshot changes the manifest of snapshot id of m with mod, on
+// disk and in the database.
+func rewriteSnapshot(t *testing.T, ctx context.Context, m *Manager, id string, mod func(dir string, man *snapshot.Manifest)) {
+	t.Helper()
+	dir := filepath.Join(m.snapRoot(), id)
+	man, err := snapshot.ReadManifest(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mod(dir, &man)
+	if err := snapshot.WriteManifest(dir, man); err != nil {
+		t.Fatal(err)
+	}
+	row, err := m.store.GetSnapshot(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	row.Manifest, _ = json.Marshal(man)
+	if err := m.store.UpdateSnapshot(ctx, row); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// redescribe rewrites snapshot id of m as a build writing manifest format
+// would have: each artifact's digest (snapshot.DigestFormat: the extent
+// digest below format 3), size and mtime of the file as it is now.
+func redescribe(t *testing.T, ctx context.Context, m *Manager, id string, format int) {
+	t.Helper()
+	rewriteSnapshot(t, ctx, m, id, func(dir string, man *snapshot.Manifest) {
+		man.FormatVersion = format
+		for i, a := range man.Artifacts {
+			d, size, err := snapshot.DigestFormat(filepath.Join(dir, a.Name), format)
+			st, serr := os.Stat(filepath.Join(dir, a.Name))
+			if err != nil || serr != nil {
+				t.Fatal(err, serr)
+			}
+			man.Artifacts[i].SHA256, man.Artifacts[i].Size, man.Artifacts[i].MtimeNS = d, size, st.ModTime().UnixNano()
+		}
+	})
+}
+
+// checkUpgraded: snapshot id of m has a format 3 manifest whose digests
+// are the content digests of its files, and verifies in full.
+func checkUpgraded(t *testing.T, ctx context.Context, m *Manager, id string) {
+	t.Helper()
+	dir := filepath.Join(m.snapRoot(), id)
+	man, err := snapshot.ReadManifest(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if man.FormatVersion != snapshot.FormatVersion {
+		t.Errorf("%s has format %d, want %d", id, man.FormatVersion, snapshot.FormatVersion)
+	}
+	for _, a := range man.Artifacts {
+		if d, _, err := snapshot.Digest(filepath.Join(dir, a.Name)); err != nil || d != a.SHA256 {
+			t.Errorf("%s: digest %s (%v), manifest %s", a.Name, d, err, a.SHA256)
+		}
+	}
+	if _, err := m.loadSnapshot(ctx, id, true); err != nil {
+		t.Errorf("full verify of %s: %v", id, err)
+	}
+}
+
+// TestImportLegacyFormat (fake backend, milliseconds): a format 2 snapshot
+// (extent digests, as builds before format 3 wrote) still verifies and
+// exports; its archive imports, checked with its own digests, and lands
+// as a format 3 manifest with content digests; a changed byte fails it.
+func TestImportLegacyFormat(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	src := newTempManager(t, ctx, "smvlg")
+	vm := startFakeVM(t, ctx, src, "lsrc")
+	if _, err := vm.Snapshot(ctx, SnapshotOptions{ID: "l1", Type: SnapshotFull, ResumeSource: true}); err != nil {
+		t.Fatal(err)
+	}
+	redescribe(t, ctx, src, "l1", 2)
+	if _, err := src.loadSnapshot(ctx, "l1", true); err != nil {
+		t.Fatalf("full verify of a format 2 snapshot: %v", err)
+	}
+	var archive bytes.Buffer
+	if err := src.ExportSnapshot(ctx, "l1", &archive); err != nil {
+		t.Fatalf("export of a format 2 snapshot: %v", err)
+	}
+	noDisk := withoutFakeDisk(t, archive.Bytes())
+	dst := newTempManager(t, ctx, "smvlh")
+	if _, err := dst.ImportSnapshot(ctx, bytes.NewReader(noDisk), ImportOptions{}); err != nil {
+		t.Fatalf("import of a format 2 archive: %v", err)
+	}
+	checkUpgraded(t, ctx, dst, "l1")
+	flipped := testutil.RewriteArchive(t, noDisk, func(name string, data []byte) (string, []byte) {
+		if name != snapshot.ManifestName {
+			data = bytes.Clone(data)
+			data[len(data)-1] ^= 1
+		}
+		return name, data
+	})
+	if _, err := dst.ImportSnapshot(ctx, bytes.NewReader(flipped), ImportOptions{SnapshotID: "l2"}); !errors.Is(err, ErrSnapshotCorrupt) {
+		t.Errorf("a changed byte in a format 2 archive: %v", err)
+	}
 }

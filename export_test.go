@@ -187,7 +187,7 @@ func withForeignBacking(t *testing.T, archive []byte, backing string) []byte {
 		binary.BigEndian.PutUint64(hdr[8:], at)
 		binary.BigEndian.PutUint32(hdr[16:], uint32(len(backing)))
 		copy(hdr[at:], backing)
-		digest = testutil.PackedDigest(data)
+		digest = packedDigest(t, data)
 		return name, data
 	})
 	return rewriteManifest(t, out, func(m map[string]any) {
@@ -197,6 +197,32 @@ func withForeignBacking(t *testing.T, archive []byte, backing string) []byte {
 			}
 		}
 	})
+}
+
+// packedDigest is the snapshot digest (snapshot.Digest) of a packed
+// artifact entry of an export archive (apparent size, then offset, length
+// and bytes per data extent): the file it unpacks to, hashed.
+func packedDigest(t *testing.T, packed []byte) string {
+	f, err := os.CreateTemp(t.TempDir(), "packed")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for p := packed[8:]; len(p) >= 16; {
+		off, n := binary.BigEndian.Uint64(p), binary.BigEndian.Uint64(p[8:16])
+		if _, err := f.WriteAt(p[16:16+n], int64(off)); err != nil {
+			t.Fatal(err)
+		}
+		p = p[16+n:]
+	}
+	if err := f.Truncate(int64(binary.BigEndian.Uint64(packed))); err != nil {
+		t.Fatal(err)
+	}
+	sum, _, err := snapshot.Digest(f.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sum
 }
 
 func hostileImports(t *testing.T, full, diff []byte) {

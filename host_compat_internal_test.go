@@ -76,7 +76,7 @@ func TestHostCompatRules(t *testing.T) {
 		return man
 	}
 	man := take("h1", nil)
-	if man.FormatVersion != 2 || man.Host == nil || man.Host.VMM != fakebackend.Name || man.Host.Accel != backend.AccelTCG ||
+	if man.FormatVersion != snapshot.FormatVersion || man.Host == nil || man.Host.VMM != fakebackend.Name || man.Host.Accel != backend.AccelTCG ||
 		man.Host.VMMVersion != "1.0.0" || man.Host.Image != "busybox" || man.Host.ImageSHA256 == "" || man.Host.KernelSHA256 == "" {
 		t.Fatalf("manifest host = %+v (format %d)", man.Host, man.FormatVersion)
 	}
@@ -196,6 +196,11 @@ func TestHostCompatRules(t *testing.T) {
 			t.Fatal(err)
 		}
 		man.FormatVersion, man.Host = 1, nil
+		for i, a := range man.Artifacts { // format 1 digests are bound to the layout
+			if man.Artifacts[i].SHA256, _, err = snapshot.LegacyDigest(filepath.Join(m.snapRoot(), "h1", a.Name)); err != nil {
+				t.Fatal(err)
+			}
+		}
 		if err := snapshot.WriteManifest(filepath.Join(m.snapRoot(), "h1"), man); err != nil {
 			t.Fatal(err)
 		}

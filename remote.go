@@ -453,7 +453,9 @@ func (m *Manager) PushSnapshot(ctx context.Context, id string, opts PushOptions)
 		files = append(files, remote.File{Name: a.Name, Path: filepath.Join(dir, a.Name)})
 	}
 	ps, err := remote.Push(ctx, st, id, manJSON, files, remote.PushOptions{Progress: progressFn(opts.Progress)})
-	dropCache(files)
+	if man.FormatVersion < 3 {
+		dropCache(files)
+	}
 	if err != nil {
 		return stats, remoteErr("snapshot push", r, id, err)
 	}
@@ -462,11 +464,13 @@ func (m *Manager) PushSnapshot(ctx context.Context, id string, opts PushOptions)
 	return stats, nil
 }
 
-// dropCache drops the page cache of files a push read whole. On ext4,
-// SEEK_DATA reports an unwritten extent (a disk image's preallocated
-// zeros) as data while its pages are cached, and snapshot.Digest follows
-// SEEK_DATA: left cached, the zeros the push read would make the next
-// verify or export of this snapshot hash differently.
+// dropCache drops the page cache of files a push read whole, for a
+// snapshot whose manifest (format 1 or 2) has extent digests
+// (snapshot.LegacyDigest). On ext4, SEEK_DATA reports an unwritten extent
+// (a disk image's preallocated zeros) as data while its pages are cached:
+// left cached, the zeros the push read would make the next verify or
+// export of such a snapshot hash differently. Format 3 digests depend on
+// the contents only and need none of this.
 func dropCache(files []remote.File) {
 	for _, f := range files {
 		if fh, err := os.Open(f.Path); err == nil {
@@ -633,8 +637,10 @@ func (p *pullSource) extract(ctx context.Context, op *importOp) error {
 		if err := os.Chmod(src, 0o600); err != nil {
 			return err
 		}
-		if err := layOut(src, a.Size, p.extents[a.Name]); err != nil {
-			return err
+		if op.man.FormatVersion < 3 { // a legacy digest binds the layout
+			if err := layOut(src, a.Size, p.extents[a.Name]); err != nil {
+				return err
+			}
 		}
 		if err := os.Rename(src, filepath.Join(op.tmp, a.Name)); err != nil {
 			return err
@@ -791,12 +797,15 @@ func (m *Manager) autoPull(ctx context.Context, op, id string) error {
 }
 
 // pushedSnapshot is what PushSnapshot stores as the manifest of a remote
-// snapshot: the snapshot's manifest and each artifact's data extents. A
-// manifest's digests cover the files' data extents and not their holes
-// (snapshot.Digest), while the chunk store keeps all-zero chunks as holes
-// and writes whole chunks: a pull lays each file out as it was (holes
-// punched, zeros written) before the import hashes it against the
-// manifest, and the digest binds the extents, so a wrong list fails.
+// snapshot: the snapshot's manifest and each artifact's data extents.
+// The extents matter only for a manifest of format 1 or 2, whose digests
+// cover the files' data extents and not their holes (snapshot.LegacyDigest),
+// while the chunk store keeps all-zero chunks as holes and writes whole
+// chunks: a pull lays such a file out as it was (holes punched, zeros
+// written) before the import hashes it against the manifest, and the
+// digest binds the extents, so a wrong list fails. A format 3 digest
+// (snapshot.Digest) depends on the contents only: its files are not laid
+// out. Pushes still send the extents so the remote format stays one.
 type pushedSnapshot struct {
 	Format   int               `json:"smolvm_remote_format"`
 	Manifest json.RawMessage   `json:"manifest"`
@@ -806,9 +815,11 @@ type pushedSnapshot struct {
 const pushedFormat = 1
 
 // pushedManifest encodes the manifest and the artifacts' extents in dir.
-// Each artifact is hashed again with its extents in one look (the layout
-// of a file with unwritten extents can change after it was first hashed
-// while its data does not); the manifest sent carries these digests.
+// Each artifact is hashed again with its extents in one look. A format 3
+// digest must be the manifest's (the file changed otherwise). A legacy
+// digest (formats 1-2) binds the layout, which for a file with unwritten
+// extents can change after it was first hashed while its data does not:
+// the manifest sent carries the digests of this look.
 func pushedManifest(dir string, man snapshot.Manifest) ([]byte, error) {
 	man.Artifacts = slices.Clone(man.Artifacts)
 	exts := map[string][][2]int64{}
@@ -817,13 +828,16 @@ func pushedManifest(dir string, man snapshot.Manifest) ([]byte, error) {
 		if err != nil {
 			return nil, err
 		}
-		d, ext, size, err := snapshot.DigestFile(f)
+		d, ext, size, err := snapshot.DigestFile(f, man.FormatVersion)
 		f.Close()
 		if err != nil {
 			return nil, err
 		}
 		if size != a.Size {
 			return nil, fmt.Errorf("%w: %s is %d bytes, the manifest says %d", snapshot.ErrCorrupt, a.Name, size, a.Size)
+		}
+		if man.FormatVersion >= 3 && d != a.SHA256 {
+			return nil, fmt.Errorf("%w: %s does not match its checksum (sha256 %s, manifest %s)", snapshot.ErrCorrupt, a.Name, d[:12], a.SHA256[:12])
 		}
 		man.Artifacts[i].SHA256, exts[a.Name] = d, ext
 	}

@@ -101,10 +101,17 @@ func TestRemoteTwoHosts(t *testing.T) {
 	if st2, err := a.PushSnapshot(ctx, "trip", smolvm.PushOptions{}); err != nil || st2.Uploaded != 0 || st2.Chunks != st.Chunks {
 		t.Fatalf("second push: %+v %v (want 0 chunks uploaded)", st2, err)
 	}
-	// The push read the disk image's unwritten extents: the snapshot still
-	// exports (its digests re-checked) afterwards.
+	// The push read the disk image's unwritten extents (cached now, so data
+	// to SEEK_DATA): the snapshot still verifies in full and exports (its
+	// digests re-checked) afterwards, and again after the export read it.
+	if err := a.VerifySnapshot(ctx, "trip"); err != nil {
+		t.Fatalf("full verify after the push: %v", err)
+	}
 	if err := a.ExportSnapshot(ctx, "trip", io.Discard); err != nil {
 		t.Fatalf("export after the push: %v", err)
+	}
+	if err := a.VerifySnapshot(ctx, "trip"); err != nil {
+		t.Fatalf("full verify after the export: %v", err)
 	}
 	if err := vm.Delete(ctx); err != nil {
 		t.Fatal(err)

@@ -3,9 +3,7 @@ package snapshot
 import (
 	"archive/tar"
 	"bytes"
-	"crypto/sha256"
 	"encoding/binary"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,7 +11,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"time"
 
 	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sys/unix"
@@ -29,8 +26,9 @@ import (
 const maxWindow = 64 << 20
 
 // WriteArchive writes the snapshot in dir, described by m, to w. Each
-// artifact is hashed as it is sent (Digest's scheme): one whose data no
-// longer matches the manifest fails the export (ErrCorrupt).
+// artifact is hashed as it is sent (with the digest of m's format,
+// DigestFormat): one whose data no longer matches the manifest fails the
+// export (ErrCorrupt).
 func WriteArchive(w io.Writer, dir string, m Manifest) error {
 	return WriteArchiveFiles(w, m, func(a Artifact) string { return filepath.Join(dir, a.Name) })
 }
@@ -55,7 +53,7 @@ func WriteArchiveFiles(w io.Writer, m Manifest, path func(Artifact) string) erro
 		return err
 	}
 	for _, a := range m.Artifacts {
-		if err := writeArtifact(tw, path(a), a, m.CreatedAt); err != nil {
+		if err := writeArtifact(tw, path(a), a, m); err != nil {
 			return fmt.Errorf("exporting %s: %w", a.Name, err)
 		}
 	}
@@ -91,7 +89,7 @@ func Extents(f *os.File, size int64) ([][2]int64, error) {
 	return out, nil
 }
 
-func writeArtifact(tw *tar.Writer, path string, a Artifact, mtime time.Time) error {
+func writeArtifact(tw *tar.Writer, path string, a Artifact, m Manifest) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
@@ -112,10 +110,10 @@ func writeArtifact(tw *tar.Writer, path string, a Artifact, mtime time.Time) err
 	for _, e := range ext {
 		packed += 16 + e[1]
 	}
-	if err := tw.WriteHeader(&tar.Header{Name: a.Name, Mode: 0o600, Size: packed, ModTime: mtime, Typeflag: tar.TypeReg, Format: tar.FormatPAX}); err != nil {
+	if err := tw.WriteHeader(&tar.Header{Name: a.Name, Mode: 0o600, Size: packed, ModTime: m.CreatedAt, Typeflag: tar.TypeReg, Format: tar.FormatPAX}); err != nil {
 		return err
 	}
-	h := sha256.New()
+	h := newStreamHash(m.FormatVersion)
 	var rec [16]byte
 	binary.BigEndian.PutUint64(rec[:8], uint64(a.Size))
 	if _, err := tw.Write(rec[:8]); err != nil {
@@ -125,18 +123,15 @@ func writeArtifact(tw *tar.Writer, path string, a Artifact, mtime time.Time) err
 	for _, e := range ext {
 		binary.BigEndian.PutUint64(rec[:8], uint64(e[0]))
 		binary.BigEndian.PutUint64(rec[8:], uint64(e[1]))
-		h.Write(rec[:])
 		if _, err := tw.Write(rec[:]); err != nil {
 			return err
 		}
 		// Exactly e[1] bytes go out: a file shrunk meanwhile fails here.
-		if _, err := io.CopyBuffer(io.MultiWriter(tw, h), io.NewSectionReader(f, e[0], e[1]), buf); err != nil {
+		if _, err := io.CopyBuffer(io.MultiWriter(tw, h.at(e[0], e[1])), io.NewSectionReader(f, e[0], e[1]), buf); err != nil {
 			return err
 		}
 	}
-	binary.BigEndian.PutUint64(rec[:8], uint64(a.Size))
-	h.Write(rec[:8])
-	if got := hex.EncodeToString(h.Sum(nil)); got != a.SHA256 {
+	if got := h.sum(a.Size); got != a.SHA256 {
 		return fmt.Errorf("%w: %s does not match its checksum (sha256 %s, manifest %s)", ErrCorrupt, path, got[:12], a.SHA256[:12])
 	}
 	return nil
@@ -197,8 +192,8 @@ func (ar *ArchiveReader) Close() { ar.zr.Close() }
 // Extract writes every artifact of the manifest into dir (which must
 // exist and be empty), creating each file exclusively with mode 0600, with
 // its holes as holes. Each entry must be the next artifact the manifest
-// lists, no larger than the manifest says, and hash (Digest's scheme) to
-// the manifest's digest; after the last one the archive must end. Errors
+// lists, no larger than the manifest says, and hash (the digest of the
+// manifest's format, DigestFormat) to the manifest's digest; after the last one the archive must end. Errors
 // wrap ErrCorrupt; the caller removes dir on error.
 func (ar *ArchiveReader) Extract(dir string) error {
 	buf := make([]byte, 1<<20)
@@ -210,7 +205,7 @@ func (ar *ArchiveReader) Extract(dir string) error {
 		if hdr.Name != a.Name || hdr.Typeflag != tar.TypeReg {
 			return fmt.Errorf("%w: the archive holds %q where the manifest lists %q next", ErrCorrupt, hdr.Name, a.Name)
 		}
-		if err := extractArtifact(ar.tr, hdr.Size, filepath.Join(dir, a.Name), a, buf); err != nil {
+		if err := extractArtifact(ar.tr, hdr.Size, filepath.Join(dir, a.Name), a, ar.man.FormatVersion, buf); err != nil {
 			return err
 		}
 	}
@@ -223,7 +218,7 @@ func (ar *ArchiveReader) Extract(dir string) error {
 	return nil
 }
 
-func extractArtifact(r io.Reader, packed int64, path string, a Artifact, buf []byte) (err error) {
+func extractArtifact(r io.Reader, packed int64, path string, a Artifact, format int, buf []byte) (err error) {
 	if packed < 8 || packed-8 > a.Size+16*(a.Size/2+1) {
 		return fmt.Errorf("%w: entry %s is %d bytes, out of bounds for a %d-byte artifact", ErrCorrupt, a.Name, packed, a.Size)
 	}
@@ -244,7 +239,7 @@ func extractArtifact(r io.Reader, packed int64, path string, a Artifact, buf []b
 			err = cerr
 		}
 	}()
-	h := sha256.New()
+	h := newStreamHash(format)
 	end := int64(-1) // end of the previous extent: extents are maximal, so a gap must follow each
 	for lr.N > 0 {
 		if _, err := io.ReadFull(lr, rec[:]); err != nil {
@@ -254,8 +249,7 @@ func extractArtifact(r io.Reader, packed int64, path string, a Artifact, buf []b
 		if off < 0 || n <= 0 || off <= end || off > a.Size || n > a.Size-off || n > lr.N {
 			return fmt.Errorf("%w: %s has an extent (%d, %d) out of order or outside its %d bytes", ErrCorrupt, a.Name, off, n, a.Size)
 		}
-		h.Write(rec[:])
-		c, err := io.CopyBuffer(io.MultiWriter(io.NewOffsetWriter(f, off), h), io.LimitReader(lr, n), buf)
+		c, err := io.CopyBuffer(io.MultiWriter(io.NewOffsetWriter(f, off), h.at(off, n)), io.LimitReader(lr, n), buf)
 		if pe := (*fs.PathError)(nil); errors.As(err, &pe) {
 			return err // writing here failed: the archive is not at fault
 		} else if err != nil {
@@ -269,9 +263,7 @@ func extractArtifact(r io.Reader, packed int64, path string, a Artifact, buf []b
 	if err := f.Truncate(a.Size); err != nil {
 		return err
 	}
-	binary.BigEndian.PutUint64(rec[:8], uint64(a.Size))
-	h.Write(rec[:8])
-	if got := hex.EncodeToString(h.Sum(nil)); got != a.SHA256 {
+	if got := h.sum(a.Size); got != a.SHA256 {
 		return fmt.Errorf("%w: %s does not match its checksum (sha256 %s, manifest %s)", ErrCorrupt, a.Name, got[:12], a.SHA256[:12])
 	}
 	return nil

@@ -138,6 +138,56 @@ func TestArchiveRoundTrip(t *testing.T) {
 	}
 }
 
+// legacySnapshot is testSnapshot described as format 2 (extent digests).
+func legacySnapshot(t testing.TB) (string, Manifest) {
+	dir, m := testSnapshot(t, qcow2Header("", 0, 0, ""))
+	m.FormatVersion = 2
+	for i, a := range m.Artifacts {
+		d, _, err := LegacyDigest(filepath.Join(dir, a.Name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.Artifacts[i].SHA256 = d
+	}
+	return dir, m
+}
+
+// TestArchiveLegacyFormat: a format 2 snapshot (extent digests, as older
+// builds wrote) still exports and imports, checked with its own digest;
+// a changed byte fails it, and so do content digests under format 2.
+func TestArchiveLegacyFormat(t *testing.T) {
+	dir, m := legacySnapshot(t)
+	archive := export(t, dir, m)
+	out := t.TempDir()
+	if err := importTo(archive, out); err != nil {
+		t.Fatal(err)
+	}
+	if err := Verify(out, m, true); err != nil {
+		t.Error(err)
+	}
+	flipped := rewrite(t, archive, func(name string, data []byte) (string, []byte) {
+		if name == "memory.raw" {
+			data = bytes.Clone(data)
+			data[len(data)-1] ^= 1
+		}
+		return name, data
+	})
+	if err := importTo(flipped, t.TempDir()); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("a changed byte in a format 2 archive: %v", err)
+	}
+	_, m3 := testSnapshot(t, qcow2Header("", 0, 0, ""))
+	mixed := rewriteManifest(t, archive, func(m *Manifest) { m.Artifacts = m3.Artifacts })
+	if err := importTo(mixed, t.TempDir()); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("content digests in a format 2 archive: %v", err)
+	}
+	// And a format 3 archive's digests under format 2 fail the same way.
+	dir3, m3 := testSnapshot(t, qcow2Header("", 0, 0, ""))
+	relabeled := rewriteManifest(t, export(t, dir3, m3), func(m *Manifest) { m.FormatVersion = 2 })
+	if err := importTo(relabeled, t.TempDir()); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("a format 3 archive relabeled format 2: %v", err)
+	}
+}
+
 // TestArchiveHostile: each hostile archive is refused with the right
 // sentinel and nothing outside the extraction dir is written.
 func TestArchiveHostile(t *testing.T) {
@@ -258,6 +308,8 @@ func FuzzImport(f *testing.F) {
 	good := export(f, dir, m)
 	f.Add(good)
 	f.Add(good[:len(good)/2])
+	ldir, lm := legacySnapshot(f)
+	f.Add(export(f, ldir, lm))
 	f.Add(rewriteManifest(f, good, func(m *Manifest) { m.Artifacts[1].Size = 1 << 40 }))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		parent := t.TempDir()

@@ -2,13 +2,10 @@ package snapshot
 
 import (
 	"crypto/rand"
-	"crypto/sha256"
-	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -21,8 +18,10 @@ import (
 )
 
 // FormatVersion is the manifest format this code writes and reads.
-// Format 2 added Host; format 1 manifests (no Host) are still read.
-const FormatVersion = 2
+// Format 2 added Host; format 3 changed the artifacts' digest from one over
+// the data extents (LegacyDigest, formats 1-2) to one over the contents
+// only (Digest). Formats 1 and 2 are still read and verified.
+const FormatVersion = 3
 
 // ManifestName is the manifest's file name inside a snapshot dir.
 const ManifestName = "manifest.json"
@@ -32,7 +31,7 @@ type Artifact struct {
 	Role   string `json:"role"` // memory, state, disk, config
 	Name   string `json:"name"`
 	Size   int64  `json:"size"`
-	SHA256 string `json:"sha256"` // sparse-aware digest, see Digest
+	SHA256 string `json:"sha256"` // Digest (format 3) or LegacyDigest (formats 1-2)
 	// MtimeNS is the file's modification time when it was hashed. Verify
 	// re-hashes a file only when its size or mtime changed (restores stay
 	// fast for large memory images); a changed file is always re-hashed.
@@ -76,55 +75,6 @@ var (
 	ErrNewer      = errors.New("snapshot format is newer than this smolvm")
 	ErrIncomplete = errors.New("snapshot incomplete")
 )
-
-// Digest is a sha256 over a file's data extents: holes are skipped (so it
-// costs what the file allocates, not its apparent size), and each extent is
-// bound to its offset. Two files with equal digests have equal contents
-// where they hold data and holes elsewhere.
-func Digest(path string) (string, int64, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", 0, err
-	}
-	defer f.Close()
-	d, _, size, err := DigestFile(f)
-	return d, size, err
-}
-
-// DigestFile is Digest of an open file, with the extents it hashed: the
-// layout (SEEK_DATA) of a file with unwritten extents may change while
-// its contents do not, so a caller that sends the layout with the digest
-// takes both from one look.
-func DigestFile(f *os.File) (string, [][2]int64, int64, error) {
-	st, err := f.Stat()
-	if err != nil {
-		return "", nil, 0, err
-	}
-	size := st.Size()
-	ext, err := Extents(f, size)
-	if err != nil {
-		return "", nil, 0, err
-	}
-	d, err := digestExtents(f, size, ext)
-	return d, ext, size, err
-}
-
-func digestExtents(f *os.File, size int64, ext [][2]int64) (string, error) {
-	h := sha256.New()
-	var hdr [16]byte
-	buf := make([]byte, 1<<20)
-	for _, e := range ext {
-		binary.BigEndian.PutUint64(hdr[:8], uint64(e[0]))
-		binary.BigEndian.PutUint64(hdr[8:], uint64(e[1]))
-		h.Write(hdr[:])
-		if _, err := io.CopyBuffer(h, io.NewSectionReader(f, e[0], e[1]), buf); err != nil {
-			return "", err
-		}
-	}
-	binary.BigEndian.PutUint64(hdr[:8], uint64(size))
-	h.Write(hdr[:8])
-	return hex.EncodeToString(h.Sum(nil)), nil
-}
 
 // Describe hashes the files of arts in dir and makes each durable: every
 // file is fsynced while it is being hashed, so the disk flushes a large
@@ -182,7 +132,7 @@ func Allocated(dir string) (int64, error) {
 }
 
 // Verify checks every artifact of m in dir: present, same size, and the
-// same digest (re-hashed when the file's mtime or size changed since it was
+// same digest (the one of m's format, DigestFormat; re-hashed when the file's mtime or size changed since it was
 // hashed, or always when full is set).
 // The manifest is validated first (Manifest.Validate): only plain file
 // names from the backend's known set are opened.
@@ -205,7 +155,7 @@ func Verify(dir string, m Manifest, full bool) error {
 		if !full && st.ModTime().UnixNano() == a.MtimeNS && (a.Role == "memory" || a.Role == "disk") {
 			continue // unchanged since hashed and large: trust the stat (full re-hashes)
 		}
-		sum, _, err := Digest(p)
+		sum, _, err := DigestFormat(p, m.FormatVersion)
 		if err != nil {
 			return fmt.Errorf("%w: %s: %v", ErrCorrupt, p, err)
 		}

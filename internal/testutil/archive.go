@@ -3,9 +3,6 @@ package testutil
 import (
 	"archive/tar"
 	"bytes"
-	"crypto/sha256"
-	"encoding/binary"
-	"encoding/hex"
 	"io"
 	"testing"
 
@@ -48,19 +45,4 @@ func RewriteArchive(t testing.TB, archive []byte, fn func(name string, data []by
 	tw.Close()
 	zw.Close()
 	return out.Bytes()
-}
-
-// PackedDigest is the snapshot digest (snapshot.Digest's scheme) of a
-// packed artifact entry of an export archive: apparent size, then
-// (offset, length, bytes) per data extent.
-func PackedDigest(packed []byte) string {
-	h := sha256.New()
-	size := packed[:8]
-	for p := packed[8:]; len(p) >= 16; {
-		n := binary.BigEndian.Uint64(p[8:16])
-		h.Write(p[:16+n])
-		p = p[16+n:]
-	}
-	h.Write(size)
-	return hex.EncodeToString(h.Sum(nil))
 }
