@@ -77,6 +77,19 @@ func TestRemoteTwoHosts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A failure before host A's VM is deleted below must not leave its
+	// QEMU running (boot only closes the handle): delete it through A's
+	// manager, which the test closes only on its success path.
+	aClosed := false
+	t.Cleanup(func() {
+		if !aClosed {
+			if vm, err := a.Open(context.Background(), "traveller"); err == nil {
+				vm.Delete(context.Background())
+				vm.Close()
+			}
+			a.Close()
+		}
+	})
 	if err := a.AddRemote(ctx, smolvm.Remote{Name: "shared", URL: url, Endpoint: s3.Endpoint}); err != nil {
 		t.Fatal(err)
 	}
@@ -117,6 +130,7 @@ func TestRemoteTwoHosts(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.Close()
+	aClosed = true
 	if err := os.RemoveAll(dirA); err != nil {
 		t.Fatal(err)
 	}
