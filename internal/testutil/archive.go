@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"io"
+	"sync"
 	"testing"
 
 	"github.com/klauspost/compress/zstd"
@@ -14,40 +15,105 @@ import (
 
 // RewriteArchive decodes a snapshot export archive (zstd tar), passes each
 // entry through fn (a nil data drops the entry) and encodes the result:
-// tests build hostile archives from real exports with it.
+// tests build hostile archives from real exports with it. fn gets its own
+// copy of each entry's data.
+//
+// The result is one zstd frame per tar entry (and one for the tar's end),
+// which decodes as the whole stream does (concatenated frames are one
+// stream): a test makes many variants of one export, which differ in one
+// small entry, so an entry's frame is encoded once and reused, and an
+// archive is decoded once. Each costs seconds of CPU under -race.
 func RewriteArchive(t testing.TB, archive []byte, fn func(name string, data []byte) (string, []byte)) []byte {
 	t.Helper()
-	zr, err := zstd.NewReader(bytes.NewReader(archive))
+	entries, err := decodedArchive(archive)
 	if err != nil {
 		t.Fatal(err)
 	}
+	var out, chunk bytes.Buffer
+	tw := tar.NewWriter(&chunk)
+	for _, e := range entries {
+		name, data := fn(e.name, bytes.Clone(e.data))
+		if data == nil {
+			continue
+		}
+		tw.WriteHeader(&tar.Header{Name: name, Mode: 0o600, Size: int64(len(data)), Typeflag: tar.TypeReg})
+		tw.Write(data)
+		tw.Flush()
+		out.Write(archiveFrame(chunk.Bytes()))
+		chunk.Reset()
+	}
+	tw.Close()
+	out.Write(archiveFrame(chunk.Bytes()))
+	return out.Bytes()
+}
+
+type archiveEntry struct {
+	name string
+	data []byte
+}
+
+// archives caches decoded archives and encoded frames by the SHA-256 of
+// their bytes, for the life of the test process (a few archives of tens
+// of MiB).
+var archives struct {
+	sync.Mutex
+	decoded map[[32]byte][]archiveEntry
+	frames  map[[32]byte][]byte
+	enc     *zstd.Encoder
+}
+
+func decodedArchive(archive []byte) ([]archiveEntry, error) {
+	key := sha256.Sum256(archive)
+	archives.Lock()
+	defer archives.Unlock()
+	if e, ok := archives.decoded[key]; ok {
+		return e, nil
+	}
+	zr, err := zstd.NewReader(bytes.NewReader(archive))
+	if err != nil {
+		return nil, err
+	}
 	defer zr.Close()
 	tr := tar.NewReader(zr)
-	var out bytes.Buffer
-	zw, _ := zstd.NewWriter(&out)
-	tw := tar.NewWriter(zw)
+	var entries []archiveEntry
 	for {
 		hdr, err := tr.Next()
 		if err == io.EOF {
 			break
 		}
 		if err != nil {
-			t.Fatal(err)
+			return nil, err
 		}
 		data, err := io.ReadAll(tr)
 		if err != nil {
-			t.Fatal(err)
+			return nil, err
 		}
-		name, data := fn(hdr.Name, data)
-		if data == nil {
-			continue
-		}
-		tw.WriteHeader(&tar.Header{Name: name, Mode: 0o600, Size: int64(len(data)), Typeflag: tar.TypeReg})
-		tw.Write(data)
+		entries = append(entries, archiveEntry{hdr.Name, data})
 	}
-	tw.Close()
-	zw.Close()
-	return out.Bytes()
+	if archives.decoded == nil || len(archives.decoded) >= 4 {
+		archives.decoded = map[[32]byte][]archiveEntry{}
+	}
+	archives.decoded[key] = entries
+	return entries, nil
+}
+
+// archiveFrame returns b encoded as one zstd frame.
+func archiveFrame(b []byte) []byte {
+	key := sha256.Sum256(b)
+	archives.Lock()
+	defer archives.Unlock()
+	if f, ok := archives.frames[key]; ok {
+		return f
+	}
+	if archives.enc == nil {
+		archives.enc, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest))
+	}
+	f := archives.enc.EncodeAll(b, nil)
+	if archives.frames == nil || len(archives.frames) >= 64 {
+		archives.frames = map[[32]byte][]byte{}
+	}
+	archives.frames[key] = f
+	return f
 }
 
 // PackedDigest is the snapshot digest (snapshot.Digest's scheme) of a
