@@ -279,9 +279,11 @@ func TestPortExpose(t *testing.T) {
 	}
 }
 
+// TestPython3OnDebian: the zero Config boots debian, 512 MiB, 1 vCPU,
+// network on, with python3 and apt. The VM is the shared debian one
+// (TestDebianNetworkDefault checks its network policy).
 func TestPython3OnDebian(t *testing.T) {
-	m := newManager(t)
-	vm := boot(t, m, smolvm.Config{}) // the zero value: debian, 512 MiB, 1 vCPU, network on
+	vm := sharedDebianVM(t) // the zero value: debian, 512 MiB, 1 vCPU, network on
 	info, err := vm.Info(testCtx(t))
 	if err != nil {
 		t.Fatal(err)
