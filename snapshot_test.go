@@ -35,13 +35,17 @@ func checkWorkload(t *testing.T, vm *smolvm.VM) (tmpfs, process, disk bool) {
 	tmpfs = res.Output() == "in-memory"
 	res = run(t, vm, "kill -0 $(cat /tmp/counter.pid 2>/dev/null) 2>/dev/null && echo alive")
 	if res.Output() == "alive" {
-		// and it is still counting
-		a := run(t, vm, "wc -l < /tmp/ticks").Output()
-		time.Sleep(700 * time.Millisecond)
-		b := run(t, vm, "wc -l < /tmp/ticks").Output()
-		ai, _ := strconv.Atoi(a)
-		bi, _ := strconv.Atoi(b)
-		process = bi > ai
+		// and it is still counting (a tick every 0.2 s; under a busy
+		// host's TCG a few may be late, so up to 10 s)
+		ticks := func() int {
+			n, _ := strconv.Atoi(run(t, vm, "wc -l < /tmp/ticks").Output())
+			return n
+		}
+		a := ticks()
+		for deadline := time.Now().Add(10 * time.Second); !process && time.Now().Before(deadline); {
+			time.Sleep(100 * time.Millisecond)
+			process = ticks() > a
+		}
 	}
 	disk = run(t, vm, "cat /root/disk-marker 2>/dev/null").Output() == "on-disk"
 	return
