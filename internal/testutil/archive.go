@@ -16,13 +16,15 @@ import (
 // RewriteArchive decodes a snapshot export archive (zstd tar), passes each
 // entry through fn (a nil data drops the entry) and encodes the result:
 // tests build hostile archives from real exports with it. fn gets its own
-// copy of each entry's data.
+// copy of each entry's data; the data it returns is kept (for a rewrite of
+// the result), so it must not change it afterwards.
 //
 // The result is one zstd frame per tar entry (and one for the tar's end),
 // which decodes as the whole stream does (concatenated frames are one
 // stream): a test makes many variants of one export, which differ in one
-// small entry, so an entry's frame is encoded once and reused, and an
-// archive is decoded once. Each costs seconds of CPU under -race.
+// small entry, so an entry's frame is encoded once and reused, an archive
+// is decoded once, and a variant never (its entries are kept). Each
+// costs seconds of CPU under -race.
 func RewriteArchive(t testing.TB, archive []byte, fn func(name string, data []byte) (string, []byte)) []byte {
 	t.Helper()
 	entries, err := decodedArchive(archive)
@@ -30,12 +32,17 @@ func RewriteArchive(t testing.TB, archive []byte, fn func(name string, data []by
 		t.Fatal(err)
 	}
 	var out, chunk bytes.Buffer
+	var outEntries []archiveEntry
 	tw := tar.NewWriter(&chunk)
 	for _, e := range entries {
 		name, data := fn(e.name, bytes.Clone(e.data))
 		if data == nil {
 			continue
 		}
+		if bytes.Equal(data, e.data) {
+			data = e.data // the cached copy: the result's entries share it
+		}
+		outEntries = append(outEntries, archiveEntry{name, data})
 		tw.WriteHeader(&tar.Header{Name: name, Mode: 0o600, Size: int64(len(data)), Typeflag: tar.TypeReg})
 		tw.Write(data)
 		tw.Flush()
@@ -44,6 +51,9 @@ func RewriteArchive(t testing.TB, archive []byte, fn func(name string, data []by
 	}
 	tw.Close()
 	out.Write(archiveFrame(chunk.Bytes()))
+	// Variants are rewritten again (a manifest change on top of a disk
+	// change): their entries are known, no need to decode them.
+	cacheDecoded(sha256.Sum256(out.Bytes()), outEntries)
 	return out.Bytes()
 }
 
@@ -90,11 +100,23 @@ func decodedArchive(archive []byte) ([]archiveEntry, error) {
 		}
 		entries = append(entries, archiveEntry{hdr.Name, data})
 	}
-	if archives.decoded == nil || len(archives.decoded) >= 4 {
+	cacheDecodedLocked(key, entries)
+	return entries, nil
+}
+
+func cacheDecoded(key [32]byte, entries []archiveEntry) {
+	archives.Lock()
+	defer archives.Unlock()
+	cacheDecodedLocked(key, entries)
+}
+
+// cacheDecodedLocked keeps up to 16 archives' entries (the variants of
+// one export share its large entries).
+func cacheDecodedLocked(key [32]byte, entries []archiveEntry) {
+	if archives.decoded == nil || len(archives.decoded) >= 16 {
 		archives.decoded = map[[32]byte][]archiveEntry{}
 	}
 	archives.decoded[key] = entries
-	return entries, nil
 }
 
 // archiveFrame returns b encoded as one zstd frame.
