@@ -2,10 +2,9 @@ package smolvm_test
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -107,18 +106,21 @@ func TestHostileConfigRefusedBeforeAnything(t *testing.T) {
 
 // TestConfigPortForwardEndToEnd: a forward from Config (served by the
 // VM's network sidecar) binds 127.0.0.1 when HostAddr is empty and carries
-// a connection to the guest. The shared VM's Config has one
-// (sharedFwdPort to guest port sharedFwdGuestPort).
+// a connection to the guest.
 func TestConfigPortForwardEndToEnd(t *testing.T) {
-	vm := sharedVM(t)
-	hostPort := sharedFwdPort
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostPort := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	m := newManager(t)
+	vm := boot(t, m, smolvm.Config{Name: "pf", Image: "busybox", MemoryMiB: 256,
+		PortForwards: []smolvm.PortForward{{HostPort: hostPort, GuestPort: 8080}}})
 	ctx := testCtx(t)
 	info, err := vm.Info(ctx)
 	if err != nil {
 		t.Fatal(err)
-	}
-	if len(info.PortForwards) != 1 || info.PortForwards[0].HostPort != hostPort || info.PortForwards[0].HostAddr != "" && info.PortForwards[0].HostAddr != "127.0.0.1" {
-		t.Fatalf("the shared VM's forwards: %+v, want %d to %d on 127.0.0.1", info.PortForwards, hostPort, sharedFwdGuestPort)
 	}
 	cmdline, err := os.ReadFile("/proc/" + strconv.Itoa(info.PID) + "/cmdline")
 	if err != nil {
@@ -132,13 +134,9 @@ func TestConfigPortForwardEndToEnd(t *testing.T) {
 	if got := tcpListeners(t, hostPort); len(got) != 1 || got[0] != "0100007F" {
 		t.Fatalf("listeners on port %d: %q, want only 127.0.0.1 (0100007F)", hostPort, got)
 	}
-	serve := fmt.Sprintf("(while true; do echo -e 'HTTP/1.0 200 OK\\r\\n\\r\\nfrom-guest' | nc -l -p %d >/dev/null 2>&1; done) >/dev/null 2>&1 & echo $! > /tmp/fwd-server.pid; sleep 0.3", sharedFwdGuestPort)
-	if _, err := vm.Run(ctx, serve); err != nil {
+	if _, err := vm.Run(ctx, "(while true; do echo -e 'HTTP/1.0 200 OK\\r\\n\\r\\nfrom-guest' | nc -l -p 8080 >/dev/null 2>&1; done &) ; sleep 0.3"); err != nil {
 		t.Fatal(err)
 	}
-	// The shared VM runs on: the server loop goes (its last nc, idle in
-	// accept, stays).
-	defer vm.Run(context.Background(), "kill $(cat /tmp/fwd-server.pid)")
 	body := getThroughPort(hostPort, "from-guest", 30*time.Second)
 	if !strings.Contains(string(body), "from-guest") {
 		t.Errorf("host got %q through the forwarded port", body)

@@ -178,23 +178,13 @@ func (sh *sharedBox) boot(t *testing.T, dataDir string, config func() (smolvm.Co
 // shared is one running busybox VM that read-mostly tests share.
 var shared sharedBox
 
-// sharedFwdPort is the host port of the shared VM's Config.PortForwards
-// entry (to guest port sharedFwdGuestPort), picked when it boots.
-var sharedFwdPort int
-
-const sharedFwdGuestPort = 8081
-
 func sharedVM(t *testing.T) *smolvm.VM {
 	t.Helper()
 	return shared.boot(t, "shared", func() (smolvm.Config, error) {
-		port, err := freePort()
-		sharedFwdPort = port
 		// The default network policy plus one explicit exception: the
 		// host's 127.0.0.1, so tests can serve the guest from the host.
-		// And a forward from Config, served by the VM's network sidecar.
 		return smolvm.Config{Name: "shared", Image: "busybox", Env: map[string]string{"FROM_CONFIG": "cfg"},
-			Network:      smolvm.NetworkPolicy{AllowCIDRs: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}},
-			PortForwards: []smolvm.PortForward{{HostPort: port, GuestPort: sharedFwdGuestPort}}}, err
+			Network: smolvm.NetworkPolicy{AllowCIDRs: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}}}, nil
 	})
 }
 
@@ -206,16 +196,6 @@ var sharedDebian sharedBox
 func sharedDebianVM(t *testing.T) *smolvm.VM {
 	t.Helper()
 	return sharedDebian.boot(t, "shared-debian", func() (smolvm.Config, error) { return smolvm.Config{}, nil })
-}
-
-// freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
 func run(t testing.TB, vm *smolvm.VM, cmd string, opts ...smolvm.RunOption) *smolvm.Result {
