@@ -52,16 +52,17 @@ func TestRunExitCodesAndStreams(t *testing.T) {
 // milliseconds, which kept an idle guest's vCPU awake (a quarter of a host
 // core per idle VM under TCG). It counts the agent's (PID 1's) context
 // switches over 2 s of idleness: polling 3 spare ports made hundreds, in
-// every window. Right after heavy use (the shared VM's earlier tests: 32
-// concurrent execs, MiBs of files) the agent stays busier for a few
-// seconds (measured: 146 switches in the first window, 37 in the next),
-// so up to 3 windows are counted: the idle agent must get under the bound
-// in one of them; a polling one never does.
+// every window. After the shared VM's earlier tests the agent is
+// sometimes busier for a few seconds, for a reason not yet found (on main
+// too: 142 in one window right after them; measured in suite runs: [146 37], [142 122 29], and once 3
+// windows of 135-161), so up to 5 windows are counted: the idle agent must
+// get under the bound in one of them; a polling one never does (the old
+// agent: 1262 per window).
 func TestIdleAgentDoesNotPoll(t *testing.T) {
 	vm := sharedVM(t)
 	const count = `n=0; for f in /proc/1/task/*/status; do for v in $(grep ctxt_switches $f | cut -f2); do n=$((n+v)); done; done; echo $n`
 	var seen []int
-	for range 3 {
+	for range 5 {
 		res := run(t, vm, "a=$("+count+"); sleep 2; b=$("+count+"); echo $((b-a))")
 		var switches int
 		if _, err := fmt.Sscan(res.Stdout, &switches); err != nil || !res.OK() {
