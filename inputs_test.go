@@ -173,7 +173,8 @@ func TestTamperedManifestRefused(t *testing.T) {
 	m := newManager(t)
 	ctx := testCtx(t)
 	vm := boot(t, m, smolvm.Config{Name: "tamper", Image: "busybox", NoNetwork: true, MemoryMiB: 256})
-	if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "tampered", Type: smolvm.SnapshotDisk}); err != nil {
+	// A full snapshot: the last restore is a restore, not a second boot.
+	if _, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "tampered", Type: smolvm.SnapshotFull}); err != nil {
 		t.Fatal(err)
 	}
 	vm.Delete(ctx)

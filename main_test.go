@@ -50,9 +50,11 @@ func TestMain(m *testing.M) {
 	// first be built); template_test.go turns templates on for its own.
 	os.Setenv("SMOLVM_COLD_BOOT", "1")
 	code := m.Run()
-	if shared.vm != nil {
-		shared.vm.Delete(context.Background())
-		shared.m.Close()
+	for _, sh := range []*sharedBox{&shared, &sharedDebian} {
+		if sh.vm != nil {
+			sh.vm.Delete(context.Background())
+			sh.m.Close()
+		}
 	}
 	cleanupAll(filepath.Join(root, "default"))
 	os.RemoveAll(root)
@@ -138,37 +140,62 @@ func boot(t testing.TB, m *smolvm.Manager, cfg smolvm.Config) *smolvm.VM {
 	return vm
 }
 
-// shared is one running busybox VM that read-mostly tests share (each boot
-// costs seconds under TCG).
-var shared struct {
+// sharedBox is one running VM that tests share (each cold boot costs
+// seconds of a core under TCG), booted by the first test that asks.
+type sharedBox struct {
 	once sync.Once
 	m    *smolvm.Manager
 	vm   *smolvm.VM
 	err  error
 }
 
-func sharedVM(t *testing.T) *smolvm.VM {
+// boot creates (config's Config) and starts the box's VM, once, in its
+// own data dir under testRoot.
+func (sh *sharedBox) boot(t *testing.T, dataDir string, config func() (smolvm.Config, error)) *smolvm.VM {
 	t.Helper()
-	shared.once.Do(func() {
+	sh.once.Do(func() {
 		ctx := context.Background()
-		dir := filepath.Join(testRoot, "shared")
-		shared.m, shared.err = smolvm.NewManager(ctx, smolvm.Options{DataDir: dir, ImageDir: testImageDir,
-			RunDir: filepath.Join(testRoot, "run"), Logger: quietLogger()})
-		if shared.err != nil {
+		var cfg smolvm.Config
+		if cfg, sh.err = config(); sh.err != nil {
 			return
 		}
-		// The default network policy plus one explicit exception: the
-		// host's 127.0.0.1, so tests can serve the guest from the host.
-		shared.vm, shared.err = shared.m.New(ctx, smolvm.Config{Name: "shared", Image: "busybox", Env: map[string]string{"FROM_CONFIG": "cfg"},
-			Network: smolvm.NetworkPolicy{AllowCIDRs: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}}})
-		if shared.err == nil {
-			shared.err = shared.vm.Start(ctx)
+		sh.m, sh.err = smolvm.NewManager(ctx, smolvm.Options{DataDir: filepath.Join(testRoot, dataDir), ImageDir: testImageDir,
+			RunDir: filepath.Join(testRoot, "run"), Logger: quietLogger()})
+		if sh.err != nil {
+			return
+		}
+		sh.vm, sh.err = sh.m.New(ctx, cfg)
+		if sh.err == nil {
+			sh.err = sh.vm.Start(ctx)
 		}
 	})
-	if shared.err != nil {
-		t.Fatalf("shared vm: %v", shared.err)
+	if sh.err != nil {
+		t.Fatalf("shared vm (%s): %v", dataDir, sh.err)
 	}
-	return shared.vm
+	return sh.vm
+}
+
+// shared is one running busybox VM that read-mostly tests share.
+var shared sharedBox
+
+func sharedVM(t *testing.T) *smolvm.VM {
+	t.Helper()
+	return shared.boot(t, "shared", func() (smolvm.Config, error) {
+		// The default network policy plus one explicit exception: the
+		// host's 127.0.0.1, so tests can serve the guest from the host.
+		return smolvm.Config{Name: "shared", Image: "busybox", Env: map[string]string{"FROM_CONFIG": "cfg"},
+			Network: smolvm.NetworkPolicy{AllowCIDRs: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}}}, nil
+	})
+}
+
+// sharedDebian is one running debian VM of the zero Config (debian, 512
+// MiB, 1 vCPU, the default network policy) that tests share: a debian
+// boot is the slowest there is.
+var sharedDebian sharedBox
+
+func sharedDebianVM(t *testing.T) *smolvm.VM {
+	t.Helper()
+	return sharedDebian.boot(t, "shared-debian", func() (smolvm.Config, error) { return smolvm.Config{}, nil })
 }
 
 func run(t testing.TB, vm *smolvm.VM, cmd string, opts ...smolvm.RunOption) *smolvm.Result {

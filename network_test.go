@@ -78,11 +78,11 @@ func TestNetworkPolicyValidation(t *testing.T) {
 // mirror here is public address space, 203.0.113.0/24), but the guest
 // cannot open a connection to a server on the host's 127.0.0.1 (through
 // 10.0.2.2 or the host's address), metadata, or a private address (the
-// host's own resolver at 10.255.255.53 included).
+// host's own resolver at 10.255.255.53 included). The VM is the shared
+// debian one: the zero Config (TestPython3OnDebian checks its defaults).
 func TestDebianNetworkDefault(t *testing.T) {
-	t.Parallel() // its own VMs: runs beside the other parallel VM tests, on the second core
-	m := newManager(t)
-	vm := boot(t, m, smolvm.Config{Name: "netdefault"})
+	t.Parallel() // runs beside the other parallel VM tests, on the second core
+	vm := sharedDebianVM(t)
 	port := hostHTTP(t)
 	dests := map[string]string{
 		fmt.Sprintf("10.0.2.2:%d", port): "loopback",

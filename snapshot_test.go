@@ -35,57 +35,77 @@ func checkWorkload(t *testing.T, vm *smolvm.VM) (tmpfs, process, disk bool) {
 	tmpfs = res.Output() == "in-memory"
 	res = run(t, vm, "kill -0 $(cat /tmp/counter.pid 2>/dev/null) 2>/dev/null && echo alive")
 	if res.Output() == "alive" {
-		// and it is still counting
-		a := run(t, vm, "wc -l < /tmp/ticks").Output()
-		time.Sleep(700 * time.Millisecond)
-		b := run(t, vm, "wc -l < /tmp/ticks").Output()
-		ai, _ := strconv.Atoi(a)
-		bi, _ := strconv.Atoi(b)
-		process = bi > ai
+		// and it is still counting (a tick every 0.2 s; under a busy
+		// host's TCG a few may be late, so up to 10 s)
+		ticks := func() int {
+			n, _ := strconv.Atoi(run(t, vm, "wc -l < /tmp/ticks").Output())
+			return n
+		}
+		a := ticks()
+		for deadline := time.Now().Add(10 * time.Second); !process && time.Now().Before(deadline); {
+			time.Sleep(100 * time.Millisecond)
+			process = ticks() > a
+		}
 	}
 	disk = run(t, vm, "cat /root/disk-marker 2>/dev/null").Output() == "on-disk"
 	return
 }
 
+// TestSnapshotTypesPreserveState snapshots one cold-booted VM three times
+// (disk and diff with ResumeSource, so it runs on; full last, which
+// leaves it paused) and restores each snapshot in turn into the VM's id:
+// each type brings back what it holds (memory: the tmpfs file and the
+// running process; the disk), the host's clock and the VM's own names.
 func TestSnapshotTypesPreserveState(t *testing.T) {
 	t.Parallel() // its own VMs: runs beside the other parallel VM tests, on the second core
 	m := newManager(t)
+	ctx := testCtx(t)
+	vm := boot(t, m, smolvm.Config{Name: "src-types", Image: "busybox", NoNetwork: true})
+	startWorkload(t, vm)
+	srcInfo, err := vm.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	snaps := map[smolvm.SnapshotType]*smolvm.SnapshotInfo{}
+	for _, typ := range []smolvm.SnapshotType{smolvm.SnapshotDisk, smolvm.SnapshotDiff, smolvm.SnapshotFull} {
+		// Put the guest clock an hour behind: the restore must set it
+		// before the first command runs.
+		mustOK(t, vm, "date -s @$(( $(date +%s) - 3600 )) >/dev/null")
+		resume := typ != smolvm.SnapshotFull
+		snap, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "s-" + string(typ), Type: typ, ResumeSource: resume})
+		if err != nil {
+			t.Fatalf("%s snapshot: %v", typ, err)
+		}
+		if st, _ := vm.Status(ctx); (st == smolvm.StatusPaused) == resume {
+			t.Errorf("source after a %s snapshot (resume source %v): %s", typ, resume, st)
+		}
+		if snap.Type != typ || snap.VMID != vm.ID() || snap.SizeBytes <= 0 || snap.Artifacts.Disk == "" {
+			t.Errorf("info: %+v", snap)
+		}
+		if (snap.Artifacts.Memory == "" && snap.Artifacts.State == "") != (typ == smolvm.SnapshotDisk) {
+			t.Errorf("memory artifacts for %s: %+v", typ, snap.Artifacts)
+		}
+		if typ == smolvm.SnapshotDiff && snap.ParentImage == "" {
+			t.Errorf("diff snapshot without parent image")
+		}
+		snaps[typ] = snap
+	}
+	vm.Close()
 	for _, typ := range []smolvm.SnapshotType{smolvm.SnapshotFull, smolvm.SnapshotDiff, smolvm.SnapshotDisk} {
 		t.Run(string(typ), func(t *testing.T) {
-			ctx := testCtx(t)
-			vm := boot(t, m, smolvm.Config{Name: "src-" + string(typ), Image: "busybox", NoNetwork: true})
-			startWorkload(t, vm)
-			// Put the guest clock an hour behind: the restore must set it
-			// before the first command runs.
-			mustOK(t, vm, "date -s @$(( $(date +%s) - 3600 )) >/dev/null")
-			srcInfo, err := vm.Info(ctx)
-			if err != nil {
-				t.Fatal(err)
+			snap := snaps[typ]
+			if snap == nil {
+				t.Fatal("no snapshot")
 			}
-			snap, err := vm.Snapshot(ctx, smolvm.SnapshotOptions{ID: "s-" + string(typ), Type: typ})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if st, _ := vm.Status(ctx); st != smolvm.StatusPaused {
-				t.Errorf("source after snapshot: %s, want paused", st)
-			}
-			if snap.Type != typ || snap.VMID != vm.ID() || snap.SizeBytes <= 0 || snap.Artifacts.Disk == "" {
-				t.Errorf("info: %+v", snap)
-			}
-			if (snap.Artifacts.Memory == "" && snap.Artifacts.State == "") != (typ == smolvm.SnapshotDisk) {
-				t.Errorf("memory artifacts for %s: %+v", typ, snap.Artifacts)
-			}
-			if typ == smolvm.SnapshotDiff && snap.ParentImage == "" {
-				t.Errorf("diff snapshot without parent image")
-			}
-			vm.Close()
+			// The first restore replaces the paused source; the next ones
+			// restore into the deleted VM.
 			restored, err := m.FromSnapshot(ctx, snap.ID, smolvm.RestoreOptions{Resume: true})
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer restored.Close()
-			if restored.ID() != vm.ID() {
-				t.Errorf("restored id %s, want %s", restored.ID(), vm.ID())
+			if restored.ID() != srcInfo.ID {
+				t.Errorf("restored id %s, want %s", restored.ID(), srcInfo.ID)
 			}
 			// The first command already sees the host's clock (the restore
 			// sends it without waiting; the agent applies it first).
@@ -96,7 +116,7 @@ func TestSnapshotTypesPreserveState(t *testing.T) {
 			// Its own names, also when it booted from the disk alone (the
 			// agent keeps them on tmpfs and puts them back on the disk
 			// when the host syncs it before a disk snapshot).
-			if got, want := mustOK(t, restored, "hostname; cat /etc/hostname /etc/machine-id"), vm.ID()+"\n"+vm.ID()+"\n"+srcInfo.MachineID; got != want {
+			if got, want := mustOK(t, restored, "hostname; cat /etc/hostname /etc/machine-id"), srcInfo.ID+"\n"+srcInfo.ID+"\n"+srcInfo.MachineID; got != want {
 				t.Errorf("%s restore: hostname, /etc/hostname, /etc/machine-id = %q, want %q", typ, got, want)
 			}
 			tmpfs, proc, disk := checkWorkload(t, restored)
@@ -257,6 +277,18 @@ func TestSnapshotRules(t *testing.T) {
 	if err := m.DeleteSnapshot(ctx, "missing"); !errors.Is(err, smolvm.ErrSnapshotNotFound) {
 		t.Errorf("delete missing: %v", err)
 	}
+	// A disk snapshot of a paused VM still flushes the guest's page cache
+	// first, and leaves the VM paused.
+	mustOK(t, other, "echo unsynced > /root/late")
+	if err := other.Pause(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.Snapshot(ctx, smolvm.SnapshotOptions{ID: "paused-disk-snap", Type: smolvm.SnapshotDisk}); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := other.Status(ctx); st != smolvm.StatusPaused {
+		t.Errorf("after a disk snapshot of a paused vm: %s", st)
+	}
 	// A stopped VM cannot be snapshotted.
 	if err := other.Stop(ctx); err != nil {
 		t.Fatal(err)
@@ -264,20 +296,8 @@ func TestSnapshotRules(t *testing.T) {
 	if _, err := other.Snapshot(ctx, smolvm.SnapshotOptions{}); !errors.Is(err, smolvm.ErrVMNotRunning) {
 		t.Errorf("snapshot of stopped vm: %v", err)
 	}
-	// A disk snapshot of a paused VM still flushes the guest's page cache
-	// first, and leaves the VM paused.
-	other2 := boot(t, m, smolvm.Config{Name: "paused-disk", Image: "busybox", NoNetwork: true})
-	mustOK(t, other2, "echo unsynced > /root/late")
-	if err := other2.Pause(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := other2.Snapshot(ctx, smolvm.SnapshotOptions{ID: "paused-disk-snap", Type: smolvm.SnapshotDisk}); err != nil {
-		t.Fatal(err)
-	}
-	if st, _ := other2.Status(ctx); st != smolvm.StatusPaused {
-		t.Errorf("after a disk snapshot of a paused vm: %s", st)
-	}
-	other2.Close()
+	other.Close()
+	// Restored into the stopped VM it came from.
 	r2, err := m.FromSnapshot(ctx, "paused-disk-snap", smolvm.RestoreOptions{Resume: true})
 	if err != nil {
 		t.Fatal(err)
@@ -403,9 +423,8 @@ func corruptKeepingStat(t *testing.T, path string) {
 func TestDiffSnapshotNeedsBaseImage(t *testing.T) {
 	// A private image cache, so renaming its base image disturbs no other test.
 	ctx := testCtx(t)
-	imgDir := filepath.Join(testRoot, "private-images")
-	img, err := image.Build(ctx, image.BuildOptions{Dir: imgDir, Name: "busybox", AgentPath: testAgent,
-		DownloadDir: filepath.Join(testImageDir, "downloads")})
+	imgDir := privateImageDir(t, image.Busybox)
+	img, err := image.Open(imgDir, image.Busybox)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -442,6 +461,52 @@ func TestDiffSnapshotNeedsBaseImage(t *testing.T) {
 	}
 }
 
+// privateImageDir makes an image cache under testRoot holding the built
+// image name of the test cache, without building it again: its root file
+// system hard-linked (a rename there leaves the test cache's alone), the
+// kernels and initramfs dirs linked by symlink.
+func privateImageDir(t *testing.T, name string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp(testRoot, "private-images")
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := image.Open(testImageDir, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{"kernels", "initramfs"} {
+		if err := os.Symlink(filepath.Join(testImageDir, d), filepath.Join(dir, d)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rel, err := filepath.Rel(testImageDir, src.Rootfs)
+	if err != nil || strings.HasPrefix(rel, "..") {
+		t.Fatalf("root file system %s outside %s", src.Rootfs, testImageDir)
+	}
+	rootfs := filepath.Join(dir, rel)
+	if err := os.MkdirAll(filepath.Dir(rootfs), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Link(src.Rootfs, rootfs); err != nil {
+		// Another file system: a sparse copy.
+		if out, err := exec.Command("cp", "--sparse=always", src.Rootfs, rootfs).CombinedOutput(); err != nil {
+			t.Fatalf("copying %s: %v\n%s", src.Rootfs, err, out)
+		}
+	}
+	man, err := os.ReadFile(filepath.Join(testImageDir, "images", name, "manifest.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "images", name), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "images", name, "manifest.json"), man, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
 // TestSnapshotCreateAndRestoreKilled kills a CLI snapshot create at several
 // points: nothing half-written is ever listed, and the next create cleans
 // up. Then it kills CLI restores once their QEMU is up, into the existing
@@ -453,7 +518,7 @@ func TestSnapshotCreateAndRestoreKilled(t *testing.T) {
 	ctx := testCtx(t)
 	vm := boot(t, m, smolvm.Config{Name: "killme", Image: "busybox", NoNetwork: true, MemoryMiB: 256})
 	vm.Close()
-	cli := buildCLI(t)
+	cli := smolvmBinary(t)
 	for i, delay := range []time.Duration{50 * time.Millisecond, 150 * time.Millisecond, 300 * time.Millisecond} {
 		id := "killed-" + strconv.Itoa(i)
 		cmd := exec.Command(cli, "--data-dir", m.DataDir(), "--image-dir", testImageDir, "sandbox", "snapshot", "create", "killme", "--snapshot-id", id, "--resume-source")
@@ -605,21 +670,3 @@ func TestSnapshotCreateAndRestoreKilled(t *testing.T) {
 		t.Errorf("left next to the VM dir: %v", l)
 	}
 }
-
-var cliPath string
-
-func buildCLI(t *testing.T) string {
-	t.Helper()
-	if cliPath != "" {
-		return cliPath
-	}
-	p := filepath.Join(testRoot, "smolvm")
-	out, err := exec.Command("go", "build", "-o", p, "./cmd/smolvm").CombinedOutput()
-	if err != nil {
-		t.Fatalf("build cli: %v\n%s", err, out)
-	}
-	cliPath = p
-	return p
-}
-
-var _ = context.Background

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -50,19 +51,32 @@ func TestRunExitCodesAndStreams(t *testing.T) {
 // spare channels have no host attached. It once sleep-polled them every few
 // milliseconds, which kept an idle guest's vCPU awake (a quarter of a host
 // core per idle VM under TCG). It counts the agent's (PID 1's) context
-// switches over 2 s of idleness: polling 3 spare ports made hundreds.
+// switches over 2 s of idleness: polling 3 spare ports made hundreds, in
+// every window. After the shared VM's earlier tests the agent is
+// sometimes busier for a few seconds, for a reason not yet found (on main
+// too: 142 in one window right after them; measured in suite runs: [146 37], [142 122 29], and once 3
+// windows of 135-161), so up to 5 windows are counted: the idle agent must
+// get under the bound in one of them; a polling one never does (the old
+// agent: 1262 per window).
 func TestIdleAgentDoesNotPoll(t *testing.T) {
 	vm := sharedVM(t)
 	const count = `n=0; for f in /proc/1/task/*/status; do for v in $(grep ctxt_switches $f | cut -f2); do n=$((n+v)); done; done; echo $n`
-	res := run(t, vm, "a=$("+count+"); sleep 2; b=$("+count+"); echo $((b-a))")
-	var switches int
-	if _, err := fmt.Sscan(res.Stdout, &switches); err != nil || !res.OK() {
-		t.Fatalf("counting the agent's context switches: %q %q (%v)", res.Stdout, res.Stderr, err)
+	var seen []int
+	for range 5 {
+		res := run(t, vm, "a=$("+count+"); sleep 2; b=$("+count+"); echo $((b-a))")
+		var switches int
+		if _, err := fmt.Sscan(res.Stdout, &switches); err != nil || !res.OK() {
+			t.Fatalf("counting the agent's context switches: %q %q (%v)", res.Stdout, res.Stderr, err)
+		}
+		seen = append(seen, switches)
+		if switches <= 100 {
+			break
+		}
 	}
-	if switches > 100 {
-		t.Errorf("the idle agent switched context %d times in 2 s; it should block, not poll", switches)
+	t.Logf("agent context switches in 2 s windows of idleness: %v", seen)
+	if slices.Min(seen) > 100 {
+		t.Errorf("the idle agent switched context %v times in 2 s windows; it should block, not poll", seen)
 	}
-	t.Logf("agent context switches in 2 s idle: %d", switches)
 }
 
 func TestRunOptions(t *testing.T) {
@@ -279,9 +293,11 @@ func TestPortExpose(t *testing.T) {
 	}
 }
 
+// TestPython3OnDebian: the zero Config boots debian, 512 MiB, 1 vCPU,
+// network on, with python3 and apt. The VM is the shared debian one
+// (TestDebianNetworkDefault checks its network policy).
 func TestPython3OnDebian(t *testing.T) {
-	m := newManager(t)
-	vm := boot(t, m, smolvm.Config{}) // the zero value: debian, 512 MiB, 1 vCPU, network on
+	vm := sharedDebianVM(t) // the zero value: debian, 512 MiB, 1 vCPU, network on
 	info, err := vm.Info(testCtx(t))
 	if err != nil {
 		t.Fatal(err)
