@@ -91,6 +91,17 @@ func (vm *VM) WriteFileFrom(ctx context.Context, guestPath string, r io.Reader, 
 // atomic variant). The mode is the guest's word: mask it (as DownloadFile
 // does) before giving it to a host file.
 func (vm *VM) ReadFileTo(ctx context.Context, guestPath string, w io.Writer) (fs.FileMode, int64, error) {
+	return vm.ReadFileToChecked(ctx, guestPath, w, nil)
+}
+
+// ReadFileToChecked is ReadFileTo with check, when not nil, called with
+// the size the guest announces before the first byte is written to w (0:
+// the guest gives none, as for /proc files; then at most 16 MiB are
+// read). An error from check ends the read and is returned as it is: a
+// caller refuses a file too large for it, or for its disk, before storing
+// any of it. The guest cannot then send more than it announced (an error
+// wrapping ErrGuestProtocol, as for ReadFileTo).
+func (vm *VM) ReadFileToChecked(ctx context.Context, guestPath string, w io.Writer, check func(size int64) error) (fs.FileMode, int64, error) {
 	if !strings.HasPrefix(guestPath, "/") {
 		return 0, 0, newErr("read", ErrInvalidConfig, Fix{}, fmt.Sprintf("guest path %q must be absolute", guestPath))
 	}
@@ -98,7 +109,7 @@ func (vm *VM) ReadFileTo(ctx context.Context, guestPath string, w io.Writer) (fs
 	if err != nil {
 		return 0, 0, err
 	}
-	mode, n, err := c.ReadFileTo(ctx, guestPath, w)
+	mode, n, err := c.ReadFileToChecked(ctx, guestPath, w, check)
 	return mode, n, vm.agentErr("read", err)
 }
 

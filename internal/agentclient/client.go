@@ -708,6 +708,14 @@ const MaxUnsizedFile = 16 << 20
 // fails with an error wrapping ErrSizeMismatch. A file announced with size
 // 0 (procfs) is read up to MaxUnsizedFile.
 func (c *Client) ReadFileTo(ctx context.Context, path string, w io.Writer) (fs.FileMode, int64, error) {
+	return c.ReadFileToChecked(ctx, path, w, nil)
+}
+
+// ReadFileToChecked is ReadFileTo with check, when not nil, called with
+// the size the guest announces (0: unknown, read up to MaxUnsizedFile)
+// before the first byte is written to w; an error from check ends the
+// read and is returned as it is.
+func (c *Client) ReadFileToChecked(ctx context.Context, path string, w io.Writer, check func(size int64) error) (fs.FileMode, int64, error) {
 	var first agentproto.Chunk
 	var off int64
 	limit := int64(-1) // bytes the file may hold; -1 until the first chunk
@@ -730,6 +738,11 @@ func (c *Client) ReadFileTo(ctx context.Context, path string, w io.Writer) (fs.F
 				if err != nil {
 					return 0, 0, err
 				}
+				if check != nil {
+					if err := check(int64(len(data))); err != nil {
+						return 0, 0, err
+					}
+				}
 				_, err = w.Write(data)
 				return mode, int64(len(data)), err
 			}
@@ -744,6 +757,11 @@ func (c *Client) ReadFileTo(ctx context.Context, path string, w io.Writer) (fs.F
 				limit = MaxUnsizedFile
 			default:
 				limit = ch.Size
+			}
+			if check != nil {
+				if err := check(ch.Size); err != nil {
+					return 0, 0, err
+				}
 			}
 		} else if ch.Size != first.Size || ch.MtimeNS != first.MtimeNS {
 			return 0, off, fmt.Errorf("agentclient: read %s: %w (size %d -> %d)", path, ErrFileChanged, first.Size, ch.Size)

@@ -153,6 +153,19 @@ func TestReadFileToHoldsTheGuestToItsSize(t *testing.T) {
 			t.Errorf("%s: %v after %d bytes, want %v within %d", tc.name, err, w.n, tc.err, tc.max)
 		}
 	}
+	// ReadFileToChecked: check sees the announced size before w sees a
+	// byte, and its error ends the read as it is.
+	huge := func(req agentproto.ReadChunkRequest) agentproto.Chunk {
+		return agentproto.Chunk{Size: 1 << 40, Data: make([]byte, req.Length)}
+	}
+	reply.Store(&huge)
+	refuse := errors.New("too large for the caller")
+	var w countWriter
+	var announced int64
+	_, _, err := c.ReadFileToChecked(ctx, "/f", &w, func(size int64) error { announced = size; return refuse })
+	if err != refuse || w.n != 0 || announced != 1<<40 {
+		t.Errorf("refused by check: %v after %d bytes, announced %d", err, w.n, announced)
+	}
 }
 
 type countWriter struct{ n int64 }

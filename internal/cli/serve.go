@@ -74,6 +74,8 @@ SIGTERM or SIGINT shut it down gracefully; sandboxes keep running. The API: GET 
 	f.StringVar(&tokenFile, "token-file", "", "file holding the bearer token (default $SMOLVM_API_TOKEN, else <data dir>/api-token)")
 	f.StringVar(&cfg.Socket, "socket", "", "unix socket path (default: --print-socket's)")
 	f.BoolVar(&printSocket, "print-socket", false, "print the unix socket path and exit")
+	f.Int64Var(&cfg.MaxFileBytes, "max-file-bytes", 4<<30, "largest file an upload or download through the API may hold (bytes)")
+	f.IntVar(&cfg.MaxInFlight, "max-in-flight", 64, "long operations and streams (file transfers, exec, create...) in flight at once; more get 429")
 	return cmd
 }
 

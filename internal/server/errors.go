@@ -19,6 +19,7 @@ const (
 	codeUnauthorized     = "unauthorized"
 	codeTimeout          = "timeout"
 	codeUnavailable      = "unavailable"
+	codeTooMany          = "too_many_requests"
 )
 
 // apiError is an error the API itself raises (not the SDK's): a code and a
@@ -93,6 +94,8 @@ func statusOf(code string) int {
 		return http.StatusUnprocessableEntity
 	case codeTooLarge:
 		return http.StatusRequestEntityTooLarge
+	case codeTooMany:
+		return http.StatusTooManyRequests
 	case codeUnauthorized:
 		return http.StatusUnauthorized
 	case codeMethodNotAllowed:

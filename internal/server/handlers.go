@@ -706,6 +706,10 @@ func (s *Server) putFile(w http.ResponseWriter, r *http.Request) {
 		}
 		mode = os.FileMode(v)
 	}
+	if r.ContentLength > s.cfg.MaxFileBytes {
+		writeError(w, s.tooLarge("an upload", r.ContentLength))
+		return
+	}
 	vm, ok := s.sandbox(w, r, id)
 	if !ok {
 		return
@@ -715,22 +719,13 @@ func (s *Server) putFile(w http.ResponseWriter, r *http.Request) {
 	if size < 0 {
 		// Chunked: spool to a private temp file to learn the size (the
 		// agent protocol announces it first).
-		f, err := os.CreateTemp(s.m.DataDir(), ".upload-*")
+		f, done, n, err := s.spoolBody(r.Body)
 		if err != nil {
 			writeError(w, err)
 			return
 		}
-		defer os.Remove(f.Name())
-		defer f.Close()
-		if size, err = io.Copy(f, r.Body); err != nil {
-			writeError(w, errCode(codeInvalidRequest, "reading the body: "+err.Error()))
-			return
-		}
-		if _, err := f.Seek(0, io.SeekStart); err != nil {
-			writeError(w, err)
-			return
-		}
-		body = f
+		defer done()
+		body, size = f, n
 	}
 	if err := vm.WriteFileFrom(r.Context(), path, body, size, mode); err != nil {
 		writeError(w, s.gone(id, err))
@@ -753,17 +748,24 @@ func (s *Server) getFile(w http.ResponseWriter, r *http.Request) {
 	s.touch(id)
 	// Spooled to a private temp file first: the mode (a header) and the
 	// guest's verdict on the whole file are known before the first byte
-	// is sent, so a failed read is an error status, not a cut stream.
-	f, err := os.CreateTemp(s.m.DataDir(), ".download-*")
+	// is sent, so a failed read is an error status, not a cut stream. The
+	// size the guest announces is checked against Config.MaxFileBytes
+	// and the free space before a byte is spooled, and the SDK holds the
+	// guest to it.
+	f, done, err := s.spoolTemp(".download-*")
 	if err != nil {
 		writeError(w, err)
 		return
 	}
-	defer os.Remove(f.Name())
-	defer f.Close()
-	mode, n, err := vm.ReadFileTo(r.Context(), path, f)
+	defer done()
+	mode, n, err := vm.ReadFileToChecked(r.Context(), path, &capWriter{w: f, max: s.cfg.MaxFileBytes, s: s}, func(size int64) error {
+		if size > s.cfg.MaxFileBytes {
+			return s.tooLarge("the guest file", size)
+		}
+		return s.checkRoom(size)
+	})
 	if err != nil {
-		writeError(w, s.gone(id, err))
+		writeError(w, s.gone(id, s.noSpace(err)))
 		return
 	}
 	if _, err := f.Seek(0, io.SeekStart); err != nil {

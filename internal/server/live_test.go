@@ -121,7 +121,7 @@ func TestLive(t *testing.T) {
 	t.Parallel()
 	needImages(t)
 	lt := &fakeLifetimes{}
-	d := startDaemon(t, Config{Lifetimes: lt, WriteStall: 2 * time.Second})
+	d := startDaemon(t, Config{Lifetimes: lt, WriteStall: 2 * time.Second, MaxFileBytes: 4 << 20})
 	sp := loadSpec(t)
 	c := d.client
 	ctx := context.Background()
@@ -228,6 +228,26 @@ func TestLive(t *testing.T) {
 	resp, b = sp.call(t, c, "GET", "/v1/sandboxes/c1/files?path=/no/such", nil)
 	if resp.StatusCode < 400 {
 		t.Errorf("missing file: %d", resp.StatusCode)
+	}
+	// Over MaxFileBytes (4 MiB): a guest file of 5 MiB is refused on the
+	// size the guest announces, a chunked upload once the spool passes
+	// the cap; neither leaves a spool file.
+	resp, b = sp.call(t, c, "POST", "/v1/sandboxes/c1/exec", jsonBody(map[string]any{"command": "dd if=/dev/zero of=/tmp/big bs=1048576 count=5 2>/dev/null && wc -c < /tmp/big"}))
+	if r := decodeAs[ExecResult](t, b); strings.TrimSpace(r.Stdout) != "5242880" {
+		t.Errorf("making a 5 MiB guest file: %+v", r)
+	}
+	resp, b = sp.call(t, c, "GET", "/v1/sandboxes/c1/files?path=/tmp/big", nil)
+	if e := wantError(t, "a guest file over the cap", resp, b, 413, "request_too_large"); !strings.Contains(e.Error.Message, "the guest file of 5242880 bytes") {
+		t.Errorf("not refused on the announced size: %s", e.Error.Message) // (capWriter's refusal comes after 4 MiB are spooled)
+	}
+	resp, b = sp.call(t, c, "PUT", "/v1/sandboxes/c1/files?path=/tmp/big2", io.MultiReader(bytes.NewReader(make([]byte, 4<<20)), bytes.NewReader(make([]byte, 64<<10))), "Content-Type", "application/octet-stream")
+	wantError(t, "a chunked upload over the cap", resp, b, 413, "request_too_large")
+	if left := spoolFiles(t, d.s.m.DataDir()); len(left) != 0 {
+		t.Errorf("spool files left: %v", left)
+	}
+	resp, b = sp.call(t, c, "POST", "/v1/sandboxes/c1/exec", jsonBody(map[string]any{"command": "rm /tmp/big; test ! -e /tmp/big2"}))
+	if r := decodeAs[ExecResult](t, b); !r.OK {
+		t.Errorf("the refused upload was written: %+v", r)
 	}
 
 	l, _ := net.Listen("tcp", "127.0.0.1:0")

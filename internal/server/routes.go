@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"runtime"
 	"slices"
@@ -38,6 +39,9 @@ func (s *Server) routes() http.Handler {
 		}
 		if method != "" {
 			methods[path] = append(methods[path], method)
+		}
+		if strings.HasPrefix(path, "/v1/sandboxes/") { // exec/ws: a stream on a sandbox
+			h = s.limited(h)
 		}
 		mux.Handle(pattern, s.recoverer(h))
 	}
@@ -110,8 +114,34 @@ func (s *Server) table() []route {
 	}
 }
 
-// wrap gives a spec operation its deadline, JSON body limit, validation
-// against the spec and panic recovery.
+// admit takes a place among the long operations and streams in flight
+// (release it with <-s.inFlight), or answers 429 with Retry-After and
+// says false when Config.MaxInFlight are.
+func (s *Server) admit(w http.ResponseWriter) bool {
+	select {
+	case s.inFlight <- struct{}{}:
+		return true
+	default:
+		w.Header().Set("Retry-After", "1")
+		writeError(w, errCode(codeTooMany, fmt.Sprintf("%d long operations and streams are in flight, the daemon's limit (smolvm serve --max-in-flight): retry later", s.cfg.MaxInFlight)))
+		return false
+	}
+}
+
+// limited is h behind admit: for the mounted streams (exec/ws).
+func (s *Server) limited(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !s.admit(w) {
+			return
+		}
+		defer func() { <-s.inFlight }()
+		h.ServeHTTP(w, r)
+	})
+}
+
+// wrap gives a spec operation its deadline, its place among the long
+// operations in flight (Config.MaxInFlight; quick calls take none), JSON
+// body limit, validation against the spec and panic recovery.
 func (s *Server) wrap(c class, h http.HandlerFunc) http.Handler {
 	return s.recoverer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		var cancel context.CancelFunc = func() {}
@@ -122,6 +152,12 @@ func (s *Server) wrap(c class, h http.HandlerFunc) http.Handler {
 			r = r.WithContext(ctxTimeout(r.Context(), s.cfg.LongTimeout, &cancel))
 		}
 		defer cancel()
+		if c != quick {
+			if !s.admit(w) {
+				return
+			}
+			defer func() { <-s.inFlight }()
+		}
 		if !rawBody(r) {
 			r.Body = http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes)
 		}

@@ -26,6 +26,7 @@ import (
 
 	"github.com/smolvm-go/smolvm"
 	"github.com/smolvm-go/smolvm/internal/fsutil"
+	"github.com/smolvm-go/smolvm/internal/hostprobe"
 )
 
 // Lifetimes runs sandbox lifetimes (create's timeout_s / on_timeout /
@@ -80,6 +81,19 @@ type Config struct {
 	// agent connection is shared by every call on the sandbox: a stuck
 	// client must not hold the others for longer.
 	WriteStall time.Duration
+	// MaxFileBytes bounds one file through the API, either way (default 4
+	// GiB): an upload whose Content-Length is larger is refused before a
+	// byte is read, a chunked one as soon as it passes it, a download the
+	// guest announces larger before a byte is spooled (413
+	// request_too_large).
+	MaxFileBytes int64
+	// MaxInFlight bounds the long operations and streams (file transfers,
+	// create, snapshot, exec, events...) in flight at once (default 64);
+	// one more gets 429 too_many_requests with Retry-After. Every local
+	// caller is one client, and so is every holder of the bearer token:
+	// the bound is global. Quick calls (health, version, lists) are never
+	// refused.
+	MaxInFlight int
 	// Lifetimes, when set, runs sandbox lifetimes (its Run runs with Serve).
 	Lifetimes Lifetimes
 	// Extra mounts handlers of other packages: the key is a net/http
@@ -94,6 +108,8 @@ const (
 	defaultMaxBody        = 1 << 20
 	defaultRequestTimeout = 60 * time.Second
 	defaultLongTimeout    = 10 * time.Minute
+	defaultMaxFile        = 4 << 30
+	defaultMaxInFlight    = 64
 	// ExecGrace is added to an exec's timeout_s for its request deadline.
 	ExecGrace = 30 * time.Second
 	// maxExecTimeout bounds an exec's timeout_s (and one without: the
@@ -113,6 +129,12 @@ func (c Config) withDefaults() Config {
 	}
 	if c.WriteStall <= 0 {
 		c.WriteStall = 30 * time.Second
+	}
+	if c.MaxFileBytes <= 0 {
+		c.MaxFileBytes = defaultMaxFile
+	}
+	if c.MaxInFlight <= 0 {
+		c.MaxInFlight = defaultMaxInFlight
 	}
 	if c.ShutdownTimeout <= 0 {
 		c.ShutdownTimeout = 30 * time.Second
@@ -145,6 +167,12 @@ type Server struct {
 	mu  sync.Mutex
 	vms map[string]*smolvm.VM // open handles (agent connections), by id
 
+	// inFlight holds a token per long operation or stream running
+	// (Config.MaxInFlight).
+	inFlight chan struct{}
+	// freeSpace is hostprobe.FreeSpace (a test sets a full disk).
+	freeSpace func(dir string) (uint64, string, error)
+
 	// stopping is closed when a graceful shutdown begins: endless streams
 	// (events) end then.
 	stopping    chan struct{}
@@ -160,7 +188,8 @@ var ErrRunning = errors.New("a smolvm daemon already serves this data dir")
 // the state with what runs. Close releases it.
 func New(ctx context.Context, cfg Config) (*Server, error) {
 	cfg = cfg.withDefaults()
-	s := &Server{cfg: cfg, log: cfg.Options.Logger, events: newBroker(), vms: map[string]*smolvm.VM{}, stopping: make(chan struct{})}
+	s := &Server{cfg: cfg, log: cfg.Options.Logger, events: newBroker(), vms: map[string]*smolvm.VM{}, stopping: make(chan struct{}),
+		inFlight: make(chan struct{}, cfg.MaxInFlight), freeSpace: hostprobe.FreeSpace}
 	opts := cfg.Options
 	opts.Logger = slog.New(progressHandler{cfg.Options.Logger.Handler()})
 	m, err := smolvm.NewManager(ctx, opts)

@@ -31,6 +31,7 @@ from .exceptions import (
     RemoteError,
     SnapshotNotFoundError,
     TemplateNotFoundError,
+    TooManyRequestsError,
     UnauthorizedError,
     UnsupportedError,
     ValidationError,
@@ -87,6 +88,7 @@ __all__ = [
     "OperationTimeoutError",
     "GuestProtocolError",
     "UnauthorizedError",
+    "TooManyRequestsError",
     "APIError",
     "DaemonUnavailableError",
 ]

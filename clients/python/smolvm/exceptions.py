@@ -28,6 +28,7 @@ __all__ = [
     "OperationTimeoutError",
     "GuestProtocolError",
     "UnauthorizedError",
+    "TooManyRequestsError",
     "APIError",
     "DaemonUnavailableError",
     "error_from_reply",
@@ -137,7 +138,8 @@ class RemoteError(SmolVMError):
 
 
 class NoSpaceError(SmolVMError):
-    """Too little free disk on the daemon's host for the snapshot; nothing was written."""
+    """Too little free disk on the daemon's host for the snapshot, or for a file
+    it spools; nothing was written."""
 
     default_code = "no_space"
 
@@ -180,6 +182,14 @@ class UnauthorizedError(SmolVMError):
     default_code = "unauthorized"
 
 
+class TooManyRequestsError(SmolVMError):
+    """The daemon already runs its limit of long operations and streams
+    (``smolvm serve --max-in-flight``); try again in a second (the reply's
+    ``Retry-After``)."""
+
+    default_code = "too_many_requests"
+
+
 class APIError(SmolVMError):
     """The daemon refused the request itself (unknown route, body too large...)
     or sent a reply this client cannot read."""
@@ -217,6 +227,7 @@ ERROR_CLASSES = {
     "timeout": OperationTimeoutError,
     "guest_protocol": GuestProtocolError,
     "unauthorized": UnauthorizedError,
+    "too_many_requests": TooManyRequestsError,
     "not_found": APIError,
     "method_not_allowed": APIError,
     "request_too_large": APIError,

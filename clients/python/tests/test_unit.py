@@ -54,6 +54,7 @@ class ErrorMapping(unittest.TestCase):
             "remote_auth": smolvm.RemoteError,
             "remote_unreachable": smolvm.RemoteError,
             "no_space": smolvm.NoSpaceError,
+            "too_many_requests": smolvm.TooManyRequestsError,
             "not_found": smolvm.APIError,
             "something_new": smolvm.SmolVMError,
         }
