@@ -316,3 +316,30 @@ func TestImportLegacyFormat(t *testing.T) {
 		t.Errorf("a changed byte in a format 2 archive: %v", err)
 	}
 }
+
+// TestExportFlattenFullIsNoOp (fake backend, milliseconds): a full
+// snapshot has no backing file, so a flattened export of it is the same
+// archive, byte for byte, and leaves no temporary file. (The flattened
+// export of a real diff snapshot is TestExportImport/flatten.)
+func TestExportFlattenFullIsNoOp(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	m := newTempManager(t, ctx, "smvff")
+	vm := startFakeVM(t, ctx, m, "ffsrc")
+	if _, err := vm.Snapshot(ctx, SnapshotOptions{ID: "f1", Type: SnapshotFull, ResumeSource: true}); err != nil {
+		t.Fatal(err)
+	}
+	var full, flat bytes.Buffer
+	if err := m.ExportSnapshot(ctx, "f1", &full); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.ExportSnapshot(ctx, "f1", &flat, ExportOptions{Flatten: true}); err != nil {
+		t.Fatal(err)
+	}
+	if full.Len() == 0 || !bytes.Equal(flat.Bytes(), full.Bytes()) {
+		t.Errorf("flattening a full snapshot changed its archive (%d bytes, flattened %d): it has no backing file, a no-op", full.Len(), flat.Len())
+	}
+	if left, _ := filepath.Glob(filepath.Join(m.DataDir(), ".export-*")); len(left) != 0 {
+		t.Errorf("the flattened export left %v", left)
+	}
+}

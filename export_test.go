@@ -26,7 +26,9 @@ func TestExportImport(t *testing.T) {
 	t.Parallel() // its own VMs and data dirs: runs beside the other parallel VM tests
 	ctx := testCtx(t)
 	src := newManager(t)
-	vm := boot(t, src, smolvm.Config{Name: "travel", Image: "busybox", NoNetwork: true})
+	// The smallest guest memory (MinMemoryMiB): every export and import
+	// below zstd-compresses or hashes the memory file, under -race too.
+	vm := boot(t, src, smolvm.Config{Name: "travel", Image: "busybox", NoNetwork: true, MemoryMiB: smolvm.MinMemoryMiB})
 	startWorkload(t, vm)
 	// What the base image holds, read from the guest's disk: a flattened
 	// import must give the same bytes with the page cache dropped.
@@ -38,7 +40,7 @@ func TestExportImport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var full, diff, flat, fullFlat bytes.Buffer
+	var full, diff, flat bytes.Buffer
 	t0 := time.Now()
 	if err := src.ExportSnapshot(ctx, "f1", &full); err != nil {
 		t.Fatal(err)
@@ -52,12 +54,8 @@ func TestExportImport(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("diff snapshot: export %d bytes; flattened %d bytes in %v", diff.Len(), flat.Len(), time.Since(t0))
-	if err := src.ExportSnapshot(ctx, "f1", &fullFlat, smolvm.ExportOptions{Flatten: true}); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(fullFlat.Bytes(), full.Bytes()) {
-		t.Error("flattening a full snapshot changed its archive (it has no backing file: a no-op)")
-	}
+	// (That a flattened export of a full snapshot is the same archive is
+	// TestExportFlattenFullIsNoOp, fake backend: one real export fewer.)
 	if left, _ := filepath.Glob(filepath.Join(src.DataDir(), ".export-*")); len(left) != 0 {
 		t.Errorf("the flattened export left %v", left)
 	}
