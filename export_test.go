@@ -224,8 +224,12 @@ func packedDigest(t *testing.T, packed []byte) string {
 }
 
 func hostileImports(t *testing.T, full, diff []byte) {
+	// One byte of state.bin changed: it comes before memory.raw in the
+	// archive, so the import fails there. (Changing memory.raw too, as this
+	// did, cost a second encoding of its 60 MB, 4 s under -race, and the
+	// import never read it.)
 	flipped := testutil.RewriteArchive(t, full, func(name string, data []byte) (string, []byte) {
-		if name == "memory.raw" || name == "state.bin" {
+		if name == "state.bin" {
 			data = bytes.Clone(data)
 			data[len(data)-1] ^= 1
 		}
