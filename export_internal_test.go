@@ -67,11 +67,7 @@ func TestImportNarrowsNetwork(t *testing.T) {
 func TestImportBaseDigestAndSpace(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	src := newTempManager(t, ctx, "smvxs")
-	vm := startFakeVM(t, ctx, src, "xsrc")
-	if _, err := vm.Snapshot(ctx, SnapshotOptions{ID: "x1", Type: SnapshotFull, ResumeSource: true}); err != nil {
-		t.Fatal(err)
-	}
+	src := fakeFullSnapshot(t, ctx, "smvxs", "x1")
 	man, err := snapshot.ReadManifest(filepath.Join(src.snapRoot(), "x1"))
 	if err != nil {
 		t.Fatal(err)
@@ -195,6 +191,18 @@ func startFakeVM(t *testing.T, ctx context.Context, m *Manager, name string) *VM
 	return vm
 }
 
+// fakeFullSnapshot returns a new Manager (data dir prefix) holding a full
+// snapshot id of a running fake-backend VM.
+func fakeFullSnapshot(t *testing.T, ctx context.Context, prefix, id string) *Manager {
+	t.Helper()
+	m := newTempManager(t, ctx, prefix)
+	vm := startFakeVM(t, ctx, m, id+"src")
+	if _, err := vm.Snapshot(ctx, SnapshotOptions{ID: id, Type: SnapshotFull, ResumeSource: true}); err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
 // withoutFakeDisk drops the fake backend's disk from an archive (a tar,
 // which import's qcow2 check refuses) and from its manifest.
 func withoutFakeDisk(t *testing.T, archive []byte) []byte {
@@ -286,11 +294,7 @@ func checkUpgraded(t *testing.T, ctx context.Context, m *Manager, id string) {
 func TestImportLegacyFormat(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	src := newTempManager(t, ctx, "smvlg")
-	vm := startFakeVM(t, ctx, src, "lsrc")
-	if _, err := vm.Snapshot(ctx, SnapshotOptions{ID: "l1", Type: SnapshotFull, ResumeSource: true}); err != nil {
-		t.Fatal(err)
-	}
+	src := fakeFullSnapshot(t, ctx, "smvlg", "l1")
 	redescribe(t, ctx, src, "l1", 2)
 	if _, err := src.loadSnapshot(ctx, "l1", true); err != nil {
 		t.Fatalf("full verify of a format 2 snapshot: %v", err)
@@ -314,5 +318,28 @@ func TestImportLegacyFormat(t *testing.T) {
 	})
 	if _, err := dst.ImportSnapshot(ctx, bytes.NewReader(flipped), ImportOptions{SnapshotID: "l2"}); !errors.Is(err, ErrSnapshotCorrupt) {
 		t.Errorf("a changed byte in a format 2 archive: %v", err)
+	}
+}
+
+// TestExportFlattenFullIsNoOp (fake backend, milliseconds): a full
+// snapshot has no backing file, so a flattened export of it is the same
+// archive, byte for byte, and leaves no temporary file. (The flattened
+// export of a real diff snapshot is TestExportImport/flatten.)
+func TestExportFlattenFullIsNoOp(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	m := fakeFullSnapshot(t, ctx, "smvff", "f1")
+	var full, flat bytes.Buffer
+	if err := m.ExportSnapshot(ctx, "f1", &full); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.ExportSnapshot(ctx, "f1", &flat, ExportOptions{Flatten: true}); err != nil {
+		t.Fatal(err)
+	}
+	if full.Len() == 0 || !bytes.Equal(flat.Bytes(), full.Bytes()) {
+		t.Errorf("flattening a full snapshot changed its archive (%d bytes, flattened %d): it has no backing file, a no-op", full.Len(), flat.Len())
+	}
+	if left, _ := filepath.Glob(filepath.Join(m.DataDir(), ".export-*")); len(left) != 0 {
+		t.Errorf("the flattened export left %v", left)
 	}
 }

@@ -26,7 +26,9 @@ func TestExportImport(t *testing.T) {
 	t.Parallel() // its own VMs and data dirs: runs beside the other parallel VM tests
 	ctx := testCtx(t)
 	src := newManager(t)
-	vm := boot(t, src, smolvm.Config{Name: "travel", Image: "busybox", NoNetwork: true})
+	// The smallest guest memory (MinMemoryMiB): every export and import
+	// below zstd-compresses or hashes the memory file, under -race too.
+	vm := boot(t, src, smolvm.Config{Name: "travel", Image: "busybox", NoNetwork: true, MemoryMiB: smolvm.MinMemoryMiB})
 	startWorkload(t, vm)
 	// What the base image holds, read from the guest's disk: a flattened
 	// import must give the same bytes with the page cache dropped.
@@ -38,7 +40,7 @@ func TestExportImport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var full, diff, flat, fullFlat bytes.Buffer
+	var full, diff, flat bytes.Buffer
 	t0 := time.Now()
 	if err := src.ExportSnapshot(ctx, "f1", &full); err != nil {
 		t.Fatal(err)
@@ -52,12 +54,8 @@ func TestExportImport(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("diff snapshot: export %d bytes; flattened %d bytes in %v", diff.Len(), flat.Len(), time.Since(t0))
-	if err := src.ExportSnapshot(ctx, "f1", &fullFlat, smolvm.ExportOptions{Flatten: true}); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(fullFlat.Bytes(), full.Bytes()) {
-		t.Error("flattening a full snapshot changed its archive (it has no backing file: a no-op)")
-	}
+	// (That a flattened export of a full snapshot is the same archive is
+	// TestExportFlattenFullIsNoOp, fake backend: one real export fewer.)
 	if left, _ := filepath.Glob(filepath.Join(src.DataDir(), ".export-*")); len(left) != 0 {
 		t.Errorf("the flattened export left %v", left)
 	}
@@ -226,8 +224,12 @@ func packedDigest(t *testing.T, packed []byte) string {
 }
 
 func hostileImports(t *testing.T, full, diff []byte) {
+	// One byte of state.bin changed: it comes before memory.raw in the
+	// archive, so the import fails there. (Changing memory.raw too, as this
+	// did, cost a second encoding of its 60 MB, 4 s under -race, and the
+	// import never read it.)
 	flipped := testutil.RewriteArchive(t, full, func(name string, data []byte) (string, []byte) {
-		if name == "memory.raw" || name == "state.bin" {
+		if name == "state.bin" {
 			data = bytes.Clone(data)
 			data[len(data)-1] ^= 1
 		}

@@ -220,16 +220,19 @@ type countingWriter struct{ n atomic.Int64 }
 func (w *countingWriter) Write(p []byte) (int, error) { w.n.Add(int64(len(p))); return len(p), nil }
 
 // TestExecOutputCapBoundsCLIMemory runs `sandbox exec --json VM -- sh -c
-// 'dd if=/dev/zero bs=1M count=256'` through the CLI as a child process
+// 'dd if=/dev/zero bs=1M count=128'` through the CLI as a child process
 // (the real agent): the output comes back cut and flagged, and the CLI's
 // peak RSS stays under 200 MiB. (The issue's `head -c 2G` behaves the
 // same, measured once: 150 MiB peak; but under TCG the guest produces
-// only 4-16 MB/s, so 2 GiB would take minutes. 256 MiB is 64 times the
-// cap: a leak of the data would show.)
+// only 4-16 MB/s, so 2 GiB would take minutes. 128 MiB is 32 times the
+// cap (DefaultOutputLimit, 4 MiB) and over 10 times the largest line the
+// host reads (agentproto.MaxReplySize). The CLI's peak was 104-146 MiB
+// at 128 MiB, 256 MiB and 2 GiB alike (it does not grow with the output),
+// so a CLI that kept the 128 MiB would pass the 200 MiB bound.)
 func TestExecOutputCapBoundsCLIMemory(t *testing.T) {
 	t.Parallel() // the shared VM, from a separate CLI process: runs beside the other parallel VM tests
 	sharedVM(t)
-	const cmd = "dd if=/dev/zero bs=1M count=256 2>/dev/null"
+	const cmd = "dd if=/dev/zero bs=1M count=128 2>/dev/null"
 	// The real CLI binary, built as scripts/setup builds it: the test
 	// binary may run under -race, which multiplies its memory.
 	cli := smolvmBinary(t)
@@ -283,7 +286,7 @@ sys.exit(r.returncode)`, cli, "--json", "sandbox", "exec", "shared", "--", "sh",
 		t.Fatalf("peak RSS %q: %v", after, err)
 	}
 	rss := kib << 10
-	t.Logf("256 MiB of output in %v; CLI peak RSS %d MiB", el.Round(time.Millisecond), rss>>20)
+	t.Logf("128 MiB of output in %v; CLI peak RSS %d MiB", el.Round(time.Millisecond), rss>>20)
 	if rss > 200<<20 {
 		t.Errorf("CLI peak RSS %d MiB, want under 200 MiB", rss>>20)
 	}

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/smolvm-go/smolvm"
 )
@@ -111,7 +112,9 @@ except socket.timeout:
 	if out := mustOK(t, vm, udp); out != "refused" {
 		t.Errorf("UDP to metadata: %q, want refused", out)
 	}
+	t0 := time.Now()
 	res := run(t, vm, "apt-get update 2>&1 | tail -n 5")
+	t.Logf("apt-get update: %v", time.Since(t0).Round(time.Millisecond))
 	if !res.OK() || strings.Contains(res.Stdout, "Err:") || strings.Contains(res.Stdout, "Could not") || !strings.Contains(res.Stdout, "Reading package lists") {
 		t.Errorf("apt-get update: exit %d\n%s%s", res.ExitCode, res.Stdout, res.Stderr)
 	}
@@ -134,8 +137,15 @@ func TestDebianNetworkAllowlist(t *testing.T) {
 	vm := boot(t, m, smolvm.Config{Name: "netallow", Network: smolvm.NetworkPolicy{
 		Mode: smolvm.NetworkAllowlist, AllowDomains: []string{"deb.debian.org"}}})
 	port := hostHTTP(t)
-	res := run(t, vm, "apt-get update 2>&1 | tail -n 5")
-	if !res.OK() || strings.Contains(res.Stdout, "Err:") || strings.Contains(res.Stdout, "Could not") || !strings.Contains(res.Stdout, "Reading package lists") {
+	// apt-get update fetches and checks the signed release file of each
+	// suite in sources.list (all on deb.debian.org) but not the package
+	// lists, whose decompression and parsing take the emulated guest 10-20
+	// s and prove nothing about the network (TestDebianNetworkDefault runs
+	// the whole apt-get update).
+	t0 := time.Now()
+	res := run(t, vm, "apt-get update -o Acquire::IndexTargets::deb::Packages::DefaultEnabled=false -o Acquire::Languages=none 2>&1 | tail -n 8")
+	t.Logf("apt-get update (release files): %v", time.Since(t0).Round(time.Millisecond))
+	if !res.OK() || strings.Count(res.Stdout, "InRelease") < 3 || strings.Contains(res.Stdout, "Err:") || strings.Contains(res.Stdout, "Could not") || !strings.Contains(res.Stdout, "Reading package lists") {
 		t.Errorf("apt-get update: exit %d\n%s%s", res.ExitCode, res.Stdout, res.Stderr)
 	}
 	// Another public host (the mirror network's 203.0.113.1), a name that
