@@ -994,7 +994,10 @@ func TestFilesInChunks(t *testing.T) {
 		}
 		return names
 	}
-	for _, size := range []int{agentproto.ChunkSize, agentproto.ChunkSize + 1, 2*agentproto.ChunkSize + 12345} {
+	// MaxFileSize+1: a file larger than one message may carry travels in
+	// chunks both ways (the root package's TestLargeFiles moves 17 MiB
+	// through a real guest; this is the proof past the old 64 MiB cap).
+	for _, size := range []int{agentproto.ChunkSize, agentproto.ChunkSize + 1, 2*agentproto.ChunkSize + 12345, agentproto.MaxFileSize + 1} {
 		data := make([]byte, size)
 		for i := range data {
 			data[i] = byte(i*131 + i>>13)
