@@ -57,12 +57,11 @@ func TestRunExitCodesAndStreams(t *testing.T) {
 // work (the shared VM's earlier tests) it was busier, 120-200 in a window:
 // single bursts of 70-130 switches within 100 ms, 1-8 s after the work,
 // with the Go runtime collecting and returning the burst's heap (RSS fell
-// 51 -> 44 MiB in one); the agent now releases that memory itself 200 ms
-// after its last request (internal/agent/memory.go), after which they were
-// gone. The first window can still
-// catch that release, so up to 5 windows are counted: the idle
-// agent must get under the bound in one of them; a polling one never does
-// (the old agent: 1262 per window).
+// 51 -> 44 MiB in one); the agent now releases that memory itself 1 s after
+// its last request (internal/agent/memory.go). The first window can still
+// catch that release, so up to 5 windows are counted: the idle agent must
+// get under the bound in one of them; a polling one never does (the old
+// agent: 1262 per window).
 func TestIdleAgentDoesNotPoll(t *testing.T) {
 	vm := sharedVM(t)
 	const count = `n=0; for f in /proc/1/task/*/status; do for v in $(grep ctxt_switches $f | cut -f2); do n=$((n+v)); done; done; echo $n`

@@ -11,10 +11,11 @@ import (
 // to the guest once it is idle.
 const releaseAfter = 16 << 20
 
-// releaseDelay is how long the agent must have been idle before it
-// releases: a file transfer is a series of requests, and releasing between
-// two chunks only makes the next one fault the pages in again.
-const releaseDelay = 200 * time.Millisecond
+// releaseDelay is how long after the last request ended the agent
+// releases: a file transfer is a series of requests (a chunk every second
+// or so under TCG), and releasing between two chunks only makes the next
+// one fault the pages in again.
+const releaseDelay = time.Second
 
 // The agent returns a burst's memory once it is idle. Many execs or a
 // large transfer leave the Go heap grown (encoding/json keeps its grown
@@ -49,12 +50,10 @@ func (s *Server) endRequest() {
 	s.releaseTimer.Reset(releaseDelay)
 }
 
-// releaseMemory collects the heap and returns its free pages to the guest,
-// unless a request is running (its end schedules the release again).
+// releaseMemory collects the heap and returns its free pages to the guest.
+// Requests still running (a long exec) do not put it off: they may run for
+// hours.
 func (s *Server) releaseMemory() {
-	if s.active.Load() != 0 {
-		return
-	}
 	s.memMu.Lock()
 	defer s.memMu.Unlock()
 	s.releasedAt = heapAllocs()
