@@ -155,8 +155,10 @@ func (ss *session) startExec(id uint64, req agentproto.ExecRequest) {
 	ss.cancels[id] = cancel
 	ss.mu.Unlock()
 	ss.wg.Add(1)
+	ss.srv.beginRequest()
 	go func() {
 		defer ss.wg.Done()
+		defer ss.srv.endRequest()
 		defer func() {
 			ss.mu.Lock()
 			delete(ss.cancels, id)

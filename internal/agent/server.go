@@ -12,6 +12,7 @@ import (
 	"os"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -75,6 +76,13 @@ type Server struct {
 	handlers map[string]handler // by request type
 
 	interactiveSlots chan struct{} // one token per running interactive exec
+
+	// Requests in the background, the heap allocations counted at the
+	// last memory release and the release scheduled (memory.go).
+	active       atomic.Int64
+	memMu        sync.Mutex
+	releasedAt   uint64
+	releaseTimer *time.Timer
 }
 
 // NewServer returns a Server. It loads the persisted environment and, with
@@ -333,8 +341,10 @@ func (r request) decode(v any) bool {
 // requests in flight; a panic in f is answered as an internal error.
 func (r request) background(f func()) {
 	r.ss.wg.Add(1)
+	r.ss.srv.beginRequest()
 	go func() {
 		defer r.ss.wg.Done()
+		defer r.ss.srv.endRequest()
 		defer r.ss.recoverPanic(r.id)
 		f()
 	}()
